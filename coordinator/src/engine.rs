@@ -1,0 +1,1345 @@
+//! The round engine: a pure state machine that runs an experiment's rounds.
+//!
+//! It never reads the clock, touches sockets, files or SQLite. The driver feeds it events through
+//! `handle_*` methods, each taking `now`, and then drains [`Engine::poll_action`] until it returns
+//! `None` and re-arms one timer at [`Engine::poll_timeout`]. `now` must never go backwards.
+//!
+//! # Method groups
+//! - Fleet: [`Engine::handle_trainer_joined`], [`Engine::handle_trainer_left`],
+//!   [`Engine::handle_task_declined`].
+//! - Submissions: [`Engine::handle_submission_header`] decides whether an upload's body may be
+//!   received; [`Engine::handle_upload_finished`] reports the driver's byte-level checks;
+//!   [`Engine::handle_submission_persisted`] reports that the delta is durable, which is when the
+//!   trainer is acknowledged.
+//! - Rounds: [`Engine::handle_timeout`], [`Engine::handle_round_committed`].
+//!
+//! # Round rules
+//! A round hands out `ceil(trainers_per_round × over_selection)` tasks, at most one per trainer,
+//! to connected idle trainers in a seeded pseudo-random order. It closes as soon as
+//! `trainers_per_round` deltas are accepted, or at its deadline with at least `quorum`; without a
+//! quorum the deadline is extended and replacement tasks go to idle trainers. When a task fails
+//! (trainer left, declined, upload rejected) a replacement is sent if an idle trainer exists.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::identity::verify_submission;
+use tributary_shared::ledger::{AcceptedDelta, RejectedSubmission};
+use tributary_shared::wire::{
+    DataAssignment, RejectReason, ServerMessage, TaskSpec, TrainingPlan, UploadHeader,
+};
+use tributary_shared::{BlobHash, ExperimentId, Layout, RoundId, TaskId, TrainerId};
+
+/// What the engine needs to know about the experiment.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The experiment's id.
+    pub experiment: ExperimentId,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Seed for selection order and task seeds.
+    pub seed: u64,
+    /// Accepted deltas that close a round.
+    pub trainers_per_round: u32,
+    /// Tasks per round.
+    pub tasks_per_round: u32,
+    /// Fewest accepted deltas to close at the deadline.
+    pub quorum: u32,
+    /// Trainers needed before a round starts.
+    pub min_trainers: u32,
+    /// Deadline of a round, from its first task.
+    pub round_timeout: Duration,
+    /// How long to wait for `min_trainers` before starting with at least `quorum`.
+    pub gather_timeout: Duration,
+    /// Base model name sent in tasks.
+    pub base_model: String,
+    /// Local training settings sent in tasks.
+    pub plan: TrainingPlan,
+    /// Data assignment settings.
+    pub data: tributary_shared::config::DataSection,
+    /// Upload cap.
+    pub max_upload_bytes: u64,
+    /// The adapter's layout; every delta must match it.
+    pub layout: Layout,
+}
+
+impl EngineConfig {
+    /// Derives the engine's settings from a validated experiment file.
+    pub fn from_experiment(config: &ExperimentConfig) -> Result<Self, tributary_shared::config::ConfigError> {
+        let selection = &config.selection;
+        Ok(Self {
+            experiment: ExperimentId(config.experiment.name.clone()),
+            rounds: config.experiment.rounds,
+            seed: config.experiment.seed,
+            trainers_per_round: selection.trainers_per_round,
+            tasks_per_round: selection.tasks_per_round(),
+            quorum: selection.quorum,
+            min_trainers: selection.min_trainers,
+            round_timeout: Duration::from_secs_f64(selection.round_timeout_secs),
+            gather_timeout: Duration::from_secs_f64(selection.gather_timeout_secs),
+            base_model: config.model.name.clone(),
+            plan: config.training.plan(),
+            data: config.data.clone(),
+            max_upload_bytes: config.max_upload_bytes(),
+            layout: config.adapter.layout()?,
+        })
+    }
+}
+
+/// Where a restarted engine picks up: the open round as the store recorded it.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeState {
+    /// The round that is open (the next to run).
+    pub round: RoundId,
+    /// The adapter that round starts from, and its encoded length.
+    pub adapter: Option<(BlobHash, u64)>,
+    /// Tasks already issued in this round: (task, trainer).
+    pub tasks: Vec<(TaskId, TrainerId)>,
+    /// Deltas accepted in this round, with their tasks.
+    pub accepted: Vec<(TaskId, AcceptedDelta)>,
+    /// Submissions refused in this round.
+    pub rejected: Vec<RejectedSubmission>,
+    /// Every delta hash ever accepted in this experiment (replay protection).
+    pub known_hashes: Vec<BlobHash>,
+    /// The next unused task id.
+    pub next_task: TaskId,
+    /// True when every round has been committed.
+    pub finished: bool,
+}
+
+/// A side effect for the driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a control message to a connected trainer.
+    Send {
+        /// Recipient.
+        trainer: TrainerId,
+        /// The message.
+        message: ServerMessage,
+    },
+    /// Record an issued task (before or with sending it).
+    RecordTask {
+        /// The round.
+        round: RoundId,
+        /// The task.
+        task: TaskId,
+        /// Its trainer.
+        trainer: TrainerId,
+    },
+    /// Durably record an accepted delta (its blob is already stored); then call
+    /// [`Engine::handle_submission_persisted`].
+    PersistSubmission {
+        /// The round.
+        round: RoundId,
+        /// The task it answers.
+        task: TaskId,
+        /// The delta.
+        accepted: AcceptedDelta,
+    },
+    /// Record a refused submission.
+    RecordRejection {
+        /// The round.
+        round: RoundId,
+        /// What was refused.
+        rejected: RejectedSubmission,
+    },
+    /// Aggregate the round, store the new adapter and ledger entry, open the next round; then
+    /// call [`Engine::handle_round_committed`].
+    CloseRound(RoundClose),
+    /// Every round is done.
+    Finished {
+        /// The final adapter.
+        adapter: BlobHash,
+    },
+}
+
+/// Everything the driver needs to close a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundClose {
+    /// The round.
+    pub round: RoundId,
+    /// The adapter it started from.
+    pub adapter_before: BlobHash,
+    /// Accepted deltas sorted by hash.
+    pub accepted: Vec<AcceptedDelta>,
+    /// Refused submissions in order.
+    pub rejected: Vec<RejectedSubmission>,
+    /// Time from the round's first task to its close.
+    pub duration: Duration,
+}
+
+/// Permission to receive an upload's body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadTicket {
+    /// The uploader.
+    pub trainer: TrainerId,
+    /// The round.
+    pub round: RoundId,
+    /// The task.
+    pub task: TaskId,
+    /// The claimed hash.
+    pub hash: BlobHash,
+    /// Exact body length to expect.
+    pub byte_len: u64,
+    /// Layout the decoded delta must have.
+    pub layout: Layout,
+}
+
+/// A refusal with its reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why.
+    pub reason: RejectReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+impl Refusal {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The engine's phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for enough trainers to start the round.
+    Gathering,
+    /// Tasks are out; collecting deltas.
+    Collecting,
+    /// Aggregation requested; waiting for the driver to commit.
+    Closing,
+    /// All rounds done.
+    Finished,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TaskStatus {
+    /// Sent; no upload yet.
+    Working,
+    /// Its upload is being received.
+    Uploading(BlobHash),
+    /// Verified bytes, waiting for the store.
+    Persisting(BlobHash),
+    /// Counted.
+    Accepted(BlobHash),
+    /// Will not produce a delta.
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct TaskState {
+    trainer: TrainerId,
+    status: TaskStatus,
+    header: Option<UploadHeader>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct TrainerState {
+    connected: bool,
+}
+
+/// The round state machine. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    phase: Phase,
+    round: RoundId,
+    adapter: BlobHash,
+    adapter_len: u64,
+    trainers: BTreeMap<TrainerId, TrainerState>,
+    tasks: BTreeMap<TaskId, TaskState>,
+    accepted: BTreeMap<BlobHash, AcceptedDelta>,
+    rejected: Vec<RejectedSubmission>,
+    known_hashes: BTreeSet<BlobHash>,
+    next_task: TaskId,
+    gather_started: Option<Instant>,
+    round_started: Option<Instant>,
+    deadline: Option<Instant>,
+    actions: VecDeque<Action>,
+}
+
+impl Engine {
+    /// An engine for `config`, resuming from `resume` (use the default for a new experiment,
+    /// with `resume.adapter` set to the initial adapter).
+    pub fn new(config: EngineConfig, resume: ResumeState) -> Self {
+        let (adapter, adapter_len) = resume.adapter.unwrap_or((BlobHash([0; 32]), 0));
+        let mut tasks = BTreeMap::new();
+        for (task, trainer) in resume.tasks {
+            tasks.insert(
+                task,
+                TaskState {
+                    trainer,
+                    status: TaskStatus::Working,
+                    header: None,
+                },
+            );
+        }
+        let mut accepted = BTreeMap::new();
+        for (task, delta) in resume.accepted {
+            if let Some(state) = tasks.get_mut(&task) {
+                state.status = TaskStatus::Accepted(delta.hash);
+            }
+            accepted.insert(delta.hash, delta);
+        }
+        let mut engine = Self {
+            phase: if resume.finished {
+                Phase::Finished
+            } else {
+                Phase::Gathering
+            },
+            round: resume.round,
+            adapter,
+            adapter_len,
+            trainers: BTreeMap::new(),
+            tasks,
+            accepted,
+            rejected: resume.rejected,
+            known_hashes: resume.known_hashes.into_iter().collect(),
+            next_task: resume.next_task,
+            gather_started: None,
+            round_started: None,
+            deadline: None,
+            actions: VecDeque::new(),
+            config,
+        };
+        // A round that already has its deltas (the process died while aggregating) closes at
+        // once; one with tasks out keeps collecting as soon as time starts.
+        if engine.phase == Phase::Gathering && engine.accepted.len() >= engine.target() {
+            engine.close_round(None);
+        }
+        engine
+    }
+
+    // ---- getters ----
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The open (or closing) round.
+    pub fn round(&self) -> RoundId {
+        self.round
+    }
+
+    /// The adapter the current round trains from.
+    pub fn adapter(&self) -> BlobHash {
+        self.adapter
+    }
+
+    /// Connected trainers.
+    pub fn connected(&self) -> usize {
+        self.trainers.values().filter(|t| t.connected).count()
+    }
+
+    /// Deltas accepted so far in the current round.
+    pub fn accepted_count(&self) -> usize {
+        self.accepted.len()
+    }
+
+    /// Tasks issued in the current round.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The experiment id.
+    pub fn experiment(&self) -> &ExperimentId {
+        &self.config.experiment
+    }
+
+    // ---- outputs ----
+
+    /// The next side effect, in order.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Gathering => self
+                .gather_started
+                .map(|start| start + self.config.gather_timeout),
+            Phase::Collecting => self.deadline,
+            Phase::Closing | Phase::Finished => None,
+        }
+    }
+
+    // ---- inputs: fleet ----
+
+    /// A trainer completed the handshake.
+    pub fn handle_trainer_joined(&mut self, now: Instant, trainer: TrainerId) {
+        self.trainers.entry(trainer).or_default().connected = true;
+        match self.phase {
+            Phase::Finished => self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::ExperimentFinished {
+                    adapter: self.adapter,
+                },
+            }),
+            Phase::Gathering => {
+                self.gather_started.get_or_insert(now);
+                self.try_start(now, false);
+            }
+            Phase::Collecting => {
+                // A trainer that reconnects with its task still open gets it again, so it can
+                // upload what it trained; otherwise it may fill a free slot.
+                let open_task = self.tasks.iter().find(|(_, state)| {
+                    state.trainer == trainer && state.status == TaskStatus::Working
+                });
+                if let Some((&task, _)) = open_task {
+                    let message = self.task_message(now, task);
+                    self.actions.push_back(Action::Send { trainer, message });
+                } else {
+                    self.top_up(now);
+                }
+            }
+            Phase::Closing => {}
+        }
+    }
+
+    /// A trainer's connection ended.
+    pub fn handle_trainer_left(&mut self, now: Instant, trainer: TrainerId) {
+        if let Some(state) = self.trainers.get_mut(&trainer) {
+            state.connected = false;
+        }
+        // Its working task stays valid until the deadline (it may reconnect and upload), but a
+        // replacement is sent now so the round does not wait on it.
+        if self.phase == Phase::Collecting {
+            self.top_up(now);
+        }
+    }
+
+    /// A trainer refused its task.
+    pub fn handle_task_declined(&mut self, now: Instant, trainer: TrainerId, task: TaskId) {
+        if let Some(state) = self.tasks.get_mut(&task) {
+            if state.trainer == trainer && state.status == TaskStatus::Working {
+                state.status = TaskStatus::Failed;
+                self.top_up(now);
+            }
+        }
+    }
+
+    // ---- inputs: submissions ----
+
+    /// A trainer (authenticated as `connection_trainer`) announced an upload. `Ok` means the
+    /// driver should receive and check the body, then call [`Engine::handle_upload_finished`].
+    /// A refusal is already recorded; the driver only sends it to the trainer.
+    pub fn handle_submission_header(
+        &mut self,
+        now: Instant,
+        connection_trainer: TrainerId,
+        upload: &UploadHeader,
+    ) -> Result<UploadTicket, Refusal> {
+        let _ = now;
+        match self.check_header(connection_trainer, upload) {
+            Ok(ticket) => {
+                if let Some(state) = self.tasks.get_mut(&ticket.task) {
+                    state.status = TaskStatus::Uploading(ticket.hash);
+                    state.header = Some(upload.clone());
+                }
+                Ok(ticket)
+            }
+            Err(refusal) => {
+                self.reject(
+                    Some(connection_trainer),
+                    Some(upload.header.hash),
+                    refusal.clone(),
+                );
+                Err(refusal)
+            }
+        }
+    }
+
+    /// The driver finished receiving an upload it had a ticket for: `Ok` when the bytes were
+    /// complete, matched the hash, decoded, had the right layout and finite values, and the blob
+    /// is durably stored; `Err` with the first failed check.
+    pub fn handle_upload_finished(
+        &mut self,
+        now: Instant,
+        ticket: &UploadTicket,
+        result: Result<(), Refusal>,
+    ) {
+        let state = self
+            .tasks
+            .get_mut(&ticket.task)
+            .filter(|state| state.status == TaskStatus::Uploading(ticket.hash));
+        let Some(state) = state else {
+            // The round moved on while the bytes arrived: still a refusal to record and report.
+            let refusal = result.err().unwrap_or_else(|| {
+                Refusal::new(RejectReason::Late, "the round closed during the upload")
+            });
+            let trainer = Some(ticket.trainer);
+            self.reject(trainer, Some(ticket.hash), refusal);
+            if let Some(trainer) = trainer {
+                self.send_rejection(trainer, ticket.task, Some(ticket.hash));
+            }
+            return;
+        };
+        let trainer = state.trainer;
+        let header = state.header.clone();
+        let outcome = match result {
+            Err(refusal) => Err(refusal),
+            Ok(()) if ticket.round != self.round || self.phase != Phase::Collecting => Err(
+                Refusal::new(RejectReason::Late, "the round closed during the upload"),
+            ),
+            Ok(()) if self.accepted.contains_key(&ticket.hash) => Err(Refusal::new(
+                RejectReason::Replay,
+                "an identical delta was accepted during this upload",
+            )),
+            Ok(()) => Ok(()),
+        };
+        match (outcome, header) {
+            (Ok(()), Some(upload)) => {
+                state.status = TaskStatus::Persisting(ticket.hash);
+                self.actions.push_back(Action::PersistSubmission {
+                    round: self.round,
+                    task: ticket.task,
+                    accepted: AcceptedDelta {
+                        hash: ticket.hash,
+                        trainer,
+                        weight: upload.header.sample_count,
+                        train_loss: upload.header.metrics.train_loss,
+                        byte_len: ticket.byte_len,
+                    },
+                });
+            }
+            (Ok(()), None) => {
+                state.status = TaskStatus::Failed;
+            }
+            (Err(refusal), _) => {
+                state.status = TaskStatus::Failed;
+                self.reject(Some(trainer), Some(ticket.hash), refusal);
+                self.send_rejection(trainer, ticket.task, Some(ticket.hash));
+                if self.phase == Phase::Collecting {
+                    self.top_up(now);
+                }
+            }
+        }
+    }
+
+    /// A refusal that happened outside a ticket (malformed upload header, a limit): recorded in
+    /// the round's ledger entry.
+    pub fn handle_protocol_violation(
+        &mut self,
+        trainer: Option<TrainerId>,
+        hash: Option<BlobHash>,
+        refusal: Refusal,
+    ) {
+        self.reject(trainer, hash, refusal);
+    }
+
+    /// The store has durably recorded a submission: acknowledge it and count it.
+    pub fn handle_submission_persisted(&mut self, now: Instant, task: TaskId, delta: AcceptedDelta) {
+        let Some(state) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        state.status = TaskStatus::Accepted(delta.hash);
+        let trainer = state.trainer;
+        self.known_hashes.insert(delta.hash);
+        self.actions.push_back(Action::Send {
+            trainer,
+            message: ServerMessage::SubmissionAccepted {
+                task,
+                hash: delta.hash,
+            },
+        });
+        self.accepted.insert(delta.hash, delta);
+        if self.phase == Phase::Collecting && self.accepted.len() >= self.target() {
+            self.close_round(Some(now));
+        }
+    }
+
+    /// The store failed to record a verified submission: refuse it (the trainer may retry).
+    pub fn handle_persist_failed(&mut self, now: Instant, task: TaskId, detail: String) {
+        let Some(state) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        let TaskStatus::Persisting(hash) = state.status else {
+            return;
+        };
+        state.status = TaskStatus::Failed;
+        let trainer = state.trainer;
+        self.reject(
+            Some(trainer),
+            Some(hash),
+            Refusal::new(RejectReason::Internal, detail),
+        );
+        self.send_rejection(trainer, task, Some(hash));
+        self.top_up(now);
+    }
+
+    // ---- inputs: time and rounds ----
+
+    /// Time passed; call when [`Engine::poll_timeout`] is reached.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Gathering => {
+                let expired = self
+                    .gather_started
+                    .is_some_and(|start| now >= start + self.config.gather_timeout);
+                if expired {
+                    self.try_start(now, true);
+                    if self.phase == Phase::Gathering {
+                        self.gather_started = Some(now);
+                    }
+                }
+            }
+            Phase::Collecting => {
+                let Some(deadline) = self.deadline else {
+                    return;
+                };
+                if now < deadline {
+                    return;
+                }
+                if self.accepted.len() >= self.config.quorum as usize {
+                    self.close_round(Some(now));
+                } else {
+                    // No quorum: every task still working is given up on, and the round goes
+                    // on with a fresh deadline and replacements.
+                    for state in self.tasks.values_mut() {
+                        if state.status == TaskStatus::Working {
+                            state.status = TaskStatus::Failed;
+                        }
+                    }
+                    self.deadline = Some(now + self.config.round_timeout);
+                    self.top_up(now);
+                }
+            }
+            Phase::Closing | Phase::Finished => {}
+        }
+    }
+
+    /// The driver committed the round: the next round starts from `adapter`.
+    pub fn handle_round_committed(
+        &mut self,
+        now: Instant,
+        round: RoundId,
+        adapter: BlobHash,
+        adapter_len: u64,
+    ) {
+        if self.phase != Phase::Closing || round != self.round {
+            return;
+        }
+        self.adapter = adapter;
+        self.adapter_len = adapter_len;
+        self.accepted.clear();
+        self.rejected.clear();
+        self.tasks.clear();
+        self.round = round.next();
+        self.round_started = None;
+        self.deadline = None;
+        let connected: Vec<TrainerId> = self.connected_trainers().collect();
+        for trainer in &connected {
+            self.actions.push_back(Action::Send {
+                trainer: *trainer,
+                message: ServerMessage::RoundClosed { round, adapter },
+            });
+        }
+        if self.round.0 >= self.config.rounds {
+            self.phase = Phase::Finished;
+            for trainer in connected {
+                self.actions.push_back(Action::Send {
+                    trainer,
+                    message: ServerMessage::ExperimentFinished { adapter },
+                });
+            }
+            self.actions.push_back(Action::Finished { adapter });
+        } else {
+            self.phase = Phase::Gathering;
+            self.gather_started = Some(now);
+            self.try_start(now, false);
+        }
+    }
+
+    // ---- helpers ----
+
+    fn target(&self) -> usize {
+        self.config.trainers_per_round as usize
+    }
+
+    fn connected_trainers(&self) -> impl Iterator<Item = TrainerId> + '_ {
+        self.trainers
+            .iter()
+            .filter(|(_, state)| state.connected)
+            .map(|(id, _)| *id)
+    }
+
+    fn try_start(&mut self, now: Instant, gather_expired: bool) {
+        let connected = self.connected();
+        let enough = connected >= self.config.min_trainers as usize
+            || (gather_expired && connected >= self.config.quorum as usize);
+        // A resumed round with tasks already out starts collecting again at once.
+        if enough || !self.tasks.is_empty() {
+            self.phase = Phase::Collecting;
+            self.round_started = Some(now);
+            self.deadline = Some(now + self.config.round_timeout);
+            // Restored tasks go again to their trainers that are back.
+            let restored: Vec<(TaskId, TrainerId)> = self
+                .tasks
+                .iter()
+                .filter(|(_, state)| state.status == TaskStatus::Working)
+                .map(|(task, state)| (*task, state.trainer))
+                .filter(|(_, trainer)| self.trainers.get(trainer).is_some_and(|t| t.connected))
+                .collect();
+            for (task, trainer) in restored {
+                let message = self.task_message(now, task);
+                self.actions.push_back(Action::Send { trainer, message });
+            }
+            self.top_up(now);
+        }
+    }
+
+    /// Sends tasks until the round has `tasks_per_round` tasks that may still produce a delta,
+    /// or no idle connected trainer is left.
+    fn top_up(&mut self, now: Instant) {
+        if self.phase != Phase::Collecting {
+            return;
+        }
+        let live = self
+            .tasks
+            .values()
+            .filter(|state| {
+                state.status != TaskStatus::Failed
+                    && (self.trainers.get(&state.trainer).is_some_and(|t| t.connected)
+                        || !matches!(state.status, TaskStatus::Working))
+            })
+            .count();
+        let wanted = (self.config.tasks_per_round as usize).saturating_sub(live);
+        if wanted == 0 {
+            return;
+        }
+        let tasked: BTreeSet<TrainerId> = self.tasks.values().map(|s| s.trainer).collect();
+        let mut candidates: Vec<TrainerId> = self
+            .connected_trainers()
+            .filter(|trainer| !tasked.contains(trainer))
+            .collect();
+        // A seeded, per-round shuffle: fair, and the same for the same inputs.
+        let (seed, round) = (self.config.seed, self.round.0);
+        candidates.sort_by_key(|trainer| selection_key(seed, round, trainer));
+        for trainer in candidates.into_iter().take(wanted) {
+            let task = self.next_task;
+            self.next_task = TaskId(task.0 + 1);
+            self.tasks.insert(
+                task,
+                TaskState {
+                    trainer,
+                    status: TaskStatus::Working,
+                    header: None,
+                },
+            );
+            self.actions.push_back(Action::RecordTask {
+                round: self.round,
+                task,
+                trainer,
+            });
+            let message = self.task_message(now, task);
+            self.actions.push_back(Action::Send { trainer, message });
+        }
+    }
+
+    fn task_message(&self, now: Instant, task: TaskId) -> ServerMessage {
+        let deadline_ms = self
+            .deadline
+            .map(|deadline| deadline.saturating_duration_since(now).as_millis() as u64)
+            .unwrap_or(0);
+        let data = match self.config.data.dataset.as_str() {
+            "synthetic" => DataAssignment::Synthetic {
+                samples: self.config.data.samples_per_task,
+            },
+            "local" => DataAssignment::Local,
+            dataset => {
+                let clients = &self.config.data.clients;
+                let per_task = self.config.data.clients_per_task.max(1) as usize;
+                let start = (task.0 as usize).wrapping_mul(per_task) % clients.len().max(1);
+                DataAssignment::Clients {
+                    dataset: dataset.to_owned(),
+                    clients: clients
+                        .iter()
+                        .cycle()
+                        .skip(start)
+                        .take(per_task.min(clients.len()))
+                        .cloned()
+                        .collect(),
+                }
+            }
+        };
+        ServerMessage::Task(Box::new(TaskSpec {
+            task,
+            experiment: self.config.experiment.clone(),
+            round: self.round,
+            base_model: self.config.base_model.clone(),
+            base_model_hash: None,
+            adapter: self.adapter,
+            adapter_len: self.adapter_len,
+            data,
+            plan: self.config.plan.clone(),
+            seed: self.config.seed ^ task.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            deadline_ms,
+            max_upload_bytes: self.config.max_upload_bytes,
+        }))
+    }
+
+    fn check_header(
+        &self,
+        connection_trainer: TrainerId,
+        upload: &UploadHeader,
+    ) -> Result<UploadTicket, Refusal> {
+        let header = &upload.header;
+        if header.trainer != connection_trainer {
+            return Err(Refusal::new(
+                RejectReason::UnknownTrainer,
+                format!(
+                    "submission names key {} but the connection authenticated as {}",
+                    header.trainer, connection_trainer
+                ),
+            ));
+        }
+        verify_submission(upload)
+            .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()))?;
+        if header.experiment != self.config.experiment {
+            return Err(Refusal::new(
+                RejectReason::Stale,
+                format!("experiment {} is not running here", header.experiment),
+            ));
+        }
+        if header.round != self.round {
+            return Err(Refusal::new(
+                RejectReason::Stale,
+                format!("round {} is not the open round {}", header.round, self.round),
+            ));
+        }
+        if self.phase != Phase::Collecting {
+            return Err(Refusal::new(
+                RejectReason::Late,
+                format!("round {} is no longer collecting", self.round),
+            ));
+        }
+        if self.known_hashes.contains(&header.hash) || self.accepted.contains_key(&header.hash) {
+            return Err(Refusal::new(
+                RejectReason::Replay,
+                format!("delta {} was already submitted", header.hash.short()),
+            ));
+        }
+        let Some(task) = self.tasks.get(&header.task) else {
+            return Err(Refusal::new(
+                RejectReason::NotSelected,
+                format!("task {} is not open in round {}", header.task, self.round),
+            ));
+        };
+        if task.trainer != connection_trainer {
+            return Err(Refusal::new(
+                RejectReason::NotSelected,
+                format!("task {} belongs to another trainer", header.task),
+            ));
+        }
+        match &task.status {
+            TaskStatus::Working => {}
+            TaskStatus::Accepted(_) | TaskStatus::Persisting(_) | TaskStatus::Uploading(_) => {
+                return Err(Refusal::new(
+                    RejectReason::Replay,
+                    format!("task {} already has a submission", header.task),
+                ))
+            }
+            TaskStatus::Failed => {
+                return Err(Refusal::new(
+                    RejectReason::Late,
+                    format!("task {} was given up on", header.task),
+                ))
+            }
+        }
+        if header.byte_len > self.config.max_upload_bytes {
+            return Err(Refusal::new(
+                RejectReason::TooLarge,
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    header.byte_len, self.config.max_upload_bytes
+                ),
+            ));
+        }
+        if header.sample_count == 0 {
+            return Err(Refusal::new(
+                RejectReason::Malformed,
+                "sample_count must be at least 1",
+            ));
+        }
+        Ok(UploadTicket {
+            trainer: connection_trainer,
+            round: self.round,
+            task: header.task,
+            hash: header.hash,
+            byte_len: header.byte_len,
+            layout: self.config.layout.clone(),
+        })
+    }
+
+    fn reject(&mut self, trainer: Option<TrainerId>, hash: Option<BlobHash>, refusal: Refusal) {
+        let rejected = RejectedSubmission {
+            trainer,
+            hash,
+            reason: refusal.reason,
+            detail: refusal.detail,
+        };
+        self.rejected.push(rejected.clone());
+        self.actions.push_back(Action::RecordRejection {
+            round: self.round,
+            rejected,
+        });
+    }
+
+    fn send_rejection(&mut self, trainer: TrainerId, task: TaskId, hash: Option<BlobHash>) {
+        if let Some(last) = self.rejected.last() {
+            self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::SubmissionRejected {
+                    task,
+                    hash,
+                    reason: last.reason,
+                    detail: last.detail.clone(),
+                },
+            });
+        }
+    }
+
+    fn close_round(&mut self, now: Option<Instant>) {
+        self.phase = Phase::Closing;
+        let duration = match (now, self.round_started) {
+            (Some(now), Some(start)) => now.saturating_duration_since(start),
+            _ => Duration::ZERO,
+        };
+        let mut cancelled = Vec::new();
+        for (task, state) in &self.tasks {
+            if matches!(state.status, TaskStatus::Working | TaskStatus::Uploading(_)) {
+                cancelled.push((*task, state.trainer));
+            }
+        }
+        for (task, trainer) in cancelled {
+            if self.trainers.get(&trainer).is_some_and(|t| t.connected) {
+                self.actions.push_back(Action::Send {
+                    trainer,
+                    message: ServerMessage::TaskCancelled {
+                        task,
+                        detail: format!("round {} closed with enough deltas", self.round),
+                    },
+                });
+            }
+        }
+        self.actions.push_back(Action::CloseRound(RoundClose {
+            round: self.round,
+            adapter_before: self.adapter,
+            accepted: self.accepted.values().cloned().collect(),
+            rejected: self.rejected.clone(),
+            duration,
+        }));
+    }
+}
+
+/// The per-round selection order key of a trainer.
+fn selection_key(seed: u64, round: u64, trainer: &TrainerId) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"tributary selection");
+    hasher.update(&seed.to_le_bytes());
+    hasher.update(&round.to_le_bytes());
+    hasher.update(&trainer.0);
+    *hasher.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tributary_shared::codec::Codec;
+    use tributary_shared::config::DataSection;
+    use tributary_shared::identity::Identity;
+    use tributary_shared::wire::{SubmissionHeader, TrainMetrics};
+
+    /// Owns an engine and simulated trainers; applies store actions at once, on virtual time.
+    struct Harness {
+        engine: Engine,
+        now: Instant,
+        trainers: Vec<Identity>,
+        inbox: BTreeMap<TrainerId, Vec<ServerMessage>>,
+        rejections: Vec<RejectedSubmission>,
+        closes: Vec<RoundClose>,
+        finished: bool,
+    }
+
+    fn config(target: u32, tasks: u32, quorum: u32, min_trainers: u32, rounds: u64) -> EngineConfig {
+        EngineConfig {
+            experiment: ExperimentId("sim".into()),
+            rounds,
+            seed: 42,
+            trainers_per_round: target,
+            tasks_per_round: tasks,
+            quorum,
+            min_trainers,
+            round_timeout: Duration::from_secs(60),
+            gather_timeout: Duration::from_secs(30),
+            base_model: "synthetic".into(),
+            plan: TrainingPlan {
+                local_steps: 1,
+                learning_rate: 0.1,
+                batch_size: 1,
+                sequence_len: 1,
+                codec: Codec::F32,
+            },
+            data: DataSection::default(),
+            max_upload_bytes: 1000,
+            layout: Layout::new(vec![("w".into(), vec![4])]),
+        }
+    }
+
+    impl Harness {
+        fn new(config: EngineConfig, n_trainers: usize) -> Self {
+            Self::resumed(config, n_trainers, ResumeState {
+                adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+                next_task: TaskId(1),
+                ..ResumeState::default()
+            })
+        }
+
+        fn resumed(config: EngineConfig, n_trainers: usize, resume: ResumeState) -> Self {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            Self {
+                engine: Engine::new(config, resume),
+                now: Instant::now(),
+                trainers: (0..n_trainers).map(|_| Identity::generate(&mut rng)).collect(),
+                inbox: BTreeMap::new(),
+                rejections: Vec::new(),
+                closes: Vec::new(),
+                finished: false,
+            }
+        }
+
+        fn id(&self, index: usize) -> TrainerId {
+            self.trainers[index].id()
+        }
+
+        /// Drains actions, applying store effects at once and committing rounds.
+        fn drain(&mut self) {
+            while let Some(action) = self.engine.poll_action() {
+                match action {
+                    Action::Send { trainer, message } => {
+                        self.inbox.entry(trainer).or_default().push(message)
+                    }
+                    Action::RecordTask { .. } => {}
+                    Action::PersistSubmission { task, accepted, .. } => {
+                        self.engine.handle_submission_persisted(self.now, task, accepted)
+                    }
+                    Action::RecordRejection { rejected, .. } => self.rejections.push(rejected),
+                    Action::CloseRound(close) => {
+                        let round = close.round;
+                        self.closes.push(close);
+                        let adapter = BlobHash::of(format!("adapter-{}", round.0 + 1).as_bytes());
+                        self.engine
+                            .handle_round_committed(self.now, round, adapter, 100);
+                    }
+                    Action::Finished { .. } => self.finished = true,
+                }
+            }
+        }
+
+        fn join_all(&mut self) {
+            for index in 0..self.trainers.len() {
+                self.engine.handle_trainer_joined(self.now, self.id(index));
+                self.drain();
+            }
+        }
+
+        fn advance_to_timeout(&mut self) {
+            let at = self.engine.poll_timeout().expect("a timer is armed");
+            self.now = self.now.max(at);
+            self.engine.handle_timeout(self.now);
+            self.drain();
+        }
+
+        /// The trainer's newest task that was not cancelled.
+        fn open_task(&self, index: usize) -> Option<TaskSpec> {
+            let messages = self.inbox.get(&self.id(index))?;
+            let mut open: Option<TaskSpec> = None;
+            for message in messages {
+                match message {
+                    ServerMessage::Task(task) => open = Some((**task).clone()),
+                    ServerMessage::TaskCancelled { task, .. }
+                    | ServerMessage::SubmissionRejected { task, .. }
+                        if open.as_ref().is_some_and(|t| t.task == *task) =>
+                    {
+                        open = None
+                    }
+                    _ => {}
+                }
+            }
+            open.filter(|task| task.round == self.engine.round())
+        }
+
+        fn header(&self, index: usize, task: &TaskSpec, body: &[u8]) -> UploadHeader {
+            self.trainers[index]
+                .sign_submission(SubmissionHeader {
+                    experiment: task.experiment.clone(),
+                    round: task.round,
+                    task: task.task,
+                    trainer: self.id(index),
+                    hash: BlobHash::of(body),
+                    byte_len: body.len() as u64,
+                    sample_count: 10,
+                    metrics: TrainMetrics::default(),
+                })
+                .unwrap()
+        }
+
+        /// Runs one trainer's whole upload with a body unique to it; returns the refusal if any.
+        fn submit(&mut self, index: usize) -> Result<(), Refusal> {
+            let task = self.open_task(index).expect("trainer has a task");
+            let body = format!("delta {} {}", index, task.round);
+            let upload = self.header(index, &task, body.as_bytes());
+            let ticket = self
+                .engine
+                .handle_submission_header(self.now, self.id(index), &upload)?;
+            self.drain();
+            self.engine.handle_upload_finished(self.now, &ticket, Ok(()));
+            self.drain();
+            Ok(())
+        }
+
+        fn tasked(&self) -> Vec<usize> {
+            (0..self.trainers.len())
+                .filter(|&index| self.open_task(index).is_some())
+                .collect()
+        }
+
+        fn accepted_acks(&self, index: usize) -> usize {
+            self.inbox.get(&self.id(index)).map_or(0, |messages| {
+                messages
+                    .iter()
+                    .filter(|m| matches!(m, ServerMessage::SubmissionAccepted { .. }))
+                    .count()
+            })
+        }
+    }
+
+    #[test]
+    fn thousands_of_trainers_run_every_round() {
+        let mut harness = Harness::new(config(100, 120, 80, 500, 5), 2000);
+        harness.join_all();
+        let mut participants = BTreeSet::new();
+        for round in 0..5 {
+            assert_eq!(harness.engine.round(), RoundId(round));
+            let tasked = harness.tasked();
+            assert_eq!(tasked.len(), 120, "over-selection hands out 120 tasks");
+            for &index in tasked.iter().take(100) {
+                harness.submit(index).unwrap();
+                participants.insert(index);
+            }
+        }
+        assert!(harness.finished);
+        assert_eq!(harness.engine.phase(), Phase::Finished);
+        assert_eq!(harness.closes.len(), 5);
+        for close in &harness.closes {
+            assert_eq!(close.accepted.len(), 100);
+            let mut sorted = close.accepted.clone();
+            sorted.sort_by_key(|a| a.hash);
+            assert_eq!(sorted, close.accepted, "accepted deltas come sorted by hash");
+        }
+        // The seeded shuffle changes the selection between rounds.
+        assert!(participants.len() > 300, "{} distinct participants", participants.len());
+        assert!(harness.rejections.is_empty());
+    }
+
+    #[test]
+    fn every_bad_submission_is_refused_with_its_reason() {
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 6);
+        harness.join_all();
+        let tasked = harness.tasked();
+        assert_eq!(tasked.len(), 5);
+        let (a, b, c) = (tasked[0], tasked[1], tasked[2]);
+        let task_a = harness.open_task(a).unwrap();
+        let check = |harness: &mut Harness, index: usize, upload: UploadHeader, reason: RejectReason| {
+            let id = harness.id(index);
+            let result = harness.engine.handle_submission_header(harness.now, id, &upload);
+            assert_eq!(result.map_err(|r| r.reason), Err(reason));
+            harness.drain();
+            assert_eq!(harness.rejections.last().unwrap().reason, reason);
+        };
+        // Signed by a key other than the connection's.
+        let upload = harness.header(a, &task_a, b"x");
+        check(&mut harness, b, upload, RejectReason::UnknownTrainer);
+        // Tampered after signing.
+        let mut upload = harness.header(a, &task_a, b"x");
+        upload.header.sample_count = 1_000_000;
+        check(&mut harness, a, upload, RejectReason::BadSignature);
+        // Another trainer's task.
+        let upload = harness.header(c, &task_a, b"x");
+        check(&mut harness, c, upload, RejectReason::NotSelected);
+        // A future round.
+        let mut future = task_a.clone();
+        future.round = RoundId(5);
+        let upload = harness.header(a, &future, b"x");
+        check(&mut harness, a, upload, RejectReason::Stale);
+        // Too large.
+        let big = vec![0u8; 2000];
+        let upload = harness.header(a, &task_a, &big);
+        check(&mut harness, a, upload, RejectReason::TooLarge);
+        // A failed byte-level check is recorded, sent, and the task replaced.
+        let upload = harness.header(a, &task_a, b"nan");
+        let ticket = harness.engine.handle_submission_header(harness.now, harness.id(a), &upload).unwrap();
+        harness.engine.handle_upload_finished(
+            harness.now,
+            &ticket,
+            Err(Refusal::new(RejectReason::NonFinite, "nan at 0")),
+        );
+        harness.drain();
+        assert_eq!(harness.rejections.last().unwrap().reason, RejectReason::NonFinite);
+        assert!(harness.inbox[&harness.id(a)].iter().any(|m| matches!(
+            m,
+            ServerMessage::SubmissionRejected { reason: RejectReason::NonFinite, .. }
+        )));
+        assert_eq!(harness.tasked().len(), 5, "the failed task was replaced");
+        // A good upload, then the same task again: replay.
+        harness.submit(b).unwrap();
+        assert_eq!(harness.accepted_acks(b), 1);
+        let task_b = harness.open_task(b).unwrap();
+        let upload = harness.header(b, &task_b, b"other bytes");
+        check(&mut harness, b, upload, RejectReason::Replay);
+        // Same bytes as b's delta from another trainer: replay by hash.
+        let task_c = harness.open_task(c).unwrap();
+        let body = format!("delta {} {}", b, task_b.round);
+        let upload = harness.header(c, &task_c, body.as_bytes());
+        check(&mut harness, c, upload, RejectReason::Replay);
+        // Close round 0, then a submission for it is stale.
+        harness.submit(c).unwrap();
+        let remaining: Vec<usize> = harness.tasked().into_iter().filter(|&i| i != b && i != c).collect();
+        harness.submit(remaining[0]).unwrap();
+        assert_eq!(harness.engine.round(), RoundId(1));
+        let upload = harness.header(b, &task_b, b"late");
+        check(&mut harness, b, upload, RejectReason::Stale);
+        let reasons: Vec<RejectReason> = harness.closes[0].rejected.iter().map(|r| r.reason).collect();
+        assert!(reasons.contains(&RejectReason::NonFinite) && reasons.contains(&RejectReason::Replay));
+    }
+
+    #[test]
+    fn upload_finishing_after_close_is_late() {
+        let mut harness = Harness::new(config(2, 3, 1, 3, 2), 3);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let slow = tasked[2];
+        let task = harness.open_task(slow).unwrap();
+        let upload = harness.header(slow, &task, b"slow");
+        let ticket = harness.engine.handle_submission_header(harness.now, harness.id(slow), &upload).unwrap();
+        harness.submit(tasked[0]).unwrap();
+        harness.submit(tasked[1]).unwrap();
+        assert_eq!(harness.closes.len(), 1);
+        harness.engine.handle_upload_finished(harness.now, &ticket, Ok(()));
+        harness.drain();
+        assert_eq!(harness.rejections.last().unwrap().reason, RejectReason::Late);
+    }
+
+    #[test]
+    fn deadline_closes_on_quorum_or_extends_and_replaces() {
+        let mut harness = Harness::new(config(4, 4, 2, 4, 1), 6);
+        harness.join_all();
+        let first = harness.tasked();
+        assert_eq!(first.len(), 4);
+        harness.submit(first[0]).unwrap();
+        // Deadline with 1 of quorum 2: the round goes on with replacements to idle trainers.
+        let deadline = harness.engine.poll_timeout().unwrap();
+        harness.advance_to_timeout();
+        assert_eq!(harness.closes.len(), 0);
+        assert!(harness.engine.poll_timeout().unwrap() > deadline);
+        let second = harness.tasked();
+        let newcomers: Vec<usize> = second.iter().copied().filter(|i| !first.contains(i)).collect();
+        assert_eq!(newcomers.len(), 2, "the two idle trainers got tasks: {second:?}");
+        harness.submit(newcomers[0]).unwrap();
+        harness.advance_to_timeout();
+        assert_eq!(harness.closes.len(), 1);
+        assert_eq!(harness.closes[0].accepted.len(), 2);
+        assert!(harness.finished);
+    }
+
+    #[test]
+    fn gathering_waits_for_min_trainers_then_quorum_after_timeout() {
+        let mut harness = Harness::new(config(3, 3, 2, 5, 1), 2);
+        harness.join_all();
+        assert_eq!(harness.engine.phase(), Phase::Gathering);
+        assert!(harness.tasked().is_empty());
+        harness.advance_to_timeout();
+        assert_eq!(harness.engine.phase(), Phase::Collecting);
+        assert_eq!(harness.tasked().len(), 2);
+    }
+
+    #[test]
+    fn a_departed_trainer_is_replaced_and_may_come_back_to_upload() {
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let idle = (0..3).find(|i| !tasked.contains(i)).unwrap();
+        let gone = tasked[0];
+        harness.engine.handle_trainer_left(harness.now, harness.id(gone));
+        harness.drain();
+        assert!(harness.open_task(idle).is_some(), "the idle trainer replaced the departed one");
+        // It comes back: it is sent its open task again and its upload counts.
+        let before = harness.inbox[&harness.id(gone)].len();
+        harness.engine.handle_trainer_joined(harness.now, harness.id(gone));
+        harness.drain();
+        assert!(matches!(
+            harness.inbox[&harness.id(gone)][before],
+            ServerMessage::Task(_)
+        ));
+        harness.submit(gone).unwrap();
+        harness.submit(idle).unwrap();
+        assert_eq!(harness.closes.len(), 1);
+    }
+
+    #[test]
+    fn resumed_round_with_all_deltas_closes_at_once() {
+        let delta = |n: u8| AcceptedDelta {
+            hash: BlobHash([n; 32]),
+            trainer: TrainerId([n; 32]),
+            weight: 1,
+            train_loss: 0.5,
+            byte_len: 10,
+        };
+        let resume = ResumeState {
+            round: RoundId(3),
+            adapter: Some((BlobHash::of(b"a3"), 10)),
+            tasks: vec![(TaskId(7), TrainerId([1; 32])), (TaskId(8), TrainerId([2; 32]))],
+            accepted: vec![(TaskId(7), delta(1)), (TaskId(8), delta(2))],
+            next_task: TaskId(9),
+            ..ResumeState::default()
+        };
+        let mut harness = Harness::resumed(config(2, 2, 1, 2, 5), 0, resume);
+        harness.drain();
+        assert_eq!(harness.closes.len(), 1);
+        assert_eq!(harness.closes[0].round, RoundId(3));
+        assert_eq!(harness.closes[0].accepted.len(), 2);
+        assert_eq!(harness.engine.round(), RoundId(4));
+    }
+
+    #[test]
+    fn resumed_round_keeps_its_tasks_and_ids() {
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
+        let (t0, t1) = (harness.id(0), harness.id(1));
+        let resume = ResumeState {
+            round: RoundId(0),
+            adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+            tasks: vec![(TaskId(4), t0), (TaskId(5), t1)],
+            next_task: TaskId(6),
+            ..ResumeState::default()
+        };
+        harness.engine = Engine::new(harness.engine.config.clone(), resume);
+        harness.engine.handle_trainer_joined(harness.now, t0);
+        harness.drain();
+        let task = harness.open_task(0).unwrap();
+        assert_eq!(task.task, TaskId(4), "the stored task is sent again");
+        harness.engine.handle_trainer_joined(harness.now, harness.id(2));
+        harness.drain();
+        // Trainer 1 is disconnected, so trainer 2 fills its slot with a fresh id.
+        assert_eq!(harness.open_task(2).unwrap().task, TaskId(6));
+    }
+}

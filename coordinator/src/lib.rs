@@ -1,0 +1,20 @@
+//! Tributary's coordinator: runs an experiment as a sequence of rounds over QUIC.
+//!
+//! - [`engine`]: the round state machine (pure, sans-IO).
+//! - [`net`]: the QUIC driver: the hub task that owns the engine, connection tasks, TLS.
+//! - [`store`]: SQLite metadata and the content-addressed blob directory.
+//! - [`derive`]: aggregation of a round from its stored inputs, shared by `serve` and `verify`.
+//! - [`verify`], [`settings`], [`metrics`], [`http`], [`service`].
+//!
+//! The coordinator never links burn: adapters are named f32 tensors ([`tributary_shared::Delta`]).
+
+pub mod cli;
+pub mod derive;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod service;
+pub mod settings;
+pub mod store;
+pub mod verify;

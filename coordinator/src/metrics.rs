@@ -1,0 +1,93 @@
+//! Counters for the Prometheus `/metrics` page, shared between the hub and connection tasks.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tributary_shared::wire::RejectReason;
+
+/// Process-wide counters. Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Rounds committed since start.
+    pub rounds_closed: AtomicU64,
+    /// The open round.
+    pub current_round: AtomicU64,
+    /// Trainers connected now.
+    pub trainers_connected: AtomicU64,
+    /// Handshakes completed.
+    pub handshakes: AtomicU64,
+    /// Handshakes refused.
+    pub handshakes_refused: AtomicU64,
+    /// Deltas accepted.
+    pub accepted: AtomicU64,
+    /// Bytes received on upload streams.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent on download streams.
+    pub bytes_out: AtomicU64,
+    /// Tasks issued.
+    pub tasks_issued: AtomicU64,
+    rejected: Mutex<BTreeMap<RejectReason, u64>>,
+}
+
+impl Metrics {
+    /// Counts one rejection.
+    pub fn count_rejection(&self, reason: RejectReason) {
+        let mut rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        *rejected.entry(reason).or_default() += 1;
+    }
+
+    /// Rejections so far for `reason`.
+    pub fn rejections(&self, reason: RejectReason) -> u64 {
+        let rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        rejected.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Adds to a counter.
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        gauge(&mut out, "tributary_rounds_closed_total", "Rounds committed since start.", "counter", load(&self.rounds_closed));
+        gauge(&mut out, "tributary_round", "The open round.", "gauge", load(&self.current_round));
+        gauge(&mut out, "tributary_trainers_connected", "Trainers connected now.", "gauge", load(&self.trainers_connected));
+        gauge(&mut out, "tributary_handshakes_total", "Trainer handshakes completed.", "counter", load(&self.handshakes));
+        gauge(&mut out, "tributary_handshakes_refused_total", "Trainer handshakes refused.", "counter", load(&self.handshakes_refused));
+        gauge(&mut out, "tributary_tasks_issued_total", "Tasks sent to trainers.", "counter", load(&self.tasks_issued));
+        gauge(&mut out, "tributary_submissions_accepted_total", "Deltas accepted.", "counter", load(&self.accepted));
+        gauge(&mut out, "tributary_bytes_in_total", "Bytes received on upload streams.", "counter", load(&self.bytes_in));
+        gauge(&mut out, "tributary_bytes_out_total", "Bytes sent on download streams.", "counter", load(&self.bytes_out));
+        let _ = writeln!(out, "# HELP tributary_submissions_rejected_total Submissions refused, by reason.\n# TYPE tributary_submissions_rejected_total counter");
+        let rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        for reason in RejectReason::ALL {
+            let count = rejected.get(&reason).copied().unwrap_or(0);
+            let _ = writeln!(out, "tributary_submissions_rejected_total{{reason=\"{reason}\"}} {count}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_reason_and_counts() {
+        let metrics = Metrics::default();
+        metrics.count_rejection(RejectReason::NonFinite);
+        metrics.count_rejection(RejectReason::NonFinite);
+        Metrics::add(&metrics.accepted, 3);
+        let text = metrics.render();
+        assert!(text.contains("tributary_submissions_rejected_total{reason=\"non_finite\"} 2"));
+        assert!(text.contains("tributary_submissions_rejected_total{reason=\"replay\"} 0"));
+        assert!(text.contains("tributary_submissions_accepted_total 3"));
+    }
+}

@@ -1,0 +1,507 @@
+//! One task per QUIC connection: the handshake, the control stream, and the upload and download
+//! streams the trainer opens. Round decisions are the hub's; this module moves and checks bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tributary_shared::codec;
+use tributary_shared::frame::{encode_frame, FrameDecoder, FrameError};
+use tributary_shared::identity::verify_hello;
+use tributary_shared::wire::{
+    ClientMessage, DownloadRequest, DownloadResponse, RejectReason, ServerMessage, UploadHeader,
+    PROTOCOL_VERSION,
+};
+use tributary_shared::{ExperimentId, TaskId, TrainerId};
+
+use crate::engine::{Refusal, UploadTicket};
+use crate::metrics::Metrics;
+use crate::net::hub::{refusal_message, Command};
+use crate::store::blobs::BlobStore;
+
+/// Limits a connection task enforces.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Largest control or header frame.
+    pub max_frame: usize,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Longest silence inside an upload or download before it is dropped.
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_frame: tributary_shared::frame::DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct ConnectionContext {
+    /// The hub's inbox.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// Where uploads are written and downloads read.
+    pub blobs: BlobStore,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Limits.
+    pub limits: ConnectionLimits,
+    /// Bounds uploads being received at once, across all connections.
+    pub upload_permits: Arc<Semaphore>,
+    /// If non-empty, a trainer must present one of these tokens.
+    pub enrollment_tokens: Vec<String>,
+    /// The experiment served.
+    pub experiment: ExperimentId,
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("stream ended")]
+    Ended,
+    #[error("refused: {0:?}")]
+    Refused(RejectReason),
+}
+
+/// Runs one connection to its end.
+pub async fn run(context: Arc<ConnectionContext>, incoming: quinn::Incoming, connection_id: u64) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%remote, %error, "connection failed during tls");
+            return;
+        }
+    };
+    let result = serve_connection(&context, connection.clone(), connection_id).await;
+    match result {
+        Ok(()) | Err(ConnectionError::Connection(_)) => {
+            tracing::debug!(%remote, "connection closed")
+        }
+        Err(error) => {
+            tracing::info!(%remote, %error, "connection ended");
+            connection.close(quinn::VarInt::from_u32(2), error.to_string().as_bytes());
+        }
+    }
+}
+
+async fn serve_connection(
+    context: &Arc<ConnectionContext>,
+    connection: quinn::Connection,
+    connection_id: u64,
+) -> Result<(), ConnectionError> {
+    let limits = &context.limits;
+    let (mut send, mut recv) = tokio::time::timeout(limits.handshake_timeout, connection.accept_bi())
+        .await
+        .map_err(|_| ConnectionError::Timeout)??;
+    let nonce: [u8; 32] = rand::random();
+    write_message(
+        &mut send,
+        &ServerMessage::Challenge {
+            protocol_version: PROTOCOL_VERSION,
+            nonce,
+        },
+        limits.max_frame,
+    )
+    .await?;
+    let mut decoder = FrameDecoder::new(limits.max_frame);
+    let hello = tokio::time::timeout(
+        limits.handshake_timeout,
+        read_message::<ClientMessage>(&mut recv, &mut decoder),
+    )
+    .await
+    .map_err(|_| ConnectionError::Timeout)??
+    .ok_or(ConnectionError::Ended)?;
+    let (trainer, agent) = match check_hello(context, &nonce, hello) {
+        Ok(found) => found,
+        Err(refusal) => {
+            Metrics::add(&context.metrics.handshakes_refused, 1);
+            tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "handshake refused");
+            let reason = refusal.reason;
+            let message = ServerMessage::Refused {
+                reason,
+                detail: refusal.detail,
+            };
+            write_message(&mut send, &message, limits.max_frame).await?;
+            let _ = send.finish();
+            // Give the refusal a moment to reach the peer before the close overtakes it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            return Err(ConnectionError::Refused(reason));
+        }
+    };
+    Metrics::add(&context.metrics.handshakes, 1);
+    let span = tracing::info_span!("trainer", trainer = %trainer);
+    let _entered = span.enter();
+    tracing::info!(%agent, "trainer joined");
+
+    let (outbox, mut outbox_rx) = mpsc::unbounded_channel();
+    let _ = outbox.send(ServerMessage::Welcome {
+        trainer,
+        experiment: context.experiment.clone(),
+    });
+    let _ = context.commands.send(Command::Joined {
+        trainer,
+        agent,
+        connection_id,
+        outbox: outbox.clone(),
+        connection: connection.clone(),
+    });
+    let max_frame = limits.max_frame;
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox_rx.recv().await {
+            if write_message(&mut send, &message, max_frame).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let result = loop {
+        tokio::select! {
+            message = read_message::<ClientMessage>(&mut recv, &mut decoder) => match message {
+                Ok(Some(message)) => {
+                    let _ = context.commands.send(Command::Client { trainer, message });
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => {
+                    if matches!(error, ConnectionError::Frame(_)) {
+                        report_violation(context, Some(trainer), RejectReason::Malformed, error.to_string());
+                    }
+                    break Err(error);
+                }
+            },
+            stream = connection.accept_uni() => match stream {
+                Ok(stream) => {
+                    tokio::spawn(receive_upload(context.clone(), trainer, stream, outbox.clone()));
+                }
+                Err(error) => break Err(error.into()),
+            },
+            stream = connection.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_download(context.clone(), send, recv));
+                }
+                Err(error) => break Err(error.into()),
+            },
+        }
+    };
+    let _ = context.commands.send(Command::Left {
+        trainer,
+        connection_id,
+    });
+    writer.abort();
+    result
+}
+
+fn check_hello(
+    context: &ConnectionContext,
+    nonce: &[u8; 32],
+    hello: ClientMessage,
+) -> Result<(TrainerId, String), Refusal> {
+    let ClientMessage::Hello {
+        protocol_version,
+        trainer,
+        signature,
+        enrollment_token,
+        agent,
+    } = hello
+    else {
+        return Err(refusal(RejectReason::Malformed, "the first message must be a hello"));
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(refusal(
+            RejectReason::ProtocolVersion,
+            format!("protocol {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    verify_hello(&trainer, nonce, &signature)
+        .map_err(|error| refusal(RejectReason::BadSignature, error.to_string()))?;
+    if !context.enrollment_tokens.is_empty() {
+        let presented = enrollment_token.unwrap_or_default();
+        if !context.enrollment_tokens.iter().any(|token| constant_time_eq(token.as_bytes(), presented.as_bytes())) {
+            return Err(refusal(
+                RejectReason::UnknownTrainer,
+                "a valid enrollment token is required",
+            ));
+        }
+    }
+    let agent: String = agent.chars().take(200).collect();
+    Ok((trainer, agent))
+}
+
+async fn receive_upload(
+    context: Arc<ConnectionContext>,
+    trainer: TrainerId,
+    mut stream: RecvStream,
+    outbox: mpsc::UnboundedSender<ServerMessage>,
+) {
+    let reject_now = |stream: &mut RecvStream, refusal: Refusal, task: TaskId| {
+        let _ = outbox.send(refusal_message(task, None, &refusal));
+        let _ = stream.stop(quinn::VarInt::from_u32(1));
+        report_violation(&context, Some(trainer), refusal.reason, refusal.detail);
+    };
+    let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
+        reject_now(
+            &mut stream,
+            refusal(RejectReason::RateLimited, "too many uploads in progress; retry later"),
+            TaskId(0),
+        );
+        return;
+    };
+    let mut decoder = FrameDecoder::new(context.limits.max_frame);
+    let header = tokio::time::timeout(
+        context.limits.stream_idle_timeout,
+        read_message::<UploadHeader>(&mut stream, &mut decoder),
+    )
+    .await;
+    let upload = match header {
+        Ok(Ok(Some(upload))) => upload,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            reject_now(&mut stream, refusal(RejectReason::Malformed, format!("upload header: {error}")), TaskId(0));
+            return;
+        }
+        Err(_) => {
+            reject_now(&mut stream, refusal(RejectReason::Interrupted, "no upload header in time"), TaskId(0));
+            return;
+        }
+    };
+    let (task, hash) = (upload.header.task, upload.header.hash);
+    let (reply, decision) = oneshot::channel();
+    let _ = context.commands.send(Command::Header {
+        trainer,
+        upload: Box::new(upload),
+        reply,
+    });
+    let ticket = match decision.await {
+        Ok(Ok(ticket)) => ticket,
+        Ok(Err(refusal)) => {
+            let _ = outbox.send(refusal_message(task, Some(hash), &refusal));
+            let _ = stream.stop(quinn::VarInt::from_u32(1));
+            return;
+        }
+        Err(_) => return,
+    };
+    let result = receive_body(&context, &ticket, &mut stream, decoder.take_rest()).await;
+    if result.is_err() {
+        let _ = stream.stop(quinn::VarInt::from_u32(1));
+    }
+    let _ = context.commands.send(Command::UploadDone { ticket, result });
+}
+
+/// Receives and checks an upload body: length, hash, decoding, layout, finiteness; then makes
+/// the blob durable.
+async fn receive_body(
+    context: &ConnectionContext,
+    ticket: &UploadTicket,
+    stream: &mut RecvStream,
+    already: Vec<u8>,
+) -> Result<(), Refusal> {
+    let expected = ticket.byte_len;
+    let mut writer = context
+        .blobs
+        .writer()
+        .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+    let mut body = Vec::with_capacity(expected.min(64 << 20) as usize);
+    let mut take = |chunk: &[u8], body: &mut Vec<u8>| -> Result<(), Refusal> {
+        if body.len() as u64 + chunk.len() as u64 > expected {
+            return Err(refusal(
+                RejectReason::TooLarge,
+                format!("more than the {expected} bytes the header announced"),
+            ));
+        }
+        writer
+            .write(chunk)
+            .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+        body.extend_from_slice(chunk);
+        Ok(())
+    };
+    take(&already, &mut body)?;
+    loop {
+        let chunk = tokio::time::timeout(
+            context.limits.stream_idle_timeout,
+            stream.read_chunk(64 * 1024, true),
+        )
+        .await;
+        match chunk {
+            Ok(Ok(Some(chunk))) => {
+                Metrics::add(&context.metrics.bytes_in, chunk.bytes.len() as u64);
+                take(&chunk.bytes, &mut body)?;
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(error)) => {
+                return Err(refusal(
+                    RejectReason::Interrupted,
+                    format!("upload stream failed after {} bytes: {error}", body.len()),
+                ))
+            }
+            Err(_) => {
+                return Err(refusal(
+                    RejectReason::Interrupted,
+                    format!("upload stalled after {} bytes", body.len()),
+                ))
+            }
+        }
+    }
+    if body.len() as u64 != expected {
+        return Err(refusal(
+            RejectReason::LengthMismatch,
+            format!("received {} bytes, the header announced {expected}", body.len()),
+        ));
+    }
+    let actual = writer.hash();
+    if actual != ticket.hash {
+        return Err(refusal(
+            RejectReason::HashMismatch,
+            format!("bytes hash to {}, the header claims {}", actual.short(), ticket.hash.short()),
+        ));
+    }
+    let layout = ticket.layout.clone();
+    tokio::task::spawn_blocking(move || {
+        let delta = codec::decode(&body, layout.element_count())
+            .map_err(|error| refusal(RejectReason::Malformed, error.to_string()))?;
+        delta
+            .check_layout(&layout)
+            .map_err(|error| refusal(RejectReason::WrongShape, error.to_string()))?;
+        delta
+            .check_finite()
+            .map_err(|error| refusal(RejectReason::NonFinite, error.to_string()))?;
+        writer
+            .commit()
+            .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|error| Err(refusal(RejectReason::Internal, error.to_string())))
+}
+
+async fn serve_download(context: Arc<ConnectionContext>, mut send: SendStream, mut recv: RecvStream) {
+    let mut decoder = FrameDecoder::new(context.limits.max_frame);
+    let request = tokio::time::timeout(
+        context.limits.stream_idle_timeout,
+        read_message::<DownloadRequest>(&mut recv, &mut decoder),
+    )
+    .await;
+    let Ok(Ok(Some(request))) = request else {
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        return;
+    };
+    let (reply, answer) = oneshot::channel();
+    let _ = context.commands.send(Command::Downloadable {
+        hash: request.hash,
+        reply,
+    });
+    let max_frame = context.limits.max_frame;
+    let Ok(Some(len)) = answer.await else {
+        let _ = write_message(&mut send, &DownloadResponse::NotFound, max_frame).await;
+        let _ = send.finish();
+        return;
+    };
+    let file = match tokio::fs::File::open(context.blobs.path(&request.hash)).await {
+        Ok(file) => file,
+        Err(error) => {
+            tracing::error!(%error, hash = %request.hash, "a known adapter's blob is missing");
+            let _ = write_message(&mut send, &DownloadResponse::NotFound, max_frame).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_message(&mut send, &DownloadResponse::Found { len }, max_frame)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut file = file.take(len);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buffer).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if send.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+                Metrics::add(&context.metrics.bytes_out, n as u64);
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot read a blob for download");
+                let _ = send.reset(quinn::VarInt::from_u32(2));
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
+fn report_violation(
+    context: &ConnectionContext,
+    trainer: Option<TrainerId>,
+    reason: RejectReason,
+    detail: String,
+) {
+    let _ = context.commands.send(Command::Violation {
+        trainer,
+        refusal: refusal(reason, detail),
+    });
+}
+
+fn refusal(reason: RejectReason, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// Writes one frame.
+async fn write_message<T: Serialize>(
+    send: &mut SendStream,
+    message: &T,
+    max_frame: usize,
+) -> Result<(), ConnectionError> {
+    let mut frame = Vec::new();
+    encode_frame(message, max_frame, &mut frame)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads the next frame; `None` at a clean end of stream. Cancel-safe: bytes already read stay
+/// in `decoder`.
+async fn read_message<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<T>, ConnectionError> {
+    let mut buffer = [0u8; 8192];
+    loop {
+        if let Some(message) = decoder.next_message::<T>()? {
+            return Ok(Some(message));
+        }
+        match recv.read(&mut buffer).await? {
+            Some(n) => decoder.push(&buffer[..n]),
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

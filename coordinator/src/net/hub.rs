@@ -1,0 +1,497 @@
+//! The hub: one tokio task that owns the round engine, the metadata database and the registry of
+//! connected trainers. Connection tasks talk to it through [`Command`]s; it feeds the engine,
+//! drains its actions in order and does their I/O. It holds no round rules of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tributary_shared::aggregate::OptimizerState;
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::ledger::{LedgerEntry, RoundMetrics};
+use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadHeader};
+use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
+
+use crate::derive::{derive_from_store, encode_exact, encode_state, Derived};
+use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
+use crate::metrics::Metrics;
+use crate::store::blobs::BlobStore;
+use crate::store::db::Db;
+
+/// A message from a connection task (or the aggregation worker) to the hub.
+#[derive(Debug)]
+pub enum Command {
+    /// A trainer completed the handshake.
+    Joined {
+        /// Who.
+        trainer: TrainerId,
+        /// Its agent string.
+        agent: String,
+        /// Distinguishes this connection from an older one of the same trainer.
+        connection_id: u64,
+        /// Where its control messages go.
+        outbox: mpsc::UnboundedSender<ServerMessage>,
+        /// Closes the connection (used when a newer one replaces it).
+        connection: quinn::Connection,
+    },
+    /// A connection ended.
+    Left {
+        /// Who.
+        trainer: TrainerId,
+        /// Which connection.
+        connection_id: u64,
+    },
+    /// A control message from a trainer.
+    Client {
+        /// Who.
+        trainer: TrainerId,
+        /// What.
+        message: ClientMessage,
+    },
+    /// An upload header: may the body be received?
+    Header {
+        /// The connection's identity.
+        trainer: TrainerId,
+        /// The header.
+        upload: Box<UploadHeader>,
+        /// The decision.
+        reply: oneshot::Sender<Result<UploadTicket, Refusal>>,
+    },
+    /// An upload body was received and checked.
+    UploadDone {
+        /// The ticket it was received under.
+        ticket: UploadTicket,
+        /// The outcome of the byte-level checks.
+        result: Result<(), Refusal>,
+    },
+    /// A refusal outside any ticket (malformed header, limits).
+    Violation {
+        /// Who, if known.
+        trainer: Option<TrainerId>,
+        /// What.
+        refusal: Refusal,
+    },
+    /// Is `hash` a downloadable adapter? Replies with its length.
+    Downloadable {
+        /// The blob.
+        hash: BlobHash,
+        /// Its length, if downloadable.
+        reply: oneshot::Sender<Option<u64>>,
+    },
+    /// The aggregation worker finished.
+    Derived {
+        /// The round.
+        round: RoundClose,
+        /// Its result.
+        result: Result<DerivedRound, String>,
+    },
+}
+
+/// A round derived and written to the blob store, ready to commit.
+#[derive(Debug)]
+pub struct DerivedRound {
+    entry: LedgerEntry,
+    adapter_len: u64,
+    state: OptimizerState,
+}
+
+/// What the outside world can watch.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Progress {
+    /// The open round.
+    pub round: RoundId,
+    /// Rounds committed (in total, across restarts).
+    pub rounds_closed: u64,
+    /// The latest ledger entry's hash.
+    pub ledger_head: Option<BlobHash>,
+    /// The current adapter.
+    pub adapter: Option<BlobHash>,
+    /// Every round done.
+    pub finished: bool,
+}
+
+struct Registered {
+    connection_id: u64,
+    outbox: mpsc::UnboundedSender<ServerMessage>,
+    connection: quinn::Connection,
+}
+
+/// The hub's owned state.
+pub struct Hub {
+    config: Arc<ExperimentConfig>,
+    engine: Engine,
+    db: Db,
+    blobs: BlobStore,
+    metrics: Arc<Metrics>,
+    registry: HashMap<TrainerId, Registered>,
+    ledger_head: Option<BlobHash>,
+    optimizer_state: OptimizerState,
+    progress: watch::Sender<Progress>,
+    commands: mpsc::UnboundedSender<Command>,
+    rounds_closed: u64,
+}
+
+impl Hub {
+    /// Assembles a hub. `commands` is the sender side of the channel [`Hub::run`] reads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<ExperimentConfig>,
+        engine: Engine,
+        db: Db,
+        blobs: BlobStore,
+        metrics: Arc<Metrics>,
+        (ledger_head, rounds_closed): (Option<BlobHash>, u64),
+        optimizer_state: OptimizerState,
+        progress: watch::Sender<Progress>,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Self {
+        Self {
+            config,
+            engine,
+            db,
+            blobs,
+            metrics,
+            registry: HashMap::new(),
+            ledger_head,
+            optimizer_state,
+            progress,
+            commands,
+            rounds_closed,
+        }
+    }
+
+    /// Runs until `shutdown` resolves or a storage failure makes going on unsafe.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::UnboundedReceiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        self.drain(Instant::now())?;
+        self.publish_progress();
+        loop {
+            let timeout = self.engine.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = sleep => {
+                    let now = Instant::now();
+                    self.engine.handle_timeout(now);
+                    self.drain(now)?;
+                }
+                command = inbox.recv() => {
+                    let Some(command) = command else { return Ok(()) };
+                    let now = Instant::now();
+                    self.handle(now, command)?;
+                    self.drain(now)?;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, now: Instant, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::Joined {
+                trainer,
+                agent,
+                connection_id,
+                outbox,
+                connection,
+            } => {
+                if let Err(error) = self.db.record_trainer(trainer, &agent, now_ms()) {
+                    tracing::error!(%error, "cannot record trainer");
+                }
+                let previous = self.registry.insert(
+                    trainer,
+                    Registered {
+                        connection_id,
+                        outbox,
+                        connection,
+                    },
+                );
+                if let Some(previous) = previous {
+                    previous
+                        .connection
+                        .close(quinn::VarInt::from_u32(1), b"replaced by a newer connection");
+                } else {
+                    Metrics::add(&self.metrics.trainers_connected, 1);
+                }
+                self.engine.handle_trainer_joined(now, trainer);
+            }
+            Command::Left {
+                trainer,
+                connection_id,
+            } => {
+                let current = self
+                    .registry
+                    .get(&trainer)
+                    .is_some_and(|r| r.connection_id == connection_id);
+                if current {
+                    self.registry.remove(&trainer);
+                    self.metrics
+                        .trainers_connected
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    self.engine.handle_trainer_left(now, trainer);
+                }
+            }
+            Command::Client { trainer, message } => match message {
+                ClientMessage::TaskDeclined { task, detail } => {
+                    tracing::info!(%trainer, %task, %detail, "task declined");
+                    self.engine.handle_task_declined(now, trainer, task);
+                }
+                ClientMessage::TaskAccepted { task } => {
+                    tracing::debug!(%trainer, %task, "task accepted");
+                }
+                ClientMessage::Hello { .. } => {
+                    tracing::warn!(%trainer, "second hello ignored");
+                }
+            },
+            Command::Header {
+                trainer,
+                upload,
+                reply,
+            } => {
+                let decision = self.engine.handle_submission_header(now, trainer, &upload);
+                let _ = reply.send(decision);
+            }
+            Command::UploadDone { ticket, result } => {
+                self.engine.handle_upload_finished(now, &ticket, result);
+            }
+            Command::Violation { trainer, refusal } => {
+                self.engine.handle_protocol_violation(trainer, None, refusal);
+            }
+            Command::Downloadable { hash, reply } => {
+                let len = self.db.adapter_len(&hash).unwrap_or_else(|error| {
+                    tracing::error!(%error, "cannot look up adapter");
+                    None
+                });
+                let _ = reply.send(len);
+            }
+            Command::Derived { round, result } => {
+                let derived = result
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("cannot aggregate round {}", round.round))?;
+                self.commit(now, derived)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains the engine's actions in order, doing their I/O.
+    fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
+        let experiment = self.engine.experiment().clone();
+        while let Some(action) = self.engine.poll_action() {
+            match action {
+                Action::Send { trainer, message } => {
+                    if let Some(registered) = self.registry.get(&trainer) {
+                        let _ = registered.outbox.send(message);
+                    }
+                }
+                Action::RecordTask {
+                    round,
+                    task,
+                    trainer,
+                } => {
+                    Metrics::add(&self.metrics.tasks_issued, 1);
+                    self.db
+                        .record_task(&experiment, round, task, trainer, now_ms())
+                        .context("cannot record a task")?;
+                }
+                Action::PersistSubmission {
+                    round,
+                    task,
+                    accepted,
+                } => {
+                    match self
+                        .db
+                        .record_submission(&experiment, round, task, &accepted, now_ms())
+                    {
+                        Ok(()) => {
+                            Metrics::add(&self.metrics.accepted, 1);
+                            tracing::info!(
+                                round = %round, trainer = %accepted.trainer, hash = %accepted.hash.short(),
+                                "delta accepted"
+                            );
+                            self.engine.handle_submission_persisted(now, task, accepted);
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "cannot record a submission");
+                            self.engine.handle_persist_failed(now, task, error.to_string());
+                        }
+                    }
+                }
+                Action::RecordRejection { round, rejected } => {
+                    self.metrics.count_rejection(rejected.reason);
+                    tracing::warn!(
+                        round = %round,
+                        trainer = ?rejected.trainer,
+                        reason = %rejected.reason,
+                        detail = %rejected.detail,
+                        "submission rejected"
+                    );
+                    self.db
+                        .record_rejection(&experiment, round, &rejected, now_ms())
+                        .context("cannot record a rejection")?;
+                }
+                Action::CloseRound(close) => self.spawn_derive(close),
+                Action::Finished { adapter } => {
+                    tracing::info!(adapter = %adapter, "experiment finished");
+                }
+            }
+        }
+        self.publish_progress();
+        Ok(())
+    }
+
+    fn spawn_derive(&self, close: RoundClose) {
+        tracing::info!(round = %close.round, accepted = close.accepted.len(), "closing round");
+        let config = self.config.clone();
+        let blobs = self.blobs.clone();
+        let state = self.optimizer_state.clone();
+        let previous = self.ledger_head;
+        let commands = self.commands.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = derive_and_store(&config, &blobs, &close, &state, previous)
+                .map_err(|error| format!("{error:#}"));
+            let _ = commands.send(Command::Derived {
+                round: close,
+                result,
+            });
+        });
+    }
+
+    fn commit(&mut self, now: Instant, derived: DerivedRound) -> anyhow::Result<()> {
+        let round = derived.entry.round;
+        let finished = round.next().0 >= self.config.experiment.rounds;
+        let head = self
+            .db
+            .commit_round(&derived.entry, derived.adapter_len, finished)
+            .context("cannot commit the round")?;
+        self.ledger_head = Some(head);
+        self.optimizer_state = derived.state;
+        self.rounds_closed += 1;
+        Metrics::add(&self.metrics.rounds_closed, 1);
+        tracing::info!(
+            round = %round,
+            adapter = %derived.entry.adapter_after.short(),
+            ledger = %head.short(),
+            train_loss = ?derived.entry.metrics.train_loss,
+            "round committed"
+        );
+        self.engine
+            .handle_round_committed(now, round, derived.entry.adapter_after, derived.adapter_len);
+        self.metrics
+            .current_round
+            .store(self.engine.round().0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn publish_progress(&self) {
+        let progress = Progress {
+            round: self.engine.round(),
+            rounds_closed: self.rounds_closed,
+            ledger_head: self.ledger_head,
+            adapter: Some(self.engine.adapter()),
+            finished: self.engine.phase() == Phase::Finished,
+        };
+        self.progress.send_if_modified(|current| {
+            if *current == progress {
+                false
+            } else {
+                *current = progress;
+                true
+            }
+        });
+    }
+}
+
+/// Aggregates a round, writes the adapter, aggregate and optimizer state blobs, and builds the
+/// ledger entry. Runs on a blocking thread.
+fn derive_and_store(
+    config: &ExperimentConfig,
+    blobs: &BlobStore,
+    close: &RoundClose,
+    state: &OptimizerState,
+    previous: Option<BlobHash>,
+) -> anyhow::Result<DerivedRound> {
+    let Derived {
+        aggregate,
+        adapter_after,
+        state,
+    } = derive_from_store(config, blobs, &close.adapter_before, &close.accepted, state)?;
+    let adapter_bytes = encode_exact(&adapter_after);
+    let adapter_hash = blobs.put(&adapter_bytes)?;
+    let aggregate_hash = blobs.put(&encode_exact(&aggregate))?;
+    let state_hash = if state.first_moment.is_some() || state.second_moment.is_some() {
+        Some(blobs.put(&encode_state(&state))?)
+    } else {
+        None
+    };
+    let total_weight: u64 = close.accepted.iter().map(|a| a.weight).sum();
+    let train_loss = (total_weight > 0).then(|| {
+        close
+            .accepted
+            .iter()
+            .map(|a| f64::from(a.train_loss) * a.weight as f64)
+            .sum::<f64>()
+            / total_weight as f64
+    });
+    let raw_per_delta = aggregate.element_count() as u64 * 4;
+    let entry = LedgerEntry {
+        experiment: tributary_shared::ExperimentId(config.experiment.name.clone()),
+        round: close.round,
+        previous,
+        adapter_before: close.adapter_before,
+        adapter_after: adapter_hash,
+        aggregate: aggregate_hash,
+        optimizer_state: state_hash,
+        accepted: close.accepted.clone(),
+        rejected: close.rejected.clone(),
+        metrics: RoundMetrics {
+            train_loss,
+            eval_loss: None,
+            bytes_up: close.accepted.iter().map(|a| a.byte_len).sum(),
+            raw_bytes: raw_per_delta * close.accepted.len() as u64,
+            duration_ms: close.duration.as_millis() as u64,
+            aggregate_norm: aggregate.l2_norm(),
+        },
+    };
+    Ok(DerivedRound {
+        entry,
+        adapter_len: adapter_bytes.len() as u64,
+        state,
+    })
+}
+
+/// Milliseconds since the Unix epoch, for stored timestamps.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sends a refusal for a task to the trainer's connection (used by connection tasks).
+pub fn refusal_message(task: TaskId, hash: Option<BlobHash>, refusal: &Refusal) -> ServerMessage {
+    ServerMessage::SubmissionRejected {
+        task,
+        hash,
+        reason: refusal.reason,
+        detail: refusal.detail.clone(),
+    }
+}
+
+/// A refusal for an upload stream that broke a limit before its header was read.
+pub fn limit_refusal(detail: impl Into<String>) -> Refusal {
+    Refusal {
+        reason: RejectReason::RateLimited,
+        detail: detail.into(),
+    }
+}

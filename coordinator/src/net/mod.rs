@@ -1,0 +1,5 @@
+//! The QUIC driver: TLS setup, one task per connection, and the hub that owns the engine.
+
+pub mod connection;
+pub mod hub;
+pub mod tls;

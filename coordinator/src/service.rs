@@ -1,0 +1,301 @@
+//! Starting a coordinator: open the data directory, resolve the experiment, resume its state,
+//! bind the QUIC endpoint and the optional HTTP listener, and spawn the hub and accept loop.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context as _};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tributary_shared::aggregate::OptimizerState;
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::ExperimentId;
+
+use crate::derive::{decode_state, encode_exact};
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+use crate::net::connection::{self, ConnectionContext, ConnectionLimits};
+use crate::net::hub::{now_ms, Hub, Progress};
+use crate::net::tls::{self, TransportLimits};
+use crate::store::blobs::BlobStore;
+use crate::store::db::Db;
+
+/// Where the TLS certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// Made on first start and kept in `DATA_DIR/tls`, for these subject names.
+    SelfSigned {
+        /// DNS names or IP addresses.
+        names: Vec<String>,
+    },
+    /// Given by the operator (PEM files).
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The data directory (database, blobs, TLS identity).
+    pub data_dir: PathBuf,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// The experiment to run; `None` resumes the latest unfinished one in the data directory.
+    pub experiment: Option<ExperimentConfig>,
+    /// HTTP listen address for `/healthz`, `/metrics` and `/status`.
+    pub http: Option<SocketAddr>,
+    /// TLS certificate source.
+    pub tls: TlsSource,
+    /// Accepted enrollment tokens; empty means open enrollment.
+    pub enrollment_tokens: Vec<String>,
+    /// Connection-level limits.
+    pub limits: ServerLimits,
+}
+
+/// Limits on what peers may use.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Per-connection limits.
+    pub connection: ConnectionLimits,
+    /// QUIC transport limits.
+    pub transport: TransportLimits,
+    /// Connections from one IP address at once.
+    pub connections_per_address: usize,
+    /// Uploads received at once, across all connections.
+    pub concurrent_uploads: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            connection: ConnectionLimits::default(),
+            transport: TransportLimits::default(),
+            connections_per_address: 64,
+            concurrent_uploads: 64,
+        }
+    }
+}
+
+/// A started coordinator.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound QUIC address.
+    pub addr: SocketAddr,
+    /// The bound HTTP address, if any.
+    pub http_addr: Option<SocketAddr>,
+    /// SHA-256 of the certificate, for trainers to pin.
+    pub fingerprint: String,
+    /// The experiment served.
+    pub experiment: ExperimentId,
+    /// Round progress.
+    pub progress: watch::Receiver<Progress>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    hub: JoinHandle<anyhow::Result<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl Running {
+    /// Stops serving and waits for the hub to end.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        let result = self.hub.await.context("the hub task panicked")?;
+        self.endpoint.wait_idle().await;
+        result
+    }
+
+    /// Waits until the hub ends on its own (a storage failure) or `stop` resolves.
+    pub async fn wait(mut self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            result = &mut self.hub => {
+                self.endpoint.close(quinn::VarInt::from_u32(0), b"coordinator stopped");
+                result.context("the hub task panicked")?
+            }
+            _ = stop => self.shutdown().await,
+        }
+    }
+}
+
+/// Opens the data directory and the experiment, and starts serving.
+pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
+    let blobs = BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
+    let mut db = Db::open(&options.data_dir.join("tributary.db")).context("cannot open the database")?;
+    let config = resolve_experiment(&mut db, &blobs, options.experiment.as_ref())?;
+    let experiment = ExperimentId(config.experiment.name.clone());
+    let resume = db.resume_state(&experiment)?;
+    let ledger = db.ledger(&experiment)?;
+    let max_elements = config.adapter.layout()?.element_count();
+    let optimizer_state = match ledger.last().and_then(|(_, entry)| entry.optimizer_state) {
+        Some(hash) => decode_state(hash, &blobs.get(&hash)?, max_elements)?,
+        None => OptimizerState::default(),
+    };
+    let head = ledger.last().map(|(hash, _)| *hash);
+    tracing::info!(
+        experiment = %experiment,
+        round = %resume.round,
+        rounds_closed = ledger.len(),
+        accepted_in_round = resume.accepted.len(),
+        "experiment loaded"
+    );
+    let engine = Engine::new(EngineConfig::from_experiment(&config)?, resume);
+
+    let identity = match &options.tls {
+        TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
+        TlsSource::Files { cert, key } => tls::load_pem(cert, key)?,
+    };
+    let server_config = tls::server_config(&identity, &options.limits.transport)?;
+    let endpoint = quinn::Endpoint::server(server_config, options.listen)
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let addr = endpoint.local_addr()?;
+
+    let metrics = Arc::new(Metrics::default());
+    metrics
+        .current_round
+        .store(engine.round().0, std::sync::atomic::Ordering::Relaxed);
+    let (commands, inbox) = mpsc::unbounded_channel();
+    let (progress_tx, progress) = watch::channel(Progress::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let hub = Hub::new(
+        Arc::new(config),
+        engine,
+        db,
+        blobs.clone(),
+        metrics.clone(),
+        (head, ledger.len() as u64),
+        optimizer_state,
+        progress_tx,
+        commands.clone(),
+    );
+    let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
+
+    let context = Arc::new(ConnectionContext {
+        commands,
+        blobs,
+        metrics: metrics.clone(),
+        limits: options.limits.connection.clone(),
+        upload_permits: Arc::new(Semaphore::new(options.limits.concurrent_uploads)),
+        enrollment_tokens: options.enrollment_tokens.clone(),
+        experiment: experiment.clone(),
+    });
+    tokio::spawn(accept_loop(
+        endpoint.clone(),
+        context,
+        options.limits.connections_per_address,
+        wait_for(shutdown_rx.clone()),
+    ));
+
+    let http_addr = match options.http {
+        Some(http) => Some(
+            crate::http::spawn(http, metrics.clone(), progress.clone(), wait_for(shutdown_rx))
+                .await?,
+        ),
+        None => None,
+    };
+    tracing::info!(%addr, fingerprint = %identity.fingerprint, "coordinator listening");
+    Ok(Running {
+        addr,
+        http_addr,
+        fingerprint: identity.fingerprint,
+        experiment,
+        progress,
+        metrics,
+        shutdown,
+        hub,
+        endpoint,
+    })
+}
+
+/// Finds or creates the experiment in the database; returns its configuration.
+fn resolve_experiment(
+    db: &mut Db,
+    blobs: &BlobStore,
+    requested: Option<&ExperimentConfig>,
+) -> anyhow::Result<ExperimentConfig> {
+    let Some(config) = requested else {
+        let stored = db.experiments()?;
+        let Some(latest) = stored.iter().rev().find(|e| !e.finished).or(stored.last()) else {
+            bail!("the data directory holds no experiment: pass --experiment FILE");
+        };
+        return serde_json::from_str(&latest.config_json)
+            .with_context(|| format!("stored configuration of {} does not parse", latest.id));
+    };
+    let id = ExperimentId(config.experiment.name.clone());
+    let json = serde_json::to_string(config)?;
+    if let Some(stored) = db.experiment(&id)? {
+        let stored_config: ExperimentConfig = serde_json::from_str(&stored.config_json)
+            .with_context(|| format!("stored configuration of {id} does not parse"))?;
+        if &stored_config != config {
+            bail!(
+                "experiment {id} already exists in this data directory with a different \
+                 configuration; rename the experiment or use another --data-dir"
+            );
+        }
+        return Ok(stored_config);
+    }
+    let initial = config.adapter.initial_adapter(config.experiment.seed)?;
+    let bytes = encode_exact(&initial);
+    let hash = blobs.put(&bytes)?;
+    db.create_experiment(&id, &json, hash, bytes.len() as u64, now_ms())?;
+    tracing::info!(experiment = %id, adapter = %hash.short(), params = initial.element_count(), "experiment created");
+    Ok(config.clone())
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    context: Arc<ConnectionContext>,
+    per_address: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut next_id = 0u64;
+    loop {
+        let incoming = tokio::select! {
+            _ = &mut shutdown => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let ip = incoming.remote_address().ip();
+        {
+            let mut counts = counts.lock().expect("count lock is never poisoned");
+            let count = counts.entry(ip).or_default();
+            if *count >= per_address {
+                tracing::warn!(%ip, "connection refused: too many from this address");
+                context
+                    .metrics
+                    .count_rejection(tributary_shared::wire::RejectReason::RateLimited);
+                incoming.refuse();
+                continue;
+            }
+            *count += 1;
+        }
+        next_id += 1;
+        let (context, counts, id) = (context.clone(), counts.clone(), next_id);
+        tokio::spawn(async move {
+            connection::run(context, incoming, id).await;
+            let mut counts = counts.lock().expect("count lock is never poisoned");
+            if let Some(count) = counts.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        });
+    }
+}
+
+async fn wait_for(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,538 @@
+//! The SQLite metadata store: experiments, rounds, tasks, trainers, submissions and the ledger.
+//!
+//! One file in WAL mode with `synchronous = FULL`: a transaction that returned is on disk, so
+//! whatever the coordinator acknowledged survives a crash. Only this module speaks SQL.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tributary_shared::ledger::{AcceptedDelta, LedgerEntry, RejectedSubmission};
+use tributary_shared::wire::RejectReason;
+use tributary_shared::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+
+use crate::engine::ResumeState;
+
+/// A metadata store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not parse.
+    #[error("corrupt metadata: {0}")]
+    Corrupt(String),
+}
+
+/// An experiment as stored.
+#[derive(Debug, Clone)]
+pub struct StoredExperiment {
+    /// Its id.
+    pub id: ExperimentId,
+    /// The validated configuration, as JSON.
+    pub config_json: String,
+    /// The round-0 adapter.
+    pub initial_adapter: BlobHash,
+    /// True once every round is committed.
+    pub finished: bool,
+}
+
+/// Counts for `status` and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExperimentStatus {
+    /// Rounds committed.
+    pub rounds_closed: u64,
+    /// Accepted submissions, all rounds.
+    pub accepted: u64,
+    /// Rejected submissions by reason, all rounds.
+    pub rejected: Vec<(String, u64)>,
+    /// Distinct trainers ever seen.
+    pub trainers: u64,
+    /// Head of the ledger.
+    pub ledger_head: Option<String>,
+    /// Latest adapter.
+    pub adapter: Option<String>,
+    /// True when all rounds ran.
+    pub finished: bool,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS experiments (
+    id TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    initial_adapter BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    adapter_before BLOB NOT NULL,
+    adapter_len INTEGER NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (experiment, round)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task INTEGER PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    trainer BLOB NOT NULL,
+    issued_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS submissions (
+    hash BLOB PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    trainer BLOB NOT NULL,
+    weight INTEGER NOT NULL,
+    train_loss REAL NOT NULL,
+    byte_len INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    trainer BLOB,
+    hash BLOB,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (experiment, round)
+);
+CREATE TABLE IF NOT EXISTS adapters (
+    hash BLOB PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    byte_len INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trainers (
+    id BLOB PRIMARY KEY,
+    agent TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+";
+
+/// The metadata database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens (creating) the database file.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Opens an existing database read-only (for `verify` and `status` beside a running server).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self { conn })
+    }
+
+    /// Creates an experiment with its round 0 open on `initial_adapter`.
+    pub fn create_experiment(
+        &mut self,
+        id: &ExperimentId,
+        config_json: &str,
+        initial_adapter: BlobHash,
+        adapter_len: u64,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO experiments (id, config_json, initial_adapter, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![id.0, config_json, &initial_adapter.0[..], now_ms],
+        )?;
+        tx.execute(
+            "INSERT INTO rounds (experiment, round, adapter_before, adapter_len) VALUES (?1, 0, ?2, ?3)",
+            params![id.0, &initial_adapter.0[..], adapter_len as i64],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO adapters (hash, experiment, round, byte_len) VALUES (?1, ?2, -1, ?3)",
+            params![&initial_adapter.0[..], id.0, adapter_len as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Looks an experiment up.
+    pub fn experiment(&self, id: &ExperimentId) -> Result<Option<StoredExperiment>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT id, config_json, initial_adapter, finished FROM experiments WHERE id = ?1",
+                params![id.0],
+                row_to_experiment,
+            )
+            .optional()?
+            .transpose()
+    }
+
+    /// Every experiment, oldest first.
+    pub fn experiments(&self) -> Result<Vec<StoredExperiment>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT id, config_json, initial_adapter, finished FROM experiments ORDER BY created_ms, id",
+        )?;
+        let rows = statement.query_map([], row_to_experiment)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    /// Where a (re)started engine picks up this experiment.
+    pub fn resume_state(&self, id: &ExperimentId) -> Result<ResumeState, DbError> {
+        let finished: bool = self.conn.query_row(
+            "SELECT finished FROM experiments WHERE id = ?1",
+            params![id.0],
+            |row| row.get(0),
+        )?;
+        let open: Option<(i64, Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT round, adapter_before, adapter_len FROM rounds
+                 WHERE experiment = ?1 AND closed = 0 ORDER BY round LIMIT 1",
+                params![id.0],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let next_task: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(task), 0) + 1 FROM tasks", [], |row| row.get(0))?;
+        let known_hashes = self.hashes(
+            "SELECT hash FROM submissions WHERE experiment = ?1",
+            id,
+        )?;
+        let Some((round, adapter, adapter_len)) = open else {
+            // Finished: the last adapter is the last ledger entry's output.
+            let last = self.ledger(id)?.pop();
+            let adapter = last.map(|(_, entry)| entry.adapter_after);
+            let len = match adapter {
+                Some(hash) => self.adapter_len(&hash)?.unwrap_or(0),
+                None => 0,
+            };
+            return Ok(ResumeState {
+                round: RoundId(self.rounds_closed(id)?),
+                adapter: adapter.map(|hash| (hash, len)),
+                known_hashes,
+                next_task: TaskId(next_task as u64),
+                finished: true,
+                ..ResumeState::default()
+            });
+        };
+        let mut state = ResumeState {
+            round: RoundId(round as u64),
+            adapter: Some((hash_from(&adapter)?, adapter_len as u64)),
+            known_hashes,
+            next_task: TaskId(next_task as u64),
+            finished,
+            ..ResumeState::default()
+        };
+        let mut statement = self
+            .conn
+            .prepare("SELECT task, trainer FROM tasks WHERE experiment = ?1 AND round = ?2 ORDER BY task")?;
+        let rows = statement.query_map(params![id.0, round], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        for row in rows {
+            let (task, trainer) = row?;
+            state.tasks.push((TaskId(task as u64), TrainerId(hash_from(&trainer)?.0)));
+        }
+        let mut statement = self.conn.prepare(
+            "SELECT task, hash, trainer, weight, train_loss, byte_len FROM submissions
+             WHERE experiment = ?1 AND round = ?2 ORDER BY hash",
+        )?;
+        let rows = statement.query_map(params![id.0, round], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, f64>(4)?,
+                row.get::<_, i64>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (task, hash, trainer, weight, train_loss, byte_len) = row?;
+            state.accepted.push((
+                TaskId(task as u64),
+                AcceptedDelta {
+                    hash: hash_from(&hash)?,
+                    trainer: TrainerId(hash_from(&trainer)?.0),
+                    weight: weight as u64,
+                    train_loss: train_loss as f32,
+                    byte_len: byte_len as u64,
+                },
+            ));
+        }
+        state.rejected = self.rejections(id, RoundId(round as u64))?;
+        Ok(state)
+    }
+
+    /// Records an issued task.
+    pub fn record_task(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        task: TaskId,
+        trainer: TrainerId,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![task.0 as i64, id.0, round.0 as i64, &trainer.0[..], now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Records an accepted submission (its blob must already be durable).
+    pub fn record_submission(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        task: TaskId,
+        delta: &AcceptedDelta,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO submissions (hash, experiment, round, task, trainer, weight, train_loss, byte_len, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                &delta.hash.0[..],
+                id.0,
+                round.0 as i64,
+                task.0 as i64,
+                &delta.trainer.0[..],
+                delta.weight as i64,
+                f64::from(delta.train_loss),
+                delta.byte_len as i64,
+                now_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a refused submission.
+    pub fn record_rejection(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        rejected: &RejectedSubmission,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO rejections (experiment, round, trainer, hash, reason, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                id.0,
+                round.0 as i64,
+                rejected.trainer.map(|t| t.0.to_vec()),
+                rejected.hash.map(|h| h.0.to_vec()),
+                rejected.reason.as_str(),
+                rejected.detail,
+                now_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records a trainer's visit.
+    pub fn record_trainer(&self, trainer: TrainerId, agent: &str, now_ms: i64) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO trainers (id, agent, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT(id) DO UPDATE SET agent = excluded.agent, last_seen_ms = excluded.last_seen_ms",
+            params![&trainer.0[..], agent, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Commits a closed round in one transaction: its ledger entry, the new adapter, and the next
+    /// round opened (or the experiment marked finished).
+    pub fn commit_round(
+        &mut self,
+        entry: &LedgerEntry,
+        adapter_len: u64,
+        finished: bool,
+    ) -> Result<BlobHash, DbError> {
+        let id = &entry.experiment;
+        let round = entry.round.0 as i64;
+        let entry_hash = entry.hash();
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO ledger (experiment, round, hash, entry) VALUES (?1, ?2, ?3, ?4)",
+            params![id.0, round, &entry_hash.0[..], entry.to_bytes()],
+        )?;
+        tx.execute(
+            "UPDATE rounds SET closed = 1 WHERE experiment = ?1 AND round = ?2",
+            params![id.0, round],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO adapters (hash, experiment, round, byte_len) VALUES (?1, ?2, ?3, ?4)",
+            params![&entry.adapter_after.0[..], id.0, round, adapter_len as i64],
+        )?;
+        if finished {
+            tx.execute(
+                "UPDATE experiments SET finished = 1 WHERE id = ?1",
+                params![id.0],
+            )?;
+        } else {
+            tx.execute(
+                "INSERT INTO rounds (experiment, round, adapter_before, adapter_len) VALUES (?1, ?2, ?3, ?4)",
+                params![id.0, round + 1, &entry.adapter_after.0[..], adapter_len as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(entry_hash)
+    }
+
+    /// The ledger, first round first: (stored hash, parsed entry).
+    pub fn ledger(&self, id: &ExperimentId) -> Result<Vec<(BlobHash, LedgerEntry)>, DbError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT hash, entry FROM ledger WHERE experiment = ?1 ORDER BY round")?;
+        let rows = statement.query_map(params![id.0], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, bytes) = row?;
+            let entry = LedgerEntry::from_bytes(&bytes)
+                .map_err(|error| DbError::Corrupt(error.to_string()))?;
+            out.push((hash_from(&hash)?, entry));
+        }
+        Ok(out)
+    }
+
+    /// The stored length of an adapter blob, if it is a known adapter.
+    pub fn adapter_len(&self, hash: &BlobHash) -> Result<Option<u64>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT byte_len FROM adapters WHERE hash = ?1",
+                params![&hash.0[..]],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|len| len as u64))
+    }
+
+    /// Refused submissions of one round, in order.
+    pub fn rejections(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Vec<RejectedSubmission>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT trainer, hash, reason, detail FROM rejections WHERE experiment = ?1 AND round = ?2 ORDER BY id",
+        )?;
+        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
+            Ok((
+                row.get::<_, Option<Vec<u8>>>(0)?,
+                row.get::<_, Option<Vec<u8>>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (trainer, hash, reason, detail) = row?;
+            out.push(RejectedSubmission {
+                trainer: trainer.map(|t| hash_from(&t).map(|h| TrainerId(h.0))).transpose()?,
+                hash: hash.map(|h| hash_from(&h)).transpose()?,
+                reason: RejectReason::from_name(&reason)
+                    .ok_or_else(|| DbError::Corrupt(format!("unknown reason {reason:?}")))?,
+                detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Counts for `status`.
+    pub fn status(&self, id: &ExperimentId) -> Result<ExperimentStatus, DbError> {
+        let accepted: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM submissions WHERE experiment = ?1",
+            params![id.0],
+            |row| row.get(0),
+        )?;
+        let mut statement = self.conn.prepare(
+            "SELECT reason, COUNT(*) FROM rejections WHERE experiment = ?1 GROUP BY reason ORDER BY reason",
+        )?;
+        let rejected = statement
+            .query_map(params![id.0], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let trainers: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM trainers", [], |row| row.get(0))?;
+        let ledger = self.ledger(id)?;
+        let finished = self.experiment(id)?.is_some_and(|e| e.finished);
+        Ok(ExperimentStatus {
+            rounds_closed: ledger.len() as u64,
+            accepted: accepted as u64,
+            rejected,
+            trainers: trainers as u64,
+            ledger_head: ledger.last().map(|(hash, _)| hash.to_hex()),
+            adapter: ledger.last().map(|(_, entry)| entry.adapter_after.to_hex()),
+            finished,
+        })
+    }
+
+    fn rounds_closed(&self, id: &ExperimentId) -> Result<u64, DbError> {
+        let count: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM ledger WHERE experiment = ?1",
+            params![id.0],
+            |row| row.get(0),
+        )?;
+        Ok(count as u64)
+    }
+
+    fn hashes(&self, sql: &str, id: &ExperimentId) -> Result<Vec<BlobHash>, DbError> {
+        let mut statement = self.conn.prepare(sql)?;
+        let rows = statement.query_map(params![id.0], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(hash_from(&row?)?);
+        }
+        Ok(out)
+    }
+}
+
+fn row_to_experiment(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredExperiment, DbError>> {
+    let id: String = row.get(0)?;
+    let config_json: String = row.get(1)?;
+    let initial: Vec<u8> = row.get(2)?;
+    let finished: bool = row.get(3)?;
+    Ok(hash_from(&initial).map(|initial_adapter| StoredExperiment {
+        id: ExperimentId(id),
+        config_json,
+        initial_adapter,
+        finished,
+    }))
+}
+
+fn hash_from(bytes: &[u8]) -> Result<BlobHash, DbError> {
+    let raw: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| DbError::Corrupt(format!("a 32-byte id has {} bytes", bytes.len())))?;
+    Ok(BlobHash(raw))
+}

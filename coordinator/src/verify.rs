@@ -1,0 +1,146 @@
+//! `verify`: re-derives every round from the stored deltas and checks the ledger chain.
+//!
+//! For each experiment it checks that the round-0 adapter is the one the configuration and seed
+//! produce, that every stored ledger entry hashes to its recorded hash and links to the previous
+//! one, and that aggregating each round's accepted deltas (read back from the blob store and
+//! checked against their hashes) with the experiment's rules gives exactly the recorded
+//! aggregate, adapter and optimizer state.
+
+use std::path::Path;
+
+use tributary_shared::aggregate::OptimizerState;
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::ledger::check_chain;
+use tributary_shared::{BlobHash, ExperimentId, RoundId};
+
+use crate::derive::{derive_from_store, encode_exact, encode_state};
+use crate::store::blobs::BlobStore;
+use crate::store::db::Db;
+
+/// One experiment that checked out.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// Rounds re-derived.
+    pub rounds: u64,
+    /// Hash of the last ledger entry.
+    pub head: Option<BlobHash>,
+    /// The adapter after the last round.
+    pub adapter: Option<BlobHash>,
+}
+
+/// The first thing that does not hold.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("experiment {experiment}{}: {detail}", round.map(|r| format!(", round {r}")).unwrap_or_default())]
+pub struct VerifyError {
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// The first bad round, when the fault is in a round.
+    pub round: Option<RoundId>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// Verifies every experiment in the data directory.
+pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
+    let setup = |detail: String| VerifyError {
+        experiment: ExperimentId("?".into()),
+        round: None,
+        detail,
+    };
+    let db_path = data_dir.join("tributary.db");
+    if !db_path.is_file() {
+        return Err(setup(format!("no database at {}", db_path.display())));
+    }
+    let db = Db::open_read_only(&db_path).map_err(|e| setup(e.to_string()))?;
+    let blobs = BlobStore::open(data_dir.join("blobs")).map_err(|e| setup(e.to_string()))?;
+    let experiments = db.experiments().map_err(|e| setup(e.to_string()))?;
+    let mut out = Vec::new();
+    for stored in experiments {
+        out.push(verify_experiment(&db, &blobs, &stored.id, &stored.config_json, stored.initial_adapter)?);
+    }
+    Ok(out)
+}
+
+fn verify_experiment(
+    db: &Db,
+    blobs: &BlobStore,
+    id: &ExperimentId,
+    config_json: &str,
+    initial_adapter: BlobHash,
+) -> Result<Verified, VerifyError> {
+    let fail = |round: Option<RoundId>, detail: String| VerifyError {
+        experiment: id.clone(),
+        round,
+        detail,
+    };
+    let config: ExperimentConfig = serde_json::from_str(config_json)
+        .map_err(|e| fail(None, format!("stored configuration does not parse: {e}")))?;
+    let initial = config
+        .adapter
+        .initial_adapter(config.experiment.seed)
+        .map_err(|e| fail(None, e.to_string()))?;
+    let expected_initial = BlobHash::of(&encode_exact(&initial));
+    if expected_initial != initial_adapter {
+        return Err(fail(
+            None,
+            format!("round-0 adapter {initial_adapter} is not the one the configuration makes ({expected_initial})"),
+        ));
+    }
+    let ledger = db.ledger(id).map_err(|e| fail(None, e.to_string()))?;
+    for (stored_hash, entry) in &ledger {
+        if entry.hash() != *stored_hash {
+            return Err(fail(Some(entry.round), "ledger entry does not match its recorded hash".into()));
+        }
+    }
+    let entries: Vec<_> = ledger.into_iter().map(|(_, entry)| entry).collect();
+    let head = check_chain(&entries).map_err(|e| {
+        let round = match &e {
+            tributary_shared::ledger::LedgerError::BrokenLink { round, .. }
+            | tributary_shared::ledger::LedgerError::AdapterGap { round, .. }
+            | tributary_shared::ledger::LedgerError::OutOfOrder { round, .. } => Some(*round),
+            _ => None,
+        };
+        fail(round, e.to_string())
+    })?;
+    if let Some(first) = entries.first() {
+        if first.adapter_before != initial_adapter {
+            return Err(fail(Some(first.round), "does not start from the round-0 adapter".into()));
+        }
+    }
+    let mut state = OptimizerState::default();
+    for entry in &entries {
+        let round = Some(entry.round);
+        let mut sorted = entry.accepted.clone();
+        sorted.sort_by_key(|a| a.hash);
+        if sorted != entry.accepted {
+            return Err(fail(round, "accepted deltas are not in hash order".into()));
+        }
+        let derived = derive_from_store(&config, blobs, &entry.adapter_before, &entry.accepted, &state)
+            .map_err(|e| fail(round, e.to_string()))?;
+        let aggregate = BlobHash::of(&encode_exact(&derived.aggregate));
+        if aggregate != entry.aggregate {
+            return Err(fail(round, format!("aggregate re-derives to {aggregate}, the ledger says {}", entry.aggregate)));
+        }
+        let adapter = BlobHash::of(&encode_exact(&derived.adapter_after));
+        if adapter != entry.adapter_after {
+            return Err(fail(round, format!("adapter re-derives to {adapter}, the ledger says {}", entry.adapter_after)));
+        }
+        let state_hash = (derived.state.first_moment.is_some() || derived.state.second_moment.is_some())
+            .then(|| BlobHash::of(&encode_state(&derived.state)));
+        if state_hash != entry.optimizer_state {
+            return Err(fail(round, "optimizer state does not re-derive".into()));
+        }
+        if !blobs.contains(&entry.adapter_after) {
+            return Err(fail(round, format!("adapter blob {} is missing", entry.adapter_after)));
+        }
+        state = derived.state;
+    }
+    Ok(Verified {
+        experiment: id.clone(),
+        rounds: entries.len() as u64,
+        head,
+        adapter: entries.last().map(|e| e.adapter_after),
+    })
+}

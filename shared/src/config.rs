@@ -1,0 +1,600 @@
+//! Experiment configuration types: what a researcher writes in `experiments/*.toml`.
+//!
+//! These are plain serde types with defaults and validation; reading files and environment
+//! variables (the `config` crate) is the coordinator's job. Unknown keys are rejected.
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{AggregationConfig, ServerOptimizer};
+use crate::codec::Codec;
+use crate::delta::{Delta, Layout, NamedTensor};
+use crate::wire::TrainingPlan;
+
+/// A whole experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Name, rounds and seed.
+    pub experiment: ExperimentSection,
+    /// The base model.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// The adapter being trained.
+    pub adapter: AdapterSpec,
+    /// How trainers are picked and rounds closed.
+    #[serde(default)]
+    pub selection: SelectionSection,
+    /// Local training settings sent with each task.
+    #[serde(default)]
+    pub training: TrainingSection,
+    /// What data tasks train on.
+    #[serde(default)]
+    pub data: DataSection,
+    /// How deltas are combined.
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    /// How the combined delta moves the adapter.
+    #[serde(default)]
+    pub server_optimizer: ServerOptimizer,
+    /// Per-experiment limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[experiment]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSection {
+    /// Identifier: letters, digits, `-`, `_`, `.`; at most 64 characters.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Seed for the initial adapter and task seeds.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// The base model's name, e.g. `smollm2-135m-instruct-q8_0`.
+    pub name: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            name: "synthetic".into(),
+        }
+    }
+}
+
+/// `[adapter]`: the trained tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdapterSpec {
+    /// Made-up tensors holding `params` values in total (tests, load generation).
+    Synthetic {
+        /// Total values.
+        params: u64,
+        /// Number of tensors they are split into.
+        #[serde(default = "default_synthetic_tensors")]
+        tensors: u32,
+    },
+    /// LoRA on a Llama-family decoder, named as PEFT names it.
+    Lora {
+        /// Decoder layers.
+        layers: u32,
+        /// Model width.
+        hidden_size: u32,
+        /// Width of the k and v projections (heads × head size of the KV heads).
+        kv_size: u32,
+        /// MLP width.
+        intermediate_size: u32,
+        /// LoRA rank.
+        rank: u32,
+        /// LoRA alpha (the scale is alpha / rank).
+        alpha: f32,
+        /// Target modules among `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`.
+        targets: Vec<String>,
+    },
+}
+
+fn default_synthetic_tensors() -> u32 {
+    4
+}
+
+/// The LoRA target modules this crate knows, with their attention/MLP parent.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl AdapterSpec {
+    /// Names and shapes of the adapter's tensors.
+    pub fn layout(&self) -> Result<Layout, ConfigError> {
+        match self {
+            Self::Synthetic { params, tensors } => {
+                let params = *params as usize;
+                let count = (*tensors).max(1) as usize;
+                let mut out = Vec::with_capacity(count);
+                for index in 0..count {
+                    let len = params / count + usize::from(index < params % count);
+                    out.push((format!("synthetic.{index:04}.weight"), vec![len]));
+                }
+                Ok(Layout::new(out))
+            }
+            Self::Lora {
+                layers,
+                hidden_size,
+                kv_size,
+                intermediate_size,
+                rank,
+                targets,
+                ..
+            } => {
+                let (hidden, kv, inter, rank) = (
+                    *hidden_size as usize,
+                    *kv_size as usize,
+                    *intermediate_size as usize,
+                    *rank as usize,
+                );
+                let mut out = Vec::new();
+                for layer in 0..*layers {
+                    for target in targets {
+                        let (parent, d_in, d_out) = match target.as_str() {
+                            "q_proj" => ("self_attn", hidden, hidden),
+                            "k_proj" | "v_proj" => ("self_attn", hidden, kv),
+                            "o_proj" => ("self_attn", hidden, hidden),
+                            "gate_proj" | "up_proj" => ("mlp", hidden, inter),
+                            "down_proj" => ("mlp", inter, hidden),
+                            other => {
+                                return Err(ConfigError::invalid(
+                                    "adapter.targets",
+                                    format!("unknown module {other:?}; known: {LORA_TARGETS:?}"),
+                                ))
+                            }
+                        };
+                        let prefix =
+                            format!("base_model.model.model.layers.{layer}.{parent}.{target}");
+                        out.push((format!("{prefix}.lora_A.weight"), vec![rank, d_in]));
+                        out.push((format!("{prefix}.lora_B.weight"), vec![d_out, rank]));
+                    }
+                }
+                Ok(Layout::new(out))
+            }
+        }
+    }
+
+    /// The round-0 adapter, a pure function of the spec and `seed`.
+    ///
+    /// LoRA: `lora_A` uniform in ±1/sqrt(d_in) (Kaiming-uniform with a = sqrt(5), as PEFT does),
+    /// `lora_B` zero, so the adapter starts as the identity. Synthetic: zeros.
+    pub fn initial_adapter(&self, seed: u64) -> Result<Delta, ConfigError> {
+        let layout = self.layout()?;
+        let mut rng = SplitMix64(seed ^ 0x7472_6962_7574_6172);
+        let mut tensors = Vec::with_capacity(layout.tensors.len());
+        for (name, shape) in layout.tensors {
+            let len: usize = shape.iter().product();
+            let values = if name.ends_with(".lora_A.weight") {
+                let bound = 1.0 / (shape[1] as f32).sqrt();
+                (0..len)
+                    .map(|_| (rng.next_unit() * 2.0 - 1.0) * bound)
+                    .collect()
+            } else {
+                vec![0.0; len]
+            };
+            tensors.push(
+                NamedTensor::new(name, shape, values)
+                    .map_err(|error| ConfigError::invalid("adapter", error.to_string()))?,
+            );
+        }
+        Delta::new(tensors).map_err(|error| ConfigError::invalid("adapter", error.to_string()))
+    }
+}
+
+/// A small, stable PRNG (SplitMix64): its output is fixed forever, unlike library RNGs whose
+/// streams may change between versions, so initial adapters are reproducible from the ledger.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A float uniform in [0, 1).
+    pub fn next_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// `[selection]`: picking trainers and closing rounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelectionSection {
+    /// Accepted deltas that close a round at once.
+    pub trainers_per_round: u32,
+    /// Tasks handed out per round = ceil(trainers_per_round × over_selection).
+    pub over_selection: f64,
+    /// Fewest accepted deltas with which a round may close at its deadline.
+    pub quorum: u32,
+    /// Connected trainers needed before the first task of a round is sent.
+    pub min_trainers: u32,
+    /// Seconds from a round's first task to its deadline.
+    pub round_timeout_secs: f64,
+    /// Seconds to wait for `min_trainers` before starting with fewer (at least `quorum`).
+    pub gather_timeout_secs: f64,
+}
+
+impl Default for SelectionSection {
+    fn default() -> Self {
+        Self {
+            trainers_per_round: 3,
+            over_selection: 1.0,
+            quorum: 2,
+            min_trainers: 3,
+            round_timeout_secs: 600.0,
+            gather_timeout_secs: 60.0,
+        }
+    }
+}
+
+impl SelectionSection {
+    /// Tasks to hand out in a round.
+    pub fn tasks_per_round(&self) -> u32 {
+        (f64::from(self.trainers_per_round) * self.over_selection).ceil() as u32
+    }
+}
+
+/// `[training]`: local hyper-parameters sent in each task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Local optimizer steps per task.
+    pub local_steps: u32,
+    /// Peak local learning rate.
+    pub learning_rate: f32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    pub sequence_len: u32,
+    /// Delta compression.
+    pub codec: Codec,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            local_steps: 10,
+            learning_rate: 1e-3,
+            batch_size: 4,
+            sequence_len: 128,
+            codec: Codec::default(),
+        }
+    }
+}
+
+impl TrainingSection {
+    /// The plan carried in a task.
+    pub fn plan(&self) -> TrainingPlan {
+        TrainingPlan {
+            local_steps: self.local_steps,
+            learning_rate: self.learning_rate,
+            batch_size: self.batch_size,
+            sequence_len: self.sequence_len,
+            codec: self.codec,
+        }
+    }
+}
+
+/// `[data]`: what tasks train on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// `synthetic`, `local`, or a public dataset name such as `shakespeare`.
+    pub dataset: String,
+    /// Client ids to assign (public datasets).
+    pub clients: Vec<String>,
+    /// Clients per task.
+    pub clients_per_task: u32,
+    /// Samples per task (synthetic data).
+    pub samples_per_task: u64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            dataset: "synthetic".into(),
+            clients: Vec::new(),
+            clients_per_task: 1,
+            samples_per_task: 64,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest accepted upload; 0 means 2 × the raw f32 size of the adapter + 64 KiB.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 0,
+        }
+    }
+}
+
+/// A configuration value that is not acceptable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid value for `{key}`: {detail}")]
+pub struct ConfigError {
+    /// The dotted key, e.g. `selection.quorum`.
+    pub key: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl ConfigError {
+    /// An error about `key`.
+    pub fn invalid(key: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name = &self.experiment.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::invalid(
+                "experiment.name",
+                format!("{name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if self.experiment.rounds == 0 {
+            return Err(ConfigError::invalid("experiment.rounds", "must be at least 1"));
+        }
+        let selection = &self.selection;
+        if selection.trainers_per_round == 0 {
+            return Err(ConfigError::invalid(
+                "selection.trainers_per_round",
+                "must be at least 1",
+            ));
+        }
+        if !(selection.over_selection.is_finite() && selection.over_selection >= 1.0) {
+            return Err(ConfigError::invalid(
+                "selection.over_selection",
+                "must be a number >= 1",
+            ));
+        }
+        if selection.quorum == 0 || selection.quorum > selection.trainers_per_round {
+            return Err(ConfigError::invalid(
+                "selection.quorum",
+                "must be between 1 and selection.trainers_per_round",
+            ));
+        }
+        if selection.min_trainers < selection.quorum {
+            return Err(ConfigError::invalid(
+                "selection.min_trainers",
+                "must be at least selection.quorum",
+            ));
+        }
+        for (key, secs) in [
+            ("selection.round_timeout_secs", selection.round_timeout_secs),
+            ("selection.gather_timeout_secs", selection.gather_timeout_secs),
+        ] {
+            if !(secs.is_finite() && secs > 0.0 && secs < 1e7) {
+                return Err(ConfigError::invalid(key, "must be a positive number of seconds"));
+            }
+        }
+        let training = &self.training;
+        if training.local_steps == 0 || training.batch_size == 0 || training.sequence_len == 0 {
+            return Err(ConfigError::invalid(
+                "training",
+                "local_steps, batch_size and sequence_len must be at least 1",
+            ));
+        }
+        if !(training.learning_rate.is_finite() && training.learning_rate > 0.0) {
+            return Err(ConfigError::invalid(
+                "training.learning_rate",
+                "must be a positive number",
+            ));
+        }
+        training
+            .codec
+            .validate()
+            .map_err(|error| ConfigError::invalid("training.codec", error.to_string()))?;
+        self.aggregation
+            .validate()
+            .map_err(|error| ConfigError::invalid("aggregation", error.to_string()))?;
+        self.server_optimizer
+            .validate()
+            .map_err(|error| ConfigError::invalid("server_optimizer", error.to_string()))?;
+        match &self.adapter {
+            AdapterSpec::Synthetic { params, tensors } => {
+                if *params == 0 || *tensors == 0 || u64::from(*tensors) > *params {
+                    return Err(ConfigError::invalid(
+                        "adapter.params",
+                        "needs params >= tensors >= 1",
+                    ));
+                }
+                if *params > 1 << 30 {
+                    return Err(ConfigError::invalid("adapter.params", "at most 2^30"));
+                }
+            }
+            AdapterSpec::Lora {
+                layers,
+                hidden_size,
+                kv_size,
+                intermediate_size,
+                rank,
+                alpha,
+                targets,
+            } => {
+                if [*layers, *hidden_size, *kv_size, *intermediate_size, *rank].contains(&0) {
+                    return Err(ConfigError::invalid(
+                        "adapter",
+                        "layers, sizes and rank must be at least 1",
+                    ));
+                }
+                if !(alpha.is_finite() && *alpha > 0.0) {
+                    return Err(ConfigError::invalid("adapter.alpha", "must be positive"));
+                }
+                if targets.is_empty() {
+                    return Err(ConfigError::invalid("adapter.targets", "must not be empty"));
+                }
+            }
+        }
+        self.adapter.layout()?;
+        if self.data.dataset.is_empty() {
+            return Err(ConfigError::invalid("data.dataset", "must not be empty"));
+        }
+        if self.data.dataset != "synthetic" && self.data.dataset != "local" {
+            if self.data.clients.is_empty() {
+                return Err(ConfigError::invalid(
+                    "data.clients",
+                    "a public dataset needs a list of client ids",
+                ));
+            }
+            if self.data.clients_per_task == 0 {
+                return Err(ConfigError::invalid(
+                    "data.clients_per_task",
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The upload cap in bytes for this experiment's adapter.
+    pub fn max_upload_bytes(&self) -> u64 {
+        if self.limits.max_upload_bytes > 0 {
+            return self.limits.max_upload_bytes;
+        }
+        let raw = self
+            .adapter
+            .layout()
+            .map(|layout| layout.element_count() as u64 * 4)
+            .unwrap_or(0);
+        raw.saturating_mul(2).saturating_add(64 * 1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthetic(params: u64) -> ExperimentConfig {
+        ExperimentConfig {
+            experiment: ExperimentSection {
+                name: "test".into(),
+                description: String::new(),
+                rounds: 2,
+                seed: 1,
+            },
+            model: ModelSection::default(),
+            adapter: AdapterSpec::Synthetic {
+                params,
+                tensors: 3,
+            },
+            selection: SelectionSection::default(),
+            training: TrainingSection::default(),
+            data: DataSection::default(),
+            aggregation: AggregationConfig::default(),
+            server_optimizer: ServerOptimizer::default(),
+            limits: LimitsSection::default(),
+        }
+    }
+
+    #[test]
+    fn synthetic_layout_splits_params() {
+        let layout = synthetic(10).adapter.layout().unwrap();
+        let sizes: Vec<usize> = layout.tensors.iter().map(|(_, s)| s[0]).collect();
+        assert_eq!(sizes, vec![4, 3, 3]);
+        assert_eq!(layout.element_count(), 10);
+    }
+
+    #[test]
+    fn lora_layout_uses_peft_names_and_shapes() {
+        let spec = AdapterSpec::Lora {
+            layers: 2,
+            hidden_size: 8,
+            kv_size: 4,
+            intermediate_size: 16,
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+        };
+        let layout = spec.layout().unwrap();
+        assert_eq!(layout.tensors.len(), 8);
+        let a = layout
+            .tensors
+            .iter()
+            .find(|(n, _)| n == "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight")
+            .unwrap();
+        assert_eq!(a.1, vec![2, 8]);
+        let b = layout
+            .tensors
+            .iter()
+            .find(|(n, _)| n == "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
+            .unwrap();
+        assert_eq!(b.1, vec![4, 2]);
+        let adapter = spec.initial_adapter(7).unwrap();
+        assert_eq!(adapter, spec.initial_adapter(7).unwrap());
+        assert_ne!(adapter, spec.initial_adapter(8).unwrap());
+        let b_values = adapter.get(&b.0).unwrap().values();
+        assert!(b_values.iter().all(|v| *v == 0.0));
+        let a_values = adapter.get(&a.0).unwrap().values();
+        assert!(a_values.iter().all(|v| v.abs() <= 1.0 / 8f32.sqrt()));
+        assert!(a_values.iter().any(|v| *v != 0.0));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut config = synthetic(10);
+        assert!(config.validate().is_ok());
+        config.selection.quorum = 0;
+        assert_eq!(config.validate().unwrap_err().key, "selection.quorum");
+        let mut config = synthetic(10);
+        config.experiment.name = "bad name!".into();
+        assert_eq!(config.validate().unwrap_err().key, "experiment.name");
+        let mut config = synthetic(10);
+        config.adapter = AdapterSpec::Lora {
+            layers: 1,
+            hidden_size: 4,
+            kv_size: 4,
+            intermediate_size: 4,
+            rank: 1,
+            alpha: 1.0,
+            targets: vec!["x_proj".into()],
+        };
+        assert_eq!(config.validate().unwrap_err().key, "adapter.targets");
+    }
+}

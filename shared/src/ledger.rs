@@ -1,0 +1,247 @@
+//! The append-only, hash-linked ledger: one entry per closed round.
+//!
+//! An entry's hash is the blake3 of its canonical bytes ([`LedgerEntry::to_bytes`]); each entry
+//! names the previous entry's hash, so changing any past round changes every later hash.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{from_payload, to_payload};
+use crate::ids::{BlobHash, ExperimentId, RoundId, TrainerId};
+use crate::wire::RejectReason;
+
+/// The record of one closed round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// The round.
+    pub round: RoundId,
+    /// Hash of the previous round's entry; `None` for round 0.
+    pub previous: Option<BlobHash>,
+    /// The adapter the round started from.
+    pub adapter_before: BlobHash,
+    /// The adapter after the server step.
+    pub adapter_after: BlobHash,
+    /// Hash of the aggregated delta (f32 canonical encoding).
+    pub aggregate: BlobHash,
+    /// The server optimizer state after this round, when the optimizer has one.
+    pub optimizer_state: Option<BlobHash>,
+    /// Accepted deltas, sorted by hash (the aggregation order).
+    pub accepted: Vec<AcceptedDelta>,
+    /// Refused submissions, in the order they were refused.
+    pub rejected: Vec<RejectedSubmission>,
+    /// Round figures.
+    pub metrics: RoundMetrics,
+}
+
+/// One delta that counted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AcceptedDelta {
+    /// The delta's blob hash.
+    pub hash: BlobHash,
+    /// Who sent it.
+    pub trainer: TrainerId,
+    /// Its FedAvg weight (sample count).
+    pub weight: u64,
+    /// The trainer's reported mean training loss.
+    pub train_loss: f32,
+    /// Encoded size in bytes.
+    pub byte_len: u64,
+}
+
+/// One refused submission.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedSubmission {
+    /// Who sent it (when known).
+    pub trainer: Option<TrainerId>,
+    /// The claimed hash (when the header was readable).
+    pub hash: Option<BlobHash>,
+    /// Why it was refused.
+    pub reason: RejectReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// Round-level figures recorded in the ledger.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// Sample-weighted mean of the reported training losses.
+    pub train_loss: Option<f64>,
+    /// Held-out loss of the new adapter, when an evaluation ran.
+    pub eval_loss: Option<f64>,
+    /// Compressed bytes received for accepted deltas.
+    pub bytes_up: u64,
+    /// What those deltas would weigh as raw f32.
+    pub raw_bytes: u64,
+    /// Milliseconds from round open to close.
+    pub duration_ms: u64,
+    /// L2 norm of the aggregated delta.
+    pub aggregate_norm: f64,
+}
+
+/// A ledger that does not hold together.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    /// The entry bytes do not parse.
+    #[error("round {round}: entry bytes do not parse: {detail}")]
+    Malformed {
+        /// Which round (position).
+        round: u64,
+        /// Why.
+        detail: String,
+    },
+    /// Rounds are not numbered 0, 1, 2, ….
+    #[error("entry {position} is for round {round}")]
+    OutOfOrder {
+        /// Position in the chain.
+        position: u64,
+        /// The round it names.
+        round: RoundId,
+    },
+    /// An entry's `previous` is not the hash of the entry before it.
+    #[error("round {round}: previous hash {found:?} does not match {expected:?}")]
+    BrokenLink {
+        /// The round.
+        round: RoundId,
+        /// Hash of the actual previous entry.
+        expected: Option<BlobHash>,
+        /// What the entry says.
+        found: Option<BlobHash>,
+    },
+    /// A round does not start from the adapter the previous one produced.
+    #[error("round {round}: starts from adapter {found}, previous round produced {expected}")]
+    AdapterGap {
+        /// The round.
+        round: RoundId,
+        /// The previous round's output.
+        expected: BlobHash,
+        /// This round's input.
+        found: BlobHash,
+    },
+}
+
+impl LedgerEntry {
+    /// The canonical bytes that are hashed and stored.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        to_payload(self).expect("ledger entries contain only serializable fields")
+    }
+
+    /// Parses canonical bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
+        from_payload(bytes).map_err(|error| LedgerError::Malformed {
+            round: 0,
+            detail: error.to_string(),
+        })
+    }
+
+    /// The entry's hash.
+    pub fn hash(&self) -> BlobHash {
+        BlobHash::of(&self.to_bytes())
+    }
+}
+
+/// Checks numbering, hash links and adapter continuity of a chain, first round first.
+/// Returns the head hash (`None` for an empty chain).
+pub fn check_chain(entries: &[LedgerEntry]) -> Result<Option<BlobHash>, LedgerError> {
+    let mut previous: Option<&LedgerEntry> = None;
+    let mut previous_hash = None;
+    for (position, entry) in entries.iter().enumerate() {
+        if entry.round != RoundId(position as u64) {
+            return Err(LedgerError::OutOfOrder {
+                position: position as u64,
+                round: entry.round,
+            });
+        }
+        if entry.previous != previous_hash {
+            return Err(LedgerError::BrokenLink {
+                round: entry.round,
+                expected: previous_hash,
+                found: entry.previous,
+            });
+        }
+        if let Some(before) = previous {
+            if before.adapter_after != entry.adapter_before {
+                return Err(LedgerError::AdapterGap {
+                    round: entry.round,
+                    expected: before.adapter_after,
+                    found: entry.adapter_before,
+                });
+            }
+        }
+        previous_hash = Some(entry.hash());
+        previous = Some(entry);
+    }
+    Ok(previous_hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(length: u64) -> Vec<LedgerEntry> {
+        let mut entries: Vec<LedgerEntry> = Vec::new();
+        for round in 0..length {
+            let adapter_before = match entries.last() {
+                Some(last) => last.adapter_after,
+                None => BlobHash::of(b"initial"),
+            };
+            entries.push(LedgerEntry {
+                experiment: ExperimentId("e".into()),
+                round: RoundId(round),
+                previous: entries.last().map(LedgerEntry::hash),
+                adapter_before,
+                adapter_after: BlobHash::of(&round.to_le_bytes()),
+                aggregate: BlobHash::of(b"aggregate"),
+                optimizer_state: None,
+                accepted: vec![AcceptedDelta {
+                    hash: BlobHash::of(b"d"),
+                    trainer: TrainerId([1; 32]),
+                    weight: 3,
+                    train_loss: 1.5,
+                    byte_len: 9,
+                }],
+                rejected: vec![RejectedSubmission {
+                    trainer: None,
+                    hash: None,
+                    reason: RejectReason::NonFinite,
+                    detail: "nan".into(),
+                }],
+                metrics: RoundMetrics::default(),
+            });
+        }
+        entries
+    }
+
+    #[test]
+    fn a_good_chain_holds_and_bytes_round_trip() {
+        let entries = chain(4);
+        let head = check_chain(&entries).unwrap();
+        assert_eq!(head, Some(entries[3].hash()));
+        let again = LedgerEntry::from_bytes(&entries[2].to_bytes()).unwrap();
+        assert_eq!(again, entries[2]);
+        assert_eq!(check_chain(&[]), Ok(None));
+    }
+
+    #[test]
+    fn tampering_is_found_at_the_next_link() {
+        let mut entries = chain(4);
+        entries[1].accepted[0].weight = 1000;
+        assert!(matches!(
+            check_chain(&entries),
+            Err(LedgerError::BrokenLink { round: RoundId(2), .. })
+        ));
+        let mut entries = chain(3);
+        entries[2].adapter_before = BlobHash::of(b"elsewhere");
+        assert!(matches!(
+            check_chain(&entries),
+            Err(LedgerError::AdapterGap { round: RoundId(2), .. })
+        ));
+        let mut entries = chain(3);
+        entries.remove(1);
+        assert!(matches!(
+            check_chain(&entries),
+            Err(LedgerError::OutOfOrder { position: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,464 @@
+//! Wire messages of protocol version 1 (ALPN `tributary/1`).
+//!
+//! A trainer keeps one QUIC connection to the coordinator. Streams:
+//!
+//! | stream | opened by | content |
+//! |---|---|---|
+//! | control (bidirectional, the first one) | trainer | frames of [`ClientMessage`] up, [`ServerMessage`] down |
+//! | upload (unidirectional) | trainer | one [`UploadHeader`] frame, then exactly `byte_len` raw delta bytes |
+//! | download (bidirectional) | trainer | one [`DownloadRequest`] frame up; one [`DownloadResponse`] frame down, then the raw blob |
+//!
+//! The handshake: the coordinator sends [`ServerMessage::Challenge`] with a fresh nonce; the
+//! trainer answers [`ClientMessage::Hello`] with its public key and a signature over the nonce
+//! (see [`crate::identity`]); the coordinator answers [`ServerMessage::Welcome`] or
+//! [`ServerMessage::Refused`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Codec;
+use crate::ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The TLS ALPN token for this protocol version.
+pub const ALPN: &[u8] = b"tributary/1";
+
+/// Messages from the coordinator on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// First message: prove your identity by signing `nonce`.
+    Challenge {
+        /// The coordinator's protocol version.
+        protocol_version: u16,
+        /// Fresh random bytes, signed by the trainer in its `Hello`.
+        nonce: [u8; 32],
+    },
+    /// The handshake succeeded.
+    Welcome {
+        /// The identity the coordinator recognised.
+        trainer: TrainerId,
+        /// The experiment this coordinator runs.
+        experiment: ExperimentId,
+    },
+    /// The handshake failed; the connection closes next.
+    Refused {
+        /// Why.
+        reason: RejectReason,
+        /// Human-readable detail.
+        detail: String,
+    },
+    /// Work for this trainer.
+    Task(Box<TaskSpec>),
+    /// The task was withdrawn (the round closed without it, or the trainer was replaced).
+    TaskCancelled {
+        /// Which task.
+        task: TaskId,
+        /// Why.
+        detail: String,
+    },
+    /// The upload was verified and durably stored; it will count in its round.
+    SubmissionAccepted {
+        /// Which task.
+        task: TaskId,
+        /// The delta's hash.
+        hash: BlobHash,
+    },
+    /// The upload was refused.
+    SubmissionRejected {
+        /// Which task (0 when unknown).
+        task: TaskId,
+        /// The claimed hash, if the header was readable.
+        hash: Option<BlobHash>,
+        /// Why.
+        reason: RejectReason,
+        /// Human-readable detail.
+        detail: String,
+    },
+    /// A round closed; informs trainers of progress.
+    RoundClosed {
+        /// The round.
+        round: RoundId,
+        /// The new adapter's hash.
+        adapter: BlobHash,
+    },
+    /// The experiment has run all its rounds; no more tasks will come.
+    ExperimentFinished {
+        /// The final adapter's hash.
+        adapter: BlobHash,
+    },
+}
+
+/// Messages from a trainer on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Answer to the challenge.
+    Hello {
+        /// The trainer's protocol version.
+        protocol_version: u16,
+        /// The trainer's public key.
+        trainer: TrainerId,
+        /// ed25519 signature over the challenge (see `identity::hello_message`).
+        signature: Vec<u8>,
+        /// Enrollment token, when the coordinator requires one.
+        enrollment_token: Option<String>,
+        /// Free-form agent string, e.g. `tributary-trainer/0.1 (wgpu, RTX 3060)`.
+        agent: String,
+    },
+    /// The trainer starts working on the task.
+    TaskAccepted {
+        /// Which task.
+        task: TaskId,
+    },
+    /// The trainer will not do the task.
+    TaskDeclined {
+        /// Which task.
+        task: TaskId,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Everything a trainer needs to do one round's local work.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Unique task id.
+    pub task: TaskId,
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// The round this task belongs to.
+    pub round: RoundId,
+    /// The base model's name (as in the experiment file).
+    pub base_model: String,
+    /// The base model's hash, when the coordinator serves it.
+    pub base_model_hash: Option<BlobHash>,
+    /// The current adapter, downloadable by hash.
+    pub adapter: BlobHash,
+    /// The adapter's size in bytes.
+    pub adapter_len: u64,
+    /// Which data to train on.
+    pub data: DataAssignment,
+    /// Local training settings.
+    pub plan: TrainingPlan,
+    /// Seed for the trainer's RNGs (data order, dropout).
+    pub seed: u64,
+    /// Milliseconds from receipt until the upload must have finished.
+    pub deadline_ms: u64,
+    /// Largest upload the coordinator accepts for this task.
+    pub max_upload_bytes: u64,
+}
+
+/// The data a task trains on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataAssignment {
+    /// Named clients (shards) of a public dataset, e.g. Shakespeare roles.
+    Clients {
+        /// Dataset name, e.g. `shakespeare`.
+        dataset: String,
+        /// Client ids within it.
+        clients: Vec<String>,
+    },
+    /// The volunteer's own local data, which never leaves the machine.
+    Local,
+    /// Synthetic data generated from the task seed (tests and load generation).
+    Synthetic {
+        /// Examples to pretend to train on.
+        samples: u64,
+    },
+}
+
+/// Local training hyper-parameters carried in a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingPlan {
+    /// Optimizer steps to run locally.
+    pub local_steps: u32,
+    /// Peak learning rate.
+    pub learning_rate: f32,
+    /// Sequences per step.
+    pub batch_size: u32,
+    /// Tokens per sequence.
+    pub sequence_len: u32,
+    /// How the delta is compressed.
+    #[serde(with = "codec_repr")]
+    pub codec: Codec,
+}
+
+/// The wire form of a [`Codec`]: externally tagged, because bincode cannot read the internally
+/// tagged form that experiment files use.
+mod codec_repr {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::codec::Codec;
+
+    #[derive(Serialize, Deserialize)]
+    enum Repr {
+        F32,
+        F16,
+        Int8(u32),
+        Int4(u32),
+        TopK(f32),
+    }
+
+    pub fn serialize<S: Serializer>(codec: &Codec, serializer: S) -> Result<S::Ok, S::Error> {
+        let repr = match *codec {
+            Codec::F32 => Repr::F32,
+            Codec::F16 => Repr::F16,
+            Codec::Int8 { block } => Repr::Int8(block),
+            Codec::Int4 { block } => Repr::Int4(block),
+            Codec::TopK { fraction } => Repr::TopK(fraction),
+        };
+        repr.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Codec, D::Error> {
+        let codec = match Repr::deserialize(deserializer)? {
+            Repr::F32 => Codec::F32,
+            Repr::F16 => Codec::F16,
+            Repr::Int8(block) => Codec::Int8 { block },
+            Repr::Int4(block) => Codec::Int4 { block },
+            Repr::TopK(fraction) => Codec::TopK { fraction },
+        };
+        codec.validate().map_err(serde::de::Error::custom)?;
+        Ok(codec)
+    }
+}
+
+/// The signed description of an upload; the first frame on an upload stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubmissionHeader {
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// The round the delta was trained for.
+    pub round: RoundId,
+    /// The task it answers.
+    pub task: TaskId,
+    /// The uploader.
+    pub trainer: TrainerId,
+    /// blake3 of the encoded delta bytes.
+    pub hash: BlobHash,
+    /// Length of the encoded delta bytes.
+    pub byte_len: u64,
+    /// Examples trained on (the FedAvg weight).
+    pub sample_count: u64,
+    /// What local training reported.
+    pub metrics: TrainMetrics,
+}
+
+/// Local training figures reported with a submission.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainMetrics {
+    /// Mean training loss over the local steps.
+    pub train_loss: f32,
+    /// Steps run.
+    pub steps: u32,
+    /// Tokens processed.
+    pub tokens: u64,
+    /// Wall time of local training, in milliseconds.
+    pub train_ms: u64,
+}
+
+/// First frame of an upload stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadHeader {
+    /// What is being uploaded.
+    pub header: SubmissionHeader,
+    /// ed25519 signature by `header.trainer` (see `identity::submission_message`).
+    pub signature: Vec<u8>,
+}
+
+/// First frame of a download stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    /// The blob wanted.
+    pub hash: BlobHash,
+}
+
+/// The coordinator's answer on a download stream; `Found` is followed by `len` raw bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DownloadResponse {
+    /// The blob follows.
+    Found {
+        /// Its length.
+        len: u64,
+    },
+    /// No such blob (or not downloadable by this trainer).
+    NotFound,
+}
+
+/// Why a connection, task or submission was refused. Stable names for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The peer speaks another protocol version.
+    ProtocolVersion,
+    /// A bad or missing signature, or a key other than the connection's.
+    BadSignature,
+    /// The key is not enrolled (wrong or missing enrollment token).
+    UnknownTrainer,
+    /// The submission names a past or future round.
+    Stale,
+    /// The same delta (hash) or the same task was already submitted.
+    Replay,
+    /// The submission came after the round's deadline or after it closed.
+    Late,
+    /// The trainer has no open task matching the submission.
+    NotSelected,
+    /// The bytes' blake3 differs from the header's hash.
+    HashMismatch,
+    /// The stream carried another number of bytes than the header said.
+    LengthMismatch,
+    /// The upload is larger than allowed.
+    TooLarge,
+    /// The delta's tensor names or shapes differ from the adapter's.
+    WrongShape,
+    /// The delta holds NaN or infinite values.
+    NonFinite,
+    /// The bytes or frames do not parse.
+    Malformed,
+    /// The peer broke a limit (connections per address, concurrent uploads).
+    RateLimited,
+    /// The stream was reset or the connection lost mid-upload.
+    Interrupted,
+    /// The coordinator failed to store the submission (its fault, not the trainer's).
+    Internal,
+}
+
+impl RejectReason {
+    /// Every reason, for metric labels.
+    pub const ALL: [RejectReason; 16] = [
+        Self::ProtocolVersion,
+        Self::BadSignature,
+        Self::UnknownTrainer,
+        Self::Stale,
+        Self::Replay,
+        Self::Late,
+        Self::NotSelected,
+        Self::HashMismatch,
+        Self::LengthMismatch,
+        Self::TooLarge,
+        Self::WrongShape,
+        Self::NonFinite,
+        Self::Malformed,
+        Self::RateLimited,
+        Self::Interrupted,
+        Self::Internal,
+    ];
+
+    /// A stable snake_case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::ProtocolVersion => "protocol_version",
+            Self::BadSignature => "bad_signature",
+            Self::UnknownTrainer => "unknown_trainer",
+            Self::Stale => "stale",
+            Self::Replay => "replay",
+            Self::Late => "late",
+            Self::NotSelected => "not_selected",
+            Self::HashMismatch => "hash_mismatch",
+            Self::LengthMismatch => "length_mismatch",
+            Self::TooLarge => "too_large",
+            Self::WrongShape => "wrong_shape",
+            Self::NonFinite => "non_finite",
+            Self::Malformed => "malformed",
+            Self::RateLimited => "rate_limited",
+            Self::Interrupted => "interrupted",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Parses [`RejectReason::as_str`]'s spelling.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{frame_bytes, FrameDecoder, DEFAULT_MAX_FRAME};
+    use proptest::prelude::*;
+
+    fn sample_task() -> TaskSpec {
+        TaskSpec {
+            task: TaskId(3),
+            experiment: ExperimentId("demo".into()),
+            round: RoundId(1),
+            base_model: "smollm2-135m".into(),
+            base_model_hash: None,
+            adapter: BlobHash::of(b"adapter"),
+            adapter_len: 10,
+            data: DataAssignment::Clients {
+                dataset: "shakespeare".into(),
+                clients: vec!["HAMLET".into()],
+            },
+            plan: TrainingPlan {
+                local_steps: 10,
+                learning_rate: 1e-3,
+                batch_size: 4,
+                sequence_len: 128,
+                codec: Codec::default(),
+            },
+            seed: 9,
+            deadline_ms: 60_000,
+            max_upload_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let messages = vec![
+            ServerMessage::Challenge {
+                protocol_version: PROTOCOL_VERSION,
+                nonce: [7; 32],
+            },
+            ServerMessage::Task(Box::new(sample_task())),
+            ServerMessage::SubmissionRejected {
+                task: TaskId(3),
+                hash: None,
+                reason: RejectReason::NonFinite,
+                detail: "nan".into(),
+            },
+        ];
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        for message in &messages {
+            decoder.push(&frame_bytes(message, DEFAULT_MAX_FRAME).unwrap());
+        }
+        for message in messages {
+            assert_eq!(decoder.next_message::<ServerMessage>().unwrap(), Some(message));
+        }
+    }
+
+    #[test]
+    fn reason_names_are_unique_and_parse() {
+        for reason in RejectReason::ALL {
+            assert_eq!(RejectReason::from_name(reason.as_str()), Some(reason));
+        }
+        let mut names: Vec<_> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), RejectReason::ALL.len());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        #[test]
+        fn decoding_arbitrary_payloads_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::frame::from_payload::<ServerMessage>(&bytes);
+            let _ = crate::frame::from_payload::<ClientMessage>(&bytes);
+            let _ = crate::frame::from_payload::<UploadHeader>(&bytes);
+        }
+
+        #[test]
+        fn flipped_bytes_of_a_valid_task_never_panic(index in 0usize..4096, value in any::<u8>()) {
+            let mut payload = crate::frame::to_payload(&ServerMessage::Task(Box::new(sample_task()))).unwrap();
+            let index = index % payload.len();
+            payload[index] = value;
+            let _ = crate::frame::from_payload::<ServerMessage>(&payload);
+        }
+    }
+}
