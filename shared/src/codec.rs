@@ -78,7 +78,9 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
-use crate::delta::{element_count, Delta, DeltaError, Layout, NamedTensor, MAX_ELEMENTS, MAX_NAME_LEN};
+use crate::delta::{
+    element_count, Delta, DeltaError, Layout, NamedTensor, MAX_ELEMENTS, MAX_NAME_LEN,
+};
 
 /// The first four bytes of every encoded delta.
 pub const MAGIC: [u8; 4] = *b"TRBD";
@@ -460,7 +462,9 @@ pub enum CodecError {
         count: usize,
     },
     /// A NaN or infinite value, which the quantized codecs cannot carry.
-    #[error("tensor {name:?} has a non-finite value at index {index}, which {codec} cannot encode")]
+    #[error(
+        "tensor {name:?} has a non-finite value at index {index}, which {codec} cannot encode"
+    )]
     NonFinite {
         /// Tensor name.
         name: String,
@@ -500,7 +504,9 @@ pub enum CodecError {
         detail: &'static str,
     },
     /// A top-k index past the end of its tensor.
-    #[error("tensor {name:?} top-k index {index} at offset {offset} is out of range for {len} values")]
+    #[error(
+        "tensor {name:?} top-k index {index} at offset {offset} is out of range for {len} values"
+    )]
     IndexOutOfRange {
         /// Where the index starts.
         offset: usize,
@@ -553,7 +559,9 @@ const MAX_CANONICAL_ROUNDS: usize = 32;
 struct Scratch {
     floats: Vec<f32>,
     bytes: Vec<u8>,
-    candidates: Vec<u32>,
+    above: Vec<u32>,
+    cut: Vec<u32>,
+    magnitudes: Vec<u32>,
     indices: Vec<u32>,
     quantized: Vec<i8>,
 }
@@ -671,7 +679,10 @@ fn encode_f32(values: &[f32], out: &mut Vec<u8>) {
 fn encode_f16(values: &[f32], out: &mut Vec<u8>) {
     let payload = grow(out, values.len() * 2);
     let mut halves = [f16::ZERO; F16_CHUNK];
-    for (src, dst) in values.chunks(F16_CHUNK).zip(payload.chunks_mut(2 * F16_CHUNK)) {
+    for (src, dst) in values
+        .chunks(F16_CHUNK)
+        .zip(payload.chunks_mut(2 * F16_CHUNK))
+    {
         let halves = &mut halves[..src.len()];
         halves.convert_from_f32_slice(src);
         for (half, bytes) in halves.iter().zip(dst.chunks_exact_mut(2)) {
@@ -688,8 +699,13 @@ fn encode_f16(values: &[f32], out: &mut Vec<u8>) {
 
 fn encode_int8(tensor: &NamedTensor, block: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let values = tensor.values();
-    let len = payload_len(Codec::Int8 { block: block as u32 }, values.len())
-        .expect("an in-memory tensor's int8 payload size fits in usize");
+    let len = payload_len(
+        Codec::Int8 {
+            block: block as u32,
+        },
+        values.len(),
+    )
+    .expect("an in-memory tensor's int8 payload size fits in usize");
     let payload = grow(out, len);
     for (block_index, (chunk, src)) in payload
         .chunks_mut(4 + block)
@@ -700,13 +716,12 @@ fn encode_int8(tensor: &NamedTensor, block: usize, out: &mut Vec<u8>) -> Result<
         if absmax_bits >= INFINITY_BITS {
             return Err(non_finite(tensor, block_index * block, "int8"));
         }
-        let scale = int8_scale(f32::from_bits(absmax_bits)).ok_or_else(|| {
-            CodecError::OutOfRange {
+        let scale =
+            int8_scale(f32::from_bits(absmax_bits)).ok_or_else(|| CodecError::OutOfRange {
                 name: tensor.name().to_owned(),
                 block: block_index,
                 codec: "int8",
-            }
-        })?;
+            })?;
         let (head, quantized) = chunk.split_at_mut(4);
         head.copy_from_slice(&scale.to_le_bytes());
         quantize_int8(src, scale, quantized);
@@ -721,8 +736,13 @@ fn encode_int4(
     scratch: &mut Scratch,
 ) -> Result<(), CodecError> {
     let values = tensor.values();
-    let len = payload_len(Codec::Int4 { block: block as u32 }, values.len())
-        .expect("an in-memory tensor's int4 payload size fits in usize");
+    let len = payload_len(
+        Codec::Int4 {
+            block: block as u32,
+        },
+        values.len(),
+    )
+    .expect("an in-memory tensor's int4 payload size fits in usize");
     let payload = grow(out, len);
     for (block_index, (chunk, src)) in payload
         .chunks_mut(8 + block / 2)
@@ -762,46 +782,27 @@ fn encode_topk(
         return Ok(());
     }
     let k = topk_count(fraction, values.len());
-    let selection = select_top(values, k, &mut scratch.candidates)
-        .map_err(|index| non_finite(tensor, index, "topk"))?;
-    let scale = int8_scale(f32::from_bits(selection.absmax_bits)).ok_or_else(|| {
-        CodecError::OutOfRange {
-            name: tensor.name().to_owned(),
-            block: 0,
-            codec: "topk",
-        }
+    let absmax_bits =
+        select_top(values, k, scratch).map_err(|index| non_finite(tensor, index, "topk"))?;
+    let scale = int8_scale(f32::from_bits(absmax_bits)).ok_or_else(|| CodecError::OutOfRange {
+        name: tensor.name().to_owned(),
+        block: 0,
+        codec: "topk",
     })?;
-    let inverse = 1.0 / scale;
-    let quantize = |value: f32| -> i8 {
-        if scale == 0.0 {
-            0
-        } else if inverse.is_finite() {
-            round_int8(value * inverse)
-        } else {
-            round_int8(value / scale)
-        }
-    };
-
-    let indices = &mut scratch.indices;
-    let quantized = &mut scratch.quantized;
-    indices.clear();
+    let Scratch {
+        indices, quantized, ..
+    } = scratch;
     quantized.clear();
-    let mut ties = selection.ties;
-    let mut any_zero = false;
-    for (index, &value) in values.iter().enumerate() {
-        let magnitude = value.to_bits() & 0x7FFF_FFFF;
-        if magnitude > selection.threshold || (magnitude == selection.threshold && ties > 0) {
-            if magnitude == selection.threshold {
-                ties -= 1;
-            }
-            let q = quantize(value);
-            any_zero |= q == 0;
-            indices.push(index as u32);
-            quantized.push(q);
-        }
+    let kept = indices.iter().map(|&index| values[index as usize]);
+    let inverse = 1.0 / scale;
+    if scale == 0.0 {
+        quantized.resize(k, 0);
+    } else if inverse.is_finite() {
+        quantized.extend(kept.map(|value| round_int8(value * inverse)));
+    } else {
+        quantized.extend(kept.map(|value| round_int8(value / scale)));
     }
-    debug_assert_eq!(indices.len(), k);
-    if any_zero {
+    if quantized.contains(&0) {
         move_zeros_to_lowest_free(indices, quantized, k);
     }
 
@@ -852,54 +853,109 @@ fn move_zeros_to_lowest_free(indices: &mut Vec<u32>, quantized: &mut Vec<i8>, k:
     }
 }
 
-/// Where the top-k cut falls: keep every value whose magnitude bits exceed `threshold`, and the
-/// first `ties` (by index) whose bits equal it.
-struct Selection {
-    threshold: u32,
-    ties: usize,
-    absmax_bits: u32,
-}
-
-/// Finds the top-k cut with a histogram over the high bits of the magnitudes, then a selection
-/// among the values of the one bucket the cut falls in. Err holds the index of a non-finite value.
-fn select_top(values: &[f32], k: usize, candidates: &mut Vec<u32>) -> Result<Selection, usize> {
-    const BUCKETS: usize = 2048;
-    let bucket_of = |magnitude: u32| (magnitude >> 20) as usize & (BUCKETS - 1);
-    let mut histogram = [0usize; BUCKETS];
-    let mut absmax_bits = 0u32;
-    for &value in values {
-        let magnitude = value.to_bits() & 0x7FFF_FFFF;
-        absmax_bits = absmax_bits.max(magnitude);
-        histogram[bucket_of(magnitude)] += 1;
+/// Writes the indices of the `k` values of largest magnitude (ties to the lower index) into
+/// `scratch.indices`, in increasing order, and returns the largest magnitude's bits. Err holds the
+/// index of a non-finite value.
+///
+/// A histogram over the high bits of the magnitudes finds the bucket the cut falls in; one more
+/// pass collects, without branching, the indices above that bucket (all kept) and those in it;
+/// only the latter need a selection.
+fn select_top(values: &[f32], k: usize, scratch: &mut Scratch) -> Result<u32, usize> {
+    // Exponent and two mantissa bits: a bucket spans a quarter of an octave.
+    const BUCKETS: usize = 1024;
+    // Interleaved histograms, so runs of values in one bucket do not wait on each other's
+    // increments.
+    const WAYS: usize = 4;
+    let bucket_of = |value: f32| ((value.to_bits() & 0x7FFF_FFFF) >> 21) as usize & (BUCKETS - 1);
+    let mut histograms = [[0u32; BUCKETS]; WAYS];
+    let mut absmax = [0u32; WAYS];
+    let chunks = values.chunks_exact(WAYS);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((histogram, absmax), &value) in histograms.iter_mut().zip(&mut absmax).zip(chunk) {
+            *absmax = (*absmax).max(value.to_bits() & 0x7FFF_FFFF);
+            histogram[bucket_of(value)] += 1;
+        }
     }
+    for &value in rest {
+        absmax[0] = absmax[0].max(value.to_bits() & 0x7FFF_FFFF);
+        histograms[0][bucket_of(value)] += 1;
+    }
+    let absmax_bits = absmax.into_iter().fold(0, u32::max);
     if absmax_bits >= INFINITY_BITS {
         let index = values.iter().position(|value| !value.is_finite());
         return Err(index.expect("a non-finite magnitude came from some value"));
     }
-    let mut above = 0usize;
+    let mut n_above = 0usize;
     let mut cut_bucket = 0usize;
+    let mut n_cut = 0usize;
     for bucket in (0..BUCKETS).rev() {
-        if above + histogram[bucket] >= k {
+        let count: usize = histograms.iter().map(|h| h[bucket] as usize).sum();
+        if n_above + count >= k {
             cut_bucket = bucket;
+            n_cut = count;
             break;
         }
-        above += histogram[bucket];
+        n_above += count;
     }
-    let needed = k - above;
-    candidates.clear();
-    candidates.extend(
-        values
-            .iter()
-            .map(|value| value.to_bits() & 0x7FFF_FFFF)
-            .filter(|&magnitude| bucket_of(magnitude) == cut_bucket),
-    );
-    let (_, &mut threshold, _) = candidates.select_nth_unstable_by(needed - 1, |a, b| b.cmp(a));
-    let greater = candidates.iter().filter(|&&c| c > threshold).count();
-    Ok(Selection {
-        threshold,
-        ties: needed - greater,
-        absmax_bits,
-    })
+
+    let Scratch {
+        indices,
+        above,
+        cut,
+        magnitudes,
+        ..
+    } = scratch;
+    // Every index is written; only the right ones advance their cursor. The spare slot at the
+    // end of each list takes the writes after its last entry.
+    above.clear();
+    above.resize(n_above + 1, 0);
+    cut.clear();
+    cut.resize(n_cut + 1, 0);
+    let mut above_count = 0usize;
+    let mut cut_count = 0usize;
+    for (index, &value) in values.iter().enumerate() {
+        let bucket = bucket_of(value);
+        above[above_count] = index as u32;
+        above_count += usize::from(bucket > cut_bucket);
+        cut[cut_count] = index as u32;
+        cut_count += usize::from(bucket == cut_bucket);
+    }
+    above.truncate(n_above);
+    cut.truncate(n_cut);
+
+    // Keep the `needed` largest of the cut bucket: those above the threshold magnitude, then
+    // those at it in index order.
+    let needed = k - n_above;
+    let magnitude_at = |index: u32| values[index as usize].to_bits() & 0x7FFF_FFFF;
+    if needed < n_cut {
+        magnitudes.clear();
+        magnitudes.extend(cut.iter().map(|&index| magnitude_at(index)));
+        let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(needed - 1, |a, b| b.cmp(a));
+        let mut ties = needed - magnitudes.iter().filter(|&&m| m > threshold).count();
+        cut.retain(|&index| {
+            let magnitude = magnitude_at(index);
+            let tie = magnitude == threshold && ties > 0;
+            ties -= usize::from(tie);
+            magnitude > threshold || tie
+        });
+    }
+
+    // Merge the two increasing lists.
+    indices.clear();
+    indices.reserve(k);
+    let (mut from_above, mut from_cut) = (above.iter().peekable(), cut.iter().peekable());
+    loop {
+        let next = match (from_above.peek(), from_cut.peek()) {
+            (Some(&&a), Some(&&c)) if a < c => from_above.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => from_cut.next(),
+            (Some(_), None) => from_above.next(),
+            (None, None) => break,
+        };
+        indices.extend(next);
+    }
+    debug_assert_eq!(indices.len(), k);
+    Ok(absmax_bits)
 }
 
 fn push_varint(out: &mut Vec<u8>, mut value: u32) {
@@ -950,13 +1006,7 @@ fn int8_scale_is_canonical(scale: f32, max_q: u8) -> bool {
 /// Rounds to the nearest integer in `-127..=127`, ties to even. `x` must not be NaN.
 #[inline(always)]
 fn round_int8(x: f32) -> i8 {
-    let clamped = if x < -127.0 {
-        -127.0
-    } else if x > 127.0 {
-        127.0
-    } else {
-        x
-    };
+    let clamped = x.clamp(-127.0, 127.0);
     (clamped + ROUND_SIGNED)
         .to_bits()
         .wrapping_sub(ROUND_SIGNED_BITS) as i8
@@ -965,13 +1015,7 @@ fn round_int8(x: f32) -> i8 {
 /// Rounds to the nearest integer in `0..=15`, ties to even. `x` must not be NaN.
 #[inline(always)]
 fn round_int4(x: f32) -> u8 {
-    let clamped = if x < 0.0 {
-        0.0
-    } else if x > 15.0 {
-        15.0
-    } else {
-        x
-    };
+    let clamped = x.clamp(0.0, 15.0);
     (clamped + ROUND_UNSIGNED)
         .to_bits()
         .wrapping_sub(ROUND_UNSIGNED_BITS) as u8
@@ -1021,7 +1065,9 @@ fn min_max(values: &[f32]) -> (f32, f32, bool) {
         high[0] = if value > high[0] { value } else { high[0] };
         poison[0] += value * 0.0;
     }
-    let low = low.iter().fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    let low = low
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
     let high = high
         .iter()
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
@@ -1376,11 +1422,7 @@ fn read_tensor_head(
             shape: dims.to_vec(),
         });
     };
-    Ok(TensorHead {
-        name,
-        shape,
-        len,
-    })
+    Ok(TensorHead { name, shape, len })
 }
 
 fn decode_payload(
@@ -1574,7 +1616,11 @@ fn decode_topk(
     Ok(values)
 }
 
-fn skip_payload(reader: &mut Reader<'_>, codec: Codec, head: &TensorHead) -> Result<(), CodecError> {
+fn skip_payload(
+    reader: &mut Reader<'_>,
+    codec: Codec,
+    head: &TensorHead,
+) -> Result<(), CodecError> {
     let Codec::TopK { fraction } = codec else {
         let len = payload_len(codec, head.len).ok_or_else(|| reader.truncated(usize::MAX))?;
         reader.take(len)?;
@@ -1624,7 +1670,11 @@ mod tests {
         let bytes = encode_to_vec(&delta, codec).unwrap();
         let decoded = decode(&bytes, input.len()).unwrap();
         let got = decoded.tensors()[0].values();
-        assert_eq!(bits(got), bits(expected), "{codec:?}: got {got:?}, expected {expected:?}");
+        assert_eq!(
+            bits(got),
+            bits(expected),
+            "{codec:?}: got {got:?}, expected {expected:?}"
+        );
         assert_eq!(encode_to_vec(&decoded, codec).unwrap(), bytes, "{codec:?}");
         assert_eq!(peek_layout(&bytes).unwrap(), (codec, delta.layout()));
         bytes
@@ -1683,8 +1733,24 @@ mod tests {
         let canonical_nan = f32::from_bits(0x7FC0_0000);
         check(
             Codec::F16,
-            &[1.0, 0.1, 65504.0, 65520.0, 1e-8, -0.0, f32::from_bits(0xFFA0_0001)],
-            &[1.0, 0.099_975_586, 65504.0, f32::INFINITY, 0.0, -0.0, canonical_nan],
+            &[
+                1.0,
+                0.1,
+                65504.0,
+                65520.0,
+                1e-8,
+                -0.0,
+                f32::from_bits(0xFFA0_0001),
+            ],
+            &[
+                1.0,
+                0.099_975_586,
+                65504.0,
+                f32::INFINITY,
+                0.0,
+                -0.0,
+                canonical_nan,
+            ],
         );
     }
 
@@ -1861,14 +1927,19 @@ mod tests {
             Codec::TopK { fraction: -0.5 },
             Codec::TopK { fraction: 1.5 },
             Codec::TopK { fraction: f32::NAN },
-            Codec::TopK { fraction: f32::INFINITY },
+            Codec::TopK {
+                fraction: f32::INFINITY,
+            },
         ];
         for codec in invalid {
             assert!(codec.validate().is_err(), "{codec:?}");
         }
         assert_eq!(Codec::default(), Codec::Int8 { block: 64 });
         let names: Vec<_> = valid.iter().map(Codec::name).collect();
-        assert_eq!(names, ["f32", "f16", "int8", "int8", "int8", "int4", "topk", "topk"]);
+        assert_eq!(
+            names,
+            ["f32", "f16", "int8", "int8", "int8", "int4", "topk", "topk"]
+        );
     }
 
     #[test]
@@ -1883,7 +1954,10 @@ mod tests {
         assert!(matches!(with(0, b'X'), CodecError::BadMagic { .. }));
         assert_eq!(with(4, 2), CodecError::UnsupportedVersion { version: 2 });
         assert_eq!(with(5, 9), CodecError::UnknownCodec { tag: 9, offset: 5 });
-        assert!(matches!(with(6, 1), CodecError::InvalidParameter { codec: "f32", .. }));
+        assert!(matches!(
+            with(6, 1),
+            CodecError::InvalidParameter { codec: "f32", .. }
+        ));
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(
@@ -1934,7 +2008,10 @@ mod tests {
         assert!(two(b"a", b"b").is_ok());
         assert!(matches!(two(b"b", b"a"), Err(CodecError::Unsorted { .. })));
         assert!(matches!(two(b"a", b"a"), Err(CodecError::Unsorted { .. })));
-        assert!(matches!(two(b"a", b"\xff"), Err(CodecError::BadName { .. })));
+        assert!(matches!(
+            two(b"a", b"\xff"),
+            Err(CodecError::BadName { .. })
+        ));
         assert!(matches!(two(b"", b"a"), Err(CodecError::BadName { .. })));
         let one = |dims: &[u64]| {
             let mut bytes = header(TAG_F32, 0, 1);
@@ -1997,10 +2074,7 @@ mod tests {
     }
 
     fn non_canonical(bytes: &[u8]) -> bool {
-        matches!(
-            decode(bytes, 1 << 20),
-            Err(CodecError::NonCanonical { .. })
-        )
+        matches!(decode(bytes, 1 << 20), Err(CodecError::NonCanonical { .. }))
     }
 
     #[test]
@@ -2009,25 +2083,61 @@ mod tests {
         let scale = (1.0f32 / 127.0).to_le_bytes();
         let payload = |scale: [u8; 4], q: &[u8]| [&scale[..], q].concat();
         assert!(decode(&with_payload(int8, 2, &payload(scale, &[0x7F, 0x01])), 2).is_ok());
-        assert!(non_canonical(&with_payload(int8, 2, &payload(scale, &[0x7E, 0x01]))));
-        assert!(non_canonical(&with_payload(int8, 2, &payload(scale, &[0x7F, 0x80]))));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(scale, &[0x7E, 0x01])
+        )));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(scale, &[0x7F, 0x80])
+        )));
         let negative = (-1.0f32 / 127.0).to_le_bytes();
-        assert!(non_canonical(&with_payload(int8, 2, &payload(negative, &[0x7F, 0]))));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(negative, &[0x7F, 0])
+        )));
         let nan = f32::NAN.to_le_bytes();
-        assert!(non_canonical(&with_payload(int8, 2, &payload(nan, &[0x7F, 0]))));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(nan, &[0x7F, 0])
+        )));
         let zero = 0.0f32.to_le_bytes();
         assert!(decode(&with_payload(int8, 2, &payload(zero, &[0, 0])), 2).is_ok());
-        assert!(non_canonical(&with_payload(int8, 2, &payload(zero, &[0, 1]))));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(zero, &[0, 1])
+        )));
         let minus_zero = (-0.0f32).to_le_bytes();
-        assert!(non_canonical(&with_payload(int8, 2, &payload(minus_zero, &[0, 0]))));
+        assert!(non_canonical(&with_payload(
+            int8,
+            2,
+            &payload(minus_zero, &[0, 0])
+        )));
 
         let int4 = Codec::Int4 { block: 8 };
         let head = [0.0f32.to_le_bytes(), 1.0f32.to_le_bytes()].concat();
-        assert!(decode(&with_payload(int4, 3, &[&head[..], &[0xF0, 0x03]].concat()), 3).is_ok());
+        assert!(decode(
+            &with_payload(int4, 3, &[&head[..], &[0xF0, 0x03]].concat()),
+            3
+        )
+        .is_ok());
         // The unused high nibble of an odd-length block.
-        assert!(non_canonical(&with_payload(int4, 3, &[&head[..], &[0xF0, 0x13]].concat())));
+        assert!(non_canonical(&with_payload(
+            int4,
+            3,
+            &[&head[..], &[0xF0, 0x13]].concat()
+        )));
         // No value at 15, so the scale is not (max - min) / 15.
-        assert!(non_canonical(&with_payload(int4, 3, &[&head[..], &[0xE0, 0x03]].concat())));
+        assert!(non_canonical(&with_payload(
+            int4,
+            3,
+            &[&head[..], &[0xE0, 0x03]].concat()
+        )));
         let minus_zero_min = [(-0.0f32).to_le_bytes(), 1.0f32.to_le_bytes()].concat();
         let bytes = with_payload(int4, 3, &[&minus_zero_min[..], &[0xF0, 0x03]].concat());
         assert!(non_canonical(&bytes));
@@ -2047,7 +2157,11 @@ mod tests {
             &payload(&[0x81, 0x00, 0], &[0x7F, 1])
         )));
         // A kept zero at index 2 while index 0 is free.
-        assert!(non_canonical(&with_payload(topk, 4, &payload(&[1, 0], &[0x7F, 0]))));
+        assert!(non_canonical(&with_payload(
+            topk,
+            4,
+            &payload(&[1, 0], &[0x7F, 0])
+        )));
         assert!(decode(&with_payload(topk, 4, &payload(&[0, 0], &[0, 0x7F])), 4).is_ok());
 
         let f16 = Codec::F16;
@@ -2101,7 +2215,11 @@ mod tests {
             let bytes = encode_to_vec(&delta, codec)
                 .unwrap_or_else(|err| panic!("seed {seed} round {round} {values:?}: {err}"));
             let decoded = decode(&bytes, values.len()).unwrap();
-            assert_eq!(encode_to_vec(&decoded, codec).unwrap(), bytes, "seed {seed}");
+            assert_eq!(
+                encode_to_vec(&decoded, codec).unwrap(),
+                bytes,
+                "seed {seed}"
+            );
             let bound = codec.max_abs_error(&values);
             for (original, got) in values.iter().zip(decoded.tensors()[0].values()) {
                 assert!((original - got).abs() <= bound, "seed {seed} {values:?}");
@@ -2180,7 +2298,10 @@ mod tests {
                 true_sum[index] += f64::from(value);
                 sent_sum[index] += f64::from(sent);
                 let gap = true_sum[index] - sent_sum[index] - f64::from(residual);
-                assert!(gap.abs() < 1e-3, "seed {seed} round {round} index {index}: {gap}");
+                assert!(
+                    gap.abs() < 1e-3,
+                    "seed {seed} round {round} index {index}: {gap}"
+                );
             }
             assert!(
                 residual.l2_norm() <= 25.0 * largest_norm,

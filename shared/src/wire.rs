@@ -4,7 +4,7 @@
 //!
 //! | stream | opened by | content |
 //! |---|---|---|
-//! | control (bidirectional, the first one) | trainer | frames of [`ClientMessage`] up, [`ServerMessage`] down |
+//! | control (bidirectional, the first one) | coordinator | frames of [`ClientMessage`] up, [`ServerMessage`] down |
 //! | upload (unidirectional) | trainer | one [`UploadHeader`] frame, then exactly `byte_len` raw delta bytes |
 //! | download (bidirectional) | trainer | one [`DownloadRequest`] frame up; one [`DownloadResponse`] frame down, then the raw blob |
 //!
@@ -55,6 +55,14 @@ pub enum ServerMessage {
         task: TaskId,
         /// Why.
         detail: String,
+    },
+    /// An upload's header was admitted; its body is being received and checked (like HTTP's
+    /// `100 Continue`, but the trainer need not wait for it).
+    UploadStarted {
+        /// Which task.
+        task: TaskId,
+        /// The delta's hash.
+        hash: BlobHash,
     },
     /// The upload was verified and durably stored; it will count in its round.
     SubmissionAccepted {

@@ -110,9 +110,9 @@ async fn serve_connection(
     connection_id: u64,
 ) -> Result<(), ConnectionError> {
     let limits = &context.limits;
-    let (mut send, mut recv) = tokio::time::timeout(limits.handshake_timeout, connection.accept_bi())
-        .await
-        .map_err(|_| ConnectionError::Timeout)??;
+    // The coordinator opens the control stream: its first write (the challenge) is what makes
+    // the stream visible to the trainer.
+    let (mut send, mut recv) = connection.open_bi().await?;
     let nonce: [u8; 32] = rand::random();
     write_message(
         &mut send,
@@ -291,7 +291,10 @@ async fn receive_upload(
         reply,
     });
     let ticket = match decision.await {
-        Ok(Ok(ticket)) => ticket,
+        Ok(Ok(ticket)) => {
+            let _ = outbox.send(ServerMessage::UploadStarted { task, hash });
+            ticket
+        }
         Ok(Err(refusal)) => {
             let _ = outbox.send(refusal_message(task, Some(hash), &refusal));
             let _ = stream.stop(quinn::VarInt::from_u32(1));
@@ -375,7 +378,10 @@ async fn receive_body(
     }
     let layout = ticket.layout.clone();
     tokio::task::spawn_blocking(move || {
-        let delta = codec::decode(&body, layout.element_count())
+        // Bound the decoded size (a tiny top-k payload can describe a huge tensor) loosely
+        // enough that a wrong shape is reported as one, not as a decoding failure.
+        let max_elements = layout.element_count().saturating_mul(2).max(1 << 16);
+        let delta = codec::decode(&body, max_elements)
             .map_err(|error| refusal(RejectReason::Malformed, error.to_string()))?;
         delta
             .check_layout(&layout)

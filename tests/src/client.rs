@@ -1,0 +1,195 @@
+//! A protocol client: connect, authenticate, read control messages, download and upload blobs.
+//! The synthetic trainer and the load generator are built on it.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, ensure, Context as _};
+use quinn::{RecvStream, SendStream};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tributary_shared::frame::{encode_frame, FrameDecoder, DEFAULT_MAX_FRAME};
+use tributary_shared::identity::Identity;
+use tributary_shared::wire::{
+    ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader,
+    PROTOCOL_VERSION,
+};
+use tributary_shared::{BlobHash, ExperimentId, TrainerId};
+
+/// An authenticated connection to a coordinator.
+#[derive(Debug)]
+pub struct Session {
+    connection: quinn::Connection,
+    control_send: SendStream,
+    control_recv: RecvStream,
+    decoder: FrameDecoder,
+    /// Our identity as the coordinator recognised it.
+    pub trainer: TrainerId,
+    /// The experiment it runs.
+    pub experiment: ExperimentId,
+}
+
+impl Session {
+    /// Connects and completes the challenge handshake.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        identity: &Identity,
+        enrollment_token: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let connection = endpoint
+            .connect(addr, "localhost")?
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        // The coordinator opens the control stream and speaks first.
+        let (mut control_send, mut control_recv) = connection.accept_bi().await?;
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let challenge: ServerMessage = read_frame(&mut control_recv, &mut decoder)
+            .await?
+            .context("no challenge")?;
+        let ServerMessage::Challenge {
+            protocol_version,
+            nonce,
+        } = challenge
+        else {
+            bail!("expected a challenge, got {challenge:?}");
+        };
+        ensure!(
+            protocol_version == PROTOCOL_VERSION,
+            "coordinator speaks protocol {protocol_version}"
+        );
+        let hello = ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            trainer: identity.id(),
+            signature: identity.sign_hello(&nonce),
+            enrollment_token,
+            agent: format!("tributary-synthetic/{}", env!("CARGO_PKG_VERSION")),
+        };
+        write_frame(&mut control_send, &hello).await?;
+        let answer: ServerMessage = read_frame(&mut control_recv, &mut decoder)
+            .await?
+            .context("connection closed during the handshake")?;
+        match answer {
+            ServerMessage::Welcome {
+                trainer,
+                experiment,
+            } => Ok(Self {
+                connection,
+                control_send,
+                control_recv,
+                decoder,
+                trainer,
+                experiment,
+            }),
+            ServerMessage::Refused { reason, detail } => {
+                bail!("refused ({reason}): {detail}")
+            }
+            other => bail!("unexpected answer to hello: {other:?}"),
+        }
+    }
+
+    /// The next control message; `None` when the coordinator closed the stream.
+    pub async fn next_message(&mut self) -> anyhow::Result<Option<ServerMessage>> {
+        read_frame(&mut self.control_recv, &mut self.decoder).await
+    }
+
+    /// Sends a control message.
+    pub async fn send(&mut self, message: &ClientMessage) -> anyhow::Result<()> {
+        write_frame(&mut self.control_send, message).await
+    }
+
+    /// Downloads a blob by hash and checks it.
+    pub async fn download(&self, hash: BlobHash) -> anyhow::Result<Vec<u8>> {
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        write_frame(&mut send, &DownloadRequest { hash }).await?;
+        send.finish()?;
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let response: DownloadResponse = read_frame(&mut recv, &mut decoder)
+            .await?
+            .context("download stream closed")?;
+        let DownloadResponse::Found { len } = response else {
+            bail!("blob {hash} not found on the coordinator");
+        };
+        let mut bytes = decoder.take_rest();
+        let rest = recv
+            .read_to_end(usize::try_from(len)?.saturating_sub(bytes.len()))
+            .await?;
+        bytes.extend_from_slice(&rest);
+        ensure!(bytes.len() as u64 == len, "download ended early");
+        ensure!(BlobHash::of(&bytes) == hash, "downloaded bytes do not match {hash}");
+        Ok(bytes)
+    }
+
+    /// Uploads a signed header and a body on a new stream. `cut_after` stops after that many
+    /// body bytes and leaves the stream open (a fault-injection hook: the caller then drops the
+    /// connection).
+    pub async fn upload(
+        &self,
+        header: &UploadHeader,
+        body: &[u8],
+        cut_after: Option<usize>,
+    ) -> anyhow::Result<()> {
+        let mut send = self.connection.open_uni().await?;
+        let mut frame = Vec::new();
+        encode_frame(header, DEFAULT_MAX_FRAME, &mut frame)?;
+        send.write_all(&frame).await?;
+        match cut_after {
+            Some(cut) => {
+                send.write_all(&body[..cut.min(body.len())]).await?;
+                // Keep the stream alive until the connection is dropped.
+                std::mem::forget(send);
+            }
+            None => {
+                send.write_all(body).await?;
+                send.finish()?;
+                // Wait until the peer has read everything (or stopped the stream).
+                let _ = send.stopped().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.connection.close(quinn::VarInt::from_u32(0), b"bye");
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, message: &T) -> anyhow::Result<()> {
+    let mut frame = Vec::new();
+    encode_frame(message, DEFAULT_MAX_FRAME, &mut frame)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> anyhow::Result<Option<T>> {
+    let mut buffer = [0u8; 8192];
+    loop {
+        if let Some(message) = decoder.next_message::<T>()? {
+            return Ok(Some(message));
+        }
+        match recv.read(&mut buffer).await? {
+            Some(n) => decoder.push(&buffer[..n]),
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// A client endpoint on an ephemeral loopback port trusting `trust`.
+pub fn client_endpoint(trust: &crate::tls::ServerTrust) -> anyhow::Result<quinn::Endpoint> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(crate::tls::client_config(trust)?);
+    Ok(endpoint)
+}

@@ -1,0 +1,363 @@
+//! The synthetic trainer: speaks the real protocol but makes up its deltas (no burn). It can be
+//! told to misbehave once, in one of the ways a real peer might, to test the coordinator's
+//! defences.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::SeedableRng;
+use tokio::sync::watch;
+use tributary_shared::codec::{self, Codec, ErrorFeedback};
+use tributary_shared::config::SplitMix64;
+use tributary_shared::identity::Identity;
+use tributary_shared::wire::{
+    ClientMessage, RejectReason, ServerMessage, SubmissionHeader, TaskSpec, TrainMetrics,
+    UploadHeader,
+};
+use tributary_shared::{BlobHash, Delta, NamedTensor, RoundId};
+
+use crate::client::Session;
+
+/// A way to misbehave, applied to the first task only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Behave.
+    None,
+    /// Send half the bytes, then drop the connection (and reconnect).
+    DisconnectMidUpload,
+    /// Announce a hash other than the bytes'.
+    WrongHash,
+    /// Send a NaN.
+    NonFinite,
+    /// Send a tensor of the wrong shape.
+    WrongShape,
+    /// Send more bytes than announced.
+    Oversized,
+    /// After an accepted upload, send the same one again.
+    Replay,
+    /// Sign the submission with a key the connection did not authenticate as.
+    UnknownKey,
+}
+
+impl Fault {
+    /// Every misbehaviour.
+    pub const ALL_FAULTS: [Fault; 7] = [
+        Fault::DisconnectMidUpload,
+        Fault::WrongHash,
+        Fault::NonFinite,
+        Fault::WrongShape,
+        Fault::Oversized,
+        Fault::Replay,
+        Fault::UnknownKey,
+    ];
+
+    /// The reason the coordinator should give.
+    pub fn expected_reason(self) -> Option<RejectReason> {
+        match self {
+            Fault::None => None,
+            Fault::DisconnectMidUpload => Some(RejectReason::Interrupted),
+            Fault::WrongHash => Some(RejectReason::HashMismatch),
+            Fault::NonFinite => Some(RejectReason::NonFinite),
+            Fault::WrongShape => Some(RejectReason::WrongShape),
+            Fault::Oversized => Some(RejectReason::TooLarge),
+            Fault::Replay => Some(RejectReason::Replay),
+            Fault::UnknownKey => Some(RejectReason::UnknownTrainer),
+        }
+    }
+}
+
+/// Lets honest trainers hold their first upload until every faulty trainer has misbehaved, so a
+/// test sees each fault judged inside the round rather than racing its close.
+#[derive(Debug)]
+pub struct Gate {
+    needed: usize,
+    arrived: watch::Sender<usize>,
+}
+
+impl Gate {
+    /// A gate that opens after `needed` arrivals.
+    pub fn new(needed: usize) -> Arc<Self> {
+        Arc::new(Self {
+            needed,
+            arrived: watch::channel(0).0,
+        })
+    }
+
+    /// Counts one arrival.
+    pub fn arrive(&self) {
+        self.arrived.send_modify(|count| *count += 1);
+    }
+
+    /// Waits until the gate is open.
+    pub async fn wait(&self) {
+        let mut arrived = self.arrived.subscribe();
+        let _ = arrived.wait_for(|count| *count >= self.needed).await;
+    }
+}
+
+/// How to run one synthetic trainer.
+#[derive(Debug, Clone)]
+pub struct SyntheticOptions {
+    /// Coordinator address.
+    pub addr: SocketAddr,
+    /// Its identity.
+    pub identity: Identity,
+    /// Its misbehaviour.
+    pub fault: Fault,
+    /// Enrollment token.
+    pub enrollment_token: Option<String>,
+    /// Faulty trainers arrive at this gate once they misbehaved; honest ones wait on it before
+    /// uploading in `hold_round`.
+    pub gate: Option<Arc<Gate>>,
+    /// The round whose upload an honest trainer holds until the gate opens.
+    pub hold_round: RoundId,
+    /// Receives every control message this trainer gets (for tests that await events).
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<(tributary_shared::TrainerId, ServerMessage)>>,
+    /// Give up reconnecting after this long without a connection.
+    pub reconnect_for: Duration,
+    /// Examples each delta claims.
+    pub samples: u64,
+}
+
+/// What a synthetic trainer saw.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Uploads acknowledged.
+    pub accepted: u64,
+    /// Refusals received.
+    pub rejected: Vec<(RejectReason, String)>,
+    /// Tasks received.
+    pub tasks: u64,
+    /// When each round close was announced.
+    pub rounds_closed: Vec<(RoundId, Instant)>,
+    /// Connections made.
+    pub connections: u32,
+    /// Body bytes uploaded.
+    pub bytes_up: u64,
+    /// Whether the experiment finished.
+    pub finished: bool,
+}
+
+/// Runs until the experiment finishes, or reconnecting fails for `reconnect_for`.
+pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow::Result<Report> {
+    let mut trainer = Trainer {
+        options,
+        report: Report::default(),
+        feedback: ErrorFeedback::new(),
+        fault_pending: true,
+        last_upload: None,
+        rng: SplitMix64(0),
+    };
+    trainer.rng = SplitMix64(u64::from_le_bytes(
+        trainer.options.identity.id().0[..8].try_into().expect("8 bytes"),
+    ));
+    if trainer.options.fault == Fault::None {
+        trainer.fault_pending = false;
+    }
+    let mut last_connected = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let session = Session::connect(
+            &endpoint,
+            trainer.options.addr,
+            &trainer.options.identity,
+            trainer.options.enrollment_token.clone(),
+        )
+        .await;
+        let mut session = match session {
+            Ok(session) => session,
+            Err(error) => {
+                if last_connected.elapsed() > trainer.options.reconnect_for {
+                    return Err(error.context("gave up reconnecting"));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        trainer.report.connections += 1;
+        backoff = Duration::from_millis(50);
+        if trainer.report.connections > 1
+            && trainer.options.fault == Fault::DisconnectMidUpload
+            && !trainer.fault_pending
+        {
+            if let Some(gate) = trainer.options.gate.take() {
+                gate.arrive();
+            }
+        }
+        let outcome = trainer.serve(&mut session).await;
+        last_connected = Instant::now();
+        match outcome {
+            Ok(true) => return Ok(trainer.report),
+            Ok(false) => {}
+            Err(error) => tracing::debug!(%error, "session ended"),
+        }
+    }
+}
+
+struct Trainer {
+    options: SyntheticOptions,
+    report: Report,
+    feedback: ErrorFeedback,
+    fault_pending: bool,
+    last_upload: Option<(UploadHeader, Vec<u8>)>,
+    rng: SplitMix64,
+}
+
+impl Trainer {
+    /// Serves one session; `Ok(true)` when the experiment finished.
+    async fn serve(&mut self, session: &mut Session) -> anyhow::Result<bool> {
+        while let Some(message) = session.next_message().await? {
+            if let Some(events) = &self.options.events {
+                let _ = events.send((self.options.identity.id(), message.clone()));
+            }
+            match message {
+                ServerMessage::Task(task) => {
+                    self.report.tasks += 1;
+                    session
+                        .send(&ClientMessage::TaskAccepted { task: task.task })
+                        .await?;
+                    self.do_task(session, &task).await?;
+                }
+                ServerMessage::SubmissionAccepted { .. } => {
+                    self.report.accepted += 1;
+                    if self.fault_pending && self.options.fault == Fault::Replay {
+                        if let Some((header, body)) = self.last_upload.clone() {
+                            self.fault_pending = false;
+                            let _ = session.upload(&header, &body, None).await;
+                        }
+                    }
+                }
+                ServerMessage::SubmissionRejected { reason, detail, .. } => {
+                    self.report.rejected.push((reason, detail));
+                    if self.options.fault != Fault::None
+                        && self.options.fault != Fault::DisconnectMidUpload
+                        && !self.fault_pending
+                    {
+                        if let Some(gate) = self.options.gate.take() {
+                            gate.arrive();
+                        }
+                    }
+                }
+                ServerMessage::RoundClosed { round, .. } => {
+                    self.report.rounds_closed.push((round, Instant::now()));
+                }
+                ServerMessage::ExperimentFinished { .. } => {
+                    self.report.finished = true;
+                    session.close();
+                    return Ok(true);
+                }
+                ServerMessage::TaskCancelled { .. }
+                | ServerMessage::UploadStarted { .. }
+                | ServerMessage::Welcome { .. }
+                | ServerMessage::Challenge { .. }
+                | ServerMessage::Refused { .. } => {}
+            }
+        }
+        Ok(false)
+    }
+
+    async fn do_task(&mut self, session: &mut Session, task: &TaskSpec) -> anyhow::Result<()> {
+        let adapter_bytes = session.download(task.adapter).await?;
+        let adapter = codec::decode(&adapter_bytes, usize::MAX >> 1).context("adapter does not decode")?;
+        let delta = self.make_delta(&adapter)?;
+        let fault = if self.fault_pending {
+            self.options.fault
+        } else {
+            Fault::None
+        };
+        let (body, codec_used) = match fault {
+            Fault::NonFinite => {
+                let mut bad = delta.clone();
+                if let Some(tensor) = bad.tensors_mut().next() {
+                    tensor.values_mut()[0] = f32::NAN;
+                }
+                (codec::encode_to_vec(&bad, Codec::F32)?, Codec::F32)
+            }
+            Fault::WrongShape => {
+                let mut tensors = delta.clone().into_tensors();
+                let first = tensors.remove(0);
+                let mut values = first.into_values();
+                values.push(0.5);
+                let name = adapter.tensors()[0].name().to_owned();
+                tensors.push(NamedTensor::new(name, vec![values.len()], values)?);
+                (codec::encode_to_vec(&Delta::new(tensors)?, Codec::F32)?, Codec::F32)
+            }
+            _ => (self.feedback.compress(&delta, task.plan.codec)?, task.plan.codec),
+        };
+        let _ = codec_used;
+        let mut header = SubmissionHeader {
+            experiment: task.experiment.clone(),
+            round: task.round,
+            task: task.task,
+            trainer: self.options.identity.id(),
+            hash: BlobHash::of(&body),
+            byte_len: body.len() as u64,
+            sample_count: self.options.samples,
+            metrics: TrainMetrics {
+                train_loss: 2.0 / (1.0 + task.round.0 as f32),
+                steps: task.plan.local_steps,
+                tokens: 0,
+                train_ms: 0,
+            },
+        };
+        let mut signer = self.options.identity.clone();
+        let mut sent_body = body.clone();
+        let mut cut = None;
+        match fault {
+            Fault::WrongHash => header.hash = BlobHash::of(b"not these bytes"),
+            Fault::Oversized => sent_body.extend(std::iter::repeat_n(7u8, 4096)),
+            Fault::UnknownKey => {
+                signer = Identity::generate(&mut rand::rngs::StdRng::seed_from_u64(self.rng.next_u64()));
+                header.trainer = signer.id();
+            }
+            Fault::DisconnectMidUpload => cut = Some(body.len() / 2),
+            _ => {}
+        }
+        let upload = signer.sign_submission(header)?;
+        if self.options.fault == Fault::None && task.round == self.options.hold_round {
+            if let Some(gate) = &self.options.gate {
+                gate.wait().await;
+            }
+        }
+        if fault != Fault::None && fault != Fault::Replay {
+            self.fault_pending = false;
+        }
+        self.last_upload = Some((upload.clone(), sent_body.clone()));
+        self.report.bytes_up += sent_body.len() as u64;
+        let result = session.upload(&upload, &sent_body, cut).await;
+        if fault == Fault::DisconnectMidUpload {
+            // Wait until the coordinator is receiving the body, then drop the connection.
+            while let Some(message) = session.next_message().await? {
+                if matches!(message, ServerMessage::UploadStarted { .. }) {
+                    break;
+                }
+            }
+            session
+                .connection()
+                .close(quinn::VarInt::from_u32(9), b"simulated network fault");
+            anyhow::bail!("dropped the connection mid-upload on purpose");
+        }
+        if let Err(error) = result {
+            tracing::debug!(%error, "upload stream ended early");
+        }
+        Ok(())
+    }
+
+    /// A small made-up update with the adapter's layout.
+    fn make_delta(&mut self, adapter: &Delta) -> anyhow::Result<Delta> {
+        let tensors = adapter
+            .tensors()
+            .iter()
+            .map(|tensor| {
+                let values = (0..tensor.values().len())
+                    .map(|_| (self.rng.next_unit() - 0.5) * 0.02)
+                    .collect();
+                NamedTensor::new(tensor.name(), tensor.shape().to_vec(), values)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Delta::new(tensors)?)
+    }
+}

@@ -1,0 +1,122 @@
+//! Shared set-up for the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tributary_coordinator::service::{self, Running, ServeOptions, ServerLimits, TlsSource};
+use tributary_coordinator::settings::load_experiment_str;
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::identity::Identity;
+use tributary_shared::RoundId;
+use tributary_tests::client::client_endpoint;
+use tributary_tests::synthetic::{self, Fault, Gate, Report, SyntheticOptions};
+use tributary_tests::tls::ServerTrust;
+
+/// A synthetic experiment as TOML.
+pub fn experiment_toml(
+    name: &str,
+    rounds: u64,
+    params: u64,
+    target: u32,
+    tasks: u32,
+    quorum: u32,
+    min_trainers: u32,
+) -> String {
+    let over_selection = f64::from(tasks) / f64::from(target);
+    format!(
+        r#"
+[experiment]
+name = "{name}"
+rounds = {rounds}
+seed = 11
+
+[adapter]
+kind = "synthetic"
+params = {params}
+tensors = 4
+
+[selection]
+trainers_per_round = {target}
+over_selection = {over_selection}
+quorum = {quorum}
+min_trainers = {min_trainers}
+round_timeout_secs = 30
+gather_timeout_secs = 30
+
+[training]
+codec = {{ kind = "int8", block = 64 }}
+
+[aggregation]
+rule = {{ kind = "fed_avg" }}
+clip_norm = 10.0
+
+[server_optimizer]
+kind = "momentum"
+learning_rate = 1.0
+beta = 0.5
+nesterov = true
+"#
+    )
+}
+
+pub fn parse(toml: &str) -> ExperimentConfig {
+    load_experiment_str(toml, "test.toml", Default::default(), &[]).expect("test experiment is valid")
+}
+
+/// Starts an in-process coordinator on an ephemeral loopback port.
+pub async fn start(data_dir: &Path, config: Option<ExperimentConfig>, tokens: Vec<String>) -> Running {
+    service::start(ServeOptions {
+        data_dir: data_dir.to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        experiment: config,
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        tls: TlsSource::SelfSigned {
+            names: vec!["localhost".into()],
+        },
+        enrollment_tokens: tokens,
+        limits: ServerLimits::default(),
+    })
+    .await
+    .expect("coordinator starts")
+}
+
+/// Deterministic identities: the seed is printed by the caller on failure.
+pub fn identity(seed: u64) -> Identity {
+    use rand::SeedableRng;
+    Identity::generate(&mut rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+pub fn options(addr: std::net::SocketAddr, seed: u64, fault: Fault, gate: Option<Arc<Gate>>) -> SyntheticOptions {
+    SyntheticOptions {
+        addr,
+        identity: identity(seed),
+        fault,
+        enrollment_token: None,
+        gate,
+        hold_round: RoundId(0),
+        events: None,
+        reconnect_for: Duration::from_secs(20),
+        samples: 10 + seed % 7,
+    }
+}
+
+pub fn spawn_trainer(fingerprint: &str, options: SyntheticOptions) -> JoinHandle<anyhow::Result<Report>> {
+    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.to_owned())).unwrap();
+    tokio::spawn(synthetic::run(endpoint, options))
+}
+
+/// Fetches a page from the coordinator's HTTP listener (plain HTTP/1.0 over loopback TCP).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
