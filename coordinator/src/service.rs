@@ -154,8 +154,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         TlsSource::Files { cert, key } => tls::load_pem(cert, key)?,
     };
     let server_config = tls::server_config(&identity, &options.limits.transport)?;
-    let endpoint = quinn::Endpoint::server(server_config, options.listen)
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let endpoint = bind_endpoint(&options.data_dir, server_config, options.listen)?;
     let addr = endpoint.local_addr()?;
 
     let metrics = Arc::new(Metrics::default());
@@ -294,6 +293,47 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// Binds the QUIC endpoint with a stateless-reset key (and connection-id key) kept in the data directory: after a
+/// restart, trainers still holding a connection to the old process get a valid stateless reset
+/// on their next packet and reconnect at once, instead of waiting for their idle timeout.
+fn bind_endpoint(
+    data_dir: &std::path::Path,
+    server_config: quinn::ServerConfig,
+    listen: SocketAddr,
+) -> anyhow::Result<quinn::Endpoint> {
+    let key_path = data_dir.join("tls").join("reset.key");
+    let secret = match std::fs::read(&key_path) {
+        Ok(secret) if secret.len() == 64 => secret,
+        _ => {
+            let secret: Vec<u8> = (0..64).map(|_| rand::random::<u8>()).collect();
+            std::fs::create_dir_all(data_dir.join("tls"))?;
+            let temp = key_path.with_extension("tmp");
+            std::fs::write(&temp, &secret)
+                .with_context(|| format!("cannot write {}", temp.display()))?;
+            std::fs::File::open(&temp)?.sync_all()?;
+            std::fs::rename(&temp, &key_path)?;
+            secret
+        }
+    };
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection ids must also validate after a restart, or the new process drops the old
+    // connections' packets before considering a reset.
+    let cid_key = u64::from_le_bytes(
+        blake3::hash(&secret).as_bytes()[..8]
+            .try_into()
+            .expect("a blake3 hash has 8 bytes to spare"),
+    );
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let runtime = quinn::default_runtime().context("no async runtime for quic")?;
+    quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        .with_context(|| format!("cannot start quic on {listen}"))
 }
 
 async fn wait_for(mut flag: watch::Receiver<bool>) {

@@ -6,7 +6,8 @@
 //!
 //! Every rate counts the delta's f32 bytes (elements × 4), whatever the operation reads or writes,
 //! so rates compare directly. Encoding appends to a reused buffer; decoding allocates the decoded
-//! delta, as a receiver does. "size" is the encoded length over the raw f32 length.
+//! delta, as a receiver does, so "clone delta" (fresh tensors, every value written) is the floor
+//! under every decode. "size" is the encoded length over the raw f32 length.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -42,6 +43,14 @@ fn main() {
         measure(n_iterations, || {
             copy_target.copy_from_slice(black_box(&raw));
             black_box(&copy_target);
+        }),
+        None,
+    ));
+    // What any decode must at least do: allocate fresh tensors and write every value.
+    rows.push(Row::new(
+        "clone delta (alloc)",
+        measure(n_iterations, || {
+            black_box(black_box(&delta).clone());
         }),
         None,
     ));

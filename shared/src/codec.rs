@@ -39,6 +39,11 @@
 //! | int4  | per block: f32 `min`, f32 `scale`, then `ceil(n / 2)` bytes, value `2i` in the low nibble and `2i + 1` in the high nibble of byte `i`; value = `min + q × scale` |
 //! | top-k | nothing if `len == 0`; else f32 `scale`, then `k` indices as LEB128 gaps (the first index itself, then `index − previous − 1`), then `k` × i8 `q`; kept value = `q × scale`, all others 0 |
 //!
+//! Quantization rounds to nearest, ties to even, and clamps: int8 `q = round(v × r)`, int4
+//! `q = round((v − min) × r)`, top-k as int8, where `r = 1 / scale` is computed once per block
+//! (`v / scale` instead when that reciprocal overflows, for a subnormal scale). Decoding computes
+//! `q × scale` and `min + (q × scale)` in f32.
+//!
 //! Top-k keeps `k = max(1, ceil(fraction × len × (1 − 2⁻²⁴)))` values, computed in f64 and at most
 //! `len` (the factor absorbs `fraction`'s f32 rounding, so 0.1 of 10 values is 1); `k` is not
 //! stored.
@@ -57,7 +62,10 @@
 //!   pick the lowest free indices);
 //! - f16: NaN only as `0x7e00`.
 //!
-//! Rounding is to nearest, ties to even, throughout.
+//! When an int4 block spans only a few ulps of its values, `min + q × scale` collapses neighbouring
+//! levels and the first quantization may not survive decode-and-encode; [`encode`] then repeats
+//! decode-and-encode on the block until it is a fixed point (one or two rounds in practice), so
+//! what it writes always decodes.
 //!
 //! # Example
 //!
@@ -65,13 +73,20 @@
 //! use tributary_shared::codec::{decode, encode_to_vec, Codec};
 //! use tributary_shared::{BlobHash, Delta, NamedTensor};
 //!
-//! let tensor = NamedTensor::new("lora_A", vec![2, 2], vec![0.5, -1.0, 0.25, 0.0]).unwrap();
+//! let values = vec![0.5, -1.0, 0.25, 0.0];
+//! let tensor = NamedTensor::new("lora_A", vec![2, 2], values.clone()).unwrap();
 //! let delta = Delta::new(vec![tensor]).unwrap();
-//! let bytes = encode_to_vec(&delta, Codec::Int8 { block: 64 }).unwrap();
+//! let codec = Codec::Int8 { block: 64 };
+//! let bytes = encode_to_vec(&delta, codec).unwrap();
 //! let id = BlobHash::of(&bytes);
+//!
 //! let decoded = decode(&bytes, delta.element_count()).unwrap();
-//! assert_eq!(decoded.tensors()[0].values(), &[0.5, -1.0, 0.25, 0.0]);
-//! assert_eq!(BlobHash::of(&encode_to_vec(&decoded, Codec::Int8 { block: 64 }).unwrap()), id);
+//! let bound = codec.max_abs_error(&values);
+//! for (got, want) in decoded.tensors()[0].values().iter().zip(&values) {
+//!     assert!((got - want).abs() <= bound);
+//! }
+//! // Encoding the decoded delta gives the same bytes, hence the same id.
+//! assert_eq!(BlobHash::of(&encode_to_vec(&decoded, codec).unwrap()), id);
 //! ```
 
 use half::f16;
@@ -112,8 +127,9 @@ pub enum Codec {
         /// Values per block, even, in `8..=65536`.
         block: u32,
     },
-    /// Per tensor, the `ceil(fraction × len)` (at least one) values of largest magnitude, ties to
-    /// the lower index, as int8 with one scale per tensor; all other values become 0.
+    /// Per tensor, the `ceil(fraction × len)` (at least one; see the module docs for the exact
+    /// count) values of largest magnitude, ties to the lower index, as int8 with one scale per
+    /// tensor; all other values become 0.
     TopK {
         /// Share of values kept, in `(0, 1]`.
         fraction: f32,
@@ -271,7 +287,7 @@ pub fn decode(bytes: &[u8], max_elements: usize) -> Result<Delta, CodecError> {
     let limit = max_elements.min(MAX_ELEMENTS);
     let mut total = 0usize;
     let mut scratch = Scratch::default();
-    let mut tensors: Vec<NamedTensor> = Vec::with_capacity(count);
+    let mut tensors: Vec<NamedTensor> = Vec::with_capacity(count.min(PREALLOCATED_TENSORS));
     for _ in 0..count {
         let head = read_tensor_head(&mut reader, tensors.last().map(NamedTensor::name))?;
         total = total.saturating_add(head.len);
@@ -294,7 +310,8 @@ pub fn peek_layout(bytes: &[u8]) -> Result<(Codec, Layout), CodecError> {
     let mut reader = Reader::new(bytes);
     let (codec, count) = read_header(&mut reader)?;
     let mut total = 0usize;
-    let mut tensors: Vec<(String, Vec<usize>)> = Vec::with_capacity(count);
+    let mut tensors: Vec<(String, Vec<usize>)> =
+        Vec::with_capacity(count.min(PREALLOCATED_TENSORS));
     for _ in 0..count {
         let previous = tensors.last().map(|(name, _)| name.as_str());
         let head = read_tensor_head(&mut reader, previous)?;
@@ -551,6 +568,8 @@ const ROUND_UNSIGNED: f32 = 8_388_608.0;
 const ROUND_UNSIGNED_BITS: u32 = 0x4B00_0000;
 /// `1 − 2⁻²⁴`: see [`topk_count`].
 const TOPK_SLACK: f64 = 1.0 - 1.0 / 16_777_216.0;
+/// Most tensor slots reserved up front when decoding; more grow as tensors actually arrive.
+const PREALLOCATED_TENSORS: usize = 1024;
 /// Rounds of re-encoding tried when an int4 block is not a fixed point at once.
 const MAX_CANONICAL_ROUNDS: usize = 32;
 
@@ -699,14 +718,7 @@ fn encode_f16(values: &[f32], out: &mut Vec<u8>) {
 
 fn encode_int8(tensor: &NamedTensor, block: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let values = tensor.values();
-    let len = payload_len(
-        Codec::Int8 {
-            block: block as u32,
-        },
-        values.len(),
-    )
-    .expect("an in-memory tensor's int8 payload size fits in usize");
-    let payload = grow(out, len);
+    let payload = grow(out, values.len() + 4 * values.len().div_ceil(block));
     for (block_index, (chunk, src)) in payload
         .chunks_mut(4 + block)
         .zip(values.chunks(block))
@@ -736,14 +748,10 @@ fn encode_int4(
     scratch: &mut Scratch,
 ) -> Result<(), CodecError> {
     let values = tensor.values();
-    let len = payload_len(
-        Codec::Int4 {
-            block: block as u32,
-        },
-        values.len(),
-    )
-    .expect("an in-memory tensor's int4 payload size fits in usize");
-    let payload = grow(out, len);
+    let payload = grow(
+        out,
+        values.len().div_ceil(2) + 8 * values.len().div_ceil(block),
+    );
     for (block_index, (chunk, src)) in payload
         .chunks_mut(8 + block / 2)
         .zip(values.chunks(block))
@@ -1432,11 +1440,6 @@ fn decode_payload(
     scratch: &mut Scratch,
 ) -> Result<Vec<f32>, CodecError> {
     let start = reader.position;
-    if let Codec::TopK { fraction } = codec {
-        return decode_topk(reader, head, fraction, scratch);
-    }
-    let len = payload_len(codec, head.len).ok_or_else(|| reader.truncated(usize::MAX))?;
-    let payload = reader.take(len)?;
     let non_canonical = |offset: usize, detail: &'static str| CodecError::NonCanonical {
         offset,
         name: head.name.clone(),
@@ -1444,11 +1447,13 @@ fn decode_payload(
         detail,
     };
     match codec {
-        Codec::F32 => Ok(payload
+        Codec::TopK { fraction } => decode_topk(reader, head, fraction, scratch),
+        Codec::F32 => Ok(take_payload(reader, codec, head.len)?
             .chunks_exact(4)
             .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
             .collect()),
         Codec::F16 => {
+            let payload = take_payload(reader, codec, head.len)?;
             let mut values = vec![0.0f32; head.len];
             let mut halves = [f16::ZERO; F16_CHUNK];
             for (chunk_index, (src, dst)) in payload
@@ -1472,6 +1477,7 @@ fn decode_payload(
             Ok(values)
         }
         Codec::Int8 { block } => {
+            let payload = take_payload(reader, codec, head.len)?;
             let block = block as usize;
             let mut values = vec![0.0f32; head.len];
             for (block_index, (chunk, dst)) in payload
@@ -1500,6 +1506,7 @@ fn decode_payload(
             Ok(values)
         }
         Codec::Int4 { block } => {
+            let payload = take_payload(reader, codec, head.len)?;
             let block = block as usize;
             let mut values = vec![0.0f32; head.len];
             for (block_index, (chunk, dst)) in payload
@@ -1535,8 +1542,17 @@ fn decode_payload(
             }
             Ok(values)
         }
-        Codec::TopK { .. } => unreachable!("top-k returned above"),
     }
+}
+
+/// The payload of a codec whose payload size follows from `len`, checked against what is left.
+fn take_payload<'a>(
+    reader: &mut Reader<'a>,
+    codec: Codec,
+    len: usize,
+) -> Result<&'a [u8], CodecError> {
+    let size = payload_len(codec, len).ok_or_else(|| reader.truncated(usize::MAX))?;
+    reader.take(size)
 }
 
 fn decode_topk(
@@ -1622,8 +1638,7 @@ fn skip_payload(
     head: &TensorHead,
 ) -> Result<(), CodecError> {
     let Codec::TopK { fraction } = codec else {
-        let len = payload_len(codec, head.len).ok_or_else(|| reader.truncated(usize::MAX))?;
-        reader.take(len)?;
+        take_payload(reader, codec, head.len)?;
         return Ok(());
     };
     if head.len == 0 {
@@ -2224,6 +2239,24 @@ mod tests {
             for (original, got) in values.iter().zip(decoded.tensors()[0].values()) {
                 assert!((original - got).abs() <= bound, "seed {seed} {values:?}");
             }
+        }
+    }
+
+    #[test]
+    fn subnormal_values_stay_canonical() {
+        // Scales whose reciprocal overflows take the division path.
+        let values = [1e-40, -3e-41, 5e-45, 0.0, -1e-39, 2e-42, 7e-44, -0.0, 1e-41];
+        for codec in [
+            Codec::Int8 { block: 8 },
+            Codec::Int4 { block: 8 },
+            Codec::TopK { fraction: 0.5 },
+            Codec::F16,
+        ] {
+            let delta = delta_of(vec![("t", vec![values.len()], values.to_vec())]);
+            let bytes = encode_to_vec(&delta, codec).unwrap();
+            let decoded = decode(&bytes, values.len()).unwrap();
+            assert_within_bound(codec, &values, decoded.tensors()[0].values());
+            assert_eq!(encode_to_vec(&decoded, codec).unwrap(), bytes, "{codec:?}");
         }
     }
 

@@ -1,0 +1,142 @@
+//! A coordinator process killed with SIGKILL mid-round restarts into a consistent state and the
+//! round completes with every acknowledged delta.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tributary_shared::wire::ServerMessage;
+use tributary_shared::{BlobHash, ExperimentId, RoundId};
+use tributary_tests::synthetic::{Fault, Gate};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_coordinator-under-test");
+
+/// Starts the coordinator binary and reads its address and fingerprint from stdout.
+async fn spawn_coordinator(data_dir: &Path, experiment: &Path, listen: &str) -> (Child, SocketAddr, String) {
+    let mut child = Command::new(BINARY)
+        .args(["serve", "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen", listen, "--experiment"])
+        .arg(experiment)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("coordinator binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut fingerprint) = (None, None);
+    while addr.is_none() || fingerprint.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("coordinator prints its address in time")
+            .unwrap()
+            .expect("coordinator stdout stays open");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            addr = Some(rest.trim().parse::<SocketAddr>().unwrap());
+        }
+        if let Some(rest) = line.strip_prefix("certificate sha-256 fingerprint: ") {
+            fingerprint = Some(rest.trim().to_owned());
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr.unwrap(), fingerprint.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_round_loses_no_acknowledged_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let experiment = dir.path().join("crash.toml");
+    // Four trainers, a round needs all four deltas.
+    std::fs::write(&experiment, experiment_toml("crash", 3, 4096, 4, 4, 4, 4)).unwrap();
+    let started = std::time::Instant::now();
+    let (mut child, addr, fingerprint) = spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0").await;
+
+    // Trainer 0 holds its round-1 upload until the gate opens; the others upload at once.
+    let gate = Gate::new(1);
+    let (events, mut received) = mpsc::unbounded_channel();
+    let mut handles = Vec::new();
+    for seed in 0..4u64 {
+        let mut options = options(addr, 300 + seed, Fault::None, None);
+        options.reconnect_for = Duration::from_secs(60);
+        options.events = Some(events.clone());
+        if seed == 0 {
+            options.gate = Some(gate.clone());
+            options.hold_round = RoundId(1);
+        }
+        handles.push(spawn_trainer(&fingerprint, options));
+    }
+
+    // Await three acknowledgements in round 1 (tracked by task, from each trainer's events).
+    let mut round_of_task = std::collections::BTreeMap::new();
+    let mut acknowledged_in_round_1: BTreeSet<BlobHash> = BTreeSet::new();
+    while acknowledged_in_round_1.len() < 3 {
+        let (_, message) = tokio::time::timeout(Duration::from_secs(60), received.recv())
+            .await
+            .expect("round 1 progresses")
+            .unwrap();
+        match message {
+            ServerMessage::Task(task) => {
+                round_of_task.insert(task.task, task.round);
+            }
+            ServerMessage::SubmissionAccepted { task, hash } => {
+                if round_of_task.get(&task) == Some(&RoundId(1)) {
+                    acknowledged_in_round_1.insert(hash);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    eprintln!("three acks after {:?}", started.elapsed());
+    // Kill it mid-round: three deltas acknowledged, one outstanding.
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(!status.success());
+    let (mut child, _, fingerprint_again) =
+        spawn_coordinator(&data_dir, &experiment, &addr.to_string()).await;
+    assert_eq!(fingerprint_again, fingerprint, "the certificate survives restarts");
+
+    eprintln!("restarted after {:?}", started.elapsed());
+    // Let the held trainer go: it reconnects, gets its task again and completes the round.
+    gate.arrive();
+    for handle in handles {
+        let report = tokio::time::timeout(Duration::from_secs(90), handle)
+            .await
+            .expect("trainers finish in time")
+            .unwrap()
+            .expect("trainer ran to the end");
+        eprintln!("trainer done after {:?}", started.elapsed());
+        assert!(report.finished);
+        assert!(report.connections >= 2, "every trainer reconnected after the crash");
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+
+    let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db")).unwrap();
+    let ledger = db.ledger(&ExperimentId("crash".into())).unwrap();
+    assert_eq!(ledger.len(), 3, "all rounds closed");
+    let round1: BTreeSet<BlobHash> = ledger[1].1.accepted.iter().map(|a| a.hash).collect();
+    assert_eq!(round1.len(), 4);
+    assert!(
+        acknowledged_in_round_1.is_subset(&round1),
+        "an acknowledged delta is missing from round 1"
+    );
+    let output = std::process::Command::new(BINARY)
+        .args(["verify", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "verify failed: {stdout}");
+    assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
+}
