@@ -4,15 +4,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use crate::service::{self, ServeOptions, ServerLimits, TlsSource};
 use crate::settings::{experiment_env_overrides, load_experiment};
 use crate::store::db::Db;
 use crate::verify::verify_data_dir;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "tributary-coordinator", version, about = "Runs federated fine-tuning rounds over QUIC")]
+#[command(
+    name = "tributary-coordinator",
+    version,
+    about = "Runs federated fine-tuning rounds over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,7 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve an experiment to trainers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Re-derive every round from the stored deltas and check the ledger chain.
     Verify {
         /// The data directory.
@@ -63,7 +67,11 @@ struct ServeArgs {
     #[arg(long = "tls-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
     tls_names: Vec<String>,
     /// Require trainers to present one of these tokens (repeatable; or comma-separated in the env).
-    #[arg(long = "enrollment-token", env = "TRIBUTARY_ENROLLMENT_TOKENS", value_delimiter = ',')]
+    #[arg(
+        long = "enrollment-token",
+        env = "TRIBUTARY_ENROLLMENT_TOKENS",
+        value_delimiter = ','
+    )]
     enrollment_tokens: Vec<String>,
     /// Connections allowed from one IP address.
     #[arg(long, default_value_t = 64)]
@@ -90,7 +98,7 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
         Command::Verify { data_dir } => run_verify(&data_dir),
         Command::Status { data_dir } => run_status(&data_dir),
     };
@@ -129,7 +137,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         experiment,
         http: args.http,
         tls,
-        enrollment_tokens: args.enrollment_tokens.into_iter().filter(|t| !t.is_empty()).collect(),
+        enrollment_tokens: args
+            .enrollment_tokens
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect(),
         limits,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -179,8 +191,14 @@ fn run_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
                     "ok: experiment {} — {} rounds re-derived, ledger head {}, adapter {}",
                     verified.experiment,
                     verified.rounds,
-                    verified.head.map(|h| h.to_hex()).unwrap_or_else(|| "(empty)".into()),
-                    verified.adapter.map(|h| h.to_hex()).unwrap_or_else(|| "(initial)".into()),
+                    verified
+                        .head
+                        .map(|h| h.to_hex())
+                        .unwrap_or_else(|| "(empty)".into()),
+                    verified
+                        .adapter
+                        .map(|h| h.to_hex())
+                        .unwrap_or_else(|| "(initial)".into()),
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -193,7 +211,8 @@ fn run_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn run_status(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let db = Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let db =
+        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
     let mut out = Vec::new();
     for experiment in db.experiments()? {
         let status = db.status(&experiment.id)?;

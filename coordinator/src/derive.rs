@@ -58,9 +58,16 @@ pub fn encode_exact(delta: &Delta) -> Vec<u8> {
 }
 
 /// Loads and decodes a blob as a delta of at most `max_elements` values.
-pub fn load_delta(blobs: &BlobStore, hash: &BlobHash, max_elements: usize) -> Result<Delta, DeriveError> {
+pub fn load_delta(
+    blobs: &BlobStore,
+    hash: &BlobHash,
+    max_elements: usize,
+) -> Result<Delta, DeriveError> {
     let bytes = blobs.get(hash)?;
-    codec::decode(&bytes, max_elements).map_err(|source| DeriveError::Decode { hash: *hash, source })
+    codec::decode(&bytes, max_elements).map_err(|source| DeriveError::Decode {
+        hash: *hash,
+        source,
+    })
 }
 
 /// Runs aggregation and the server step.
@@ -133,12 +140,18 @@ pub fn encode_state(state: &OptimizerState) -> Vec<u8> {
 }
 
 /// Parses [`encode_state`]'s output.
-pub fn decode_state(hash: BlobHash, bytes: &[u8], max_elements: usize) -> Result<OptimizerState, DeriveError> {
+pub fn decode_state(
+    hash: BlobHash,
+    bytes: &[u8],
+    max_elements: usize,
+) -> Result<OptimizerState, DeriveError> {
     let bad = |detail: &str| DeriveError::State {
         hash,
         detail: detail.to_owned(),
     };
-    let rest = bytes.strip_prefix(STATE_MAGIC).ok_or_else(|| bad("bad magic"))?;
+    let rest = bytes
+        .strip_prefix(STATE_MAGIC)
+        .ok_or_else(|| bad("bad magic"))?;
     let (step, mut rest) = split_u64(rest).ok_or_else(|| bad("truncated step"))?;
     let mut moments = [None, None];
     for moment in &mut moments {
@@ -154,7 +167,8 @@ pub fn decode_state(hash: BlobHash, bytes: &[u8], max_elements: usize) -> Result
         let (body, tail) = rest.split_at(len);
         rest = tail;
         *moment = Some(
-            codec::decode(body, max_elements).map_err(|source| DeriveError::Decode { hash, source })?,
+            codec::decode(body, max_elements)
+                .map_err(|source| DeriveError::Decode { hash, source })?,
         );
     }
     if !rest.is_empty() {
@@ -180,7 +194,10 @@ mod tests {
 
     #[test]
     fn state_round_trips() {
-        let moment = Delta::new(vec![NamedTensor::new("a", vec![2], vec![1.0, -2.0]).unwrap()]).unwrap();
+        let moment = Delta::new(vec![
+            NamedTensor::new("a", vec![2], vec![1.0, -2.0]).unwrap()
+        ])
+        .unwrap();
         for state in [
             OptimizerState::default(),
             OptimizerState {

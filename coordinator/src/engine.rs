@@ -66,7 +66,9 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Derives the engine's settings from a validated experiment file.
-    pub fn from_experiment(config: &ExperimentConfig) -> Result<Self, tributary_shared::config::ConfigError> {
+    pub fn from_experiment(
+        config: &ExperimentConfig,
+    ) -> Result<Self, tributary_shared::config::ConfigError> {
         let selection = &config.selection;
         Ok(Self {
             experiment: ExperimentId(config.experiment.name.clone()),
@@ -537,7 +539,12 @@ impl Engine {
     }
 
     /// The store has durably recorded a submission: acknowledge it and count it.
-    pub fn handle_submission_persisted(&mut self, now: Instant, task: TaskId, delta: AcceptedDelta) {
+    pub fn handle_submission_persisted(
+        &mut self,
+        now: Instant,
+        task: TaskId,
+        delta: AcceptedDelta,
+    ) {
         let Some(state) = self.tasks.get_mut(&task) else {
             return;
         };
@@ -708,7 +715,10 @@ impl Engine {
             .values()
             .filter(|state| {
                 state.status != TaskStatus::Failed
-                    && (self.trainers.get(&state.trainer).is_some_and(|t| t.connected)
+                    && (self
+                        .trainers
+                        .get(&state.trainer)
+                        .is_some_and(|t| t.connected)
                         || !matches!(state.status, TaskStatus::Working))
             })
             .count();
@@ -813,7 +823,10 @@ impl Engine {
         if header.round != self.round {
             return Err(Refusal::new(
                 RejectReason::Stale,
-                format!("round {} is not the open round {}", header.round, self.round),
+                format!(
+                    "round {} is not the open round {}",
+                    header.round, self.round
+                ),
             ));
         }
         if self.phase != Phase::Collecting {
@@ -971,7 +984,13 @@ mod tests {
         finished: bool,
     }
 
-    fn config(target: u32, tasks: u32, quorum: u32, min_trainers: u32, rounds: u64) -> EngineConfig {
+    fn config(
+        target: u32,
+        tasks: u32,
+        quorum: u32,
+        min_trainers: u32,
+        rounds: u64,
+    ) -> EngineConfig {
         EngineConfig {
             experiment: ExperimentId("sim".into()),
             rounds,
@@ -998,11 +1017,15 @@ mod tests {
 
     impl Harness {
         fn new(config: EngineConfig, n_trainers: usize) -> Self {
-            Self::resumed(config, n_trainers, ResumeState {
-                adapter: Some((BlobHash::of(b"adapter-0"), 100)),
-                next_task: TaskId(1),
-                ..ResumeState::default()
-            })
+            Self::resumed(
+                config,
+                n_trainers,
+                ResumeState {
+                    adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+                    next_task: TaskId(1),
+                    ..ResumeState::default()
+                },
+            )
         }
 
         fn resumed(config: EngineConfig, n_trainers: usize, resume: ResumeState) -> Self {
@@ -1010,7 +1033,9 @@ mod tests {
             Self {
                 engine: Engine::new(config, resume),
                 now: Instant::now(),
-                trainers: (0..n_trainers).map(|_| Identity::generate(&mut rng)).collect(),
+                trainers: (0..n_trainers)
+                    .map(|_| Identity::generate(&mut rng))
+                    .collect(),
                 inbox: BTreeMap::new(),
                 rejections: Vec::new(),
                 closes: Vec::new(),
@@ -1030,9 +1055,9 @@ mod tests {
                         self.inbox.entry(trainer).or_default().push(message)
                     }
                     Action::RecordTask { .. } => {}
-                    Action::PersistSubmission { task, accepted, .. } => {
-                        self.engine.handle_submission_persisted(self.now, task, accepted)
-                    }
+                    Action::PersistSubmission { task, accepted, .. } => self
+                        .engine
+                        .handle_submission_persisted(self.now, task, accepted),
                     Action::RecordRejection { rejected, .. } => self.rejections.push(rejected),
                     Action::CloseRound(close) => {
                         let round = close.round;
@@ -1103,7 +1128,8 @@ mod tests {
                 .engine
                 .handle_submission_header(self.now, self.id(index), &upload)?;
             self.drain();
-            self.engine.handle_upload_finished(self.now, &ticket, Ok(()));
+            self.engine
+                .handle_upload_finished(self.now, &ticket, Ok(()));
             self.drain();
             Ok(())
         }
@@ -1145,10 +1171,17 @@ mod tests {
             assert_eq!(close.accepted.len(), 100);
             let mut sorted = close.accepted.clone();
             sorted.sort_by_key(|a| a.hash);
-            assert_eq!(sorted, close.accepted, "accepted deltas come sorted by hash");
+            assert_eq!(
+                sorted, close.accepted,
+                "accepted deltas come sorted by hash"
+            );
         }
         // The seeded shuffle changes the selection between rounds.
-        assert!(participants.len() > 300, "{} distinct participants", participants.len());
+        assert!(
+            participants.len() > 300,
+            "{} distinct participants",
+            participants.len()
+        );
         assert!(harness.rejections.is_empty());
     }
 
@@ -1160,13 +1193,16 @@ mod tests {
         assert_eq!(tasked.len(), 5);
         let (a, b, c) = (tasked[0], tasked[1], tasked[2]);
         let task_a = harness.open_task(a).unwrap();
-        let check = |harness: &mut Harness, index: usize, upload: UploadHeader, reason: RejectReason| {
-            let id = harness.id(index);
-            let result = harness.engine.handle_submission_header(harness.now, id, &upload);
-            assert_eq!(result.map_err(|r| r.reason), Err(reason));
-            harness.drain();
-            assert_eq!(harness.rejections.last().unwrap().reason, reason);
-        };
+        let check =
+            |harness: &mut Harness, index: usize, upload: UploadHeader, reason: RejectReason| {
+                let id = harness.id(index);
+                let result = harness
+                    .engine
+                    .handle_submission_header(harness.now, id, &upload);
+                assert_eq!(result.map_err(|r| r.reason), Err(reason));
+                harness.drain();
+                assert_eq!(harness.rejections.last().unwrap().reason, reason);
+            };
         // Signed by a key other than the connection's.
         let upload = harness.header(a, &task_a, b"x");
         check(&mut harness, b, upload, RejectReason::UnknownTrainer);
@@ -1188,17 +1224,26 @@ mod tests {
         check(&mut harness, a, upload, RejectReason::TooLarge);
         // A failed byte-level check is recorded, sent, and the task replaced.
         let upload = harness.header(a, &task_a, b"nan");
-        let ticket = harness.engine.handle_submission_header(harness.now, harness.id(a), &upload).unwrap();
+        let ticket = harness
+            .engine
+            .handle_submission_header(harness.now, harness.id(a), &upload)
+            .unwrap();
         harness.engine.handle_upload_finished(
             harness.now,
             &ticket,
             Err(Refusal::new(RejectReason::NonFinite, "nan at 0")),
         );
         harness.drain();
-        assert_eq!(harness.rejections.last().unwrap().reason, RejectReason::NonFinite);
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::NonFinite
+        );
         assert!(harness.inbox[&harness.id(a)].iter().any(|m| matches!(
             m,
-            ServerMessage::SubmissionRejected { reason: RejectReason::NonFinite, .. }
+            ServerMessage::SubmissionRejected {
+                reason: RejectReason::NonFinite,
+                ..
+            }
         )));
         assert_eq!(harness.tasked().len(), 5, "the failed task was replaced");
         // A good upload, then the same task again: replay.
@@ -1214,13 +1259,23 @@ mod tests {
         check(&mut harness, c, upload, RejectReason::Replay);
         // Close round 0, then a submission for it is stale.
         harness.submit(c).unwrap();
-        let remaining: Vec<usize> = harness.tasked().into_iter().filter(|&i| i != b && i != c).collect();
+        let remaining: Vec<usize> = harness
+            .tasked()
+            .into_iter()
+            .filter(|&i| i != b && i != c)
+            .collect();
         harness.submit(remaining[0]).unwrap();
         assert_eq!(harness.engine.round(), RoundId(1));
         let upload = harness.header(b, &task_b, b"late");
         check(&mut harness, b, upload, RejectReason::Stale);
-        let reasons: Vec<RejectReason> = harness.closes[0].rejected.iter().map(|r| r.reason).collect();
-        assert!(reasons.contains(&RejectReason::NonFinite) && reasons.contains(&RejectReason::Replay));
+        let reasons: Vec<RejectReason> = harness.closes[0]
+            .rejected
+            .iter()
+            .map(|r| r.reason)
+            .collect();
+        assert!(
+            reasons.contains(&RejectReason::NonFinite) && reasons.contains(&RejectReason::Replay)
+        );
     }
 
     #[test]
@@ -1231,13 +1286,21 @@ mod tests {
         let slow = tasked[2];
         let task = harness.open_task(slow).unwrap();
         let upload = harness.header(slow, &task, b"slow");
-        let ticket = harness.engine.handle_submission_header(harness.now, harness.id(slow), &upload).unwrap();
+        let ticket = harness
+            .engine
+            .handle_submission_header(harness.now, harness.id(slow), &upload)
+            .unwrap();
         harness.submit(tasked[0]).unwrap();
         harness.submit(tasked[1]).unwrap();
         assert_eq!(harness.closes.len(), 1);
-        harness.engine.handle_upload_finished(harness.now, &ticket, Ok(()));
+        harness
+            .engine
+            .handle_upload_finished(harness.now, &ticket, Ok(()));
         harness.drain();
-        assert_eq!(harness.rejections.last().unwrap().reason, RejectReason::Late);
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::Late
+        );
     }
 
     #[test]
@@ -1253,8 +1316,16 @@ mod tests {
         assert_eq!(harness.closes.len(), 0);
         assert!(harness.engine.poll_timeout().unwrap() > deadline);
         let second = harness.tasked();
-        let newcomers: Vec<usize> = second.iter().copied().filter(|i| !first.contains(i)).collect();
-        assert_eq!(newcomers.len(), 2, "the two idle trainers got tasks: {second:?}");
+        let newcomers: Vec<usize> = second
+            .iter()
+            .copied()
+            .filter(|i| !first.contains(i))
+            .collect();
+        assert_eq!(
+            newcomers.len(),
+            2,
+            "the two idle trainers got tasks: {second:?}"
+        );
         harness.submit(newcomers[0]).unwrap();
         harness.advance_to_timeout();
         assert_eq!(harness.closes.len(), 1);
@@ -1280,12 +1351,19 @@ mod tests {
         let tasked = harness.tasked();
         let idle = (0..3).find(|i| !tasked.contains(i)).unwrap();
         let gone = tasked[0];
-        harness.engine.handle_trainer_left(harness.now, harness.id(gone));
+        harness
+            .engine
+            .handle_trainer_left(harness.now, harness.id(gone));
         harness.drain();
-        assert!(harness.open_task(idle).is_some(), "the idle trainer replaced the departed one");
+        assert!(
+            harness.open_task(idle).is_some(),
+            "the idle trainer replaced the departed one"
+        );
         // It comes back: it is sent its open task again and its upload counts.
         let before = harness.inbox[&harness.id(gone)].len();
-        harness.engine.handle_trainer_joined(harness.now, harness.id(gone));
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(gone));
         harness.drain();
         assert!(matches!(
             harness.inbox[&harness.id(gone)][before],
@@ -1308,7 +1386,10 @@ mod tests {
         let resume = ResumeState {
             round: RoundId(3),
             adapter: Some((BlobHash::of(b"a3"), 10)),
-            tasks: vec![(TaskId(7), TrainerId([1; 32])), (TaskId(8), TrainerId([2; 32]))],
+            tasks: vec![
+                (TaskId(7), TrainerId([1; 32])),
+                (TaskId(8), TrainerId([2; 32])),
+            ],
             accepted: vec![(TaskId(7), delta(1)), (TaskId(8), delta(2))],
             next_task: TaskId(9),
             ..ResumeState::default()
@@ -1337,7 +1418,9 @@ mod tests {
         harness.drain();
         let task = harness.open_task(0).unwrap();
         assert_eq!(task.task, TaskId(4), "the stored task is sent again");
-        harness.engine.handle_trainer_joined(harness.now, harness.id(2));
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(2));
         harness.drain();
         // Trainer 1 is disconnected, so trainer 2 fills its slot with a fresh id.
         assert_eq!(harness.open_task(2).unwrap().task, TaskId(6));

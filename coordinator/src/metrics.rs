@@ -34,13 +34,19 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one rejection.
     pub fn count_rejection(&self, reason: RejectReason) {
-        let mut rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        let mut rejected = self
+            .rejected
+            .lock()
+            .expect("metrics lock is never poisoned");
         *rejected.entry(reason).or_default() += 1;
     }
 
     /// Rejections so far for `reason`.
     pub fn rejections(&self, reason: RejectReason) -> u64 {
-        let rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        let rejected = self
+            .rejected
+            .lock()
+            .expect("metrics lock is never poisoned");
         rejected.get(&reason).copied().unwrap_or(0)
     }
 
@@ -53,23 +59,86 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        gauge(&mut out, "tributary_rounds_closed_total", "Rounds committed since start.", "counter", load(&self.rounds_closed));
-        gauge(&mut out, "tributary_round", "The open round.", "gauge", load(&self.current_round));
-        gauge(&mut out, "tributary_trainers_connected", "Trainers connected now.", "gauge", load(&self.trainers_connected));
-        gauge(&mut out, "tributary_handshakes_total", "Trainer handshakes completed.", "counter", load(&self.handshakes));
-        gauge(&mut out, "tributary_handshakes_refused_total", "Trainer handshakes refused.", "counter", load(&self.handshakes_refused));
-        gauge(&mut out, "tributary_tasks_issued_total", "Tasks sent to trainers.", "counter", load(&self.tasks_issued));
-        gauge(&mut out, "tributary_submissions_accepted_total", "Deltas accepted.", "counter", load(&self.accepted));
-        gauge(&mut out, "tributary_bytes_in_total", "Bytes received on upload streams.", "counter", load(&self.bytes_in));
-        gauge(&mut out, "tributary_bytes_out_total", "Bytes sent on download streams.", "counter", load(&self.bytes_out));
+        gauge(
+            &mut out,
+            "tributary_rounds_closed_total",
+            "Rounds committed since start.",
+            "counter",
+            load(&self.rounds_closed),
+        );
+        gauge(
+            &mut out,
+            "tributary_round",
+            "The open round.",
+            "gauge",
+            load(&self.current_round),
+        );
+        gauge(
+            &mut out,
+            "tributary_trainers_connected",
+            "Trainers connected now.",
+            "gauge",
+            load(&self.trainers_connected),
+        );
+        gauge(
+            &mut out,
+            "tributary_handshakes_total",
+            "Trainer handshakes completed.",
+            "counter",
+            load(&self.handshakes),
+        );
+        gauge(
+            &mut out,
+            "tributary_handshakes_refused_total",
+            "Trainer handshakes refused.",
+            "counter",
+            load(&self.handshakes_refused),
+        );
+        gauge(
+            &mut out,
+            "tributary_tasks_issued_total",
+            "Tasks sent to trainers.",
+            "counter",
+            load(&self.tasks_issued),
+        );
+        gauge(
+            &mut out,
+            "tributary_submissions_accepted_total",
+            "Deltas accepted.",
+            "counter",
+            load(&self.accepted),
+        );
+        gauge(
+            &mut out,
+            "tributary_bytes_in_total",
+            "Bytes received on upload streams.",
+            "counter",
+            load(&self.bytes_in),
+        );
+        gauge(
+            &mut out,
+            "tributary_bytes_out_total",
+            "Bytes sent on download streams.",
+            "counter",
+            load(&self.bytes_out),
+        );
         let _ = writeln!(out, "# HELP tributary_submissions_rejected_total Submissions refused, by reason.\n# TYPE tributary_submissions_rejected_total counter");
-        let rejected = self.rejected.lock().expect("metrics lock is never poisoned");
+        let rejected = self
+            .rejected
+            .lock()
+            .expect("metrics lock is never poisoned");
         for reason in RejectReason::ALL {
             let count = rejected.get(&reason).copied().unwrap_or(0);
-            let _ = writeln!(out, "tributary_submissions_rejected_total{{reason=\"{reason}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "tributary_submissions_rejected_total{{reason=\"{reason}\"}} {count}"
+            );
         }
         out
     }

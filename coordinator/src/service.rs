@@ -106,7 +106,8 @@ impl Running {
     /// Stops serving and waits for the hub to end.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"shutting down");
         let result = self.hub.await.context("the hub task panicked")?;
         self.endpoint.wait_idle().await;
         result
@@ -128,8 +129,10 @@ impl Running {
 pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
-    let blobs = BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
-    let mut db = Db::open(&options.data_dir.join("tributary.db")).context("cannot open the database")?;
+    let blobs =
+        BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
+    let mut db =
+        Db::open(&options.data_dir.join("tributary.db")).context("cannot open the database")?;
     let config = resolve_experiment(&mut db, &blobs, options.experiment.as_ref())?;
     let experiment = ExperimentId(config.experiment.name.clone());
     let resume = db.resume_state(&experiment)?;
@@ -195,8 +198,13 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
 
     let http_addr = match options.http {
         Some(http) => Some(
-            crate::http::spawn(http, metrics.clone(), progress.clone(), wait_for(shutdown_rx))
-                .await?,
+            crate::http::spawn(
+                http,
+                metrics.clone(),
+                progress.clone(),
+                wait_for(shutdown_rx),
+            )
+            .await?,
         ),
         None => None,
     };
@@ -329,8 +337,8 @@ fn bind_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = std::net::UdpSocket::bind(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let socket =
+        std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let runtime = quinn::default_runtime().context("no async runtime for quic")?;
     quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
         .with_context(|| format!("cannot start quic on {listen}"))

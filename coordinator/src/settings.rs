@@ -89,13 +89,14 @@ pub fn load_experiment_str(
                 detail: error.to_string(),
             })?;
     }
-    let parsed: ExperimentConfig = builder
-        .build()
-        .and_then(Config::try_deserialize)
-        .map_err(|error| SettingsError::Parse {
-            origin: origin.to_owned(),
-            detail: error.to_string(),
-        })?;
+    let parsed: ExperimentConfig =
+        builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|error| SettingsError::Parse {
+                origin: origin.to_owned(),
+                detail: error.to_string(),
+            })?;
     parsed.validate().map_err(|source| SettingsError::Invalid {
         origin: origin.to_owned(),
         source,
@@ -136,7 +137,11 @@ codec = { kind = "int4", block = 32 }
 rule = { kind = "trimmed_mean", trim_fraction = 0.1 }
 "#;
 
-    fn load(text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<ExperimentConfig, SettingsError> {
+    fn load(
+        text: &str,
+        env: &[(&str, &str)],
+        overrides: &[&str],
+    ) -> Result<ExperimentConfig, SettingsError> {
         let env = experiment_env_overrides(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         load_experiment_str(text, "test.toml", env, &overrides)
@@ -153,7 +158,10 @@ rule = { kind = "trimmed_mean", trim_fraction = 0.1 }
         );
         let config = load(
             BASE,
-            &[("TRIBUTARY_SELECTION__QUORUM", "3"), ("TRIBUTARY_DATA_DIR", "/x")],
+            &[
+                ("TRIBUTARY_SELECTION__QUORUM", "3"),
+                ("TRIBUTARY_DATA_DIR", "/x"),
+            ],
             &[],
         )
         .unwrap();

@@ -58,7 +58,13 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
     let experiments = db.experiments().map_err(|e| setup(e.to_string()))?;
     let mut out = Vec::new();
     for stored in experiments {
-        out.push(verify_experiment(&db, &blobs, &stored.id, &stored.config_json, stored.initial_adapter)?);
+        out.push(verify_experiment(
+            &db,
+            &blobs,
+            &stored.id,
+            &stored.config_json,
+            stored.initial_adapter,
+        )?);
     }
     Ok(out)
 }
@@ -91,7 +97,10 @@ fn verify_experiment(
     let ledger = db.ledger(id).map_err(|e| fail(None, e.to_string()))?;
     for (stored_hash, entry) in &ledger {
         if entry.hash() != *stored_hash {
-            return Err(fail(Some(entry.round), "ledger entry does not match its recorded hash".into()));
+            return Err(fail(
+                Some(entry.round),
+                "ledger entry does not match its recorded hash".into(),
+            ));
         }
     }
     let entries: Vec<_> = ledger.into_iter().map(|(_, entry)| entry).collect();
@@ -106,7 +115,10 @@ fn verify_experiment(
     })?;
     if let Some(first) = entries.first() {
         if first.adapter_before != initial_adapter {
-            return Err(fail(Some(first.round), "does not start from the round-0 adapter".into()));
+            return Err(fail(
+                Some(first.round),
+                "does not start from the round-0 adapter".into(),
+            ));
         }
     }
     let mut state = OptimizerState::default();
@@ -117,23 +129,45 @@ fn verify_experiment(
         if sorted != entry.accepted {
             return Err(fail(round, "accepted deltas are not in hash order".into()));
         }
-        let derived = derive_from_store(&config, blobs, &entry.adapter_before, &entry.accepted, &state)
-            .map_err(|e| fail(round, e.to_string()))?;
+        let derived = derive_from_store(
+            &config,
+            blobs,
+            &entry.adapter_before,
+            &entry.accepted,
+            &state,
+        )
+        .map_err(|e| fail(round, e.to_string()))?;
         let aggregate = BlobHash::of(&encode_exact(&derived.aggregate));
         if aggregate != entry.aggregate {
-            return Err(fail(round, format!("aggregate re-derives to {aggregate}, the ledger says {}", entry.aggregate)));
+            return Err(fail(
+                round,
+                format!(
+                    "aggregate re-derives to {aggregate}, the ledger says {}",
+                    entry.aggregate
+                ),
+            ));
         }
         let adapter = BlobHash::of(&encode_exact(&derived.adapter_after));
         if adapter != entry.adapter_after {
-            return Err(fail(round, format!("adapter re-derives to {adapter}, the ledger says {}", entry.adapter_after)));
+            return Err(fail(
+                round,
+                format!(
+                    "adapter re-derives to {adapter}, the ledger says {}",
+                    entry.adapter_after
+                ),
+            ));
         }
-        let state_hash = (derived.state.first_moment.is_some() || derived.state.second_moment.is_some())
-            .then(|| BlobHash::of(&encode_state(&derived.state)));
+        let state_hash = (derived.state.first_moment.is_some()
+            || derived.state.second_moment.is_some())
+        .then(|| BlobHash::of(&encode_state(&derived.state)));
         if state_hash != entry.optimizer_state {
             return Err(fail(round, "optimizer state does not re-derive".into()));
         }
         if !blobs.contains(&entry.adapter_after) {
-            return Err(fail(round, format!("adapter blob {} is missing", entry.adapter_after)));
+            return Err(fail(
+                round,
+                format!("adapter blob {} is missing", entry.adapter_after),
+            ));
         }
         state = derived.state;
     }

@@ -328,19 +328,11 @@ impl Default for DataSection {
 }
 
 /// `[limits]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
     /// Largest accepted upload; 0 means 2 × the raw f32 size of the adapter + 64 KiB.
     pub max_upload_bytes: u64,
-}
-
-impl Default for LimitsSection {
-    fn default() -> Self {
-        Self {
-            max_upload_bytes: 0,
-        }
-    }
 }
 
 /// A configuration value that is not acceptable.
@@ -379,7 +371,10 @@ impl ExperimentConfig {
             ));
         }
         if self.experiment.rounds == 0 {
-            return Err(ConfigError::invalid("experiment.rounds", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "experiment.rounds",
+                "must be at least 1",
+            ));
         }
         let selection = &self.selection;
         if selection.trainers_per_round == 0 {
@@ -408,10 +403,16 @@ impl ExperimentConfig {
         }
         for (key, secs) in [
             ("selection.round_timeout_secs", selection.round_timeout_secs),
-            ("selection.gather_timeout_secs", selection.gather_timeout_secs),
+            (
+                "selection.gather_timeout_secs",
+                selection.gather_timeout_secs,
+            ),
         ] {
             if !(secs.is_finite() && secs > 0.0 && secs < 1e7) {
-                return Err(ConfigError::invalid(key, "must be a positive number of seconds"));
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be a positive number of seconds",
+                ));
             }
         }
         let training = &self.training;
@@ -520,10 +521,7 @@ mod tests {
                 seed: 1,
             },
             model: ModelSection::default(),
-            adapter: AdapterSpec::Synthetic {
-                params,
-                tensors: 3,
-            },
+            adapter: AdapterSpec::Synthetic { params, tensors: 3 },
             selection: SelectionSection::default(),
             training: TrainingSection::default(),
             data: DataSection::default(),

@@ -62,9 +62,11 @@ pub fn to_payload<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Deserializes a whole payload; trailing bytes are an error.
 pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (message, used) = bincode::serde::decode_from_slice(payload, bincode_config())
-        .map_err(|error| FrameError::Malformed {
-            detail: error.to_string(),
+    let (message, used) =
+        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|error| {
+            FrameError::Malformed {
+                detail: error.to_string(),
+            }
         })?;
     if used != payload.len() {
         return Err(FrameError::TrailingBytes {

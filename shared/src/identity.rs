@@ -138,9 +138,8 @@ pub fn verify(
     message: &[u8],
     signature: &[u8],
 ) -> Result<(), IdentityError> {
-    let verifying = VerifyingKey::from_bytes(&key.0).map_err(|_| IdentityError::InvalidKey {
-        key: key.to_hex(),
-    })?;
+    let verifying = VerifyingKey::from_bytes(&key.0)
+        .map_err(|_| IdentityError::InvalidKey { key: key.to_hex() })?;
     let raw: [u8; 64] = signature
         .try_into()
         .map_err(|_| IdentityError::SignatureLength {

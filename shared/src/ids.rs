@@ -23,7 +23,9 @@ macro_rules! hex_serde {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
                 if deserializer.is_human_readable() {
                     let text = String::deserialize(deserializer)?;
-                    parse_hex32(&text).map(Self).map_err(serde::de::Error::custom)
+                    parse_hex32(&text)
+                        .map(Self)
+                        .map_err(serde::de::Error::custom)
                 } else {
                     <[u8; 32]>::deserialize(deserializer).map(Self)
                 }

@@ -229,13 +229,19 @@ mod tests {
         entries[1].accepted[0].weight = 1000;
         assert!(matches!(
             check_chain(&entries),
-            Err(LedgerError::BrokenLink { round: RoundId(2), .. })
+            Err(LedgerError::BrokenLink {
+                round: RoundId(2),
+                ..
+            })
         ));
         let mut entries = chain(3);
         entries[2].adapter_before = BlobHash::of(b"elsewhere");
         assert!(matches!(
             check_chain(&entries),
-            Err(LedgerError::AdapterGap { round: RoundId(2), .. })
+            Err(LedgerError::AdapterGap {
+                round: RoundId(2),
+                ..
+            })
         ));
         let mut entries = chain(3);
         entries.remove(1);

@@ -437,7 +437,10 @@ mod tests {
             decoder.push(&frame_bytes(message, DEFAULT_MAX_FRAME).unwrap());
         }
         for message in messages {
-            assert_eq!(decoder.next_message::<ServerMessage>().unwrap(), Some(message));
+            assert_eq!(
+                decoder.next_message::<ServerMessage>().unwrap(),
+                Some(message)
+            );
         }
     }
 

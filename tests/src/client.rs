@@ -10,8 +10,7 @@ use serde::Serialize;
 use tributary_shared::frame::{encode_frame, FrameDecoder, DEFAULT_MAX_FRAME};
 use tributary_shared::identity::Identity;
 use tributary_shared::wire::{
-    ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader,
-    PROTOCOL_VERSION,
+    ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader, PROTOCOL_VERSION,
 };
 use tributary_shared::{BlobHash, ExperimentId, TrainerId};
 
@@ -115,7 +114,10 @@ impl Session {
             .await?;
         bytes.extend_from_slice(&rest);
         ensure!(bytes.len() as u64 == len, "download ended early");
-        ensure!(BlobHash::of(&bytes) == hash, "downloaded bytes do not match {hash}");
+        ensure!(
+            BlobHash::of(&bytes) == hash,
+            "downloaded bytes do not match {hash}"
+        );
         Ok(bytes)
     }
 

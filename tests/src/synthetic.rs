@@ -114,7 +114,8 @@ pub struct SyntheticOptions {
     /// The round whose upload an honest trainer holds until the gate opens.
     pub hold_round: RoundId,
     /// Receives every control message this trainer gets (for tests that await events).
-    pub events: Option<tokio::sync::mpsc::UnboundedSender<(tributary_shared::TrainerId, ServerMessage)>>,
+    pub events:
+        Option<tokio::sync::mpsc::UnboundedSender<(tributary_shared::TrainerId, ServerMessage)>>,
     /// Give up reconnecting after this long without a connection.
     pub reconnect_for: Duration,
     /// Examples each delta claims.
@@ -136,6 +137,8 @@ pub struct Report {
     pub connections: u32,
     /// Body bytes uploaded.
     pub bytes_up: u64,
+    /// Uploads sent (each should end accepted or rejected).
+    pub uploads: u64,
     /// Whether the experiment finished.
     pub finished: bool,
 }
@@ -151,7 +154,9 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         rng: SplitMix64(0),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
-        trainer.options.identity.id().0[..8].try_into().expect("8 bytes"),
+        trainer.options.identity.id().0[..8]
+            .try_into()
+            .expect("8 bytes"),
     ));
     if trainer.options.fault == Fault::None {
         trainer.fault_pending = false;
@@ -226,6 +231,7 @@ impl Trainer {
                     if self.fault_pending && self.options.fault == Fault::Replay {
                         if let Some((header, body)) = self.last_upload.clone() {
                             self.fault_pending = false;
+                            self.report.uploads += 1;
                             let _ = session.upload(&header, &body, None).await;
                         }
                     }
@@ -261,7 +267,8 @@ impl Trainer {
 
     async fn do_task(&mut self, session: &mut Session, task: &TaskSpec) -> anyhow::Result<()> {
         let adapter_bytes = session.download(task.adapter).await?;
-        let adapter = codec::decode(&adapter_bytes, usize::MAX >> 1).context("adapter does not decode")?;
+        let adapter =
+            codec::decode(&adapter_bytes, usize::MAX >> 1).context("adapter does not decode")?;
         let delta = self.make_delta(&adapter)?;
         let fault = if self.fault_pending {
             self.options.fault
@@ -283,9 +290,15 @@ impl Trainer {
                 values.push(0.5);
                 let name = adapter.tensors()[0].name().to_owned();
                 tensors.push(NamedTensor::new(name, vec![values.len()], values)?);
-                (codec::encode_to_vec(&Delta::new(tensors)?, Codec::F32)?, Codec::F32)
+                (
+                    codec::encode_to_vec(&Delta::new(tensors)?, Codec::F32)?,
+                    Codec::F32,
+                )
             }
-            _ => (self.feedback.compress(&delta, task.plan.codec)?, task.plan.codec),
+            _ => (
+                self.feedback.compress(&delta, task.plan.codec)?,
+                task.plan.codec,
+            ),
         };
         let _ = codec_used;
         let mut header = SubmissionHeader {
@@ -310,7 +323,8 @@ impl Trainer {
             Fault::WrongHash => header.hash = BlobHash::of(b"not these bytes"),
             Fault::Oversized => sent_body.extend(std::iter::repeat_n(7u8, 4096)),
             Fault::UnknownKey => {
-                signer = Identity::generate(&mut rand::rngs::StdRng::seed_from_u64(self.rng.next_u64()));
+                signer =
+                    Identity::generate(&mut rand::rngs::StdRng::seed_from_u64(self.rng.next_u64()));
                 header.trainer = signer.id();
             }
             Fault::DisconnectMidUpload => cut = Some(body.len() / 2),
@@ -327,6 +341,7 @@ impl Trainer {
         }
         self.last_upload = Some((upload.clone(), sent_body.clone()));
         self.report.bytes_up += sent_body.len() as u64;
+        self.report.uploads += 1;
         let result = session.upload(&upload, &sent_body, cut).await;
         if fault == Fault::DisconnectMidUpload {
             // Wait until the coordinator is receiving the body, then drop the connection.

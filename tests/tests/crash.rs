@@ -20,7 +20,11 @@ use tributary_tests::synthetic::{Fault, Gate};
 const BINARY: &str = env!("CARGO_BIN_EXE_coordinator-under-test");
 
 /// Starts the coordinator binary and reads its address and fingerprint from stdout.
-async fn spawn_coordinator(data_dir: &Path, experiment: &Path, listen: &str) -> (Child, SocketAddr, String) {
+async fn spawn_coordinator(
+    data_dir: &Path,
+    experiment: &Path,
+    listen: &str,
+) -> (Child, SocketAddr, String) {
     let mut child = Command::new(BINARY)
         .args(["serve", "--data-dir"])
         .arg(data_dir)
@@ -59,7 +63,8 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
     // Four trainers, a round needs all four deltas.
     std::fs::write(&experiment, experiment_toml("crash", 3, 4096, 4, 4, 4, 4)).unwrap();
     let started = std::time::Instant::now();
-    let (mut child, addr, fingerprint) = spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0").await;
+    let (mut child, addr, fingerprint) =
+        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0").await;
 
     // Trainer 0 holds its round-1 upload until the gate opens; the others upload at once.
     let gate = Gate::new(1);
@@ -88,10 +93,10 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
             ServerMessage::Task(task) => {
                 round_of_task.insert(task.task, task.round);
             }
-            ServerMessage::SubmissionAccepted { task, hash } => {
-                if round_of_task.get(&task) == Some(&RoundId(1)) {
-                    acknowledged_in_round_1.insert(hash);
-                }
+            ServerMessage::SubmissionAccepted { task, hash }
+                if round_of_task.get(&task) == Some(&RoundId(1)) =>
+            {
+                acknowledged_in_round_1.insert(hash);
             }
             _ => {}
         }
@@ -104,7 +109,10 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
     assert!(!status.success());
     let (mut child, _, fingerprint_again) =
         spawn_coordinator(&data_dir, &experiment, &addr.to_string()).await;
-    assert_eq!(fingerprint_again, fingerprint, "the certificate survives restarts");
+    assert_eq!(
+        fingerprint_again, fingerprint,
+        "the certificate survives restarts"
+    );
 
     eprintln!("restarted after {:?}", started.elapsed());
     // Let the held trainer go: it reconnects, gets its task again and completes the round.
@@ -117,12 +125,16 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
             .expect("trainer ran to the end");
         eprintln!("trainer done after {:?}", started.elapsed());
         assert!(report.finished);
-        assert!(report.connections >= 2, "every trainer reconnected after the crash");
+        assert!(
+            report.connections >= 2,
+            "every trainer reconnected after the crash"
+        );
     }
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
-    let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db")).unwrap();
+    let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db"))
+        .unwrap();
     let ledger = db.ledger(&ExperimentId("crash".into())).unwrap();
     assert_eq!(ledger.len(), 3, "all rounds closed");
     let round1: BTreeSet<BlobHash> = ledger[1].1.accepted.iter().map(|a| a.hash).collect();

@@ -62,17 +62,25 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
     let metrics_page = http_get(running.http_addr.unwrap(), "/metrics").await;
     assert!(metrics_page.contains("tributary_submissions_rejected_total{reason=\"non_finite\"} 1"));
     assert!(metrics_page.contains("tributary_rounds_closed_total 5"));
-    assert!(http_get(running.http_addr.unwrap(), "/healthz").await.ends_with("ok\n"));
+    assert!(http_get(running.http_addr.unwrap(), "/healthz")
+        .await
+        .ends_with("ok\n"));
     running.shutdown().await.unwrap();
 
     // The ledger holds every fault in round 0, and everything re-derives.
-    let db = tributary_coordinator::store::db::Db::open_read_only(&dir.path().join("tributary.db")).unwrap();
-    let ledger = db.ledger(&tributary_shared::ExperimentId("faults".into())).unwrap();
+    let db = tributary_coordinator::store::db::Db::open_read_only(&dir.path().join("tributary.db"))
+        .unwrap();
+    let ledger = db
+        .ledger(&tributary_shared::ExperimentId("faults".into()))
+        .unwrap();
     assert_eq!(ledger.len(), 5);
     let round0: Vec<RejectReason> = ledger[0].1.rejected.iter().map(|r| r.reason).collect();
     for fault in Fault::ALL_FAULTS {
         let reason = fault.expected_reason().unwrap();
-        assert!(round0.contains(&reason), "round 0 ledger lacks {reason}: {round0:?}");
+        assert!(
+            round0.contains(&reason),
+            "round 0 ledger lacks {reason}: {round0:?}"
+        );
     }
     assert_eq!(ledger[0].1.accepted.len(), 14);
     let verified = verify_data_dir(dir.path()).expect("verify passes");
@@ -80,7 +88,8 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
 
     // Corrupting one stored delta of round 2 makes verify name round 2.
     let victim = ledger[2].1.accepted[0].hash;
-    let blobs = tributary_coordinator::store::blobs::BlobStore::open(dir.path().join("blobs")).unwrap();
+    let blobs =
+        tributary_coordinator::store::blobs::BlobStore::open(dir.path().join("blobs")).unwrap();
     std::fs::write(blobs.path(&victim), b"tampered").unwrap();
     let error = verify_data_dir(dir.path()).expect_err("verify notices the tampering");
     assert_eq!(error.round, Some(RoundId(2)), "{error}");
@@ -95,17 +104,44 @@ async fn enrollment_tokens_are_required_when_configured() {
         &tributary_tests::tls::ServerTrust::Fingerprint(running.fingerprint.clone()),
     )
     .unwrap();
-    let refused = tributary_tests::client::Session::connect(&endpoint, running.addr, &identity(1), Some("wrong".into()))
-        .await
-        .expect_err("a wrong token is refused");
-    assert!(refused.to_string().contains("unknown_trainer"), "{refused:#}");
-    let session = tributary_tests::client::Session::connect(&endpoint, running.addr, &identity(1), Some("sesame".into()))
-        .await
-        .expect("the right token is accepted");
+    let refused = tributary_tests::client::Session::connect(
+        &endpoint,
+        running.addr,
+        &identity(1),
+        Some("wrong".into()),
+    )
+    .await
+    .expect_err("a wrong token is refused");
+    assert!(
+        refused.to_string().contains("unknown_trainer"),
+        "{refused:#}"
+    );
+    let session = tributary_tests::client::Session::connect(
+        &endpoint,
+        running.addr,
+        &identity(1),
+        Some("sesame".into()),
+    )
+    .await
+    .expect("the right token is accepted");
     assert_eq!(session.trainer, identity(1).id());
     // A pin that does not match refuses the connection at the TLS layer.
-    let wrong_pin = tributary_tests::client::client_endpoint(&tributary_tests::tls::ServerTrust::Fingerprint("00".repeat(32))).unwrap();
-    assert!(tributary_tests::client::Session::connect(&wrong_pin, running.addr, &identity(2), Some("sesame".into())).await.is_err());
-    assert_eq!(running.metrics.rejections(RejectReason::UnknownTrainer), 0, "handshake refusals are not submission rejections");
+    let wrong_pin = tributary_tests::client::client_endpoint(
+        &tributary_tests::tls::ServerTrust::Fingerprint("00".repeat(32)),
+    )
+    .unwrap();
+    assert!(tributary_tests::client::Session::connect(
+        &wrong_pin,
+        running.addr,
+        &identity(2),
+        Some("sesame".into())
+    )
+    .await
+    .is_err());
+    assert_eq!(
+        running.metrics.rejections(RejectReason::UnknownTrainer),
+        0,
+        "handshake refusals are not submission rejections"
+    );
     running.shutdown().await.unwrap();
 }

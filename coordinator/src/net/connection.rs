@@ -16,7 +16,7 @@ use tributary_shared::wire::{
     ClientMessage, DownloadRequest, DownloadResponse, RejectReason, ServerMessage, UploadHeader,
     PROTOCOL_VERSION,
 };
-use tributary_shared::{ExperimentId, TaskId, TrainerId};
+use tributary_shared::{BlobHash, ExperimentId, TaskId, TrainerId};
 
 use crate::engine::{Refusal, UploadTicket};
 use crate::metrics::Metrics;
@@ -223,7 +223,10 @@ fn check_hello(
         agent,
     } = hello
     else {
-        return Err(refusal(RejectReason::Malformed, "the first message must be a hello"));
+        return Err(refusal(
+            RejectReason::Malformed,
+            "the first message must be a hello",
+        ));
     };
     if protocol_version != PROTOCOL_VERSION {
         return Err(refusal(
@@ -235,7 +238,11 @@ fn check_hello(
         .map_err(|error| refusal(RejectReason::BadSignature, error.to_string()))?;
     if !context.enrollment_tokens.is_empty() {
         let presented = enrollment_token.unwrap_or_default();
-        if !context.enrollment_tokens.iter().any(|token| constant_time_eq(token.as_bytes(), presented.as_bytes())) {
+        if !context
+            .enrollment_tokens
+            .iter()
+            .any(|token| constant_time_eq(token.as_bytes(), presented.as_bytes()))
+        {
             return Err(refusal(
                 RejectReason::UnknownTrainer,
                 "a valid enrollment token is required",
@@ -260,7 +267,10 @@ async fn receive_upload(
     let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
         reject_now(
             &mut stream,
-            refusal(RejectReason::RateLimited, "too many uploads in progress; retry later"),
+            refusal(
+                RejectReason::RateLimited,
+                "too many uploads in progress; retry later",
+            ),
             TaskId(0),
         );
         return;
@@ -275,11 +285,19 @@ async fn receive_upload(
         Ok(Ok(Some(upload))) => upload,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
-            reject_now(&mut stream, refusal(RejectReason::Malformed, format!("upload header: {error}")), TaskId(0));
+            reject_now(
+                &mut stream,
+                refusal(RejectReason::Malformed, format!("upload header: {error}")),
+                TaskId(0),
+            );
             return;
         }
         Err(_) => {
-            reject_now(&mut stream, refusal(RejectReason::Interrupted, "no upload header in time"), TaskId(0));
+            reject_now(
+                &mut stream,
+                refusal(RejectReason::Interrupted, "no upload header in time"),
+                TaskId(0),
+            );
             return;
         }
     };
@@ -306,7 +324,9 @@ async fn receive_upload(
     if result.is_err() {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
     }
-    let _ = context.commands.send(Command::UploadDone { ticket, result });
+    let _ = context
+        .commands
+        .send(Command::UploadDone { ticket, result });
 }
 
 /// Receives and checks an upload body: length, hash, decoding, layout, finiteness; then makes
@@ -318,10 +338,7 @@ async fn receive_body(
     already: Vec<u8>,
 ) -> Result<(), Refusal> {
     let expected = ticket.byte_len;
-    let mut writer = context
-        .blobs
-        .writer()
-        .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+    let mut hasher = blake3::Hasher::new();
     let mut body = Vec::with_capacity(expected.min(64 << 20) as usize);
     let mut take = |chunk: &[u8], body: &mut Vec<u8>| -> Result<(), Refusal> {
         if body.len() as u64 + chunk.len() as u64 > expected {
@@ -330,9 +347,7 @@ async fn receive_body(
                 format!("more than the {expected} bytes the header announced"),
             ));
         }
-        writer
-            .write(chunk)
-            .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+        hasher.update(chunk);
         body.extend_from_slice(chunk);
         Ok(())
     };
@@ -366,17 +381,25 @@ async fn receive_body(
     if body.len() as u64 != expected {
         return Err(refusal(
             RejectReason::LengthMismatch,
-            format!("received {} bytes, the header announced {expected}", body.len()),
+            format!(
+                "received {} bytes, the header announced {expected}",
+                body.len()
+            ),
         ));
     }
-    let actual = writer.hash();
+    let actual = BlobHash::from(hasher.finalize());
     if actual != ticket.hash {
         return Err(refusal(
             RejectReason::HashMismatch,
-            format!("bytes hash to {}, the header claims {}", actual.short(), ticket.hash.short()),
+            format!(
+                "bytes hash to {}, the header claims {}",
+                actual.short(),
+                ticket.hash.short()
+            ),
         ));
     }
     let layout = ticket.layout.clone();
+    let blobs = context.blobs.clone();
     tokio::task::spawn_blocking(move || {
         // Bound the decoded size (a tiny top-k payload can describe a huge tensor) loosely
         // enough that a wrong shape is reported as one, not as a decoding failure.
@@ -389,8 +412,8 @@ async fn receive_body(
         delta
             .check_finite()
             .map_err(|error| refusal(RejectReason::NonFinite, error.to_string()))?;
-        writer
-            .commit()
+        blobs
+            .put_hashed(actual, &body)
             .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
         Ok(())
     })
@@ -398,7 +421,11 @@ async fn receive_body(
     .unwrap_or_else(|error| Err(refusal(RejectReason::Internal, error.to_string())))
 }
 
-async fn serve_download(context: Arc<ConnectionContext>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_download(
+    context: Arc<ConnectionContext>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let mut decoder = FrameDecoder::new(context.limits.max_frame);
     let request = tokio::time::timeout(
         context.limits.stream_idle_timeout,

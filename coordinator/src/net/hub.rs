@@ -20,6 +20,9 @@ use crate::metrics::Metrics;
 use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
 
+/// Most commands handled in one wake-up (and so in one transaction).
+const MAX_COMMANDS_PER_WAKE: usize = 1024;
+
 /// A message from a connection task (or the aggregation worker) to the hub.
 #[derive(Debug)]
 pub enum Command {
@@ -83,9 +86,9 @@ pub enum Command {
     /// The aggregation worker finished.
     Derived {
         /// The round.
-        round: RoundClose,
+        round: Box<RoundClose>,
         /// Its result.
-        result: Result<DerivedRound, String>,
+        result: Result<Box<DerivedRound>, String>,
     },
 }
 
@@ -189,7 +192,13 @@ impl Hub {
                 command = inbox.recv() => {
                     let Some(command) = command else { return Ok(()) };
                     let now = Instant::now();
+                    // Take what else is already waiting, so one transaction covers it all.
+                    self.db.begin_batch().context("cannot begin a transaction")?;
                     self.handle(now, command)?;
+                    for _ in 0..MAX_COMMANDS_PER_WAKE {
+                        let Ok(command) = inbox.try_recv() else { break };
+                        self.handle(now, command)?;
+                    }
                     self.drain(now)?;
                 }
             }
@@ -217,9 +226,10 @@ impl Hub {
                     },
                 );
                 if let Some(previous) = previous {
-                    previous
-                        .connection
-                        .close(quinn::VarInt::from_u32(1), b"replaced by a newer connection");
+                    previous.connection.close(
+                        quinn::VarInt::from_u32(1),
+                        b"replaced by a newer connection",
+                    );
                 } else {
                     Metrics::add(&self.metrics.trainers_connected, 1);
                 }
@@ -265,7 +275,8 @@ impl Hub {
                 self.engine.handle_upload_finished(now, &ticket, result);
             }
             Command::Violation { trainer, refusal } => {
-                self.engine.handle_protocol_violation(trainer, None, refusal);
+                self.engine
+                    .handle_protocol_violation(trainer, None, refusal);
             }
             Command::Downloadable { hash, reply } => {
                 let len = self.db.adapter_len(&hash).unwrap_or_else(|error| {
@@ -278,72 +289,91 @@ impl Hub {
                 let derived = result
                     .map_err(anyhow::Error::msg)
                     .with_context(|| format!("cannot aggregate round {}", round.round))?;
-                self.commit(now, derived)?;
+                self.commit(now, *derived)?;
             }
         }
         Ok(())
     }
 
     /// Drains the engine's actions in order, doing their I/O.
+    ///
+    /// Database writes made while handling a wake-up and its actions go into one transaction
+    /// (group commit: one fsync for many submissions). Messages to trainers wait until that
+    /// transaction has committed, and acknowledgements are only produced after it, so nothing
+    /// is announced before it is durable.
     fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
         let experiment = self.engine.experiment().clone();
-        while let Some(action) = self.engine.poll_action() {
-            match action {
-                Action::Send { trainer, message } => {
-                    if let Some(registered) = self.registry.get(&trainer) {
-                        let _ = registered.outbox.send(message);
+        loop {
+            let mut outgoing = Vec::new();
+            let mut persisted = Vec::new();
+            let mut closing = Vec::new();
+            self.db.begin_batch().context("cannot begin a transaction")?;
+            while let Some(action) = self.engine.poll_action() {
+                match action {
+                    Action::Send { trainer, message } => outgoing.push((trainer, message)),
+                    Action::RecordTask {
+                        round,
+                        task,
+                        trainer,
+                    } => {
+                        Metrics::add(&self.metrics.tasks_issued, 1);
+                        self.db
+                            .record_task(&experiment, round, task, trainer, now_ms())
+                            .context("cannot record a task")?;
                     }
-                }
-                Action::RecordTask {
-                    round,
-                    task,
-                    trainer,
-                } => {
-                    Metrics::add(&self.metrics.tasks_issued, 1);
-                    self.db
-                        .record_task(&experiment, round, task, trainer, now_ms())
-                        .context("cannot record a task")?;
-                }
-                Action::PersistSubmission {
-                    round,
-                    task,
-                    accepted,
-                } => {
-                    match self
+                    Action::PersistSubmission {
+                        round,
+                        task,
+                        accepted,
+                    } => match self
                         .db
                         .record_submission(&experiment, round, task, &accepted, now_ms())
                     {
-                        Ok(()) => {
-                            Metrics::add(&self.metrics.accepted, 1);
-                            tracing::info!(
-                                round = %round, trainer = %accepted.trainer, hash = %accepted.hash.short(),
-                                "delta accepted"
-                            );
-                            self.engine.handle_submission_persisted(now, task, accepted);
-                        }
+                        Ok(()) => persisted.push((round, task, accepted)),
                         Err(error) => {
                             tracing::error!(%error, "cannot record a submission");
-                            self.engine.handle_persist_failed(now, task, error.to_string());
+                            self.engine
+                                .handle_persist_failed(now, task, error.to_string());
                         }
+                    },
+                    Action::RecordRejection { round, rejected } => {
+                        self.metrics.count_rejection(rejected.reason);
+                        tracing::warn!(
+                            round = %round,
+                            trainer = ?rejected.trainer,
+                            reason = %rejected.reason,
+                            detail = %rejected.detail,
+                            "submission rejected"
+                        );
+                        self.db
+                            .record_rejection(&experiment, round, &rejected, now_ms())
+                            .context("cannot record a rejection")?;
+                    }
+                    Action::CloseRound(close) => closing.push(close),
+                    Action::Finished { adapter } => {
+                        tracing::info!(adapter = %adapter, "experiment finished");
                     }
                 }
-                Action::RecordRejection { round, rejected } => {
-                    self.metrics.count_rejection(rejected.reason);
-                    tracing::warn!(
-                        round = %round,
-                        trainer = ?rejected.trainer,
-                        reason = %rejected.reason,
-                        detail = %rejected.detail,
-                        "submission rejected"
-                    );
-                    self.db
-                        .record_rejection(&experiment, round, &rejected, now_ms())
-                        .context("cannot record a rejection")?;
+            }
+            self.db.commit_batch().context("cannot commit a transaction")?;
+            for (trainer, message) in outgoing {
+                if let Some(registered) = self.registry.get(&trainer) {
+                    let _ = registered.outbox.send(message);
                 }
-                Action::CloseRound(close) => self.spawn_derive(close),
-                Action::Finished { adapter } => {
-                    tracing::info!(adapter = %adapter, "experiment finished");
-                }
+            }
+            for close in closing {
+                self.spawn_derive(close);
+            }
+            if persisted.is_empty() {
+                break;
+            }
+            for (round, task, accepted) in persisted {
+                Metrics::add(&self.metrics.accepted, 1);
+                tracing::info!(
+                    round = %round, trainer = %accepted.trainer, hash = %accepted.hash.short(),
+                    "delta accepted"
+                );
+                self.engine.handle_submission_persisted(now, task, accepted);
             }
         }
         self.publish_progress();
@@ -359,9 +389,10 @@ impl Hub {
         let commands = self.commands.clone();
         tokio::task::spawn_blocking(move || {
             let result = derive_and_store(&config, &blobs, &close, &state, previous)
+                .map(Box::new)
                 .map_err(|error| format!("{error:#}"));
             let _ = commands.send(Command::Derived {
-                round: close,
+                round: Box::new(close),
                 result,
             });
         });
@@ -385,8 +416,12 @@ impl Hub {
             train_loss = ?derived.entry.metrics.train_loss,
             "round committed"
         );
-        self.engine
-            .handle_round_committed(now, round, derived.entry.adapter_after, derived.adapter_len);
+        self.engine.handle_round_committed(
+            now,
+            round,
+            derived.entry.adapter_after,
+            derived.adapter_len,
+        );
         self.metrics
             .current_round
             .store(self.engine.round().0, std::sync::atomic::Ordering::Relaxed);

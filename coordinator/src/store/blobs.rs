@@ -54,15 +54,29 @@ pub struct BlobStore {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Marks a temporary file name: `<hash>.tmp-<pid>-<n>`.
+const TEMP_MARK: &str = ".tmp-";
+
 impl BlobStore {
     /// Opens (creating) the store at `root`, removing temporary files a crash left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let root = root.into();
-        fs::create_dir_all(root.join("tmp")).map_err(io_error(&root))?;
-        let tmp = root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(io_error(&tmp))? {
-            let entry = entry.map_err(io_error(&tmp))?;
-            let _ = fs::remove_file(entry.path());
+        fs::create_dir_all(&root).map_err(io_error(&root))?;
+        for entry in fs::read_dir(&root).map_err(io_error(&root))? {
+            let dir = entry.map_err(io_error(&root))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&dir).map_err(io_error(&dir))? {
+                let path = file.map_err(io_error(&dir))?.path();
+                let is_temp = path
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.contains(TEMP_MARK));
+                if is_temp {
+                    let _ = fs::remove_file(&path);
+                }
+            }
         }
         Ok(Self { root })
     }
@@ -80,10 +94,38 @@ impl BlobStore {
 
     /// Stores `bytes`, returning their hash. Idempotent.
     pub fn put(&self, bytes: &[u8]) -> Result<BlobHash, BlobError> {
-        let mut writer = self.writer()?;
-        writer.write(bytes)?;
-        let (hash, _) = writer.commit()?;
+        let hash = BlobHash::of(bytes);
+        self.put_hashed(hash, bytes)?;
         Ok(hash)
+    }
+
+    /// Stores `bytes` whose hash the caller computed while receiving them (checked in debug
+    /// builds). The temporary file lives beside its final name, so the rename stays inside one
+    /// fan-out directory and concurrent writers rarely share a directory lock.
+    pub fn put_hashed(&self, hash: BlobHash, bytes: &[u8]) -> Result<(), BlobError> {
+        debug_assert_eq!(hash, BlobHash::of(bytes), "caller's hash must match the bytes");
+        let target = self.path(&hash);
+        if target.is_file() {
+            return Ok(());
+        }
+        let dir = target.parent().expect("blob paths have a parent").to_owned();
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let counter = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(format!("{}{TEMP_MARK}{}-{counter}", hash.to_hex(), std::process::id()));
+        let written = (|| {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        })();
+        if let Err(source) = written {
+            let _ = fs::remove_file(&temp);
+            return Err(BlobError::Io { path: temp, source });
+        }
+        fs::rename(&temp, &target).map_err(io_error(&target))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&dir))?;
+        Ok(())
     }
 
     /// Reads a blob whole, verifying its hash.
@@ -129,85 +171,6 @@ impl BlobStore {
         })
     }
 
-    /// Starts a streaming write that hashes as it goes.
-    pub fn writer(&self) -> Result<BlobWriter, BlobError> {
-        let counter = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{counter}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(io_error(&temp))?;
-        Ok(BlobWriter {
-            store: self.clone(),
-            temp,
-            file: Some(file),
-            hasher: blake3::Hasher::new(),
-            len: 0,
-        })
-    }
-}
-
-/// A blob being written. Dropping it without [`BlobWriter::commit`] discards it.
-#[derive(Debug)]
-pub struct BlobWriter {
-    store: BlobStore,
-    temp: PathBuf,
-    file: Option<File>,
-    hasher: blake3::Hasher,
-    len: u64,
-}
-
-impl BlobWriter {
-    /// Appends bytes.
-    pub fn write(&mut self, bytes: &[u8]) -> Result<(), BlobError> {
-        self.hasher.update(bytes);
-        self.len += bytes.len() as u64;
-        let file = self.file.as_mut().expect("the file is present until commit");
-        file.write_all(bytes).map_err(io_error(&self.temp))
-    }
-
-    /// Bytes written so far.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True when nothing was written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The hash of what was written so far.
-    pub fn hash(&self) -> BlobHash {
-        self.hasher.finalize().into()
-    }
-
-    /// Makes the blob durable under its hash: fsync, rename, fsync the directory.
-    pub fn commit(mut self) -> Result<(BlobHash, u64), BlobError> {
-        let hash = self.hash();
-        let file = self.file.take().expect("the file is present until commit");
-        file.sync_all().map_err(io_error(&self.temp))?;
-        drop(file);
-        let target = self.store.path(&hash);
-        let dir = target.parent().expect("blob paths have a parent").to_owned();
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        fs::rename(&self.temp, &target).map_err(io_error(&target))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&dir))?;
-        Ok((hash, self.len))
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.temp);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -215,32 +178,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn put_get_and_streaming_agree() {
+    fn put_get_and_len_agree() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let hash = store.put(b"hello world").unwrap();
         assert_eq!(hash, BlobHash::of(b"hello world"));
         assert_eq!(store.get(&hash).unwrap(), b"hello world");
-        let mut writer = store.writer().unwrap();
-        writer.write(b"hello ").unwrap();
-        writer.write(b"world").unwrap();
-        assert_eq!(writer.commit().unwrap(), (hash, 11));
+        assert_eq!(store.put(b"hello world").unwrap(), hash, "idempotent");
         assert_eq!(store.len(&hash).unwrap(), 11);
     }
 
     #[test]
-    fn dropped_writer_leaves_nothing_and_corruption_is_found() {
+    fn leftovers_are_cleaned_and_corruption_is_found() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let mut writer = store.writer().unwrap();
-        writer.write(b"partial").unwrap();
-        let hash = writer.hash();
-        drop(writer);
-        assert!(!store.contains(&hash));
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let hash = store.put(b"good").unwrap();
+        let leftover = store.path(&hash).with_file_name(format!("{}{TEMP_MARK}1-1", hash.to_hex()));
+        fs::write(&leftover, b"half").unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert!(!leftover.exists(), "a crash's temporary file is removed on open");
         let missing = store.get(&BlobHash::of(b"nope"));
         assert!(matches!(missing, Err(BlobError::NotFound { .. })));
-        let hash = store.put(b"good").unwrap();
         fs::write(store.path(&hash), b"evil").unwrap();
         assert!(matches!(store.get(&hash), Err(BlobError::Corrupt { .. })));
     }

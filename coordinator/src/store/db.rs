@@ -125,6 +125,7 @@ CREATE TABLE IF NOT EXISTS trainers (
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
+    in_batch: bool,
 }
 
 impl Db {
@@ -136,7 +137,10 @@ impl Db {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            in_batch: false,
+        })
     }
 
     /// Opens an existing database read-only (for `verify` and `status` beside a running server).
@@ -146,7 +150,29 @@ impl Db {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            in_batch: false,
+        })
+    }
+
+    /// Opens a write batch (a transaction) unless one is open; writes until
+    /// [`Db::commit_batch`] become durable together.
+    pub fn begin_batch(&mut self) -> Result<(), DbError> {
+        if !self.in_batch {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_batch = true;
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch, if any.
+    pub fn commit_batch(&mut self) -> Result<(), DbError> {
+        if self.in_batch {
+            self.in_batch = false;
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
     }
 
     /// Creates an experiment with its round 0 open on `initial_adapter`.
@@ -158,7 +184,7 @@ impl Db {
         adapter_len: u64,
         now_ms: i64,
     ) -> Result<(), DbError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO experiments (id, config_json, initial_adapter, created_ms) VALUES (?1, ?2, ?3, ?4)",
             params![id.0, config_json, &initial_adapter.0[..], now_ms],
@@ -218,11 +244,10 @@ impl Db {
             .optional()?;
         let next_task: i64 =
             self.conn
-                .query_row("SELECT COALESCE(MAX(task), 0) + 1 FROM tasks", [], |row| row.get(0))?;
-        let known_hashes = self.hashes(
-            "SELECT hash FROM submissions WHERE experiment = ?1",
-            id,
-        )?;
+                .query_row("SELECT COALESCE(MAX(task), 0) + 1 FROM tasks", [], |row| {
+                    row.get(0)
+                })?;
+        let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
         let Some((round, adapter, adapter_len)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
             let last = self.ledger(id)?.pop();
@@ -248,15 +273,17 @@ impl Db {
             finished,
             ..ResumeState::default()
         };
-        let mut statement = self
-            .conn
-            .prepare("SELECT task, trainer FROM tasks WHERE experiment = ?1 AND round = ?2 ORDER BY task")?;
+        let mut statement = self.conn.prepare(
+            "SELECT task, trainer FROM tasks WHERE experiment = ?1 AND round = ?2 ORDER BY task",
+        )?;
         let rows = statement.query_map(params![id.0, round], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
         })?;
         for row in rows {
             let (task, trainer) = row?;
-            state.tasks.push((TaskId(task as u64), TrainerId(hash_from(&trainer)?.0)));
+            state
+                .tasks
+                .push((TaskId(task as u64), TrainerId(hash_from(&trainer)?.0)));
         }
         let mut statement = self.conn.prepare(
             "SELECT task, hash, trainer, weight, train_loss, byte_len FROM submissions
@@ -356,7 +383,12 @@ impl Db {
     }
 
     /// Records a trainer's visit.
-    pub fn record_trainer(&self, trainer: TrainerId, agent: &str, now_ms: i64) -> Result<(), DbError> {
+    pub fn record_trainer(
+        &self,
+        trainer: TrainerId,
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO trainers (id, agent, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
              ON CONFLICT(id) DO UPDATE SET agent = excluded.agent, last_seen_ms = excluded.last_seen_ms",
@@ -376,7 +408,8 @@ impl Db {
         let id = &entry.experiment;
         let round = entry.round.0 as i64;
         let entry_hash = entry.hash();
-        let tx = self.conn.transaction()?;
+        // A savepoint: its own transaction, or nested in an open batch.
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO ledger (experiment, round, hash, entry) VALUES (?1, ?2, ?3, ?4)",
             params![id.0, round, &entry_hash.0[..], entry.to_bytes()],
@@ -456,7 +489,9 @@ impl Db {
         for row in rows {
             let (trainer, hash, reason, detail) = row?;
             out.push(RejectedSubmission {
-                trainer: trainer.map(|t| hash_from(&t).map(|h| TrainerId(h.0))).transpose()?,
+                trainer: trainer
+                    .map(|t| hash_from(&t).map(|h| TrainerId(h.0)))
+                    .transpose()?,
                 hash: hash.map(|h| hash_from(&h)).transpose()?,
                 reason: RejectReason::from_name(&reason)
                     .ok_or_else(|| DbError::Corrupt(format!("unknown reason {reason:?}")))?,
@@ -517,7 +552,9 @@ impl Db {
     }
 }
 
-fn row_to_experiment(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredExperiment, DbError>> {
+fn row_to_experiment(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<StoredExperiment, DbError>> {
     let id: String = row.get(0)?;
     let config_json: String = row.get(1)?;
     let initial: Vec<u8> = row.get(2)?;

@@ -63,11 +63,16 @@ nesterov = true
 }
 
 pub fn parse(toml: &str) -> ExperimentConfig {
-    load_experiment_str(toml, "test.toml", Default::default(), &[]).expect("test experiment is valid")
+    load_experiment_str(toml, "test.toml", Default::default(), &[])
+        .expect("test experiment is valid")
 }
 
 /// Starts an in-process coordinator on an ephemeral loopback port.
-pub async fn start(data_dir: &Path, config: Option<ExperimentConfig>, tokens: Vec<String>) -> Running {
+pub async fn start(
+    data_dir: &Path,
+    config: Option<ExperimentConfig>,
+    tokens: Vec<String>,
+) -> Running {
     service::start(ServeOptions {
         data_dir: data_dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -89,7 +94,12 @@ pub fn identity(seed: u64) -> Identity {
     Identity::generate(&mut rand::rngs::StdRng::seed_from_u64(seed))
 }
 
-pub fn options(addr: std::net::SocketAddr, seed: u64, fault: Fault, gate: Option<Arc<Gate>>) -> SyntheticOptions {
+pub fn options(
+    addr: std::net::SocketAddr,
+    seed: u64,
+    fault: Fault,
+    gate: Option<Arc<Gate>>,
+) -> SyntheticOptions {
     SyntheticOptions {
         addr,
         identity: identity(seed),
@@ -103,7 +113,10 @@ pub fn options(addr: std::net::SocketAddr, seed: u64, fault: Fault, gate: Option
     }
 }
 
-pub fn spawn_trainer(fingerprint: &str, options: SyntheticOptions) -> JoinHandle<anyhow::Result<Report>> {
+pub fn spawn_trainer(
+    fingerprint: &str,
+    options: SyntheticOptions,
+) -> JoinHandle<anyhow::Result<Report>> {
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.to_owned())).unwrap();
     tokio::spawn(synthetic::run(endpoint, options))
 }
