@@ -169,6 +169,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let finished = async {
                 if exit_when_finished {
                     let _ = progress.wait_for(|p| p.finished).await;
+                    // Give trainers a moment to read the news and hang up.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        progress.wait_for(|p| p.connected == 0),
+                    )
+                    .await;
                 } else {
                     std::future::pending::<()>().await;
                 }

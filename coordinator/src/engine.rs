@@ -487,17 +487,31 @@ impl Engine {
         };
         let trainer = state.trainer;
         let header = state.header.clone();
+        let persisting = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.status, TaskStatus::Persisting(_)))
+            .count();
+        let full = self.accepted.len() + persisting >= self.target();
         let outcome = match result {
             Err(refusal) => Err(refusal),
             Ok(()) if ticket.round != self.round || self.phase != Phase::Collecting => Err(
                 Refusal::new(RejectReason::Late, "the round closed during the upload"),
             ),
+            Ok(()) if full => Err(Refusal::new(
+                RejectReason::Late,
+                "the round already has all the deltas it needs",
+            )),
             Ok(()) if self.accepted.contains_key(&ticket.hash) => Err(Refusal::new(
                 RejectReason::Replay,
                 "an identical delta was accepted during this upload",
             )),
             Ok(()) => Ok(()),
         };
+        let state = self
+            .tasks
+            .get_mut(&ticket.task)
+            .expect("the task was found above");
         match (outcome, header) {
             (Ok(()), Some(upload)) => {
                 state.status = TaskStatus::Persisting(ticket.hash);
@@ -1297,6 +1311,39 @@ mod tests {
             .engine
             .handle_upload_finished(harness.now, &ticket, Ok(()));
         harness.drain();
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::Late
+        );
+    }
+
+    #[test]
+    fn verified_uploads_beyond_the_target_are_late_not_acknowledged() {
+        let mut harness = Harness::new(config(1, 2, 1, 2, 1), 2);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let mut tickets = Vec::new();
+        for &index in &tasked {
+            let task = harness.open_task(index).unwrap();
+            let upload = harness.header(index, &task, format!("d{index}").as_bytes());
+            let id = harness.id(index);
+            tickets.push(
+                harness
+                    .engine
+                    .handle_submission_header(harness.now, id, &upload)
+                    .unwrap(),
+            );
+        }
+        // Both finish before the store answers: only one may be persisted and acknowledged.
+        for ticket in &tickets {
+            harness
+                .engine
+                .handle_upload_finished(harness.now, ticket, Ok(()));
+        }
+        harness.drain();
+        assert_eq!(harness.closes[0].accepted.len(), 1);
+        let acks: usize = tasked.iter().map(|&i| harness.accepted_acks(i)).sum();
+        assert_eq!(acks, 1);
         assert_eq!(
             harness.rejections.last().unwrap().reason,
             RejectReason::Late

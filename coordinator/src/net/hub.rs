@@ -113,6 +113,8 @@ pub struct Progress {
     pub adapter: Option<BlobHash>,
     /// Every round done.
     pub finished: bool,
+    /// Trainers connected now.
+    pub connected: usize,
 }
 
 struct Registered {
@@ -307,7 +309,9 @@ impl Hub {
             let mut outgoing = Vec::new();
             let mut persisted = Vec::new();
             let mut closing = Vec::new();
-            self.db.begin_batch().context("cannot begin a transaction")?;
+            self.db
+                .begin_batch()
+                .context("cannot begin a transaction")?;
             while let Some(action) = self.engine.poll_action() {
                 match action {
                     Action::Send { trainer, message } => outgoing.push((trainer, message)),
@@ -325,10 +329,13 @@ impl Hub {
                         round,
                         task,
                         accepted,
-                    } => match self
-                        .db
-                        .record_submission(&experiment, round, task, &accepted, now_ms())
-                    {
+                    } => match self.db.record_submission(
+                        &experiment,
+                        round,
+                        task,
+                        &accepted,
+                        now_ms(),
+                    ) {
                         Ok(()) => persisted.push((round, task, accepted)),
                         Err(error) => {
                             tracing::error!(%error, "cannot record a submission");
@@ -355,7 +362,9 @@ impl Hub {
                     }
                 }
             }
-            self.db.commit_batch().context("cannot commit a transaction")?;
+            self.db
+                .commit_batch()
+                .context("cannot commit a transaction")?;
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
                     let _ = registered.outbox.send(message);
@@ -435,6 +444,7 @@ impl Hub {
             ledger_head: self.ledger_head,
             adapter: Some(self.engine.adapter()),
             finished: self.engine.phase() == Phase::Finished,
+            connected: self.registry.len(),
         };
         self.progress.send_if_modified(|current| {
             if *current == progress {

@@ -103,17 +103,31 @@ impl BlobStore {
     /// builds). The temporary file lives beside its final name, so the rename stays inside one
     /// fan-out directory and concurrent writers rarely share a directory lock.
     pub fn put_hashed(&self, hash: BlobHash, bytes: &[u8]) -> Result<(), BlobError> {
-        debug_assert_eq!(hash, BlobHash::of(bytes), "caller's hash must match the bytes");
+        debug_assert_eq!(
+            hash,
+            BlobHash::of(bytes),
+            "caller's hash must match the bytes"
+        );
         let target = self.path(&hash);
         if target.is_file() {
             return Ok(());
         }
-        let dir = target.parent().expect("blob paths have a parent").to_owned();
+        let dir = target
+            .parent()
+            .expect("blob paths have a parent")
+            .to_owned();
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let counter = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = dir.join(format!("{}{TEMP_MARK}{}-{counter}", hash.to_hex(), std::process::id()));
+        let temp = dir.join(format!(
+            "{}{TEMP_MARK}{}-{counter}",
+            hash.to_hex(),
+            std::process::id()
+        ));
         let written = (|| {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
             file.write_all(bytes)?;
             file.sync_all()
         })();
@@ -170,7 +184,6 @@ impl BlobStore {
             _ => io_error(&path)(error),
         })
     }
-
 }
 
 #[cfg(test)]
@@ -193,10 +206,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let hash = store.put(b"good").unwrap();
-        let leftover = store.path(&hash).with_file_name(format!("{}{TEMP_MARK}1-1", hash.to_hex()));
+        let leftover = store
+            .path(&hash)
+            .with_file_name(format!("{}{TEMP_MARK}1-1", hash.to_hex()));
         fs::write(&leftover, b"half").unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        assert!(!leftover.exists(), "a crash's temporary file is removed on open");
+        assert!(
+            !leftover.exists(),
+            "a crash's temporary file is removed on open"
+        );
         let missing = store.get(&BlobHash::of(b"nope"));
         assert!(matches!(missing, Err(BlobError::NotFound { .. })));
         fs::write(store.path(&hash), b"evil").unwrap();

@@ -18,7 +18,11 @@ use tributary_tests::synthetic::{self, Fault, SyntheticOptions};
 use tributary_tests::tls::ServerTrust;
 
 #[derive(Parser, Debug)]
-#[command(name = "tributary-loadgen", version, about = "Load-test a Tributary coordinator with synthetic trainers")]
+#[command(
+    name = "tributary-loadgen",
+    version,
+    about = "Load-test a Tributary coordinator with synthetic trainers"
+)]
 struct Args {
     /// A running coordinator (needs --fingerprint). Without it, one is started in-process.
     #[arg(long)]
@@ -49,7 +53,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args))
 }
 
@@ -100,7 +106,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "{} synthetic trainers against {addr} ({})",
         args.trainers,
-        if in_process.is_some() { "in-process coordinator" } else { "external coordinator" }
+        if in_process.is_some() {
+            "in-process coordinator"
+        } else {
+            "external coordinator"
+        }
     );
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -155,7 +165,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let first = durations[0];
         let mut steady: Vec<Duration> = durations[1..].to_vec();
         steady.sort();
-        println!("round 0 (includes connecting {} trainers): {:.3} s", args.trainers, first.as_secs_f64());
+        println!(
+            "round 0 (includes connecting {} trainers): {:.3} s",
+            args.trainers,
+            first.as_secs_f64()
+        );
         if !steady.is_empty() {
             println!(
                 "per-round wall time, rounds 1..: median {:.4} s, min {:.4} s, max {:.4} s",
