@@ -11,7 +11,8 @@ use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::AcceptedDelta;
 use tributary_shared::{BlobHash, Delta};
 
-use crate::store::blobs::{BlobError, BlobStore};
+use crate::store::blobs::BlobError;
+use crate::store::BlobSource;
 
 /// A round's inputs could not be loaded or combined.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +60,7 @@ pub fn encode_exact(delta: &Delta) -> Vec<u8> {
 
 /// Loads and decodes a blob as a delta of at most `max_elements` values.
 pub fn load_delta(
-    blobs: &BlobStore,
+    blobs: &dyn BlobSource,
     hash: &BlobHash,
     max_elements: usize,
 ) -> Result<Delta, DeriveError> {
@@ -101,7 +102,7 @@ pub fn derive_round(
 /// Loads a round's inputs from the blob store and derives it.
 pub fn derive_from_store(
     config: &ExperimentConfig,
-    blobs: &BlobStore,
+    blobs: &dyn BlobSource,
     adapter_before: &BlobHash,
     accepted: &[AcceptedDelta],
     state: &OptimizerState,

@@ -177,6 +177,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         optimizer_state,
         progress_tx,
         commands.clone(),
+        options.data_dir.clone(),
     );
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
 

@@ -14,8 +14,8 @@ use tributary_shared::ledger::check_chain;
 use tributary_shared::{BlobHash, ExperimentId, RoundId};
 
 use crate::derive::{derive_from_store, encode_exact, encode_state};
-use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
+use crate::store::{BlobSource, StoredBlobs};
 
 /// One experiment that checked out.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
         return Err(setup(format!("no database at {}", db_path.display())));
     }
     let db = Db::open_read_only(&db_path).map_err(|e| setup(e.to_string()))?;
-    let blobs = BlobStore::open(data_dir.join("blobs")).map_err(|e| setup(e.to_string()))?;
+    let blobs = StoredBlobs::open(data_dir).map_err(|e| setup(e.to_string()))?;
     let experiments = db.experiments().map_err(|e| setup(e.to_string()))?;
     let mut out = Vec::new();
     for stored in experiments {
@@ -71,7 +71,7 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
 
 fn verify_experiment(
     db: &Db,
-    blobs: &BlobStore,
+    blobs: &StoredBlobs,
     id: &ExperimentId,
     config_json: &str,
     initial_adapter: BlobHash,
@@ -163,7 +163,7 @@ fn verify_experiment(
         if state_hash != entry.optimizer_state {
             return Err(fail(round, "optimizer state does not re-derive".into()));
         }
-        if !blobs.contains(&entry.adapter_after) {
+        if blobs.get(&entry.adapter_after).is_err() {
             return Err(fail(
                 round,
                 format!("adapter blob {} is missing", entry.adapter_after),

@@ -2,5 +2,6 @@
 //! protocol with made-up deltas (and can misbehave on purpose), and the load generator's parts.
 
 pub mod client;
+pub mod load;
 pub mod synthetic;
 pub mod tls;

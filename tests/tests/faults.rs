@@ -86,11 +86,19 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
     let verified = verify_data_dir(dir.path()).expect("verify passes");
     assert_eq!(verified[0].rounds, 5);
 
-    // Corrupting one stored delta of round 2 makes verify name round 2.
+    // Corrupting one stored delta of round 2 (small deltas live in the database) makes verify
+    // name round 2.
     let victim = ledger[2].1.accepted[0].hash;
-    let blobs =
-        tributary_coordinator::store::blobs::BlobStore::open(dir.path().join("blobs")).unwrap();
-    std::fs::write(blobs.path(&victim), b"tampered").unwrap();
+    drop(db);
+    let raw = rusqlite::Connection::open(dir.path().join("tributary.db")).unwrap();
+    let changed = raw
+        .execute(
+            "UPDATE inline_blobs SET data = x'00' WHERE hash = ?1",
+            [&victim.0[..]],
+        )
+        .unwrap();
+    assert_eq!(changed, 1, "the delta is stored inline");
+    drop(raw);
     let error = verify_data_dir(dir.path()).expect_err("verify notices the tampering");
     assert_eq!(error.round, Some(RoundId(2)), "{error}");
 }

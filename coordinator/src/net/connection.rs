@@ -22,6 +22,7 @@ use crate::engine::{Refusal, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::hub::{refusal_message, Command};
 use crate::store::blobs::BlobStore;
+use crate::store::INLINE_BLOB_MAX;
 
 /// Limits a connection task enforces.
 #[derive(Debug, Clone)]
@@ -329,14 +330,15 @@ async fn receive_upload(
         .send(Command::UploadDone { ticket, result });
 }
 
-/// Receives and checks an upload body: length, hash, decoding, layout, finiteness; then makes
-/// the blob durable.
+/// Receives and checks an upload body: length, hash, decoding, layout, finiteness. A large body
+/// is then made durable as a blob file; a small one is returned for the hub to store in the
+/// database with its submission.
 async fn receive_body(
     context: &ConnectionContext,
     ticket: &UploadTicket,
     stream: &mut RecvStream,
     already: Vec<u8>,
-) -> Result<(), Refusal> {
+) -> Result<Option<Vec<u8>>, Refusal> {
     let expected = ticket.byte_len;
     let mut hasher = blake3::Hasher::new();
     let mut body = Vec::with_capacity(expected.min(64 << 20) as usize);
@@ -412,10 +414,13 @@ async fn receive_body(
         delta
             .check_finite()
             .map_err(|error| refusal(RejectReason::NonFinite, error.to_string()))?;
+        if body.len() <= INLINE_BLOB_MAX {
+            return Ok(Some(body));
+        }
         blobs
             .put_hashed(actual, &body)
             .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
-        Ok(())
+        Ok(None)
     })
     .await
     .unwrap_or_else(|error| Err(refusal(RejectReason::Internal, error.to_string())))

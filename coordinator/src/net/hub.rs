@@ -19,6 +19,7 @@ use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
 use crate::metrics::Metrics;
 use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
+use crate::store::StoredBlobs;
 
 /// Most commands handled in one wake-up (and so in one transaction).
 const MAX_COMMANDS_PER_WAKE: usize = 1024;
@@ -66,8 +67,9 @@ pub enum Command {
     UploadDone {
         /// The ticket it was received under.
         ticket: UploadTicket,
-        /// The outcome of the byte-level checks.
-        result: Result<(), Refusal>,
+        /// The outcome of the byte-level checks, with the body when it is small enough to be
+        /// stored in the database.
+        result: Result<Option<Vec<u8>>, Refusal>,
     },
     /// A refusal outside any ticket (malformed header, limits).
     Violation {
@@ -136,6 +138,9 @@ pub struct Hub {
     progress: watch::Sender<Progress>,
     commands: mpsc::UnboundedSender<Command>,
     rounds_closed: u64,
+    data_dir: std::path::PathBuf,
+    /// Small verified bodies waiting for their `PersistSubmission` in this wake-up.
+    inline_bodies: HashMap<BlobHash, Vec<u8>>,
 }
 
 impl Hub {
@@ -151,6 +156,7 @@ impl Hub {
         optimizer_state: OptimizerState,
         progress: watch::Sender<Progress>,
         commands: mpsc::UnboundedSender<Command>,
+        data_dir: std::path::PathBuf,
     ) -> Self {
         Self {
             config,
@@ -164,6 +170,8 @@ impl Hub {
             progress,
             commands,
             rounds_closed,
+            data_dir,
+            inline_bodies: HashMap::new(),
         }
     }
 
@@ -274,6 +282,11 @@ impl Hub {
                 let _ = reply.send(decision);
             }
             Command::UploadDone { ticket, result } => {
+                let result = result.map(|inline| {
+                    if let Some(body) = inline {
+                        self.inline_bodies.insert(ticket.hash, body);
+                    }
+                });
                 self.engine.handle_upload_finished(now, &ticket, result);
             }
             Command::Violation { trainer, refusal } => {
@@ -329,13 +342,7 @@ impl Hub {
                         round,
                         task,
                         accepted,
-                    } => match self.db.record_submission(
-                        &experiment,
-                        round,
-                        task,
-                        &accepted,
-                        now_ms(),
-                    ) {
+                    } => match self.persist_submission(&experiment, round, task, &accepted) {
                         Ok(()) => persisted.push((round, task, accepted)),
                         Err(error) => {
                             tracing::error!(%error, "cannot record a submission");
@@ -365,6 +372,8 @@ impl Hub {
             self.db
                 .commit_batch()
                 .context("cannot commit a transaction")?;
+            // Bodies of uploads the engine refused are not kept.
+            self.inline_bodies.clear();
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
                     let _ = registered.outbox.send(message);
@@ -389,15 +398,31 @@ impl Hub {
         Ok(())
     }
 
+    /// Writes a submission's row, and its body when it is stored inline, in the open batch.
+    fn persist_submission(
+        &mut self,
+        experiment: &tributary_shared::ExperimentId,
+        round: RoundId,
+        task: TaskId,
+        accepted: &tributary_shared::ledger::AcceptedDelta,
+    ) -> Result<(), crate::store::db::DbError> {
+        if let Some(body) = self.inline_bodies.remove(&accepted.hash) {
+            self.db.put_inline(&accepted.hash, &body)?;
+        }
+        self.db
+            .record_submission(experiment, round, task, accepted, now_ms())
+    }
+
     fn spawn_derive(&self, close: RoundClose) {
         tracing::info!(round = %close.round, accepted = close.accepted.len(), "closing round");
         let config = self.config.clone();
         let blobs = self.blobs.clone();
+        let data_dir = self.data_dir.clone();
         let state = self.optimizer_state.clone();
         let previous = self.ledger_head;
         let commands = self.commands.clone();
         tokio::task::spawn_blocking(move || {
-            let result = derive_and_store(&config, &blobs, &close, &state, previous)
+            let result = derive_and_store(&config, &data_dir, &blobs, &close, &state, previous)
                 .map(Box::new)
                 .map_err(|error| format!("{error:#}"));
             let _ = commands.send(Command::Derived {
@@ -461,6 +486,7 @@ impl Hub {
 /// ledger entry. Runs on a blocking thread.
 fn derive_and_store(
     config: &ExperimentConfig,
+    data_dir: &std::path::Path,
     blobs: &BlobStore,
     close: &RoundClose,
     state: &OptimizerState,
@@ -470,7 +496,13 @@ fn derive_and_store(
         aggregate,
         adapter_after,
         state,
-    } = derive_from_store(config, blobs, &close.adapter_before, &close.accepted, state)?;
+    } = derive_from_store(
+        config,
+        &StoredBlobs::open(data_dir)?,
+        &close.adapter_before,
+        &close.accepted,
+        state,
+    )?;
     let adapter_bytes = encode_exact(&adapter_after);
     let adapter_hash = blobs.put(&adapter_bytes)?;
     let aggregate_hash = blobs.put(&encode_exact(&aggregate))?;

@@ -113,6 +113,10 @@ CREATE TABLE IF NOT EXISTS adapters (
     round INTEGER NOT NULL,
     byte_len INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inline_blobs (
+    hash BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS trainers (
     id BLOB PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -357,6 +361,27 @@ impl Db {
             ],
         )?;
         Ok(())
+    }
+
+    /// Stores a small blob in the database (idempotent).
+    pub fn put_inline(&self, hash: &BlobHash, data: &[u8]) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO inline_blobs (hash, data) VALUES (?1, ?2)",
+            params![&hash.0[..], data],
+        )?;
+        Ok(())
+    }
+
+    /// A blob stored in the database, unverified.
+    pub fn inline_blob(&self, hash: &BlobHash) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data FROM inline_blobs WHERE hash = ?1",
+                params![&hash.0[..]],
+                |row| row.get(0),
+            )
+            .optional()?)
     }
 
     /// Records a refused submission.

@@ -1,0 +1,188 @@
+//! Driving many synthetic trainers at once against a coordinator, for the load generator and the
+//! ingest benchmark.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tributary_coordinator::service::{self, Running, ServeOptions, ServerLimits, TlsSource};
+use tributary_coordinator::settings::load_experiment_str;
+use tributary_shared::identity::Identity;
+use tributary_shared::RoundId;
+
+use crate::client::client_endpoint;
+use crate::synthetic::{self, Fault, Report, SyntheticOptions};
+use crate::tls::ServerTrust;
+
+/// A coordinator started in this process on a temporary data directory.
+#[derive(Debug)]
+pub struct LocalCoordinator {
+    /// The running coordinator.
+    pub running: Running,
+    /// Its data directory (removed by [`LocalCoordinator::stop`]).
+    pub data_dir: PathBuf,
+}
+
+impl LocalCoordinator {
+    /// Starts a coordinator serving a synthetic experiment where all `trainers` contribute to
+    /// each of `rounds` rounds, with `params` values in the adapter.
+    pub async fn start(
+        trainers: u32,
+        rounds: u64,
+        params: u64,
+        codec: &str,
+    ) -> anyhow::Result<Self> {
+        let codec = match codec {
+            "f32" | "f16" => format!("{{ kind = \"{codec}\" }}"),
+            "int8" | "int4" => format!("{{ kind = \"{codec}\", block = 64 }}"),
+            other => bail!("unknown codec {other}"),
+        };
+        let toml = format!(
+            "[experiment]\nname = \"load\"\nrounds = {rounds}\n\n\
+             [adapter]\nkind = \"synthetic\"\nparams = {params}\ntensors = 1\n\n\
+             [selection]\ntrainers_per_round = {trainers}\nquorum = {trainers}\nmin_trainers = {trainers}\n\
+             round_timeout_secs = 600\ngather_timeout_secs = 600\n\n\
+             [training]\ncodec = {codec}\n",
+        );
+        let config = load_experiment_str(&toml, "load", Default::default(), &[])?;
+        let data_dir = std::env::temp_dir().join(format!(
+            "tributary-load-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&data_dir)?;
+        let running = service::start(ServeOptions {
+            data_dir: data_dir.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            experiment: Some(config),
+            http: None,
+            tls: TlsSource::SelfSigned {
+                names: vec!["localhost".into()],
+            },
+            enrollment_tokens: vec![],
+            limits: ServerLimits {
+                connections_per_address: trainers as usize + 16,
+                concurrent_uploads: trainers as usize + 16,
+                ..ServerLimits::default()
+            },
+        })
+        .await?;
+        Ok(Self { running, data_dir })
+    }
+
+    /// Stops it and removes its data.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.running.shutdown().await?;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        Ok(())
+    }
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Rounds whose close was announced.
+    pub rounds_closed: usize,
+    /// Wall time of round 0, from the start (includes connecting).
+    pub first_round: Option<Duration>,
+    /// Wall time of each later round, between consecutive close announcements.
+    pub round_times: Vec<Duration>,
+    /// Uploads sent.
+    pub uploads: u64,
+    /// Uploads acknowledged.
+    pub accepted: u64,
+    /// Refusals received, with reasons.
+    pub rejected: Vec<String>,
+    /// Delta bytes uploaded.
+    pub bytes_up: u64,
+    /// Whole run.
+    pub total: Duration,
+}
+
+impl LoadReport {
+    /// Uploads neither acknowledged nor refused.
+    pub fn lost(&self) -> u64 {
+        self.uploads
+            .saturating_sub(self.accepted + self.rejected.len() as u64)
+    }
+}
+
+/// Runs `trainers` synthetic trainers against `addr` until the experiment finishes.
+pub async fn run_trainers(
+    addr: SocketAddr,
+    fingerprint: &str,
+    trainers: u32,
+) -> anyhow::Result<LoadReport> {
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for index in 0..trainers {
+        // One endpoint (UDP socket) per trainer, as separate machines would have.
+        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.to_owned()))?;
+        let mut secret = [0u8; 32];
+        secret[..4].copy_from_slice(&index.to_le_bytes());
+        secret[31] = 0x7b;
+        let options = SyntheticOptions {
+            addr,
+            identity: Identity::from_secret(secret),
+            fault: Fault::None,
+            enrollment_token: None,
+            gate: None,
+            hold_round: RoundId(u64::MAX),
+            events: None,
+            reconnect_for: Duration::from_secs(30),
+            samples: 1,
+        };
+        handles.push(tokio::spawn(synthetic::run(endpoint, options)));
+    }
+    let mut reports: Vec<Report> = Vec::new();
+    for handle in handles {
+        reports.push(handle.await.context("trainer task panicked")??);
+    }
+    let total = started.elapsed();
+    let mut closes: Vec<(RoundId, Instant)> = Vec::new();
+    for report in &reports {
+        for (round, at) in &report.rounds_closed {
+            match closes.iter_mut().find(|(r, _)| r == round) {
+                Some(existing) => existing.1 = existing.1.min(*at),
+                None => closes.push((*round, *at)),
+            }
+        }
+    }
+    closes.sort();
+    let mut previous = started;
+    let mut durations = Vec::new();
+    for (_, at) in &closes {
+        durations.push(at.saturating_duration_since(previous));
+        previous = *at;
+    }
+    let first_round = (!durations.is_empty()).then(|| durations.remove(0));
+    Ok(LoadReport {
+        rounds_closed: closes.len(),
+        first_round,
+        round_times: durations,
+        uploads: reports.iter().map(|r| r.uploads).sum(),
+        accepted: reports.iter().map(|r| r.accepted).sum(),
+        rejected: reports
+            .iter()
+            .flat_map(|r| {
+                r.rejected
+                    .iter()
+                    .map(|(reason, detail)| format!("{reason}: {detail}"))
+            })
+            .collect(),
+        bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
+        total,
+    })
+}
+
+/// Median, min and max of some durations.
+pub fn summarize(durations: &[Duration]) -> Option<(Duration, Duration, Duration)> {
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    Some((
+        *sorted.get(sorted.len() / 2)?,
+        *sorted.first()?,
+        *sorted.last()?,
+    ))
+}
