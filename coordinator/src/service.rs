@@ -338,11 +338,41 @@ fn bind_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket =
-        std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let socket = bind_udp(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let runtime = quinn::default_runtime().context("no async runtime for quic")?;
     quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
         .with_context(|| format!("cannot start quic on {listen}"))
+}
+
+/// Receive buffer asked for the QUIC socket; the kernel caps it at `net.core.rmem_max`.
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Binds the UDP socket with a large receive buffer: one socket serves every trainer, and with
+/// the default (about 200 KiB on Linux) bursts from hundreds of trainers overflow it, which
+/// QUIC then pays for with retransmissions.
+fn bind_udp(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if listen.is_ipv6() {
+        // Accept IPv4-mapped peers too where the system allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(error) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::warn!(%error, "cannot enlarge the udp receive buffer");
+    }
+    let _ = socket.set_send_buffer_size(UDP_RECEIVE_BUFFER);
+    socket.bind(&listen.into())?;
+    match socket.recv_buffer_size() {
+        Ok(size) if size < UDP_RECEIVE_BUFFER => tracing::info!(
+            bytes = size,
+            "udp receive buffer is capped by the system (raise net.core.rmem_max for large fleets)"
+        ),
+        _ => {}
+    }
+    Ok(socket.into())
 }
 
 async fn wait_for(mut flag: watch::Receiver<bool>) {

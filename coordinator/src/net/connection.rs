@@ -20,7 +20,7 @@ use tributary_shared::{BlobHash, ExperimentId, TaskId, TrainerId};
 
 use crate::engine::{Refusal, UploadTicket};
 use crate::metrics::Metrics;
-use crate::net::hub::{refusal_message, Command};
+use crate::net::hub::{refusal_message, Command, Download};
 use crate::store::blobs::BlobStore;
 use crate::store::INLINE_BLOB_MAX;
 
@@ -447,10 +447,25 @@ async fn serve_download(
         reply,
     });
     let max_frame = context.limits.max_frame;
-    let Ok(Some(len)) = answer.await else {
-        let _ = write_message(&mut send, &DownloadResponse::NotFound, max_frame).await;
-        let _ = send.finish();
-        return;
+    let len = match answer.await {
+        Ok(Some(Download::Memory(bytes))) => {
+            let found = DownloadResponse::Found {
+                len: bytes.len() as u64,
+            };
+            if write_message(&mut send, &found, max_frame).await.is_ok()
+                && send.write_all(&bytes).await.is_ok()
+            {
+                Metrics::add(&context.metrics.bytes_out, bytes.len() as u64);
+                let _ = send.finish();
+            }
+            return;
+        }
+        Ok(Some(Download::File(len))) => len,
+        _ => {
+            let _ = write_message(&mut send, &DownloadResponse::NotFound, max_frame).await;
+            let _ = send.finish();
+            return;
+        }
     };
     let file = match tokio::fs::File::open(context.blobs.path(&request.hash)).await {
         Ok(file) => file,

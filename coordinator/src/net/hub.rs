@@ -82,8 +82,8 @@ pub enum Command {
     Downloadable {
         /// The blob.
         hash: BlobHash,
-        /// Its length, if downloadable.
-        reply: oneshot::Sender<Option<u64>>,
+        /// Where to read it, if it is downloadable.
+        reply: oneshot::Sender<Option<Download>>,
     },
     /// The aggregation worker finished.
     Derived {
@@ -94,10 +94,20 @@ pub enum Command {
     },
 }
 
+/// Where a downloadable blob's bytes are.
+#[derive(Debug, Clone)]
+pub enum Download {
+    /// The current adapter, held in memory: most downloads are of it.
+    Memory(Arc<Vec<u8>>),
+    /// An older adapter, in the blob directory, of this length.
+    File(u64),
+}
+
 /// A round derived and written to the blob store, ready to commit.
 #[derive(Debug)]
 pub struct DerivedRound {
     entry: LedgerEntry,
+    adapter_bytes: Arc<Vec<u8>>,
     adapter_len: u64,
     state: OptimizerState,
 }
@@ -139,6 +149,8 @@ pub struct Hub {
     commands: mpsc::UnboundedSender<Command>,
     rounds_closed: u64,
     data_dir: std::path::PathBuf,
+    /// The current adapter's bytes, served to downloads from memory.
+    current_adapter: Option<(BlobHash, Arc<Vec<u8>>)>,
     /// Small verified bodies waiting for their `PersistSubmission` in this wake-up.
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
 }
@@ -170,6 +182,7 @@ impl Hub {
             progress,
             commands,
             rounds_closed,
+            current_adapter: None,
             data_dir,
             inline_bodies: HashMap::new(),
         }
@@ -182,6 +195,11 @@ impl Hub {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
+        let adapter = self.engine.adapter();
+        match self.blobs.get(&adapter) {
+            Ok(bytes) => self.current_adapter = Some((adapter, Arc::new(bytes))),
+            Err(error) => tracing::warn!(%error, "current adapter not cached"),
+        }
         self.drain(Instant::now())?;
         self.publish_progress();
         loop {
@@ -294,11 +312,20 @@ impl Hub {
                     .handle_protocol_violation(trainer, None, refusal);
             }
             Command::Downloadable { hash, reply } => {
-                let len = self.db.adapter_len(&hash).unwrap_or_else(|error| {
-                    tracing::error!(%error, "cannot look up adapter");
-                    None
-                });
-                let _ = reply.send(len);
+                let found = match &self.current_adapter {
+                    Some((current, bytes)) if *current == hash => {
+                        Some(Download::Memory(bytes.clone()))
+                    }
+                    _ => self
+                        .db
+                        .adapter_len(&hash)
+                        .unwrap_or_else(|error| {
+                            tracing::error!(%error, "cannot look up adapter");
+                            None
+                        })
+                        .map(Download::File),
+                };
+                let _ = reply.send(found);
             }
             Command::Derived { round, result } => {
                 let derived = result
@@ -369,9 +396,7 @@ impl Hub {
                     }
                 }
             }
-            self.db
-                .commit_batch()
-                .context("cannot commit a transaction")?;
+            self.commit_batch().context("cannot commit a transaction")?;
             // Bodies of uploads the engine refused are not kept.
             self.inline_bodies.clear();
             for (trainer, message) in outgoing {
@@ -396,6 +421,19 @@ impl Hub {
         }
         self.publish_progress();
         Ok(())
+    }
+
+    /// Commits the open batch. The commit waits for an fsync, so on a multi-threaded runtime
+    /// the runtime is told to move other tasks off this thread meanwhile.
+    fn commit_batch(&mut self) -> Result<(), crate::store::db::DbError> {
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|handle| {
+            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if multi_thread {
+            tokio::task::block_in_place(|| self.db.commit_batch())
+        } else {
+            self.db.commit_batch()
+        }
     }
 
     /// Writes a submission's row, and its body when it is stored inline, in the open batch.
@@ -441,6 +479,7 @@ impl Hub {
             .context("cannot commit the round")?;
         self.ledger_head = Some(head);
         self.optimizer_state = derived.state;
+        self.current_adapter = Some((derived.entry.adapter_after, derived.adapter_bytes));
         self.rounds_closed += 1;
         Metrics::add(&self.metrics.rounds_closed, 1);
         tracing::info!(
@@ -543,6 +582,7 @@ fn derive_and_store(
     Ok(DerivedRound {
         entry,
         adapter_len: adapter_bytes.len() as u64,
+        adapter_bytes: Arc::new(adapter_bytes),
         state,
     })
 }

@@ -81,6 +81,11 @@ impl BlobStore {
         Ok(Self { root })
     }
 
+    /// The store at `root` for reading, without the start-up cleanup of [`BlobStore::open`].
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     /// Where the blob named `hash` lives (two-level fan-out by the first hex byte).
     pub fn path(&self, hash: &BlobHash) -> PathBuf {
         let hex = hash.to_hex();

@@ -42,7 +42,7 @@ pub struct StoredBlobs {
 impl StoredBlobs {
     /// Opens a data directory's blobs for reading.
     pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
-        let files = BlobStore::open(data_dir.join("blobs"))?;
+        let files = BlobStore::at(data_dir.join("blobs"));
         let db_path = data_dir.join("tributary.db");
         let db = Db::open_read_only(&db_path).map_err(|error| BlobError::Io {
             path: db_path,
