@@ -159,14 +159,7 @@ impl BlobStore {
         };
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io_error(&path))?;
-        let actual = BlobHash::of(&bytes);
-        if actual != *hash {
-            return Err(BlobError::Corrupt {
-                expected: *hash,
-                actual,
-            });
-        }
-        Ok(bytes)
+        check_content(hash, bytes)
     }
 
     /// The stored size of a blob.
@@ -189,6 +182,18 @@ impl BlobStore {
             _ => io_error(&path)(error),
         })
     }
+}
+
+/// Returns `bytes` if they hash to `hash`, else [`BlobError::Corrupt`].
+pub fn check_content(hash: &BlobHash, bytes: Vec<u8>) -> Result<Vec<u8>, BlobError> {
+    let actual = BlobHash::of(&bytes);
+    if actual != *hash {
+        return Err(BlobError::Corrupt {
+            expected: *hash,
+            actual,
+        });
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

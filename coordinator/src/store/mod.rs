@@ -71,13 +71,6 @@ impl BlobSource for StoredBlobs {
                 source: std::io::Error::other(error.to_string()),
             })?
             .ok_or(BlobError::NotFound { hash: *hash })?;
-        let actual = BlobHash::of(&bytes);
-        if actual != *hash {
-            return Err(BlobError::Corrupt {
-                expected: *hash,
-                actual,
-            });
-        }
-        Ok(bytes)
+        blobs::check_content(hash, bytes)
     }
 }
