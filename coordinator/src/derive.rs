@@ -32,6 +32,12 @@ pub enum DeriveError {
     /// Aggregation or the server step failed.
     #[error(transparent)]
     Aggregate(#[from] AggregateError),
+    /// The new adapter holds a NaN or an infinity.
+    #[error("the new adapter is not finite: {source}")]
+    NonFinite {
+        /// Where.
+        source: tributary_shared::DeltaError,
+    },
     /// The optimizer state blob is malformed.
     #[error("optimizer state blob {hash} is malformed: {detail}")]
     State {
@@ -92,6 +98,9 @@ pub fn derive_round(
     config
         .server_optimizer
         .apply(&mut state, &mut adapter_after, &aggregated)?;
+    adapter_after
+        .check_finite()
+        .map_err(|source| DeriveError::NonFinite { source })?;
     Ok(Derived {
         aggregate: aggregated,
         adapter_after,

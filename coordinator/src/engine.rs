@@ -60,6 +60,10 @@ pub struct EngineConfig {
     pub data: tributary_shared::config::DataSection,
     /// Upload cap.
     pub max_upload_bytes: u64,
+    /// Largest sample count (FedAvg weight) a submission may claim.
+    pub max_sample_count: u64,
+    /// Largest absolute value a delta may hold.
+    pub max_abs_value: f32,
     /// The adapter's layout; every delta must match it.
     pub layout: Layout,
 }
@@ -84,6 +88,8 @@ impl EngineConfig {
             plan: config.training.plan(),
             data: config.data.clone(),
             max_upload_bytes: config.max_upload_bytes(),
+            max_sample_count: config.limits.max_sample_count,
+            max_abs_value: config.limits.max_abs_value,
             layout: config.adapter.layout()?,
         })
     }
@@ -138,13 +144,18 @@ pub enum Action {
         task: TaskId,
         /// The delta.
         accepted: AcceptedDelta,
+        /// The signed header it came with, kept so anyone can re-check the signature.
+        upload: Box<UploadHeader>,
     },
-    /// Record a refused submission.
+    /// Count a refused submission, and record it when `recorded` (a flood of refusals is
+    /// counted but not stored, so a peer cannot bloat the ledger).
     RecordRejection {
-        /// The round.
+        /// The round whose ledger entry will list it.
         round: RoundId,
         /// What was refused.
         rejected: RejectedSubmission,
+        /// Whether to store it.
+        recorded: bool,
     },
     /// Aggregate the round, store the new adapter and ledger entry, open the next round; then
     /// call [`Engine::handle_round_committed`].
@@ -186,6 +197,8 @@ pub struct UploadTicket {
     pub byte_len: u64,
     /// Layout the decoded delta must have.
     pub layout: Layout,
+    /// Largest absolute value the delta may hold.
+    pub max_abs_value: f32,
 }
 
 /// A refusal with its reason.
@@ -198,13 +211,24 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
+    /// A refusal; the detail is cut to [`MAX_DETAIL_CHARS`] characters, since it may quote a
+    /// peer and ends up in the ledger.
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        let mut detail: String = detail.into();
+        if let Some((cut, _)) = detail.char_indices().nth(MAX_DETAIL_CHARS) {
+            detail.truncate(cut);
+            detail.push('…');
         }
+        Self { reason, detail }
     }
 }
+
+/// Longest refusal detail kept, in characters.
+pub const MAX_DETAIL_CHARS: usize = 200;
+/// Refusals recorded (in the ledger and the database) per round; later ones are only counted.
+pub const MAX_RECORDED_REFUSALS_PER_ROUND: usize = 256;
+/// Refusals recorded per trainer per round; later ones are only counted.
+pub const MAX_RECORDED_REFUSALS_PER_TRAINER: u32 = 4;
 
 /// The engine's phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +281,10 @@ pub struct Engine {
     tasks: BTreeMap<TaskId, TaskState>,
     accepted: BTreeMap<BlobHash, AcceptedDelta>,
     rejected: Vec<RejectedSubmission>,
+    /// Refusals made while the round is closing; they belong to the next round's entry.
+    rejected_next: Vec<RejectedSubmission>,
+    /// Refusals counted this round per trainer (None: unknown peer), for the recording caps.
+    refusal_counts: BTreeMap<Option<TrainerId>, u32>,
     known_hashes: BTreeSet<BlobHash>,
     next_task: TaskId,
     gather_started: Option<Instant>,
@@ -301,6 +329,8 @@ impl Engine {
             tasks,
             accepted,
             rejected: resume.rejected,
+            rejected_next: Vec::new(),
+            refusal_counts: BTreeMap::new(),
             known_hashes: resume.known_hashes.into_iter().collect(),
             next_task: resume.next_task,
             gather_started: None,
@@ -478,21 +508,21 @@ impl Engine {
             let refusal = result.err().unwrap_or_else(|| {
                 Refusal::new(RejectReason::Late, "the round closed during the upload")
             });
-            let trainer = Some(ticket.trainer);
-            self.reject(trainer, Some(ticket.hash), refusal);
-            if let Some(trainer) = trainer {
-                self.send_rejection(trainer, ticket.task, Some(ticket.hash));
-            }
+            self.reject(Some(ticket.trainer), Some(ticket.hash), refusal.clone());
+            self.send_rejection(ticket.trainer, ticket.task, Some(ticket.hash), &refusal);
             return;
         };
         let trainer = state.trainer;
         let header = state.header.clone();
-        let persisting = self
+        let persisting: Vec<BlobHash> = self
             .tasks
             .values()
-            .filter(|t| matches!(t.status, TaskStatus::Persisting(_)))
-            .count();
-        let full = self.accepted.len() + persisting >= self.target();
+            .filter_map(|t| match t.status {
+                TaskStatus::Persisting(hash) => Some(hash),
+                _ => None,
+            })
+            .collect();
+        let full = self.accepted.len() + persisting.len() >= self.target();
         let outcome = match result {
             Err(refusal) => Err(refusal),
             Ok(()) if ticket.round != self.round || self.phase != Phase::Collecting => Err(
@@ -502,10 +532,15 @@ impl Engine {
                 RejectReason::Late,
                 "the round already has all the deltas it needs",
             )),
-            Ok(()) if self.accepted.contains_key(&ticket.hash) => Err(Refusal::new(
-                RejectReason::Replay,
-                "an identical delta was accepted during this upload",
-            )),
+            Ok(())
+                if self.accepted.contains_key(&ticket.hash)
+                    || persisting.contains(&ticket.hash) =>
+            {
+                Err(Refusal::new(
+                    RejectReason::Replay,
+                    "an identical delta was accepted during this upload",
+                ))
+            }
             Ok(()) => Ok(()),
         };
         let state = self
@@ -525,6 +560,7 @@ impl Engine {
                         train_loss: upload.header.metrics.train_loss,
                         byte_len: ticket.byte_len,
                     },
+                    upload: Box::new(upload),
                 });
             }
             (Ok(()), None) => {
@@ -532,8 +568,8 @@ impl Engine {
             }
             (Err(refusal), _) => {
                 state.status = TaskStatus::Failed;
-                self.reject(Some(trainer), Some(ticket.hash), refusal);
-                self.send_rejection(trainer, ticket.task, Some(ticket.hash));
+                self.reject(Some(trainer), Some(ticket.hash), refusal.clone());
+                self.send_rejection(trainer, ticket.task, Some(ticket.hash), &refusal);
                 if self.phase == Phase::Collecting {
                     self.top_up(now);
                 }
@@ -562,6 +598,9 @@ impl Engine {
         let Some(state) = self.tasks.get_mut(&task) else {
             return;
         };
+        if state.status != TaskStatus::Persisting(delta.hash) {
+            return;
+        }
         state.status = TaskStatus::Accepted(delta.hash);
         let trainer = state.trainer;
         self.known_hashes.insert(delta.hash);
@@ -588,12 +627,9 @@ impl Engine {
         };
         state.status = TaskStatus::Failed;
         let trainer = state.trainer;
-        self.reject(
-            Some(trainer),
-            Some(hash),
-            Refusal::new(RejectReason::Internal, detail),
-        );
-        self.send_rejection(trainer, task, Some(hash));
+        let refusal = Refusal::new(RejectReason::Internal, detail);
+        self.reject(Some(trainer), Some(hash), refusal.clone());
+        self.send_rejection(trainer, task, Some(hash), &refusal);
         self.top_up(now);
     }
 
@@ -631,7 +667,7 @@ impl Engine {
                         }
                     }
                     self.deadline = Some(now + self.config.round_timeout);
-                    self.top_up(now);
+                    self.top_up_with(now, true);
                 }
             }
             Phase::Closing | Phase::Finished => {}
@@ -652,7 +688,8 @@ impl Engine {
         self.adapter = adapter;
         self.adapter_len = adapter_len;
         self.accepted.clear();
-        self.rejected.clear();
+        self.rejected = std::mem::take(&mut self.rejected_next);
+        self.refusal_counts.clear();
         self.tasks.clear();
         self.round = round.next();
         self.round_started = None;
@@ -721,6 +758,12 @@ impl Engine {
     /// Sends tasks until the round has `tasks_per_round` tasks that may still produce a delta,
     /// or no idle connected trainer is left.
     fn top_up(&mut self, now: Instant) {
+        self.top_up_with(now, false);
+    }
+
+    /// [`Engine::top_up`]; with `retry_failed`, trainers whose task failed this round may get
+    /// another (used when a deadline passes without a quorum, so a fixed fleet cannot stall).
+    fn top_up_with(&mut self, now: Instant, retry_failed: bool) {
         if self.phase != Phase::Collecting {
             return;
         }
@@ -740,14 +783,31 @@ impl Engine {
         if wanted == 0 {
             return;
         }
-        let tasked: BTreeSet<TrainerId> = self.tasks.values().map(|s| s.trainer).collect();
+        let tasked: BTreeSet<TrainerId> = self
+            .tasks
+            .values()
+            .filter(|s| !(retry_failed && s.status == TaskStatus::Failed))
+            .map(|s| s.trainer)
+            .collect();
         let mut candidates: Vec<TrainerId> = self
             .connected_trainers()
             .filter(|trainer| !tasked.contains(trainer))
             .collect();
-        // A seeded, per-round shuffle: fair, and the same for the same inputs.
+        // Fresh trainers first, then those whose task failed; within each, a seeded per-round
+        // shuffle: fair, and the same for the same inputs.
+        let failed: BTreeSet<TrainerId> = self
+            .tasks
+            .values()
+            .filter(|s| s.status == TaskStatus::Failed)
+            .map(|s| s.trainer)
+            .collect();
         let (seed, round) = (self.config.seed, self.round.0);
-        candidates.sort_by_key(|trainer| selection_key(seed, round, trainer));
+        candidates.sort_by_key(|trainer| {
+            (
+                failed.contains(trainer),
+                selection_key(seed, round, trainer),
+            )
+        });
         for trainer in candidates.into_iter().take(wanted) {
             let task = self.next_task;
             self.next_task = TaskId(task.0 + 1);
@@ -831,7 +891,7 @@ impl Engine {
         if header.experiment != self.config.experiment {
             return Err(Refusal::new(
                 RejectReason::Stale,
-                format!("experiment {} is not running here", header.experiment),
+                format!("experiment {:?} is not running here", header.experiment.0),
             ));
         }
         if header.round != self.round {
@@ -891,10 +951,19 @@ impl Engine {
                 ),
             ));
         }
-        if header.sample_count == 0 {
+        if header.sample_count == 0 || header.sample_count > self.config.max_sample_count {
             return Err(Refusal::new(
                 RejectReason::Malformed,
-                "sample_count must be at least 1",
+                format!(
+                    "sample_count {} is not between 1 and {}",
+                    header.sample_count, self.config.max_sample_count
+                ),
+            ));
+        }
+        if !header.metrics.train_loss.is_finite() {
+            return Err(Refusal::new(
+                RejectReason::Malformed,
+                "train_loss must be a finite number",
             ));
         }
         Ok(UploadTicket {
@@ -904,6 +973,7 @@ impl Engine {
             hash: header.hash,
             byte_len: header.byte_len,
             layout: self.config.layout.clone(),
+            max_abs_value: self.config.max_abs_value,
         })
     }
 
@@ -914,25 +984,46 @@ impl Engine {
             reason: refusal.reason,
             detail: refusal.detail,
         };
-        self.rejected.push(rejected.clone());
+        let count = self.refusal_counts.entry(trainer).or_default();
+        *count += 1;
+        let closing = self.phase == Phase::Closing;
+        let list = if closing {
+            &mut self.rejected_next
+        } else {
+            &mut self.rejected
+        };
+        let recorded = *count <= MAX_RECORDED_REFUSALS_PER_TRAINER
+            && list.len() < MAX_RECORDED_REFUSALS_PER_ROUND;
+        if recorded {
+            list.push(rejected.clone());
+        }
         self.actions.push_back(Action::RecordRejection {
-            round: self.round,
+            round: if closing {
+                self.round.next()
+            } else {
+                self.round
+            },
             rejected,
+            recorded,
         });
     }
 
-    fn send_rejection(&mut self, trainer: TrainerId, task: TaskId, hash: Option<BlobHash>) {
-        if let Some(last) = self.rejected.last() {
-            self.actions.push_back(Action::Send {
-                trainer,
-                message: ServerMessage::SubmissionRejected {
-                    task,
-                    hash,
-                    reason: last.reason,
-                    detail: last.detail.clone(),
-                },
-            });
-        }
+    fn send_rejection(
+        &mut self,
+        trainer: TrainerId,
+        task: TaskId,
+        hash: Option<BlobHash>,
+        refusal: &Refusal,
+    ) {
+        self.actions.push_back(Action::Send {
+            trainer,
+            message: ServerMessage::SubmissionRejected {
+                task,
+                hash,
+                reason: refusal.reason,
+                detail: refusal.detail.clone(),
+            },
+        });
     }
 
     fn close_round(&mut self, now: Option<Instant>) {
@@ -1025,6 +1116,8 @@ mod tests {
             },
             data: DataSection::default(),
             max_upload_bytes: 1000,
+            max_sample_count: 1000,
+            max_abs_value: 1e4,
             layout: Layout::new(vec![("w".into(), vec![4])]),
         }
     }
@@ -1348,6 +1441,84 @@ mod tests {
             harness.rejections.last().unwrap().reason,
             RejectReason::Late
         );
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_counted_but_recorded_only_up_to_the_caps() {
+        let mut harness = Harness::new(config(2, 2, 1, 2, 1), 2);
+        harness.join_all();
+        let index = harness.tasked()[0];
+        let task = harness.open_task(index).unwrap();
+        let mut counted = 0;
+        let mut recorded_count = 0;
+        for attempt in 0..1000u32 {
+            let mut future = task.clone();
+            future.round = RoundId(9);
+            let upload = harness.header(index, &future, &attempt.to_le_bytes());
+            let id = harness.id(index);
+            assert!(harness
+                .engine
+                .handle_submission_header(harness.now, id, &upload)
+                .is_err());
+            while let Some(action) = harness.engine.poll_action() {
+                if let Action::RecordRejection { recorded, .. } = action {
+                    counted += 1;
+                    recorded_count += usize::from(recorded);
+                }
+            }
+        }
+        assert_eq!(counted, 1000, "every refusal is counted");
+        assert_eq!(
+            recorded_count, MAX_RECORDED_REFUSALS_PER_TRAINER as usize,
+            "only the first few are recorded"
+        );
+    }
+
+    #[test]
+    fn oversized_weights_and_non_finite_losses_are_refused() {
+        let mut harness = Harness::new(config(2, 2, 1, 2, 1), 2);
+        harness.join_all();
+        let index = harness.tasked()[0];
+        let task = harness.open_task(index).unwrap();
+        let id = harness.id(index);
+        let mut header = harness.header(index, &task, b"x").header;
+        header.sample_count = 1001;
+        let upload = harness.trainers[index]
+            .sign_submission(header.clone())
+            .unwrap();
+        let refusal = harness
+            .engine
+            .handle_submission_header(harness.now, id, &upload)
+            .unwrap_err();
+        assert_eq!(refusal.reason, RejectReason::Malformed);
+        header.sample_count = 10;
+        header.metrics.train_loss = f32::NAN;
+        let upload = harness.trainers[index].sign_submission(header).unwrap();
+        let refusal = harness
+            .engine
+            .handle_submission_header(harness.now, id, &upload)
+            .unwrap_err();
+        assert_eq!(refusal.reason, RejectReason::Malformed);
+    }
+
+    #[test]
+    fn a_fixed_fleet_that_missed_the_deadline_is_tasked_again() {
+        let mut harness = Harness::new(config(3, 3, 2, 3, 1), 3);
+        harness.join_all();
+        let first: Vec<TaskId> = (0..3).map(|i| harness.open_task(i).unwrap().task).collect();
+        // Nobody made it in time: with no idle trainer left, the same three are re-tasked.
+        harness.advance_to_timeout();
+        for index in 0..3 {
+            let task = harness.open_task(index).expect("re-tasked");
+            assert!(
+                !first.contains(&task.task),
+                "a fresh task for trainer {index}"
+            );
+        }
+        harness.submit(0).unwrap();
+        harness.submit(1).unwrap();
+        harness.advance_to_timeout();
+        assert_eq!(harness.closes.len(), 1, "the round closed on its quorum");
     }
 
     #[test]

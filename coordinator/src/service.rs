@@ -189,6 +189,12 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         upload_permits: Arc::new(Semaphore::new(options.limits.concurrent_uploads)),
         enrollment_tokens: options.enrollment_tokens.clone(),
         experiment: experiment.clone(),
+        server_certificate: {
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(&identity.fingerprint, &mut raw)
+                .context("the certificate fingerprint is 32 bytes of hex")?;
+            raw
+        },
     });
     tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -323,6 +329,7 @@ fn bind_endpoint(
                 .with_context(|| format!("cannot write {}", temp.display()))?;
             std::fs::File::open(&temp)?.sync_all()?;
             std::fs::rename(&temp, &key_path)?;
+            std::fs::File::open(data_dir.join("tls"))?.sync_all()?;
             secret
         }
     };

@@ -10,7 +10,10 @@ use std::path::Path;
 
 use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::ledger::check_chain;
+use tributary_shared::frame::from_payload;
+use tributary_shared::identity::verify_submission;
+use tributary_shared::ledger::{check_chain, LedgerEntry};
+use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId};
 
 use crate::derive::{derive_from_store, encode_exact, encode_state};
@@ -40,6 +43,45 @@ pub struct VerifyError {
     pub round: Option<RoundId>,
     /// What is wrong.
     pub detail: String,
+}
+
+/// Checks that the submissions the coordinator acknowledged in a round are exactly the ones its
+/// ledger entry counts, and that each one's stored header is signed by its trainer and says what
+/// the entry says (hash, length, weight, loss, round).
+fn check_submissions(db: &Db, id: &ExperimentId, entry: &LedgerEntry) -> Result<(), String> {
+    let stored = db
+        .round_submissions(id, entry.round)
+        .map_err(|e| e.to_string())?;
+    let acknowledged: Vec<BlobHash> = stored.iter().map(|(hash, _)| *hash).collect();
+    let counted: Vec<BlobHash> = entry.accepted.iter().map(|a| a.hash).collect();
+    if acknowledged != counted {
+        return Err(format!(
+            "{} acknowledged submissions but {} counted in the ledger",
+            acknowledged.len(),
+            counted.len()
+        ));
+    }
+    for ((_, bytes), accepted) in stored.iter().zip(&entry.accepted) {
+        let upload: UploadHeader = from_payload(bytes)
+            .map_err(|e| format!("stored header of {} does not parse: {e}", accepted.hash))?;
+        verify_submission(&upload)
+            .map_err(|e| format!("delta {}: signature: {e}", accepted.hash))?;
+        let header = &upload.header;
+        let matches = header.hash == accepted.hash
+            && header.trainer == accepted.trainer
+            && header.sample_count == accepted.weight
+            && header.byte_len == accepted.byte_len
+            && header.metrics.train_loss.to_bits() == accepted.train_loss.to_bits()
+            && header.round == entry.round
+            && &header.experiment == id;
+        if !matches {
+            return Err(format!(
+                "delta {}: the signed header differs from the ledger",
+                accepted.hash
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Verifies every experiment in the data directory.
@@ -124,6 +166,13 @@ fn verify_experiment(
     let mut state = OptimizerState::default();
     for entry in &entries {
         let round = Some(entry.round);
+        if &entry.experiment != id {
+            return Err(fail(
+                round,
+                format!("entry names experiment {:?}", entry.experiment.0),
+            ));
+        }
+        check_submissions(db, id, entry).map_err(|detail| fail(round, detail))?;
         let mut sorted = entry.accepted.clone();
         sorted.sort_by_key(|a| a.hash);
         if sorted != entry.accepted {
@@ -163,11 +212,16 @@ fn verify_experiment(
         if state_hash != entry.optimizer_state {
             return Err(fail(round, "optimizer state does not re-derive".into()));
         }
-        if blobs.get(&entry.adapter_after).is_err() {
-            return Err(fail(
-                round,
-                format!("adapter blob {} is missing", entry.adapter_after),
-            ));
+        for (what, hash) in [
+            ("adapter", Some(entry.adapter_after)),
+            ("aggregate", Some(entry.aggregate)),
+            ("optimizer state", entry.optimizer_state),
+        ] {
+            if let Some(hash) = hash {
+                blobs
+                    .get(&hash)
+                    .map_err(|e| fail(round, format!("{what} blob: {e}")))?;
+            }
         }
         state = derived.state;
     }

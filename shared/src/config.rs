@@ -328,11 +328,26 @@ impl Default for DataSection {
 }
 
 /// `[limits]`.
-#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
     /// Largest accepted upload; 0 means 2 × the raw f32 size of the adapter + 64 KiB.
     pub max_upload_bytes: u64,
+    /// Largest sample count a submission may claim. It is the delta's FedAvg weight, so an
+    /// unbounded claim would let one trainer outweigh all others.
+    pub max_sample_count: u64,
+    /// Largest absolute value a delta may hold; larger values are refused like NaN.
+    pub max_abs_value: f32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 0,
+            max_sample_count: 1_000_000,
+            max_abs_value: 1e4,
+        }
+    }
 }
 
 /// A configuration value that is not acceptable.
@@ -474,6 +489,18 @@ impl ExperimentConfig {
             }
         }
         self.adapter.layout()?;
+        if self.limits.max_sample_count == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_sample_count",
+                "must be at least 1",
+            ));
+        }
+        if !(self.limits.max_abs_value.is_finite() && self.limits.max_abs_value > 0.0) {
+            return Err(ConfigError::invalid(
+                "limits.max_abs_value",
+                "must be a positive number",
+            ));
+        }
         if self.data.dataset.is_empty() {
             return Err(ConfigError::invalid("data.dataset", "must not be empty"));
         }

@@ -51,6 +51,23 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ DEFAULT_MAX_FRAME * 16 }>()
 }
 
+/// Deserializes a whole payload from trusted storage, where the network cap does not apply
+/// (a ledger entry may list many refusals). Trailing bytes are an error.
+pub fn from_payload_unbounded<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let config = bincode::config::standard().with_limit::<{ 1 << 31 }>();
+    let (message, used) = bincode::serde::decode_from_slice(payload, config).map_err(|error| {
+        FrameError::Malformed {
+            detail: error.to_string(),
+        }
+    })?;
+    if used != payload.len() {
+        return Err(FrameError::TrailingBytes {
+            extra: payload.len() - used,
+        });
+    }
+    Ok(message)
+}
+
 /// Serializes a message into its payload bytes (no prefix).
 pub fn to_payload<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
     bincode::serde::encode_to_vec(message, bincode_config()).map_err(|error| {

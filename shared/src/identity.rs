@@ -3,7 +3,7 @@
 //! Every signed message starts with a domain tag, so a signature made for one purpose (answering
 //! a connection challenge) can never be replayed as another (vouching for an upload).
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use rand::{CryptoRng, RngCore};
 
 use crate::frame::to_payload;
@@ -103,9 +103,13 @@ impl Identity {
         self.signing.sign(&signed).to_bytes().to_vec()
     }
 
-    /// Signs a connection challenge.
-    pub fn sign_hello(&self, nonce: &[u8; 32]) -> Vec<u8> {
-        self.sign(HELLO_DOMAIN, &hello_message(nonce, &self.id()))
+    /// Signs a connection challenge from the coordinator whose certificate has SHA-256
+    /// `server_certificate`.
+    pub fn sign_hello(&self, nonce: &[u8; 32], server_certificate: &[u8; 32]) -> Vec<u8> {
+        self.sign(
+            HELLO_DOMAIN,
+            &hello_message(nonce, &self.id(), server_certificate),
+        )
     }
 
     /// Signs a submission header into an upload header.
@@ -116,11 +120,18 @@ impl Identity {
     }
 }
 
-/// The bytes a hello signature covers: the nonce and the claimed key.
-pub fn hello_message(nonce: &[u8; 32], trainer: &TrainerId) -> Vec<u8> {
-    let mut message = Vec::with_capacity(64);
+/// The bytes a hello signature covers: the nonce, the claimed key, and the SHA-256 of the
+/// certificate the trainer saw. Binding the certificate means a rogue coordinator cannot relay
+/// another coordinator's challenge and log in as the trainer there.
+pub fn hello_message(
+    nonce: &[u8; 32],
+    trainer: &TrainerId,
+    server_certificate: &[u8; 32],
+) -> Vec<u8> {
+    let mut message = Vec::with_capacity(96);
     message.extend_from_slice(nonce);
     message.extend_from_slice(&trainer.0);
+    message.extend_from_slice(server_certificate);
     message
 }
 
@@ -149,20 +160,21 @@ pub fn verify(
     signed.extend_from_slice(domain);
     signed.extend_from_slice(message);
     verifying
-        .verify(&signed, &Signature::from_bytes(&raw))
+        .verify_strict(&signed, &Signature::from_bytes(&raw))
         .map_err(|_| IdentityError::Mismatch { key: key.to_hex() })
 }
 
-/// Verifies a hello signature.
+/// Verifies a hello signature made towards the certificate with SHA-256 `server_certificate`.
 pub fn verify_hello(
     trainer: &TrainerId,
     nonce: &[u8; 32],
+    server_certificate: &[u8; 32],
     signature: &[u8],
 ) -> Result<(), IdentityError> {
     verify(
         trainer,
         HELLO_DOMAIN,
-        &hello_message(nonce, trainer),
+        &hello_message(nonce, trainer, server_certificate),
         signature,
     )
 }
@@ -206,12 +218,15 @@ mod tests {
     fn hello_signature_binds_nonce_and_key() {
         let alice = identity(1);
         let nonce = [3u8; 32];
-        let signature = alice.sign_hello(&nonce);
-        assert!(verify_hello(&alice.id(), &nonce, &signature).is_ok());
-        assert!(verify_hello(&alice.id(), &[4u8; 32], &signature).is_err());
-        assert!(verify_hello(&identity(2).id(), &nonce, &signature).is_err());
+        let server = [8u8; 32];
+        let signature = alice.sign_hello(&nonce, &server);
+        assert!(verify_hello(&alice.id(), &nonce, &server, &signature).is_ok());
+        assert!(verify_hello(&alice.id(), &[4u8; 32], &server, &signature).is_err());
+        assert!(verify_hello(&identity(2).id(), &nonce, &server, &signature).is_err());
+        // Relayed to another coordinator: its certificate differs.
+        assert!(verify_hello(&alice.id(), &nonce, &[9u8; 32], &signature).is_err());
         assert!(matches!(
-            verify_hello(&alice.id(), &nonce, &signature[..10]),
+            verify_hello(&alice.id(), &nonce, &server, &signature[..10]),
             Err(IdentityError::SignatureLength { len: 10 })
         ));
     }
@@ -234,8 +249,8 @@ mod tests {
     fn domains_separate_purposes() {
         let alice = identity(1);
         let nonce = [9u8; 32];
-        let hello = alice.sign_hello(&nonce);
-        let message = hello_message(&nonce, &alice.id());
+        let hello = alice.sign_hello(&nonce, &[1u8; 32]);
+        let message = hello_message(&nonce, &alice.id(), &[1u8; 32]);
         assert!(verify(&alice.id(), OPERATOR_DOMAIN, &message, &hello).is_err());
     }
 

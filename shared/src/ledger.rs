@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{from_payload, to_payload};
+use crate::frame::{from_payload_unbounded, to_payload};
 use crate::ids::{BlobHash, ExperimentId, RoundId, TrainerId};
 use crate::wire::RejectReason;
 
@@ -127,9 +127,9 @@ impl LedgerEntry {
         to_payload(self).expect("ledger entries contain only serializable fields")
     }
 
-    /// Parses canonical bytes.
+    /// Parses canonical bytes (from trusted storage: no size limit beyond the input's).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
-        from_payload(bytes).map_err(|error| LedgerError::Malformed {
+        from_payload_unbounded(bytes).map_err(|error| LedgerError::Malformed {
             round: 0,
             detail: error.to_string(),
         })

@@ -56,10 +56,11 @@ impl Session {
             protocol_version == PROTOCOL_VERSION,
             "coordinator speaks protocol {protocol_version}"
         );
+        let server_certificate = peer_certificate_sha256(&connection)?;
         let hello = ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             trainer: identity.id(),
-            signature: identity.sign_hello(&nonce),
+            signature: identity.sign_hello(&nonce, &server_certificate),
             enrollment_token,
             agent: format!("tributary-synthetic/{}", env!("CARGO_PKG_VERSION")),
         };
@@ -159,6 +160,19 @@ impl Session {
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
     }
+}
+
+/// SHA-256 of the certificate the coordinator presented on `connection`.
+pub fn peer_certificate_sha256(connection: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let identity = connection
+        .peer_identity()
+        .context("the coordinator presented no certificate")?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
+    let leaf = chain.first().context("empty certificate chain")?;
+    Ok(sha2::Sha256::digest(leaf.as_ref()).into())
 }
 
 /// Writes one frame.

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument as _;
 use tributary_shared::codec;
 use tributary_shared::frame::{encode_frame, FrameDecoder, FrameError};
 use tributary_shared::identity::verify_hello;
@@ -24,11 +25,16 @@ use crate::net::hub::{refusal_message, Command, Download};
 use crate::store::blobs::BlobStore;
 use crate::store::INLINE_BLOB_MAX;
 
+/// Longest a download may take.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(600);
+
 /// Limits a connection task enforces.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
-    /// Largest control or header frame.
+    /// Largest frame the coordinator sends.
     pub max_frame: usize,
+    /// Largest frame a trainer may send (hello, control messages, upload and download headers).
+    pub max_client_frame: usize,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
     /// Longest silence inside an upload or download before it is dropped.
@@ -39,6 +45,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_frame: tributary_shared::frame::DEFAULT_MAX_FRAME,
+            max_client_frame: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(30),
         }
@@ -62,6 +69,8 @@ pub struct ConnectionContext {
     pub enrollment_tokens: Vec<String>,
     /// The experiment served.
     pub experiment: ExperimentId,
+    /// SHA-256 of our certificate, which hello signatures must name.
+    pub server_certificate: [u8; 32],
 }
 
 /// Why a connection ended early.
@@ -124,7 +133,7 @@ async fn serve_connection(
         limits.max_frame,
     )
     .await?;
-    let mut decoder = FrameDecoder::new(limits.max_frame);
+    let mut decoder = FrameDecoder::new(limits.max_client_frame);
     let hello = tokio::time::timeout(
         limits.handshake_timeout,
         read_message::<ClientMessage>(&mut recv, &mut decoder),
@@ -151,8 +160,7 @@ async fn serve_connection(
     };
     Metrics::add(&context.metrics.handshakes, 1);
     let span = tracing::info_span!("trainer", trainer = %trainer);
-    let _entered = span.enter();
-    tracing::info!(%agent, "trainer joined");
+    span.in_scope(|| tracing::info!(agent = ?agent, "trainer joined"));
 
     let (outbox, mut outbox_rx) = mpsc::unbounded_channel();
     let _ = outbox.send(ServerMessage::Welcome {
@@ -191,13 +199,19 @@ async fn serve_connection(
             },
             stream = connection.accept_uni() => match stream {
                 Ok(stream) => {
-                    tokio::spawn(receive_upload(context.clone(), trainer, stream, outbox.clone()));
+                    let upload = receive_upload(context.clone(), trainer, stream, outbox.clone());
+                    tokio::spawn(upload.instrument(span.clone()));
                 }
                 Err(error) => break Err(error.into()),
             },
             stream = connection.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_download(context.clone(), send, recv));
+                    // A download ends, even towards a peer that stops reading.
+                    let download = tokio::time::timeout(
+                        DOWNLOAD_DEADLINE,
+                        serve_download(context.clone(), send, recv),
+                    );
+                    tokio::spawn(download.instrument(span.clone()));
                 }
                 Err(error) => break Err(error.into()),
             },
@@ -235,7 +249,7 @@ fn check_hello(
             format!("protocol {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}"),
         ));
     }
-    verify_hello(&trainer, nonce, &signature)
+    verify_hello(&trainer, nonce, &context.server_certificate, &signature)
         .map_err(|error| refusal(RejectReason::BadSignature, error.to_string()))?;
     if !context.enrollment_tokens.is_empty() {
         let presented = enrollment_token.unwrap_or_default();
@@ -265,20 +279,9 @@ async fn receive_upload(
         let _ = stream.stop(quinn::VarInt::from_u32(1));
         report_violation(&context, Some(trainer), refusal.reason, refusal.detail);
     };
-    let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
-        reject_now(
-            &mut stream,
-            refusal(
-                RejectReason::RateLimited,
-                "too many uploads in progress; retry later",
-            ),
-            TaskId(0),
-        );
-        return;
-    };
-    let mut decoder = FrameDecoder::new(context.limits.max_frame);
+    let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let header = tokio::time::timeout(
-        context.limits.stream_idle_timeout,
+        context.limits.handshake_timeout,
         read_message::<UploadHeader>(&mut stream, &mut decoder),
     )
     .await;
@@ -321,7 +324,32 @@ async fn receive_upload(
         }
         Err(_) => return,
     };
-    let result = receive_body(&context, &ticket, &mut stream, decoder.take_rest()).await;
+    // Bodies are held in memory while checked: bound how many are received at once.
+    let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
+        let refused = refusal(
+            RejectReason::RateLimited,
+            "too many uploads in progress; retry later",
+        );
+        let _ = stream.stop(quinn::VarInt::from_u32(1));
+        let _ = context.commands.send(Command::UploadDone {
+            ticket,
+            result: Err(refused),
+        });
+        return;
+    };
+    // However slowly the bytes trickle in, an upload ends: at worst 64 KiB/s after 30 s.
+    let allowed = Duration::from_secs(30) + Duration::from_secs(ticket.byte_len / (64 * 1024));
+    let result = tokio::time::timeout(
+        allowed,
+        receive_body(&context, &ticket, &mut stream, decoder.take_rest()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(refusal(
+            RejectReason::Interrupted,
+            format!("upload took longer than {} s", allowed.as_secs()),
+        ))
+    });
     if result.is_err() {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
     }
@@ -401,6 +429,7 @@ async fn receive_body(
         ));
     }
     let layout = ticket.layout.clone();
+    let ticket_limit = ticket.max_abs_value;
     let blobs = context.blobs.clone();
     tokio::task::spawn_blocking(move || {
         // Bound the decoded size (a tiny top-k payload can describe a huge tensor) loosely
@@ -414,6 +443,19 @@ async fn receive_body(
         delta
             .check_finite()
             .map_err(|error| refusal(RejectReason::NonFinite, error.to_string()))?;
+        let limit = ticket_limit;
+        for tensor in delta.tensors() {
+            if let Some(index) = tensor.values().iter().position(|v| v.abs() > limit) {
+                return Err(refusal(
+                    RejectReason::NonFinite,
+                    format!(
+                        "tensor {:?} value {} at {index} exceeds the limit {limit}",
+                        tensor.name(),
+                        tensor.values()[index]
+                    ),
+                ));
+            }
+        }
         if body.len() <= INLINE_BLOB_MAX {
             return Ok(Some(body));
         }
@@ -431,7 +473,7 @@ async fn serve_download(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let mut decoder = FrameDecoder::new(context.limits.max_frame);
+    let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let request = tokio::time::timeout(
         context.limits.stream_idle_timeout,
         read_message::<DownloadRequest>(&mut recv, &mut decoder),

@@ -281,7 +281,8 @@ impl Hub {
             }
             Command::Client { trainer, message } => match message {
                 ClientMessage::TaskDeclined { task, detail } => {
-                    tracing::info!(%trainer, %task, %detail, "task declined");
+                    let detail: String = detail.chars().take(200).collect();
+                    tracing::debug!(%trainer, %task, detail = ?detail, "task declined");
                     self.engine.handle_task_declined(now, trainer, task);
                 }
                 ClientMessage::TaskAccepted { task } => {
@@ -369,16 +370,27 @@ impl Hub {
                         round,
                         task,
                         accepted,
-                    } => match self.persist_submission(&experiment, round, task, &accepted) {
-                        Ok(()) => persisted.push((round, task, accepted)),
-                        Err(error) => {
-                            tracing::error!(%error, "cannot record a submission");
-                            self.engine
-                                .handle_persist_failed(now, task, error.to_string());
+                        upload,
+                    } => {
+                        match self.persist_submission(&experiment, round, task, &accepted, &upload)
+                        {
+                            Ok(()) => persisted.push((round, task, accepted)),
+                            Err(error) => {
+                                tracing::error!(%error, "cannot record a submission");
+                                self.engine
+                                    .handle_persist_failed(now, task, error.to_string());
+                            }
                         }
-                    },
-                    Action::RecordRejection { round, rejected } => {
+                    }
+                    Action::RecordRejection {
+                        round,
+                        rejected,
+                        recorded,
+                    } => {
                         self.metrics.count_rejection(rejected.reason);
+                        if !recorded {
+                            continue;
+                        }
                         tracing::warn!(
                             round = %round,
                             trainer = ?rejected.trainer,
@@ -443,12 +455,15 @@ impl Hub {
         round: RoundId,
         task: TaskId,
         accepted: &tributary_shared::ledger::AcceptedDelta,
+        upload: &UploadHeader,
     ) -> Result<(), crate::store::db::DbError> {
         if let Some(body) = self.inline_bodies.remove(&accepted.hash) {
             self.db.put_inline(&accepted.hash, &body)?;
         }
+        let signed_header = tributary_shared::frame::to_payload(upload)
+            .map_err(|error| crate::store::db::DbError::Corrupt(error.to_string()))?;
         self.db
-            .record_submission(experiment, round, task, accepted, now_ms())
+            .record_submission(experiment, round, task, accepted, &signed_header, now_ms())
     }
 
     fn spawn_derive(&self, close: RoundClose) {
@@ -460,9 +475,14 @@ impl Hub {
         let previous = self.ledger_head;
         let commands = self.commands.clone();
         tokio::task::spawn_blocking(move || {
-            let result = derive_and_store(&config, &data_dir, &blobs, &close, &state, previous)
-                .map(Box::new)
-                .map_err(|error| format!("{error:#}"));
+            // A panic while aggregating must come back as an error, not leave the round
+            // closing forever.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                derive_and_store(&config, &data_dir, &blobs, &close, &state, previous)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("aggregation panicked")))
+            .map(Box::new)
+            .map_err(|error| format!("{error:#}"));
             let _ = commands.send(Command::Derived {
                 round: Box::new(close),
                 result,
@@ -550,14 +570,14 @@ fn derive_and_store(
     } else {
         None
     };
-    let total_weight: u64 = close.accepted.iter().map(|a| a.weight).sum();
-    let train_loss = (total_weight > 0).then(|| {
+    let total_weight: f64 = close.accepted.iter().map(|a| a.weight as f64).sum();
+    let train_loss = (total_weight > 0.0).then(|| {
         close
             .accepted
             .iter()
             .map(|a| f64::from(a.train_loss) * a.weight as f64)
             .sum::<f64>()
-            / total_weight as f64
+            / total_weight
     });
     let raw_per_delta = aggregate.element_count() as u64 * 4;
     let entry = LedgerEntry {

@@ -121,7 +121,13 @@ impl BlobStore {
             .parent()
             .expect("blob paths have a parent")
             .to_owned();
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            // The new fan-out directory's own entry must be durable too.
+            File::open(&self.root)
+                .and_then(|root| root.sync_all())
+                .map_err(io_error(&self.root))?;
+        }
         let counter = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let temp = dir.join(format!(
             "{}{TEMP_MARK}{}-{counter}",

@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     issued_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS submissions (
-    hash BLOB PRIMARY KEY,
+    hash BLOB NOT NULL,
     experiment TEXT NOT NULL,
     round INTEGER NOT NULL,
     task INTEGER NOT NULL,
@@ -88,7 +88,9 @@ CREATE TABLE IF NOT EXISTS submissions (
     weight INTEGER NOT NULL,
     train_loss REAL NOT NULL,
     byte_len INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL
+    received_ms INTEGER NOT NULL,
+    signed_header BLOB NOT NULL,
+    PRIMARY KEY (experiment, hash)
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -343,11 +345,12 @@ impl Db {
         round: RoundId,
         task: TaskId,
         delta: &AcceptedDelta,
+        signed_header: &[u8],
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT INTO submissions (hash, experiment, round, task, trainer, weight, train_loss, byte_len, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO submissions (hash, experiment, round, task, trainer, weight, train_loss, byte_len, received_ms, signed_header)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 &delta.hash.0[..],
                 id.0,
@@ -357,10 +360,31 @@ impl Db {
                 delta.weight as i64,
                 f64::from(delta.train_loss),
                 delta.byte_len as i64,
-                now_ms
+                now_ms,
+                signed_header
             ],
         )?;
         Ok(())
+    }
+
+    /// Accepted submissions of one round: (delta hash, signed header bytes), by hash.
+    pub fn round_submissions(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT hash, signed_header FROM submissions WHERE experiment = ?1 AND round = ?2 ORDER BY hash",
+        )?;
+        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, header) = row?;
+            out.push((hash_from(&hash)?, header));
+        }
+        Ok(out)
     }
 
     /// Stores a small blob in the database (idempotent).
