@@ -164,7 +164,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     metrics
         .current_round
         .store(engine.round().0, std::sync::atomic::Ordering::Relaxed);
-    let (commands, inbox) = mpsc::unbounded_channel();
+    // Bounded: a flood from peers slows them down (back-pressure) instead of growing memory.
+    let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
     let (progress_tx, progress) = watch::channel(Progress::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let hub = Hub::new(
@@ -350,6 +351,9 @@ fn bind_endpoint(
     quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
         .with_context(|| format!("cannot start quic on {listen}"))
 }
+
+/// Commands waiting for the hub at most; senders wait beyond that.
+const COMMAND_QUEUE: usize = 8192;
 
 /// Receive buffer asked for the QUIC socket; the kernel caps it at `net.core.rmem_max`.
 const UDP_RECEIVE_BUFFER: usize = 8 << 20;

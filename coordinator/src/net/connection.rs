@@ -56,7 +56,7 @@ impl Default for ConnectionLimits {
 #[derive(Debug)]
 pub struct ConnectionContext {
     /// The hub's inbox.
-    pub commands: mpsc::UnboundedSender<Command>,
+    pub commands: mpsc::Sender<Command>,
     /// Where uploads are written and downloads read.
     pub blobs: BlobStore,
     /// Counters.
@@ -167,13 +167,16 @@ async fn serve_connection(
         trainer,
         experiment: context.experiment.clone(),
     });
-    let _ = context.commands.send(Command::Joined {
-        trainer,
-        agent,
-        connection_id,
-        outbox: outbox.clone(),
-        connection: connection.clone(),
-    });
+    let _ = context
+        .commands
+        .send(Command::Joined {
+            trainer,
+            agent,
+            connection_id,
+            outbox: outbox.clone(),
+            connection: connection.clone(),
+        })
+        .await;
     let max_frame = limits.max_frame;
     let writer = tokio::spawn(async move {
         while let Some(message) = outbox_rx.recv().await {
@@ -187,12 +190,12 @@ async fn serve_connection(
         tokio::select! {
             message = read_message::<ClientMessage>(&mut recv, &mut decoder) => match message {
                 Ok(Some(message)) => {
-                    let _ = context.commands.send(Command::Client { trainer, message });
+                    let _ = context.commands.send(Command::Client { trainer, message }).await;
                 }
                 Ok(None) => break Ok(()),
                 Err(error) => {
                     if matches!(error, ConnectionError::Frame(_)) {
-                        report_violation(context, Some(trainer), RejectReason::Malformed, error.to_string());
+                        report_violation(context, Some(trainer), RejectReason::Malformed, error.to_string()).await;
                     }
                     break Err(error);
                 }
@@ -217,10 +220,13 @@ async fn serve_connection(
             },
         }
     };
-    let _ = context.commands.send(Command::Left {
-        trainer,
-        connection_id,
-    });
+    let _ = context
+        .commands
+        .send(Command::Left {
+            trainer,
+            connection_id,
+        })
+        .await;
     writer.abort();
     result
 }
@@ -277,7 +283,7 @@ async fn receive_upload(
     let reject_now = |stream: &mut RecvStream, refusal: Refusal, task: TaskId| {
         let _ = outbox.send(refusal_message(task, None, &refusal));
         let _ = stream.stop(quinn::VarInt::from_u32(1));
-        report_violation(&context, Some(trainer), refusal.reason, refusal.detail);
+        report_violation(&context, Some(trainer), refusal.reason, refusal.detail)
     };
     let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let header = tokio::time::timeout(
@@ -293,7 +299,8 @@ async fn receive_upload(
                 &mut stream,
                 refusal(RejectReason::Malformed, format!("upload header: {error}")),
                 TaskId(0),
-            );
+            )
+            .await;
             return;
         }
         Err(_) => {
@@ -301,17 +308,21 @@ async fn receive_upload(
                 &mut stream,
                 refusal(RejectReason::Interrupted, "no upload header in time"),
                 TaskId(0),
-            );
+            )
+            .await;
             return;
         }
     };
     let (task, hash) = (upload.header.task, upload.header.hash);
     let (reply, decision) = oneshot::channel();
-    let _ = context.commands.send(Command::Header {
-        trainer,
-        upload: Box::new(upload),
-        reply,
-    });
+    let _ = context
+        .commands
+        .send(Command::Header {
+            trainer,
+            upload: Box::new(upload),
+            reply,
+        })
+        .await;
     let ticket = match decision.await {
         Ok(Ok(ticket)) => {
             let _ = outbox.send(ServerMessage::UploadStarted { task, hash });
@@ -331,10 +342,13 @@ async fn receive_upload(
             "too many uploads in progress; retry later",
         );
         let _ = stream.stop(quinn::VarInt::from_u32(1));
-        let _ = context.commands.send(Command::UploadDone {
-            ticket,
-            result: Err(refused),
-        });
+        let _ = context
+            .commands
+            .send(Command::UploadDone {
+                ticket,
+                result: Err(refused),
+            })
+            .await;
         return;
     };
     // However slowly the bytes trickle in, an upload ends: at worst 64 KiB/s after 30 s.
@@ -355,7 +369,8 @@ async fn receive_upload(
     }
     let _ = context
         .commands
-        .send(Command::UploadDone { ticket, result });
+        .send(Command::UploadDone { ticket, result })
+        .await;
 }
 
 /// Receives and checks an upload body: length, hash, decoding, layout, finiteness. A large body
@@ -484,10 +499,13 @@ async fn serve_download(
         return;
     };
     let (reply, answer) = oneshot::channel();
-    let _ = context.commands.send(Command::Downloadable {
-        hash: request.hash,
-        reply,
-    });
+    let _ = context
+        .commands
+        .send(Command::Downloadable {
+            hash: request.hash,
+            reply,
+        })
+        .await;
     let max_frame = context.limits.max_frame;
     let len = match answer.await {
         Ok(Some(Download::Memory(bytes))) => {
@@ -545,16 +563,19 @@ async fn serve_download(
     let _ = send.finish();
 }
 
-fn report_violation(
+async fn report_violation(
     context: &ConnectionContext,
     trainer: Option<TrainerId>,
     reason: RejectReason,
     detail: String,
 ) {
-    let _ = context.commands.send(Command::Violation {
-        trainer,
-        refusal: refusal(reason, detail),
-    });
+    let _ = context
+        .commands
+        .send(Command::Violation {
+            trainer,
+            refusal: refusal(reason, detail),
+        })
+        .await;
 }
 
 fn refusal(reason: RejectReason, detail: impl Into<String>) -> Refusal {

@@ -146,7 +146,7 @@ pub struct Hub {
     ledger_head: Option<BlobHash>,
     optimizer_state: OptimizerState,
     progress: watch::Sender<Progress>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     rounds_closed: u64,
     data_dir: std::path::PathBuf,
     /// The current adapter's bytes, served to downloads from memory.
@@ -167,7 +167,7 @@ impl Hub {
         (ledger_head, rounds_closed): (Option<BlobHash>, u64),
         optimizer_state: OptimizerState,
         progress: watch::Sender<Progress>,
-        commands: mpsc::UnboundedSender<Command>,
+        commands: mpsc::Sender<Command>,
         data_dir: std::path::PathBuf,
     ) -> Self {
         Self {
@@ -191,7 +191,7 @@ impl Hub {
     /// Runs until `shutdown` resolves or a storage failure makes going on unsafe.
     pub async fn run(
         mut self,
-        mut inbox: mpsc::UnboundedReceiver<Command>,
+        mut inbox: mpsc::Receiver<Command>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
@@ -483,7 +483,7 @@ impl Hub {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("aggregation panicked")))
             .map(Box::new)
             .map_err(|error| format!("{error:#}"));
-            let _ = commands.send(Command::Derived {
+            let _ = commands.blocking_send(Command::Derived {
                 round: Box::new(close),
                 result,
             });
