@@ -32,6 +32,19 @@ enum Command {
         #[arg(long, env = "TRIBUTARY_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Write an experiment's latest adapter as a PEFT folder (safetensors, adapter_config.json,
+    /// model card with lineage) for upload to any PEFT-compatible hub.
+    Publish {
+        /// The data directory.
+        #[arg(long, env = "TRIBUTARY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The experiment (default: the latest).
+        #[arg(long)]
+        experiment: Option<String>,
+        /// The folder to write (must be empty or absent).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Print each experiment's progress as JSON.
     Status {
         /// The data directory.
@@ -101,6 +114,22 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => run_serve(*args),
         Command::Verify { data_dir } => run_verify(&data_dir),
         Command::Status { data_dir } => run_status(&data_dir),
+        Command::Publish {
+            data_dir,
+            experiment,
+            to,
+        } => {
+            let published =
+                crate::publish::publish(&data_dir, experiment.as_deref(), &to).map(|published| {
+                    println!(
+                        "wrote {} ({} rounds, adapter {})",
+                        to.display(),
+                        published.rounds,
+                        published.adapter
+                    );
+                });
+            published.map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod identity;
 pub mod ids;
 pub mod ledger;
+pub mod peft;
 pub mod wire;
 
 pub use delta::{Delta, DeltaError, Layout, NamedTensor};

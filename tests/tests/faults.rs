@@ -38,7 +38,12 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
         assert!(report.finished, "{fault:?} saw the experiment finish");
         reports.push((fault, report));
     }
-    let progress = running.progress.borrow().clone();
+    let mut watch = running.progress.clone();
+    let progress = tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|p| p.finished))
+        .await
+        .expect("the coordinator finishes")
+        .unwrap()
+        .clone();
     assert!(progress.finished);
     assert_eq!(progress.rounds_closed, 5);
 

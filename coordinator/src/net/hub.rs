@@ -411,6 +411,8 @@ impl Hub {
             self.commit_batch().context("cannot commit a transaction")?;
             // Bodies of uploads the engine refused are not kept.
             self.inline_bodies.clear();
+            // Watchers see the new state no later than trainers hear of it.
+            self.publish_progress();
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
                     let _ = registered.outbox.send(message);

@@ -1,0 +1,134 @@
+//! `publish`: writes an experiment's latest adapter as a PEFT folder (`adapter_model.safetensors`,
+//! `adapter_config.json`, and a model card `README.md` with its lineage) for upload to any
+//! PEFT-compatible hub.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use tributary_shared::codec;
+use tributary_shared::config::ExperimentConfig;
+use tributary_shared::peft::{to_safetensors, AdapterConfig};
+use tributary_shared::{ExperimentId, TrainerId};
+
+use crate::store::db::Db;
+use crate::store::{BlobSource, StoredBlobs};
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Rounds the adapter has been through.
+    pub rounds: u64,
+    /// The adapter's blob hash.
+    pub adapter: tributary_shared::BlobHash,
+    /// The ledger head it corresponds to.
+    pub ledger_head: Option<tributary_shared::BlobHash>,
+}
+
+/// Writes the latest adapter of `experiment` (or the only/latest experiment) into `out`.
+pub fn publish(data_dir: &Path, experiment: Option<&str>, out: &Path) -> anyhow::Result<Published> {
+    let db =
+        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let experiments = db.experiments()?;
+    let stored = match experiment {
+        Some(name) => experiments
+            .iter()
+            .find(|e| e.id.0 == name)
+            .with_context(|| format!("no experiment {name:?} in {}", data_dir.display()))?,
+        None => experiments
+            .last()
+            .context("the data directory holds no experiment")?,
+    };
+    let config: ExperimentConfig = serde_json::from_str(&stored.config_json)
+        .context("the stored configuration does not parse")?;
+    let adapter_config = AdapterConfig::from_spec(&config.adapter, &config.model.name)
+        .context("only LoRA experiments can be published as PEFT adapters")?;
+    let ledger = db.ledger(&stored.id)?;
+    let adapter_hash = ledger
+        .last()
+        .map(|(_, entry)| entry.adapter_after)
+        .unwrap_or(stored.initial_adapter);
+    let blobs = StoredBlobs::open(data_dir)?;
+    let max_elements = config.adapter.layout()?.element_count();
+    let adapter = codec::decode(&blobs.get(&adapter_hash)?, max_elements)
+        .context("the adapter blob does not decode")?;
+    let contributors: BTreeSet<TrainerId> = ledger
+        .iter()
+        .flat_map(|(_, entry)| entry.accepted.iter().map(|a| a.trainer))
+        .collect();
+    let ledger_head = ledger.last().map(|(hash, _)| *hash);
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty", out.display());
+    }
+    std::fs::create_dir_all(out)?;
+    std::fs::write(
+        out.join("adapter_model.safetensors"),
+        to_safetensors(&adapter)?,
+    )?;
+    std::fs::write(out.join("adapter_config.json"), adapter_config.to_json())?;
+    std::fs::write(
+        out.join("README.md"),
+        model_card(
+            &stored.id,
+            &config,
+            &adapter_config,
+            &ledger,
+            &contributors,
+            adapter_hash,
+        ),
+    )?;
+    Ok(Published {
+        rounds: ledger.len() as u64,
+        adapter: adapter_hash,
+        ledger_head,
+    })
+}
+
+fn model_card(
+    id: &ExperimentId,
+    config: &ExperimentConfig,
+    adapter: &AdapterConfig,
+    ledger: &[(
+        tributary_shared::BlobHash,
+        tributary_shared::ledger::LedgerEntry,
+    )],
+    contributors: &BTreeSet<TrainerId>,
+    adapter_hash: tributary_shared::BlobHash,
+) -> String {
+    let mut card = format!(
+        "---\nlibrary_name: peft\nbase_model: {base}\ntags:\n- lora\n- federated-learning\n- tributary\n---\n\n\
+         # {id}\n\n{description}\n\nA LoRA adapter for `{base}` trained by federated fine-tuning with Tributary: \
+         {rounds} rounds, {n} contributors.\n\n\
+         | | |\n|---|---|\n| rank / alpha | {r} / {alpha} |\n| target modules | {targets} |\n\
+         | adapter (blake3 of the canonical f32 encoding) | `{adapter_hash}` |\n| ledger head | `{head}` |\n\n\
+         ## Lineage\n\nEach round's entry lists the deltas it aggregated (by blake3 hash) and their trainers' \
+         ed25519 keys; `tributary-coordinator verify` re-derives every round.\n\n\
+         | round | deltas | train loss | adapter |\n|---|---|---|---|\n",
+        base = config.model.name,
+        description = config.experiment.description,
+        rounds = ledger.len(),
+        n = contributors.len(),
+        r = adapter.r,
+        alpha = adapter.lora_alpha,
+        targets = adapter.target_modules.join(", "),
+        head = ledger.last().map(|(h, _)| h.to_hex()).unwrap_or_else(|| "(none)".into()),
+    );
+    for (_, entry) in ledger {
+        card.push_str(&format!(
+            "| {} | {} | {} | `{}` |\n",
+            entry.round,
+            entry.accepted.len(),
+            entry
+                .metrics
+                .train_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            entry.adapter_after.short()
+        ));
+    }
+    card.push_str("\n## Contributors\n\n");
+    for trainer in contributors {
+        card.push_str(&format!("- `{}`\n", trainer.to_hex()));
+    }
+    card
+}
