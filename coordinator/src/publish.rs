@@ -41,7 +41,7 @@ pub fn publish(data_dir: &Path, experiment: Option<&str>, out: &Path) -> anyhow:
     };
     let config: ExperimentConfig = serde_json::from_str(&stored.config_json)
         .context("the stored configuration does not parse")?;
-    let adapter_config = AdapterConfig::from_spec(&config.adapter, &config.model.name)
+    let adapter_config = AdapterConfig::from_spec(&config.adapter, config.model.hub_id())
         .context("only LoRA experiments can be published as PEFT adapters")?;
     let ledger = db.ledger(&stored.id)?;
     let adapter_hash = ledger
@@ -96,7 +96,7 @@ fn model_card(
     adapter_hash: tributary_shared::BlobHash,
 ) -> String {
     let mut card = format!(
-        "---\nlibrary_name: peft\nbase_model: {base}\ntags:\n- lora\n- federated-learning\n- tributary\n---\n\n\
+        "---\nlibrary_name: peft\nbase_model: {base:?}\ntags:\n- lora\n- federated-learning\n- tributary\n---\n\n\
          # {id}\n\n{description}\n\nA LoRA adapter for `{base}` trained by federated fine-tuning with Tributary: \
          {rounds} rounds, {n} contributors.\n\n\
          | | |\n|---|---|\n| rank / alpha | {r} / {alpha} |\n| target modules | {targets} |\n\
@@ -104,7 +104,7 @@ fn model_card(
          ## Lineage\n\nEach round's entry lists the deltas it aggregated (by blake3 hash) and their trainers' \
          ed25519 keys; `tributary-coordinator verify` re-derives every round.\n\n\
          | round | deltas | train loss | adapter |\n|---|---|---|---|\n",
-        base = config.model.name,
+        base = config.model.hub_id(),
         description = config.experiment.description,
         rounds = ledger.len(),
         n = contributors.len(),

@@ -55,8 +55,11 @@ fn check_submissions(db: &Db, id: &ExperimentId, entry: &LedgerEntry) -> Result<
     let acknowledged: Vec<BlobHash> = stored.iter().map(|(hash, _)| *hash).collect();
     let counted: Vec<BlobHash> = entry.accepted.iter().map(|a| a.hash).collect();
     if acknowledged != counted {
+        let missing = acknowledged.iter().find(|h| !counted.contains(h));
+        let extra = counted.iter().find(|h| !acknowledged.contains(h));
         return Err(format!(
-            "{} acknowledged submissions but {} counted in the ledger",
+            "{} acknowledged submissions but {} counted in the ledger (acknowledged, not \
+             counted: {missing:?}; counted, not acknowledged: {extra:?})",
             acknowledged.len(),
             counted.len()
         ));

@@ -61,15 +61,26 @@ pub struct ExperimentSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// The base model's name, e.g. `smollm2-135m-instruct-q8_0`.
+    /// The base model's name, e.g. `smollm2-135m-instruct-q4_1`.
     pub name: String,
+    /// The base model's hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), written into
+    /// published adapters so PEFT can load the base; defaults to `name`.
+    pub hub_id: Option<String>,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
             name: "synthetic".into(),
+            hub_id: None,
         }
+    }
+}
+
+impl ModelSection {
+    /// The id published adapters name as their base model.
+    pub fn hub_id(&self) -> &str {
+        self.hub_id.as_deref().unwrap_or(&self.name)
     }
 }
 

@@ -18,7 +18,8 @@ rounds = 2
 seed = 5
 
 [model]
-name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+name = "smollm2-135m-instruct-q4_1"
+hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 [adapter]
 kind = "lora"

@@ -8,6 +8,11 @@
 //!
 //! Dimensions are reported as GGUF stores them: `dims[0]` varies fastest. A PyTorch `Linear`
 //! weight of shape `[out, in]` is stored with `dims = [in, out]`.
+//!
+//! llama.cpp's converter also permutes the rows of `attn_q` and `attn_k` for the llama
+//! architecture (it regroups each head's rotary pairs). The model code must either use the
+//! matching rotary layout or undo the permutation, and a LoRA `lora_B` for `q_proj`/`k_proj`
+//! trained on these weights must be un-permuted before it is exported in PEFT's layout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -240,7 +245,8 @@ impl Gguf {
             let value = reader.value(kind, 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(tensor_count.min(bytes.len() / 24));
+        // Reserve modestly: a corrupt count must fail on the bytes, not on an allocation.
+        let mut tensors = Vec::with_capacity(tensor_count.min(4096));
         for _ in 0..tensor_count {
             let name = reader.string()?;
             let n_dims = reader.u32()?;
@@ -439,12 +445,13 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    /// A u64 count or size that must fit in memory and in what is left of the file.
+    /// A u64 count, length or offset; at most 2^40, so arithmetic on it cannot overflow. Callers
+    /// check it against the bytes it describes.
     fn count(&mut self) -> Result<usize, GgufError> {
         let value = self.u64()?;
         usize::try_from(value)
             .ok()
-            .filter(|v| *v <= self.bytes.len().max(1 << 40))
+            .filter(|v| *v <= 1 << 40)
             .ok_or_else(|| self.corrupt(format!("impossible count {value}")))
     }
 
@@ -479,7 +486,7 @@ impl<'a> Reader<'a> {
                 if len > self.bytes.len() - self.offset {
                     return Err(self.corrupt(format!("array of {len} items overruns the file")));
                 }
-                let mut items = Vec::with_capacity(len);
+                let mut items = Vec::with_capacity(len.min(4096));
                 for _ in 0..len {
                     items.push(self.value(item_kind, depth + 1)?);
                 }
@@ -493,7 +500,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Writes GGUF files: used by tests to build tiny models, and by tools that export one.
+/// Writes GGUF files for tests: integers as u64/i64, floats as f64, data aligned to 32 bytes.
+/// (llama.cpp checks metadata types strictly, so files meant for it need its exact types.)
 #[derive(Debug, Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,

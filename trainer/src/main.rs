@@ -79,7 +79,8 @@ fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
     let mut elements = 0usize;
     for tensor in &file.tensors {
         *by_type.entry(format!("{:?}", tensor.kind)).or_default() += 1;
-        elements += tensor.element_count();
+        elements =
+            elements.saturating_add(tensor.dims.iter().fold(1usize, |a, d| a.saturating_mul(*d)));
     }
     println!(
         "{} tensors, {elements} values: {by_type:?}",

@@ -209,11 +209,7 @@ async fn serve_connection(
             },
             stream = connection.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    // A download ends, even towards a peer that stops reading.
-                    let download = tokio::time::timeout(
-                        DOWNLOAD_DEADLINE,
-                        serve_download(context.clone(), send, recv),
-                    );
+                    let download = serve_download(context.clone(), send, recv);
                     tokio::spawn(download.instrument(span.clone()));
                 }
                 Err(error) => break Err(error.into()),
@@ -351,19 +347,7 @@ async fn receive_upload(
             .await;
         return;
     };
-    // However slowly the bytes trickle in, an upload ends: at worst 64 KiB/s after 30 s.
-    let allowed = Duration::from_secs(30) + Duration::from_secs(ticket.byte_len / (64 * 1024));
-    let result = tokio::time::timeout(
-        allowed,
-        receive_body(&context, &ticket, &mut stream, decoder.take_rest()),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(refusal(
-            RejectReason::Interrupted,
-            format!("upload took longer than {} s", allowed.as_secs()),
-        ))
-    });
+    let result = receive_body(&context, &ticket, &mut stream, decoder.take_rest()).await;
     if result.is_err() {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
     }
@@ -397,9 +381,13 @@ async fn receive_body(
         Ok(())
     };
     take(&already, &mut body)?;
+    // However slowly the bytes trickle in, receiving ends: at worst 64 KiB/s after 30 s.
+    let allowed = Duration::from_secs(30) + Duration::from_secs(expected / (64 * 1024));
+    let receive_until = tokio::time::Instant::now() + allowed;
     loop {
-        let chunk = tokio::time::timeout(
-            context.limits.stream_idle_timeout,
+        let idle_until = tokio::time::Instant::now() + context.limits.stream_idle_timeout;
+        let chunk = tokio::time::timeout_at(
+            idle_until.min(receive_until),
             stream.read_chunk(64 * 1024, true),
         )
         .await;
@@ -418,7 +406,11 @@ async fn receive_body(
             Err(_) => {
                 return Err(refusal(
                     RejectReason::Interrupted,
-                    format!("upload stalled after {} bytes", body.len()),
+                    format!(
+                        "upload stalled or too slow: {} bytes after {} s at most",
+                        body.len(),
+                        allowed.as_secs()
+                    ),
                 ))
             }
         }
@@ -488,6 +480,8 @@ async fn serve_download(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
+    // A download ends, even towards a peer that stops reading.
+    let deadline = tokio::time::Instant::now() + DOWNLOAD_DEADLINE;
     let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let request = tokio::time::timeout(
         context.limits.stream_idle_timeout,
@@ -512,11 +506,22 @@ async fn serve_download(
             let found = DownloadResponse::Found {
                 len: bytes.len() as u64,
             };
-            if write_message(&mut send, &found, max_frame).await.is_ok()
-                && send.write_all(&bytes).await.is_ok()
-            {
-                Metrics::add(&context.metrics.bytes_out, bytes.len() as u64);
-                let _ = send.finish();
+            let sent = tokio::time::timeout_at(deadline, async {
+                write_message(&mut send, &found, max_frame).await?;
+                send.write_all(&bytes).await?;
+                Ok::<_, ConnectionError>(())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    Metrics::add(&context.metrics.bytes_out, bytes.len() as u64);
+                    let _ = send.finish();
+                }
+                // Too slow: reset, so the peer cannot mistake a cut body for a whole one.
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(3));
+                }
+                Ok(Err(_)) => {}
             }
             return;
         }
@@ -547,12 +552,14 @@ async fn serve_download(
     loop {
         match file.read(&mut buffer).await {
             Ok(0) => break,
-            Ok(n) => {
-                if send.write_all(&buffer[..n]).await.is_err() {
+            Ok(n) => match tokio::time::timeout_at(deadline, send.write_all(&buffer[..n])).await {
+                Ok(Ok(())) => Metrics::add(&context.metrics.bytes_out, n as u64),
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(3));
                     return;
                 }
-                Metrics::add(&context.metrics.bytes_out, n as u64);
-            }
+            },
             Err(error) => {
                 tracing::error!(%error, "cannot read a blob for download");
                 let _ = send.reset(quinn::VarInt::from_u32(2));

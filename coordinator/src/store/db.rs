@@ -56,6 +56,10 @@ pub struct ExperimentStatus {
     pub finished: bool,
 }
 
+/// The schema's version, kept in SQLite's `user_version`. A database of another version is
+/// refused rather than half-used.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY,
@@ -142,7 +146,20 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let tables: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |row| row.get(0),
+        )?;
+        if tables > 0 && version != SCHEMA_VERSION {
+            return Err(DbError::Corrupt(format!(
+                "the database has schema version {version}, this coordinator needs \
+                 {SCHEMA_VERSION}; use a new data directory"
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
             conn,
             in_batch: false,
