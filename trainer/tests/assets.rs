@@ -72,7 +72,22 @@ fn shakespeare_splits_into_hundreds_of_role_clients() {
         return;
     }
     let clients = load_clients(&texts, &SplitConfig::default()).unwrap();
-    assert!(clients.len() > 500, "{} clients", clients.len());
+    assert!(clients.len() > 600, "{} clients", clients.len());
+    let plays: std::collections::BTreeSet<&str> = clients
+        .iter()
+        .filter_map(|c| c.id.split(':').next())
+        .collect();
+    assert_eq!(
+        plays.len(),
+        42,
+        "every play has roles, no poem has: {plays:?}"
+    );
+    assert!(clients
+        .iter()
+        .any(|c| c.id == "merry_wives_of_windsor:MRS. PAGE"));
+    assert!(clients
+        .iter()
+        .any(|c| c.id == "midsummer_nights_dream:THESEUS"));
     let hamlet = clients
         .iter()
         .find(|c| c.id == "hamlet:HAM")
