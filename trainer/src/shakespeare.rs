@@ -127,12 +127,23 @@ pub fn speeches(text: &str) -> Vec<(String, Vec<String>)> {
         return Vec::new();
     };
     let lines = &lines[start..];
-    let period_headings = lines
-        .iter()
-        .filter(|line| whole_line_heading(line, false).is_some())
+    // Headings open a paragraph: a short verse line such as `Ready.` mid-speech is not one.
+    let opens_paragraph = |index: usize| index == 0 || lines[index - 1].is_empty();
+    let period_headings = (0..lines.len())
+        .filter(|&index| {
+            opens_paragraph(index) && whole_line_heading(lines[index], false).is_some()
+        })
         .count();
-    // Too few `NAME.` lines: this play writes its headings without the period.
-    let bare_headings = period_headings < 10;
+    let capital_headings = (0..lines.len())
+        .filter(|&index| {
+            opens_paragraph(index)
+                && !lines[index].ends_with('.')
+                && lines.get(index + 1).is_some_and(|next| !next.is_empty())
+                && speaker_name(lines[index], true).is_some()
+        })
+        .count();
+    // More bare `NAME` lines than `NAME.` ones: this play writes headings without the period.
+    let bare_headings = capital_headings > period_headings;
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     let mut current: Option<String> = None;
     let mut depth = 0u32;
@@ -147,7 +158,7 @@ pub fn speeches(text: &str) -> Vec<(String, Vec<String>)> {
             continue;
         }
         let next_is_text = lines.get(index + 1).is_some_and(|next| !next.is_empty());
-        let (speaker, rest) = if depth > 0 {
+        let (speaker, rest) = if depth > 0 || !opens_paragraph(index) {
             (None, *line)
         } else if let Some(name) = whole_line_heading(line, bare_headings && next_is_text) {
             (Some(name), "")
@@ -223,10 +234,11 @@ fn is_structural(line: &str) -> bool {
     .any(|word| upper.starts_with(word))
 }
 
-/// A heading alone on its line: `NAME.`, or with `bare`, an all-capitals `NAME`.
+/// A heading alone on its line: `NAME.`; or, in a play whose headings carry no period
+/// (`bare`), an all-capitals `NAME`.
 fn whole_line_heading(line: &str, bare: bool) -> Option<String> {
     match line.strip_suffix('.') {
-        Some(name) => speaker_name(name, false),
+        Some(name) => speaker_name(name, bare),
         None if bare => speaker_name(line, true),
         None => None,
     }
