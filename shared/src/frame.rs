@@ -54,18 +54,10 @@ fn bincode_config() -> impl bincode::config::Config {
 /// Deserializes a whole payload from trusted storage, where the network cap does not apply
 /// (a ledger entry may list many refusals). Trailing bytes are an error.
 pub fn from_payload_unbounded<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let config = bincode::config::standard().with_limit::<{ 1 << 31 }>();
-    let (message, used) = bincode::serde::decode_from_slice(payload, config).map_err(|error| {
-        FrameError::Malformed {
-            detail: error.to_string(),
-        }
-    })?;
-    if used != payload.len() {
-        return Err(FrameError::TrailingBytes {
-            extra: payload.len() - used,
-        });
-    }
-    Ok(message)
+    decode_whole(
+        payload,
+        bincode::config::standard().with_limit::<{ 1 << 31 }>(),
+    )
 }
 
 /// Serializes a message into its payload bytes (no prefix).
@@ -79,12 +71,18 @@ pub fn to_payload<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Deserializes a whole payload; trailing bytes are an error.
 pub fn from_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (message, used) =
-        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|error| {
-            FrameError::Malformed {
-                detail: error.to_string(),
-            }
-        })?;
+    decode_whole(payload, bincode_config())
+}
+
+fn decode_whole<T: DeserializeOwned>(
+    payload: &[u8],
+    config: impl bincode::config::Config,
+) -> Result<T, FrameError> {
+    let (message, used) = bincode::serde::decode_from_slice(payload, config).map_err(|error| {
+        FrameError::Malformed {
+            detail: error.to_string(),
+        }
+    })?;
     if used != payload.len() {
         return Err(FrameError::TrailingBytes {
             extra: payload.len() - used,
