@@ -564,13 +564,7 @@ impl Engine {
                 self.actions.push_back(Action::PersistSubmission {
                     round: self.round,
                     task: ticket.task,
-                    accepted: AcceptedDelta {
-                        hash: ticket.hash,
-                        trainer,
-                        weight: upload.header.sample_count,
-                        train_loss: upload.header.metrics.train_loss,
-                        byte_len: ticket.byte_len,
-                    },
+                    accepted: AcceptedDelta::from_upload(&upload),
                     upload: Box::new(upload),
                 });
             }
@@ -1651,6 +1645,11 @@ mod tests {
             weight: 1,
             train_loss: 0.5,
             byte_len: 10,
+            task: TaskId(u64::from(n) + 6),
+            steps: 1,
+            tokens: 0,
+            train_ms: 0,
+            signature: Vec::new(),
         };
         let resume = ResumeState {
             round: RoundId(3),

@@ -12,7 +12,7 @@ use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::frame::from_payload;
 use tributary_shared::identity::verify_submission;
-use tributary_shared::ledger::{check_chain, LedgerEntry};
+use tributary_shared::ledger::{check_chain, verify_signatures, LedgerEntry};
 use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId};
 
@@ -175,6 +175,7 @@ fn verify_experiment(
                 format!("entry names experiment {:?}", entry.experiment.0),
             ));
         }
+        verify_signatures(entry).map_err(|error| fail(round, error.to_string()))?;
         check_submissions(db, id, entry).map_err(|detail| fail(round, detail))?;
         let mut sorted = entry.accepted.clone();
         sorted.sort_by_key(|a| a.hash);

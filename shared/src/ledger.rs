@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{from_payload_unbounded, to_payload};
-use crate::ids::{BlobHash, ExperimentId, RoundId, TrainerId};
-use crate::wire::RejectReason;
+use crate::identity::verify_submission;
+use crate::ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+use crate::wire::{RejectReason, SubmissionHeader, TrainMetrics, UploadHeader};
 
 /// The record of one closed round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,7 +35,8 @@ pub struct LedgerEntry {
     pub metrics: RoundMetrics,
 }
 
-/// One delta that counted.
+/// One delta that counted, with everything its trainer signed, so anyone holding the ledger can
+/// check the signature ([`verify_signatures`]) without the coordinator's database.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AcceptedDelta {
     /// The delta's blob hash.
@@ -47,6 +49,71 @@ pub struct AcceptedDelta {
     pub train_loss: f32,
     /// Encoded size in bytes.
     pub byte_len: u64,
+    /// The task it answered.
+    pub task: TaskId,
+    /// Reported local steps.
+    pub steps: u32,
+    /// Reported tokens processed.
+    pub tokens: u64,
+    /// Reported local training time, in milliseconds.
+    pub train_ms: u64,
+    /// The trainer's ed25519 signature over the submission header.
+    pub signature: Vec<u8>,
+}
+
+impl AcceptedDelta {
+    /// The record of a signed upload.
+    pub fn from_upload(upload: &UploadHeader) -> Self {
+        let header = &upload.header;
+        Self {
+            hash: header.hash,
+            trainer: header.trainer,
+            weight: header.sample_count,
+            train_loss: header.metrics.train_loss,
+            byte_len: header.byte_len,
+            task: header.task,
+            steps: header.metrics.steps,
+            tokens: header.metrics.tokens,
+            train_ms: header.metrics.train_ms,
+            signature: upload.signature.clone(),
+        }
+    }
+
+    /// The signed upload header this record stands for.
+    pub fn upload(&self, experiment: &ExperimentId, round: RoundId) -> UploadHeader {
+        UploadHeader {
+            header: SubmissionHeader {
+                experiment: experiment.clone(),
+                round,
+                task: self.task,
+                trainer: self.trainer,
+                hash: self.hash,
+                byte_len: self.byte_len,
+                sample_count: self.weight,
+                metrics: TrainMetrics {
+                    train_loss: self.train_loss,
+                    steps: self.steps,
+                    tokens: self.tokens,
+                    train_ms: self.train_ms,
+                },
+            },
+            signature: self.signature.clone(),
+        }
+    }
+}
+
+/// Checks every accepted delta's signature in `entry`.
+pub fn verify_signatures(entry: &LedgerEntry) -> Result<(), LedgerError> {
+    for accepted in &entry.accepted {
+        verify_submission(&accepted.upload(&entry.experiment, entry.round)).map_err(|error| {
+            LedgerError::BadSignature {
+                round: entry.round,
+                hash: accepted.hash,
+                detail: error.to_string(),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// One refused submission.
@@ -108,6 +175,16 @@ pub enum LedgerError {
         expected: Option<BlobHash>,
         /// What the entry says.
         found: Option<BlobHash>,
+    },
+    /// An accepted delta's signature does not hold.
+    #[error("round {round}: delta {hash}: {detail}")]
+    BadSignature {
+        /// The round.
+        round: RoundId,
+        /// The delta.
+        hash: BlobHash,
+        /// Why.
+        detail: String,
     },
     /// A round does not start from the adapter the previous one produced.
     #[error("round {round}: starts from adapter {found}, previous round produced {expected}")]
@@ -179,6 +256,47 @@ pub fn check_chain(entries: &[LedgerEntry]) -> Result<Option<BlobHash>, LedgerEr
 mod tests {
     use super::*;
 
+    fn signer() -> crate::identity::Identity {
+        crate::identity::Identity::from_secret([5; 32])
+    }
+
+    fn signed_delta(round: RoundId) -> AcceptedDelta {
+        let upload = signer()
+            .sign_submission(SubmissionHeader {
+                experiment: ExperimentId("e".into()),
+                round,
+                task: TaskId(4),
+                trainer: signer().id(),
+                hash: BlobHash::of(b"d"),
+                byte_len: 9,
+                sample_count: 3,
+                metrics: TrainMetrics {
+                    train_loss: 1.5,
+                    steps: 2,
+                    tokens: 100,
+                    train_ms: 7,
+                },
+            })
+            .unwrap();
+        AcceptedDelta::from_upload(&upload)
+    }
+
+    #[test]
+    fn signatures_in_the_ledger_can_be_checked_alone() {
+        let mut entries = chain(2);
+        for entry in &entries {
+            verify_signatures(entry).unwrap();
+        }
+        entries[1].accepted[0].weight = 30;
+        assert!(matches!(
+            verify_signatures(&entries[1]),
+            Err(LedgerError::BadSignature {
+                round: RoundId(1),
+                ..
+            })
+        ));
+    }
+
     fn chain(length: u64) -> Vec<LedgerEntry> {
         let mut entries: Vec<LedgerEntry> = Vec::new();
         for round in 0..length {
@@ -194,13 +312,7 @@ mod tests {
                 adapter_after: BlobHash::of(&round.to_le_bytes()),
                 aggregate: BlobHash::of(b"aggregate"),
                 optimizer_state: None,
-                accepted: vec![AcceptedDelta {
-                    hash: BlobHash::of(b"d"),
-                    trainer: TrainerId([1; 32]),
-                    weight: 3,
-                    train_loss: 1.5,
-                    byte_len: 9,
-                }],
+                accepted: vec![signed_delta(RoundId(round))],
                 rejected: vec![RejectedSubmission {
                     trainer: None,
                     hash: None,

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
+use tributary_shared::frame::from_payload;
 use tributary_shared::ledger::{AcceptedDelta, LedgerEntry, RejectedSubmission};
-use tributary_shared::wire::RejectReason;
+use tributary_shared::wire::{RejectReason, UploadHeader};
 use tributary_shared::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
 
 use crate::engine::ResumeState;
@@ -308,32 +309,13 @@ impl Db {
                 .tasks
                 .push((TaskId(task as u64), TrainerId(hash_from(&trainer)?.0)));
         }
-        let mut statement = self.conn.prepare(
-            "SELECT task, hash, trainer, weight, train_loss, byte_len FROM submissions
-             WHERE experiment = ?1 AND round = ?2 ORDER BY hash",
-        )?;
-        let rows = statement.query_map(params![id.0, round], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Vec<u8>>(1)?,
-                row.get::<_, Vec<u8>>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, f64>(4)?,
-                row.get::<_, i64>(5)?,
-            ))
-        })?;
-        for row in rows {
-            let (task, hash, trainer, weight, train_loss, byte_len) = row?;
-            state.accepted.push((
-                TaskId(task as u64),
-                AcceptedDelta {
-                    hash: hash_from(&hash)?,
-                    trainer: TrainerId(hash_from(&trainer)?.0),
-                    weight: weight as u64,
-                    train_loss: train_loss as f32,
-                    byte_len: byte_len as u64,
-                },
-            ));
+        // Each accepted delta comes back from the header its trainer signed.
+        for (_, signed_header) in self.round_submissions(id, RoundId(round as u64))? {
+            let upload: UploadHeader = from_payload(&signed_header)
+                .map_err(|error| DbError::Corrupt(format!("stored header: {error}")))?;
+            state
+                .accepted
+                .push((upload.header.task, AcceptedDelta::from_upload(&upload)));
         }
         state.rejected = self.rejections(id, RoundId(round as u64))?;
         Ok(state)
