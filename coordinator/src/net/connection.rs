@@ -21,7 +21,7 @@ use tributary_shared::{BlobHash, ExperimentId, TaskId, TrainerId};
 
 use crate::engine::{Refusal, UploadTicket};
 use crate::metrics::Metrics;
-use crate::net::hub::{refusal_message, Command, Download};
+use crate::net::hub::{Command, Download};
 use crate::store::blobs::BlobStore;
 use crate::store::INLINE_BLOB_MAX;
 
@@ -240,19 +240,19 @@ fn check_hello(
         agent,
     } = hello
     else {
-        return Err(refusal(
+        return Err(Refusal::new(
             RejectReason::Malformed,
             "the first message must be a hello",
         ));
     };
     if protocol_version != PROTOCOL_VERSION {
-        return Err(refusal(
+        return Err(Refusal::new(
             RejectReason::ProtocolVersion,
             format!("protocol {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}"),
         ));
     }
     verify_hello(&trainer, nonce, &context.server_certificate, &signature)
-        .map_err(|error| refusal(RejectReason::BadSignature, error.to_string()))?;
+        .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()))?;
     if !context.enrollment_tokens.is_empty() {
         let presented = enrollment_token.unwrap_or_default();
         if !context
@@ -260,7 +260,7 @@ fn check_hello(
             .iter()
             .any(|token| constant_time_eq(token.as_bytes(), presented.as_bytes()))
         {
-            return Err(refusal(
+            return Err(Refusal::new(
                 RejectReason::UnknownTrainer,
                 "a valid enrollment token is required",
             ));
@@ -277,7 +277,7 @@ async fn receive_upload(
     outbox: mpsc::UnboundedSender<ServerMessage>,
 ) {
     let reject_now = |stream: &mut RecvStream, refusal: Refusal, task: TaskId| {
-        let _ = outbox.send(refusal_message(task, None, &refusal));
+        let _ = outbox.send(refusal.message(task, None));
         let _ = stream.stop(quinn::VarInt::from_u32(1));
         report_violation(&context, Some(trainer), refusal.reason, refusal.detail)
     };
@@ -293,7 +293,7 @@ async fn receive_upload(
         Ok(Err(error)) => {
             reject_now(
                 &mut stream,
-                refusal(RejectReason::Malformed, format!("upload header: {error}")),
+                Refusal::new(RejectReason::Malformed, format!("upload header: {error}")),
                 TaskId(0),
             )
             .await;
@@ -302,7 +302,7 @@ async fn receive_upload(
         Err(_) => {
             reject_now(
                 &mut stream,
-                refusal(RejectReason::Interrupted, "no upload header in time"),
+                Refusal::new(RejectReason::Interrupted, "no upload header in time"),
                 TaskId(0),
             )
             .await;
@@ -325,7 +325,7 @@ async fn receive_upload(
             ticket
         }
         Ok(Err(refusal)) => {
-            let _ = outbox.send(refusal_message(task, Some(hash), &refusal));
+            let _ = outbox.send(refusal.message(task, Some(hash)));
             let _ = stream.stop(quinn::VarInt::from_u32(1));
             return;
         }
@@ -333,7 +333,7 @@ async fn receive_upload(
     };
     // Bodies are held in memory while checked: bound how many are received at once.
     let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
-        let refused = refusal(
+        let refused = Refusal::new(
             RejectReason::RateLimited,
             "too many uploads in progress; retry later",
         );
@@ -371,7 +371,7 @@ async fn receive_body(
     let mut body = Vec::with_capacity(expected.min(64 << 20) as usize);
     let mut take = |chunk: &[u8], body: &mut Vec<u8>| -> Result<(), Refusal> {
         if body.len() as u64 + chunk.len() as u64 > expected {
-            return Err(refusal(
+            return Err(Refusal::new(
                 RejectReason::TooLarge,
                 format!("more than the {expected} bytes the header announced"),
             ));
@@ -398,13 +398,13 @@ async fn receive_body(
             }
             Ok(Ok(None)) => break,
             Ok(Err(error)) => {
-                return Err(refusal(
+                return Err(Refusal::new(
                     RejectReason::Interrupted,
                     format!("upload stream failed after {} bytes: {error}", body.len()),
                 ))
             }
             Err(_) => {
-                return Err(refusal(
+                return Err(Refusal::new(
                     RejectReason::Interrupted,
                     format!(
                         "upload stalled or too slow: {} bytes after {} s at most",
@@ -416,7 +416,7 @@ async fn receive_body(
         }
     }
     if body.len() as u64 != expected {
-        return Err(refusal(
+        return Err(Refusal::new(
             RejectReason::LengthMismatch,
             format!(
                 "received {} bytes, the header announced {expected}",
@@ -426,7 +426,7 @@ async fn receive_body(
     }
     let actual = BlobHash::from(hasher.finalize());
     if actual != ticket.hash {
-        return Err(refusal(
+        return Err(Refusal::new(
             RejectReason::HashMismatch,
             format!(
                 "bytes hash to {}, the header claims {}",
@@ -443,17 +443,17 @@ async fn receive_body(
         // enough that a wrong shape is reported as one, not as a decoding failure.
         let max_elements = layout.element_count().saturating_mul(2).max(1 << 16);
         let delta = codec::decode(&body, max_elements)
-            .map_err(|error| refusal(RejectReason::Malformed, error.to_string()))?;
+            .map_err(|error| Refusal::new(RejectReason::Malformed, error.to_string()))?;
         delta
             .check_layout(&layout)
-            .map_err(|error| refusal(RejectReason::WrongShape, error.to_string()))?;
+            .map_err(|error| Refusal::new(RejectReason::WrongShape, error.to_string()))?;
         delta
             .check_finite()
-            .map_err(|error| refusal(RejectReason::NonFinite, error.to_string()))?;
+            .map_err(|error| Refusal::new(RejectReason::NonFinite, error.to_string()))?;
         let limit = ticket_limit;
         for tensor in delta.tensors() {
             if let Some(index) = tensor.values().iter().position(|v| v.abs() > limit) {
-                return Err(refusal(
+                return Err(Refusal::new(
                     RejectReason::NonFinite,
                     format!(
                         "tensor {:?} value {} at {index} exceeds the limit {limit}",
@@ -468,11 +468,11 @@ async fn receive_body(
         }
         blobs
             .put_hashed(actual, &body)
-            .map_err(|error| refusal(RejectReason::Internal, error.to_string()))?;
+            .map_err(|error| Refusal::new(RejectReason::Internal, error.to_string()))?;
         Ok(None)
     })
     .await
-    .unwrap_or_else(|error| Err(refusal(RejectReason::Internal, error.to_string())))
+    .unwrap_or_else(|error| Err(Refusal::new(RejectReason::Internal, error.to_string())))
 }
 
 async fn serve_download(
@@ -580,16 +580,9 @@ async fn report_violation(
         .commands
         .send(Command::Violation {
             trainer,
-            refusal: refusal(reason, detail),
+            refusal: Refusal::new(reason, detail),
         })
         .await;
-}
-
-fn refusal(reason: RejectReason, detail: impl Into<String>) -> Refusal {
-    Refusal {
-        reason,
-        detail: detail.into(),
-    }
 }
 
 /// Writes one frame.

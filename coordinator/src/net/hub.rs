@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{LedgerEntry, RoundMetrics};
-use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadHeader};
+use tributary_shared::wire::{ClientMessage, ServerMessage, UploadHeader};
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
 use crate::derive::{derive_from_store, encode_exact, encode_state, Derived};
@@ -201,7 +201,6 @@ impl Hub {
             Err(error) => tracing::warn!(%error, "current adapter not cached"),
         }
         self.drain(Instant::now())?;
-        self.publish_progress();
         loop {
             let timeout = self.engine.poll_timeout();
             let sleep = async {
@@ -433,7 +432,6 @@ impl Hub {
                 self.engine.handle_submission_persisted(now, task, accepted);
             }
         }
-        self.publish_progress();
         Ok(())
     }
 
@@ -615,22 +613,4 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Sends a refusal for a task to the trainer's connection (used by connection tasks).
-pub fn refusal_message(task: TaskId, hash: Option<BlobHash>, refusal: &Refusal) -> ServerMessage {
-    ServerMessage::SubmissionRejected {
-        task,
-        hash,
-        reason: refusal.reason,
-        detail: refusal.detail.clone(),
-    }
-}
-
-/// A refusal for an upload stream that broke a limit before its header was read.
-pub fn limit_refusal(detail: impl Into<String>) -> Refusal {
-    Refusal {
-        reason: RejectReason::RateLimited,
-        detail: detail.into(),
-    }
 }

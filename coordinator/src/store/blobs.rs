@@ -92,11 +92,6 @@ impl BlobStore {
         self.root.join(&hex[..2]).join(hex)
     }
 
-    /// True if the blob is stored.
-    pub fn contains(&self, hash: &BlobHash) -> bool {
-        self.path(hash).is_file()
-    }
-
     /// Stores `bytes`, returning their hash. Idempotent.
     pub fn put(&self, bytes: &[u8]) -> Result<BlobHash, BlobError> {
         let hash = BlobHash::of(bytes);
@@ -167,27 +162,6 @@ impl BlobStore {
         file.read_to_end(&mut bytes).map_err(io_error(&path))?;
         check_content(hash, bytes)
     }
-
-    /// The stored size of a blob.
-    pub fn len(&self, hash: &BlobHash) -> Result<u64, BlobError> {
-        let path = self.path(hash);
-        match fs::metadata(&path) {
-            Ok(meta) => Ok(meta.len()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                Err(BlobError::NotFound { hash: *hash })
-            }
-            Err(error) => Err(io_error(&path)(error)),
-        }
-    }
-
-    /// Opens a blob for streaming reads (no hash check; the reader's peer checks).
-    pub fn open_read(&self, hash: &BlobHash) -> Result<File, BlobError> {
-        let path = self.path(hash);
-        File::open(&path).map_err(|error| match error.kind() {
-            io::ErrorKind::NotFound => BlobError::NotFound { hash: *hash },
-            _ => io_error(&path)(error),
-        })
-    }
 }
 
 /// Returns `bytes` if they hash to `hash`, else [`BlobError::Corrupt`].
@@ -214,7 +188,7 @@ mod tests {
         assert_eq!(hash, BlobHash::of(b"hello world"));
         assert_eq!(store.get(&hash).unwrap(), b"hello world");
         assert_eq!(store.put(b"hello world").unwrap(), hash, "idempotent");
-        assert_eq!(store.len(&hash).unwrap(), 11);
+        assert_eq!(store.get(&hash).unwrap().len(), 11);
     }
 
     #[test]
