@@ -1,10 +1,22 @@
 //! Tributary's trainer: everything a volunteer's machine needs to fine-tune an adapter.
 //!
-//! This first part reads the model and the data: [`gguf`] parses GGUF model files and dequantizes
-//! their tensors; [`shakespeare`] splits the plays into the federated benchmark's clients. The
-//! burn model, LoRA training and the QUIC client come next (see the project's issues).
+//! - [`gguf`] parses GGUF model files and dequantizes their tensors; [`model`] loads a
+//!   Llama-family decoder from GGUF or Hugging Face files into burn and runs it.
+//! - [`tokenizer`] builds the model's tokenizer; [`data`] and [`shakespeare`] turn text into
+//!   token sequences (the latter splits the plays into the federated benchmark's clients).
+//! - [`lora`] holds adapters and converts them to the shared crate's delta (PEFT layout);
+//!   [`optim`] and [`train`] fine-tune and evaluate them; [`device`] picks GPU or CPU.
 //!
 //! The trainer never depends on the coordinator; both share `tributary-shared`.
 
+pub mod assets;
+pub mod data;
+pub mod device;
 pub mod gguf;
+pub mod lora;
+pub mod model;
+pub mod optim;
 pub mod shakespeare;
+pub mod tiny;
+pub mod tokenizer;
+pub mod train;

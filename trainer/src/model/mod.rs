@@ -1,0 +1,168 @@
+//! The base model: its shape ([`LlamaConfig`]), its weights ([`checkpoint`]) and the decoder
+//! itself ([`Llama`]).
+
+pub mod checkpoint;
+mod config;
+mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::{AdapterTensors, KvCache, Llama, LoraPair};
+
+use crate::gguf::GgufError;
+
+/// A model that could not be read or built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// Where.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The GGUF file is malformed or lacks a key.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// A weight file is malformed.
+    #[error("bad weight file: {0}")]
+    Format(String),
+    /// The model's configuration is unusable.
+    #[error("model configuration: {0}")]
+    Config(String),
+    /// A weight the model needs is absent.
+    #[error("weight {0} is missing")]
+    MissingWeight(String),
+    /// A weight has the wrong shape.
+    #[error("weight {name} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The weight.
+        name: String,
+        /// What the configuration implies.
+        expected: Vec<usize>,
+        /// What the file holds.
+        found: Vec<usize>,
+    },
+}
+
+/// A linear layer LoRA can adapt, named as PEFT names it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Target {
+    /// Query projection.
+    #[serde(rename = "q_proj")]
+    Q,
+    /// Key projection.
+    #[serde(rename = "k_proj")]
+    K,
+    /// Value projection.
+    #[serde(rename = "v_proj")]
+    V,
+    /// Attention output projection.
+    #[serde(rename = "o_proj")]
+    O,
+    /// MLP gate projection.
+    #[serde(rename = "gate_proj")]
+    Gate,
+    /// MLP up projection.
+    #[serde(rename = "up_proj")]
+    Up,
+    /// MLP down projection.
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl Target {
+    /// All targets, in a fixed order.
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// Position in [`Target::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// PEFT's module name (`q_proj`, …).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// Parses a PEFT module name; also accepts the short forms `q k v o gate up down`.
+    pub fn parse(name: &str) -> Option<Target> {
+        let short = name.strip_suffix("_proj").unwrap_or(name);
+        Target::ALL
+            .into_iter()
+            .find(|t| t.peft_name().strip_suffix("_proj") == Some(short))
+    }
+
+    /// `(in, out)` features of this projection in `config`'s model.
+    pub fn dims(self, config: &LlamaConfig) -> (usize, usize) {
+        let (d, kv, ffn) = (
+            config.hidden_size,
+            config.kv_size(),
+            config.intermediate_size,
+        );
+        match self {
+            Target::Q | Target::O => (d, d),
+            Target::K | Target::V => (d, kv),
+            Target::Gate | Target::Up => (d, ffn),
+            Target::Down => (ffn, d),
+        }
+    }
+}
+
+/// A model ready to run: weights on a device, its tokenizer, and a description of its file.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// Its tokenizer.
+    pub tokenizer: crate::tokenizer::TextTokenizer,
+    /// The file it came from (name and format), for model cards.
+    pub description: String,
+}
+
+/// Loads a `.gguf` file (tokenizer from its metadata) or a Hugging Face folder (tokenizer from
+/// `tokenizer.json`) onto `device`, with rotary tables for `max_positions` positions.
+pub fn load(
+    path: &std::path::Path,
+    device: &burn::tensor::Device,
+    max_positions: usize,
+) -> Result<LoadedModel, ModelError> {
+    use crate::tokenizer::TextTokenizer;
+    let tokenizer_error = |e: crate::tokenizer::TokenizerError| ModelError::Format(e.to_string());
+    if path.is_dir() {
+        let checkpoint = checkpoint::HfCheckpoint::open(path)?;
+        let tokenizer =
+            TextTokenizer::from_file(&path.join("tokenizer.json")).map_err(tokenizer_error)?;
+        Ok(LoadedModel {
+            model: Llama::load(&checkpoint, device, max_positions)?,
+            tokenizer,
+            description: checkpoint::Checkpoint::describe(&checkpoint),
+        })
+    } else {
+        let checkpoint = checkpoint::GgufCheckpoint::open(path)?;
+        let tokenizer = TextTokenizer::from_gguf(checkpoint.gguf()).map_err(tokenizer_error)?;
+        Ok(LoadedModel {
+            model: Llama::load(&checkpoint, device, max_positions)?,
+            tokenizer,
+            description: checkpoint::Checkpoint::describe(&checkpoint),
+        })
+    }
+}
