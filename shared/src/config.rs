@@ -286,6 +286,11 @@ pub struct TrainingSection {
     pub sequence_len: u32,
     /// Delta compression.
     pub codec: Codec,
+    /// Dropout on the LoRA branch's input while training.
+    pub lora_dropout: f32,
+    /// Keep `lora_A` at its seeded initial value and train `lora_B` only (FFA-LoRA): averaging
+    /// is then exact, and `lora_A` deltas are zero (they compress to almost nothing).
+    pub freeze_a: bool,
 }
 
 impl Default for TrainingSection {
@@ -296,19 +301,28 @@ impl Default for TrainingSection {
             batch_size: 4,
             sequence_len: 128,
             codec: Codec::default(),
+            lora_dropout: 0.05,
+            freeze_a: false,
         }
     }
 }
 
 impl TrainingSection {
-    /// The plan carried in a task.
-    pub fn plan(&self) -> TrainingPlan {
+    /// The plan carried in a task for adapters shaped by `adapter`.
+    pub fn plan(&self, adapter: &AdapterSpec) -> TrainingPlan {
+        let lora_alpha = match adapter {
+            AdapterSpec::Lora { alpha, .. } => *alpha,
+            AdapterSpec::Synthetic { .. } => 0.0,
+        };
         TrainingPlan {
             local_steps: self.local_steps,
             learning_rate: self.learning_rate,
             batch_size: self.batch_size,
             sequence_len: self.sequence_len,
             codec: self.codec,
+            lora_alpha,
+            lora_dropout: self.lora_dropout,
+            freeze_a: self.freeze_a,
         }
     }
 }

@@ -188,6 +188,12 @@ pub struct TrainingPlan {
     /// How the delta is compressed.
     #[serde(with = "codec_repr")]
     pub codec: Codec,
+    /// LoRA scale numerator (the update is `alpha / rank · A B`); 0 for non-LoRA adapters.
+    pub lora_alpha: f32,
+    /// Dropout on the LoRA branch's input.
+    pub lora_dropout: f32,
+    /// Keep `lora_A` frozen and train `lora_B` only (FFA-LoRA).
+    pub freeze_a: bool,
 }
 
 /// The wire form of a [`Codec`]: externally tagged, because bincode cannot read the internally
@@ -410,6 +416,9 @@ mod tests {
                 batch_size: 4,
                 sequence_len: 128,
                 codec: Codec::default(),
+                lora_alpha: 16.0,
+                lora_dropout: 0.05,
+                freeze_a: false,
             },
             seed: 9,
             deadline_ms: 60_000,

@@ -175,7 +175,7 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
             Ok(session) => session,
             Err(error) => {
                 if last_connected.elapsed() > trainer.options.reconnect_for {
-                    return Err(error.context("gave up reconnecting"));
+                    return Err(anyhow::Error::new(error).context("gave up reconnecting"));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -4,18 +4,23 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use tributary_shared::identity::Identity;
 use tributary_trainer::data::{DataSpec, PackedData};
 use tributary_trainer::device::{self, BackendChoice};
 use tributary_trainer::gguf::{Gguf, Value};
 use tributary_trainer::lora::{LoraAdapter, LoraMode, LoraSettings};
 use tributary_trainer::model::{self, LoadedModel, Target};
+use tributary_trainer::net::tls::{self, ServerTrust};
 use tributary_trainer::optim::OptimSettings;
 use tributary_trainer::shakespeare::{load_clients, SplitConfig};
 use tributary_trainer::train::{self, format_eta, EvalReport, StepReport, TrainSettings};
+use tributary_trainer::worker::{self, JoinOptions, FULL_DUTY};
 use tributary_trainer::{assets, tokenizer::TextTokenizer};
 
 #[derive(Parser, Debug)]
@@ -37,6 +42,10 @@ enum Command {
     Eval(EvalArgs),
     /// Continue a prompt with the base model, or with base + adapter.
     Generate(GenerateArgs),
+    /// Join a coordinator's experiment: take tasks, train them, upload signed deltas.
+    Join(JoinArgs),
+    /// Training throughput benchmark: prints one JSON line (see scripts/bench_training.sh).
+    Bench(BenchArgs),
     /// Print a GGUF model's metadata and tensor summary.
     Inspect {
         /// The .gguf file.
@@ -153,6 +162,63 @@ struct EvalArgs {
 }
 
 #[derive(Args, Debug)]
+struct JoinArgs {
+    /// The coordinator's QUIC address, e.g. `203.0.113.5:7433`.
+    addr: String,
+    /// SHA-256 fingerprint of the coordinator's certificate (the operator publishes it).
+    #[arg(long, conflicts_with = "ca")]
+    fingerprint: Option<String>,
+    /// A CA certificate (PEM) that signed the coordinator's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Enrollment token, when the coordinator requires one.
+    #[arg(long, env = "TRIBUTARY_TOKEN")]
+    token: Option<String>,
+    /// This trainer's key file (made on first run; default `~/.config/tributary/trainer.key`).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Your own data folder (.txt/.jsonl), for experiments that train on local data. It never
+    /// leaves this machine.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The Shakespeare plays (default: the asset cache).
+    #[arg(long)]
+    shakespeare: Option<PathBuf>,
+    /// Fraction of wall time spent computing (0 < duty <= 1).
+    #[arg(long, default_value_t = 1.0)]
+    max_duty: f64,
+    /// Give up after this many seconds without a connection.
+    #[arg(long, default_value_t = 600)]
+    reconnect_for: u64,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Training text (as for `finetune`).
+    #[arg(long, default_value = "shakespeare:hamlet:HAM")]
+    data: String,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    steps: u64,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// LoRA rank (targets q and v, alpha 2·rank, dropout 0.05, as the PyTorch baseline).
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+}
+
+#[derive(Args, Debug)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -185,6 +251,8 @@ fn main() -> anyhow::Result<()> {
         Command::Finetune(args) => finetune(args),
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench(args),
+        Command::Join(args) => join(args),
         Command::Inspect { model } => inspect(&model),
         Command::Clients { texts, min_lines } => {
             let texts = texts.unwrap_or_else(assets::shakespeare_texts);
@@ -437,6 +505,152 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         loaded.tokenizer.eos,
     );
     println!("{}{}", args.prompt, loaded.tokenizer.decode(&ids)?);
+    Ok(())
+}
+
+/// Reads the trainer's key, or makes one (readable by the owner only) on first run.
+fn load_identity(path: Option<PathBuf>) -> anyhow::Result<Identity> {
+    let path = match path {
+        Some(path) => path,
+        None => {
+            let base = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+                .context(
+                    "no HOME or XDG_CONFIG_HOME to keep the trainer key in; pass --identity",
+                )?;
+            base.join("tributary/trainer.key")
+        }
+    };
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Identity::from_secret_hex(text.trim())
+            .with_context(|| format!("{} does not hold a trainer key", path.display()));
+    }
+    let identity = Identity::generate(&mut rand::rngs::OsRng);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", identity.secret_hex())?;
+    eprintln!("made a new trainer key in {}", path.display());
+    Ok(identity)
+}
+
+fn join(args: JoinArgs) -> anyhow::Result<()> {
+    if !(args.max_duty > 0.0 && args.max_duty <= 1.0) {
+        bail!("--max-duty must be in (0, 1]");
+    }
+    let trust = match (&args.fingerprint, &args.ca) {
+        (Some(pin), None) => ServerTrust::Fingerprint(pin.clone()),
+        (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
+        _ => bail!("pass --fingerprint HEX or --ca FILE to say which coordinator to trust"),
+    };
+    let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&args.addr)
+        .with_context(|| format!("cannot resolve {}", args.addr))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.addr))?;
+    let identity = load_identity(args.identity.clone())?;
+    eprintln!("trainer {}", identity.id());
+    let model = match &args.model.model {
+        Some(path) => path.clone(),
+        None => assets::require(assets::smollm2_gguf()).map_err(anyhow::Error::msg)?,
+    };
+    let (device, name) = device::select(args.model.backend)?;
+    eprintln!("device: {name}");
+    let options = JoinOptions {
+        addr,
+        identity,
+        enrollment_token: args.token.clone(),
+        model,
+        shakespeare: args
+            .shakespeare
+            .clone()
+            .unwrap_or_else(assets::shakespeare_texts),
+        local_data: args.data.clone(),
+        reconnect_for: Duration::from_secs(args.reconnect_for),
+        duty: Arc::new(AtomicU64::new((args.max_duty * FULL_DUTY as f64) as u64)),
+        status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        endpoint.set_default_client_config(tls::client_config(&trust)?);
+        tokio::select! {
+            report = worker::run(endpoint, options, device) => {
+                let report = report?;
+                println!("{}", serde_json::json!({
+                    "tasks": report.tasks,
+                    "accepted": report.accepted,
+                    "rejected": report.rejected,
+                    "bytes_up": report.bytes_up,
+                    "raw_bytes": report.raw_bytes,
+                    "tokens": report.tokens,
+                    "losses": report.losses,
+                    "finished": report.finished,
+                }));
+                Ok(())
+            }
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("\ninterrupted: leaving; the coordinator reassigns an unfinished task");
+                Ok(())
+            }
+        }
+    })
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let loaded = open_model(&args.model, args.seq + 1)?;
+    let data_args = DataArgs {
+        data: args.data.clone(),
+        shakespeare: None,
+        seq_len: args.seq,
+    };
+    let (data, _) = packed(&data_args, &loaded.tokenizer)?;
+    let model = &loaded.model;
+    let lora = LoraSettings {
+        rank: args.rank,
+        alpha: 2.0 * args.rank as f32,
+        ..LoraSettings::default()
+    };
+    let mut adapter = LoraAdapter::init(&lora, model.config(), 0, model.device())?;
+    let settings = TrainSettings {
+        steps: args.warmup + args.steps,
+        batch_size: args.batch,
+        ..TrainSettings::default()
+    };
+    let reports = train::train(model, &mut adapter, &data, &settings, |r| {
+        eprintln!("step {} loss {:.4} {:.2} s", r.step, r.loss, r.seconds);
+    });
+    let mut timed: Vec<f64> = reports
+        .iter()
+        .skip(args.warmup as usize)
+        .map(|r| r.seconds)
+        .collect();
+    timed.sort_by(f64::total_cmp);
+    let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+    let result = serde_json::json!({
+        "framework": "tributary (burn flex)",
+        "threads": std::thread::available_parallelism().map_or(1, usize::from),
+        "seq": args.seq,
+        "batch": args.batch,
+        "steps": args.steps,
+        "median_step_s": median,
+        "tokens_per_s": (args.seq * args.batch) as f64 / median,
+        "peak_rss_mib": peak_rss_mib(),
+        "final_loss": reports.last().map(|r| r.loss),
+    });
+    println!("{result}");
     Ok(())
 }
 

@@ -217,3 +217,11 @@ pub fn client_text(client: usize, lines: usize) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The client number of a tiny-dataset client id (`client-3` → 3; anything else hashes).
+pub fn client_index(id: &str) -> usize {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| id.bytes().map(usize::from).sum())
+}

@@ -1,9 +1,9 @@
 //! A protocol client: connect, authenticate, read control messages, download and upload blobs.
-//! The synthetic trainer and the load generator are built on it.
+//! The trainer's `join` loop is built on it, and so are the tests' synthetic trainer and load
+//! generator.
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, ensure, Context as _};
 use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -13,6 +13,8 @@ use tributary_shared::wire::{
     ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader, PROTOCOL_VERSION,
 };
 use tributary_shared::{BlobHash, ExperimentId, TrainerId};
+
+use super::NetError;
 
 /// An authenticated connection to a coordinator.
 #[derive(Debug)]
@@ -34,40 +36,40 @@ impl Session {
         addr: SocketAddr,
         identity: &Identity,
         enrollment_token: Option<String>,
-    ) -> anyhow::Result<Self> {
-        let connection = endpoint
-            .connect(addr, "localhost")?
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
+    ) -> Result<Self, NetError> {
+        let connection = endpoint.connect(addr, "localhost")?.await?;
         // The coordinator opens the control stream and speaks first.
         let (mut control_send, mut control_recv) = connection.accept_bi().await?;
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
         let challenge: ServerMessage = read_frame(&mut control_recv, &mut decoder)
             .await?
-            .context("no challenge")?;
+            .ok_or_else(|| NetError::Protocol("no challenge".into()))?;
         let ServerMessage::Challenge {
             protocol_version,
             nonce,
         } = challenge
         else {
-            bail!("expected a challenge, got {challenge:?}");
+            return Err(NetError::Protocol(format!(
+                "expected a challenge, got {challenge:?}"
+            )));
         };
-        ensure!(
-            protocol_version == PROTOCOL_VERSION,
-            "coordinator speaks protocol {protocol_version}"
-        );
+        if protocol_version != PROTOCOL_VERSION {
+            return Err(NetError::Protocol(format!(
+                "coordinator speaks protocol {protocol_version}, this trainer {PROTOCOL_VERSION}"
+            )));
+        }
         let server_certificate = peer_certificate_sha256(&connection)?;
         let hello = ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             trainer: identity.id(),
             signature: identity.sign_hello(&nonce, &server_certificate),
             enrollment_token,
-            agent: format!("tributary-synthetic/{}", env!("CARGO_PKG_VERSION")),
+            agent: format!("tributary-trainer/{}", env!("CARGO_PKG_VERSION")),
         };
         write_frame(&mut control_send, &hello).await?;
         let answer: ServerMessage = read_frame(&mut control_recv, &mut decoder)
             .await?
-            .context("connection closed during the handshake")?;
+            .ok_or_else(|| NetError::Protocol("connection closed during the handshake".into()))?;
         match answer {
             ServerMessage::Welcome {
                 trainer,
@@ -80,45 +82,54 @@ impl Session {
                 trainer,
                 experiment,
             }),
-            ServerMessage::Refused { reason, detail } => {
-                bail!("refused ({reason}): {detail}")
-            }
-            other => bail!("unexpected answer to hello: {other:?}"),
+            ServerMessage::Refused { reason, detail } => Err(NetError::Refused { reason, detail }),
+            other => Err(NetError::Protocol(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
         }
     }
 
     /// The next control message; `None` when the coordinator closed the stream.
-    pub async fn next_message(&mut self) -> anyhow::Result<Option<ServerMessage>> {
+    pub async fn next_message(&mut self) -> Result<Option<ServerMessage>, NetError> {
         read_frame(&mut self.control_recv, &mut self.decoder).await
     }
 
     /// Sends a control message.
-    pub async fn send(&mut self, message: &ClientMessage) -> anyhow::Result<()> {
+    pub async fn send(&mut self, message: &ClientMessage) -> Result<(), NetError> {
         write_frame(&mut self.control_send, message).await
     }
 
     /// Downloads a blob by hash and checks it.
-    pub async fn download(&self, hash: BlobHash) -> anyhow::Result<Vec<u8>> {
+    pub async fn download(&self, hash: BlobHash) -> Result<Vec<u8>, NetError> {
         let (mut send, mut recv) = self.connection.open_bi().await?;
         write_frame(&mut send, &DownloadRequest { hash }).await?;
         send.finish()?;
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
         let response: DownloadResponse = read_frame(&mut recv, &mut decoder)
             .await?
-            .context("download stream closed")?;
+            .ok_or_else(|| NetError::Protocol("download stream closed".into()))?;
         let DownloadResponse::Found { len } = response else {
-            bail!("blob {hash} not found on the coordinator");
+            return Err(NetError::Protocol(format!(
+                "blob {hash} not found on the coordinator"
+            )));
         };
         let mut bytes = decoder.take_rest();
         let rest = recv
-            .read_to_end(usize::try_from(len)?.saturating_sub(bytes.len()))
+            .read_to_end(
+                usize::try_from(len)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(bytes.len()),
+            )
             .await?;
         bytes.extend_from_slice(&rest);
-        ensure!(bytes.len() as u64 == len, "download ended early");
-        ensure!(
-            BlobHash::of(&bytes) == hash,
-            "downloaded bytes do not match {hash}"
-        );
+        if bytes.len() as u64 != len {
+            return Err(NetError::Protocol("download ended early".into()));
+        }
+        if BlobHash::of(&bytes) != hash {
+            return Err(NetError::Protocol(format!(
+                "downloaded bytes do not match {hash}"
+            )));
+        }
         Ok(bytes)
     }
 
@@ -130,7 +141,7 @@ impl Session {
         header: &UploadHeader,
         body: &[u8],
         cut_after: Option<usize>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), NetError> {
         let mut send = self.connection.open_uni().await?;
         let mut frame = Vec::new();
         encode_frame(header, DEFAULT_MAX_FRAME, &mut frame)?;
@@ -163,20 +174,22 @@ impl Session {
 }
 
 /// SHA-256 of the certificate the coordinator presented on `connection`.
-pub fn peer_certificate_sha256(connection: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
+pub fn peer_certificate_sha256(connection: &quinn::Connection) -> Result<[u8; 32], NetError> {
     use sha2::Digest as _;
     let identity = connection
         .peer_identity()
-        .context("the coordinator presented no certificate")?;
+        .ok_or_else(|| NetError::Tls("the coordinator presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
-    let leaf = chain.first().context("empty certificate chain")?;
+        .map_err(|_| NetError::Tls("unexpected peer identity type".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| NetError::Tls("empty certificate chain".into()))?;
     Ok(sha2::Sha256::digest(leaf.as_ref()).into())
 }
 
 /// Writes one frame.
-pub async fn write_frame<T: Serialize>(send: &mut SendStream, message: &T) -> anyhow::Result<()> {
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, message: &T) -> Result<(), NetError> {
     let mut frame = Vec::new();
     encode_frame(message, DEFAULT_MAX_FRAME, &mut frame)?;
     send.write_all(&frame).await?;
@@ -187,7 +200,7 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, message: &T) -> an
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut RecvStream,
     decoder: &mut FrameDecoder,
-) -> anyhow::Result<Option<T>> {
+) -> Result<Option<T>, NetError> {
     let mut buffer = [0u8; 8192];
     loop {
         if let Some(message) = decoder.next_message::<T>()? {
@@ -204,8 +217,8 @@ pub async fn read_frame<T: DeserializeOwned>(
 }
 
 /// A client endpoint on an ephemeral loopback port trusting `trust`.
-pub fn client_endpoint(trust: &crate::tls::ServerTrust) -> anyhow::Result<quinn::Endpoint> {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(crate::tls::client_config(trust)?);
+pub fn client_endpoint(trust: &super::tls::ServerTrust) -> Result<quinn::Endpoint, NetError> {
+    let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    endpoint.set_default_client_config(super::tls::client_config(trust)?);
     Ok(endpoint)
 }

@@ -1,4 +1,4 @@
-//! TLS and QUIC client configuration of the synthetic trainer.
+//! TLS and QUIC client configuration of a trainer.
 //!
 //! A trainer trusts the coordinator either by pinning the SHA-256 fingerprint of its leaf
 //! certificate (the usual case with the coordinator's self-signed certificate) or through a CA
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use super::NetError;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{IdleTimeout, TransportConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -45,11 +45,11 @@ pub enum ServerTrust {
 
 /// Builds the QUIC client configuration for `trust`: ring provider, TLS 1.3 only, ALPN
 /// [`ALPN`], keep-alive every 5 s and a 30 s idle timeout.
-pub fn client_config(trust: &ServerTrust) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(trust: &ServerTrust) -> Result<quinn::ClientConfig, NetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("ring provider does not support tls 1.3")?;
+        .map_err(|e| NetError::Tls(format!("ring provider does not support tls 1.3: {e}")))?;
     let mut tls = match trust {
         ServerTrust::Fingerprint(pin) => {
             let verifier = PinnedServerVerifier {
@@ -65,19 +65,30 @@ pub fn client_config(trust: &ServerTrust) -> anyhow::Result<quinn::ClientConfig>
             let mut roots = rustls::RootCertStore::empty();
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("cannot read ca certificates from {}", path.display()))?;
-            ensure!(!certs.is_empty(), "no ca certificate in {}", path.display());
+                .map_err(|e| {
+                    NetError::Tls(format!(
+                        "cannot read ca certificates from {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(NetError::Tls(format!(
+                    "no ca certificate in {}",
+                    path.display()
+                )));
+            }
             for cert in certs {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("invalid ca certificate in {}", path.display()))?;
+                roots.add(cert).map_err(|e| {
+                    NetError::Tls(format!("invalid ca certificate in {}: {e}", path.display()))
+                })?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
 
-    let quic = QuicClientConfig::try_from(tls).context("tls configuration is unusable for quic")?;
+    let quic = QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::Tls(format!("tls configuration is unusable for quic: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = TransportConfig::default();
     transport
@@ -179,11 +190,13 @@ impl fmt::Display for FingerprintMismatch {
 impl std::error::Error for FingerprintMismatch {}
 
 /// Parses a hex SHA-256 fingerprint, ignoring case, `:` separators and surrounding whitespace.
-fn parse_fingerprint(text: &str) -> anyhow::Result<[u8; 32]> {
+fn parse_fingerprint(text: &str) -> Result<[u8; 32], NetError> {
     let digits: String = text.trim().chars().filter(|&c| c != ':').collect();
     let mut pin = [0u8; 32];
     if let Err(error) = hex::decode_to_slice(&digits, &mut pin) {
-        bail!("server fingerprint {text:?} is not 64 hex digits: {error}");
+        return Err(NetError::Tls(format!(
+            "server fingerprint {text:?} is not 64 hex digits: {error}"
+        )));
     }
     Ok(pin)
 }

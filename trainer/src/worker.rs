@@ -1,0 +1,436 @@
+//! `tributary-trainer join`: connect to a coordinator, take tasks, train them with burn, and upload
+//! compressed, signed deltas; reconnect after faults, and re-send a finished but unacknowledged
+//! upload instead of training again.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use tributary_shared::codec::{self, CodecError, ErrorFeedback};
+use tributary_shared::delta::Delta;
+use tributary_shared::identity::Identity;
+use tributary_shared::wire::{
+    ClientMessage, DataAssignment, ServerMessage, SubmissionHeader, TaskSpec, TrainMetrics,
+    UploadHeader,
+};
+use tributary_shared::{BlobHash, TaskId};
+
+use crate::data::{DataError, DataSpec, PackedData};
+use crate::lora::{LoraAdapter, LoraError, LoraMode, LoraSettings};
+use crate::model::{self, LoadedModel, ModelError, Target};
+use crate::net::client::Session;
+use crate::net::NetError;
+use crate::optim::OptimSettings;
+use crate::tiny;
+use crate::train::{self, TrainSettings};
+
+/// How one trainer joins.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// Coordinator address.
+    pub addr: SocketAddr,
+    /// The trainer's key.
+    pub identity: Identity,
+    /// Enrollment token, when the coordinator asks for one.
+    pub enrollment_token: Option<String>,
+    /// The base model file (`.gguf`) or folder.
+    pub model: PathBuf,
+    /// The Shakespeare plays, for `shakespeare` tasks.
+    pub shakespeare: PathBuf,
+    /// The volunteer's own data folder, for `local` tasks.
+    pub local_data: Option<PathBuf>,
+    /// Give up after this long without a connection.
+    pub reconnect_for: Duration,
+    /// Fraction of wall time spent computing, in millionths (shared so it can change live).
+    pub duty: Arc<AtomicU64>,
+    /// Print a live status line on stderr.
+    pub status_line: bool,
+}
+
+/// What a trainer did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JoinReport {
+    /// Tasks received.
+    pub tasks: u64,
+    /// Uploads acknowledged.
+    pub accepted: u64,
+    /// Uploads refused (with the coordinator's reason).
+    pub rejected: Vec<String>,
+    /// Compressed bytes uploaded.
+    pub bytes_up: u64,
+    /// What those deltas would have been as raw f32.
+    pub raw_bytes: u64,
+    /// Tokens trained.
+    pub tokens: u64,
+    /// Connections made.
+    pub connections: u32,
+    /// Whether the experiment finished.
+    pub finished: bool,
+    /// Mean training loss of each task, in order.
+    pub losses: Vec<f32>,
+}
+
+/// A task that could not be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Network trouble.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The base model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The adapter does not fit the model.
+    #[error(transparent)]
+    Lora(#[from] LoraError),
+    /// The task's data could not be had.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A delta could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The task cannot be done here.
+    #[error("{0}")]
+    Task(String),
+    /// Reconnecting failed for too long.
+    #[error("gave up reconnecting: {0}")]
+    GaveUp(String),
+}
+
+/// Full duty (compute all the time), in millionths.
+pub const FULL_DUTY: u64 = 1_000_000;
+
+/// Runs until the experiment finishes or reconnecting fails for `reconnect_for`.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    options: JoinOptions,
+    device: Device,
+) -> Result<JoinReport, WorkerError> {
+    let mut worker = Worker {
+        options,
+        device,
+        model: None,
+        feedback: ErrorFeedback::new(),
+        pending: None,
+        report: JoinReport::default(),
+    };
+    let mut last_connected = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = Session::connect(
+            &endpoint,
+            worker.options.addr,
+            &worker.options.identity,
+            worker.options.enrollment_token.clone(),
+        )
+        .await;
+        let mut session = match session {
+            Ok(session) => session,
+            Err(NetError::Refused { reason, detail }) => {
+                return Err(NetError::Refused { reason, detail }.into())
+            }
+            Err(error) => {
+                if last_connected.elapsed() > worker.options.reconnect_for {
+                    return Err(WorkerError::GaveUp(error.to_string()));
+                }
+                tracing::debug!(%error, ?backoff, "connect failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        worker.report.connections += 1;
+        backoff = Duration::from_millis(100);
+        tracing::info!(trainer = %session.trainer, experiment = %session.experiment.0, "connected");
+        let outcome = worker.serve(&mut session).await;
+        last_connected = Instant::now();
+        match outcome {
+            Ok(true) => return Ok(worker.report),
+            Ok(false) => tracing::info!("coordinator closed the session; reconnecting"),
+            Err(WorkerError::Net(error)) => tracing::warn!(%error, "connection lost; reconnecting"),
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+struct Worker {
+    options: JoinOptions,
+    device: Device,
+    model: Option<(String, Arc<LoadedModel>)>,
+    feedback: ErrorFeedback,
+    /// A finished upload the coordinator has not acknowledged yet.
+    pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
+    report: JoinReport,
+}
+
+impl Worker {
+    /// Serves one session; `Ok(true)` when the experiment finished.
+    async fn serve(&mut self, session: &mut Session) -> Result<bool, WorkerError> {
+        while let Some(message) = session.next_message().await? {
+            match message {
+                ServerMessage::Task(task) => {
+                    self.report.tasks += 1;
+                    session
+                        .send(&ClientMessage::TaskAccepted { task: task.task })
+                        .await?;
+                    let upload = match self.pending.take() {
+                        Some((id, header, body)) if id == task.task => {
+                            tracing::info!(
+                                task = task.task.0,
+                                "re-sending the unacknowledged upload"
+                            );
+                            (header, body)
+                        }
+                        _ => {
+                            let adapter = session.download(task.adapter).await?;
+                            self.train_task(&task, adapter).await?
+                        }
+                    };
+                    self.pending = Some((task.task, upload.0.clone(), upload.1.clone()));
+                    self.report.bytes_up += upload.1.len() as u64;
+                    session.upload(&upload.0, &upload.1, None).await?;
+                }
+                ServerMessage::SubmissionAccepted { .. } => {
+                    self.report.accepted += 1;
+                    self.pending = None;
+                }
+                ServerMessage::SubmissionRejected { reason, detail, .. } => {
+                    tracing::warn!(%reason, %detail, "upload refused");
+                    self.report.rejected.push(format!("{reason}: {detail}"));
+                    self.pending = None;
+                }
+                ServerMessage::RoundClosed { round, adapter } => {
+                    tracing::info!(round = round.0, %adapter, "round closed");
+                }
+                ServerMessage::ExperimentFinished { adapter } => {
+                    tracing::info!(%adapter, "experiment finished");
+                    self.report.finished = true;
+                    session.close();
+                    return Ok(true);
+                }
+                ServerMessage::TaskCancelled { .. }
+                | ServerMessage::UploadStarted { .. }
+                | ServerMessage::Welcome { .. }
+                | ServerMessage::Challenge { .. }
+                | ServerMessage::Refused { .. } => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// Loads the base model once (checking its hash when the task names one).
+    fn model_for(&mut self, task: &TaskSpec) -> Result<Arc<LoadedModel>, WorkerError> {
+        if let Some((name, model)) = &self.model {
+            if *name == task.base_model {
+                return Ok(model.clone());
+            }
+        }
+        if let Some(expected) = task.base_model_hash {
+            let bytes = std::fs::read(&self.options.model).map_err(|source| ModelError::Io {
+                path: self.options.model.display().to_string(),
+                source,
+            })?;
+            let found = BlobHash::of(&bytes);
+            if found != expected {
+                return Err(WorkerError::Task(format!(
+                    "{} has hash {found}, the experiment's base model is {expected}",
+                    self.options.model.display()
+                )));
+            }
+        }
+        let positions = task.plan.sequence_len as usize + 1;
+        let loaded = Arc::new(model::load(&self.options.model, &self.device, positions)?);
+        self.model = Some((task.base_model.clone(), loaded.clone()));
+        Ok(loaded)
+    }
+
+    /// Trains `task` from the downloaded adapter and returns the signed upload.
+    async fn train_task(
+        &mut self,
+        task: &TaskSpec,
+        adapter_bytes: Vec<u8>,
+    ) -> Result<(UploadHeader, Vec<u8>), WorkerError> {
+        let loaded = self.model_for(task)?;
+        let start = codec::decode(&adapter_bytes, 1 << 30)?;
+        let settings = lora_settings(&start, task)?;
+        let config = loaded.model.config().clone();
+        let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
+        let data = self.task_data(task, &loaded)?;
+        let plan = task.plan.clone();
+        let train_settings = TrainSettings {
+            steps: u64::from(plan.local_steps),
+            batch_size: plan.batch_size.max(1) as usize,
+            grad_accum: 1,
+            seed: task.seed,
+            optim: OptimSettings {
+                lr: f64::from(plan.learning_rate),
+                warmup_steps: 0,
+                min_lr_ratio: 1.0,
+                ..OptimSettings::default()
+            },
+        };
+        let duty = self.options.duty.clone();
+        let status_line = self.options.status_line;
+        let round = task.round.0;
+        let started = Instant::now();
+        let (adapter, reports) = tokio::task::spawn_blocking(move || {
+            let mut adapter = adapter;
+            let mut tokens = 0u64;
+            let begun = Instant::now();
+            let reports = train::train(&loaded.model, &mut adapter, &data, &train_settings, |r| {
+                tokens += r.tokens;
+                if status_line {
+                    eprint!(
+                        "\rround {round} step {}/{} loss {:.4} {:.0} tok/s   ",
+                        r.step,
+                        train_settings.steps,
+                        r.loss,
+                        tokens as f64 / begun.elapsed().as_secs_f64().max(1e-9)
+                    );
+                }
+                throttle(&duty, r.seconds);
+            });
+            (adapter, reports)
+        })
+        .await
+        .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
+        if status_line {
+            eprintln!();
+        }
+        let after = adapter.to_delta();
+        let delta = difference(&after, &start)?;
+        let body = self.feedback.compress(&delta, plan.codec)?;
+        let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
+        let loss = if reports.is_empty() {
+            0.0
+        } else {
+            reports.iter().map(|r| r.loss).sum::<f64>() / reports.len() as f64
+        };
+        self.report.tokens += tokens;
+        self.report.raw_bytes += delta.element_count() as u64 * 4;
+        self.report.losses.push(loss as f32);
+        let header = SubmissionHeader {
+            experiment: task.experiment.clone(),
+            round: task.round,
+            task: task.task,
+            trainer: self.options.identity.id(),
+            hash: BlobHash::of(&body),
+            byte_len: body.len() as u64,
+            // FedAvg weights a client by its local data: the tokens it holds, capped.
+            sample_count: sample_count(&task.data, tokens),
+            metrics: TrainMetrics {
+                train_loss: loss as f32,
+                steps: reports.len() as u32,
+                tokens,
+                train_ms: started.elapsed().as_millis() as u64,
+            },
+        };
+        let upload = self
+            .options
+            .identity
+            .sign_submission(header)
+            .map_err(|error| WorkerError::Task(error.to_string()))?;
+        Ok((upload, body))
+    }
+
+    /// The token sequences a task trains on.
+    fn task_data(&self, task: &TaskSpec, loaded: &LoadedModel) -> Result<PackedData, WorkerError> {
+        let seq_len = task.plan.sequence_len.max(1) as usize;
+        let tokenizer = &loaded.tokenizer;
+        let docs = match &task.data {
+            DataAssignment::Clients { dataset, clients } if dataset == "shakespeare" => {
+                DataSpec::Shakespeare {
+                    texts: self.options.shakespeare.clone(),
+                    clients: clients.clone(),
+                }
+                .documents()?
+                .0
+            }
+            DataAssignment::Clients { dataset, clients } if dataset == "tiny" => clients
+                .iter()
+                .map(|id| tiny::client_text(tiny::client_index(id), 60))
+                .collect(),
+            DataAssignment::Local => match &self.options.local_data {
+                Some(dir) => DataSpec::Folder(dir.clone()).documents()?.0,
+                None => {
+                    return Err(WorkerError::Task(
+                        "the experiment trains on local data; start with --data FOLDER".into(),
+                    ))
+                }
+            },
+            other => {
+                return Err(WorkerError::Task(format!(
+                    "this trainer cannot train on {other:?}"
+                )))
+            }
+        };
+        Ok(PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?)
+    }
+}
+
+/// Sleeps long enough after `busy_seconds` of compute to keep the duty cycle; at duty 0 (paused)
+/// waits until the duty is raised again.
+fn throttle(duty: &AtomicU64, busy_seconds: f64) {
+    loop {
+        let current = duty.load(Ordering::Relaxed).min(FULL_DUTY);
+        if current >= FULL_DUTY {
+            return;
+        }
+        if current == 0 {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let fraction = current as f64 / FULL_DUTY as f64;
+        let idle = busy_seconds * (1.0 - fraction) / fraction;
+        std::thread::sleep(Duration::from_secs_f64(idle.min(3600.0)));
+        return;
+    }
+}
+
+/// The FedAvg weight of a task: tokens trained, capped at the coordinator's default limit.
+fn sample_count(_data: &DataAssignment, tokens: u64) -> u64 {
+    tokens.clamp(1, 1_000_000)
+}
+
+/// `after − before`, tensor by tensor (same layout).
+fn difference(after: &Delta, before: &Delta) -> Result<Delta, WorkerError> {
+    let mut delta = after.clone();
+    delta
+        .add_scaled(before, -1.0)
+        .map_err(|error| WorkerError::Task(error.to_string()))?;
+    Ok(delta)
+}
+
+/// LoRA settings implied by the adapter's tensors and the task's plan.
+fn lora_settings(adapter: &Delta, task: &TaskSpec) -> Result<LoraSettings, WorkerError> {
+    let mut rank = None;
+    let mut targets = Vec::new();
+    for tensor in adapter.tensors() {
+        let name = tensor.name();
+        let Some(prefix) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        rank.get_or_insert(tensor.shape()[0]);
+        let module = prefix.rsplit('.').next().unwrap_or_default();
+        let target = Target::parse(module)
+            .ok_or_else(|| WorkerError::Task(format!("unknown LoRA module in {name}")))?;
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    let rank = rank.ok_or_else(|| WorkerError::Task("the adapter is not a LoRA adapter".into()))?;
+    Ok(LoraSettings {
+        rank,
+        alpha: task.plan.lora_alpha,
+        dropout: task.plan.lora_dropout,
+        targets,
+        mode: if task.plan.freeze_a {
+            LoraMode::FreezeA
+        } else {
+            LoraMode::Full
+        },
+    })
+}
