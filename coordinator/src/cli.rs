@@ -45,12 +45,46 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// The pause button: limit every trainer's compute to DUTY of wall time (e.g. 0.05).
+    Throttle {
+        /// Allowed duty cycle, 0 to 1.
+        duty: f64,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Pause every trainer's compute (reversible with `resume`).
+    Pause {
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
+    /// Lift a `throttle` or `pause`.
+    Resume {
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
     /// Print each experiment's progress as JSON.
     Status {
         /// The data directory.
         #[arg(long, env = "TRIBUTARY_DATA_DIR")]
         data_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// The coordinator's HTTP address (its `serve --http`).
+    #[arg(long, env = "TRIBUTARY_HTTP")]
+    http: String,
+    /// The data directory holding `operator.key` (or pass --operator-key).
+    #[arg(
+        long,
+        env = "TRIBUTARY_DATA_DIR",
+        required_unless_present = "operator_key"
+    )]
+    data_dir: Option<PathBuf>,
+    /// The operator key file.
+    #[arg(long)]
+    operator_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -114,6 +148,17 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => run_serve(*args),
         Command::Verify { data_dir } => run_verify(&data_dir),
         Command::Status { data_dir } => run_status(&data_dir),
+        Command::Throttle { duty, operator } => {
+            if !(0.0..=1.0).contains(&duty) {
+                eprintln!("error: the duty must be between 0 and 1");
+                return ExitCode::from(2);
+            }
+            run_throttle((duty * 1e6).round() as u32, &operator)
+        }
+        Command::Pause { operator } => run_throttle(0, &operator),
+        Command::Resume { operator } => {
+            run_throttle(tributary_shared::wire::FULL_DUTY_PPM, &operator)
+        }
         Command::Publish {
             data_dir,
             experiment,
@@ -255,4 +300,46 @@ fn run_status(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Signs a throttle order with the operator key and posts it to the coordinator.
+fn run_throttle(duty_ppm: u32, args: &OperatorArgs) -> anyhow::Result<ExitCode> {
+    use std::io::{Read as _, Write as _};
+    let key_path = match (&args.operator_key, &args.data_dir) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => dir.join(crate::operator::KEY_FILE),
+        (None, None) => anyhow::bail!("pass --data-dir or --operator-key"),
+    };
+    let text = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read the operator key {}", key_path.display()))?;
+    let operator = tributary_shared::identity::Identity::from_secret_hex(text.trim())
+        .with_context(|| format!("{} is not an operator key", key_path.display()))?;
+    let issued_ms = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
+    let order = crate::operator::ThrottleOrder::sign(&operator, duty_ppm, issued_ms);
+    let body = serde_json::to_string(&order)?;
+    let host = args
+        .http
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&host)
+        .with_context(|| format!("cannot reach the coordinator at {host}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "POST /admin/throttle HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status_ok = response.starts_with("HTTP/1.1 200");
+    let answer = response.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    if status_ok {
+        println!("{answer}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let first = response.lines().next().unwrap_or("no response");
+        anyhow::bail!("the coordinator refused: {first} {answer}")
+    }
 }

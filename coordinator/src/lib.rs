@@ -14,6 +14,7 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod operator;
 pub mod publish;
 pub mod service;
 pub mod settings;

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Tasks issued.
     pub tasks_issued: AtomicU64,
+    /// The fleet's allowed duty cycle, in millionths (the pause button).
+    pub fleet_duty_ppm: AtomicU64,
     rejected: Mutex<BTreeMap<RejectReason, u64>>,
 }
 
@@ -53,6 +55,11 @@ impl Metrics {
     /// Adds to a counter.
     pub fn add(counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 
     /// Renders the Prometheus text exposition format.
@@ -85,6 +92,13 @@ impl Metrics {
             "Trainers connected now.",
             "gauge",
             load(&self.trainers_connected),
+        );
+        gauge(
+            &mut out,
+            "tributary_fleet_duty_ppm",
+            "Allowed duty cycle of the fleet in millionths (0 = paused).",
+            "gauge",
+            load(&self.fleet_duty_ppm),
         );
         gauge(
             &mut out,

@@ -164,6 +164,12 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     metrics
         .current_round
         .store(engine.round().0, std::sync::atomic::Ordering::Relaxed);
+    Metrics::set(
+        &metrics.fleet_duty_ppm,
+        u64::from(crate::operator::load_duty(&options.data_dir)),
+    );
+    let operator = crate::operator::load_or_create(&options.data_dir)
+        .context("cannot read or create the operator key")?;
     // Bounded: a flood from peers slows them down (back-pressure) instead of growing memory.
     let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
     let (progress_tx, progress) = watch::channel(Progress::default());
@@ -182,6 +188,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     );
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
 
+    let http_commands = commands.clone();
     let context = Arc::new(ConnectionContext {
         commands,
         blobs,
@@ -208,8 +215,12 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         Some(http) => Some(
             crate::http::spawn(
                 http,
-                metrics.clone(),
-                progress.clone(),
+                crate::http::HttpContext {
+                    metrics: metrics.clone(),
+                    progress: progress.clone(),
+                    commands: http_commands,
+                    operator: operator.id(),
+                },
                 wait_for(shutdown_rx),
             )
             .await?,

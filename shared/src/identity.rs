@@ -142,6 +142,17 @@ pub fn submission_message(header: &SubmissionHeader) -> Result<Vec<u8>, Identity
     })
 }
 
+/// The bytes an operator's throttle order signs (under [`OPERATOR_DOMAIN`]): the command name,
+/// the duty (millionths) and the time it was issued (milliseconds since the Unix epoch), so an
+/// order cannot be replayed later.
+pub fn throttle_message(duty_ppm: u32, issued_ms: u64) -> Vec<u8> {
+    let mut message = Vec::with_capacity(21);
+    message.extend_from_slice(b"throttle\0");
+    message.extend_from_slice(&duty_ppm.to_le_bytes());
+    message.extend_from_slice(&issued_ms.to_le_bytes());
+    message
+}
+
 /// Verifies `signature` over `domain || message` by `key`.
 pub fn verify(
     key: &TrainerId,

@@ -94,7 +94,16 @@ pub enum ServerMessage {
         /// The final adapter's hash.
         adapter: BlobHash,
     },
+    /// The operator's pause button: compute at most this fraction of wall time, in millionths
+    /// (0 pauses, [`FULL_DUTY_PPM`] is no limit). Sent on every change and after each welcome.
+    Throttle {
+        /// Allowed duty cycle, in millionths.
+        duty_ppm: u32,
+    },
 }
+
+/// A duty cycle of 100 %, in millionths.
+pub const FULL_DUTY_PPM: u32 = 1_000_000;
 
 /// Messages from a trainer on the control stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -123,6 +132,11 @@ pub enum ClientMessage {
         task: TaskId,
         /// Why.
         detail: String,
+    },
+    /// The trainer now computes at most this duty cycle (the fleet's, or its owner's lower one).
+    ThrottleApplied {
+        /// Duty cycle in effect, in millionths.
+        duty_ppm: u32,
     },
 }
 

@@ -259,7 +259,8 @@ impl Trainer {
                 | ServerMessage::UploadStarted { .. }
                 | ServerMessage::Welcome { .. }
                 | ServerMessage::Challenge { .. }
-                | ServerMessage::Refused { .. } => {}
+                | ServerMessage::Refused { .. }
+                | ServerMessage::Throttle { .. } => {}
             }
         }
         Ok(false)

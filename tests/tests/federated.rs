@@ -42,7 +42,9 @@ async fn three_burn_trainers_learn_together() {
                 shakespeare: dir.path().join("unused"),
                 local_data: None,
                 reconnect_for: Duration::from_secs(20),
+                max_duty_ppm: FULL_DUTY as u32,
                 duty: Arc::new(AtomicU64::new(FULL_DUTY)),
+                busy_us: Arc::new(AtomicU64::new(0)),
                 status_line: false,
             };
             tokio::spawn(worker::run(endpoint, options, Device::flex()))

@@ -576,7 +576,9 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             .unwrap_or_else(assets::shakespeare_texts),
         local_data: args.data.clone(),
         reconnect_for: Duration::from_secs(args.reconnect_for),
+        max_duty_ppm: (args.max_duty * FULL_DUTY as f64) as u32,
         duty: Arc::new(AtomicU64::new((args.max_duty * FULL_DUTY as f64) as u64)),
+        busy_us: Arc::new(AtomicU64::new(0)),
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

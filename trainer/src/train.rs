@@ -1,5 +1,6 @@
 //! Local training and evaluation of a LoRA adapter on a frozen base model.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -94,6 +95,25 @@ pub fn train(
     adapter: &mut LoraAdapter,
     data: &PackedData,
     settings: &TrainSettings,
+    on_step: impl FnMut(&StepReport),
+) -> Vec<StepReport> {
+    train_until(
+        model,
+        adapter,
+        data,
+        settings,
+        &AtomicBool::new(false),
+        on_step,
+    )
+}
+
+/// [`train`], stopping early (after the step in progress) once `stop` is set.
+pub fn train_until(
+    model: &Llama,
+    adapter: &mut LoraAdapter,
+    data: &PackedData,
+    settings: &TrainSettings,
+    stop: &AtomicBool,
     mut on_step: impl FnMut(&StepReport),
 ) -> Vec<StepReport> {
     let mut batches = Batches::new(data, settings.seed);
@@ -102,6 +122,9 @@ pub fn train(
     let accum = settings.grad_accum.max(1);
     let mut reports = Vec::with_capacity(settings.steps as usize);
     for step in 0..settings.steps {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let started = Instant::now();
         let params = adapter.trainable();
         let mut grads: Option<Vec<Tensor<2>>> = None;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,8 +44,13 @@ pub struct JoinOptions {
     pub local_data: Option<PathBuf>,
     /// Give up after this long without a connection.
     pub reconnect_for: Duration,
-    /// Fraction of wall time spent computing, in millionths (shared so it can change live).
+    /// The owner's limit on the fraction of wall time spent computing, in millionths.
+    pub max_duty_ppm: u32,
+    /// The duty cycle in effect (the lower of the owner's and the fleet's), in millionths; read
+    /// by the training thread between steps.
     pub duty: Arc<AtomicU64>,
+    /// Seconds spent computing so far, in microseconds (for status and tests).
+    pub busy_us: Arc<AtomicU64>,
     /// Print a live status line on stderr.
     pub status_line: bool,
 }
@@ -115,6 +120,7 @@ pub async fn run(
         model: None,
         feedback: ErrorFeedback::new(),
         pending: None,
+        running: None,
         report: JoinReport::default(),
     };
     let mut last_connected = Instant::now();
@@ -163,60 +169,144 @@ struct Worker {
     feedback: ErrorFeedback,
     /// A finished upload the coordinator has not acknowledged yet.
     pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
+    /// Training in progress (it survives a reconnect).
+    running: Option<RunningTask>,
     report: JoinReport,
+}
+
+/// A task whose training runs on a blocking thread.
+struct RunningTask {
+    task: TaskSpec,
+    start: Delta,
+    started: Instant,
+    handle: tokio::task::JoinHandle<(LoraAdapter, Vec<train::StepReport>)>,
+    /// Tells the training thread to stop after its current step.
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for RunningTask {
+    /// A dropped task (finished experiment, stopped trainer) stops its thread too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Worker {
     /// Serves one session; `Ok(true)` when the experiment finished.
     async fn serve(&mut self, session: &mut Session) -> Result<bool, WorkerError> {
-        while let Some(message) = session.next_message().await? {
-            match message {
-                ServerMessage::Task(task) => {
-                    self.report.tasks += 1;
-                    session
-                        .send(&ClientMessage::TaskAccepted { task: task.task })
-                        .await?;
-                    let upload = match self.pending.take() {
-                        Some((id, header, body)) if id == task.task => {
-                            tracing::info!(
-                                task = task.task.0,
-                                "re-sending the unacknowledged upload"
-                            );
-                            (header, body)
-                        }
-                        _ => {
-                            let adapter = session.download(task.adapter).await?;
-                            self.train_task(&task, adapter).await?
-                        }
+        let mut running = self.running.take();
+        let outcome = self.serve_with(session, &mut running).await;
+        self.running = running;
+        outcome
+    }
+
+    async fn serve_with(
+        &mut self,
+        session: &mut Session,
+        running: &mut Option<RunningTask>,
+    ) -> Result<bool, WorkerError> {
+        // A result computed while the connection was down is uploaded first.
+        if let Some((_, header, body)) = &self.pending {
+            session.upload(header, body, None).await?;
+        }
+        loop {
+            tokio::select! {
+                message = session.next_message() => {
+                    let Some(message) = message? else {
+                        return Ok(false);
                     };
-                    self.pending = Some((task.task, upload.0.clone(), upload.1.clone()));
-                    self.report.bytes_up += upload.1.len() as u64;
-                    session.upload(&upload.0, &upload.1, None).await?;
+                    if self.handle(session, message, running).await? {
+                        return Ok(true);
+                    }
                 }
-                ServerMessage::SubmissionAccepted { .. } => {
-                    self.report.accepted += 1;
-                    self.pending = None;
+                outcome = async {
+                    match running.as_mut() {
+                        Some(task) => (&mut task.handle).await,
+                        None => std::future::pending().await,
+                    }
+                }, if running.is_some() => {
+                    let task = running.take().expect("checked by the guard");
+                    let (adapter, reports) = outcome
+                        .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
+                    if self.options.status_line {
+                        eprintln!();
+                    }
+                    let (header, body) = self.finish_task(&task, adapter, reports)?;
+                    self.pending = Some((task.task.task, header.clone(), body.clone()));
+                    self.report.bytes_up += body.len() as u64;
+                    session.upload(&header, &body, None).await?;
                 }
-                ServerMessage::SubmissionRejected { reason, detail, .. } => {
-                    tracing::warn!(%reason, %detail, "upload refused");
-                    self.report.rejected.push(format!("{reason}: {detail}"));
-                    self.pending = None;
-                }
-                ServerMessage::RoundClosed { round, adapter } => {
-                    tracing::info!(round = round.0, %adapter, "round closed");
-                }
-                ServerMessage::ExperimentFinished { adapter } => {
-                    tracing::info!(%adapter, "experiment finished");
-                    self.report.finished = true;
-                    session.close();
-                    return Ok(true);
-                }
-                ServerMessage::TaskCancelled { .. }
-                | ServerMessage::UploadStarted { .. }
-                | ServerMessage::Welcome { .. }
-                | ServerMessage::Challenge { .. }
-                | ServerMessage::Refused { .. } => {}
             }
+        }
+    }
+
+    /// Handles one control message; `Ok(true)` when the experiment finished.
+    async fn handle(
+        &mut self,
+        session: &mut Session,
+        message: ServerMessage,
+        running: &mut Option<RunningTask>,
+    ) -> Result<bool, WorkerError> {
+        match message {
+            ServerMessage::Task(task) => {
+                self.report.tasks += 1;
+                session
+                    .send(&ClientMessage::TaskAccepted { task: task.task })
+                    .await?;
+                if running.as_ref().is_some_and(|r| r.task.task == task.task) {
+                    return Ok(false); // re-sent after a reconnect: training goes on
+                }
+                if let Some((id, header, body)) = &self.pending {
+                    if *id == task.task {
+                        tracing::info!(task = task.task.0, "re-sending the unacknowledged upload");
+                        session.upload(header, body, None).await?;
+                        return Ok(false);
+                    }
+                }
+                let adapter = session.download(task.adapter).await?;
+                *running = Some(self.start_task(*task, adapter)?);
+            }
+            ServerMessage::Throttle { duty_ppm } => {
+                let effective = duty_ppm.min(self.options.max_duty_ppm);
+                self.options
+                    .duty
+                    .store(u64::from(effective), Ordering::Relaxed);
+                tracing::info!(
+                    fleet = duty_ppm,
+                    effective,
+                    "duty cycle set by the coordinator"
+                );
+                session
+                    .send(&ClientMessage::ThrottleApplied {
+                        duty_ppm: effective,
+                    })
+                    .await?;
+            }
+            ServerMessage::SubmissionAccepted { .. } => {
+                self.report.accepted += 1;
+                self.pending = None;
+            }
+            ServerMessage::SubmissionRejected { reason, detail, .. } => {
+                tracing::warn!(%reason, %detail, "upload refused");
+                self.report.rejected.push(format!("{reason}: {detail}"));
+                self.pending = None;
+            }
+            ServerMessage::RoundClosed { round, adapter } => {
+                tracing::info!(round = round.0, %adapter, "round closed");
+            }
+            ServerMessage::ExperimentFinished { adapter } => {
+                tracing::info!(%adapter, "experiment finished");
+                self.report.finished = true;
+                // Dropping the task stops its training thread.
+                running.take();
+                session.close();
+                return Ok(true);
+            }
+            ServerMessage::TaskCancelled { .. }
+            | ServerMessage::UploadStarted { .. }
+            | ServerMessage::Welcome { .. }
+            | ServerMessage::Challenge { .. }
+            | ServerMessage::Refused { .. } => {}
         }
         Ok(false)
     }
@@ -247,18 +337,18 @@ impl Worker {
         Ok(loaded)
     }
 
-    /// Trains `task` from the downloaded adapter and returns the signed upload.
-    async fn train_task(
+    /// Prepares `task` from the downloaded adapter and starts training it on a blocking thread.
+    fn start_task(
         &mut self,
-        task: &TaskSpec,
+        task: TaskSpec,
         adapter_bytes: Vec<u8>,
-    ) -> Result<(UploadHeader, Vec<u8>), WorkerError> {
-        let loaded = self.model_for(task)?;
+    ) -> Result<RunningTask, WorkerError> {
+        let loaded = self.model_for(&task)?;
         let start = codec::decode(&adapter_bytes, 1 << 30)?;
-        let settings = lora_settings(&start, task)?;
+        let settings = lora_settings(&start, &task)?;
         let config = loaded.model.config().clone();
         let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
-        let data = self.task_data(task, &loaded)?;
+        let data = self.task_data(&task, &loaded)?;
         let plan = task.plan.clone();
         let train_settings = TrainSettings {
             steps: u64::from(plan.local_steps),
@@ -273,36 +363,60 @@ impl Worker {
             },
         };
         let duty = self.options.duty.clone();
+        let busy = self.options.busy_us.clone();
         let status_line = self.options.status_line;
         let round = task.round.0;
-        let started = Instant::now();
-        let (adapter, reports) = tokio::task::spawn_blocking(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let handle = tokio::task::spawn_blocking(move || {
             let mut adapter = adapter;
             let mut tokens = 0u64;
             let begun = Instant::now();
-            let reports = train::train(&loaded.model, &mut adapter, &data, &train_settings, |r| {
-                tokens += r.tokens;
-                if status_line {
-                    eprint!(
-                        "\rround {round} step {}/{} loss {:.4} {:.0} tok/s   ",
-                        r.step,
-                        train_settings.steps,
-                        r.loss,
-                        tokens as f64 / begun.elapsed().as_secs_f64().max(1e-9)
-                    );
-                }
-                throttle(&duty, r.seconds);
-            });
+            let stop = &*stop_flag;
+            let reports = train::train_until(
+                &loaded.model,
+                &mut adapter,
+                &data,
+                &train_settings,
+                stop,
+                |r| {
+                    tokens += r.tokens;
+                    busy.fetch_add((r.seconds * 1e6) as u64, Ordering::Relaxed);
+                    if status_line {
+                        eprint!(
+                            "\rround {round} step {}/{} loss {:.4} {:.0} tok/s duty {:.0}%   ",
+                            r.step,
+                            train_settings.steps,
+                            r.loss,
+                            tokens as f64 / begun.elapsed().as_secs_f64().max(1e-9),
+                            duty.load(Ordering::Relaxed) as f64 / FULL_DUTY as f64 * 100.0
+                        );
+                    }
+                    throttle(&duty, r.seconds, stop);
+                },
+            );
             (adapter, reports)
+        });
+        Ok(RunningTask {
+            task,
+            start,
+            started: Instant::now(),
+            handle,
+            stop,
         })
-        .await
-        .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
-        if status_line {
-            eprintln!();
-        }
+    }
+
+    /// Compresses and signs the delta of a finished task.
+    fn finish_task(
+        &mut self,
+        running: &RunningTask,
+        adapter: LoraAdapter,
+        reports: Vec<train::StepReport>,
+    ) -> Result<(UploadHeader, Vec<u8>), WorkerError> {
+        let task = &running.task;
         let after = adapter.to_delta();
-        let delta = difference(&after, &start)?;
-        let body = self.feedback.compress(&delta, plan.codec)?;
+        let delta = difference(&after, &running.start)?;
+        let body = self.feedback.compress(&delta, task.plan.codec)?;
         let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
         let loss = if reports.is_empty() {
             0.0
@@ -319,13 +433,13 @@ impl Worker {
             trainer: self.options.identity.id(),
             hash: BlobHash::of(&body),
             byte_len: body.len() as u64,
-            // FedAvg weights a client by its local data: the tokens it holds, capped.
+            // FedAvg weights a client by its local data: the tokens it trained on, capped.
             sample_count: sample_count(&task.data, tokens),
             metrics: TrainMetrics {
                 train_loss: loss as f32,
                 steps: reports.len() as u32,
                 tokens,
-                train_ms: started.elapsed().as_millis() as u64,
+                train_ms: running.started.elapsed().as_millis() as u64,
             },
         };
         let upload = self
@@ -373,8 +487,11 @@ impl Worker {
 
 /// Sleeps long enough after `busy_seconds` of compute to keep the duty cycle; at duty 0 (paused)
 /// waits until the duty is raised again.
-fn throttle(duty: &AtomicU64, busy_seconds: f64) {
+fn throttle(duty: &AtomicU64, busy_seconds: f64, stop: &AtomicBool) {
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let current = duty.load(Ordering::Relaxed).min(FULL_DUTY);
         if current >= FULL_DUTY {
             return;
@@ -384,8 +501,13 @@ fn throttle(duty: &AtomicU64, busy_seconds: f64) {
             continue;
         }
         let fraction = current as f64 / FULL_DUTY as f64;
-        let idle = busy_seconds * (1.0 - fraction) / fraction;
-        std::thread::sleep(Duration::from_secs_f64(idle.min(3600.0)));
+        let idle =
+            Duration::from_secs_f64((busy_seconds * (1.0 - fraction) / fraction).min(3600.0));
+        // Sleep in slices so a stop or a new duty is noticed soon.
+        let until = Instant::now() + idle;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+        }
         return;
     }
 }

@@ -85,6 +85,13 @@ pub enum Command {
         /// Where to read it, if it is downloadable.
         reply: oneshot::Sender<Option<Download>>,
     },
+    /// The operator set the fleet's duty cycle; replies with the trainers told.
+    Throttle {
+        /// Allowed duty cycle, in millionths.
+        duty_ppm: u32,
+        /// How many connected trainers were told.
+        reply: oneshot::Sender<usize>,
+    },
     /// The aggregation worker finished.
     Derived {
         /// The round.
@@ -127,12 +134,18 @@ pub struct Progress {
     pub finished: bool,
     /// Trainers connected now.
     pub connected: usize,
+    /// The fleet's allowed duty cycle in millionths (the pause button; 1,000,000 = no limit).
+    pub fleet_duty_ppm: u32,
+    /// Connected trainers that reported computing at or below the fleet duty.
+    pub trainers_obeying: usize,
 }
 
 struct Registered {
     connection_id: u64,
     outbox: mpsc::UnboundedSender<ServerMessage>,
     connection: quinn::Connection,
+    /// The duty cycle the trainer last said it applies.
+    applied_duty: Option<u32>,
 }
 
 /// The hub's owned state.
@@ -153,6 +166,8 @@ pub struct Hub {
     current_adapter: Option<(BlobHash, Arc<Vec<u8>>)>,
     /// Small verified bodies waiting for their `PersistSubmission` in this wake-up.
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
+    /// The fleet's allowed duty cycle (the pause button), in millionths.
+    fleet_duty: u32,
 }
 
 impl Hub {
@@ -183,6 +198,7 @@ impl Hub {
             commands,
             rounds_closed,
             current_adapter: None,
+            fleet_duty: crate::operator::load_duty(&data_dir),
             data_dir,
             inline_bodies: HashMap::new(),
         }
@@ -248,10 +264,14 @@ impl Hub {
                     trainer,
                     Registered {
                         connection_id,
-                        outbox,
+                        outbox: outbox.clone(),
                         connection,
+                        applied_duty: None,
                     },
                 );
+                let _ = outbox.send(ServerMessage::Throttle {
+                    duty_ppm: self.fleet_duty,
+                });
                 if let Some(previous) = previous {
                     previous.connection.close(
                         quinn::VarInt::from_u32(1),
@@ -290,7 +310,38 @@ impl Hub {
                 ClientMessage::Hello { .. } => {
                     tracing::warn!(%trainer, "second hello ignored");
                 }
+                ClientMessage::ThrottleApplied { duty_ppm } => {
+                    tracing::debug!(%trainer, duty_ppm, "trainer applies the fleet duty");
+                    if let Some(entry) = self.registry.get_mut(&trainer) {
+                        entry.applied_duty = Some(duty_ppm);
+                    }
+                }
             },
+            Command::Throttle { duty_ppm, reply } => {
+                let duty_ppm = duty_ppm.min(tributary_shared::wire::FULL_DUTY_PPM);
+                if let Err(error) = crate::operator::store_duty(&self.data_dir, duty_ppm) {
+                    tracing::error!(%error, "cannot record the fleet duty; it holds until restart");
+                }
+                self.fleet_duty = duty_ppm;
+                let mut told = 0;
+                for entry in self.registry.values_mut() {
+                    entry.applied_duty = None;
+                    if entry
+                        .outbox
+                        .send(ServerMessage::Throttle { duty_ppm })
+                        .is_ok()
+                    {
+                        told += 1;
+                    }
+                }
+                tracing::info!(
+                    duty_ppm,
+                    trainers = told,
+                    "fleet duty changed by the operator"
+                );
+                Metrics::set(&self.metrics.fleet_duty_ppm, u64::from(duty_ppm));
+                let _ = reply.send(told);
+            }
             Command::Header {
                 trainer,
                 upload,
@@ -529,6 +580,12 @@ impl Hub {
             adapter: Some(self.engine.adapter()),
             finished: self.engine.phase() == Phase::Finished,
             connected: self.registry.len(),
+            fleet_duty_ppm: self.fleet_duty,
+            trainers_obeying: self
+                .registry
+                .values()
+                .filter(|entry| entry.applied_duty.is_some_and(|d| d <= self.fleet_duty))
+                .count(),
         };
         self.progress.send_if_modified(|current| {
             if *current == progress {
