@@ -97,8 +97,10 @@ up = sum(r["bytes_up"] for r in reports)
 raw = sum(r["raw_bytes"] for r in reports)
 print(f"bytes up {up} (int8) for {raw} as f32: {up / max(raw, 1):.3f}")
 print(f"held-out loss: base {base['loss']:.4f} -> merged adapter {merged['loss']:.4f}")
-experiment = status[0] if isinstance(status, list) else status
+experiment = (status[0] if isinstance(status, list) else status).get("status", {})
 summary = {
+    "final_adapter_hash": experiment.get("adapter"),
+    "ledger_head": experiment.get("ledger_head"),
     "base_eval_loss": base["loss"],
     "final_eval_loss": merged["loss"],
     "rounds": rows,
@@ -106,7 +108,6 @@ summary = {
     "raw_bytes": raw,
     "accepted": sum(r["accepted"] for r in reports),
     "rejected": sum(len(r["rejected"]) for r in reports),
-    "status": experiment,
     "data_dir": f"{out}/data",
 }
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)

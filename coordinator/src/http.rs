@@ -1,5 +1,8 @@
 //! The optional HTTP listener: `/healthz`, Prometheus `/metrics`, `/status` as JSON, and the
-//! operator's signed pause button, `POST /admin/throttle`.
+//! operator's signed pause button, `POST /admin/throttle`, and the hub: `/hub/experiments`,
+//! `/hub/ledger` (every round's ledger entry), `/hub/adapters/{hash}` (any adapter or delta blob,
+//! by hash) and `/hub/latest/{file}` (the latest merged adapter as a PEFT folder:
+//! `adapter_model.safetensors`, `adapter_config.json`, `README.md` with lineage).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +36,8 @@ pub struct HttpContext {
     pub commands: mpsc::Sender<Command>,
     /// The operator's public key.
     pub operator: TrainerId,
+    /// The data directory (read-only access for the hub pages).
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Clone)]
@@ -57,6 +62,10 @@ pub async fn spawn(
         .route("/metrics", get(metrics_page))
         .route("/status", get(status_page))
         .route("/admin/throttle", post(throttle))
+        .route("/hub/experiments", get(hub_experiments))
+        .route("/hub/ledger", get(hub_ledger))
+        .route("/hub/adapters/{hash}", get(hub_blob))
+        .route("/hub/latest/{file}", get(hub_latest))
         .with_state(AppState {
             context,
             last_order_ms: Arc::new(Mutex::new(0)),
@@ -118,4 +127,102 @@ async fn throttle(
             Json(serde_json::json!({ "error": "the coordinator is stopping" })),
         ),
     }
+}
+
+type HubResponse = Result<axum::response::Response, (StatusCode, String)>;
+
+/// Runs a blocking read of the data directory off the async threads.
+async fn read_data<T: Send + 'static>(
+    state: &AppState,
+    read: impl FnOnce(&std::path::Path) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, (StatusCode, String)> {
+    let dir = state.context.data_dir.clone();
+    tokio::task::spawn_blocking(move || read(&dir))
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}")))
+}
+
+async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
+    let list = read_data(&state, |dir| {
+        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        Ok(db
+            .experiments()?
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id.0,
+                    "finished": e.finished,
+                    "initial_adapter": e.initial_adapter,
+                    "config": serde_json::from_str::<serde_json::Value>(&e.config_json).ok(),
+                })
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(Json(list).into_response())
+}
+
+async fn hub_ledger(State(state): State<AppState>) -> HubResponse {
+    let rounds = read_data(&state, |dir| {
+        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let mut out = Vec::new();
+        for experiment in db.experiments()? {
+            for (hash, entry) in db.ledger(&experiment.id)? {
+                out.push(serde_json::json!({
+                    "experiment": experiment.id.0,
+                    "hash": hash,
+                    "entry": entry,
+                }));
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(rounds).into_response())
+}
+
+async fn hub_blob(
+    State(state): State<AppState>,
+    axum::extract::Path(hash): axum::extract::Path<String>,
+) -> HubResponse {
+    let hash: tributary_shared::BlobHash = hash
+        .parse()
+        .map_err(|_| (StatusCode::BAD_REQUEST, "not a blake3 hash".to_string()))?;
+    let bytes = read_data(&state, move |dir| {
+        use crate::store::BlobSource as _;
+        Ok(crate::store::StoredBlobs::open(dir)?.get(&hash)?)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn hub_latest(
+    State(state): State<AppState>,
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> HubResponse {
+    let folder = read_data(&state, |dir| crate::publish::build(dir, None)).await?;
+    let Some((name, bytes)) = folder.files.into_iter().find(|(name, _)| *name == file) else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("no file {file:?} in the PEFT folder"),
+        ));
+    };
+    let kind = match name {
+        "adapter_config.json" => "application/json",
+        "README.md" => "text/markdown; charset=utf-8",
+        _ => "application/octet-stream",
+    };
+    let adapter = folder.published.adapter.to_hex();
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind.to_string()),
+            (
+                header::HeaderName::from_static("x-tributary-adapter"),
+                adapter,
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
 }

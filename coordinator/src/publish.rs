@@ -25,8 +25,31 @@ pub struct Published {
     pub ledger_head: Option<tributary_shared::BlobHash>,
 }
 
+/// A PEFT folder's files, in memory.
+#[derive(Debug, Clone)]
+pub struct PeftFolder {
+    /// `(file name, contents)`: `adapter_model.safetensors`, `adapter_config.json`, `README.md`.
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    /// What they hold.
+    pub published: Published,
+}
+
 /// Writes the latest adapter of `experiment` (or the only/latest experiment) into `out`.
 pub fn publish(data_dir: &Path, experiment: Option<&str>, out: &Path) -> anyhow::Result<Published> {
+    let folder = build(data_dir, experiment)?;
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty", out.display());
+    }
+    std::fs::create_dir_all(out)?;
+    for (name, bytes) in &folder.files {
+        std::fs::write(out.join(name), bytes)?;
+    }
+    Ok(folder.published)
+}
+
+/// Builds the PEFT folder of the latest adapter of `experiment` (or the latest experiment),
+/// reading the data directory (safe while a coordinator serves it).
+pub fn build(data_dir: &Path, experiment: Option<&str>) -> anyhow::Result<PeftFolder> {
     let db =
         Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
     let experiments = db.experiments()?;
@@ -57,30 +80,25 @@ pub fn publish(data_dir: &Path, experiment: Option<&str>, out: &Path) -> anyhow:
         .flat_map(|(_, entry)| entry.accepted.iter().map(|a| a.trainer))
         .collect();
     let ledger_head = ledger.last().map(|(hash, _)| *hash);
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        bail!("{} exists and is not empty", out.display());
-    }
-    std::fs::create_dir_all(out)?;
-    std::fs::write(
-        out.join("adapter_model.safetensors"),
-        to_safetensors(&adapter)?,
-    )?;
-    std::fs::write(out.join("adapter_config.json"), adapter_config.to_json())?;
-    std::fs::write(
-        out.join("README.md"),
-        model_card(
-            &stored.id,
-            &config,
-            &adapter_config,
-            &ledger,
-            &contributors,
-            adapter_hash,
-        ),
-    )?;
-    Ok(Published {
-        rounds: ledger.len() as u64,
-        adapter: adapter_hash,
-        ledger_head,
+    let card = model_card(
+        &stored.id,
+        &config,
+        &adapter_config,
+        &ledger,
+        &contributors,
+        adapter_hash,
+    );
+    Ok(PeftFolder {
+        files: vec![
+            ("adapter_model.safetensors", to_safetensors(&adapter)?),
+            ("adapter_config.json", adapter_config.to_json().into_bytes()),
+            ("README.md", card.into_bytes()),
+        ],
+        published: Published {
+            rounds: ledger.len() as u64,
+            adapter: adapter_hash,
+            ledger_head,
+        },
     })
 }
 

@@ -220,6 +220,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                     progress: progress.clone(),
                     commands: http_commands,
                     operator: operator.id(),
+                    data_dir: options.data_dir.clone(),
                 },
                 wait_for(shutdown_rx),
             )

@@ -77,6 +77,24 @@ async fn three_burn_trainers_learn_together() {
             .unwrap()
             .adapter
             .unwrap();
+
+    // The hub serves the ledger, every adapter by hash, and the latest adapter as a PEFT folder.
+    let http = running.http_addr.unwrap();
+    let (status, body) = http_get_bytes(http, "/hub/ledger").await;
+    assert!(status.contains("200"), "{status}");
+    let ledger: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(ledger.as_array().unwrap().len(), 3);
+    let (_, blob) = http_get_bytes(http, &format!("/hub/adapters/{final_adapter}")).await;
+    assert_eq!(tributary_shared::BlobHash::of(&blob), final_adapter);
+    let (status, safetensors) = http_get_bytes(http, "/hub/latest/adapter_model.safetensors").await;
+    assert!(status.contains("200"), "{status}");
+    let served = tributary_shared::peft::from_safetensors(&safetensors).unwrap();
+    let encoded = tributary_coordinator::derive::encode_exact(&served);
+    assert_eq!(tributary_shared::BlobHash::of(&encoded), final_adapter);
+    let (_, card) = http_get_bytes(http, "/hub/latest/README.md").await;
+    assert!(String::from_utf8(card).unwrap().contains("3 contributors"));
+    let (status, _) = http_get_bytes(http, "/hub/adapters/not-a-hash").await;
+    assert!(status.contains("400"), "{status}");
     running.shutdown().await.unwrap();
 
     let verified = verify_data_dir(&data_dir).expect("verify passes");

@@ -149,3 +149,26 @@ pub async fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) 
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// Fetches a page as bytes; returns the status line and the body.
+#[allow(dead_code)]
+pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header");
+    let status = String::from_utf8_lossy(&response[..split])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (status, response[split + 4..].to_vec())
+}
