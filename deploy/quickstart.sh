@@ -72,7 +72,7 @@ echo
 "$bin/tributary-coordinator" publish --data-dir "$out/data" --to "$out/adapter" >/dev/null
 
 roles=$(python3 -c 'import sys,tomllib; print(",".join(tomllib.load(open(sys.argv[1],"rb"))["data"]["clients"]))' "$experiment")
-echo "held-out loss on the experiment's roles (their test lines):"
+echo "evaluating the base model and the merged adapter on the roles' held-out lines..."
 RAYON_NUM_THREADS=$(nproc) "$bin/tributary-trainer" eval --data "shakespeare:$roles" --seq-len 64 \
     --max-sequences 24 2>/dev/null > "$out/eval-base.json"
 RAYON_NUM_THREADS=$(nproc) "$bin/tributary-trainer" eval --data "shakespeare:$roles" --seq-len 64 \
@@ -86,35 +86,74 @@ merged = json.load(open(f"{out}/eval-merged.json"))
 status = json.load(open(f"{out}/status.json"))
 reports = [json.load(open(f"{out}/trainer-{i}.json")) for i in range(1, trainers + 1)]
 rounds = max(len(r["losses"]) for r in reports)
+mean = lambda xs: sum(xs) / len(xs) if xs else None
+tasks = sum(len(r["losses"]) for r in reports)
+raw_per_task = sum(r["raw_bytes"] for r in reports) // max(tasks, 1)
 rows = []
 for k in range(rounds):
     losses = [r["losses"][k] for r in reports if len(r["losses"]) > k]
-    rows.append({"round": k, "train_loss": sum(losses) / len(losses), "trainers": len(losses)})
-print(f"{'round':>5} {'train loss':>10} {'trainers':>8}")
+    # The merged adapter after round k is scored by the trainers at the start of round k + 1;
+    # the last one by `tributary-trainer eval` after the run.
+    entering = [r["eval_losses"][k + 1] for r in reports
+                if len(r["eval_losses"]) > k + 1 and r["eval_losses"][k + 1] is not None]
+    rows.append({
+        "round": k,
+        "train_loss": mean(losses),
+        "eval_loss": mean(entering) if k + 1 < rounds else merged["loss"],
+        "bytes_up": sum(r["upload_bytes"][k] for r in reports if len(r["upload_bytes"]) > k),
+        "raw_bytes": raw_per_task * len(losses),
+        "accepted": len(losses),
+        "rejected": 0,
+    })
+first = [r["eval_losses"][0] for r in reports if r["eval_losses"] and r["eval_losses"][0] is not None]
+print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8}")
+print(f"{'base':>5} {'':>10} {mean(first) or float('nan'):>9.4f}")
 for row in rows:
-    print(f"{row['round']:>5} {row['train_loss']:>10.4f} {row['trainers']:>8}")
+    print(f"{row['round']:>5} {row['train_loss']:>10.4f} {row['eval_loss']:>9.4f} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8}")
 up = sum(r["bytes_up"] for r in reports)
 raw = sum(r["raw_bytes"] for r in reports)
-print(f"bytes up {up} (int8) for {raw} as f32: {up / max(raw, 1):.3f}")
-print(f"held-out loss: base {base['loss']:.4f} -> merged adapter {merged['loss']:.4f}")
+print(f"bytes up {up} (compressed) for {raw} as f32: {up / max(raw, 1):.3f}")
+print(f"held-out loss (all roles, after the run): base {base['loss']:.4f} -> merged adapter {merged['loss']:.4f}")
+rejected = sum(len(r["rejected"]) for r in reports)
+# A small SVG plot of the losses per round.
+points = [("train", "#1f77b4", [row["train_loss"] for row in rows]),
+          ("held-out", "#d62728", [row["eval_loss"] for row in rows])]
+values = [v for _, _, vs in points for v in vs if v is not None] + [base["loss"]]
+lo, hi = min(values), max(values)
+span = (hi - lo) or 1.0
+w, h, pad = 480, 300, 40
+x = lambda i: pad + (w - 2 * pad) * (i / max(len(rows) - 1, 1))
+y = lambda v: h - pad - (h - 2 * pad) * ((v - lo) / span)
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+       f'<rect width="{w}" height="{h}" fill="white"/>',
+       f'<text x="{pad}" y="20">loss per round (base held-out {base["loss"]:.3f})</text>']
+for n, (name, color, vs) in enumerate(points):
+    coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(vs) if v is not None)
+    svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
+    svg.append(f'<text x="{w - 120}" y="{40 + 16 * n}" fill="{color}">{name}</text>')
+for i in range(len(rows)):
+    svg.append(f'<text x="{x(i) - 4:.1f}" y="{h - 15}">{i}</text>')
+svg.append(f'<text x="5" y="{y(hi) + 4:.1f}">{hi:.2f}</text><text x="5" y="{y(lo) + 4:.1f}">{lo:.2f}</text></svg>')
+open(f"{out}/loss.svg", "w").write("\n".join(svg))
 experiment = (status[0] if isinstance(status, list) else status).get("status", {})
 summary = {
     "final_adapter_hash": experiment.get("adapter"),
     "ledger_head": experiment.get("ledger_head"),
     "base_eval_loss": base["loss"],
+    "base_eval_loss_trainers": mean(first),
     "final_eval_loss": merged["loss"],
     "rounds": rows,
     "bytes_up": up,
     "raw_bytes": raw,
     "accepted": sum(r["accepted"] for r in reports),
-    "rejected": sum(len(r["rejected"]) for r in reports),
+    "rejected": rejected,
     "data_dir": f"{out}/data",
 }
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/rounds.csv", "w") as f:
-    f.write("round,train_loss,trainers\n")
+    f.write("round,train_loss,eval_loss,bytes_up,raw_bytes,accepted,rejected\n")
     for row in rows:
-        f.write(f"{row['round']},{row['train_loss']},{row['trainers']}\n")
+        f.write(",".join(str(row[k]) for k in ("round", "train_loss", "eval_loss", "bytes_up", "raw_bytes", "accepted", "rejected")) + "\n")
 PY
 
 echo

@@ -599,6 +599,8 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                     "raw_bytes": report.raw_bytes,
                     "tokens": report.tokens,
                     "losses": report.losses,
+                    "eval_losses": report.eval_losses,
+                    "upload_bytes": report.upload_bytes,
                     "finished": report.finished,
                 }));
                 Ok(())

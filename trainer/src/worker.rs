@@ -76,6 +76,10 @@ pub struct JoinReport {
     pub finished: bool,
     /// Mean training loss of each task, in order.
     pub losses: Vec<f32>,
+    /// Held-out loss of each task's incoming (merged) adapter on its clients, in order.
+    pub eval_losses: Vec<Option<f32>>,
+    /// Compressed bytes of each task's upload, in order.
+    pub upload_bytes: Vec<u64>,
 }
 
 /// A task that could not be done.
@@ -179,7 +183,7 @@ struct RunningTask {
     task: TaskSpec,
     start: Delta,
     started: Instant,
-    handle: tokio::task::JoinHandle<(LoraAdapter, Vec<train::StepReport>)>,
+    handle: tokio::task::JoinHandle<(LoraAdapter, Vec<train::StepReport>, Option<f64>)>,
     /// Tells the training thread to stop after its current step.
     stop: Arc<AtomicBool>,
 }
@@ -226,14 +230,16 @@ impl Worker {
                     }
                 }, if running.is_some() => {
                     let task = running.take().expect("checked by the guard");
-                    let (adapter, reports) = outcome
+                    let (adapter, reports, eval) = outcome
                         .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
+                    self.report.eval_losses.push(eval.map(|loss| loss as f32));
                     if self.options.status_line {
                         eprintln!();
                     }
                     let (header, body) = self.finish_task(&task, adapter, reports)?;
                     self.pending = Some((task.task.task, header.clone(), body.clone()));
                     self.report.bytes_up += body.len() as u64;
+                    self.report.upload_bytes.push(body.len() as u64);
                     session.upload(&header, &body, None).await?;
                 }
             }
@@ -348,7 +354,7 @@ impl Worker {
         let settings = lora_settings(&start, &task)?;
         let config = loaded.model.config().clone();
         let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
-        let data = self.task_data(&task, &loaded)?;
+        let (data, held_out) = self.task_data(&task, &loaded)?;
         let plan = task.plan.clone();
         let train_settings = TrainSettings {
             steps: u64::from(plan.local_steps),
@@ -370,6 +376,18 @@ impl Worker {
         let stop_flag = stop.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let mut adapter = adapter;
+            // Score the adapter the coordinator merged (the incoming one) on this task's clients'
+            // held-out text before training on them.
+            let eval = held_out.map(|held_out| {
+                train::evaluate(
+                    &loaded.model,
+                    Some(&adapter),
+                    &held_out,
+                    4,
+                    Some(EVAL_SEQUENCES),
+                )
+                .loss
+            });
             let mut tokens = 0u64;
             let begun = Instant::now();
             let stop = &*stop_flag;
@@ -395,7 +413,7 @@ impl Worker {
                     throttle(&duty, r.seconds, stop);
                 },
             );
-            (adapter, reports)
+            (adapter, reports, eval)
         });
         Ok(RunningTask {
             task,
@@ -451,24 +469,33 @@ impl Worker {
     }
 
     /// The token sequences a task trains on.
-    fn task_data(&self, task: &TaskSpec, loaded: &LoadedModel) -> Result<PackedData, WorkerError> {
+    /// The token sequences a task trains on, and its clients' held-out sequences.
+    fn task_data(
+        &self,
+        task: &TaskSpec,
+        loaded: &LoadedModel,
+    ) -> Result<(PackedData, Option<PackedData>), WorkerError> {
         let seq_len = task.plan.sequence_len.max(1) as usize;
         let tokenizer = &loaded.tokenizer;
-        let docs = match &task.data {
+        let (docs, held_out) = match &task.data {
             DataAssignment::Clients { dataset, clients } if dataset == "shakespeare" => {
                 DataSpec::Shakespeare {
                     texts: self.options.shakespeare.clone(),
                     clients: clients.clone(),
                 }
                 .documents()?
-                .0
             }
-            DataAssignment::Clients { dataset, clients } if dataset == "tiny" => clients
-                .iter()
-                .map(|id| tiny::client_text(tiny::client_index(id), 60))
-                .collect(),
+            DataAssignment::Clients { dataset, clients } if dataset == "tiny" => {
+                let text = |lines| {
+                    clients
+                        .iter()
+                        .map(|id| tiny::client_text(tiny::client_index(id), lines))
+                        .collect::<Vec<_>>()
+                };
+                (text(60), text(20))
+            }
             DataAssignment::Local => match &self.options.local_data {
-                Some(dir) => DataSpec::Folder(dir.clone()).documents()?.0,
+                Some(dir) => DataSpec::Folder(dir.clone()).documents()?,
                 None => {
                     return Err(WorkerError::Task(
                         "the experiment trains on local data; start with --data FOLDER".into(),
@@ -481,9 +508,14 @@ impl Worker {
                 )))
             }
         };
-        Ok(PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?)
+        let train = PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?;
+        let held_out = PackedData::pack(&held_out, tokenizer, seq_len, tokenizer.eos).ok();
+        Ok((train, held_out))
     }
 }
+
+/// Held-out sequences scored before each task (the incoming merged adapter's quality).
+const EVAL_SEQUENCES: usize = 8;
 
 /// Sleeps long enough after `busy_seconds` of compute to keep the duty cycle; at duty 0 (paused)
 /// waits until the duty is raised again.
