@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,14 +11,12 @@ use burn::tensor::Device;
 use common::*;
 use tributary_coordinator::publish::publish;
 use tributary_coordinator::verify::verify_data_dir;
-use tributary_tests::client::client_endpoint;
-use tributary_tests::tls::ServerTrust;
 use tributary_trainer::data::PackedData;
 use tributary_trainer::lora::LoraAdapter;
 use tributary_trainer::model;
 use tributary_trainer::tiny;
 use tributary_trainer::train::evaluate;
-use tributary_trainer::worker::{self, JoinOptions, FULL_DUTY};
+use tributary_trainer::worker::FULL_DUTY;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_burn_trainers_learn_together() {
@@ -32,22 +29,13 @@ async fn three_burn_trainers_learn_together() {
 
     let handles: Vec<_> = (0..3)
         .map(|seed| {
-            let endpoint =
-                client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
-            let options = JoinOptions {
-                addr: running.addr,
-                identity: identity(700 + seed),
-                enrollment_token: None,
-                model: model_path.clone(),
-                shakespeare: dir.path().join("unused"),
-                local_data: None,
-                reconnect_for: Duration::from_secs(20),
-                max_duty_ppm: FULL_DUTY as u32,
-                duty: Arc::new(AtomicU64::new(FULL_DUTY)),
-                busy_us: Arc::new(AtomicU64::new(0)),
-                status_line: false,
-            };
-            tokio::spawn(worker::run(endpoint, options, Device::flex()))
+            spawn_burn_trainer(
+                &running,
+                &model_path,
+                700 + seed,
+                FULL_DUTY as u32,
+                Arc::default(),
+            )
         })
         .collect();
     let mut reports = Vec::new();

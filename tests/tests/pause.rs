@@ -9,13 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::tensor::Device;
 use common::*;
 use tributary_coordinator::operator::{self, ThrottleOrder};
-use tributary_tests::client::client_endpoint;
-use tributary_tests::tls::ServerTrust;
 use tributary_trainer::tiny;
-use tributary_trainer::worker::{self, JoinOptions, FULL_DUTY};
+use tributary_trainer::worker::FULL_DUTY;
 
 /// Fraction of wall time the fleet spends computing over `window` (summed over trainers).
 async fn compute_rate(busy: &[Arc<AtomicU64>], window: Duration) -> f64 {
@@ -53,22 +50,13 @@ async fn throttle_pause_and_resume_reach_the_fleet() {
         .iter()
         .enumerate()
         .map(|(i, busy)| {
-            let endpoint =
-                client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
-            let options = JoinOptions {
-                addr: running.addr,
-                identity: identity(900 + i as u64),
-                enrollment_token: None,
-                model: model_path.clone(),
-                shakespeare: dir.path().join("unused"),
-                local_data: None,
-                reconnect_for: Duration::from_secs(20),
-                max_duty_ppm: FULL_DUTY as u32,
-                duty: Arc::new(AtomicU64::new(FULL_DUTY)),
-                busy_us: busy.clone(),
-                status_line: false,
-            };
-            tokio::spawn(worker::run(endpoint, options, Device::flex()))
+            spawn_burn_trainer(
+                &running,
+                &model_path,
+                900 + i as u64,
+                FULL_DUTY as u32,
+                busy.clone(),
+            )
         })
         .collect();
 

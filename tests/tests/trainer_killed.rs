@@ -7,42 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::tensor::Device;
 use common::*;
 use tributary_coordinator::verify::verify_data_dir;
-use tributary_tests::client::client_endpoint;
-use tributary_tests::tls::ServerTrust;
 use tributary_trainer::tiny;
-use tributary_trainer::worker::{self, JoinOptions, JoinReport, WorkerError, FULL_DUTY};
-
-fn join(
-    running: &tributary_coordinator::service::Running,
-    dir: &std::path::Path,
-    seed: u64,
-    duty_ppm: u32,
-    busy: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<Result<JoinReport, WorkerError>> {
-    let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
-    let options = JoinOptions {
-        addr: running.addr,
-        identity: identity(seed),
-        enrollment_token: None,
-        model: dir.join("tiny.gguf"),
-        shakespeare: dir.join("unused"),
-        local_data: None,
-        reconnect_for: Duration::from_secs(20),
-        max_duty_ppm: duty_ppm,
-        duty: Arc::new(AtomicU64::new(u64::from(duty_ppm))),
-        busy_us: busy,
-        status_line: false,
-    };
-    tokio::spawn(worker::run(endpoint, options, Device::flex()))
-}
+use tributary_trainer::worker::FULL_DUTY;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_trainer_does_not_stall_the_round_and_rejoins() {
     let dir = tempfile::tempdir().unwrap();
-    tiny::write_gguf(&dir.path().join("tiny.gguf"), 11).unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny::write_gguf(&model, 11).unwrap();
     let toml = include_str!("../../experiments/ci-tiny.toml")
         .replace("rounds = 3", "rounds = 2")
         .replace("quorum = 3", "quorum = 2")
@@ -50,11 +24,11 @@ async fn a_killed_trainer_does_not_stall_the_round_and_rejoins() {
     let data_dir = dir.path().join("coordinator");
     let running = start(&data_dir, Some(parse(&toml)), vec![]).await;
 
-    let fast_a = join(&running, dir.path(), 31, FULL_DUTY as u32, Arc::default());
-    let fast_b = join(&running, dir.path(), 32, FULL_DUTY as u32, Arc::default());
+    let fast_a = spawn_burn_trainer(&running, &model, 31, FULL_DUTY as u32, Arc::default());
+    let fast_b = spawn_burn_trainer(&running, &model, 32, FULL_DUTY as u32, Arc::default());
     // The victim computes 2 % of the time, so it is still training when it is killed.
     let victim_busy = Arc::new(AtomicU64::new(0));
-    let victim = join(&running, dir.path(), 33, 20_000, victim_busy.clone());
+    let victim = spawn_burn_trainer(&running, &model, 33, 20_000, victim_busy.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     while victim_busy.load(Ordering::Relaxed) == 0 {
         assert!(
@@ -78,7 +52,7 @@ async fn a_killed_trainer_does_not_stall_the_round_and_rejoins() {
     eprintln!("round 0 closed {:?} after the kill", killed_at.elapsed());
 
     // The same trainer comes back and is part of round 1 (min_trainers = 3 waits for it).
-    let again = join(&running, dir.path(), 33, FULL_DUTY as u32, Arc::default());
+    let again = spawn_burn_trainer(&running, &model, 33, FULL_DUTY as u32, Arc::default());
     let report = tokio::time::timeout(Duration::from_secs(120), again)
         .await
         .expect("the rejoined trainer finishes")

@@ -10,7 +10,7 @@ use tributary_shared::config::AdapterSpec;
 use tributary_shared::delta::{Delta, NamedTensor};
 use tributary_shared::peft::{self, AdapterConfig};
 
-use crate::model::{AdapterTensors, LlamaConfig, LoraPair, Target};
+use crate::model::{transpose, AdapterTensors, LlamaConfig, LoraPair, Target};
 
 /// Which LoRA factors train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -136,17 +136,6 @@ fn peft_prefix(layer: usize, target: Target) -> String {
         "base_model.model.model.layers.{layer}.{parent}.{}",
         target.peft_name()
     )
-}
-
-/// Transposes a row-major `[rows, cols]` matrix.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
 }
 
 /// An adapter's factors on a device (plain tensors; training makes autodiff leaves of them).

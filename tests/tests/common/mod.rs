@@ -135,7 +135,6 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 /// Posts a JSON body to the coordinator's HTTP listener; returns the whole response.
-#[allow(dead_code)]
 pub async fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -151,7 +150,6 @@ pub async fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) 
 }
 
 /// Fetches a page as bytes; returns the status line and the body.
-#[allow(dead_code)]
 pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (String, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -171,4 +169,36 @@ pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (String, 
         .unwrap_or_default()
         .to_string();
     (status, response[split + 4..].to_vec())
+}
+
+/// Starts a real burn trainer (`tributary_trainer::worker`) with the tiny model at `model`,
+/// computing at most `duty_ppm` of the time and counting its busy time in `busy`.
+pub fn spawn_burn_trainer(
+    running: &Running,
+    model: &Path,
+    seed: u64,
+    duty_ppm: u32,
+    busy: Arc<std::sync::atomic::AtomicU64>,
+) -> JoinHandle<Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>>
+{
+    use std::sync::atomic::AtomicU64;
+    let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
+    let options = tributary_trainer::worker::JoinOptions {
+        addr: running.addr,
+        identity: identity(seed),
+        enrollment_token: None,
+        model: model.to_owned(),
+        shakespeare: model.with_file_name("no-shakespeare"),
+        local_data: None,
+        reconnect_for: Duration::from_secs(20),
+        max_duty_ppm: duty_ppm,
+        duty: Arc::new(AtomicU64::new(u64::from(duty_ppm))),
+        busy_us: busy,
+        status_line: false,
+    };
+    tokio::spawn(tributary_trainer::worker::run(
+        endpoint,
+        options,
+        burn::tensor::Device::flex(),
+    ))
 }

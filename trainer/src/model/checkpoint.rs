@@ -102,25 +102,15 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
 /// rotate-half pairs) to `[head_dim / 2, 2]` (interleaved pairs), so GGUF row `2 i + j` of a head
 /// holds Hugging Face row `j head_dim / 2 + i`.
 pub fn unpermute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols.max(1);
-    let head_dim = rows / heads.max(1);
-    let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
-    for head in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let from = head * head_dim + 2 * i + j;
-                let to = head * head_dim + j * half + i;
-                out[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
-            }
-        }
-    }
-    out
+    reorder_rows(values, heads, cols, true)
 }
 
 /// The inverse of [`unpermute_rows`] (Hugging Face layout to llama.cpp's), for writing test files.
 pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    reorder_rows(values, heads, cols, false)
+}
+
+fn reorder_rows(values: &[f32], heads: usize, cols: usize, to_hf: bool) -> Vec<f32> {
     let rows = values.len() / cols.max(1);
     let head_dim = rows / heads.max(1);
     let half = head_dim / 2;
@@ -128,10 +118,11 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     for head in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let hf = head * head_dim + j * half + i;
                 let gguf = head * head_dim + 2 * i + j;
-                out[gguf * cols..(gguf + 1) * cols]
-                    .copy_from_slice(&values[hf * cols..(hf + 1) * cols]);
+                let hf = head * head_dim + j * half + i;
+                let (from, to) = if to_hf { (gguf, hf) } else { (hf, gguf) };
+                out[to * cols..(to + 1) * cols]
+                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
             }
         }
     }

@@ -13,7 +13,7 @@ use burn::tensor::{activation, Bool, Device, Int, Tensor, TensorData};
 use tributary_shared::config::SplitMix64;
 
 use super::checkpoint::{Checkpoint, HostTensor};
-use super::{LlamaConfig, ModelError, Target};
+use super::{transpose, LlamaConfig, ModelError, Target};
 
 /// The frozen base model on a device.
 #[derive(Debug, Clone)]
@@ -143,17 +143,6 @@ impl Rope {
 
 fn upload<const D: usize>(host: HostTensor, device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(host.values, host.shape), device)
-}
-
-/// Transposes a row-major `[rows, cols]` matrix.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
 }
 
 /// Loads `name`, checks it is `[out, in]`, and uploads it transposed to `[in, out]`.
