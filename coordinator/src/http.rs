@@ -67,8 +67,10 @@ pub async fn spawn(
         .route("/hub/adapters/{hash}", get(hub_blob))
         .route("/hub/latest/{file}", get(hub_latest))
         .with_state(AppState {
+            last_order_ms: Arc::new(Mutex::new(crate::operator::load_last_order(
+                &context.data_dir,
+            ))),
             context,
-            last_order_ms: Arc::new(Mutex::new(0)),
         });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -107,6 +109,11 @@ async fn throttle(
             return (StatusCode::FORBIDDEN, Json(body));
         }
         *last = order.issued_ms;
+        if let Err(error) = crate::operator::store_last_order(&state.context.data_dir, *last) {
+            tracing::error!(%error, "cannot record the last operator order");
+            let body = serde_json::json!({ "error": "cannot record the order durably" });
+            return (StatusCode::INTERNAL_SERVER_ERROR, Json(body));
+        }
     }
     let (reply, told) = oneshot::channel();
     let command = Command::Throttle {

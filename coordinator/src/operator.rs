@@ -14,8 +14,12 @@ use tributary_shared::identity::{self, Identity, OPERATOR_DOMAIN};
 use tributary_shared::wire::FULL_DUTY_PPM;
 use tributary_shared::TrainerId;
 
-/// How far an order's time may be from the coordinator's clock.
+/// How far in the past an order's time may be.
 pub const MAX_CLOCK_SKEW_MS: u64 = 120_000;
+
+/// How far in the future an order's time may be (small: a later order from a correct clock must
+/// not be refused as older than one from a clock running ahead).
+pub const MAX_FUTURE_SKEW_MS: u64 = 5_000;
 
 /// The operator key file inside a data directory.
 pub const KEY_FILE: &str = "operator.key";
@@ -66,7 +70,7 @@ pub enum OrderError {
     #[error("the signature is not the operator key's")]
     Signature,
     /// Too far from the coordinator's clock.
-    #[error("issued {0} ms away from the coordinator's clock (at most {MAX_CLOCK_SKEW_MS})")]
+    #[error("issued {0} ms away from the coordinator's clock (at most {MAX_CLOCK_SKEW_MS} before it, {MAX_FUTURE_SKEW_MS} after)")]
     Stale(u64),
     /// Not newer than the last order taken.
     #[error("not newer than the last order taken (a replay?)")]
@@ -106,7 +110,12 @@ impl ThrottleOrder {
         )
         .map_err(|_| OrderError::Signature)?;
         let skew = now_ms.abs_diff(self.issued_ms);
-        if skew > MAX_CLOCK_SKEW_MS {
+        let limit = if self.issued_ms > now_ms {
+            MAX_FUTURE_SKEW_MS
+        } else {
+            MAX_CLOCK_SKEW_MS
+        };
+        if skew > limit {
             return Err(OrderError::Stale(skew));
         }
         if self.issued_ms <= last_issued_ms {
@@ -124,13 +133,31 @@ pub fn load_duty(data_dir: &Path) -> u32 {
         .map_or(FULL_DUTY_PPM, |duty: u32| duty.min(FULL_DUTY_PPM))
 }
 
+/// The issue time of the last order taken, kept in `DATA_DIR/operator-last-order` so an order
+/// captured before a restart cannot be replayed after it.
+pub fn load_last_order(data_dir: &Path) -> u64 {
+    std::fs::read_to_string(data_dir.join("operator-last-order"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Durably records the issue time of the last order taken.
+pub fn store_last_order(data_dir: &Path, issued_ms: u64) -> std::io::Result<()> {
+    write_durably(data_dir, "operator-last-order", &issued_ms.to_string())
+}
+
+fn write_durably(data_dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let temp = data_dir.join(format!("{name}.tmp"));
+    let mut file = std::fs::File::create(&temp)?;
+    writeln!(file, "{text}")?;
+    file.sync_all()?;
+    std::fs::rename(temp, data_dir.join(name))
+}
+
 /// Durably records the fleet duty.
 pub fn store_duty(data_dir: &Path, duty_ppm: u32) -> std::io::Result<()> {
-    let temp = data_dir.join("fleet-duty.tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    writeln!(file, "{duty_ppm}")?;
-    file.sync_all()?;
-    std::fs::rename(temp, data_dir.join("fleet-duty"))
+    write_durably(data_dir, "fleet-duty", &duty_ppm.to_string())
 }
 
 #[cfg(test)]
@@ -158,6 +185,11 @@ mod tests {
             order.verify(&operator.id(), now + MAX_CLOCK_SKEW_MS + 1, 0),
             Err(OrderError::Stale(_))
         ));
+        // From the future only a little.
+        assert!(matches!(
+            order.verify(&operator.id(), now - MAX_FUTURE_SKEW_MS - 1, 0),
+            Err(OrderError::Stale(_))
+        ));
         let mut forged = order.clone();
         forged.duty_ppm = 1_000_000;
         assert_eq!(
@@ -177,6 +209,9 @@ mod tests {
         assert_eq!(load_duty(dir.path()), FULL_DUTY_PPM);
         store_duty(dir.path(), 0).unwrap();
         assert_eq!(load_duty(dir.path()), 0);
+        assert_eq!(load_last_order(dir.path()), 0);
+        store_last_order(dir.path(), 42).unwrap();
+        assert_eq!(load_last_order(dir.path()), 42);
         let key = load_or_create(dir.path()).unwrap();
         assert_eq!(load_or_create(dir.path()).unwrap().id(), key.id());
     }

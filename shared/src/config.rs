@@ -468,6 +468,12 @@ impl ExperimentConfig {
                 "must be a positive number",
             ));
         }
+        if !(0.0..1.0).contains(&training.lora_dropout) {
+            return Err(ConfigError::invalid(
+                "training.lora_dropout",
+                "must be in [0, 1)",
+            ));
+        }
         training
             .codec
             .validate()

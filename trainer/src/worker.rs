@@ -209,10 +209,8 @@ impl Worker {
         session: &mut Session,
         running: &mut Option<RunningTask>,
     ) -> Result<bool, WorkerError> {
-        // A result computed while the connection was down is uploaded first.
-        if let Some((_, header, body)) = &self.pending {
-            session.upload(header, body, None).await?;
-        }
+        // A result computed while the connection was down is uploaded when the coordinator
+        // hands its task out again (it re-sends open tasks to a returning trainer).
         loop {
             tokio::select! {
                 message = session.next_message() => {
@@ -270,7 +268,21 @@ impl Worker {
                     }
                 }
                 let adapter = session.download(task.adapter).await?;
-                *running = Some(self.start_task(*task, adapter)?);
+                let id = task.task;
+                match self.start_task(*task, adapter) {
+                    Ok(started) => *running = Some(started),
+                    Err(error) => {
+                        // Say so at once, so the coordinator can give the task to someone else.
+                        tracing::error!(%error, task = id.0, "cannot do this task; declining it");
+                        self.report.rejected.push(format!("declined: {error}"));
+                        session
+                            .send(&ClientMessage::TaskDeclined {
+                                task: id,
+                                detail: error.to_string(),
+                            })
+                            .await?;
+                    }
+                }
             }
             ServerMessage::Throttle { duty_ppm } => {
                 let effective = duty_ppm.min(self.options.max_duty_ppm);
@@ -288,14 +300,30 @@ impl Worker {
                     })
                     .await?;
             }
-            ServerMessage::SubmissionAccepted { .. } => {
+            ServerMessage::SubmissionAccepted { task, .. } => {
                 self.report.accepted += 1;
-                self.pending = None;
+                if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                    self.pending = None;
+                }
             }
-            ServerMessage::SubmissionRejected { reason, detail, .. } => {
+            ServerMessage::SubmissionRejected {
+                task,
+                reason,
+                detail,
+                ..
+            } => {
                 tracing::warn!(%reason, %detail, "upload refused");
                 self.report.rejected.push(format!("{reason}: {detail}"));
-                self.pending = None;
+                if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                    self.pending = None;
+                }
+            }
+            ServerMessage::TaskCancelled { task, detail } => {
+                if running.as_ref().is_some_and(|r| r.task.task == task) {
+                    tracing::info!(task = task.0, %detail, "task cancelled; training stopped");
+                    // Dropping the running task stops its thread; nothing is uploaded.
+                    running.take();
+                }
             }
             ServerMessage::RoundClosed { round, adapter } => {
                 tracing::info!(round = round.0, %adapter, "round closed");
@@ -308,8 +336,7 @@ impl Worker {
                 session.close();
                 return Ok(true);
             }
-            ServerMessage::TaskCancelled { .. }
-            | ServerMessage::UploadStarted { .. }
+            ServerMessage::UploadStarted { .. }
             | ServerMessage::Welcome { .. }
             | ServerMessage::Challenge { .. }
             | ServerMessage::Refused { .. } => {}
@@ -350,7 +377,8 @@ impl Worker {
         adapter_bytes: Vec<u8>,
     ) -> Result<RunningTask, WorkerError> {
         let loaded = self.model_for(&task)?;
-        let start = codec::decode(&adapter_bytes, 1 << 30)?;
+        // An adapter larger than this (64 M values, 256 MiB as f32) is not a LoRA adapter.
+        let start = codec::decode(&adapter_bytes, 1 << 26)?;
         let settings = lora_settings(&start, &task)?;
         let config = loaded.model.config().clone();
         let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
@@ -520,6 +548,8 @@ const EVAL_SEQUENCES: usize = 8;
 /// Sleeps long enough after `busy_seconds` of compute to keep the duty cycle; at duty 0 (paused)
 /// waits until the duty is raised again.
 fn throttle(duty: &AtomicU64, busy_seconds: f64, stop: &AtomicBool) {
+    let started = Instant::now();
+    // Checked in slices, so a stop or a new duty (pause, resume) is noticed within 100 ms.
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -528,19 +558,17 @@ fn throttle(duty: &AtomicU64, busy_seconds: f64, stop: &AtomicBool) {
         if current >= FULL_DUTY {
             return;
         }
-        if current == 0 {
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
+        if current > 0 {
+            let fraction = current as f64 / FULL_DUTY as f64;
+            let idle = (busy_seconds * (1.0 - fraction) / fraction).min(3600.0);
+            let remaining = idle - started.elapsed().as_secs_f64();
+            if remaining <= 0.0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs_f64(remaining.min(0.1)));
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let fraction = current as f64 / FULL_DUTY as f64;
-        let idle =
-            Duration::from_secs_f64((busy_seconds * (1.0 - fraction) / fraction).min(3600.0));
-        // Sleep in slices so a stop or a new duty is noticed soon.
-        let until = Instant::now() + idle;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
-        }
-        return;
     }
 }
 
@@ -567,7 +595,10 @@ fn lora_settings(adapter: &Delta, task: &TaskSpec) -> Result<LoraSettings, Worke
         let Some(prefix) = name.strip_suffix(".lora_A.weight") else {
             continue;
         };
-        rank.get_or_insert(tensor.shape()[0]);
+        let Some(&r) = tensor.shape().first() else {
+            return Err(WorkerError::Task(format!("{name} is not a matrix")));
+        };
+        rank.get_or_insert(r);
         let module = prefix.rsplit('.').next().unwrap_or_default();
         let target = Target::parse(module)
             .ok_or_else(|| WorkerError::Task(format!("unknown LoRA module in {name}")))?;
@@ -587,4 +618,66 @@ fn lora_settings(adapter: &Delta, task: &TaskSpec) -> Result<LoraSettings, Worke
             LoraMode::Full
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_ends_a_long_throttle_sleep_at_once() {
+        let duty = Arc::new(AtomicU64::new(FULL_DUTY / 100));
+        let stop = AtomicBool::new(false);
+        let raise = {
+            let duty = duty.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                duty.store(FULL_DUTY, Ordering::Relaxed);
+            })
+        };
+        let started = Instant::now();
+        // At 1 % duty a 1 s step would be followed by 99 s of rest.
+        throttle(&duty, 1.0, &stop);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        raise.join().unwrap();
+    }
+
+    #[test]
+    fn a_malformed_adapter_is_an_error_not_a_panic() {
+        let scalar = tributary_shared::delta::NamedTensor::new(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            vec![],
+            vec![1.0],
+        )
+        .unwrap();
+        let delta = Delta::new(vec![scalar]).unwrap();
+        let task = tributary_shared::wire::TaskSpec {
+            task: TaskId(1),
+            experiment: tributary_shared::ExperimentId("x".into()),
+            round: tributary_shared::RoundId(0),
+            base_model: "m".into(),
+            base_model_hash: None,
+            adapter: BlobHash::of(b""),
+            adapter_len: 0,
+            data: DataAssignment::Local,
+            plan: tributary_shared::wire::TrainingPlan {
+                local_steps: 1,
+                learning_rate: 1e-3,
+                batch_size: 1,
+                sequence_len: 8,
+                codec: tributary_shared::codec::Codec::F32,
+                lora_alpha: 8.0,
+                lora_dropout: 0.0,
+                freeze_a: false,
+            },
+            seed: 0,
+            deadline_ms: 1000,
+            max_upload_bytes: 1 << 20,
+        };
+        assert!(lora_settings(&delta, &task).is_err());
+    }
 }
