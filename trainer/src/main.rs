@@ -275,11 +275,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `--model`, or the cached SmolLM2 (with a clear error when it has not been fetched).
+fn model_path(args: &ModelArgs) -> anyhow::Result<PathBuf> {
+    match &args.model {
+        Some(path) => Ok(path.clone()),
+        None => assets::require(assets::smollm2_gguf()).map_err(anyhow::Error::msg),
+    }
+}
+
 fn open_model(args: &ModelArgs, max_positions: usize) -> anyhow::Result<LoadedModel> {
-    let path = match &args.model {
-        Some(path) => path.clone(),
-        None => assets::require(assets::smollm2_gguf()).map_err(anyhow::Error::msg)?,
-    };
+    let path = model_path(args)?;
     let (device, name) = device::select(args.backend)?;
     eprintln!("device: {name}");
     let started = Instant::now();
@@ -370,22 +375,24 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             ..OptimSettings::default()
         },
     };
-    let eval_limit = Some(args.eval_sequences);
-    let before = (args.eval_sequences > 0).then(|| {
-        train::evaluate(
-            model,
-            Some(&adapter),
-            &test_data,
-            args.batch_size,
-            eval_limit,
-        )
-    });
-    if let Some(report) = &before {
-        eprintln!(
-            "held-out loss before: {:.4} (ppl {:.2})",
-            report.loss, report.perplexity
-        );
-    }
+    // Held-out loss of the adapter as it stands, printed and kept for metrics.json.
+    let held_out = |adapter: &LoraAdapter, when: &str| {
+        (args.eval_sequences > 0).then(|| {
+            let report = train::evaluate(
+                model,
+                Some(adapter),
+                &test_data,
+                args.batch_size,
+                Some(args.eval_sequences),
+            );
+            eprintln!(
+                "held-out loss {when}: {:.4} (ppl {:.2})",
+                report.loss, report.perplexity
+            );
+            report
+        })
+    };
+    let before = held_out(&adapter, "before");
     let started = Instant::now();
     let mut tokens_done = 0u64;
     let total_steps = args.steps;
@@ -395,21 +402,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     });
     eprintln!();
     let elapsed = started.elapsed().as_secs_f64();
-    let after = (args.eval_sequences > 0).then(|| {
-        train::evaluate(
-            model,
-            Some(&adapter),
-            &test_data,
-            args.batch_size,
-            eval_limit,
-        )
-    });
-    if let Some(report) = &after {
-        eprintln!(
-            "held-out loss after: {:.4} (ppl {:.2})",
-            report.loss, report.perplexity
-        );
-    }
+    let after = held_out(&adapter, "after");
     adapter.save_peft(&args.out, &loaded.description)?;
     let metrics = Metrics {
         model: loaded.description.clone(),
@@ -559,10 +552,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{} resolves to no address", args.addr))?;
     let identity = load_identity(args.identity.clone())?;
     eprintln!("trainer {}", identity.id());
-    let model = match &args.model.model {
-        Some(path) => path.clone(),
-        None => assets::require(assets::smollm2_gguf()).map_err(anyhow::Error::msg)?,
-    };
+    let model = model_path(&args.model)?;
     let (device, name) = device::select(args.model.backend)?;
     eprintln!("device: {name}");
     let options = JoinOptions {
