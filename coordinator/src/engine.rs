@@ -27,8 +27,11 @@ use tributary_shared::config::ExperimentConfig;
 use tributary_shared::identity::verify_submission;
 use tributary_shared::ledger::{AcceptedDelta, RejectedSubmission};
 use tributary_shared::wire::{
-    DataAssignment, RejectReason, ServerMessage, TaskSpec, TrainingPlan, UploadHeader,
+    DataAssignment, EvalSpec, RejectReason, ServerMessage, TaskSpec, TrainingPlan, UploadHeader,
 };
+
+use crate::evaluation::Evaluations;
+pub use crate::evaluation::{EvalConfig, EvalOutcome, EvalTarget};
 use tributary_shared::{BlobHash, ExperimentId, Layout, RoundId, TaskId, TrainerId};
 
 /// What the engine needs to know about the experiment.
@@ -66,6 +69,8 @@ pub struct EngineConfig {
     pub max_abs_value: f32,
     /// The adapter's layout; every delta must match it.
     pub layout: Layout,
+    /// Held-out evaluation of each adapter, when on.
+    pub evaluation: Option<EvalConfig>,
 }
 
 impl EngineConfig {
@@ -91,6 +96,14 @@ impl EngineConfig {
             max_sample_count: config.limits.max_sample_count,
             max_abs_value: config.limits.max_abs_value,
             layout: config.adapter.layout()?,
+            evaluation: config
+                .evaluation
+                .assignment(&config.data)
+                .map(|data| EvalConfig {
+                    data,
+                    max_sequences: config.evaluation.max_sequences,
+                    timeout: Duration::from_secs_f64(config.evaluation.timeout_secs),
+                }),
         })
     }
 }
@@ -114,6 +127,8 @@ pub struct ResumeState {
     pub next_task: TaskId,
     /// True when every round has been committed.
     pub finished: bool,
+    /// True when the current adapter already has a recorded evaluation.
+    pub adapter_evaluated: bool,
 }
 
 /// A side effect for the driver.
@@ -165,6 +180,10 @@ pub enum Action {
         /// The final adapter.
         adapter: BlobHash,
     },
+    /// Durably record an adapter's held-out score.
+    RecordEvaluation(EvalOutcome),
+    /// An evaluation was given up after repeated declines or timeouts (log it).
+    EvaluationAbandoned(EvalTarget),
 }
 
 /// Everything the driver needs to close a round.
@@ -311,6 +330,7 @@ pub struct Engine {
     gather_started: Option<Instant>,
     round_started: Option<Instant>,
     deadline: Option<Instant>,
+    evals: Evaluations,
     actions: VecDeque<Action>,
 }
 
@@ -357,9 +377,17 @@ impl Engine {
             gather_started: None,
             round_started: None,
             deadline: None,
+            evals: Evaluations::default(),
             actions: VecDeque::new(),
             config,
         };
+        if engine.config.evaluation.is_some() && !resume.adapter_evaluated && adapter_len > 0 {
+            engine.evals.enqueue(EvalTarget {
+                after_round: engine.round.0.checked_sub(1).map(RoundId),
+                adapter,
+                adapter_len,
+            });
+        }
         // A round that already has its deltas (the process died while aggregating) closes at
         // once; one with tasks out keeps collecting as soon as time starts.
         if engine.phase == Phase::Gathering && engine.accepted.len() >= engine.target() {
@@ -405,6 +433,11 @@ impl Engine {
         &self.config.experiment
     }
 
+    /// Evaluations queued or in progress.
+    pub fn evaluations_pending(&self) -> usize {
+        self.evals.len()
+    }
+
     // ---- outputs ----
 
     /// The next side effect, in order.
@@ -416,12 +449,16 @@ impl Engine {
     /// When [`Engine::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.phase {
+        let round = match self.phase {
             Phase::Gathering => self
                 .gather_started
                 .map(|start| start + self.config.gather_timeout),
             Phase::Collecting => self.deadline,
             Phase::Closing | Phase::Finished => None,
+        };
+        match (round, self.evals.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -430,6 +467,9 @@ impl Engine {
     /// A trainer completed the handshake.
     pub fn handle_trainer_joined(&mut self, now: Instant, trainer: TrainerId) {
         self.trainers.entry(trainer).or_default().connected = true;
+        // Evaluations first: even after the last round, a trainer that joins may still score
+        // the final adapter before it hears that the experiment is over.
+        self.dispatch_evaluations(now);
         match self.phase {
             Phase::Finished => self.actions.push_back(Action::Send {
                 trainer,
@@ -468,10 +508,19 @@ impl Engine {
         if self.phase == Phase::Collecting {
             self.top_up(now);
         }
+        self.evals.trainer_left(trainer);
+        self.dispatch_evaluations(now);
     }
 
-    /// A trainer refused its task.
+    /// A trainer refused its task (a training or an evaluation task).
     pub fn handle_task_declined(&mut self, now: Instant, trainer: TrainerId, task: TaskId) {
+        if self.evals.is_eval_task(task) {
+            for target in self.evals.declined(trainer, task) {
+                self.actions.push_back(Action::EvaluationAbandoned(target));
+            }
+            self.dispatch_evaluations(now);
+            return;
+        }
         if let Some(state) = self.tasks.get_mut(&task) {
             if state.trainer == trainer && state.status == TaskStatus::Working {
                 state.status = TaskStatus::Failed;
@@ -660,6 +709,10 @@ impl Engine {
 
     /// Time passed; call when [`Engine::poll_timeout`] is reached.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for target in self.evals.expire(now) {
+            self.actions.push_back(Action::EvaluationAbandoned(target));
+        }
+        self.dispatch_evaluations(now);
         match self.phase {
             Phase::Gathering => {
                 let expired = self
@@ -717,6 +770,14 @@ impl Engine {
         self.round = round.next();
         self.round_started = None;
         self.deadline = None;
+        if self.config.evaluation.is_some() {
+            self.evals.enqueue(EvalTarget {
+                after_round: Some(round),
+                adapter,
+                adapter_len,
+            });
+            self.dispatch_evaluations(now);
+        }
         let connected: Vec<TrainerId> = self.connected_trainers().collect();
         for trainer in &connected {
             self.actions.push_back(Action::Send {
@@ -740,7 +801,83 @@ impl Engine {
         }
     }
 
+    // ---- inputs: evaluations ----
+
+    /// A trainer reported the score of an evaluation task.
+    pub fn handle_eval_result(
+        &mut self,
+        now: Instant,
+        trainer: TrainerId,
+        task: TaskId,
+        adapter: BlobHash,
+        loss: f32,
+        tokens: u64,
+    ) {
+        match self.evals.answer(trainer, task, adapter, loss, tokens) {
+            Ok(outcome) => {
+                self.actions.push_back(Action::RecordEvaluation(outcome));
+                self.dispatch_evaluations(now);
+            }
+            Err(refusal) => {
+                // Counted, not recorded: the ledger lists refused deltas, and an evaluation is
+                // not one.
+                self.actions.push_back(Action::RecordRejection {
+                    round: self.round,
+                    rejected: RejectedSubmission {
+                        trainer: Some(trainer),
+                        hash: Some(adapter),
+                        reason: refusal.reason,
+                        detail: refusal.detail.clone(),
+                    },
+                    recorded: false,
+                });
+                self.send_rejection(trainer, task, Some(adapter), &refusal);
+            }
+        }
+    }
+
     // ---- helpers ----
+
+    /// Gives queued evaluations to connected trainers: those without a training task first.
+    fn dispatch_evaluations(&mut self, now: Instant) {
+        let Some(eval) = self.config.evaluation.clone() else {
+            return;
+        };
+        if self.evals.is_empty() {
+            return;
+        }
+        let training: BTreeSet<TrainerId> = self
+            .tasks
+            .values()
+            .filter(|s| s.status == TaskStatus::Working)
+            .map(|s| s.trainer)
+            .collect();
+        let (seed, round) = (self.config.seed, self.round.0);
+        let mut candidates: Vec<TrainerId> = self.connected_trainers().collect();
+        candidates.sort_by_key(|t| (training.contains(t), selection_key(seed, round, t)));
+        let next_task = &mut self.next_task;
+        let sent = self.evals.dispatch(now, eval.timeout, &candidates, || {
+            let task = *next_task;
+            *next_task = TaskId(task.0 + 1);
+            task
+        });
+        for (task, trainer, target) in sent {
+            let message = ServerMessage::Evaluate(Box::new(EvalSpec {
+                task,
+                experiment: self.config.experiment.clone(),
+                after_round: target.after_round,
+                base_model: self.config.base_model.clone(),
+                base_model_hash: None,
+                adapter: target.adapter,
+                adapter_len: target.adapter_len,
+                data: eval.data.clone(),
+                plan: self.config.plan.clone(),
+                max_sequences: eval.max_sequences,
+                deadline_ms: eval.timeout.as_millis() as u64,
+            }));
+            self.actions.push_back(Action::Send { trainer, message });
+        }
+    }
 
     fn target(&self) -> usize {
         self.config.trainers_per_round as usize
@@ -1107,6 +1244,7 @@ mod tests {
         rejections: Vec<RejectedSubmission>,
         closes: Vec<RoundClose>,
         finished: bool,
+        evaluations: Vec<EvalOutcome>,
     }
 
     fn config(
@@ -1142,6 +1280,7 @@ mod tests {
             max_sample_count: 1000,
             max_abs_value: 1e4,
             layout: Layout::new(vec![("w".into(), vec![4])]),
+            evaluation: None,
         }
     }
 
@@ -1170,6 +1309,7 @@ mod tests {
                 rejections: Vec::new(),
                 closes: Vec::new(),
                 finished: false,
+                evaluations: Vec::new(),
             }
         }
 
@@ -1197,6 +1337,8 @@ mod tests {
                             .handle_round_committed(self.now, round, adapter, 100);
                     }
                     Action::Finished { .. } => self.finished = true,
+                    Action::RecordEvaluation(outcome) => self.evaluations.push(outcome),
+                    Action::EvaluationAbandoned(_) => {}
                 }
             }
         }
@@ -1278,6 +1420,162 @@ mod tests {
                     .count()
             })
         }
+    }
+
+    fn with_evaluation(mut config: EngineConfig) -> EngineConfig {
+        config.evaluation = Some(EvalConfig {
+            data: DataAssignment::Clients {
+                dataset: "tiny".into(),
+                clients: vec!["held-out".into()],
+            },
+            max_sequences: 8,
+            timeout: Duration::from_secs(20),
+        });
+        config
+    }
+
+    impl Harness {
+        /// Evaluation tasks each trainer received, in order.
+        fn eval_tasks(&self) -> Vec<(usize, EvalSpec)> {
+            let mut out = Vec::new();
+            for index in 0..self.trainers.len() {
+                for message in self.inbox.get(&self.id(index)).into_iter().flatten() {
+                    if let ServerMessage::Evaluate(spec) = message {
+                        out.push((index, (**spec).clone()));
+                    }
+                }
+            }
+            out.sort_by_key(|(_, spec)| spec.task);
+            out
+        }
+
+        fn answer_evals(&mut self, loss: f32) {
+            let answered: BTreeSet<BlobHash> =
+                self.evaluations.iter().map(|e| e.target.adapter).collect();
+            for (index, spec) in self.eval_tasks() {
+                if !answered.contains(&spec.adapter) {
+                    let trainer = self.id(index);
+                    self.engine.handle_eval_result(
+                        self.now,
+                        trainer,
+                        spec.task,
+                        spec.adapter,
+                        loss,
+                        64,
+                    );
+                    self.drain();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_adapter_is_scored_once_including_the_initial_and_the_final_one() {
+        let mut h = Harness::new(with_evaluation(config(2, 2, 2, 2, 2)), 3);
+        h.join_all();
+        let first = h.eval_tasks();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].1.after_round, None);
+        assert_eq!(first[0].1.adapter, BlobHash::of(b"adapter-0"));
+        assert_eq!(first[0].1.max_sequences, 8);
+        assert_eq!(h.engine.evaluations_pending(), 1);
+        h.answer_evals(4.0);
+        assert_eq!(h.evaluations.len(), 1);
+        assert_eq!(h.engine.evaluations_pending(), 0);
+        for _ in 0..2 {
+            for index in h.tasked() {
+                h.submit(index).unwrap();
+            }
+            h.answer_evals(3.0);
+        }
+        assert!(h.finished);
+        let rounds: Vec<Option<u64>> = h
+            .evaluations
+            .iter()
+            .map(|e| e.target.after_round.map(|r| r.0))
+            .collect();
+        assert_eq!(rounds, vec![None, Some(0), Some(1)]);
+        assert_eq!(h.evaluations[2].target.adapter, BlobHash::of(b"adapter-2"));
+        // The final adapter's evaluation reached its trainer before the news that the
+        // experiment is over, so the trainer knows to finish it first.
+        let (index, last) = h.eval_tasks().pop().unwrap();
+        let inbox = &h.inbox[&h.id(index)];
+        let eval_at = inbox
+            .iter()
+            .position(|m| matches!(m, ServerMessage::Evaluate(s) if s.task == last.task))
+            .unwrap();
+        let finished_at = inbox
+            .iter()
+            .position(|m| matches!(m, ServerMessage::ExperimentFinished { .. }))
+            .unwrap();
+        assert!(eval_at < finished_at);
+        assert_eq!(h.engine.evaluations_pending(), 0);
+        assert_eq!(h.engine.poll_timeout(), None);
+    }
+
+    #[test]
+    fn bad_evaluation_results_are_refused_and_kept_out_of_the_ledger() {
+        let mut h = Harness::new(with_evaluation(config(2, 2, 2, 2, 1)), 2);
+        h.join_all();
+        let (index, spec) = h.eval_tasks().pop().unwrap();
+        let other = 1 - index;
+        let (who, stranger) = (h.id(index), h.id(other));
+        h.engine
+            .handle_eval_result(h.now, stranger, spec.task, spec.adapter, 3.0, 64);
+        h.engine
+            .handle_eval_result(h.now, who, spec.task, spec.adapter, f32::NAN, 64);
+        h.engine
+            .handle_eval_result(h.now, who, spec.task, BlobHash::of(b"x"), 3.0, 64);
+        h.drain();
+        let reasons: Vec<RejectReason> = h.rejections.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                RejectReason::NotSelected,
+                RejectReason::NonFinite,
+                RejectReason::HashMismatch
+            ]
+        );
+        assert!(h.evaluations.is_empty());
+        h.engine
+            .handle_eval_result(h.now, who, spec.task, spec.adapter, 3.0, 64);
+        h.drain();
+        assert_eq!(h.evaluations.len(), 1);
+        for index in h.tasked() {
+            h.submit(index).unwrap();
+        }
+        assert!(
+            h.closes[0].rejected.is_empty(),
+            "evaluations are not deltas"
+        );
+    }
+
+    #[test]
+    fn an_evaluation_moves_on_when_its_trainer_leaves_or_stalls() {
+        let mut h = Harness::new(with_evaluation(config(1, 1, 1, 1, 3)), 3);
+        h.join_all();
+        let (first, spec) = h.eval_tasks().pop().unwrap();
+        h.engine.handle_trainer_left(h.now, h.id(first));
+        h.drain();
+        let (second, again) = h.eval_tasks().pop().unwrap();
+        assert_ne!(second, first);
+        assert_eq!(again.adapter, spec.adapter);
+        assert_ne!(again.task, spec.task);
+        // The second one stalls past its deadline: a third trainer gets it.
+        h.now += Duration::from_secs(21);
+        h.engine.handle_timeout(h.now);
+        h.drain();
+        let (third, last) = h.eval_tasks().pop().unwrap();
+        assert!(third != first && third != second);
+        assert_eq!(last.adapter, spec.adapter);
+        // The stalled trainer's late answer no longer counts.
+        h.engine
+            .handle_eval_result(h.now, h.id(second), again.task, again.adapter, 3.0, 64);
+        h.drain();
+        assert!(h.evaluations.is_empty());
+        h.answer_evals(3.0);
+        assert_eq!(h.evaluations.len(), 1);
+        assert_eq!(h.evaluations[0].trainer, h.id(third));
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub async fn spawn(
         .route("/admin/throttle", post(throttle))
         .route("/hub/experiments", get(hub_experiments))
         .route("/hub/ledger", get(hub_ledger))
+        .route("/hub/evaluations", get(hub_evaluations))
         .route("/hub/adapters/{hash}", get(hub_blob))
         .route("/hub/latest/{file}", get(hub_latest))
         .with_state(AppState {
@@ -187,6 +188,24 @@ async fn hub_ledger(State(state): State<AppState>) -> HubResponse {
     })
     .await?;
     Ok(Json(rounds).into_response())
+}
+
+async fn hub_evaluations(State(state): State<AppState>) -> HubResponse {
+    let rows = read_data(&state, |dir| {
+        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let mut out = Vec::new();
+        for experiment in db.experiments()? {
+            for evaluation in db.evaluations(&experiment.id)? {
+                out.push(serde_json::json!({
+                    "experiment": experiment.id.0,
+                    "evaluation": evaluation,
+                }));
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(rows).into_response())
 }
 
 async fn hub_blob(

@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod derive;
 pub mod engine;
+pub mod evaluation;
 pub mod http;
 pub mod metrics;
 pub mod net;

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Tasks issued.
     pub tasks_issued: AtomicU64,
+    /// Adapter evaluations recorded.
+    pub evaluations: AtomicU64,
     /// The fleet's allowed duty cycle, in millionths (the pause button).
     pub fleet_duty_ppm: AtomicU64,
     rejected: Mutex<BTreeMap<RejectReason, u64>>,
@@ -113,6 +115,13 @@ impl Metrics {
             "Trainer handshakes refused.",
             "counter",
             load(&self.handshakes_refused),
+        );
+        gauge(
+            &mut out,
+            "tributary_evaluations_total",
+            "Adapter evaluations recorded.",
+            "counter",
+            load(&self.evaluations),
         );
         gauge(
             &mut out,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::{AggregationConfig, ServerOptimizer};
 use crate::codec::Codec;
 use crate::delta::{Delta, Layout, NamedTensor};
-use crate::wire::TrainingPlan;
+use crate::wire::{DataAssignment, TrainingPlan};
 
 /// A whole experiment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub struct ExperimentConfig {
     /// Per-experiment limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// How merged adapters are scored on held-out data.
+    #[serde(default)]
+    pub evaluation: EvaluationSection,
 }
 
 /// `[experiment]`.
@@ -352,6 +355,54 @@ impl Default for DataSection {
     }
 }
 
+/// `[evaluation]`: the coordinator hands an evaluation task to a trainer for every adapter the
+/// experiment reaches (the initial one, then each round's merged one); the trainer scores it on
+/// held-out text and reports the loss.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluationSection {
+    /// On or off; unset means on for public datasets and off for `synthetic` and `local` data
+    /// (a volunteer's own data is not a shared yardstick).
+    pub enabled: Option<bool>,
+    /// Clients whose held-out split is scored; empty means every client in `[data]`. Clients
+    /// that no task trains on measure how well the adapter carries over to unseen ones.
+    pub clients: Vec<String>,
+    /// Most held-out sequences scored per evaluation (spread over the clients).
+    pub max_sequences: u32,
+    /// Seconds a trainer has to report before the evaluation goes to another trainer.
+    pub timeout_secs: f64,
+}
+
+impl Default for EvaluationSection {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            clients: Vec::new(),
+            max_sequences: 32,
+            timeout_secs: 600.0,
+        }
+    }
+}
+
+impl EvaluationSection {
+    /// The held-out data evaluations score, or `None` when evaluation is off.
+    pub fn assignment(&self, data: &DataSection) -> Option<DataAssignment> {
+        let public = data.dataset != "synthetic" && data.dataset != "local";
+        if !self.enabled.unwrap_or(public) || !public {
+            return None;
+        }
+        let clients = if self.clients.is_empty() {
+            data.clients.clone()
+        } else {
+            self.clients.clone()
+        };
+        Some(DataAssignment::Clients {
+            dataset: data.dataset.clone(),
+            clients,
+        })
+    }
+}
+
 /// `[limits]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -549,6 +600,28 @@ impl ExperimentConfig {
                 ));
             }
         }
+        let evaluation = &self.evaluation;
+        if evaluation.enabled == Some(true) && evaluation.assignment(&self.data).is_none() {
+            return Err(ConfigError::invalid(
+                "evaluation.enabled",
+                "needs a public dataset in [data] (not synthetic or local data)",
+            ));
+        }
+        if evaluation.max_sequences == 0 {
+            return Err(ConfigError::invalid(
+                "evaluation.max_sequences",
+                "must be at least 1",
+            ));
+        }
+        if !(evaluation.timeout_secs.is_finite()
+            && evaluation.timeout_secs > 0.0
+            && evaluation.timeout_secs < 1e7)
+        {
+            return Err(ConfigError::invalid(
+                "evaluation.timeout_secs",
+                "must be a positive number of seconds",
+            ));
+        }
         Ok(())
     }
 
@@ -586,7 +659,42 @@ mod tests {
             aggregation: AggregationConfig::default(),
             server_optimizer: ServerOptimizer::default(),
             limits: LimitsSection::default(),
+            evaluation: EvaluationSection::default(),
         }
+    }
+
+    #[test]
+    fn evaluation_defaults_to_every_client_of_a_public_dataset() {
+        let mut config = synthetic(10);
+        assert_eq!(config.evaluation.assignment(&config.data), None);
+        config.evaluation.enabled = Some(true);
+        assert_eq!(config.validate().unwrap_err().key, "evaluation.enabled");
+        config.data = DataSection {
+            dataset: "shakespeare".into(),
+            clients: vec!["a".into(), "b".into()],
+            ..DataSection::default()
+        };
+        config.evaluation.enabled = None;
+        assert!(config.validate().is_ok());
+        let all = DataAssignment::Clients {
+            dataset: "shakespeare".into(),
+            clients: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(config.evaluation.assignment(&config.data), Some(all));
+        config.evaluation.clients = vec!["unseen".into()];
+        let unseen = DataAssignment::Clients {
+            dataset: "shakespeare".into(),
+            clients: vec!["unseen".into()],
+        };
+        assert_eq!(config.evaluation.assignment(&config.data), Some(unseen));
+        config.evaluation.enabled = Some(false);
+        assert_eq!(config.evaluation.assignment(&config.data), None);
+        config.evaluation.enabled = None;
+        config.evaluation.max_sequences = 0;
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "evaluation.max_sequences"
+        );
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub enum ServerMessage {
         /// Allowed duty cycle, in millionths.
         duty_ppm: u32,
     },
+    /// Score an adapter on held-out data and answer [`ClientMessage::EvalResult`] (or
+    /// [`ClientMessage::TaskDeclined`]). Nothing is uploaded.
+    Evaluate(Box<EvalSpec>),
 }
 
 /// A duty cycle of 100 %, in millionths.
@@ -138,6 +141,44 @@ pub enum ClientMessage {
         /// Duty cycle in effect, in millionths.
         duty_ppm: u32,
     },
+    /// The outcome of an [`EvalSpec`].
+    EvalResult {
+        /// The evaluation task.
+        task: TaskId,
+        /// The adapter scored (must be the one the task named).
+        adapter: BlobHash,
+        /// Mean next-token cross-entropy over the scored tokens, in nats.
+        loss: f32,
+        /// Tokens scored.
+        tokens: u64,
+    },
+}
+
+/// An evaluation task: score `adapter` on the held-out split of `data`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalSpec {
+    /// Unique task id (shared with training tasks).
+    pub task: TaskId,
+    /// The experiment.
+    pub experiment: ExperimentId,
+    /// The round that produced the adapter; `None` for the experiment's initial adapter.
+    pub after_round: Option<RoundId>,
+    /// The base model's name.
+    pub base_model: String,
+    /// The base model's hash, when the coordinator serves it.
+    pub base_model_hash: Option<BlobHash>,
+    /// The adapter to score, downloadable by hash.
+    pub adapter: BlobHash,
+    /// Its size in bytes.
+    pub adapter_len: u64,
+    /// Whose held-out text to score.
+    pub data: DataAssignment,
+    /// The experiment's plan: sequence length and the adapter's LoRA settings.
+    pub plan: TrainingPlan,
+    /// Most sequences to score.
+    pub max_sequences: u32,
+    /// Milliseconds from receipt until the result is due.
+    pub deadline_ms: u64,
 }
 
 /// Everything a trainer needs to do one round's local work.
@@ -448,6 +489,19 @@ mod tests {
                 nonce: [7; 32],
             },
             ServerMessage::Task(Box::new(sample_task())),
+            ServerMessage::Evaluate(Box::new(EvalSpec {
+                task: TaskId(4),
+                experiment: ExperimentId("demo".into()),
+                after_round: Some(RoundId(0)),
+                base_model: "smollm2-135m".into(),
+                base_model_hash: None,
+                adapter: BlobHash::of(b"adapter"),
+                adapter_len: 10,
+                data: sample_task().data,
+                plan: sample_task().plan,
+                max_sequences: 32,
+                deadline_ms: 1_000,
+            })),
             ServerMessage::SubmissionRejected {
                 task: TaskId(3),
                 hash: None,
@@ -462,6 +516,29 @@ mod tests {
         for message in messages {
             assert_eq!(
                 decoder.next_message::<ServerMessage>().unwrap(),
+                Some(message)
+            );
+        }
+    }
+
+    #[test]
+    fn client_messages_round_trip_through_frames() {
+        let messages = vec![
+            ClientMessage::TaskAccepted { task: TaskId(1) },
+            ClientMessage::EvalResult {
+                task: TaskId(4),
+                adapter: BlobHash::of(b"adapter"),
+                loss: 3.25,
+                tokens: 2048,
+            },
+        ];
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        for message in &messages {
+            decoder.push(&frame_bytes(message, DEFAULT_MAX_FRAME).unwrap());
+        }
+        for message in messages {
+            assert_eq!(
+                decoder.next_message::<ClientMessage>().unwrap(),
                 Some(message)
             );
         }

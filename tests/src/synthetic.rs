@@ -255,6 +255,15 @@ impl Trainer {
                     session.close();
                     return Ok(true);
                 }
+                ServerMessage::Evaluate(spec) => {
+                    // No model here: say so, so the coordinator asks someone else.
+                    session
+                        .send(&ClientMessage::TaskDeclined {
+                            task: spec.task,
+                            detail: "a synthetic trainer has no model to evaluate with".into(),
+                        })
+                        .await?;
+                }
                 ServerMessage::TaskCancelled { .. }
                 | ServerMessage::UploadStarted { .. }
                 | ServerMessage::Welcome { .. }

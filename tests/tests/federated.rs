@@ -49,27 +49,13 @@ async fn three_burn_trainers_learn_together() {
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
         reports.push(report);
     }
-    // Each task first scores the merged adapter it starts from on its clients' held-out text:
-    // across the fleet, the adapter entering round 2 beats the base model entering round 0.
-    let mean_eval = |round: usize| {
-        let losses: Vec<f32> = reports
-            .iter()
-            .filter_map(|r| r.eval_losses[round])
-            .collect();
-        losses.iter().sum::<f32>() / losses.len() as f32
-    };
-    eprintln!(
-        "held-out loss entering rounds 0..3: {:.4} {:.4} {:.4}",
-        mean_eval(0),
-        mean_eval(1),
-        mean_eval(2)
-    );
-    assert!(
-        mean_eval(2) < mean_eval(0),
-        "{} vs {}",
-        mean_eval(2),
-        mean_eval(0)
-    );
+    // Every adapter (the initial one and each round's merged one) was scored once by one of
+    // the trainers, on an evaluation task the coordinator handed out.
+    let evaluations: Vec<(Option<u64>, f32)> = reports
+        .iter()
+        .flat_map(|r| r.evaluations.iter().copied())
+        .collect();
+    assert_eq!(evaluations.len(), 4, "{evaluations:?}");
     let accepted: u64 = reports.iter().map(|r| r.accepted).sum();
     assert_eq!(accepted, 9, "3 trainers x 3 rounds");
     // int8 deltas are under half their f32 size even at this size (names and block scales
@@ -79,13 +65,15 @@ async fn three_burn_trainers_learn_together() {
         .fold((0, 0), |(u, r), x| (u + x.bytes_up, r + x.raw_bytes));
     assert!(up * 2 < raw, "{up} bytes up for {raw} raw");
     let mut watch = running.progress.clone();
-    let final_adapter =
-        tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|p| p.finished))
-            .await
-            .unwrap()
-            .unwrap()
-            .adapter
-            .unwrap();
+    let final_adapter = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|p| p.finished && p.evaluations_pending == 0),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .adapter
+    .unwrap();
 
     // The hub serves the ledger, every adapter by hash, and the latest adapter as a PEFT folder.
     let http = running.http_addr.unwrap();
@@ -93,6 +81,31 @@ async fn three_burn_trainers_learn_together() {
     assert!(status.contains("200"), "{status}");
     let ledger: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(ledger.as_array().unwrap().len(), 3);
+    // The coordinator recorded those scores: held-out loss falls round after round.
+    let (_, body) = http_get_bytes(http, "/hub/evaluations").await;
+    let rows: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let rows = rows.as_array().unwrap();
+    let losses: Vec<f64> = rows
+        .iter()
+        .map(|row| row["evaluation"]["loss"].as_f64().unwrap())
+        .collect();
+    let rounds: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| row["evaluation"]["after_round"].clone())
+        .collect();
+    eprintln!("held-out loss of the initial adapter, then after each round: {losses:?}");
+    assert_eq!(
+        serde_json::Value::Array(rounds),
+        serde_json::json!([null, 0, 1, 2])
+    );
+    assert!(
+        losses[3] < losses[0] * 0.9 && losses[2] < losses[0],
+        "{losses:?}"
+    );
+    assert_eq!(
+        rows[3]["evaluation"]["adapter"].as_str().unwrap(),
+        final_adapter.to_hex()
+    );
     let (_, blob) = http_get_bytes(http, &format!("/hub/adapters/{final_adapter}")).await;
     assert_eq!(tributary_shared::BlobHash::of(&blob), final_adapter);
     let (status, safetensors) = http_get_bytes(http, "/hub/latest/adapter_model.safetensors").await;

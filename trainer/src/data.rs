@@ -229,6 +229,21 @@ impl PackedData {
         Ok(Self { sequences, seq_len })
     }
 
+    /// At most `n` sequences, evenly spaced over the whole set, so that every part of it (every
+    /// client, when several were packed in order) is represented.
+    pub fn evenly_spaced(&self, n: usize) -> Self {
+        let len = self.sequences.len();
+        if n >= len {
+            return self.clone();
+        }
+        Self {
+            sequences: (0..n)
+                .map(|i| self.sequences[i * len / n].clone())
+                .collect(),
+            seq_len: self.seq_len,
+        }
+    }
+
     /// Tokens that serve as targets.
     pub fn target_tokens(&self) -> usize {
         self.sequences.len() * self.seq_len
@@ -283,6 +298,17 @@ impl<'a> Batches<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evenly_spaced_sequences_span_the_whole_set() {
+        let stream: Vec<u32> = (0..101).collect();
+        let data = PackedData::from_stream(&stream, 10).unwrap();
+        assert_eq!(data.sequences.len(), 10);
+        let firsts = |d: &PackedData| d.sequences.iter().map(|s| s[0]).collect::<Vec<_>>();
+        assert_eq!(firsts(&data.evenly_spaced(5)), vec![0, 20, 40, 60, 80]);
+        assert_eq!(data.evenly_spaced(50), data);
+        assert!(data.evenly_spaced(0).sequences.is_empty());
+    }
 
     #[test]
     fn packing_overlaps_by_one_and_covers_the_stream() {

@@ -13,6 +13,7 @@ pub mod assets;
 pub mod data;
 pub mod device;
 pub mod gguf;
+pub mod idle;
 pub mod lora;
 pub mod model;
 pub mod net;

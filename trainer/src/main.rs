@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tributary_shared::identity::Identity;
 use tributary_trainer::data::{DataSpec, PackedData};
 use tributary_trainer::device::{self, BackendChoice};
 use tributary_trainer::gguf::{Gguf, Value};
+use tributary_trainer::idle::{self, IdleGate};
 use tributary_trainer::lora::{LoraAdapter, LoraMode, LoraSettings};
 use tributary_trainer::model::{self, LoadedModel, Target};
 use tributary_trainer::net::tls::{self, ServerTrust};
@@ -189,6 +190,16 @@ struct JoinArgs {
     /// Fraction of wall time spent computing (0 < duty <= 1).
     #[arg(long, default_value_t = 1.0)]
     max_duty: f64,
+    /// Compute only while you are not using the machine: pause as soon as other programs use
+    /// more than `--idle-cpu` of the CPU, resume after `--idle-secs` of quiet.
+    #[arg(long)]
+    only_idle: bool,
+    /// With `--only-idle`: other programs' share of all cores above which the machine is in use.
+    #[arg(long, default_value_t = 0.25)]
+    idle_cpu: f64,
+    /// With `--only-idle`: seconds of quiet before computing again.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
     /// Give up after this many seconds without a connection.
     #[arg(long, default_value_t = 600)]
     reconnect_for: u64,
@@ -541,6 +552,9 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     if !(args.max_duty > 0.0 && args.max_duty <= 1.0) {
         bail!("--max-duty must be in (0, 1]");
     }
+    if !(args.idle_cpu > 0.0 && args.idle_cpu < 1.0) {
+        bail!("--idle-cpu must be in (0, 1)");
+    }
     let trust = match (&args.fingerprint, &args.ca) {
         (Some(pin), None) => ServerTrust::Fingerprint(pin.clone()),
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
@@ -568,14 +582,20 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         reconnect_for: Duration::from_secs(args.reconnect_for),
         max_duty_ppm: (args.max_duty * FULL_DUTY as f64) as u32,
         duty: Arc::new(AtomicU64::new((args.max_duty * FULL_DUTY as f64) as u64)),
+        machine_in_use: Arc::new(AtomicBool::new(args.only_idle)),
         busy_us: Arc::new(AtomicU64::new(0)),
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    let in_use = options.machine_in_use.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        if args.only_idle {
+            let gate = IdleGate::new(args.idle_cpu, Duration::from_secs(args.idle_secs));
+            tokio::spawn(idle::watch(in_use, gate, Duration::from_secs(2)));
+        }
         let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))?;
         endpoint.set_default_client_config(tls::client_config(&trust)?);
         tokio::select! {
@@ -589,7 +609,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                     "raw_bytes": report.raw_bytes,
                     "tokens": report.tokens,
                     "losses": report.losses,
-                    "eval_losses": report.eval_losses,
+                    "evaluations": report.evaluations,
                     "upload_bytes": report.upload_bytes,
                     "finished": report.finished,
                 }));

@@ -2,6 +2,7 @@
 //! compressed, signed deltas; reconnect after faults, and re-send a finished but unacknowledged
 //! upload instead of training again.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,8 +14,8 @@ use tributary_shared::codec::{self, CodecError, ErrorFeedback};
 use tributary_shared::delta::Delta;
 use tributary_shared::identity::Identity;
 use tributary_shared::wire::{
-    ClientMessage, DataAssignment, ServerMessage, SubmissionHeader, TaskSpec, TrainMetrics,
-    UploadHeader,
+    ClientMessage, DataAssignment, EvalSpec, ServerMessage, SubmissionHeader, TaskSpec,
+    TrainMetrics, TrainingPlan, UploadHeader,
 };
 use tributary_shared::{BlobHash, TaskId};
 
@@ -49,6 +50,8 @@ pub struct JoinOptions {
     /// The duty cycle in effect (the lower of the owner's and the fleet's), in millionths; read
     /// by the training thread between steps.
     pub duty: Arc<AtomicU64>,
+    /// Set while the owner uses the machine (`--only-idle`): compute waits.
+    pub machine_in_use: Arc<AtomicBool>,
     /// Seconds spent computing so far, in microseconds (for status and tests).
     pub busy_us: Arc<AtomicU64>,
     /// Print a live status line on stderr.
@@ -76,8 +79,9 @@ pub struct JoinReport {
     pub finished: bool,
     /// Mean training loss of each task, in order.
     pub losses: Vec<f32>,
-    /// Held-out loss of each task's incoming (merged) adapter on its clients, in order.
-    pub eval_losses: Vec<Option<f32>>,
+    /// Evaluation tasks done: the round that made the adapter (`None`: the initial one) and
+    /// its held-out loss.
+    pub evaluations: Vec<(Option<u64>, f32)>,
     /// Compressed bytes of each task's upload, in order.
     pub upload_bytes: Vec<u64>,
 }
@@ -124,7 +128,9 @@ pub async fn run(
         model: None,
         feedback: ErrorFeedback::new(),
         pending: None,
-        running: None,
+        jobs: Jobs::default(),
+        eval_queue: VecDeque::new(),
+        finishing: false,
         report: JoinReport::default(),
     };
     let mut last_connected = Instant::now();
@@ -173,9 +179,33 @@ struct Worker {
     feedback: ErrorFeedback,
     /// A finished upload the coordinator has not acknowledged yet.
     pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
-    /// Training in progress (it survives a reconnect).
-    running: Option<RunningTask>,
+    /// Work in progress (it survives a reconnect).
+    jobs: Jobs,
+    /// Evaluation tasks received while another was running.
+    eval_queue: VecDeque<EvalSpec>,
+    /// The experiment is over; leave once the evaluations in hand are reported.
+    finishing: bool,
     report: JoinReport,
+}
+
+/// What runs on blocking threads: at most one training and one evaluation.
+#[derive(Default)]
+struct Jobs {
+    training: Option<RunningTask>,
+    eval: Option<RunningEval>,
+}
+
+/// An evaluation task being scored on a blocking thread.
+struct RunningEval {
+    spec: EvalSpec,
+    handle: tokio::task::JoinHandle<train::EvalReport>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for RunningEval {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A task whose training runs on a blocking thread.
@@ -183,7 +213,7 @@ struct RunningTask {
     task: TaskSpec,
     start: Delta,
     started: Instant,
-    handle: tokio::task::JoinHandle<(LoraAdapter, Vec<train::StepReport>, Option<f64>)>,
+    handle: tokio::task::JoinHandle<(LoraAdapter, Vec<train::StepReport>)>,
     /// Tells the training thread to stop after its current step.
     stop: Arc<AtomicBool>,
 }
@@ -198,17 +228,20 @@ impl Drop for RunningTask {
 impl Worker {
     /// Serves one session; `Ok(true)` when the experiment finished.
     async fn serve(&mut self, session: &mut Session) -> Result<bool, WorkerError> {
-        let mut running = self.running.take();
-        let outcome = self.serve_with(session, &mut running).await;
-        self.running = running;
+        let mut jobs = std::mem::take(&mut self.jobs);
+        let outcome = self.serve_with(session, &mut jobs).await;
+        self.jobs = jobs;
         outcome
     }
 
     async fn serve_with(
         &mut self,
         session: &mut Session,
-        running: &mut Option<RunningTask>,
+        jobs: &mut Jobs,
     ) -> Result<bool, WorkerError> {
+        // Evaluations that arrived while the connection was down are handed out again by the
+        // coordinator; one interrupted here is restarted from the queue.
+        self.start_next_eval(session, jobs).await?;
         // A result computed while the connection was down is uploaded when the coordinator
         // hands its task out again (it re-sends open tasks to a returning trainer).
         loop {
@@ -217,20 +250,63 @@ impl Worker {
                     let Some(message) = message? else {
                         return Ok(false);
                     };
-                    if self.handle(session, message, running).await? {
+                    if self.handle(session, message, jobs).await? {
                         return Ok(true);
                     }
                 }
                 outcome = async {
-                    match running.as_mut() {
+                    match jobs.eval.as_mut() {
+                        Some(eval) => (&mut eval.handle).await,
+                        None => std::future::pending().await,
+                    }
+                }, if jobs.eval.is_some() => {
+                    let eval = jobs.eval.take().expect("checked by the guard");
+                    let (task, adapter) = (eval.spec.task, eval.spec.adapter);
+                    match outcome {
+                        Ok(report) if report.tokens > 0 && report.loss.is_finite() => {
+                            tracing::info!(
+                                task = task.0,
+                                after_round = ?eval.spec.after_round.map(|r| r.0),
+                                loss = report.loss,
+                                tokens = report.tokens,
+                                "adapter evaluated"
+                            );
+                            self.report
+                                .evaluations
+                                .push((eval.spec.after_round.map(|r| r.0), report.loss as f32));
+                            session
+                                .send(&ClientMessage::EvalResult {
+                                    task,
+                                    adapter,
+                                    loss: report.loss as f32,
+                                    tokens: report.tokens,
+                                })
+                                .await?;
+                        }
+                        Ok(_) | Err(_) => {
+                            let detail = match outcome {
+                                Err(error) => format!("evaluation panicked: {error}"),
+                                Ok(_) => "no held-out tokens to score".to_string(),
+                            };
+                            tracing::warn!(task = task.0, %detail, "evaluation failed; declining it");
+                            session.send(&ClientMessage::TaskDeclined { task, detail }).await?;
+                        }
+                    }
+                    self.start_next_eval(session, jobs).await?;
+                    if self.finishing && jobs.eval.is_none() {
+                        session.leave(Duration::from_secs(5)).await;
+                        return Ok(true);
+                    }
+                }
+                outcome = async {
+                    match jobs.training.as_mut() {
                         Some(task) => (&mut task.handle).await,
                         None => std::future::pending().await,
                     }
-                }, if running.is_some() => {
-                    let task = running.take().expect("checked by the guard");
-                    let (adapter, reports, eval) = outcome
+                }, if jobs.training.is_some() => {
+                    let task = jobs.training.take().expect("checked by the guard");
+                    let (adapter, reports) = outcome
                         .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
-                    self.report.eval_losses.push(eval.map(|loss| loss as f32));
                     if self.options.status_line {
                         eprintln!();
                     }
@@ -249,8 +325,9 @@ impl Worker {
         &mut self,
         session: &mut Session,
         message: ServerMessage,
-        running: &mut Option<RunningTask>,
+        jobs: &mut Jobs,
     ) -> Result<bool, WorkerError> {
+        let running = &mut jobs.training;
         match message {
             ServerMessage::Task(task) => {
                 self.report.tasks += 1;
@@ -328,11 +405,20 @@ impl Worker {
             ServerMessage::RoundClosed { round, adapter } => {
                 tracing::info!(round = round.0, %adapter, "round closed");
             }
+            ServerMessage::Evaluate(spec) => {
+                self.eval_queue.push_back(*spec);
+                self.start_next_eval(session, jobs).await?;
+            }
             ServerMessage::ExperimentFinished { adapter } => {
                 tracing::info!(%adapter, "experiment finished");
                 self.report.finished = true;
                 // Dropping the task stops its training thread.
                 running.take();
+                if jobs.eval.is_some() {
+                    // Report the evaluation in hand first; the coordinator is waiting for it.
+                    self.finishing = true;
+                    return Ok(false);
+                }
                 session.close();
                 return Ok(true);
             }
@@ -344,14 +430,113 @@ impl Worker {
         Ok(false)
     }
 
+    /// Starts the next queued evaluation when none is running; one that cannot be done is
+    /// declined at once.
+    async fn start_next_eval(
+        &mut self,
+        session: &mut Session,
+        jobs: &mut Jobs,
+    ) -> Result<(), WorkerError> {
+        while jobs.eval.is_none() {
+            let Some(spec) = self.eval_queue.pop_front() else {
+                return Ok(());
+            };
+            let task = spec.task;
+            let started = match session.download(spec.adapter).await {
+                Ok(bytes) => self.start_eval(spec, bytes),
+                Err(NetError::Protocol(detail)) => Err(WorkerError::Task(detail)),
+                Err(error) => {
+                    // The connection failed: keep the evaluation for the next session.
+                    self.eval_queue.push_front(spec);
+                    return Err(error.into());
+                }
+            };
+            match started {
+                Ok(eval) => jobs.eval = Some(eval),
+                Err(error) => {
+                    tracing::error!(%error, task = task.0, "cannot do this evaluation; declining it");
+                    session
+                        .send(&ClientMessage::TaskDeclined {
+                            task,
+                            detail: error.to_string(),
+                        })
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares an evaluation from the downloaded adapter and starts scoring on a blocking
+    /// thread, in small batches that obey the duty cycle like training steps do.
+    fn start_eval(
+        &mut self,
+        spec: EvalSpec,
+        adapter_bytes: Vec<u8>,
+    ) -> Result<RunningEval, WorkerError> {
+        let positions = spec.plan.sequence_len as usize + 1;
+        let loaded = self.model_for(&spec.base_model, spec.base_model_hash, positions)?;
+        let start = codec::decode(&adapter_bytes, 1 << 26)?;
+        let settings = lora_settings(&start, &spec.plan)?;
+        let config = loaded.model.config().clone();
+        let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
+        let (_, held_out) = self.documents(&spec.data)?;
+        let tokenizer = &loaded.tokenizer;
+        let seq_len = spec.plan.sequence_len.max(1) as usize;
+        let data = PackedData::pack(&held_out, tokenizer, seq_len, tokenizer.eos)?
+            .evenly_spaced(spec.max_sequences as usize);
+        let duty = self.options.duty.clone();
+        let in_use = self.options.machine_in_use.clone();
+        let busy = self.options.busy_us.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            throttle(&duty, &in_use, 0.0, &stop_flag);
+            let (mut total, mut tokens) = (0.0f64, 0u64);
+            for chunk in data.sequences.chunks(EVAL_BATCH) {
+                if stop_flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let began = Instant::now();
+                let part = PackedData {
+                    sequences: chunk.to_vec(),
+                    seq_len: data.seq_len,
+                };
+                let report =
+                    train::evaluate(&loaded.model, Some(&adapter), &part, EVAL_BATCH, None);
+                total += report.loss * report.tokens as f64;
+                tokens += report.tokens;
+                let seconds = began.elapsed().as_secs_f64();
+                busy.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+                throttle(&duty, &in_use, seconds, &stop_flag);
+            }
+            let loss = if tokens == 0 {
+                f64::NAN
+            } else {
+                total / tokens as f64
+            };
+            train::EvalReport {
+                loss,
+                perplexity: loss.exp(),
+                tokens,
+            }
+        });
+        Ok(RunningEval { spec, handle, stop })
+    }
+
     /// Loads the base model once (checking its hash when the task names one).
-    fn model_for(&mut self, task: &TaskSpec) -> Result<Arc<LoadedModel>, WorkerError> {
+    fn model_for(
+        &mut self,
+        base_model: &str,
+        base_model_hash: Option<BlobHash>,
+        positions: usize,
+    ) -> Result<Arc<LoadedModel>, WorkerError> {
         if let Some((name, model)) = &self.model {
-            if *name == task.base_model {
+            if name == base_model {
                 return Ok(model.clone());
             }
         }
-        if let Some(expected) = task.base_model_hash {
+        if let Some(expected) = base_model_hash {
             let bytes = std::fs::read(&self.options.model).map_err(|source| ModelError::Io {
                 path: self.options.model.display().to_string(),
                 source,
@@ -364,9 +549,8 @@ impl Worker {
                 )));
             }
         }
-        let positions = task.plan.sequence_len as usize + 1;
         let loaded = Arc::new(model::load(&self.options.model, &self.device, positions)?);
-        self.model = Some((task.base_model.clone(), loaded.clone()));
+        self.model = Some((base_model.to_owned(), loaded.clone()));
         Ok(loaded)
     }
 
@@ -376,13 +560,17 @@ impl Worker {
         task: TaskSpec,
         adapter_bytes: Vec<u8>,
     ) -> Result<RunningTask, WorkerError> {
-        let loaded = self.model_for(&task)?;
+        let positions = task.plan.sequence_len as usize + 1;
+        let loaded = self.model_for(&task.base_model, task.base_model_hash, positions)?;
         // An adapter larger than this (64 M values, 256 MiB as f32) is not a LoRA adapter.
         let start = codec::decode(&adapter_bytes, 1 << 26)?;
-        let settings = lora_settings(&start, &task)?;
+        let settings = lora_settings(&start, &task.plan)?;
         let config = loaded.model.config().clone();
         let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
-        let (data, held_out) = self.task_data(&task, &loaded)?;
+        let (docs, _) = self.documents(&task.data)?;
+        let tokenizer = &loaded.tokenizer;
+        let seq_len = task.plan.sequence_len.max(1) as usize;
+        let data = PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?;
         let plan = task.plan.clone();
         let train_settings = TrainSettings {
             steps: u64::from(plan.local_steps),
@@ -397,25 +585,17 @@ impl Worker {
             },
         };
         let duty = self.options.duty.clone();
+        let in_use = self.options.machine_in_use.clone();
         let busy = self.options.busy_us.clone();
         let status_line = self.options.status_line;
         let round = task.round.0;
+        let (sent_before, accepted_before) = (self.report.bytes_up, self.report.accepted);
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let handle = tokio::task::spawn_blocking(move || {
             let mut adapter = adapter;
-            // Score the adapter the coordinator merged (the incoming one) on this task's clients'
-            // held-out text before training on them.
-            let eval = held_out.map(|held_out| {
-                train::evaluate(
-                    &loaded.model,
-                    Some(&adapter),
-                    &held_out,
-                    4,
-                    Some(EVAL_SEQUENCES),
-                )
-                .loss
-            });
+            // A paused fleet or a busy machine holds the task before its first step too.
+            throttle(&duty, &in_use, 0.0, &stop_flag);
             let mut tokens = 0u64;
             let begun = Instant::now();
             let stop = &*stop_flag;
@@ -430,18 +610,20 @@ impl Worker {
                     busy.fetch_add((r.seconds * 1e6) as u64, Ordering::Relaxed);
                     if status_line {
                         eprint!(
-                            "\rround {round} step {}/{} loss {:.4} {:.0} tok/s duty {:.0}%   ",
+                            "\rround {round} step {}/{} loss {:.4} {:.0} tok/s duty {:.0}% \
+                             sent {:.1} MB, {accepted_before} deltas accepted   ",
                             r.step,
                             train_settings.steps,
                             r.loss,
                             tokens as f64 / begun.elapsed().as_secs_f64().max(1e-9),
-                            duty.load(Ordering::Relaxed) as f64 / FULL_DUTY as f64 * 100.0
+                            duty.load(Ordering::Relaxed) as f64 / FULL_DUTY as f64 * 100.0,
+                            sent_before as f64 / 1e6,
                         );
                     }
-                    throttle(&duty, r.seconds, stop);
+                    throttle(&duty, &in_use, r.seconds, stop);
                 },
             );
-            (adapter, reports, eval)
+            (adapter, reports)
         });
         Ok(RunningTask {
             task,
@@ -496,16 +678,9 @@ impl Worker {
         Ok((upload, body))
     }
 
-    /// The token sequences a task trains on.
-    /// The token sequences a task trains on, and its clients' held-out sequences.
-    fn task_data(
-        &self,
-        task: &TaskSpec,
-        loaded: &LoadedModel,
-    ) -> Result<(PackedData, Option<PackedData>), WorkerError> {
-        let seq_len = task.plan.sequence_len.max(1) as usize;
-        let tokenizer = &loaded.tokenizer;
-        let (docs, held_out) = match &task.data {
+    /// The training and held-out texts of a data assignment.
+    fn documents(&self, data: &DataAssignment) -> Result<(Vec<String>, Vec<String>), WorkerError> {
+        let (docs, held_out) = match data {
             DataAssignment::Clients { dataset, clients } if dataset == "shakespeare" => {
                 DataSpec::Shakespeare {
                     texts: self.options.shakespeare.clone(),
@@ -536,25 +711,27 @@ impl Worker {
                 )))
             }
         };
-        let train = PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?;
-        let held_out = PackedData::pack(&held_out, tokenizer, seq_len, tokenizer.eos).ok();
-        Ok((train, held_out))
+        Ok((docs, held_out))
     }
 }
 
-/// Held-out sequences scored before each task (the incoming merged adapter's quality).
-const EVAL_SEQUENCES: usize = 8;
+/// Sequences scored per batch of an evaluation task (the duty cycle is applied between them).
+const EVAL_BATCH: usize = 4;
 
 /// Sleeps long enough after `busy_seconds` of compute to keep the duty cycle; at duty 0 (paused)
-/// waits until the duty is raised again.
-fn throttle(duty: &AtomicU64, busy_seconds: f64, stop: &AtomicBool) {
+/// or while the owner uses the machine, waits until that changes.
+fn throttle(duty: &AtomicU64, machine_in_use: &AtomicBool, busy_seconds: f64, stop: &AtomicBool) {
     let started = Instant::now();
     // Checked in slices, so a stop or a new duty (pause, resume) is noticed within 100 ms.
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let current = duty.load(Ordering::Relaxed).min(FULL_DUTY);
+        let current = if machine_in_use.load(Ordering::Relaxed) {
+            0
+        } else {
+            duty.load(Ordering::Relaxed).min(FULL_DUTY)
+        };
         if current >= FULL_DUTY {
             return;
         }
@@ -587,7 +764,7 @@ fn difference(after: &Delta, before: &Delta) -> Result<Delta, WorkerError> {
 }
 
 /// LoRA settings implied by the adapter's tensors and the task's plan.
-fn lora_settings(adapter: &Delta, task: &TaskSpec) -> Result<LoraSettings, WorkerError> {
+fn lora_settings(adapter: &Delta, plan: &TrainingPlan) -> Result<LoraSettings, WorkerError> {
     let mut rank = None;
     let mut targets = Vec::new();
     for tensor in adapter.tensors() {
@@ -609,10 +786,10 @@ fn lora_settings(adapter: &Delta, task: &TaskSpec) -> Result<LoraSettings, Worke
     let rank = rank.ok_or_else(|| WorkerError::Task("the adapter is not a LoRA adapter".into()))?;
     Ok(LoraSettings {
         rank,
-        alpha: task.plan.lora_alpha,
-        dropout: task.plan.lora_dropout,
+        alpha: plan.lora_alpha,
+        dropout: plan.lora_dropout,
         targets,
-        mode: if task.plan.freeze_a {
+        mode: if plan.freeze_a {
             LoraMode::FreezeA
         } else {
             LoraMode::Full
@@ -637,7 +814,7 @@ mod tests {
         };
         let started = Instant::now();
         // At 1 % duty a 1 s step would be followed by 99 s of rest.
-        throttle(&duty, 1.0, &stop);
+        throttle(&duty, &AtomicBool::new(false), 1.0, &stop);
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
@@ -678,6 +855,6 @@ mod tests {
             deadline_ms: 1000,
             max_upload_bytes: 1 << 20,
         };
-        assert!(lora_settings(&delta, &task).is_err());
+        assert!(lora_settings(&delta, &task.plan).is_err());
     }
 }

@@ -138,6 +138,8 @@ pub struct Progress {
     pub fleet_duty_ppm: u32,
     /// Connected trainers that reported computing at or below the fleet duty.
     pub trainers_obeying: usize,
+    /// Evaluations queued or in progress.
+    pub evaluations_pending: usize,
 }
 
 struct Registered {
@@ -310,6 +312,15 @@ impl Hub {
                 ClientMessage::Hello { .. } => {
                     tracing::warn!(%trainer, "second hello ignored");
                 }
+                ClientMessage::EvalResult {
+                    task,
+                    adapter,
+                    loss,
+                    tokens,
+                } => {
+                    self.engine
+                        .handle_eval_result(now, trainer, task, adapter, loss, tokens);
+                }
                 ClientMessage::ThrottleApplied { duty_ppm } => {
                     tracing::debug!(%trainer, duty_ppm, "trainer applies the fleet duty");
                     if let Some(entry) = self.registry.get_mut(&trainer) {
@@ -456,6 +467,27 @@ impl Hub {
                     Action::Finished { adapter } => {
                         tracing::info!(adapter = %adapter, "experiment finished");
                     }
+                    Action::RecordEvaluation(outcome) => {
+                        Metrics::add(&self.metrics.evaluations, 1);
+                        tracing::info!(
+                            after_round = ?outcome.target.after_round.map(|r| r.0),
+                            adapter = %outcome.target.adapter.short(),
+                            loss = outcome.loss,
+                            tokens = outcome.tokens,
+                            trainer = %outcome.trainer,
+                            "adapter evaluated"
+                        );
+                        self.db
+                            .record_evaluation(&experiment, &outcome, now_ms())
+                            .context("cannot record an evaluation")?;
+                    }
+                    Action::EvaluationAbandoned(target) => {
+                        tracing::warn!(
+                            adapter = %target.adapter.short(),
+                            after_round = ?target.after_round.map(|r| r.0),
+                            "evaluation abandoned after repeated declines or timeouts"
+                        );
+                    }
                 }
             }
             self.commit_batch().context("cannot commit a transaction")?;
@@ -586,6 +618,7 @@ impl Hub {
                 .values()
                 .filter(|entry| entry.applied_duty.is_some_and(|d| d <= self.fleet_duty))
                 .count(),
+            evaluations_pending: self.engine.evaluations_pending(),
         };
         self.progress.send_if_modified(|current| {
             if *current == progress {

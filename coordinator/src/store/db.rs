@@ -55,6 +55,50 @@ pub struct ExperimentStatus {
     pub adapter: Option<String>,
     /// True when all rounds ran.
     pub finished: bool,
+    /// Held-out scores of the adapters, oldest first.
+    pub evaluations: Vec<StoredEvaluation>,
+    /// Each committed round's figures, from its ledger entry.
+    pub rounds: Vec<RoundSummary>,
+}
+
+/// One committed round, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoundSummary {
+    /// The round.
+    pub round: u64,
+    /// Sample-weighted mean training loss the trainers reported.
+    pub train_loss: Option<f64>,
+    /// Held-out loss of the adapter it produced, when evaluated.
+    pub eval_loss: Option<f64>,
+    /// Compressed bytes of the accepted deltas.
+    pub bytes_up: u64,
+    /// Their size as raw f32.
+    pub raw_bytes: u64,
+    /// Deltas aggregated.
+    pub accepted: usize,
+    /// Submissions refused (recorded ones).
+    pub rejected: usize,
+    /// The adapter it produced, hex.
+    pub adapter: String,
+    /// Its ledger entry's hash, hex.
+    pub ledger_hash: String,
+}
+
+/// An adapter's held-out score, as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoredEvaluation {
+    /// The round that produced the adapter; `None` for the initial adapter.
+    pub after_round: Option<u64>,
+    /// The adapter, hex.
+    pub adapter: String,
+    /// The trainer that scored it, hex.
+    pub trainer: String,
+    /// Mean loss per token, in nats.
+    pub loss: f64,
+    /// Tokens scored.
+    pub tokens: u64,
+    /// When it was recorded, ms since the Unix epoch.
+    pub at_ms: i64,
 }
 
 /// The schema's version, kept in SQLite's `user_version`. A database of another version is
@@ -123,6 +167,16 @@ CREATE TABLE IF NOT EXISTS adapters (
 CREATE TABLE IF NOT EXISTS inline_blobs (
     hash BLOB PRIMARY KEY,
     data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    experiment TEXT NOT NULL,
+    adapter BLOB NOT NULL,
+    after_round INTEGER,
+    trainer BLOB NOT NULL,
+    loss REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (experiment, adapter)
 );
 CREATE TABLE IF NOT EXISTS trainers (
     id BLOB PRIMARY KEY,
@@ -280,18 +334,25 @@ impl Db {
                 Some(hash) => self.adapter_len(&hash)?.unwrap_or(0),
                 None => 0,
             };
+            let adapter_evaluated = match adapter {
+                Some(hash) => self.is_evaluated(id, &hash)?,
+                None => false,
+            };
             return Ok(ResumeState {
                 round: RoundId(self.rounds_closed(id)?),
                 adapter: adapter.map(|hash| (hash, len)),
+                adapter_evaluated,
                 known_hashes,
                 next_task: TaskId(next_task as u64),
                 finished: true,
                 ..ResumeState::default()
             });
         };
+        let adapter = hash_from(&adapter)?;
         let mut state = ResumeState {
             round: RoundId(round as u64),
-            adapter: Some((hash_from(&adapter)?, adapter_len as u64)),
+            adapter: Some((adapter, adapter_len as u64)),
+            adapter_evaluated: self.is_evaluated(id, &adapter)?,
             known_hashes,
             next_task: TaskId(next_task as u64),
             finished,
@@ -319,6 +380,60 @@ impl Db {
         }
         state.rejected = self.rejections(id, RoundId(round as u64))?;
         Ok(state)
+    }
+
+    /// Records an adapter's held-out score (a repeated score of the same adapter replaces it).
+    pub fn record_evaluation(
+        &self,
+        id: &ExperimentId,
+        outcome: &crate::engine::EvalOutcome,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO evaluations (experiment, adapter, after_round, trainer, loss, tokens, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                id.0,
+                &outcome.target.adapter.0[..],
+                outcome.target.after_round.map(|r| r.0 as i64),
+                &outcome.trainer.0[..],
+                f64::from(outcome.loss),
+                outcome.tokens as i64,
+                now_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded evaluation of an experiment, oldest adapter first.
+    pub fn evaluations(&self, id: &ExperimentId) -> Result<Vec<StoredEvaluation>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT after_round, adapter, trainer, loss, tokens, at_ms FROM evaluations
+             WHERE experiment = ?1 ORDER BY COALESCE(after_round, -1)",
+        )?;
+        let rows = statement.query_map(params![id.0], |row| {
+            Ok(StoredEvaluation {
+                after_round: row.get::<_, Option<i64>>(0)?.map(|r| r as u64),
+                adapter: hex::encode(row.get::<_, Vec<u8>>(1)?),
+                trainer: hex::encode(row.get::<_, Vec<u8>>(2)?),
+                loss: row.get(3)?,
+                tokens: row.get::<_, i64>(4)? as u64,
+                at_ms: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn is_evaluated(&self, id: &ExperimentId, adapter: &BlobHash) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM evaluations WHERE experiment = ?1 AND adapter = ?2",
+                params![id.0, &adapter.0[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// Records an issued task.
@@ -569,6 +684,27 @@ impl Db {
             .query_row("SELECT COUNT(*) FROM trainers", [], |row| row.get(0))?;
         let ledger = self.ledger(id)?;
         let finished = self.experiment(id)?.is_some_and(|e| e.finished);
+        let evaluations = self.evaluations(id)?;
+        let rounds = ledger
+            .iter()
+            .map(|(hash, entry)| {
+                let adapter = entry.adapter_after.to_hex();
+                RoundSummary {
+                    round: entry.round.0,
+                    train_loss: entry.metrics.train_loss,
+                    eval_loss: evaluations
+                        .iter()
+                        .find(|e| e.adapter == adapter)
+                        .map(|e| e.loss),
+                    bytes_up: entry.metrics.bytes_up,
+                    raw_bytes: entry.metrics.raw_bytes,
+                    accepted: entry.accepted.len(),
+                    rejected: entry.rejected.len(),
+                    adapter,
+                    ledger_hash: hash.to_hex(),
+                }
+            })
+            .collect();
         Ok(ExperimentStatus {
             rounds_closed: ledger.len() as u64,
             accepted: accepted as u64,
@@ -577,6 +713,8 @@ impl Db {
             ledger_head: ledger.last().map(|(hash, _)| hash.to_hex()),
             adapter: ledger.last().map(|(_, entry)| entry.adapter_after.to_hex()),
             finished,
+            evaluations,
+            rounds,
         })
     }
 

@@ -193,6 +193,7 @@ pub fn spawn_burn_trainer(
         reconnect_for: Duration::from_secs(20),
         max_duty_ppm: duty_ppm,
         duty: Arc::new(AtomicU64::new(u64::from(duty_ppm))),
+        machine_in_use: Arc::default(),
         busy_us: busy,
         status_line: false,
     };

@@ -167,6 +167,15 @@ impl Session {
         self.connection.close(quinn::VarInt::from_u32(0), b"bye");
     }
 
+    /// Ends the session after what was sent on the control stream has reached the coordinator
+    /// (waiting at most `grace`): closing at once would discard it.
+    pub async fn leave(&mut self, grace: std::time::Duration) {
+        if self.control_send.finish().is_ok() {
+            let _ = tokio::time::timeout(grace, self.control_send.stopped()).await;
+        }
+        self.close();
+    }
+
     /// The underlying connection.
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
