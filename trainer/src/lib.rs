@@ -19,6 +19,7 @@ pub mod model;
 pub mod net;
 pub mod optim;
 pub mod shakespeare;
+pub mod study;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

@@ -20,6 +20,7 @@ use tributary_trainer::model::{self, LoadedModel, Target};
 use tributary_trainer::net::tls::{self, ServerTrust};
 use tributary_trainer::optim::OptimSettings;
 use tributary_trainer::shakespeare::{load_clients, SplitConfig};
+use tributary_trainer::study;
 use tributary_trainer::train::{self, format_eta, EvalReport, StepReport, TrainSettings};
 use tributary_trainer::worker::{self, JoinOptions, FULL_DUTY};
 use tributary_trainer::{assets, tokenizer::TextTokenizer};
@@ -47,6 +48,9 @@ enum Command {
     Join(JoinArgs),
     /// Training throughput benchmark: prints one JSON line (see scripts/bench_training.sh).
     Bench(BenchArgs),
+    /// Base model vs local-only vs federated (FedAvg, FedSGD) vs central adapters on every
+    /// client's held-out text; writes study.json, study.md and study.svg.
+    Study(StudyArgs),
     /// Print a GGUF model's metadata and tensor summary.
     Inspect {
         /// The .gguf file.
@@ -206,6 +210,58 @@ struct JoinArgs {
 }
 
 #[derive(Args, Debug)]
+struct StudyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Shakespeare clients, comma-separated (ids from `clients`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "hamlet:HAM,othello:IAGO,henry_v:KING HENRY,lear:LEAR"
+    )]
+    clients: Vec<String>,
+    /// The Shakespeare plays (default: the asset cache).
+    #[arg(long)]
+    shakespeare: Option<PathBuf>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// FedAvg rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// FedAvg local steps per client per round.
+    #[arg(long, default_value_t = 4)]
+    local_steps: u32,
+    /// Most FedSGD rounds (one local step each).
+    #[arg(long, default_value_t = 20)]
+    fedsgd_max_rounds: u32,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Local learning rate (constant).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Adapted modules, comma-separated.
+    #[arg(long, default_value = "q,v", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Held-out sequences scored per client.
+    #[arg(long, default_value_t = 8)]
+    held_out_sequences: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -263,6 +319,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
+        Command::Study(args) => study(args),
         Command::Join(args) => join(args),
         Command::Inspect { model } => inspect(&model),
         Command::Clients { texts, min_lines } => {
@@ -621,6 +678,70 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+fn study(args: StudyArgs) -> anyhow::Result<()> {
+    let loaded = open_model(&args.model, args.seq_len + 1)?;
+    let tokenizer = &loaded.tokenizer;
+    let texts = args
+        .shakespeare
+        .clone()
+        .unwrap_or_else(assets::shakespeare_texts);
+    let mut clients = Vec::new();
+    for id in &args.clients {
+        let spec = DataSpec::Shakespeare {
+            texts: texts.clone(),
+            clients: vec![id.clone()],
+        };
+        let (train_docs, test_docs) = spec.documents()?;
+        let train = PackedData::pack(&train_docs, tokenizer, args.seq_len, tokenizer.eos)?;
+        let held_out = PackedData::pack(&test_docs, tokenizer, args.seq_len, tokenizer.eos)?
+            .evenly_spaced(args.held_out_sequences);
+        eprintln!(
+            "client {id}: {} training sequences, {} held out",
+            train.sequences.len(),
+            held_out.sequences.len()
+        );
+        clients.push(study::StudyClient {
+            id: id.clone(),
+            train,
+            held_out,
+        });
+    }
+    let settings = study::StudySettings {
+        rounds: args.rounds,
+        local_steps: args.local_steps,
+        fedsgd_max_rounds: args.fedsgd_max_rounds,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        lora: LoraSettings {
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: 0.05,
+            targets: parse_targets(&args.targets)?,
+            mode: LoraMode::Full,
+        },
+        codec: tributary_shared::codec::Codec::Int8 { block: 64 },
+        seed: args.seed,
+    };
+    let started = Instant::now();
+    let results = study::run(&loaded.model, &clients, &settings, |line| {
+        eprintln!("[{:>6.0} s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("study.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(args.out.join("study.md"), results.markdown())?;
+    std::fs::write(args.out.join("study.svg"), results.svg())?;
+    print!("{}", results.markdown());
+    eprintln!(
+        "wrote {} (study.json, study.md, study.svg) in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {

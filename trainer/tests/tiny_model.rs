@@ -349,3 +349,59 @@ fn tiny_tokenizer_round_trips_and_splits_digits() {
     let the = f.tokenizer.encode(" the").unwrap();
     assert_eq!(the.len(), 1, "merges not applied: {the:?}");
 }
+
+#[test]
+fn the_study_runs_every_arm_and_federation_beats_the_base_model() {
+    use tributary_trainer::study::{self, StudyClient, StudySettings};
+    let f = fixture();
+    let clients: Vec<StudyClient> = (0..3)
+        .map(|c| StudyClient {
+            id: format!("client-{c}"),
+            train: data(&f, c),
+            held_out: PackedData::pack(
+                &[tiny::client_text(c, 20)],
+                &f.tokenizer,
+                32,
+                f.tokenizer.eos,
+            )
+            .unwrap()
+            .evenly_spaced(4),
+        })
+        .collect();
+    let settings = StudySettings {
+        rounds: 3,
+        local_steps: 3,
+        fedsgd_max_rounds: 4,
+        batch_size: 4,
+        learning_rate: 1e-2,
+        lora: LoraSettings {
+            rank: 4,
+            dropout: 0.0,
+            ..LoraSettings::default()
+        },
+        codec: tributary_shared::codec::Codec::Int8 { block: 64 },
+        seed: 5,
+    };
+    let mut lines = 0;
+    let results = study::run(&f.model, &clients, &settings, |_| lines += 1).unwrap();
+    assert_eq!(results.local.len(), 3);
+    assert_eq!(results.fedavg.len(), 3);
+    assert!(!results.fedsgd.is_empty() && results.fedsgd.len() <= 4);
+    assert!(lines >= 3 + 3 + results.fedsgd.len());
+    let final_fedavg = results.fedavg.last().unwrap().mean;
+    assert!(
+        final_fedavg < results.base.mean,
+        "{final_fedavg} vs {}",
+        results.base.mean
+    );
+    // Each local-only adapter improves its own client.
+    for (i, local) in results.local.iter().enumerate() {
+        assert!(local.per_client[i] < results.base.per_client[i]);
+    }
+    assert!(results.fedavg_rounds_to_target.is_some());
+    let (up, raw) = results.fedavg_bytes;
+    assert!(up > 0 && up < raw);
+    let markdown = results.markdown();
+    assert!(markdown.contains("| federated (FedAvg) |"), "{markdown}");
+    assert!(results.svg().starts_with("<svg"));
+}
