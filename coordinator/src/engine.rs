@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub gather_timeout: Duration,
     /// Base model name sent in tasks.
     pub base_model: String,
+    /// The base model file's hash, sent in tasks (trainers fetch it by hash when the
+    /// coordinator serves it, and check it otherwise).
+    pub base_model_hash: Option<BlobHash>,
     /// Local training settings sent in tasks.
     pub plan: TrainingPlan,
     /// Data assignment settings.
@@ -90,6 +93,7 @@ impl EngineConfig {
             round_timeout: Duration::from_secs_f64(selection.round_timeout_secs),
             gather_timeout: Duration::from_secs_f64(selection.gather_timeout_secs),
             base_model: config.model.name.clone(),
+            base_model_hash: config.model.hash.as_deref().and_then(|h| h.parse().ok()),
             plan: config.training.plan(&config.adapter),
             data: config.data.clone(),
             max_upload_bytes: config.max_upload_bytes(),
@@ -867,7 +871,7 @@ impl Engine {
                 experiment: self.config.experiment.clone(),
                 after_round: target.after_round,
                 base_model: self.config.base_model.clone(),
-                base_model_hash: None,
+                base_model_hash: self.config.base_model_hash,
                 adapter: target.adapter,
                 adapter_len: target.adapter_len,
                 data: eval.data.clone(),
@@ -1020,7 +1024,7 @@ impl Engine {
             experiment: self.config.experiment.clone(),
             round: self.round,
             base_model: self.config.base_model.clone(),
-            base_model_hash: None,
+            base_model_hash: self.config.base_model_hash,
             adapter: self.adapter,
             adapter_len: self.adapter_len,
             data,
@@ -1265,6 +1269,7 @@ mod tests {
             round_timeout: Duration::from_secs(60),
             gather_timeout: Duration::from_secs(30),
             base_model: "synthetic".into(),
+            base_model_hash: None,
             plan: TrainingPlan {
                 local_steps: 1,
                 learning_rate: 0.1,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::ExperimentId;
+use tributary_shared::{BlobHash, ExperimentId};
 
 use crate::derive::{decode_state, encode_exact};
 use crate::engine::{Engine, EngineConfig};
@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub tls: TlsSource,
     /// Accepted enrollment tokens; empty means open enrollment.
     pub enrollment_tokens: Vec<String>,
+    /// A base model file to serve to trainers by hash (trainers without it download it once).
+    pub base_model: Option<PathBuf>,
     /// Connection-level limits.
     pub limits: ServerLimits,
 }
@@ -150,7 +152,26 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         accepted_in_round = resume.accepted.len(),
         "experiment loaded"
     );
-    let engine = Engine::new(EngineConfig::from_experiment(&config)?, resume);
+    let mut engine_config = EngineConfig::from_experiment(&config)?;
+    let served_model = match &options.base_model {
+        Some(path) => {
+            let served = serve_base_model(&blobs, path)?;
+            if let Some(pinned) = engine_config.base_model_hash {
+                if pinned != served.0 {
+                    bail!(
+                        "{} has hash {}, but the experiment pins model.hash = {pinned}",
+                        path.display(),
+                        served.0
+                    );
+                }
+            }
+            engine_config.base_model_hash = Some(served.0);
+            tracing::info!(model = %path.display(), hash = %served.0, bytes = served.1, "serving the base model");
+            Some(served)
+        }
+        None => None,
+    };
+    let engine = Engine::new(engine_config, resume);
 
     let identity = match &options.tls {
         TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
@@ -185,7 +206,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         progress_tx,
         commands.clone(),
         options.data_dir.clone(),
-    );
+    )
+    .serving_base_model(served_model);
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
 
     let http_commands = commands.clone();
@@ -240,6 +262,20 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         hub,
         endpoint,
     })
+}
+
+/// Puts the base model file into the blob store (once; it is named by its hash) so that
+/// downloads can stream it; returns its hash and length.
+fn serve_base_model(blobs: &BlobStore, path: &std::path::Path) -> anyhow::Result<(BlobHash, u64)> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the base model {}", path.display()))?;
+    let hash = BlobHash::of(&bytes);
+    if !blobs.path(&hash).exists() {
+        blobs
+            .put_hashed(hash, &bytes)
+            .context("cannot store the base model")?;
+    }
+    Ok((hash, bytes.len() as u64))
 }
 
 /// Finds or creates the experiment in the database; returns its configuration.

@@ -69,6 +69,9 @@ pub struct ModelSection {
     /// The base model's hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), written into
     /// published adapters so PEFT can load the base; defaults to `name`.
     pub hub_id: Option<String>,
+    /// blake3 of the base model file (hex). Pins the model: trainers use a local file only
+    /// when it has this hash, and a coordinator serving the file checks it.
+    pub hash: Option<String>,
 }
 
 impl Default for ModelSection {
@@ -76,6 +79,7 @@ impl Default for ModelSection {
         Self {
             name: "synthetic".into(),
             hub_id: None,
+            hash: None,
         }
     }
 }
@@ -460,6 +464,14 @@ impl ExperimentConfig {
                 "experiment.name",
                 format!("{name:?} must be 1-64 letters, digits, '-', '_' or '.'"),
             ));
+        }
+        if let Some(hash) = &self.model.hash {
+            if hash.parse::<crate::BlobHash>().is_err() {
+                return Err(ConfigError::invalid(
+                    "model.hash",
+                    "must be a blake3 hash: 64 hex digits",
+                ));
+            }
         }
         if self.experiment.rounds == 0 {
             return Err(ConfigError::invalid(

@@ -61,6 +61,7 @@ impl LocalCoordinator {
                 names: vec!["localhost".into()],
             },
             enrollment_tokens: vec![],
+            base_model: None,
             limits: ServerLimits {
                 connections_per_address: trainers as usize + 16,
                 concurrent_uploads: trainers as usize + 16,

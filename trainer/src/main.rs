@@ -623,7 +623,13 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{} resolves to no address", args.addr))?;
     let identity = load_identity(args.identity.clone())?;
     eprintln!("trainer {}", identity.id());
-    let model = model_path(&args.model)?;
+    // A missing file is not an error here: a coordinator that serves the base model hands it
+    // out by hash, and the trainer caches it.
+    let model = args
+        .model
+        .model
+        .clone()
+        .unwrap_or_else(assets::smollm2_gguf);
     let (device, name) = device::select(args.model.backend)?;
     eprintln!("device: {name}");
     let options = JoinOptions {
@@ -636,6 +642,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(assets::shakespeare_texts),
         local_data: args.data.clone(),
+        model_cache: assets::model_cache_dir(),
         reconnect_for: Duration::from_secs(args.reconnect_for),
         max_duty_ppm: (args.max_duty * FULL_DUTY as f64) as u32,
         duty: Arc::new(AtomicU64::new((args.max_duty * FULL_DUTY as f64) as u64)),

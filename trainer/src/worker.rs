@@ -43,6 +43,8 @@ pub struct JoinOptions {
     pub shakespeare: PathBuf,
     /// The volunteer's own data folder, for `local` tasks.
     pub local_data: Option<PathBuf>,
+    /// Where base models downloaded from the coordinator are kept (`<blake3 hex>.gguf`).
+    pub model_cache: PathBuf,
     /// Give up after this long without a connection.
     pub reconnect_for: Duration,
     /// The owner's limit on the fraction of wall time spent computing, in millionths.
@@ -126,6 +128,7 @@ pub async fn run(
         options,
         device,
         model: None,
+        verified_models: std::collections::HashMap::new(),
         feedback: ErrorFeedback::new(),
         pending: None,
         jobs: Jobs::default(),
@@ -175,8 +178,10 @@ pub async fn run(
 struct Worker {
     options: JoinOptions,
     device: Device,
-    model: Option<(String, Arc<LoadedModel>)>,
+    model: Option<(PathBuf, Arc<LoadedModel>)>,
     feedback: ErrorFeedback,
+    /// Base model files already checked against a hash.
+    verified_models: std::collections::HashMap<BlobHash, PathBuf>,
     /// A finished upload the coordinator has not acknowledged yet.
     pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
     /// Work in progress (it survives a reconnect).
@@ -346,7 +351,12 @@ impl Worker {
                 }
                 let adapter = session.download(task.adapter).await?;
                 let id = task.task;
-                match self.start_task(*task, adapter) {
+                let started = match self.base_model_file(session, task.base_model_hash).await {
+                    Ok(model) => self.start_task(*task, adapter, &model),
+                    Err(WorkerError::Net(error)) => return Err(error.into()),
+                    Err(error) => Err(error),
+                };
+                match started {
                     Ok(started) => *running = Some(started),
                     Err(error) => {
                         // Say so at once, so the coordinator can give the task to someone else.
@@ -442,10 +452,19 @@ impl Worker {
                 return Ok(());
             };
             let task = spec.task;
-            let started = match session.download(spec.adapter).await {
-                Ok(bytes) => self.start_eval(spec, bytes),
-                Err(NetError::Protocol(detail)) => Err(WorkerError::Task(detail)),
-                Err(error) => {
+            let model = match self.base_model_file(session, spec.base_model_hash).await {
+                Ok(model) => Ok(model),
+                Err(WorkerError::Net(error)) => {
+                    self.eval_queue.push_front(spec);
+                    return Err(error.into());
+                }
+                Err(error) => Err(error),
+            };
+            let started = match (model, session.download(spec.adapter).await) {
+                (Err(error), _) => Err(error),
+                (Ok(model), Ok(bytes)) => self.start_eval(spec, bytes, &model),
+                (Ok(_), Err(NetError::Protocol(detail))) => Err(WorkerError::Task(detail)),
+                (Ok(_), Err(error)) => {
                     // The connection failed: keep the evaluation for the next session.
                     self.eval_queue.push_front(spec);
                     return Err(error.into());
@@ -473,9 +492,10 @@ impl Worker {
         &mut self,
         spec: EvalSpec,
         adapter_bytes: Vec<u8>,
+        model: &std::path::Path,
     ) -> Result<RunningEval, WorkerError> {
         let positions = spec.plan.sequence_len as usize + 1;
-        let loaded = self.model_for(&spec.base_model, spec.base_model_hash, positions)?;
+        let loaded = self.model_for(model, positions)?;
         let start = codec::decode(&adapter_bytes, 1 << 26)?;
         let settings = lora_settings(&start, &spec.plan)?;
         let config = loaded.model.config().clone();
@@ -524,33 +544,60 @@ impl Worker {
         Ok(RunningEval { spec, handle, stop })
     }
 
-    /// Loads the base model once (checking its hash when the task names one).
+    /// The base model file to use: the task names none, or `--model` has its hash, or a cached
+    /// copy has it; otherwise the coordinator's copy is downloaded once (checked by hash while
+    /// received) and cached.
+    async fn base_model_file(
+        &mut self,
+        session: &Session,
+        hash: Option<BlobHash>,
+    ) -> Result<PathBuf, WorkerError> {
+        let Some(hash) = hash else {
+            return Ok(self.options.model.clone());
+        };
+        if let Some(path) = self.verified_models.get(&hash) {
+            return Ok(path.clone());
+        }
+        let cached = self
+            .options
+            .model_cache
+            .join(format!("{}.gguf", hash.to_hex()));
+        for candidate in [self.options.model.clone(), cached.clone()] {
+            if candidate.is_file() && hash_file(&candidate)? == hash {
+                self.verified_models.insert(hash, candidate.clone());
+                return Ok(candidate);
+            }
+        }
+        tracing::info!(%hash, "downloading the base model from the coordinator");
+        let bytes = session.download(hash).await.map_err(|error| match error {
+            NetError::Protocol(detail) => WorkerError::Task(format!(
+                "the experiment's base model {hash} is not here and the coordinator does not \
+                 serve it ({detail}); pass --model with that file"
+            )),
+            other => other.into(),
+        })?;
+        write_atomically(&cached, &bytes).map_err(|source| ModelError::Io {
+            path: cached.display().to_string(),
+            source,
+        })?;
+        tracing::info!(path = %cached.display(), bytes = bytes.len(), "base model cached");
+        self.verified_models.insert(hash, cached.clone());
+        Ok(cached)
+    }
+
+    /// Loads the base model once per file.
     fn model_for(
         &mut self,
-        base_model: &str,
-        base_model_hash: Option<BlobHash>,
+        path: &std::path::Path,
         positions: usize,
     ) -> Result<Arc<LoadedModel>, WorkerError> {
-        if let Some((name, model)) = &self.model {
-            if name == base_model {
+        if let Some((loaded_from, model)) = &self.model {
+            if loaded_from == path {
                 return Ok(model.clone());
             }
         }
-        if let Some(expected) = base_model_hash {
-            let bytes = std::fs::read(&self.options.model).map_err(|source| ModelError::Io {
-                path: self.options.model.display().to_string(),
-                source,
-            })?;
-            let found = BlobHash::of(&bytes);
-            if found != expected {
-                return Err(WorkerError::Task(format!(
-                    "{} has hash {found}, the experiment's base model is {expected}",
-                    self.options.model.display()
-                )));
-            }
-        }
-        let loaded = Arc::new(model::load(&self.options.model, &self.device, positions)?);
-        self.model = Some((base_model.to_owned(), loaded.clone()));
+        let loaded = Arc::new(model::load(path, &self.device, positions)?);
+        self.model = Some((path.to_owned(), loaded.clone()));
         Ok(loaded)
     }
 
@@ -559,9 +606,10 @@ impl Worker {
         &mut self,
         task: TaskSpec,
         adapter_bytes: Vec<u8>,
+        model: &std::path::Path,
     ) -> Result<RunningTask, WorkerError> {
         let positions = task.plan.sequence_len as usize + 1;
-        let loaded = self.model_for(&task.base_model, task.base_model_hash, positions)?;
+        let loaded = self.model_for(model, positions)?;
         // An adapter larger than this (64 M values, 256 MiB as f32) is not a LoRA adapter.
         let start = codec::decode(&adapter_bytes, 1 << 26)?;
         let settings = lora_settings(&start, &task.plan)?;
@@ -713,6 +761,29 @@ impl Worker {
         };
         Ok((docs, held_out))
     }
+}
+
+/// blake3 of a file's bytes.
+fn hash_file(path: &std::path::Path) -> Result<BlobHash, WorkerError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(BlobHash::of(&bytes))
+}
+
+/// Writes `bytes` to a temporary name beside `path`, syncs it and renames it into place, so a
+/// crash never leaves a partial file under the final name.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let temp = path.with_extension(format!("partial-{}", std::process::id()));
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)
 }
 
 /// Sequences scored per batch of an evaluation task (the duty cycle is applied between them).

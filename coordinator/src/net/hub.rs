@@ -170,6 +170,8 @@ pub struct Hub {
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
     /// The fleet's allowed duty cycle (the pause button), in millionths.
     fleet_duty: u32,
+    /// The base model file served by hash, and its length.
+    base_model: Option<(BlobHash, u64)>,
 }
 
 impl Hub {
@@ -203,7 +205,14 @@ impl Hub {
             fleet_duty: crate::operator::load_duty(&data_dir),
             data_dir,
             inline_bodies: HashMap::new(),
+            base_model: None,
         }
+    }
+
+    /// Also serves the base model file (already in the blob store) to downloads.
+    pub fn serving_base_model(mut self, base_model: Option<(BlobHash, u64)>) -> Self {
+        self.base_model = base_model;
+        self
     }
 
     /// Runs until `shutdown` resolves or a storage failure makes going on unsafe.
@@ -377,6 +386,9 @@ impl Hub {
                 let found = match &self.current_adapter {
                     Some((current, bytes)) if *current == hash => {
                         Some(Download::Memory(bytes.clone()))
+                    }
+                    _ if self.base_model.is_some_and(|(model, _)| model == hash) => {
+                        self.base_model.map(|(_, len)| Download::File(len))
                     }
                     _ => self
                         .db

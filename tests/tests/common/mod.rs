@@ -73,6 +73,16 @@ pub async fn start(
     config: Option<ExperimentConfig>,
     tokens: Vec<String>,
 ) -> Running {
+    start_serving(data_dir, config, tokens, None).await
+}
+
+/// [`start`], also serving `base_model` to trainers by hash.
+pub async fn start_serving(
+    data_dir: &Path,
+    config: Option<ExperimentConfig>,
+    tokens: Vec<String>,
+    base_model: Option<std::path::PathBuf>,
+) -> Running {
     service::start(ServeOptions {
         data_dir: data_dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -82,6 +92,7 @@ pub async fn start(
             names: vec!["localhost".into()],
         },
         enrollment_tokens: tokens,
+        base_model,
         limits: ServerLimits::default(),
     })
     .await
@@ -190,6 +201,7 @@ pub fn spawn_burn_trainer(
         model: model.to_owned(),
         shakespeare: model.with_file_name("no-shakespeare"),
         local_data: None,
+        model_cache: model.with_file_name(format!("model-cache-{seed}")),
         reconnect_for: Duration::from_secs(20),
         max_duty_ppm: duty_ppm,
         duty: Arc::new(AtomicU64::new(u64::from(duty_ppm))),
