@@ -259,6 +259,9 @@ struct StudyArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
+    /// Only rewrite study.md and study.svg from the folder's study.json.
+    #[arg(long)]
+    replot: bool,
 }
 
 #[derive(Args, Debug)]
@@ -688,6 +691,15 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
 }
 
 fn study(args: StudyArgs) -> anyhow::Result<()> {
+    if args.replot {
+        let path = args.out.join("study.json");
+        let json = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let results: study::StudyResults = serde_json::from_str(&json)?;
+        std::fs::write(args.out.join("study.md"), results.markdown())?;
+        std::fs::write(args.out.join("study.svg"), results.svg())?;
+        return Ok(());
+    }
     let loaded = open_model(&args.model, args.seq_len + 1)?;
     let tokenizer = &loaded.tokenizer;
     let texts = args

@@ -10,7 +10,7 @@
 //! decoded, combined by the shared crate's FedAvg and applied by its server optimizer. What is
 //! left out is only the network, which changes no number (the end-to-end tests cover it).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tributary_shared::aggregate::{
     aggregate, AggregationConfig, Contribution, OptimizerState, ServerOptimizer,
 };
@@ -36,7 +36,7 @@ pub struct StudyClient {
 }
 
 /// The budget and hyper-parameters shared by every arm.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StudySettings {
     /// FedAvg rounds.
     pub rounds: u32,
@@ -49,17 +49,17 @@ pub struct StudySettings {
     /// Local learning rate (constant, as in `join` tasks).
     pub learning_rate: f64,
     /// LoRA settings.
-    #[serde(skip)]
+    #[serde(default)]
     pub lora: LoraSettings,
     /// Delta compression of the federated arms.
-    #[serde(skip)]
+    #[serde(default)]
     pub codec: Codec,
     /// Seed of the initial adapter, data order and dropout.
     pub seed: u64,
 }
 
 /// A score on every client's held-out text.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scores {
     /// Held-out loss per client, in the clients' order.
     pub per_client: Vec<f64>,
@@ -68,7 +68,7 @@ pub struct Scores {
 }
 
 /// Everything the study measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StudyResults {
     /// The settings.
     pub settings: StudySettings,
@@ -437,7 +437,8 @@ impl StudyResults {
     /// Mean held-out loss per round of FedAvg and FedSGD, with the base, local-only, and central
     /// levels, as an SVG line plot.
     pub fn svg(&self) -> String {
-        let (w, h, pad) = (560.0, 340.0, 50.0);
+        // The plot area leaves a column on the right for the legend.
+        let (w, h, pad, legend) = (700.0, 340.0, 50.0, 170.0);
         let rounds = self.fedavg.len().max(self.fedsgd.len()).max(1) as f64;
         let local_mean =
             self.local.iter().map(|s| s.mean).sum::<f64>() / self.local.len().max(1) as f64;
@@ -446,7 +447,7 @@ impl StudyResults {
         let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let span = (hi - lo).max(1e-6);
-        let x = |r: f64| pad + (w - 2.0 * pad) * r / rounds;
+        let x = |r: f64| pad + (w - legend - 2.0 * pad) * r / rounds;
         let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / span;
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -461,7 +462,7 @@ impl StudyResults {
             format!(
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{points}\"/>\n\
                  <text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
-                w - 170.0,
+                w - legend,
                 40 + 16 * n
             )
         };
@@ -478,10 +479,10 @@ impl StudyResults {
             svg.push_str(&format!(
                 "<line x1=\"{pad}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>\n\
                  <text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>\n",
-                w - pad,
+                x(rounds),
                 y(value),
                 y(value),
-                w - 170.0,
+                w - legend,
                 72 + 16 * n
             ));
         }
