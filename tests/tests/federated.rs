@@ -38,17 +38,7 @@ async fn three_burn_trainers_learn_together() {
             )
         })
         .collect();
-    let mut reports = Vec::new();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(300), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-        reports.push(report);
-    }
+    let reports = finished_reports(handles).await;
     // Every adapter (the initial one and each round's merged one) was scored once by one of
     // the trainers, on an evaluation task the coordinator handed out.
     let evaluations: Vec<(Option<u64>, f32)> = reports

@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use tributary_coordinator::service::{self, ServeOptions, ServerLimits, TlsSource};
@@ -49,14 +48,8 @@ async fn trainers_without_the_model_download_it_by_hash() {
             )
         })
         .collect();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(300), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-        assert_eq!(report.accepted, 1, "{:?}", report.rejected);
+    for report in finished_reports(handles).await {
+        assert_eq!(report.accepted, 1);
     }
     // Each downloaded the served file into its cache, under its hash.
     for (path, seed) in [(&missing, 800), (&other, 801), (&third, 802)] {

@@ -494,12 +494,7 @@ impl Worker {
         adapter_bytes: Vec<u8>,
         model: &std::path::Path,
     ) -> Result<RunningEval, WorkerError> {
-        let positions = spec.plan.sequence_len as usize + 1;
-        let loaded = self.model_for(model, positions)?;
-        let start = codec::decode(&adapter_bytes, 1 << 26)?;
-        let settings = lora_settings(&start, &spec.plan)?;
-        let config = loaded.model.config().clone();
-        let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
+        let (loaded, _, adapter) = self.prepare(&spec.plan, &adapter_bytes, model)?;
         let (_, held_out) = self.documents(&spec.data)?;
         let tokenizer = &loaded.tokenizer;
         let seq_len = spec.plan.sequence_len.max(1) as usize;
@@ -601,6 +596,22 @@ impl Worker {
         Ok(loaded)
     }
 
+    /// The loaded base model, the decoded adapter, and the adapter on the model's device.
+    fn prepare(
+        &mut self,
+        plan: &TrainingPlan,
+        adapter_bytes: &[u8],
+        model: &std::path::Path,
+    ) -> Result<(Arc<LoadedModel>, Delta, LoraAdapter), WorkerError> {
+        let loaded = self.model_for(model, plan.sequence_len as usize + 1)?;
+        // An adapter larger than this (64 M values, 256 MiB as f32) is not a LoRA adapter.
+        let start = codec::decode(adapter_bytes, 1 << 26)?;
+        let settings = lora_settings(&start, plan)?;
+        let config = loaded.model.config().clone();
+        let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
+        Ok((loaded, start, adapter))
+    }
+
     /// Prepares `task` from the downloaded adapter and starts training it on a blocking thread.
     fn start_task(
         &mut self,
@@ -608,13 +619,7 @@ impl Worker {
         adapter_bytes: Vec<u8>,
         model: &std::path::Path,
     ) -> Result<RunningTask, WorkerError> {
-        let positions = task.plan.sequence_len as usize + 1;
-        let loaded = self.model_for(model, positions)?;
-        // An adapter larger than this (64 M values, 256 MiB as f32) is not a LoRA adapter.
-        let start = codec::decode(&adapter_bytes, 1 << 26)?;
-        let settings = lora_settings(&start, &task.plan)?;
-        let config = loaded.model.config().clone();
-        let adapter = LoraAdapter::from_delta(&start, &settings, &config, loaded.model.device())?;
+        let (loaded, start, adapter) = self.prepare(&task.plan, &adapter_bytes, model)?;
         let (docs, _) = self.documents(&task.data)?;
         let tokenizer = &loaded.tokenizer;
         let seq_len = task.plan.sequence_len.max(1) as usize;

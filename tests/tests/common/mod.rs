@@ -182,6 +182,29 @@ pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (String, 
     (status, response[split + 4..].to_vec())
 }
 
+/// Waits (at most 300 s each) for burn trainers to end, and checks that each saw the experiment
+/// finish and had nothing refused.
+pub async fn finished_reports(
+    handles: Vec<
+        JoinHandle<
+            Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>,
+        >,
+    >,
+) -> Vec<tributary_trainer::worker::JoinReport> {
+    let mut reports = Vec::new();
+    for handle in handles {
+        let report = tokio::time::timeout(Duration::from_secs(300), handle)
+            .await
+            .expect("trainer finished in time")
+            .expect("trainer task did not panic")
+            .expect("trainer ran without error");
+        assert!(report.finished);
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        reports.push(report);
+    }
+    reports
+}
+
 /// Starts a real burn trainer (`tributary_trainer::worker`) with the tiny model at `model`,
 /// computing at most `duty_ppm` of the time and counting its busy time in `busy`.
 pub fn spawn_burn_trainer(
