@@ -30,15 +30,44 @@ pub enum DeviceError {
 }
 
 /// The chosen device and a line describing it.
+///
+/// `Auto` takes a hardware GPU (discrete, then integrated) and otherwise the CPU backend: a
+/// software Vulkan driver such as lavapipe works (the tests run on it) but is slower than burn's
+/// own CPU backend. `Gpu` takes whatever adapter wgpu prefers, software ones included.
 pub fn select(choice: BackendChoice) -> Result<(Device, String), DeviceError> {
     match choice {
         BackendChoice::Cpu => Ok(cpu()),
-        BackendChoice::Gpu => gpu(),
-        BackendChoice::Auto => Ok(gpu().unwrap_or_else(|error| {
-            tracing::info!("{error}; using the CPU");
-            cpu()
-        })),
+        BackendChoice::Gpu => gpu(GpuKind::Any),
+        BackendChoice::Auto => {
+            let mut why = Vec::new();
+            for kind in [GpuKind::Discrete, GpuKind::Integrated] {
+                match gpu(kind) {
+                    Ok(found) => return Ok(found),
+                    Err(error) => why.push(error.to_string()),
+                }
+            }
+            tracing::info!("no hardware GPU ({}); using the CPU", why.join(", "));
+            Ok(cpu())
+        }
     }
+}
+
+/// The backend behind `device`, for reports: `burn wgpu` or `burn flex`.
+pub fn backend_name(device: &Device) -> &'static str {
+    if format!("{device:?}").contains("Wgpu") {
+        "burn wgpu"
+    } else {
+        "burn flex"
+    }
+}
+
+/// Which wgpu adapters to accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuKind {
+    Discrete,
+    Integrated,
+    /// wgpu's preferred adapter, whatever it is (a software driver included).
+    Any,
 }
 
 fn cpu() -> (Device, String) {
@@ -50,30 +79,38 @@ fn cpu() -> (Device, String) {
 }
 
 #[cfg(feature = "wgpu")]
-fn gpu() -> Result<(Device, String), DeviceError> {
-    // wgpu panics when no adapter exists; probe with a small matmul so a broken driver is caught
-    // here rather than in the first training step.
+fn gpu(kind: GpuKind) -> Result<(Device, String), DeviceError> {
+    use burn::tensor::DeviceKind;
+    let device_kind = match kind {
+        GpuKind::Discrete => DeviceKind::DiscreteGpu(0),
+        GpuKind::Integrated => DeviceKind::IntegratedGpu(0),
+        GpuKind::Any => DeviceKind::DefaultDevice,
+    };
+    // wgpu panics when no such adapter exists; probe with a small matmul so that a broken
+    // driver is caught here rather than in the first training step. The panic message is not
+    // an error for the user, so the hook is silenced meanwhile.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let probe = std::panic::catch_unwind(|| {
-        let device = Device::wgpu(Default::default());
+        let device = Device::wgpu(device_kind);
         let a = Tensor::<2>::ones([8, 8], &device);
         let sum: f32 = a.clone().matmul(a).sum().into_scalar();
         (device, sum)
     });
+    std::panic::set_hook(hook);
     match probe {
         Ok((device, sum)) if (sum - 512.0).abs() < 1e-3 => {
-            let name = format!("gpu (burn wgpu, {device:?})");
+            let name = format!("gpu (burn wgpu, {kind:?} adapter)");
             Ok((device, name))
         }
         Ok((_, sum)) => Err(DeviceError::NoGpu(format!(
-            "probe matmul gave {sum}, expected 512"
+            "{kind:?} adapter: probe matmul gave {sum}, expected 512"
         ))),
-        Err(_) => Err(DeviceError::NoGpu(
-            "the wgpu backend panicked while starting".into(),
-        )),
+        Err(_) => Err(DeviceError::NoGpu(format!("no {kind:?} adapter"))),
     }
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn gpu() -> Result<(Device, String), DeviceError> {
+fn gpu(_kind: GpuKind) -> Result<(Device, String), DeviceError> {
     Err(DeviceError::NoGpuBackend)
 }

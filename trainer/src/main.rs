@@ -313,7 +313,11 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // Probing for GPUs that are not there makes wgpu and cubecl log errors that
+                // are not errors for us; RUST_LOG shows them.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,wgpu_hal=off,cubecl_common=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -794,7 +798,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     timed.sort_by(f64::total_cmp);
     let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
     let result = serde_json::json!({
-        "framework": "tributary (burn flex)",
+        "framework": format!("tributary ({})", device::backend_name(loaded.model.device())),
         "threads": std::thread::available_parallelism().map_or(1, usize::from),
         "seq": args.seq,
         "batch": args.batch,
