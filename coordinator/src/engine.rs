@@ -131,8 +131,8 @@ pub struct ResumeState {
     pub next_task: TaskId,
     /// True when every round has been committed.
     pub finished: bool,
-    /// True when the current adapter already has a recorded evaluation.
-    pub adapter_evaluated: bool,
+    /// Adapters of this experiment with no recorded evaluation yet, oldest first.
+    pub unevaluated: Vec<EvalTarget>,
 }
 
 /// A side effect for the driver.
@@ -182,6 +182,15 @@ pub enum Action {
     /// Every round is done.
     Finished {
         /// The final adapter.
+        adapter: BlobHash,
+    },
+    /// Record an issued evaluation task (so its id is never reused after a restart).
+    RecordEvalTask {
+        /// The task.
+        task: TaskId,
+        /// Its trainer.
+        trainer: TrainerId,
+        /// The adapter to score.
         adapter: BlobHash,
     },
     /// Durably record an adapter's held-out score.
@@ -385,12 +394,10 @@ impl Engine {
             actions: VecDeque::new(),
             config,
         };
-        if engine.config.evaluation.is_some() && !resume.adapter_evaluated && adapter_len > 0 {
-            engine.evals.enqueue(EvalTarget {
-                after_round: engine.round.0.checked_sub(1).map(RoundId),
-                adapter,
-                adapter_len,
-            });
+        if engine.config.evaluation.is_some() {
+            for target in resume.unevaluated {
+                engine.evals.enqueue(target);
+            }
         }
         // A round that already has its deltas (the process died while aggregating) closes at
         // once; one with tasks out keeps collecting as soon as time starts.
@@ -472,7 +479,14 @@ impl Engine {
     pub fn handle_trainer_joined(&mut self, now: Instant, trainer: TrainerId) {
         self.trainers.entry(trainer).or_default().connected = true;
         // Evaluations first: even after the last round, a trainer that joins may still score
-        // the final adapter before it hears that the experiment is over.
+        // the final adapter before it hears that the experiment is over. One still assigned to
+        // it (its old connection was replaced before it was seen to leave) is sent again: the
+        // trainer drops evaluation work from earlier connections.
+        if let Some((task, target, deadline)) = self.evals.assigned_to(trainer) {
+            let remaining = deadline.saturating_duration_since(now);
+            let message = self.eval_message(task, &target, remaining);
+            self.actions.push_back(Action::Send { trainer, message });
+        }
         self.dispatch_evaluations(now);
         match self.phase {
             Phase::Finished => self.actions.push_back(Action::Send {
@@ -713,7 +727,17 @@ impl Engine {
 
     /// Time passed; call when [`Engine::poll_timeout`] is reached.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for target in self.evals.expire(now) {
+        let (expired, abandoned) = self.evals.expire(now);
+        for (task, trainer) in expired {
+            self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::TaskCancelled {
+                    task,
+                    detail: "the evaluation's deadline passed; it goes to another trainer".into(),
+                },
+            });
+        }
+        for target in abandoned {
             self.actions.push_back(Action::EvaluationAbandoned(target));
         }
         self.dispatch_evaluations(now);
@@ -866,21 +890,35 @@ impl Engine {
             task
         });
         for (task, trainer, target) in sent {
-            let message = ServerMessage::Evaluate(Box::new(EvalSpec {
+            self.actions.push_back(Action::RecordEvalTask {
                 task,
-                experiment: self.config.experiment.clone(),
-                after_round: target.after_round,
-                base_model: self.config.base_model.clone(),
-                base_model_hash: self.config.base_model_hash,
+                trainer,
                 adapter: target.adapter,
-                adapter_len: target.adapter_len,
-                data: eval.data.clone(),
-                plan: self.config.plan.clone(),
-                max_sequences: eval.max_sequences,
-                deadline_ms: eval.timeout.as_millis() as u64,
-            }));
+            });
+            let message = self.eval_message(task, &target, eval.timeout);
             self.actions.push_back(Action::Send { trainer, message });
         }
+    }
+
+    /// The message handing out evaluation `task` of `target`, due in `due`.
+    fn eval_message(&self, task: TaskId, target: &EvalTarget, due: Duration) -> ServerMessage {
+        let (data, max_sequences) = match &self.config.evaluation {
+            Some(eval) => (eval.data.clone(), eval.max_sequences),
+            None => (DataAssignment::Local, 0),
+        };
+        ServerMessage::Evaluate(Box::new(EvalSpec {
+            task,
+            experiment: self.config.experiment.clone(),
+            after_round: target.after_round,
+            base_model: self.config.base_model.clone(),
+            base_model_hash: self.config.base_model_hash,
+            adapter: target.adapter,
+            adapter_len: target.adapter_len,
+            data,
+            plan: self.config.plan.clone(),
+            max_sequences,
+            deadline_ms: due.as_millis() as u64,
+        }))
     }
 
     fn target(&self) -> usize {
@@ -1297,6 +1335,11 @@ mod tests {
                 ResumeState {
                     adapter: Some((BlobHash::of(b"adapter-0"), 100)),
                     next_task: TaskId(1),
+                    unevaluated: vec![EvalTarget {
+                        after_round: None,
+                        adapter: BlobHash::of(b"adapter-0"),
+                        adapter_len: 100,
+                    }],
                     ..ResumeState::default()
                 },
             )
@@ -1343,6 +1386,7 @@ mod tests {
                     }
                     Action::Finished { .. } => self.finished = true,
                     Action::RecordEvaluation(outcome) => self.evaluations.push(outcome),
+                    Action::RecordEvalTask { .. } => {}
                     Action::EvaluationAbandoned(_) => {}
                 }
             }
@@ -1566,10 +1610,14 @@ mod tests {
         assert_ne!(second, first);
         assert_eq!(again.adapter, spec.adapter);
         assert_ne!(again.task, spec.task);
-        // The second one stalls past its deadline: a third trainer gets it.
+        // The second one stalls past its deadline: it is told to stop, and a third trainer
+        // gets the evaluation.
         h.now += Duration::from_secs(21);
         h.engine.handle_timeout(h.now);
         h.drain();
+        assert!(h.inbox[&h.id(second)].iter().any(
+            |m| matches!(m, ServerMessage::TaskCancelled { task, .. } if *task == again.task)
+        ));
         let (third, last) = h.eval_tasks().pop().unwrap();
         assert!(third != first && third != second);
         assert_eq!(last.adapter, spec.adapter);
@@ -1581,6 +1629,56 @@ mod tests {
         h.answer_evals(3.0);
         assert_eq!(h.evaluations.len(), 1);
         assert_eq!(h.evaluations[0].trainer, h.id(third));
+    }
+
+    #[test]
+    fn a_trainer_whose_connection_was_replaced_gets_its_evaluation_again() {
+        let mut h = Harness::new(with_evaluation(config(1, 1, 1, 1, 2)), 1);
+        h.join_all();
+        let (_, first) = h.eval_tasks().pop().unwrap();
+        // A new connection of the same trainer, before the old one was seen to close.
+        h.now += Duration::from_secs(5);
+        h.engine.handle_trainer_joined(h.now, h.id(0));
+        h.drain();
+        let evals = h.eval_tasks();
+        assert_eq!(evals.len(), 2);
+        let again = &evals[1].1;
+        assert_eq!((again.task, again.adapter), (first.task, first.adapter));
+        assert_eq!(again.deadline_ms, 15_000, "the deadline runs on");
+    }
+
+    #[test]
+    fn a_resumed_engine_scores_every_adapter_that_was_not_scored() {
+        let targets: Vec<EvalTarget> = (0u64..3)
+            .map(|r| EvalTarget {
+                after_round: r.checked_sub(1).map(RoundId),
+                adapter: BlobHash::of(format!("adapter-{r}").as_bytes()),
+                adapter_len: 100,
+            })
+            .collect();
+        let resume = ResumeState {
+            round: RoundId(2),
+            adapter: Some((targets[2].adapter, 100)),
+            next_task: TaskId(40),
+            unevaluated: targets.clone(),
+            ..ResumeState::default()
+        };
+        let mut h = Harness::resumed(with_evaluation(config(1, 1, 1, 1, 4)), 3, resume);
+        h.join_all();
+        let sent: Vec<(BlobHash, TaskId)> = h
+            .eval_tasks()
+            .iter()
+            .map(|(_, spec)| (spec.adapter, spec.task))
+            .collect();
+        assert_eq!(sent.len(), 3);
+        for target in &targets {
+            assert!(sent.iter().any(|(adapter, _)| *adapter == target.adapter));
+        }
+        assert!(
+            sent.iter().all(|(_, task)| task.0 >= 40),
+            "ids are never reused"
+        );
+        assert_eq!(h.engine.evaluations_pending(), 3);
     }
 
     #[test]

@@ -154,15 +154,28 @@ impl Evaluations {
             .min()
     }
 
-    /// Takes back evaluations whose deadline passed; returns the ones abandoned.
-    pub fn expire(&mut self, now: Instant) -> Vec<EvalTarget> {
+    /// Takes back evaluations whose deadline passed. Returns the tasks taken back (their
+    /// trainers should be told to stop) and the evaluations abandoned.
+    pub fn expire(&mut self, now: Instant) -> (Vec<(TaskId, TrainerId)>, Vec<EvalTarget>) {
+        let mut expired = Vec::new();
         for pending in &mut self.pending {
-            if pending.assigned.as_ref().is_some_and(|a| now >= a.deadline) {
-                pending.assigned = None;
+            if let Some(assignment) = pending.assigned.take_if(|a| now >= a.deadline) {
+                expired.push((assignment.task, assignment.trainer));
                 pending.failures += 1;
             }
         }
-        self.abandon_failed()
+        (expired, self.abandon_failed())
+    }
+
+    /// The evaluation `trainer` is working on, with its task id and deadline (to send again to
+    /// a trainer whose connection was replaced).
+    pub fn assigned_to(&self, trainer: TrainerId) -> Option<(TaskId, EvalTarget, Instant)> {
+        self.pending.iter().find_map(|p| {
+            p.assigned
+                .as_ref()
+                .filter(|a| a.trainer == trainer)
+                .map(|a| (a.task, p.target.clone(), a.deadline))
+        })
     }
 
     /// `trainer` left: its evaluation goes back to the queue (not counted as a failure).
@@ -363,8 +376,13 @@ mod tests {
         let second = evals.dispatch(now, T, &both, counter())[0].clone();
         assert_eq!(second.1, trainer(8), "someone who has not tried it yet");
         assert_eq!(evals.next_deadline(), Some(now + T));
-        assert!(evals.expire(now + T / 2).is_empty());
-        assert!(evals.expire(now + T).is_empty());
+        assert_eq!(evals.expire(now + T / 2), (vec![], vec![]));
+        assert_eq!(evals.assigned_to(trainer(8)).map(|a| a.0), Some(second.0));
+        assert_eq!(
+            evals.expire(now + T),
+            (vec![(second.0, trainer(8))], vec![])
+        );
+        assert_eq!(evals.assigned_to(trainer(8)), None);
         // Everyone has tried: it goes back to the first free trainer.
         let third = evals.dispatch(now + T, T, &both, counter())[0].clone();
         assert_eq!(third.1, trainer(7));

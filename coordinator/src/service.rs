@@ -135,7 +135,25 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
     let mut db =
         Db::open(&options.data_dir.join("tributary.db")).context("cannot open the database")?;
-    let config = resolve_experiment(&mut db, &blobs, options.experiment.as_ref())?;
+    let served_model = match options.base_model.clone() {
+        Some(path) => {
+            let blobs = blobs.clone();
+            let served =
+                tokio::task::spawn_blocking(move || serve_base_model(&blobs, &path)).await??;
+            Some(served)
+        }
+        None => None,
+    };
+    // A new experiment started with a served model pins that model's hash in its stored
+    // configuration, so a restart with another file is refused rather than silently mixing
+    // base models.
+    let requested = options.experiment.clone().map(|mut config| {
+        if let (None, Some((hash, _))) = (&config.model.hash, served_model) {
+            config.model.hash = Some(hash.to_hex());
+        }
+        config
+    });
+    let config = resolve_experiment(&mut db, &blobs, requested.as_ref())?;
     let experiment = ExperimentId(config.experiment.name.clone());
     let resume = db.resume_state(&experiment)?;
     let ledger = db.ledger(&experiment)?;
@@ -153,24 +171,18 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         "experiment loaded"
     );
     let mut engine_config = EngineConfig::from_experiment(&config)?;
-    let served_model = match &options.base_model {
-        Some(path) => {
-            let served = serve_base_model(&blobs, path)?;
-            if let Some(pinned) = engine_config.base_model_hash {
-                if pinned != served.0 {
-                    bail!(
-                        "{} has hash {}, but the experiment pins model.hash = {pinned}",
-                        path.display(),
-                        served.0
-                    );
-                }
+    if let (Some((hash, bytes)), Some(path)) = (served_model, &options.base_model) {
+        if let Some(pinned) = engine_config.base_model_hash {
+            if pinned != hash {
+                bail!(
+                    "{} has hash {hash}, but the experiment pins model.hash = {pinned}",
+                    path.display()
+                );
             }
-            engine_config.base_model_hash = Some(served.0);
-            tracing::info!(model = %path.display(), hash = %served.0, bytes = served.1, "serving the base model");
-            Some(served)
         }
-        None => None,
-    };
+        engine_config.base_model_hash = Some(hash);
+        tracing::info!(model = %path.display(), %hash, bytes, "serving the base model");
+    }
     let engine = Engine::new(engine_config, resume);
 
     let identity = match &options.tls {

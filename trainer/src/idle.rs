@@ -91,10 +91,11 @@ pub async fn watch(in_use: Arc<AtomicBool>, mut gate: IdleGate, interval: Durati
     loop {
         tokio::time::sleep(interval).await;
         let Some(now) = meter.sample() else { continue };
-        let Some(share) = now.others_share_since(&last) else {
-            continue;
-        };
+        let share = now.others_share_since(&last);
+        // Always move on, so that a counter that went backwards (a CPU taken offline) costs one
+        // reading, not every later one.
         last = now;
+        let Some(share) = share else { continue };
         let was = gate.in_use();
         let busy = gate.update(Instant::now(), share);
         if busy != was {

@@ -637,6 +637,13 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .model
         .clone()
         .unwrap_or_else(assets::smollm2_gguf);
+    if !model.exists() {
+        eprintln!(
+            "note: no model at {}; tasks can run only if the coordinator serves the base model \
+             (otherwise pass --model FILE, or run deploy/fetch-assets.sh)",
+            model.display()
+        );
+    }
     let (device, name) = device::select(args.model.backend)?;
     eprintln!("device: {name}");
     let options = JoinOptions {

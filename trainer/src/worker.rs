@@ -134,6 +134,7 @@ pub async fn run(
         jobs: Jobs::default(),
         eval_queue: VecDeque::new(),
         finishing: false,
+        finish_by: None,
         report: JoinReport::default(),
     };
     let mut last_connected = Instant::now();
@@ -168,6 +169,8 @@ pub async fn run(
         last_connected = Instant::now();
         match outcome {
             Ok(true) => return Ok(worker.report),
+            // The experiment is over; only an evaluation was still being reported.
+            Ok(false) | Err(WorkerError::Net(_)) if worker.finishing => return Ok(worker.report),
             Ok(false) => tracing::info!("coordinator closed the session; reconnecting"),
             Err(WorkerError::Net(error)) => tracing::warn!(%error, "connection lost; reconnecting"),
             Err(error) => return Err(error),
@@ -188,8 +191,10 @@ struct Worker {
     jobs: Jobs,
     /// Evaluation tasks received while another was running.
     eval_queue: VecDeque<EvalSpec>,
-    /// The experiment is over; leave once the evaluations in hand are reported.
+    /// The experiment is over; leave once the evaluation in hand is reported (or is due).
     finishing: bool,
+    /// When to leave while finishing, even without having reported.
+    finish_by: Option<Instant>,
     report: JoinReport,
 }
 
@@ -203,6 +208,8 @@ struct Jobs {
 /// An evaluation task being scored on a blocking thread.
 struct RunningEval {
     spec: EvalSpec,
+    /// When it is due (its deadline counted from receipt).
+    due: Instant,
     handle: tokio::task::JoinHandle<train::EvalReport>,
     stop: Arc<AtomicBool>,
 }
@@ -233,6 +240,10 @@ impl Drop for RunningTask {
 impl Worker {
     /// Serves one session; `Ok(true)` when the experiment finished.
     async fn serve(&mut self, session: &mut Session) -> Result<bool, WorkerError> {
+        // Evaluation work from an earlier connection is dropped: the coordinator took it back
+        // when that connection closed, or sends it again now if it never saw it close.
+        self.jobs.eval = None;
+        self.eval_queue.clear();
         let mut jobs = std::mem::take(&mut self.jobs);
         let outcome = self.serve_with(session, &mut jobs).await;
         self.jobs = jobs;
@@ -244,9 +255,6 @@ impl Worker {
         session: &mut Session,
         jobs: &mut Jobs,
     ) -> Result<bool, WorkerError> {
-        // Evaluations that arrived while the connection was down are handed out again by the
-        // coordinator; one interrupted here is restarted from the queue.
-        self.start_next_eval(session, jobs).await?;
         // A result computed while the connection was down is uploaded when the coordinator
         // hands its task out again (it re-sends open tasks to a returning trainer).
         loop {
@@ -302,6 +310,17 @@ impl Worker {
                         session.leave(Duration::from_secs(5)).await;
                         return Ok(true);
                     }
+                }
+                _ = async {
+                    match self.finish_by {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.finishing => {
+                    tracing::info!("the evaluation in hand is past its deadline; leaving");
+                    jobs.eval = None;
+                    session.close();
+                    return Ok(true);
                 }
                 outcome = async {
                     match jobs.training.as_mut() {
@@ -411,22 +430,33 @@ impl Worker {
                     // Dropping the running task stops its thread; nothing is uploaded.
                     running.take();
                 }
+                if jobs.eval.as_ref().is_some_and(|e| e.spec.task == task) {
+                    tracing::info!(task = task.0, %detail, "evaluation cancelled");
+                    jobs.eval = None;
+                    self.start_next_eval(session, jobs).await?;
+                }
+                self.eval_queue.retain(|spec| spec.task != task);
             }
             ServerMessage::RoundClosed { round, adapter } => {
                 tracing::info!(round = round.0, %adapter, "round closed");
             }
             ServerMessage::Evaluate(spec) => {
-                self.eval_queue.push_back(*spec);
-                self.start_next_eval(session, jobs).await?;
+                let known = jobs.eval.as_ref().is_some_and(|e| e.spec.task == spec.task)
+                    || self.eval_queue.iter().any(|s| s.task == spec.task);
+                if !known {
+                    self.eval_queue.push_back(*spec);
+                    self.start_next_eval(session, jobs).await?;
+                }
             }
             ServerMessage::ExperimentFinished { adapter } => {
                 tracing::info!(%adapter, "experiment finished");
                 self.report.finished = true;
                 // Dropping the task stops its training thread.
                 running.take();
-                if jobs.eval.is_some() {
+                if let Some(eval) = &jobs.eval {
                     // Report the evaluation in hand first; the coordinator is waiting for it.
                     self.finishing = true;
+                    self.finish_by = Some(eval.due);
                     return Ok(false);
                 }
                 session.close();
@@ -536,7 +566,13 @@ impl Worker {
                 tokens,
             }
         });
-        Ok(RunningEval { spec, handle, stop })
+        let due = Instant::now() + Duration::from_millis(spec.deadline_ms);
+        Ok(RunningEval {
+            spec,
+            due,
+            handle,
+            stop,
+        })
     }
 
     /// The base model file to use: the task names none, or `--model` has its hash, or a cached
@@ -558,7 +594,15 @@ impl Worker {
             .model_cache
             .join(format!("{}.gguf", hash.to_hex()));
         for candidate in [self.options.model.clone(), cached.clone()] {
-            if candidate.is_file() && hash_file(&candidate)? == hash {
+            if !candidate.is_file() {
+                continue;
+            }
+            // Reading and hashing hundreds of MB is blocking work.
+            let path = candidate.clone();
+            let found = tokio::task::spawn_blocking(move || hash_file(&path))
+                .await
+                .map_err(|error| WorkerError::Task(format!("hashing failed: {error}")))??;
+            if found == hash {
                 self.verified_models.insert(hash, candidate.clone());
                 return Ok(candidate);
             }
@@ -571,11 +615,16 @@ impl Worker {
             )),
             other => other.into(),
         })?;
-        write_atomically(&cached, &bytes).map_err(|source| ModelError::Io {
-            path: cached.display().to_string(),
-            source,
-        })?;
-        tracing::info!(path = %cached.display(), bytes = bytes.len(), "base model cached");
+        let target = cached.clone();
+        let size = bytes.len();
+        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes))
+            .await
+            .map_err(|error| WorkerError::Task(format!("writing the model failed: {error}")))?
+            .map_err(|source| ModelError::Io {
+                path: cached.display().to_string(),
+                source,
+            })?;
+        tracing::info!(path = %cached.display(), bytes = size, "base model cached");
         self.verified_models.insert(hash, cached.clone());
         Ok(cached)
     }

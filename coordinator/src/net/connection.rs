@@ -27,6 +27,14 @@ use crate::store::INLINE_BLOB_MAX;
 
 /// Longest a download may take.
 const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(600);
+/// Slowest transfer a large download (a base model) is allowed, in bytes per second: its
+/// deadline grows with its length past [`DOWNLOAD_DEADLINE`].
+const MIN_DOWNLOAD_RATE: u64 = 128 * 1024;
+
+/// How long a download of `len` bytes may take.
+fn download_deadline(len: u64) -> Duration {
+    DOWNLOAD_DEADLINE.max(Duration::from_secs(len / MIN_DOWNLOAD_RATE))
+}
 
 /// Limits a connection task enforces.
 #[derive(Debug, Clone)]
@@ -481,7 +489,7 @@ async fn serve_download(
     mut recv: RecvStream,
 ) {
     // A download ends, even towards a peer that stops reading.
-    let deadline = tokio::time::Instant::now() + DOWNLOAD_DEADLINE;
+    let started = tokio::time::Instant::now();
     let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let request = tokio::time::timeout(
         context.limits.stream_idle_timeout,
@@ -503,6 +511,7 @@ async fn serve_download(
     let max_frame = context.limits.max_frame;
     let len = match answer.await {
         Ok(Some(Download::Memory(bytes))) => {
+            let deadline = started + download_deadline(bytes.len() as u64);
             let found = DownloadResponse::Found {
                 len: bytes.len() as u64,
             };
@@ -541,6 +550,7 @@ async fn serve_download(
             return;
         }
     };
+    let deadline = started + download_deadline(len);
     if write_message(&mut send, &DownloadResponse::Found { len }, max_frame)
         .await
         .is_err()

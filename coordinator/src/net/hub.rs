@@ -479,6 +479,15 @@ impl Hub {
                     Action::Finished { adapter } => {
                         tracing::info!(adapter = %adapter, "experiment finished");
                     }
+                    Action::RecordEvalTask {
+                        task,
+                        trainer,
+                        adapter,
+                    } => {
+                        self.db
+                            .record_eval_task(&experiment, task, trainer, &adapter, now_ms())
+                            .context("cannot record an evaluation task")?;
+                    }
                     Action::RecordEvaluation(outcome) => {
                         Metrics::add(&self.metrics.evaluations, 1);
                         tracing::info!(

@@ -178,6 +178,13 @@ CREATE TABLE IF NOT EXISTS evaluations (
     at_ms INTEGER NOT NULL,
     PRIMARY KEY (experiment, adapter)
 );
+CREATE TABLE IF NOT EXISTS eval_tasks (
+    task INTEGER PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    adapter BLOB NOT NULL,
+    trainer BLOB NOT NULL,
+    issued_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS trainers (
     id BLOB PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -320,11 +327,14 @@ impl Db {
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
             .optional()?;
-        let next_task: i64 =
-            self.conn
-                .query_row("SELECT COALESCE(MAX(task), 0) + 1 FROM tasks", [], |row| {
-                    row.get(0)
-                })?;
+        // Training and evaluation tasks share one id space.
+        let next_task: i64 = self.conn.query_row(
+            "SELECT MAX(COALESCE((SELECT MAX(task) FROM tasks), 0),
+                        COALESCE((SELECT MAX(task) FROM eval_tasks), 0)) + 1",
+            [],
+            |row| row.get(0),
+        )?;
+        let unevaluated = self.unevaluated(id)?;
         let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
         let Some((round, adapter, adapter_len)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
@@ -334,14 +344,10 @@ impl Db {
                 Some(hash) => self.adapter_len(&hash)?.unwrap_or(0),
                 None => 0,
             };
-            let adapter_evaluated = match adapter {
-                Some(hash) => self.is_evaluated(id, &hash)?,
-                None => false,
-            };
             return Ok(ResumeState {
                 round: RoundId(self.rounds_closed(id)?),
                 adapter: adapter.map(|hash| (hash, len)),
-                adapter_evaluated,
+                unevaluated,
                 known_hashes,
                 next_task: TaskId(next_task as u64),
                 finished: true,
@@ -352,7 +358,7 @@ impl Db {
         let mut state = ResumeState {
             round: RoundId(round as u64),
             adapter: Some((adapter, adapter_len as u64)),
-            adapter_evaluated: self.is_evaluated(id, &adapter)?,
+            unevaluated,
             known_hashes,
             next_task: TaskId(next_task as u64),
             finished,
@@ -407,6 +413,19 @@ impl Db {
 
     /// Every recorded evaluation of an experiment, oldest adapter first.
     pub fn evaluations(&self, id: &ExperimentId) -> Result<Vec<StoredEvaluation>, DbError> {
+        // A data directory last written by a version without evaluations, opened read-only,
+        // has no such table: it has no evaluations either.
+        let table: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evaluations'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if table.is_none() {
+            return Ok(Vec::new());
+        }
         let mut statement = self.conn.prepare(
             "SELECT after_round, adapter, trainer, loss, tokens, at_ms FROM evaluations
              WHERE experiment = ?1 ORDER BY COALESCE(after_round, -1)",
@@ -424,16 +443,52 @@ impl Db {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    fn is_evaluated(&self, id: &ExperimentId, adapter: &BlobHash) -> Result<bool, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT 1 FROM evaluations WHERE experiment = ?1 AND adapter = ?2",
-                params![id.0, &adapter.0[..]],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+    /// Records an issued evaluation task.
+    pub fn record_eval_task(
+        &self,
+        id: &ExperimentId,
+        task: TaskId,
+        trainer: TrainerId,
+        adapter: &BlobHash,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO eval_tasks (task, experiment, adapter, trainer, issued_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![task.0 as i64, id.0, &adapter.0[..], &trainer.0[..], now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The experiment's adapters (the initial one, then each committed round's) that have no
+    /// recorded evaluation, oldest first.
+    fn unevaluated(&self, id: &ExperimentId) -> Result<Vec<crate::engine::EvalTarget>, DbError> {
+        let Some(experiment) = self.experiment(id)? else {
+            return Ok(Vec::new());
+        };
+        let evaluated: std::collections::HashSet<String> = self
+            .evaluations(id)?
+            .into_iter()
+            .map(|e| e.adapter)
+            .collect();
+        let mut adapters = vec![(None, experiment.initial_adapter)];
+        for (_, entry) in self.ledger(id)? {
+            adapters.push((Some(entry.round), entry.adapter_after));
+        }
+        let mut out = Vec::new();
+        for (after_round, adapter) in adapters {
+            if evaluated.contains(&adapter.to_hex()) {
+                continue;
+            }
+            if let Some(adapter_len) = self.adapter_len(&adapter)? {
+                out.push(crate::engine::EvalTarget {
+                    after_round,
+                    adapter,
+                    adapter_len,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Records an issued task.
