@@ -676,6 +676,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         }
         let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))?;
         endpoint.set_default_client_config(tls::client_config(&trust)?);
+        let closer = endpoint.clone();
         tokio::select! {
             report = worker::run(endpoint, options, device) => {
                 let report = report?;
@@ -694,7 +695,11 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
                 Ok(())
             }
             _ = tokio::signal::ctrl_c() => {
+                // Close the connection properly, so that the coordinator sees the trainer leave
+                // now and hands its unfinished task to someone else at once, not at the deadline.
                 eprintln!("\ninterrupted: leaving; the coordinator reassigns an unfinished task");
+                closer.close(quinn::VarInt::from_u32(0), b"the volunteer stopped the trainer");
+                let _ = tokio::time::timeout(Duration::from_secs(2), closer.wait_idle()).await;
                 Ok(())
             }
         }
