@@ -69,6 +69,8 @@ struct Pending {
     assigned: Option<Assignment>,
     failures: u32,
     tried: BTreeSet<TrainerId>,
+    /// Trainers that said they cannot do it (no model, no data): never asked again.
+    declined: BTreeSet<TrainerId>,
 }
 
 /// Evaluations waiting for a trainer or for its answer, oldest first.
@@ -90,6 +92,7 @@ impl Evaluations {
                 assigned: None,
                 failures: 0,
                 tried: BTreeSet::new(),
+                declined: BTreeSet::new(),
             });
         }
     }
@@ -126,7 +129,11 @@ impl Evaluations {
             .collect();
         let mut sent = Vec::new();
         for pending in self.pending.iter_mut().filter(|p| p.assigned.is_none()) {
-            let free = || candidates.iter().filter(|t| !busy.contains(t));
+            let free = || {
+                candidates
+                    .iter()
+                    .filter(|t| !busy.contains(t) && !pending.declined.contains(t))
+            };
             let Some(&trainer) = free()
                 .find(|t| !pending.tried.contains(t))
                 .or_else(|| free().next())
@@ -202,6 +209,7 @@ impl Evaluations {
             {
                 pending.assigned = None;
                 pending.failures += 1;
+                pending.declined.insert(trainer);
             }
         }
         self.abandon_failed()
@@ -392,16 +400,26 @@ mod tests {
     }
 
     #[test]
-    fn repeated_declines_abandon_the_evaluation() {
+    fn a_trainer_that_declined_is_not_asked_again_and_declines_abandon_it() {
         let now = Instant::now();
         let mut evals = Evaluations::default();
         evals.enqueue(target(1));
         let mut next = counter();
+        let everyone: Vec<TrainerId> = (1..=MAX_EVAL_ATTEMPTS as u8).map(trainer).collect();
         for attempt in 1..=MAX_EVAL_ATTEMPTS {
-            let (task, who, _) = evals.dispatch(now, T, &[trainer(7)], &mut next)[0].clone();
+            let sent = evals.dispatch(now, T, &everyone, &mut next);
+            let (task, who, _) = sent[0].clone();
+            assert_eq!(who, trainer(attempt as u8), "each asked once");
             let abandoned = evals.declined(who, task);
             assert_eq!(abandoned.len(), usize::from(attempt == MAX_EVAL_ATTEMPTS));
         }
         assert!(evals.is_empty());
+        // With only a trainer that declined connected, the evaluation waits for another.
+        evals.enqueue(target(2));
+        let (task, who, _) = evals.dispatch(now, T, &[trainer(9)], &mut next)[0].clone();
+        assert!(evals.declined(who, task).is_empty());
+        assert!(evals.dispatch(now, T, &[trainer(9)], &mut next).is_empty());
+        let sent = evals.dispatch(now, T, &[trainer(9), trainer(10)], &mut next);
+        assert_eq!(sent[0].1, trainer(10));
     }
 }
