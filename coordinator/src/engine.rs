@@ -482,9 +482,10 @@ impl Engine {
         // the final adapter before it hears that the experiment is over. One still assigned to
         // it (its old connection was replaced before it was seen to leave) is sent again: the
         // trainer drops evaluation work from earlier connections.
-        if let Some((task, target, deadline)) = self.evals.assigned_to(trainer) {
+        let assigned = self.evals.assigned_to(trainer);
+        if let (Some(eval), Some((task, target, deadline))) = (&self.config.evaluation, assigned) {
             let remaining = deadline.saturating_duration_since(now);
-            let message = self.eval_message(task, &target, remaining);
+            let message = self.eval_message(eval, task, &target, remaining);
             self.actions.push_back(Action::Send { trainer, message });
         }
         self.dispatch_evaluations(now);
@@ -895,17 +896,19 @@ impl Engine {
                 trainer,
                 adapter: target.adapter,
             });
-            let message = self.eval_message(task, &target, eval.timeout);
+            let message = self.eval_message(&eval, task, &target, eval.timeout);
             self.actions.push_back(Action::Send { trainer, message });
         }
     }
 
     /// The message handing out evaluation `task` of `target`, due in `due`.
-    fn eval_message(&self, task: TaskId, target: &EvalTarget, due: Duration) -> ServerMessage {
-        let (data, max_sequences) = match &self.config.evaluation {
-            Some(eval) => (eval.data.clone(), eval.max_sequences),
-            None => (DataAssignment::Local, 0),
-        };
+    fn eval_message(
+        &self,
+        eval: &EvalConfig,
+        task: TaskId,
+        target: &EvalTarget,
+        due: Duration,
+    ) -> ServerMessage {
         ServerMessage::Evaluate(Box::new(EvalSpec {
             task,
             experiment: self.config.experiment.clone(),
@@ -914,9 +917,9 @@ impl Engine {
             base_model_hash: self.config.base_model_hash,
             adapter: target.adapter,
             adapter_len: target.adapter_len,
-            data,
+            data: eval.data.clone(),
             plan: self.config.plan.clone(),
-            max_sequences,
+            max_sequences: eval.max_sequences,
             deadline_ms: due.as_millis() as u64,
         }))
     }

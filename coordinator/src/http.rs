@@ -171,41 +171,55 @@ async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
     Ok(Json(list).into_response())
 }
 
-async fn hub_ledger(State(state): State<AppState>) -> HubResponse {
-    let rounds = read_data(&state, |dir| {
+/// A JSON object without its `experiment` key.
+type Row = serde_json::Map<String, serde_json::Value>;
+
+/// Reads one experiment's rows from the database.
+type RowReader =
+    fn(&crate::store::db::Db, &tributary_shared::ExperimentId) -> anyhow::Result<Vec<Row>>;
+
+/// Every experiment's rows, each tagged with its experiment's id, as a JSON list.
+async fn rows_per_experiment(state: &AppState, rows: RowReader) -> HubResponse {
+    let list = read_data(state, move |dir| {
         let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
         let mut out = Vec::new();
         for experiment in db.experiments()? {
-            for (hash, entry) in db.ledger(&experiment.id)? {
-                out.push(serde_json::json!({
-                    "experiment": experiment.id.0,
-                    "hash": hash,
-                    "entry": entry,
-                }));
+            for mut row in rows(&db, &experiment.id)? {
+                row.insert("experiment".into(), experiment.id.0.clone().into());
+                out.push(serde_json::Value::Object(row));
             }
         }
         Ok(out)
     })
     .await?;
-    Ok(Json(rounds).into_response())
+    Ok(Json(list).into_response())
+}
+
+async fn hub_ledger(State(state): State<AppState>) -> HubResponse {
+    rows_per_experiment(&state, |db, id| {
+        let mut rows = Vec::new();
+        for (hash, entry) in db.ledger(id)? {
+            let mut row = serde_json::Map::new();
+            row.insert("hash".into(), serde_json::to_value(hash)?);
+            row.insert("entry".into(), serde_json::to_value(entry)?);
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+    .await
 }
 
 async fn hub_evaluations(State(state): State<AppState>) -> HubResponse {
-    let rows = read_data(&state, |dir| {
-        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
-        let mut out = Vec::new();
-        for experiment in db.experiments()? {
-            for evaluation in db.evaluations(&experiment.id)? {
-                out.push(serde_json::json!({
-                    "experiment": experiment.id.0,
-                    "evaluation": evaluation,
-                }));
-            }
+    rows_per_experiment(&state, |db, id| {
+        let mut rows = Vec::new();
+        for evaluation in db.evaluations(id)? {
+            let mut row = serde_json::Map::new();
+            row.insert("evaluation".into(), serde_json::to_value(evaluation)?);
+            rows.push(row);
         }
-        Ok(out)
+        Ok(rows)
     })
-    .await?;
-    Ok(Json(rows).into_response())
+    .await
 }
 
 async fn hub_blob(

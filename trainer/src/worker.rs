@@ -133,7 +133,6 @@ pub async fn run(
         pending: None,
         jobs: Jobs::default(),
         eval_queue: VecDeque::new(),
-        finishing: false,
         finish_by: None,
         report: JoinReport::default(),
     };
@@ -170,7 +169,9 @@ pub async fn run(
         match outcome {
             Ok(true) => return Ok(worker.report),
             // The experiment is over; only an evaluation was still being reported.
-            Ok(false) | Err(WorkerError::Net(_)) if worker.finishing => return Ok(worker.report),
+            Ok(false) | Err(WorkerError::Net(_)) if worker.finish_by.is_some() => {
+                return Ok(worker.report)
+            }
             Ok(false) => tracing::info!("coordinator closed the session; reconnecting"),
             Err(WorkerError::Net(error)) => tracing::warn!(%error, "connection lost; reconnecting"),
             Err(error) => return Err(error),
@@ -191,9 +192,8 @@ struct Worker {
     jobs: Jobs,
     /// Evaluation tasks received while another was running.
     eval_queue: VecDeque<EvalSpec>,
-    /// The experiment is over; leave once the evaluation in hand is reported (or is due).
-    finishing: bool,
-    /// When to leave while finishing, even without having reported.
+    /// Set once the experiment is over while an evaluation is in hand: leave when it is
+    /// reported, or at this time (its deadline) without it.
     finish_by: Option<Instant>,
     report: JoinReport,
 }
@@ -267,12 +267,8 @@ impl Worker {
                         return Ok(true);
                     }
                 }
-                outcome = async {
-                    match jobs.eval.as_mut() {
-                        Some(eval) => (&mut eval.handle).await,
-                        None => std::future::pending().await,
-                    }
-                }, if jobs.eval.is_some() => {
+                outcome = or_pending(jobs.eval.as_mut().map(|e| &mut e.handle)),
+                    if jobs.eval.is_some() => {
                     let eval = jobs.eval.take().expect("checked by the guard");
                     let (task, adapter) = (eval.spec.task, eval.spec.adapter);
                     match outcome {
@@ -306,28 +302,20 @@ impl Worker {
                         }
                     }
                     self.start_next_eval(session, jobs).await?;
-                    if self.finishing && jobs.eval.is_none() {
+                    if self.finish_by.is_some() && jobs.eval.is_none() {
                         session.leave(Duration::from_secs(5)).await;
                         return Ok(true);
                     }
                 }
-                _ = async {
-                    match self.finish_by {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
-                        None => std::future::pending().await,
-                    }
-                }, if self.finishing => {
+                _ = or_pending(self.finish_by.map(|at| tokio::time::sleep_until(at.into()))),
+                    if self.finish_by.is_some() => {
                     tracing::info!("the evaluation in hand is past its deadline; leaving");
                     jobs.eval = None;
                     session.close();
                     return Ok(true);
                 }
-                outcome = async {
-                    match jobs.training.as_mut() {
-                        Some(task) => (&mut task.handle).await,
-                        None => std::future::pending().await,
-                    }
-                }, if jobs.training.is_some() => {
+                outcome = or_pending(jobs.training.as_mut().map(|t| &mut t.handle)),
+                    if jobs.training.is_some() => {
                     let task = jobs.training.take().expect("checked by the guard");
                     let (adapter, reports) = outcome
                         .map_err(|error| WorkerError::Task(format!("training panicked: {error}")))?;
@@ -455,7 +443,6 @@ impl Worker {
                 running.take();
                 if let Some(eval) = &jobs.eval {
                     // Report the evaluation in hand first; the coordinator is waiting for it.
-                    self.finishing = true;
                     self.finish_by = Some(eval.due);
                     return Ok(false);
                 }
@@ -814,6 +801,14 @@ impl Worker {
             }
         };
         Ok((docs, held_out))
+    }
+}
+
+/// Waits for `future`, or forever when there is none: an optional `select!` branch.
+async fn or_pending<F: std::future::Future>(future: Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
     }
 }
 
