@@ -124,10 +124,11 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     enrollment_tokens: Vec<String>,
-    /// Connections allowed from one IP address.
+    /// Connections allowed from one IPv4 address or IPv6 /64.
     #[arg(long, default_value_t = 64)]
     connections_per_address: usize,
-    /// Uploads received at once across all trainers.
+    /// Uploads received at once across all trainers; more wait in a bounded queue, and beyond
+    /// it are told when to retry.
     #[arg(long, default_value_t = 64)]
     concurrent_uploads: usize,
     /// Exit once every round is committed and the final adapter is evaluated (default: keep
@@ -205,10 +206,14 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             names: args.tls_names,
         },
     };
+    let defaults = ServerLimits::default();
     let limits = ServerLimits {
         connections_per_address: args.connections_per_address,
-        concurrent_uploads: args.concurrent_uploads,
-        ..ServerLimits::default()
+        uploads: crate::net::upload_queue::UploadQueueLimits {
+            concurrent: args.concurrent_uploads,
+            ..defaults.uploads.clone()
+        },
+        ..defaults
     };
     let options = ServeOptions {
         data_dir: args.data_dir,

@@ -122,11 +122,46 @@ pub fn derive_from_store(
         .map(|layout| layout.element_count())
         .unwrap_or(usize::MAX);
     let adapter = load_delta(blobs, adapter_before, max_elements)?;
-    let mut deltas = Vec::with_capacity(accepted.len());
-    for item in accepted {
-        deltas.push((item.clone(), load_delta(blobs, &item.hash, max_elements)?));
-    }
+    let deltas = load_accepted(blobs, accepted, max_elements).map_err(|failure| match failure {
+        LoadFailure::Unreadable(mut unreadable) => unreadable.remove(0).1,
+        LoadFailure::Other(error) => error,
+    })?;
     derive_round(config, &adapter, &deltas, state)
+}
+
+/// Why a round's accepted deltas could not all be loaded.
+#[derive(Debug)]
+pub enum LoadFailure {
+    /// These deltas are gone or damaged for good (missing, corrupt, undecodable): the round can
+    /// only go on without them.
+    Unreadable(Vec<(BlobHash, DeriveError)>),
+    /// A failure that may pass (an i/o error): try again later.
+    Other(DeriveError),
+}
+
+/// Loads every accepted delta, or says which are unreadable for good.
+pub fn load_accepted(
+    blobs: &dyn BlobSource,
+    accepted: &[AcceptedDelta],
+    max_elements: usize,
+) -> Result<Vec<(AcceptedDelta, Delta)>, LoadFailure> {
+    let mut deltas = Vec::with_capacity(accepted.len());
+    let mut unreadable = Vec::new();
+    for item in accepted {
+        match load_delta(blobs, &item.hash, max_elements) {
+            Ok(delta) => deltas.push((item.clone(), delta)),
+            Err(
+                error @ (DeriveError::Blob(BlobError::NotFound { .. } | BlobError::Corrupt { .. })
+                | DeriveError::Decode { .. }),
+            ) => unreadable.push((item.hash, error)),
+            Err(error) => return Err(LoadFailure::Other(error)),
+        }
+    }
+    if unreadable.is_empty() {
+        Ok(deltas)
+    } else {
+        Err(LoadFailure::Unreadable(unreadable))
+    }
 }
 
 const STATE_MAGIC: &[u8; 4] = b"TRBS";

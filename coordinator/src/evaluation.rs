@@ -186,7 +186,9 @@ impl Evaluations {
     }
 
     /// `trainer` left: its evaluation goes back to the queue (not counted as a failure).
-    pub fn trainer_left(&mut self, trainer: TrainerId) {
+    /// Returns whether it had one.
+    pub fn trainer_left(&mut self, trainer: TrainerId) -> bool {
+        let mut had = false;
         for pending in &mut self.pending {
             if pending
                 .assigned
@@ -194,8 +196,15 @@ impl Evaluations {
                 .is_some_and(|a| a.trainer == trainer)
             {
                 pending.assigned = None;
+                had = true;
             }
         }
+        had
+    }
+
+    /// True when an evaluation waits for a trainer.
+    pub fn has_unassigned(&self) -> bool {
+        self.pending.iter().any(|p| p.assigned.is_none())
     }
 
     /// `trainer` declined evaluation `task`; returns the evaluations abandoned.

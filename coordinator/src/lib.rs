@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod derive;
+pub mod durable;
 pub mod engine;
 pub mod evaluation;
 pub mod http;

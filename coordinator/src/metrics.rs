@@ -32,7 +32,16 @@ pub struct Metrics {
     pub evaluations: AtomicU64,
     /// The fleet's allowed duty cycle, in millionths (the pause button).
     pub fleet_duty_ppm: AtomicU64,
+    /// Uploads waiting for a receive slot now.
+    pub uploads_waiting: AtomicU64,
+    /// Uploads told to come back later (back-pressure, not refusals).
+    pub uploads_deferred: AtomicU64,
+    /// Connections still in the handshake (before their hello is checked).
+    pub handshakes_in_flight: AtomicU64,
+    /// Round aggregations or commits that failed and were scheduled again.
+    pub aggregation_failures: AtomicU64,
     rejected: Mutex<BTreeMap<RejectReason, u64>>,
+    limited: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -52,6 +61,18 @@ impl Metrics {
             .lock()
             .expect("metrics lock is never poisoned");
         rejected.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Counts one peer held to `limit` (refused, cut off or disconnected).
+    pub fn count_limit(&self, limit: &'static str) {
+        let mut limited = self.limited.lock().expect("metrics lock is never poisoned");
+        *limited.entry(limit).or_default() += 1;
+    }
+
+    /// Times a peer was held to `limit` so far.
+    pub fn limited(&self, limit: &str) -> u64 {
+        let limited = self.limited.lock().expect("metrics lock is never poisoned");
+        limited.get(limit).copied().unwrap_or(0)
     }
 
     /// Adds to a counter.
@@ -151,6 +172,44 @@ impl Metrics {
             "counter",
             load(&self.bytes_out),
         );
+        gauge(
+            &mut out,
+            "tributary_uploads_waiting",
+            "Uploads waiting for a receive slot.",
+            "gauge",
+            load(&self.uploads_waiting),
+        );
+        gauge(
+            &mut out,
+            "tributary_uploads_deferred_total",
+            "Uploads told to retry later because the coordinator was busy.",
+            "counter",
+            load(&self.uploads_deferred),
+        );
+        gauge(
+            &mut out,
+            "tributary_aggregation_failures_total",
+            "Round closes that failed (storage) and were tried again.",
+            "counter",
+            load(&self.aggregation_failures),
+        );
+        gauge(
+            &mut out,
+            "tributary_handshakes_in_flight",
+            "Connections whose handshake is not finished.",
+            "gauge",
+            load(&self.handshakes_in_flight),
+        );
+        {
+            let _ = writeln!(out, "# HELP tributary_limit_hits_total Peers held to a resource limit, by limit.\n# TYPE tributary_limit_hits_total counter");
+            let limited = self.limited.lock().expect("metrics lock is never poisoned");
+            for (limit, count) in limited.iter() {
+                let _ = writeln!(
+                    out,
+                    "tributary_limit_hits_total{{limit=\"{limit}\"}} {count}"
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP tributary_submissions_rejected_total Submissions refused, by reason.\n# TYPE tributary_submissions_rejected_total counter");
         let rejected = self
             .rejected

@@ -148,11 +148,7 @@ pub fn store_last_order(data_dir: &Path, issued_ms: u64) -> std::io::Result<()> 
 }
 
 fn write_durably(data_dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    let temp = data_dir.join(format!("{name}.tmp"));
-    let mut file = std::fs::File::create(&temp)?;
-    writeln!(file, "{text}")?;
-    file.sync_all()?;
-    std::fs::rename(temp, data_dir.join(name))
+    crate::durable::write_atomically(&data_dir.join(name), format!("{text}\n").as_bytes(), false)
 }
 
 /// Durably records the fleet duty.

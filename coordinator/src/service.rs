@@ -16,9 +16,11 @@ use tributary_shared::{BlobHash, ExperimentId};
 use crate::derive::{decode_state, encode_exact};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
+use crate::net::connection::HandshakeGuard;
 use crate::net::connection::{self, ConnectionContext, ConnectionLimits};
 use crate::net::hub::{now_ms, Hub, Progress};
 use crate::net::tls::{self, TransportLimits};
+use crate::net::upload_queue::{UploadQueue, UploadQueueLimits};
 use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
 
@@ -60,17 +62,28 @@ pub struct ServeOptions {
     pub limits: ServerLimits,
 }
 
-/// Limits on what peers may use.
+/// Limits on what peers may use. Each limit that turns a peer away is counted in `/metrics`
+/// (`tributary_limit_hits_total{limit=..}`).
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
     /// Per-connection limits.
     pub connection: ConnectionLimits,
     /// QUIC transport limits.
     pub transport: TransportLimits,
-    /// Connections from one IP address at once.
+    /// Connections at once from one IPv4 address or one IPv6 /64 (one household or host: a
+    /// peer holding many IPv6 addresses of its /64 counts once).
     pub connections_per_address: usize,
-    /// Uploads received at once, across all connections.
-    pub concurrent_uploads: usize,
+    /// Connections in their handshake at once, across all peers (`handshakes_in_flight`).
+    pub max_handshakes: usize,
+    /// Above this many connections in their handshake, a peer whose address QUIC has not
+    /// validated is first sent a Retry, so spoofed source addresses cannot use up the
+    /// handshake or per-address limits.
+    pub retry_above_handshakes: usize,
+    /// Uploads received at once, and the queue of those waiting.
+    pub uploads: UploadQueueLimits,
+    /// Downloads of file-backed blobs (older adapters, the base model) at once: each holds a
+    /// file open.
+    pub concurrent_file_downloads: usize,
 }
 
 impl Default for ServerLimits {
@@ -79,7 +92,10 @@ impl Default for ServerLimits {
             connection: ConnectionLimits::default(),
             transport: TransportLimits::default(),
             connections_per_address: 64,
-            concurrent_uploads: 64,
+            max_handshakes: 1024,
+            retry_above_handshakes: 64,
+            uploads: UploadQueueLimits::default(),
+            concurrent_file_downloads: 256,
         }
     }
 }
@@ -102,6 +118,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     hub: JoinHandle<anyhow::Result<()>>,
     endpoint: quinn::Endpoint,
+    /// Held while serving: no second `serve` on the same data directory.
+    _lock: crate::durable::DataDirLock,
 }
 
 impl Running {
@@ -131,6 +149,7 @@ impl Running {
 pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
+    let lock = crate::durable::lock_data_dir(&options.data_dir)?;
     let blobs =
         BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
     let mut db =
@@ -228,7 +247,14 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         blobs,
         metrics: metrics.clone(),
         limits: options.limits.connection.clone(),
-        upload_permits: Arc::new(Semaphore::new(options.limits.concurrent_uploads)),
+        transport: options.limits.transport.clone(),
+        uploads: Arc::new(UploadQueue::new(
+            options.limits.uploads.clone(),
+            metrics.clone(),
+        )),
+        file_downloads: Arc::new(Semaphore::new(
+            options.limits.concurrent_file_downloads.max(1),
+        )),
         enrollment_tokens: options.enrollment_tokens.clone(),
         experiment: experiment.clone(),
         server_certificate: {
@@ -241,7 +267,11 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     tokio::spawn(accept_loop(
         endpoint.clone(),
         context,
-        options.limits.connections_per_address,
+        AcceptLimits {
+            per_address: options.limits.connections_per_address,
+            max_handshakes: options.limits.max_handshakes,
+            retry_above: options.limits.retry_above_handshakes,
+        },
         wait_for(shutdown_rx.clone()),
     ));
 
@@ -273,6 +303,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         shutdown,
         hub,
         endpoint,
+        _lock: lock,
     })
 }
 
@@ -325,10 +356,33 @@ fn resolve_experiment(
     Ok(config.clone())
 }
 
+/// What the accept loop enforces; see [`ServerLimits`].
+#[derive(Debug, Clone, Copy)]
+struct AcceptLimits {
+    per_address: usize,
+    max_handshakes: usize,
+    retry_above: usize,
+}
+
+/// The unit a per-address quota counts: an IPv4 address, or an IPv6 /64 (IPv4-mapped IPv6
+/// addresses count as their IPv4 address).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     context: Arc<ConnectionContext>,
-    per_address: usize,
+    limits: AcceptLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -342,15 +396,33 @@ async fn accept_loop(
                 None => return,
             },
         };
-        let ip = incoming.remote_address().ip();
+        let in_flight = context
+            .metrics
+            .handshakes_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed) as usize;
+        // Under load, make the peer prove its address before it costs a handshake or counts
+        // against an address's quota.
+        if in_flight >= limits.retry_above && !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                context.metrics.count_limit("address_validation_retry");
+                let _ = incoming.retry();
+            } else {
+                incoming.ignore();
+            }
+            continue;
+        }
+        if in_flight >= limits.max_handshakes {
+            context.metrics.count_limit("handshakes_in_flight");
+            incoming.refuse();
+            continue;
+        }
+        let key = address_key(incoming.remote_address().ip());
         {
             let mut counts = counts.lock().expect("count lock is never poisoned");
-            let count = counts.entry(ip).or_default();
-            if *count >= per_address {
-                tracing::warn!(%ip, "connection refused: too many from this address");
-                context
-                    .metrics
-                    .count_rejection(tributary_shared::wire::RejectReason::RateLimited);
+            let count = counts.entry(key).or_default();
+            if *count >= limits.per_address {
+                tracing::warn!(address = %key, "connection refused: too many from this address");
+                context.metrics.count_limit("connections_per_address");
                 incoming.refuse();
                 continue;
             }
@@ -358,13 +430,14 @@ async fn accept_loop(
         }
         next_id += 1;
         let (context, counts, id) = (context.clone(), counts.clone(), next_id);
+        let handshake = HandshakeGuard::new(context.metrics.clone());
         tokio::spawn(async move {
-            connection::run(context, incoming, id).await;
+            connection::run(context, incoming, id, handshake).await;
             let mut counts = counts.lock().expect("count lock is never poisoned");
-            if let Some(count) = counts.get_mut(&ip) {
+            if let Some(count) = counts.get_mut(&key) {
                 *count -= 1;
                 if *count == 0 {
-                    counts.remove(&ip);
+                    counts.remove(&key);
                 }
             }
         });
@@ -385,12 +458,8 @@ fn bind_endpoint(
         _ => {
             let secret: Vec<u8> = (0..64).map(|_| rand::random::<u8>()).collect();
             std::fs::create_dir_all(data_dir.join("tls"))?;
-            let temp = key_path.with_extension("tmp");
-            std::fs::write(&temp, &secret)
-                .with_context(|| format!("cannot write {}", temp.display()))?;
-            std::fs::File::open(&temp)?.sync_all()?;
-            std::fs::rename(&temp, &key_path)?;
-            std::fs::File::open(data_dir.join("tls"))?.sync_all()?;
+            crate::durable::write_atomically(&key_path, &secret, true)
+                .with_context(|| format!("cannot write {}", key_path.display()))?;
             secret
         }
     };

@@ -103,6 +103,16 @@ pub enum ServerMessage {
     /// Score an adapter on held-out data and answer [`ClientMessage::EvalResult`] (or
     /// [`ClientMessage::TaskDeclined`]). Nothing is uploaded.
     Evaluate(Box<EvalSpec>),
+    /// The coordinator is too busy to receive this upload now (back-pressure, not a refusal):
+    /// the task stays open, and the trainer sends the same upload again after `retry_after_ms`.
+    UploadDeferred {
+        /// Which task.
+        task: TaskId,
+        /// The delta's hash.
+        hash: BlobHash,
+        /// Wait at least this long before sending it again, in milliseconds.
+        retry_after_ms: u32,
+    },
 }
 
 /// A duty cycle of 100 %, in millionths.
@@ -392,6 +402,12 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// True for the coordinator's own failures (busy, storage): the delta was not at fault, its
+    /// task stays open, and the trainer sends it again.
+    pub fn is_coordinator_fault(self) -> bool {
+        matches!(self, Self::RateLimited | Self::Internal)
+    }
+
     /// Every reason, for metric labels.
     pub const ALL: [RejectReason; 16] = [
         Self::ProtocolVersion,
@@ -507,6 +523,11 @@ mod tests {
                 hash: None,
                 reason: RejectReason::NonFinite,
                 detail: "nan".into(),
+            },
+            ServerMessage::UploadDeferred {
+                task: TaskId(3),
+                hash: BlobHash::of(b"delta"),
+                retry_after_ms: 1_500,
             },
         ];
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);

@@ -11,7 +11,7 @@ use tributary_coordinator::settings::load_experiment_str;
 use tributary_shared::identity::Identity;
 use tributary_shared::RoundId;
 
-use crate::client::client_endpoint;
+use crate::client::client_endpoint_at;
 use crate::synthetic::{self, Fault, Report, SyntheticOptions};
 use crate::tls::ServerTrust;
 
@@ -62,11 +62,9 @@ impl LocalCoordinator {
             },
             enrollment_tokens: vec![],
             base_model: None,
-            limits: ServerLimits {
-                connections_per_address: trainers as usize + 16,
-                concurrent_uploads: trainers as usize + 16,
-                ..ServerLimits::default()
-            },
+            // The coordinator's defaults: trainers come from many loopback addresses, as
+            // they would from many machines.
+            limits: ServerLimits::default(),
         })
         .await?;
         Ok(Self { running, data_dir })
@@ -95,6 +93,8 @@ pub struct LoadReport {
     pub accepted: u64,
     /// Refusals received, with reasons.
     pub rejected: Vec<String>,
+    /// Uploads deferred by a busy coordinator (each sent again).
+    pub deferred: u64,
     /// Delta bytes uploaded.
     pub bytes_up: u64,
     /// Whole run.
@@ -118,8 +118,12 @@ pub async fn run_trainers(
     let started = Instant::now();
     let mut handles = Vec::new();
     for index in 0..trainers {
-        // One endpoint (UDP socket) per trainer, as separate machines would have.
-        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.to_owned()))?;
+        // One endpoint (UDP socket) per trainer, as separate machines would have, spread over
+        // the loopback range so the coordinator's per-address quota applies as it would.
+        let endpoint = client_endpoint_at(
+            loopback_address(index),
+            &ServerTrust::Fingerprint(fingerprint.to_owned()),
+        )?;
         let mut secret = [0u8; 32];
         secret[..4].copy_from_slice(&index.to_le_bytes());
         secret[31] = 0x7b;
@@ -173,8 +177,16 @@ pub async fn run_trainers(
             })
             .collect(),
         bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
+        deferred: reports.iter().map(|r| r.deferred).sum(),
         total,
     })
+}
+
+/// The loopback address of synthetic trainer `index`: 16 trainers per address, from
+/// 127.1.0.0 on (all of 127.0.0.0/8 is loopback on Linux).
+pub fn loopback_address(index: u32) -> std::net::IpAddr {
+    let host = index / 16;
+    std::net::IpAddr::from([127, 1 + (host >> 16) as u8, (host >> 8) as u8, host as u8])
 }
 
 /// Median, min and max of some durations.

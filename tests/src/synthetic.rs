@@ -137,8 +137,11 @@ pub struct Report {
     pub connections: u32,
     /// Body bytes uploaded.
     pub bytes_up: u64,
-    /// Uploads sent (each should end accepted or rejected).
+    /// Uploads sent (each should end accepted or rejected; a deferred one is sent again and
+    /// counted once).
     pub uploads: u64,
+    /// Times an upload was deferred by a busy coordinator (and sent again).
+    pub deferred: u64,
     /// Whether the experiment finished.
     pub finished: bool,
 }
@@ -234,6 +237,17 @@ impl Trainer {
                             self.report.uploads += 1;
                             let _ = session.upload(&header, &body, None).await;
                         }
+                    }
+                }
+                ServerMessage::UploadDeferred { retry_after_ms, .. } => {
+                    // Back-pressure: the same upload goes again after the given wait.
+                    self.report.deferred += 1;
+                    tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
+                    if let Some((header, body)) = self.last_upload.clone() {
+                        let uploader = session.uploader();
+                        tokio::spawn(async move {
+                            let _ = uploader.upload(&header, &body, None).await;
+                        });
                     }
                 }
                 ServerMessage::SubmissionRejected { reason, detail, .. } => {
@@ -352,6 +366,17 @@ impl Trainer {
         self.last_upload = Some((upload.clone(), sent_body.clone()));
         self.report.bytes_up += sent_body.len() as u64;
         self.report.uploads += 1;
+        if fault != Fault::DisconnectMidUpload {
+            // On its own task, so that control messages are read while the coordinator holds
+            // the upload in its queue.
+            let uploader = session.uploader();
+            tokio::spawn(async move {
+                if let Err(error) = uploader.upload(&upload, &sent_body, None).await {
+                    tracing::debug!(%error, "upload stream ended early");
+                }
+            });
+            return Ok(());
+        }
         let result = session.upload(&upload, &sent_body, cut).await;
         if fault == Fault::DisconnectMidUpload {
             // Wait until the coordinator is receiving the body, then drop the connection.

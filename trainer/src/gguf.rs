@@ -167,7 +167,7 @@ impl TensorType {
     /// Bytes holding `elements` values (which must be a whole number of blocks).
     pub fn byte_len(self, elements: usize) -> Option<usize> {
         let (per_block, bytes) = self.block();
-        if elements % per_block != 0 {
+        if !elements.is_multiple_of(per_block) {
             return None;
         }
         (elements / per_block).checked_mul(bytes)

@@ -115,6 +115,11 @@ pub enum WorkerError {
     GaveUp(String),
 }
 
+/// Shortest wait before an upload is sent again.
+const MIN_UPLOAD_RETRY: Duration = Duration::from_millis(250);
+/// Longest wait before an upload is sent again.
+const MAX_UPLOAD_RETRY: Duration = Duration::from_secs(60);
+
 /// Full duty (compute all the time), in millionths.
 pub const FULL_DUTY: u64 = 1_000_000;
 
@@ -131,6 +136,8 @@ pub async fn run(
         verified_models: std::collections::HashMap::new(),
         feedback: ErrorFeedback::new(),
         pending: None,
+        upload_retry: None,
+        upload_attempts: 0,
         jobs: Jobs::default(),
         eval_queue: VecDeque::new(),
         finish_by: None,
@@ -188,6 +195,11 @@ struct Worker {
     verified_models: std::collections::HashMap<BlobHash, PathBuf>,
     /// A finished upload the coordinator has not acknowledged yet.
     pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
+    /// When to send the pending upload again (the coordinator deferred it or failed to store
+    /// it).
+    upload_retry: Option<Instant>,
+    /// Times the pending upload was sent.
+    upload_attempts: u32,
     /// Work in progress (it survives a reconnect).
     jobs: Jobs,
     /// Evaluation tasks received while another was running.
@@ -244,6 +256,8 @@ impl Worker {
         // when that connection closed, or sends it again now if it never saw it close.
         self.jobs.eval = None;
         self.eval_queue.clear();
+        // A deferred upload is sent again when the coordinator hands its task out again.
+        self.upload_retry = None;
         let mut jobs = std::mem::take(&mut self.jobs);
         let outcome = self.serve_with(session, &mut jobs).await;
         self.jobs = jobs;
@@ -323,10 +337,17 @@ impl Worker {
                         eprintln!();
                     }
                     let (header, body) = self.finish_task(&task, adapter, reports)?;
-                    self.pending = Some((task.task.task, header.clone(), body.clone()));
                     self.report.bytes_up += body.len() as u64;
                     self.report.upload_bytes.push(body.len() as u64);
-                    session.upload(&header, &body, None).await?;
+                    self.pending = Some((task.task.task, header, body));
+                    self.upload_attempts = 0;
+                    self.send_pending(session);
+                }
+                _ = or_pending(self.upload_retry.map(|at| tokio::time::sleep_until(at.into()))),
+                    if self.upload_retry.is_some() => {
+                    tracing::info!("sending the deferred upload again");
+                    self.upload_retry = None;
+                    self.send_pending(session);
                 }
             }
         }
@@ -349,12 +370,14 @@ impl Worker {
                 if running.as_ref().is_some_and(|r| r.task.task == task.task) {
                     return Ok(false); // re-sent after a reconnect: training goes on
                 }
-                if let Some((id, header, body)) = &self.pending {
-                    if *id == task.task {
-                        tracing::info!(task = task.task.0, "re-sending the unacknowledged upload");
-                        session.upload(header, body, None).await?;
-                        return Ok(false);
-                    }
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(id, _, _)| *id == task.task)
+                {
+                    tracing::info!(task = task.task.0, "re-sending the unacknowledged upload");
+                    self.send_pending(session);
+                    return Ok(false);
                 }
                 let adapter = session.download(task.adapter).await?;
                 let id = task.task;
@@ -398,6 +421,19 @@ impl Worker {
                 self.report.accepted += 1;
                 if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
                     self.pending = None;
+                    self.upload_retry = None;
+                }
+            }
+            ServerMessage::UploadDeferred {
+                task,
+                retry_after_ms,
+                ..
+            } => {
+                if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                    let wait = Duration::from_millis(u64::from(retry_after_ms))
+                        .clamp(MIN_UPLOAD_RETRY, MAX_UPLOAD_RETRY);
+                    tracing::info!(task = task.0, ?wait, "coordinator busy; upload deferred");
+                    self.schedule_upload_retry(wait);
                 }
             }
             ServerMessage::SubmissionRejected {
@@ -406,10 +442,22 @@ impl Worker {
                 detail,
                 ..
             } => {
+                let ours = self.pending.as_ref().is_some_and(|(id, _, _)| *id == task);
+                if ours && reason.is_coordinator_fault() {
+                    // Not the delta's fault (the coordinator could not store it): the task is
+                    // still open, so the same upload goes again after a backoff.
+                    let wait = (MIN_UPLOAD_RETRY
+                        * 2u32.saturating_pow(self.upload_attempts.min(8)))
+                    .min(MAX_UPLOAD_RETRY);
+                    tracing::warn!(%reason, %detail, ?wait, "upload not stored; retrying");
+                    self.schedule_upload_retry(wait);
+                    return Ok(false);
+                }
                 tracing::warn!(%reason, %detail, "upload refused");
                 self.report.rejected.push(format!("{reason}: {detail}"));
-                if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                if ours {
                     self.pending = None;
+                    self.upload_retry = None;
                 }
             }
             ServerMessage::TaskCancelled { task, detail } => {
@@ -455,6 +503,27 @@ impl Worker {
             | ServerMessage::Refused { .. } => {}
         }
         Ok(false)
+    }
+
+    /// Sends the pending upload on its own task, so control messages are read meanwhile (the
+    /// coordinator may hold it in its queue). Its outcome arrives as a control message.
+    fn send_pending(&mut self, session: &Session) {
+        let Some((task, header, body)) = self.pending.clone() else {
+            return;
+        };
+        self.upload_retry = None;
+        self.upload_attempts += 1;
+        let uploader = session.uploader();
+        tokio::spawn(async move {
+            if let Err(error) = uploader.upload(&header, &body, None).await {
+                tracing::debug!(task = task.0, %error, "upload stream ended early");
+            }
+        });
+    }
+
+    /// Sends the pending upload again after `wait`.
+    fn schedule_upload_retry(&mut self, wait: Duration) {
+        self.upload_retry = Some(Instant::now() + wait);
     }
 
     /// Starts the next queued evaluation when none is running; one that cannot be done is

@@ -8,11 +8,12 @@ use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::AsyncReadExt as _;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 use tributary_shared::codec;
 use tributary_shared::frame::{encode_frame, FrameDecoder, FrameError};
-use tributary_shared::identity::verify_hello;
+use tributary_shared::identity::{verify_hello, verify_submission};
 use tributary_shared::wire::{
     ClientMessage, DownloadRequest, DownloadResponse, RejectReason, ServerMessage, UploadHeader,
     PROTOCOL_VERSION,
@@ -22,6 +23,8 @@ use tributary_shared::{BlobHash, ExperimentId, TaskId, TrainerId};
 use crate::engine::{Refusal, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::hub::{Command, Download};
+use crate::net::tls::TransportLimits;
+use crate::net::upload_queue::UploadQueue;
 use crate::store::blobs::BlobStore;
 use crate::store::INLINE_BLOB_MAX;
 
@@ -47,6 +50,12 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
     /// Longest silence inside an upload or download before it is dropped.
     pub stream_idle_timeout: Duration,
+    /// Control messages queued for one trainer at most; a trainer that lets its queue fill (it
+    /// does not read its control stream) is disconnected.
+    pub outbox_capacity: usize,
+    /// Control messages a trainer may send per second, sustained; bursts of twice as many are
+    /// allowed. A trainer over it is disconnected.
+    pub control_messages_per_second: u32,
 }
 
 impl Default for ConnectionLimits {
@@ -56,6 +65,8 @@ impl Default for ConnectionLimits {
             max_client_frame: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(30),
+            outbox_capacity: 256,
+            control_messages_per_second: 50,
         }
     }
 }
@@ -71,14 +82,69 @@ pub struct ConnectionContext {
     pub metrics: Arc<Metrics>,
     /// Limits.
     pub limits: ConnectionLimits,
-    /// Bounds uploads being received at once, across all connections.
-    pub upload_permits: Arc<Semaphore>,
+    /// QUIC limits, lifted from the handshake's to the full ones after the hello.
+    pub transport: TransportLimits,
+    /// Bounds uploads being received at once, across all connections, and queues the rest.
+    pub uploads: Arc<UploadQueue>,
+    /// Bounds downloads served from files at once (each holds a file open).
+    pub file_downloads: Arc<tokio::sync::Semaphore>,
     /// If non-empty, a trainer must present one of these tokens.
     pub enrollment_tokens: Vec<String>,
     /// The experiment served.
     pub experiment: ExperimentId,
     /// SHA-256 of our certificate, which hello signatures must name.
     pub server_certificate: [u8; 32],
+}
+
+/// The control-stream queue of one trainer. Bounded: a trainer that does not read its control
+/// stream fills it and is disconnected (counted as `outbox_full`), so it cannot make the
+/// coordinator hold its messages.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    sender: mpsc::Sender<ServerMessage>,
+    connection: quinn::Connection,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    /// Queues `message`; `false` when the trainer is gone or was just disconnected for not
+    /// reading.
+    pub fn send(&self, message: ServerMessage) -> bool {
+        match self.sender.try_send(message) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.metrics.count_limit("outbox_full");
+                self.connection
+                    .close(quinn::VarInt::from_u32(4), b"control stream not read");
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Closes the trainer's connection.
+    pub fn close(&self, reason: &[u8]) {
+        self.connection.close(quinn::VarInt::from_u32(1), reason);
+    }
+}
+
+/// Counts a connection as in its handshake until dropped.
+pub struct HandshakeGuard(Arc<Metrics>);
+
+impl HandshakeGuard {
+    /// Counts one more connection in its handshake.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Metrics::add(&metrics.handshakes_in_flight, 1);
+        Self(metrics)
+    }
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        self.0
+            .handshakes_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Why a connection ended early.
@@ -98,19 +164,32 @@ enum ConnectionError {
     Ended,
     #[error("refused: {0:?}")]
     Refused(RejectReason),
+    #[error("over a limit: {0}")]
+    Limit(&'static str),
 }
 
-/// Runs one connection to its end.
-pub async fn run(context: Arc<ConnectionContext>, incoming: quinn::Incoming, connection_id: u64) {
+/// Runs one connection to its end. `handshake` is released once the hello is checked.
+pub async fn run(
+    context: Arc<ConnectionContext>,
+    incoming: quinn::Incoming,
+    connection_id: u64,
+    handshake: HandshakeGuard,
+) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(error) => {
+    let connecting = tokio::time::timeout(context.limits.handshake_timeout, incoming).await;
+    let connection = match connecting {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
             tracing::debug!(%remote, %error, "connection failed during tls");
             return;
         }
+        Err(_) => {
+            context.metrics.count_limit("handshake_timeout");
+            tracing::debug!(%remote, "tls handshake timed out");
+            return;
+        }
     };
-    let result = serve_connection(&context, connection.clone(), connection_id).await;
+    let result = serve_connection(&context, connection.clone(), connection_id, handshake).await;
     match result {
         Ok(()) | Err(ConnectionError::Connection(_)) => {
             tracing::debug!(%remote, "connection closed")
@@ -126,11 +205,13 @@ async fn serve_connection(
     context: &Arc<ConnectionContext>,
     connection: quinn::Connection,
     connection_id: u64,
+    handshake: HandshakeGuard,
 ) -> Result<(), ConnectionError> {
     let limits = &context.limits;
     // The coordinator opens the control stream: its first write (the challenge) is what makes
     // the stream visible to the trainer.
     let (mut send, mut recv) = connection.open_bi().await?;
+    let handshake_until = tokio::time::Instant::now() + limits.handshake_timeout;
     let nonce: [u8; 32] = rand::random();
     write_message(
         &mut send,
@@ -142,12 +223,15 @@ async fn serve_connection(
     )
     .await?;
     let mut decoder = FrameDecoder::new(limits.max_client_frame);
-    let hello = tokio::time::timeout(
-        limits.handshake_timeout,
+    let hello = tokio::time::timeout_at(
+        handshake_until,
         read_message::<ClientMessage>(&mut recv, &mut decoder),
     )
     .await
-    .map_err(|_| ConnectionError::Timeout)??
+    .map_err(|_| {
+        context.metrics.count_limit("handshake_timeout");
+        ConnectionError::Timeout
+    })??
     .ok_or(ConnectionError::Ended)?;
     let (trainer, agent) = match check_hello(context, &nonce, hello) {
         Ok(found) => found,
@@ -167,11 +251,18 @@ async fn serve_connection(
         }
     };
     Metrics::add(&context.metrics.handshakes, 1);
+    drop(handshake);
+    context.transport.open_after_handshake(&connection);
     let span = tracing::info_span!("trainer", trainer = %trainer);
     span.in_scope(|| tracing::info!(agent = ?agent, "trainer joined"));
 
-    let (outbox, mut outbox_rx) = mpsc::unbounded_channel();
-    let _ = outbox.send(ServerMessage::Welcome {
+    let (sender, mut outbox_rx) = mpsc::channel(limits.outbox_capacity.max(8));
+    let outbox = Outbox {
+        sender,
+        connection: connection.clone(),
+        metrics: context.metrics.clone(),
+    };
+    outbox.send(ServerMessage::Welcome {
         trainer,
         experiment: context.experiment.clone(),
     });
@@ -182,7 +273,6 @@ async fn serve_connection(
             agent,
             connection_id,
             outbox: outbox.clone(),
-            connection: connection.clone(),
         })
         .await;
     let max_frame = limits.max_frame;
@@ -194,10 +284,15 @@ async fn serve_connection(
         }
     });
 
+    let mut rate = TokenBucket::new(limits.control_messages_per_second);
     let result = loop {
         tokio::select! {
             message = read_message::<ClientMessage>(&mut recv, &mut decoder) => match message {
                 Ok(Some(message)) => {
+                    if !rate.take(tokio::time::Instant::now()) {
+                        context.metrics.count_limit("control_rate");
+                        break Err(ConnectionError::Limit("control messages too fast"));
+                    }
                     let _ = context.commands.send(Command::Client { trainer, message }).await;
                 }
                 Ok(None) => break Ok(()),
@@ -282,10 +377,10 @@ async fn receive_upload(
     context: Arc<ConnectionContext>,
     trainer: TrainerId,
     mut stream: RecvStream,
-    outbox: mpsc::UnboundedSender<ServerMessage>,
+    outbox: Outbox,
 ) {
     let reject_now = |stream: &mut RecvStream, refusal: Refusal, task: TaskId| {
-        let _ = outbox.send(refusal.message(task, None));
+        outbox.send(refusal.message(task, None));
         let _ = stream.stop(quinn::VarInt::from_u32(1));
         report_violation(&context, Some(trainer), refusal.reason, refusal.detail)
     };
@@ -318,6 +413,9 @@ async fn receive_upload(
         }
     };
     let (task, hash) = (upload.header.task, upload.header.hash);
+    // The hub's checks are the cheap ones (is the task open, is it the sender's); the
+    // signature is checked here, off the hub, once they passed.
+    let signed = upload.clone();
     let (reply, decision) = oneshot::channel();
     let _ = context
         .commands
@@ -328,33 +426,46 @@ async fn receive_upload(
         })
         .await;
     let ticket = match decision.await {
-        Ok(Ok(ticket)) => {
-            let _ = outbox.send(ServerMessage::UploadStarted { task, hash });
-            ticket
-        }
+        Ok(Ok(ticket)) => ticket,
         Ok(Err(refusal)) => {
-            let _ = outbox.send(refusal.message(task, Some(hash)));
+            outbox.send(refusal.message(task, Some(hash)));
             let _ = stream.stop(quinn::VarInt::from_u32(1));
             return;
         }
         Err(_) => return,
     };
-    // Bodies are held in memory while checked: bound how many are received at once.
-    let Ok(_permit) = context.upload_permits.clone().try_acquire_owned() else {
-        let refused = Refusal::new(
-            RejectReason::RateLimited,
-            "too many uploads in progress; retry later",
-        );
+    if let Err(error) = verify_submission(&signed) {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
+        let refusal = Refusal::new(RejectReason::BadSignature, error.to_string());
         let _ = context
             .commands
             .send(Command::UploadDone {
                 ticket,
-                result: Err(refused),
+                result: Err(refusal),
             })
             .await;
         return;
+    }
+    // Bodies are held in memory while checked: bound how many are received at once, and
+    // queue the rest (what QUIC buffers for a waiting stream is bounded by its window).
+    let buffered = ticket
+        .byte_len
+        .min(u64::from(context.transport.stream_receive_window));
+    let _slot = match context.uploads.admit(buffered).await {
+        Ok(slot) => slot,
+        Err(retry_after) => {
+            let _ = stream.stop(quinn::VarInt::from_u32(1));
+            let _ = context
+                .commands
+                .send(Command::UploadDeferred {
+                    ticket,
+                    retry_after,
+                })
+                .await;
+            return;
+        }
     };
+    outbox.send(ServerMessage::UploadStarted { task, hash });
     let result = receive_body(&context, &ticket, &mut stream, decoder.take_rest()).await;
     if result.is_err() {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
@@ -541,6 +652,18 @@ async fn serve_download(
             return;
         }
     };
+    // A file is held open for the whole download: bound how many are, and wait a little for a
+    // slot before giving up (the trainer retries the download).
+    let slot = tokio::time::timeout(
+        context.limits.stream_idle_timeout,
+        context.file_downloads.clone().acquire_owned(),
+    )
+    .await;
+    let Ok(Ok(_slot)) = slot else {
+        context.metrics.count_limit("file_downloads");
+        let _ = send.reset(quinn::VarInt::from_u32(4));
+        return;
+    };
     let file = match tokio::fs::File::open(context.blobs.path(&request.hash)).await {
         Ok(file) => file,
         Err(error) => {
@@ -624,6 +747,38 @@ async fn read_message<T: DeserializeOwned>(
                 decoder.finish()?;
                 return Ok(None);
             }
+        }
+    }
+}
+
+/// A token bucket on virtual-friendly tokio time: `rate` tokens a second, holding at most twice
+/// that.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: 2.0 * rate,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }

@@ -14,9 +14,12 @@ use tributary_shared::ledger::{LedgerEntry, RoundMetrics};
 use tributary_shared::wire::{ClientMessage, ServerMessage, UploadHeader};
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
-use crate::derive::{derive_from_store, encode_exact, encode_state, Derived};
+use crate::derive::{
+    derive_round, encode_exact, encode_state, load_accepted, load_delta, Derived, LoadFailure,
+};
 use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
 use crate::metrics::Metrics;
+use crate::net::connection::Outbox;
 use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
 use crate::store::StoredBlobs;
@@ -35,10 +38,9 @@ pub enum Command {
         agent: String,
         /// Distinguishes this connection from an older one of the same trainer.
         connection_id: u64,
-        /// Where its control messages go.
-        outbox: mpsc::UnboundedSender<ServerMessage>,
-        /// Closes the connection (used when a newer one replaces it).
-        connection: quinn::Connection,
+        /// Where its control messages go; also closes the connection (when a newer one
+        /// replaces it).
+        outbox: Outbox,
     },
     /// A connection ended.
     Left {
@@ -71,6 +73,14 @@ pub enum Command {
         /// stored in the database.
         result: Result<Option<Vec<u8>>, Refusal>,
     },
+    /// A ticketed upload could not start now (too many in progress); its trainer should send
+    /// it again after `retry_after`.
+    UploadDeferred {
+        /// The ticket it came with.
+        ticket: UploadTicket,
+        /// When to try again.
+        retry_after: std::time::Duration,
+    },
     /// A refusal outside any ticket (malformed header, limits).
     Violation {
         /// Who, if known.
@@ -97,9 +107,24 @@ pub enum Command {
         /// The round.
         round: Box<RoundClose>,
         /// Its result.
-        result: Result<Box<DerivedRound>, String>,
+        result: Result<Box<DerivedRound>, DeriveFailure>,
     },
 }
+
+/// Why a round could not be derived.
+#[derive(Debug)]
+pub enum DeriveFailure {
+    /// These accepted deltas are gone or damaged for good: the round goes on without them.
+    Unreadable(Vec<(BlobHash, String)>),
+    /// Something that may pass (disk full, too many open files, a bug): tried again later.
+    Transient(String),
+}
+
+/// First wait before a failed aggregation is tried again; it doubles up to
+/// [`MAX_DERIVE_RETRY`].
+const MIN_DERIVE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest wait between aggregation attempts.
+const MAX_DERIVE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a downloadable blob's bytes are.
 #[derive(Debug, Clone)]
@@ -140,12 +165,13 @@ pub struct Progress {
     pub trainers_obeying: usize,
     /// Evaluations queued or in progress.
     pub evaluations_pending: usize,
+    /// Deltas accepted in the open round so far.
+    pub accepted_in_round: usize,
 }
 
 struct Registered {
     connection_id: u64,
-    outbox: mpsc::UnboundedSender<ServerMessage>,
-    connection: quinn::Connection,
+    outbox: Outbox,
     /// The duty cycle the trainer last said it applies.
     applied_duty: Option<u32>,
 }
@@ -172,6 +198,10 @@ pub struct Hub {
     fleet_duty: u32,
     /// The base model file served by hash, and its length.
     base_model: Option<(BlobHash, u64)>,
+    /// A round whose aggregation failed for a reason that may pass, and when to try again.
+    derive_retry: Option<(Instant, Box<RoundClose>)>,
+    /// Consecutive failed aggregation attempts.
+    derive_failures: u32,
 }
 
 impl Hub {
@@ -206,6 +236,8 @@ impl Hub {
             data_dir,
             inline_bodies: HashMap::new(),
             base_model: None,
+            derive_retry: None,
+            derive_failures: 0,
         }
     }
 
@@ -236,8 +268,19 @@ impl Hub {
                     None => std::future::pending().await,
                 }
             };
+            let retry_at = self.derive_retry.as_ref().map(|(at, _)| *at);
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
+                _ = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((_, close)) = self.derive_retry.take() {
+                        self.spawn_derive(*close);
+                    }
+                }
                 _ = sleep => {
                     let now = Instant::now();
                     self.engine.handle_timeout(now);
@@ -266,7 +309,6 @@ impl Hub {
                 agent,
                 connection_id,
                 outbox,
-                connection,
             } => {
                 if let Err(error) = self.db.record_trainer(trainer, &agent, now_ms()) {
                     tracing::error!(%error, "cannot record trainer");
@@ -276,18 +318,14 @@ impl Hub {
                     Registered {
                         connection_id,
                         outbox: outbox.clone(),
-                        connection,
                         applied_duty: None,
                     },
                 );
-                let _ = outbox.send(ServerMessage::Throttle {
+                outbox.send(ServerMessage::Throttle {
                     duty_ppm: self.fleet_duty,
                 });
                 if let Some(previous) = previous {
-                    previous.connection.close(
-                        quinn::VarInt::from_u32(1),
-                        b"replaced by a newer connection",
-                    );
+                    previous.outbox.close(b"replaced by a newer connection");
                 } else {
                     Metrics::add(&self.metrics.trainers_connected, 1);
                 }
@@ -346,11 +384,7 @@ impl Hub {
                 let mut told = 0;
                 for entry in self.registry.values_mut() {
                     entry.applied_duty = None;
-                    if entry
-                        .outbox
-                        .send(ServerMessage::Throttle { duty_ppm })
-                        .is_ok()
-                    {
+                    if entry.outbox.send(ServerMessage::Throttle { duty_ppm }) {
                         told += 1;
                     }
                 }
@@ -378,6 +412,13 @@ impl Hub {
                 });
                 self.engine.handle_upload_finished(now, &ticket, result);
             }
+            Command::UploadDeferred {
+                ticket,
+                retry_after,
+            } => {
+                self.engine
+                    .handle_upload_deferred(now, &ticket, retry_after);
+            }
             Command::Violation { trainer, refusal } => {
                 self.engine
                     .handle_protocol_violation(trainer, None, refusal);
@@ -401,12 +442,25 @@ impl Hub {
                 };
                 let _ = reply.send(found);
             }
-            Command::Derived { round, result } => {
-                let derived = result
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("cannot aggregate round {}", round.round))?;
-                self.commit(now, *derived)?;
-            }
+            Command::Derived { round, result } => match result {
+                Ok(derived) => {
+                    if let Err(error) = self.commit(now, *derived) {
+                        self.retry_derive(now, round, format!("{error:#}"));
+                    }
+                }
+                Err(DeriveFailure::Unreadable(unreadable)) => {
+                    for (hash, detail) in &unreadable {
+                        tracing::error!(
+                            round = %round.round, hash = %hash.short(), %detail,
+                            "an accepted delta is unreadable; the round goes on without it"
+                        );
+                    }
+                    self.derive_failures = 0;
+                    self.engine
+                        .handle_round_inputs_unreadable(now, round.round, unreadable);
+                }
+                Err(DeriveFailure::Transient(detail)) => self.retry_derive(now, round, detail),
+            },
         }
         Ok(())
     }
@@ -479,6 +533,11 @@ impl Hub {
                     Action::Finished { adapter } => {
                         tracing::info!(adapter = %adapter, "experiment finished");
                     }
+                    Action::ExcludeSubmission { round, hash } => {
+                        self.db
+                            .exclude_submission(&experiment, round, &hash)
+                            .context("cannot exclude a submission")?;
+                    }
                     Action::RecordEvalTask {
                         task,
                         trainer,
@@ -518,7 +577,7 @@ impl Hub {
             self.publish_progress();
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
-                    let _ = registered.outbox.send(message);
+                    registered.outbox.send(message);
                 }
             }
             for close in closing {
@@ -584,14 +643,28 @@ impl Hub {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 derive_and_store(&config, &data_dir, &blobs, &close, &state, previous)
             }))
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("aggregation panicked")))
-            .map(Box::new)
-            .map_err(|error| format!("{error:#}"));
+            .unwrap_or_else(|_| Err(DeriveFailure::Transient("aggregation panicked".into())))
+            .map(Box::new);
             let _ = commands.blocking_send(Command::Derived {
                 round: Box::new(close),
                 result,
             });
         });
+    }
+
+    /// Schedules another attempt at a round whose aggregation or commit failed for a reason
+    /// that may pass, with a doubling backoff: the coordinator keeps serving meanwhile.
+    fn retry_derive(&mut self, now: Instant, round: Box<RoundClose>, detail: String) {
+        let wait = MIN_DERIVE_RETRY
+            .saturating_mul(1 << self.derive_failures.min(10))
+            .min(MAX_DERIVE_RETRY);
+        self.derive_failures += 1;
+        Metrics::add(&self.metrics.aggregation_failures, 1);
+        tracing::error!(
+            round = %round.round, attempt = self.derive_failures, retry_in = ?wait, %detail,
+            "cannot close the round; trying again"
+        );
+        self.derive_retry = Some((now + wait, round));
     }
 
     fn commit(&mut self, now: Instant, derived: DerivedRound) -> anyhow::Result<()> {
@@ -601,6 +674,7 @@ impl Hub {
             .db
             .commit_round(&derived.entry, derived.adapter_len, finished)
             .context("cannot commit the round")?;
+        self.derive_failures = 0;
         self.ledger_head = Some(head);
         self.optimizer_state = derived.state;
         self.current_adapter = Some((derived.entry.adapter_after, derived.adapter_bytes));
@@ -640,6 +714,7 @@ impl Hub {
                 .filter(|entry| entry.applied_duty.is_some_and(|d| d <= self.fleet_duty))
                 .count(),
             evaluations_pending: self.engine.evaluations_pending(),
+            accepted_in_round: self.engine.accepted_count(),
         };
         self.progress.send_if_modified(|current| {
             if *current == progress {
@@ -661,23 +736,42 @@ fn derive_and_store(
     close: &RoundClose,
     state: &OptimizerState,
     previous: Option<BlobHash>,
-) -> anyhow::Result<DerivedRound> {
+) -> Result<DerivedRound, DeriveFailure> {
+    let transient = |error: &dyn std::fmt::Display| DeriveFailure::Transient(error.to_string());
+    let stored = StoredBlobs::open(data_dir).map_err(|e| transient(&e))?;
+    let max_elements = config
+        .adapter
+        .layout()
+        .map(|layout| layout.element_count())
+        .unwrap_or(usize::MAX);
+    let adapter_before =
+        load_delta(&stored, &close.adapter_before, max_elements).map_err(|e| transient(&e))?;
+    let deltas =
+        load_accepted(&stored, &close.accepted, max_elements).map_err(|failure| match failure {
+            LoadFailure::Unreadable(unreadable) => DeriveFailure::Unreadable(
+                unreadable
+                    .into_iter()
+                    .map(|(hash, error)| (hash, error.to_string()))
+                    .collect(),
+            ),
+            LoadFailure::Other(error) => transient(&error),
+        })?;
     let Derived {
         aggregate,
         adapter_after,
         state,
-    } = derive_from_store(
-        config,
-        &StoredBlobs::open(data_dir)?,
-        &close.adapter_before,
-        &close.accepted,
-        state,
-    )?;
+    } = derive_round(config, &adapter_before, &deltas, state).map_err(|e| transient(&e))?;
     let adapter_bytes = encode_exact(&adapter_after);
-    let adapter_hash = blobs.put(&adapter_bytes)?;
-    let aggregate_hash = blobs.put(&encode_exact(&aggregate))?;
+    let adapter_hash = blobs.put(&adapter_bytes).map_err(|e| transient(&e))?;
+    let aggregate_hash = blobs
+        .put(&encode_exact(&aggregate))
+        .map_err(|e| transient(&e))?;
     let state_hash = if state.first_moment.is_some() || state.second_moment.is_some() {
-        Some(blobs.put(&encode_state(&state))?)
+        Some(
+            blobs
+                .put(&encode_state(&state))
+                .map_err(|e| transient(&e))?,
+        )
     } else {
         None
     };

@@ -9,7 +9,7 @@
 //! This module deliberately knows nothing about trainers, rounds or the wire protocol.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,23 @@ pub struct TransportLimits {
     /// Bytes a trainer may send over all streams of a connection before the coordinator reads
     /// them.
     pub receive_window: u32,
+    /// The same before the trainer's hello is checked: an unauthenticated peer may only send
+    /// its hello, so it gets a small window and may open no stream at all (the limits above
+    /// apply from [`TransportLimits::open_after_handshake`] on).
+    pub handshake_receive_window: u32,
+    /// Connections accepted by QUIC but not yet taken by the accept loop, at most.
+    pub max_incoming: usize,
+}
+
+impl TransportLimits {
+    /// Lifts a connection from the handshake limits to the full ones, once its hello checked.
+    pub fn open_after_handshake(&self, connection: &quinn::Connection) {
+        connection.set_receive_window(VarInt::from_u32(self.receive_window));
+        connection
+            .set_max_concurrent_bi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams));
+        connection
+            .set_max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams));
+    }
 }
 
 impl Default for TransportLimits {
@@ -71,6 +88,8 @@ impl Default for TransportLimits {
             keep_alive: Duration::from_secs(5),
             stream_receive_window: 4 * 1024 * 1024,
             receive_window: 16 * 1024 * 1024,
+            handshake_receive_window: 64 * 1024,
+            max_incoming: 4096,
         }
     }
 }
@@ -245,6 +264,7 @@ pub fn server_config(
     let quic = QuicServerConfig::try_from(tls).map_err(|source| TlsError::Quic { source })?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(limits)?));
+    config.max_incoming(limits.max_incoming);
     Ok(config)
 }
 
@@ -267,13 +287,15 @@ fn transport_config(limits: &TransportLimits) -> Result<TransportConfig, TlsErro
     let keep_alive = (!limits.keep_alive.is_zero()).then_some(limits.keep_alive);
 
     let mut transport = TransportConfig::default();
+    // Until the hello is checked: no peer-opened streams and a small window (the control
+    // stream is opened by the coordinator).
     transport
-        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_bidi_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(limits.max_concurrent_uni_streams))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(idle_timeout))
         .keep_alive_interval(keep_alive)
         .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
-        .receive_window(VarInt::from_u32(limits.receive_window));
+        .receive_window(VarInt::from_u32(limits.handshake_receive_window));
     Ok(transport)
 }
 
@@ -289,47 +311,12 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
     })
 }
 
-/// Replaces `path` with `contents` so that a crash leaves either the old file or the new one.
-///
-/// A `secret` file is created with mode 0600 on unix.
+/// [`crate::durable::write_atomically`], with this module's error.
 fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {
-    let io_error = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TlsError::Io { path, source }
-    };
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp_path = path.with_file_name(tmp_name);
-
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if secret { 0o600 } else { 0o644 });
-    #[cfg(not(unix))]
-    let _ = secret;
-
-    let written = options.open(&tmp_path).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
-    if let Err(source) = written {
-        // Best effort: the temporary file is garbage either way.
-        let _ = fs::remove_file(&tmp_path);
-        return Err(TlsError::Io {
-            path: tmp_path,
-            source,
-        });
-    }
-    fs::rename(&tmp_path, path).map_err(io_error(path))?;
-
-    // Make the rename itself durable. Directories cannot be opened this way on Windows.
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|dir_file| dir_file.sync_all())
-            .map_err(io_error(dir))?;
-    }
-    Ok(())
+    crate::durable::write_atomically(path, contents, secret).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -110,7 +110,12 @@ impl BlobStore {
         );
         let target = self.path(&hash);
         if target.is_file() {
-            return Ok(());
+            // Another writer may have renamed it in but not yet synced the directory: sync it
+            // here too, so "stored" always means durable.
+            let dir = target.parent().expect("blob paths have a parent");
+            return File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error(dir));
         }
         let dir = target
             .parent()

@@ -536,6 +536,21 @@ impl Db {
         Ok(())
     }
 
+    /// Removes an accepted submission from its round (its stored delta was found unreadable;
+    /// the refusal recorded with it says why).
+    pub fn exclude_submission(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        hash: &BlobHash,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "DELETE FROM submissions WHERE experiment = ?1 AND round = ?2 AND hash = ?3",
+            params![id.0, round.0 as i64, &hash.0[..]],
+        )?;
+        Ok(())
+    }
+
     /// Accepted submissions of one round: (delta hash, signed header bytes), by hash.
     pub fn round_submissions(
         &self,

@@ -94,11 +94,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "uploads {}, accepted {}, rejected {}, lost {}",
+        "uploads {}, accepted {}, rejected {}, lost {}, deferred and re-sent {}",
         report.uploads,
         report.accepted,
         report.rejected.len(),
-        report.lost()
+        report.lost(),
+        report.deferred
     );
     let mut reasons = std::collections::BTreeMap::<&str, usize>::new();
     for rejection in &report.rejected {

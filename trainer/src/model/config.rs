@@ -48,19 +48,19 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return fail("vocab size, width and layer count must be positive".into());
         }
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return fail(format!(
                 "width {} is not a multiple of {} heads",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return fail(format!(
                 "head size {} must be even for RoPE",
                 self.head_dim()
             ));
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail(format!(
                 "{} query heads cannot share {} key/value heads",
                 self.num_heads, self.num_kv_heads

@@ -142,24 +142,15 @@ impl Session {
         body: &[u8],
         cut_after: Option<usize>,
     ) -> Result<(), NetError> {
-        let mut send = self.connection.open_uni().await?;
-        let mut frame = Vec::new();
-        encode_frame(header, DEFAULT_MAX_FRAME, &mut frame)?;
-        send.write_all(&frame).await?;
-        match cut_after {
-            Some(cut) => {
-                send.write_all(&body[..cut.min(body.len())]).await?;
-                // Keep the stream alive until the connection is dropped.
-                std::mem::forget(send);
-            }
-            None => {
-                send.write_all(body).await?;
-                send.finish()?;
-                // Wait until the peer has read everything (or stopped the stream).
-                let _ = send.stopped().await;
-            }
+        self.uploader().upload(header, body, cut_after).await
+    }
+
+    /// A handle that uploads on this connection from another task, while the session goes on
+    /// reading control messages (an upload may wait in the coordinator's queue).
+    pub fn uploader(&self) -> Uploader {
+        Uploader {
+            connection: self.connection.clone(),
         }
-        Ok(())
     }
 
     /// Closes the connection.
@@ -179,6 +170,41 @@ impl Session {
     /// The underlying connection.
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
+    }
+}
+
+/// Uploads on a session's connection; see [`Session::uploader`].
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    connection: quinn::Connection,
+}
+
+impl Uploader {
+    /// [`Session::upload`].
+    pub async fn upload(
+        &self,
+        header: &UploadHeader,
+        body: &[u8],
+        cut_after: Option<usize>,
+    ) -> Result<(), NetError> {
+        let mut send = self.connection.open_uni().await?;
+        let mut frame = Vec::new();
+        encode_frame(header, DEFAULT_MAX_FRAME, &mut frame)?;
+        send.write_all(&frame).await?;
+        match cut_after {
+            Some(cut) => {
+                send.write_all(&body[..cut.min(body.len())]).await?;
+                // Keep the stream alive until the connection is dropped.
+                std::mem::forget(send);
+            }
+            None => {
+                send.write_all(body).await?;
+                send.finish()?;
+                // Wait until the peer has read everything (or stopped the stream).
+                let _ = send.stopped().await;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -227,7 +253,16 @@ pub async fn read_frame<T: DeserializeOwned>(
 
 /// A client endpoint on an ephemeral loopback port trusting `trust`.
 pub fn client_endpoint(trust: &super::tls::ServerTrust) -> Result<quinn::Endpoint, NetError> {
-    let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    client_endpoint_at(std::net::IpAddr::from([127, 0, 0, 1]), trust)
+}
+
+/// A client endpoint on an ephemeral port of `local` trusting `trust` (load tests spread
+/// trainers over the loopback range, as separate machines would have separate addresses).
+pub fn client_endpoint_at(
+    local: std::net::IpAddr,
+    trust: &super::tls::ServerTrust,
+) -> Result<quinn::Endpoint, NetError> {
+    let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::new(local, 0))?;
     endpoint.set_default_client_config(super::tls::client_config(trust)?);
     Ok(endpoint)
 }
