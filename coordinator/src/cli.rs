@@ -105,9 +105,13 @@ struct ServeArgs {
     /// Override an experiment key, e.g. `--set selection.quorum=3` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// HTTP listen address for /healthz, /metrics and /status.
+    /// HTTP listen address for /healthz, /metrics, /status, the hub and /admin (loopback
+    /// unless --http-public).
     #[arg(long, env = "TRIBUTARY_HTTP")]
     http: Option<SocketAddr>,
+    /// Allow --http on a non-loopback address.
+    #[arg(long)]
+    http_public: bool,
     /// PEM certificate chain (with --tls-key); default: a self-signed one kept in the data dir.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -220,6 +224,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         experiment,
         http: args.http,
+        http_public: args.http_public,
         tls,
         enrollment_tokens: args
             .enrollment_tokens

@@ -3,9 +3,17 @@
 //! `/hub/ledger` (every round's ledger entry), `/hub/adapters/{hash}` (any adapter or delta blob,
 //! by hash) and `/hub/latest/{file}` (the latest merged adapter as a PEFT folder:
 //! `adapter_model.safetensors`, `adapter_config.json`, `README.md` with lineage).
+//!
+//! Every limit is a value of [`HttpLimits`]: connections in total and per address (a /64 for
+//! IPv6), a header-read timeout (slow-header peers are dropped), concurrent requests, a handler
+//! timeout and a request-body cap as tower layers. Blobs are streamed from their files, hashed
+//! on the way (a corrupt file ends the response with an error, never passes as whole), and the
+//! PEFT folder is built once per ledger head.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::State;
@@ -14,7 +22,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use std::sync::Mutex;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tributary_shared::TrainerId;
@@ -24,6 +31,37 @@ use crate::operator::ThrottleOrder;
 
 use crate::metrics::Metrics;
 use crate::net::hub::Progress;
+use crate::publish::PeftFolder;
+
+/// Limits of the HTTP listener; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Open connections at once.
+    pub max_connections: usize,
+    /// Open connections at once from one IPv4 address or IPv6 /64.
+    pub connections_per_address: usize,
+    /// Time a client has to send a request's headers; slower connections are closed.
+    pub header_read_timeout: Duration,
+    /// Requests handled at once; more wait their turn.
+    pub concurrent_requests: usize,
+    /// Time a handler has to produce its response (a 408 after it).
+    pub request_timeout: Duration,
+    /// Largest request body accepted (a 413 beyond).
+    pub max_request_body: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            connections_per_address: 32,
+            header_read_timeout: Duration::from_secs(10),
+            concurrent_requests: 64,
+            request_timeout: Duration::from_secs(60),
+            max_request_body: 64 * 1024,
+        }
+    }
+}
 
 /// What the HTTP handlers reach.
 #[derive(Clone)]
@@ -38,13 +76,18 @@ pub struct HttpContext {
     pub operator: TrainerId,
     /// The data directory (read-only access for the hub pages).
     pub data_dir: std::path::PathBuf,
+    /// Limits.
+    pub limits: HttpLimits,
 }
 
 #[derive(Clone)]
 struct AppState {
     context: HttpContext,
-    /// Issue time of the last order taken (replay protection).
-    last_order_ms: Arc<Mutex<u64>>,
+    /// The PEFT folder of the latest adapter, with the ledger head it was built at.
+    peft: Arc<tokio::sync::Mutex<Option<(Option<tributary_shared::BlobHash>, Arc<PeftFolder>)>>>,
+    /// Issue time of the last order taken (replay protection). Held until the order is queued
+    /// for the hub, so that concurrent orders reach it in the order they were taken.
+    last_order_ms: Arc<tokio::sync::Mutex<u64>>,
 }
 
 /// Binds `addr` and serves until `shutdown` resolves; returns the bound address.
@@ -57,6 +100,7 @@ pub async fn spawn(
         .await
         .with_context(|| format!("cannot listen on {addr} for http"))?;
     let bound = listener.local_addr()?;
+    let limits = context.limits.clone();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
@@ -67,22 +111,94 @@ pub async fn spawn(
         .route("/hub/evaluations", get(hub_evaluations))
         .route("/hub/adapters/{hash}", get(hub_blob))
         .route("/hub/latest/{file}", get(hub_latest))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            limits.max_request_body,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            limits.concurrent_requests.max(1),
+        ))
         .with_state(AppState {
-            last_order_ms: Arc::new(Mutex::new(crate::operator::load_last_order(
+            last_order_ms: Arc::new(tokio::sync::Mutex::new(crate::operator::load_last_order(
                 &context.data_dir,
             ))),
-            context,
+            peft: Arc::default(),
+            context: context.clone(),
         });
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "http listener failed");
-        }
-    });
+    tokio::spawn(serve(listener, app, limits, context.metrics, shutdown));
     tracing::info!(addr = %bound, "http listening");
     Ok(bound)
+}
+
+/// The accept loop: connection limits, then HTTP/1.1 with a header-read timeout per connection.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let (stop, stopping) = watch::channel(false);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(%error, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.count_limit("http_connections");
+            continue; // dropping the stream closes it
+        };
+        let key = crate::service::address_key(peer.ip());
+        {
+            let mut counts = per_address.lock().expect("count lock is never poisoned");
+            let count = counts.entry(key).or_default();
+            if *count >= limits.connections_per_address {
+                metrics.count_limit("http_connections_per_address");
+                continue;
+            }
+            *count += 1;
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (per_address, mut stopping) = (per_address.clone(), stopping.clone());
+        let header_read_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+            drop(slot);
+            let mut counts = per_address.lock().expect("count lock is never poisoned");
+            if let Some(count) = counts.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        });
+    }
+    let _ = stop.send(true);
 }
 
 async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
@@ -102,8 +218,9 @@ async fn throttle(
     Json(order): Json<ThrottleOrder>,
 ) -> (StatusCode, Json<serde_json::Value>) {
     let now = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
+    let (reply, told) = oneshot::channel();
     {
-        let mut last = state.last_order_ms.lock().expect("never poisoned");
+        let mut last = state.last_order_ms.lock().await;
         if let Err(error) = order.verify(&state.context.operator, now, *last) {
             tracing::warn!(%error, "throttle order refused");
             let body = serde_json::json!({ "error": error.to_string() });
@@ -115,15 +232,14 @@ async fn throttle(
             let body = serde_json::json!({ "error": "cannot record the order durably" });
             return (StatusCode::INTERNAL_SERVER_ERROR, Json(body));
         }
-    }
-    let (reply, told) = oneshot::channel();
-    let command = Command::Throttle {
-        duty_ppm: order.duty_ppm,
-        reply,
-    };
-    if state.context.commands.send(command).await.is_err() {
-        let body = serde_json::json!({ "error": "the coordinator is stopping" });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        let command = Command::Throttle {
+            duty_ppm: order.duty_ppm,
+            reply,
+        };
+        if state.context.commands.send(command).await.is_err() {
+            let body = serde_json::json!({ "error": "the coordinator is stopping" });
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        }
     }
     match told.await {
         Ok(trainers) => (
@@ -229,20 +345,110 @@ async fn hub_blob(
     let hash: tributary_shared::BlobHash = hash
         .parse()
         .map_err(|_| (StatusCode::BAD_REQUEST, "not a blake3 hash".to_string()))?;
-    let bytes = read_data(&state, move |dir| {
-        use crate::store::BlobSource as _;
-        Ok(crate::store::StoredBlobs::open(dir)?.get(&hash)?)
+    let path = crate::store::blobs::BlobStore::at(state.context.data_dir.join("blobs")).path(&hash);
+    match tokio::fs::File::open(&path).await {
+        Ok(file) => {
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .len();
+            let body = axum::body::Body::from_stream(verified_stream(file, hash, len));
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                body,
+            )
+                .into_response())
+        }
+        // Small deltas live in the database.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = read_data(&state, move |dir| {
+                use crate::store::BlobSource as _;
+                Ok(crate::store::StoredBlobs::open(dir)?.get(&hash)?)
+            })
+            .await?;
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        Err(error) => Err((StatusCode::INTERNAL_SERVER_ERROR, error.to_string())),
+    }
+}
+
+/// Chunks read from a blob file of `len` bytes, hashed on the way. The last chunk is held back
+/// until the whole file is known to match its name, so a corrupt file ends the response with an
+/// error before it is complete: a client never receives it as whole. The stream also ends at a
+/// deadline that grows with the length, so a slow reader cannot hold the file open forever.
+fn verified_stream(
+    file: tokio::fs::File,
+    hash: tributary_shared::BlobHash,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    use tokio::io::AsyncReadExt as _;
+    const CHUNK: usize = 64 * 1024;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(600).max(Duration::from_secs(len / (128 * 1024)));
+    struct Reading {
+        file: tokio::fs::File,
+        hasher: blake3::Hasher,
+        read: u64,
+        held: Option<bytes::Bytes>,
+        done: bool,
+    }
+    let state = Reading {
+        file,
+        hasher: blake3::Hasher::new(),
+        read: 0,
+        held: None,
+        done: false,
+    };
+    futures_util::stream::unfold(state, move |mut state| async move {
+        if state.done {
+            return None;
+        }
+        loop {
+            if tokio::time::Instant::now() > deadline {
+                state.done = true;
+                let error = std::io::Error::new(std::io::ErrorKind::TimedOut, "download too slow");
+                return Some((Err(error), state));
+            }
+            let mut buffer = vec![0u8; CHUNK];
+            match state.file.read(&mut buffer).await {
+                Ok(0) => {
+                    state.done = true;
+                    let actual = tributary_shared::BlobHash::from(state.hasher.finalize());
+                    if actual != hash || state.read != len {
+                        tracing::error!(%hash, "a blob file does not match its name");
+                        let error = std::io::Error::other("the stored blob is corrupt");
+                        return Some((Err(error), state));
+                    }
+                    let last = state.held.take()?;
+                    return Some((Ok(last), state));
+                }
+                Ok(n) => {
+                    buffer.truncate(n);
+                    state.hasher.update(&buffer);
+                    state.read += n as u64;
+                    if let Some(previous) = state.held.replace(bytes::Bytes::from(buffer)) {
+                        return Some((Ok(previous), state));
+                    }
+                }
+                Err(error) => {
+                    state.done = true;
+                    return Some((Err(error), state));
+                }
+            }
+        }
     })
-    .await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn hub_latest(
     State(state): State<AppState>,
     axum::extract::Path(file): axum::extract::Path<String>,
 ) -> HubResponse {
-    let folder = read_data(&state, |dir| crate::publish::build(dir, None)).await?;
-    let Some((name, bytes)) = folder.files.into_iter().find(|(name, _)| *name == file) else {
+    let folder = latest_folder(&state).await?;
+    let Some((name, bytes)) = folder.files.iter().find(|(name, _)| *name == file).cloned() else {
         return Err((
             StatusCode::NOT_FOUND,
             format!("no file {file:?} in the PEFT folder"),
@@ -254,6 +460,7 @@ async fn hub_latest(
         _ => "application/octet-stream",
     };
     let adapter = folder.published.adapter.to_hex();
+    let bytes = bytes::Bytes::from(bytes);
     Ok((
         [
             (header::CONTENT_TYPE, kind.to_string()),
@@ -265,4 +472,18 @@ async fn hub_latest(
         bytes,
     )
         .into_response())
+}
+
+/// The PEFT folder of the latest adapter, built once per ledger head.
+async fn latest_folder(state: &AppState) -> Result<Arc<PeftFolder>, (StatusCode, String)> {
+    let head = state.context.progress.borrow().ledger_head;
+    let mut cache = state.peft.lock().await;
+    if let Some((built_at, folder)) = cache.as_ref() {
+        if *built_at == head {
+            return Ok(folder.clone());
+        }
+    }
+    let folder = Arc::new(read_data(state, |dir| crate::publish::build(dir, None)).await?);
+    *cache = Some((head, folder.clone()));
+    Ok(folder)
 }

@@ -50,8 +50,12 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// The experiment to run; `None` resumes the latest unfinished one in the data directory.
     pub experiment: Option<ExperimentConfig>,
-    /// HTTP listen address for `/healthz`, `/metrics` and `/status`.
+    /// HTTP listen address for `/healthz`, `/metrics`, `/status`, the hub and the operator's
+    /// pause button.
     pub http: Option<SocketAddr>,
+    /// Allow `http` to be a non-loopback address (the hub and `/metrics` become reachable
+    /// from the network; put a reverse proxy with TLS in front).
+    pub http_public: bool,
     /// TLS certificate source.
     pub tls: TlsSource,
     /// Accepted enrollment tokens; empty means open enrollment.
@@ -84,6 +88,8 @@ pub struct ServerLimits {
     /// Downloads of file-backed blobs (older adapters, the base model) at once: each holds a
     /// file open.
     pub concurrent_file_downloads: usize,
+    /// The HTTP listener's limits.
+    pub http: crate::http::HttpLimits,
 }
 
 impl Default for ServerLimits {
@@ -96,6 +102,7 @@ impl Default for ServerLimits {
             retry_above_handshakes: 64,
             uploads: UploadQueueLimits::default(),
             concurrent_file_downloads: 256,
+            http: crate::http::HttpLimits::default(),
         }
     }
 }
@@ -147,6 +154,14 @@ impl Running {
 
 /// Opens the data directory and the experiment, and starts serving.
 pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
+    if let Some(http) = options.http {
+        if !http.ip().is_loopback() && !options.http_public {
+            bail!(
+                "--http {http} is not a loopback address: the hub, /metrics and /admin would be \
+                 reachable from the network; pass --http-public to mean it"
+            );
+        }
+    }
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
     let lock = crate::durable::lock_data_dir(&options.data_dir)?;
@@ -285,6 +300,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                     commands: http_commands,
                     operator: operator.id(),
                     data_dir: options.data_dir.clone(),
+                    limits: options.limits.http.clone(),
                 },
                 wait_for(shutdown_rx),
             )

@@ -57,6 +57,7 @@ impl LocalCoordinator {
             listen: "127.0.0.1:0".parse()?,
             experiment: Some(config),
             http: None,
+            http_public: false,
             tls: TlsSource::SelfSigned {
                 names: vec!["localhost".into()],
             },

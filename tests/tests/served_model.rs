@@ -75,6 +75,7 @@ async fn a_served_model_must_match_the_pinned_hash() {
         listen: "127.0.0.1:0".parse().unwrap(),
         experiment: Some(config),
         http: None,
+        http_public: false,
         tls: TlsSource::SelfSigned {
             names: vec!["localhost".into()],
         },

@@ -88,6 +88,7 @@ pub async fn start_serving(
         listen: "127.0.0.1:0".parse().unwrap(),
         experiment: config,
         http: Some("127.0.0.1:0".parse().unwrap()),
+        http_public: false,
         tls: TlsSource::SelfSigned {
             names: vec!["localhost".into()],
         },
