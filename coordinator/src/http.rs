@@ -80,11 +80,14 @@ pub struct HttpContext {
     pub limits: HttpLimits,
 }
 
+/// A PEFT folder and the ledger head it was built at.
+type CachedFolder = (Option<tributary_shared::BlobHash>, Arc<PeftFolder>);
+
 #[derive(Clone)]
 struct AppState {
     context: HttpContext,
     /// The PEFT folder of the latest adapter, with the ledger head it was built at.
-    peft: Arc<tokio::sync::Mutex<Option<(Option<tributary_shared::BlobHash>, Arc<PeftFolder>)>>>,
+    peft: Arc<tokio::sync::Mutex<Option<CachedFolder>>>,
     /// Issue time of the last order taken (replay protection). Held until the order is queued
     /// for the hub, so that concurrent orders reach it in the order they were taken.
     last_order_ms: Arc<tokio::sync::Mutex<u64>>,
