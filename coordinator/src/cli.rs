@@ -68,6 +68,19 @@ enum Command {
         #[arg(long, env = "TRIBUTARY_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Remove blob files nothing refers to, from a data directory no `serve` is using (a
+    /// running `serve` does this itself every ten minutes). Prints what it did as JSON.
+    Gc {
+        /// The data directory.
+        #[arg(long, env = "TRIBUTARY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Keep unreferenced files younger than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +171,25 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => run_serve(*args),
         Command::Verify { data_dir } => run_verify(&data_dir),
         Command::Status { data_dir } => run_status(&data_dir),
+        Command::Gc {
+            data_dir,
+            grace_secs,
+            dry_run,
+        } => crate::durable::lock_data_dir(&data_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_lock| {
+                crate::store::gc::collect(
+                    &data_dir,
+                    &Default::default(),
+                    std::time::Duration::from_secs(grace_secs),
+                    dry_run,
+                )
+                .map_err(anyhow::Error::from)
+            })
+            .and_then(|report| {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(ExitCode::SUCCESS)
+            }),
         Command::Throttle { duty, operator } => {
             if !(0.0..=1.0).contains(&duty) {
                 eprintln!("error: the duty must be between 0 and 1");

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub handshakes_in_flight: AtomicU64,
     /// Round aggregations or commits that failed and were scheduled again.
     pub aggregation_failures: AtomicU64,
+    /// Unreferenced blob files removed.
+    pub gc_removed: AtomicU64,
+    /// Bytes those files held.
+    pub gc_bytes_freed: AtomicU64,
     rejected: Mutex<BTreeMap<RejectReason, u64>>,
     limited: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -192,6 +196,20 @@ impl Metrics {
             "Round closes that failed (storage) and were tried again.",
             "counter",
             load(&self.aggregation_failures),
+        );
+        gauge(
+            &mut out,
+            "tributary_gc_removed_total",
+            "Unreferenced blob files removed.",
+            "counter",
+            load(&self.gc_removed),
+        );
+        gauge(
+            &mut out,
+            "tributary_gc_bytes_freed_total",
+            "Bytes held by the unreferenced blob files removed.",
+            "counter",
+            load(&self.gc_bytes_freed),
         );
         gauge(
             &mut out,

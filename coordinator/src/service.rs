@@ -90,6 +90,10 @@ pub struct ServerLimits {
     pub concurrent_file_downloads: usize,
     /// The HTTP listener's limits.
     pub http: crate::http::HttpLimits,
+    /// How often unreferenced blob files are collected (also once at start).
+    pub gc_interval: std::time::Duration,
+    /// How old an unreferenced blob file must be to be collected.
+    pub gc_grace: std::time::Duration,
 }
 
 impl Default for ServerLimits {
@@ -103,6 +107,8 @@ impl Default for ServerLimits {
             uploads: UploadQueueLimits::default(),
             concurrent_file_downloads: 256,
             http: crate::http::HttpLimits::default(),
+            gc_interval: std::time::Duration::from_secs(600),
+            gc_grace: crate::store::gc::DEFAULT_GRACE,
         }
     }
 }
@@ -255,6 +261,13 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     )
     .serving_base_model(served_model);
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
+    tokio::spawn(collect_garbage(
+        options.data_dir.clone(),
+        served_model.map(|(hash, _)| hash).into_iter().collect(),
+        options.limits.clone(),
+        metrics.clone(),
+        wait_for(shutdown_rx.clone()),
+    ));
 
     let http_commands = commands.clone();
     let context = Arc::new(ConnectionContext {
@@ -321,6 +334,45 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         endpoint,
         _lock: lock,
     })
+}
+
+/// Collects unreferenced blob files at start and then every `gc_interval`, off the async
+/// threads; a failure is logged and tried again next time.
+async fn collect_garbage(
+    data_dir: PathBuf,
+    roots: std::collections::BTreeSet<BlobHash>,
+    limits: ServerLimits,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (dir, roots_now) = (data_dir.clone(), roots.clone());
+        let grace = limits.gc_grace;
+        let collected = tokio::task::spawn_blocking(move || {
+            crate::store::gc::collect(&dir, &roots_now, grace, false)
+        })
+        .await;
+        match collected {
+            Ok(Ok(report)) => {
+                Metrics::add(&metrics.gc_removed, report.removed);
+                Metrics::add(&metrics.gc_bytes_freed, report.bytes_freed);
+                if report.removed > 0 {
+                    tracing::info!(
+                        removed = report.removed,
+                        bytes = report.bytes_freed,
+                        "unreferenced blobs collected"
+                    );
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "blob collection failed"),
+            Err(error) => tracing::warn!(%error, "blob collection panicked"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(limits.gc_interval) => {}
+        }
+    }
 }
 
 /// Puts the base model file into the blob store (once; it is named by its hash) so that

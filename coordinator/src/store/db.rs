@@ -536,6 +536,45 @@ impl Db {
         Ok(())
     }
 
+    /// Every blob the database refers to, in every experiment: initial adapters, each round's
+    /// starting adapter, ledger entries' adapters, aggregates, optimizer states and accepted
+    /// deltas, the open round's accepted deltas, recorded adapters, and pinned base models.
+    /// The blob collector keeps exactly these (and whatever is too young to judge).
+    pub fn referenced_blobs(&self) -> Result<std::collections::BTreeSet<BlobHash>, DbError> {
+        let mut out = std::collections::BTreeSet::new();
+        for query in [
+            "SELECT initial_adapter FROM experiments",
+            "SELECT adapter_before FROM rounds",
+            "SELECT hash FROM submissions",
+            "SELECT hash FROM adapters",
+        ] {
+            let mut statement = self.conn.prepare(query)?;
+            let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
+            for row in rows {
+                out.insert(hash_from(&row?)?);
+            }
+        }
+        for experiment in self.experiments()? {
+            for (_, entry) in self.ledger(&experiment.id)? {
+                out.insert(entry.adapter_before);
+                out.insert(entry.adapter_after);
+                out.insert(entry.aggregate);
+                out.extend(entry.optimizer_state);
+                out.extend(entry.accepted.iter().map(|accepted| accepted.hash));
+            }
+            let config: serde_json::Value =
+                serde_json::from_str(&experiment.config_json).unwrap_or_default();
+            if let Some(pinned) = config
+                .pointer("/model/hash")
+                .and_then(|hash| hash.as_str())
+                .and_then(|hash| hash.parse().ok())
+            {
+                out.insert(pinned);
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes an accepted submission from its round (its stored delta was found unreadable;
     /// the refusal recorded with it says why).
     pub fn exclude_submission(

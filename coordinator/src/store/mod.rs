@@ -9,6 +9,7 @@
 
 pub mod blobs;
 pub mod db;
+pub mod gc;
 
 use std::path::Path;
 
