@@ -33,18 +33,19 @@ impl LocalCoordinator {
         params: u64,
         codec: &str,
     ) -> anyhow::Result<Self> {
-        let codec = match codec {
-            "f32" | "f16" => format!("{{ kind = \"{codec}\" }}"),
-            "int8" | "int4" => format!("{{ kind = \"{codec}\", block = 64 }}"),
-            other => bail!("unknown codec {other}"),
-        };
-        let toml = format!(
-            "[experiment]\nname = \"load\"\nrounds = {rounds}\n\n\
-             [adapter]\nkind = \"synthetic\"\nparams = {params}\ntensors = 1\n\n\
-             [selection]\ntrainers_per_round = {trainers}\nquorum = {trainers}\nmin_trainers = {trainers}\n\
-             round_timeout_secs = 600\ngather_timeout_secs = 600\n\n\
-             [training]\ncodec = {codec}\n",
-        );
+        Self::start_selecting(trainers, trainers, rounds, params, codec).await
+    }
+
+    /// [`LocalCoordinator::start`] waiting for `connected` trainers and selecting `per_round`
+    /// of them each round.
+    pub async fn start_selecting(
+        connected: u32,
+        per_round: u32,
+        rounds: u64,
+        params: u64,
+        codec: &str,
+    ) -> anyhow::Result<Self> {
+        let toml = experiment_toml(connected, per_round, rounds, params, codec)?;
         let config = load_experiment_str(&toml, "load", Default::default(), &[])?;
         let data_dir = std::env::temp_dir().join(format!(
             "tributary-load-{}-{}",
@@ -79,6 +80,29 @@ impl LocalCoordinator {
     }
 }
 
+/// The load experiment: `connected` trainers gathered, `per_round` selected (no over-selection),
+/// a quorum of all of them, a 600 s deadline that a healthy round never reaches.
+pub fn experiment_toml(
+    connected: u32,
+    per_round: u32,
+    rounds: u64,
+    params: u64,
+    codec: &str,
+) -> anyhow::Result<String> {
+    let codec = match codec {
+        "f32" | "f16" => format!("{{ kind = \"{codec}\" }}"),
+        "int8" | "int4" => format!("{{ kind = \"{codec}\", block = 64 }}"),
+        other => bail!("unknown codec {other}"),
+    };
+    Ok(format!(
+        "[experiment]\nname = \"load\"\nrounds = {rounds}\n\n\
+         [adapter]\nkind = \"synthetic\"\nparams = {params}\ntensors = 1\n\n\
+         [selection]\ntrainers_per_round = {per_round}\nover_selection = 1.0\nquorum = {per_round}\nmin_trainers = {connected}\n\
+         round_timeout_secs = 600\ngather_timeout_secs = 600\n\n\
+         [training]\ncodec = {codec}\n",
+    ))
+}
+
 /// What a load run measured.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -96,6 +120,10 @@ pub struct LoadReport {
     pub rejected: Vec<String>,
     /// Uploads deferred by a busy coordinator (each sent again).
     pub deferred: u64,
+    /// Time from the start until every trainer had connected once.
+    pub connect_all: Option<Duration>,
+    /// Every acknowledged upload's time from its last byte to its acknowledgement.
+    pub ack_latencies: Vec<Duration>,
     /// Delta bytes uploaded.
     pub bytes_up: u64,
     /// Whole run.
@@ -116,9 +144,20 @@ pub async fn run_trainers(
     fingerprint: &str,
     trainers: u32,
 ) -> anyhow::Result<LoadReport> {
+    run_trainers_from(addr, fingerprint, 0, trainers).await
+}
+
+/// [`run_trainers`] with trainers `first..first + trainers` (several load generator processes
+/// share one coordinator by taking disjoint ranges: identities and addresses follow the index).
+pub async fn run_trainers_from(
+    addr: SocketAddr,
+    fingerprint: &str,
+    first: u32,
+    trainers: u32,
+) -> anyhow::Result<LoadReport> {
     let started = Instant::now();
     let mut handles = Vec::new();
-    for index in 0..trainers {
+    for index in first..first + trainers {
         // One endpoint (UDP socket) per trainer, as separate machines would have, spread over
         // the loopback range so the coordinator's per-address quota applies as it would.
         let endpoint = client_endpoint_at(
@@ -179,6 +218,16 @@ pub async fn run_trainers(
             .collect(),
         bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
         deferred: reports.iter().map(|r| r.deferred).sum(),
+        connect_all: reports
+            .iter()
+            .map(|r| r.first_connected)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|times| times.into_iter().max())
+            .map(|last| last.saturating_duration_since(started)),
+        ack_latencies: reports
+            .iter()
+            .flat_map(|r| r.ack_latencies.iter().copied())
+            .collect(),
         total,
     })
 }
@@ -188,6 +237,14 @@ pub async fn run_trainers(
 pub fn loopback_address(index: u32) -> std::net::IpAddr {
     let host = index / 16;
     std::net::IpAddr::from([127, 1 + (host >> 16) as u8, (host >> 8) as u8, host as u8])
+}
+
+/// The `q` quantile (0..=1) of some durations.
+pub fn quantile(durations: &[Duration], q: f64) -> Option<Duration> {
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted.get(index).copied()
 }
 
 /// Median, min and max of some durations.

@@ -135,6 +135,8 @@ pub struct Report {
     pub rounds_closed: Vec<(RoundId, Instant)>,
     /// Connections made.
     pub connections: u32,
+    /// When the first handshake completed.
+    pub first_connected: Option<Instant>,
     /// Body bytes uploaded.
     pub bytes_up: u64,
     /// Uploads sent (each should end accepted or rejected; a deferred one is sent again and
@@ -142,6 +144,9 @@ pub struct Report {
     pub uploads: u64,
     /// Times an upload was deferred by a busy coordinator (and sent again).
     pub deferred: u64,
+    /// For each acknowledged upload: time from the coordinator having every byte (the upload
+    /// stream acknowledged) to its `SubmissionAccepted`.
+    pub ack_latencies: Vec<Duration>,
     /// Whether the experiment finished.
     pub finished: bool,
 }
@@ -154,6 +159,7 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         feedback: ErrorFeedback::new(),
         fault_pending: true,
         last_upload: None,
+        upload_done: Arc::default(),
         rng: SplitMix64(0),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
@@ -186,6 +192,10 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
             }
         };
         trainer.report.connections += 1;
+        trainer
+            .report
+            .first_connected
+            .get_or_insert_with(Instant::now);
         backoff = Duration::from_millis(50);
         if trainer.report.connections > 1
             && trainer.options.fault == Fault::DisconnectMidUpload
@@ -211,6 +221,8 @@ struct Trainer {
     feedback: ErrorFeedback,
     fault_pending: bool,
     last_upload: Option<(UploadHeader, Vec<u8>)>,
+    /// When the coordinator had every byte of the latest upload.
+    upload_done: Arc<std::sync::Mutex<Option<Instant>>>,
     rng: SplitMix64,
 }
 
@@ -231,6 +243,11 @@ impl Trainer {
                 }
                 ServerMessage::SubmissionAccepted { .. } => {
                     self.report.accepted += 1;
+                    let done = self.upload_done.lock().expect("never poisoned").take();
+                    // No time yet: the acknowledgement overtook the stream's own completion.
+                    self.report
+                        .ack_latencies
+                        .push(done.map_or(Duration::ZERO, |done| done.elapsed()));
                     if self.fault_pending && self.options.fault == Fault::Replay {
                         if let Some((header, body)) = self.last_upload.clone() {
                             self.fault_pending = false;
@@ -244,10 +261,7 @@ impl Trainer {
                     self.report.deferred += 1;
                     tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms))).await;
                     if let Some((header, body)) = self.last_upload.clone() {
-                        let uploader = session.uploader();
-                        tokio::spawn(async move {
-                            let _ = uploader.upload(&header, &body, None).await;
-                        });
+                        self.spawn_upload(session, header, body);
                     }
                 }
                 ServerMessage::SubmissionRejected { reason, detail, .. } => {
@@ -369,12 +383,7 @@ impl Trainer {
         if fault != Fault::DisconnectMidUpload {
             // On its own task, so that control messages are read while the coordinator holds
             // the upload in its queue.
-            let uploader = session.uploader();
-            tokio::spawn(async move {
-                if let Err(error) = uploader.upload(&upload, &sent_body, None).await {
-                    tracing::debug!(%error, "upload stream ended early");
-                }
-            });
+            self.spawn_upload(session, upload, sent_body);
             return Ok(());
         }
         let result = session.upload(&upload, &sent_body, cut).await;
@@ -394,6 +403,19 @@ impl Trainer {
             tracing::debug!(%error, "upload stream ended early");
         }
         Ok(())
+    }
+
+    /// Uploads on its own task and notes when the coordinator had every byte.
+    fn spawn_upload(&self, session: &Session, header: UploadHeader, body: Vec<u8>) {
+        let uploader = session.uploader();
+        let done = self.upload_done.clone();
+        *done.lock().expect("never poisoned") = None;
+        tokio::spawn(async move {
+            match uploader.upload(&header, &body, None).await {
+                Ok(()) => *done.lock().expect("never poisoned") = Some(Instant::now()),
+                Err(error) => tracing::debug!(%error, "upload stream ended early"),
+            }
+        });
     }
 
     /// A small made-up update with the adapter's layout.

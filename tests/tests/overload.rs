@@ -196,6 +196,41 @@ async fn hostile_peers_are_cut_off_and_honest_trainers_finish() {
     );
     assert!(running.metrics.limited("control_rate") >= 1);
 
+    // A trainer that opens many downloads and never reads them: past its per-connection
+    // allowance the streams are reset at once, and what it holds is bounded by its windows.
+    let hoarder_endpoint = client_endpoint(&trust).unwrap();
+    let hoarder = Session::connect(&hoarder_endpoint, running.addr, &identity(78), None)
+        .await
+        .unwrap();
+    let adapter = running
+        .progress
+        .borrow()
+        .adapter
+        .unwrap_or(BlobHash::of(b"none"));
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = hoarder.connection().open_bi().await.unwrap();
+        tributary_tests::client::write_frame(
+            &mut send,
+            &tributary_shared::wire::DownloadRequest { hash: adapter },
+        )
+        .await
+        .unwrap();
+        held.push((send, recv));
+    }
+    let metrics = running.metrics.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.limited("downloads_per_connection") < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("downloads past the allowance are reset");
+    // It would also hold a training task it never does; let it go, so the rounds below need
+    // no deadline.
+    hoarder.close();
+    drop(held);
+
     // Honest trainers still run every round.
     let mut handles = Vec::new();
     for seed in 0..4u64 {

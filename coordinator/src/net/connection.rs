@@ -56,6 +56,9 @@ pub struct ConnectionLimits {
     /// Control messages a trainer may send per second, sustained; bursts of twice as many are
     /// allowed. A trainer over it is disconnected.
     pub control_messages_per_second: u32,
+    /// Downloads one trainer may have in progress at once (an honest one has one or two: its
+    /// task's adapter and an evaluation's); a stream beyond it is reset at once.
+    pub downloads_per_connection: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -67,6 +70,7 @@ impl Default for ConnectionLimits {
             stream_idle_timeout: Duration::from_secs(30),
             outbox_capacity: 256,
             control_messages_per_second: 50,
+            downloads_per_connection: 4,
         }
     }
 }
@@ -285,6 +289,9 @@ async fn serve_connection(
     });
 
     let mut rate = TokenBucket::new(limits.control_messages_per_second);
+    let downloads = Arc::new(tokio::sync::Semaphore::new(
+        limits.downloads_per_connection.max(1),
+    ));
     let result = loop {
         tokio::select! {
             message = read_message::<ClientMessage>(&mut recv, &mut decoder) => match message {
@@ -311,9 +318,20 @@ async fn serve_connection(
                 Err(error) => break Err(error.into()),
             },
             stream = connection.accept_bi() => match stream {
-                Ok((send, recv)) => {
+                Ok((mut send, recv)) => {
+                    let Ok(slot) = downloads.clone().try_acquire_owned() else {
+                        context.metrics.count_limit("downloads_per_connection");
+                        let _ = send.reset(quinn::VarInt::from_u32(4));
+                        continue;
+                    };
                     let download = serve_download(context.clone(), send, recv);
-                    tokio::spawn(download.instrument(span.clone()));
+                    tokio::spawn(
+                        async move {
+                            download.await;
+                            drop(slot);
+                        }
+                        .instrument(span.clone()),
+                    );
                 }
                 Err(error) => break Err(error.into()),
             },

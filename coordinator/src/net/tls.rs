@@ -58,8 +58,11 @@ pub struct TransportLimits {
     /// Bytes a trainer may send on one stream before the coordinator reads them.
     pub stream_receive_window: u32,
     /// Bytes a trainer may send over all streams of a connection before the coordinator reads
-    /// them.
+    /// them (an honest trainer uploads one delta at a time).
     pub receive_window: u32,
+    /// Bytes the coordinator buffers for one connection's outgoing streams (a trainer that
+    /// stops reading its downloads pins at most this).
+    pub send_window: u32,
     /// The same before the trainer's hello is checked: an unauthenticated peer may only send
     /// its hello, so it gets a small window and may open no stream at all (the limits above
     /// apply from [`TransportLimits::open_after_handshake`] on).
@@ -87,7 +90,8 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             stream_receive_window: 4 * 1024 * 1024,
-            receive_window: 16 * 1024 * 1024,
+            receive_window: 8 * 1024 * 1024,
+            send_window: 8 * 1024 * 1024,
             handshake_receive_window: 64 * 1024,
             max_incoming: 4096,
         }
@@ -295,7 +299,8 @@ fn transport_config(limits: &TransportLimits) -> Result<TransportConfig, TlsErro
         .max_idle_timeout(Some(idle_timeout))
         .keep_alive_interval(keep_alive)
         .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
-        .receive_window(VarInt::from_u32(limits.handshake_receive_window));
+        .receive_window(VarInt::from_u32(limits.handshake_receive_window))
+        .send_window(u64::from(limits.send_window));
     Ok(transport)
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::bail;
 use clap::Parser;
-use tributary_tests::load::{run_trainers, summarize, LocalCoordinator};
+use tributary_tests::load::{quantile, run_trainers_from, summarize, LocalCoordinator};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,9 +23,16 @@ struct Args {
     /// The coordinator's certificate fingerprint.
     #[arg(long)]
     fingerprint: Option<String>,
-    /// Synthetic trainers (and, in-process, deltas a round).
+    /// Synthetic trainers to connect.
     #[arg(long, default_value_t = 100)]
     trainers: u32,
+    /// Trainers selected a round (in-process coordinator; default: all of them).
+    #[arg(long)]
+    per_round: Option<u32>,
+    /// Index of this process's first trainer, so several processes can load one external
+    /// coordinator with distinct identities and addresses.
+    #[arg(long, default_value_t = 0)]
+    first_index: u32,
     /// Rounds (in-process coordinator).
     #[arg(long, default_value_t = 10)]
     rounds: u64,
@@ -35,6 +42,9 @@ struct Args {
     /// Delta codec (in-process coordinator): f32, f16, int8, int4.
     #[arg(long, default_value = "f32")]
     codec: String,
+    /// Also write the figures, with every acknowledgement latency, as JSON to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +67,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (Some(_), None) => bail!("--coordinator needs --fingerprint"),
         (Some(_), Some(_)) => None,
         (None, _) => Some(
-            LocalCoordinator::start(args.trainers, args.rounds, args.params, &args.codec).await?,
+            LocalCoordinator::start_selecting(
+                args.trainers,
+                args.per_round.unwrap_or(args.trainers),
+                args.rounds,
+                args.params,
+                &args.codec,
+            )
+            .await?,
         ),
     };
     let (addr, fingerprint) = match &local {
@@ -76,8 +93,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "external coordinator"
         }
     );
-    let report = run_trainers(addr, &fingerprint, args.trainers).await?;
+    let report = run_trainers_from(addr, &fingerprint, args.first_index, args.trainers).await?;
     println!("rounds closed: {}", report.rounds_closed);
+    if let Some(connect_all) = report.connect_all {
+        println!(
+            "all {} trainers connected after {:.3} s",
+            args.trainers,
+            connect_all.as_secs_f64()
+        );
+    }
+    if let (Some(p50), Some(p99)) = (
+        quantile(&report.ack_latencies, 0.5),
+        quantile(&report.ack_latencies, 0.99),
+    ) {
+        println!(
+            "upload end to acknowledgement: p50 {:.1} ms, p99 {:.1} ms ({} uploads)",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            report.ack_latencies.len()
+        );
+    }
     if let Some(first) = report.first_round {
         println!(
             "round 0 (includes connecting {} trainers): {:.3} s",
@@ -111,6 +146,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("  rejected {reason}: {count}");
     }
     println!("total {:.2} s", report.total.as_secs_f64());
+    if let Some(path) = &args.json_out {
+        let json = serde_json::json!({
+            "trainers": args.trainers,
+            "rounds_closed": report.rounds_closed,
+            "connect_all_s": report.connect_all.map(|d| d.as_secs_f64()),
+            "first_round_s": report.first_round.map(|d| d.as_secs_f64()),
+            "round_s": report.round_times.iter().map(|d| d.as_secs_f64()).collect::<Vec<_>>(),
+            "uploads": report.uploads,
+            "accepted": report.accepted,
+            "rejected": report.rejected.len(),
+            "lost": report.lost(),
+            "deferred": report.deferred,
+            "ack_ms": report.ack_latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "total_s": report.total.as_secs_f64(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)?;
+    }
     if let Some(local) = local {
         local.stop().await?;
     }
