@@ -23,7 +23,7 @@ coordinator=target/release/tributary-coordinator
 loadgen=target/release/tributary-loadgen
 
 work=$(mktemp -d)
-trap 'kill $coordinator_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $coordinator_pid 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 # Every trainer holds a UDP socket in its load generator; the coordinator one descriptor each.
 ulimit -n "$(ulimit -Hn)"
 
@@ -50,11 +50,14 @@ codec = { kind = "f32" }
 EOF
 
 RUST_LOG=warn "$coordinator" serve --data-dir "$work/data" --listen 127.0.0.1:0 \
-    --experiment "$work/load.toml" --ready-file "$work/ready.json" >"$work/coordinator.log" 2>&1 &
+    --http 127.0.0.1:0 --experiment "$work/load.toml" --ready-file "$work/ready.json" \
+    >"$work/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 100); do [ -f "$work/ready.json" ] && break; sleep 0.1; done
 addr=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addr"])' "$work/ready.json")
 fingerprint=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["fingerprint"])' "$work/ready.json")
+http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/ready.json")
+echo "coordinator $addr, metrics at http://$http/metrics, work folder $work" >&2
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$coordinator_pid/status"; }
 baseline_kb=$(rss_kb)
 
@@ -74,6 +77,7 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 kill $sampler 2>/dev/null || true
+curl -s "http://$http/metrics" | grep -E '^tributary_limit_hits_total' >"$work/limits.txt" || true
 if [ $status -ne 0 ]; then
     tail -n 20 "$work"/gen-*.txt "$work/coordinator.log" >&2
     exit 1
@@ -102,4 +106,6 @@ print(f"upload end to acknowledgement: p50 {q(acks, 0.5):.1f} ms, p99 {q(acks, 0
 print(f"uploads {sum(g['uploads'] for g in gens)}, accepted {sum(g['accepted'] for g in gens)}, "
       f"refused {sum(g['rejected'] for g in gens)}, lost {sum(g['lost'] for g in gens)}, "
       f"deferred and re-sent {sum(g['deferred'] for g in gens)}")
+for line in open(f"{work}/limits.txt"):
+    print("coordinator limit hit:", line.strip())
 EOF

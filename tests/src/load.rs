@@ -175,7 +175,8 @@ pub async fn run_trainers_from(
             gate: None,
             hold_round: RoundId(u64::MAX),
             events: None,
-            reconnect_for: Duration::from_secs(30),
+            // A crowd of connecting trainers may be turned away for a while (handshake cap).
+            reconnect_for: Duration::from_secs(600),
             samples: 1,
         };
         handles.push(tokio::spawn(synthetic::run(endpoint, options)));
