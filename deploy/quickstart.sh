@@ -85,7 +85,7 @@ evaluations = {e["after_round"]: e["loss"] for e in experiment["evaluations"]}
 base_loss = evaluations.get(None)
 rows = [{
     "round": r["round"],
-    "train_loss": r["train_loss"],
+    "train_loss": r["reported_train_loss"],
     "eval_loss": r["eval_loss"],
     "bytes_up": r["bytes_up"],
     "raw_bytes": r["raw_bytes"],
@@ -93,6 +93,7 @@ rows = [{
     "rejected": r["rejected"],
 } for r in experiment["rounds"]]
 fmt = lambda v: f"{v:.4f}" if v is not None else "-"
+print("train loss: as the trainers reported it (self-reported); held-out: scored by an evaluation task")
 print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8}")
 print(f"{'base':>5} {'':>10} {fmt(base_loss):>9}")
 for row in rows:
@@ -103,7 +104,7 @@ print(f"bytes up {up} (compressed) for {raw} as f32: {up / max(raw, 1):.3f}")
 final_loss = rows[-1]["eval_loss"] if rows else None
 print(f"held-out loss (all roles): base {fmt(base_loss)} -> merged adapter {fmt(final_loss)}")
 # A small SVG plot of the losses per round.
-points = [("train", "#1f77b4", [row["train_loss"] for row in rows]),
+points = [("train (self-reported)", "#1f77b4", [row["train_loss"] for row in rows]),
           ("held-out", "#d62728", [row["eval_loss"] for row in rows])]
 values = [v for _, _, vs in points for v in vs if v is not None] + ([base_loss] if base_loss else [])
 lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
@@ -138,7 +139,7 @@ summary = {
 }
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/rounds.csv", "w") as f:
-    f.write("round,train_loss,eval_loss,bytes_up,raw_bytes,accepted,rejected\n")
+    f.write("round,reported_train_loss,eval_loss,bytes_up,raw_bytes,accepted,rejected\n")
     for row in rows:
         f.write(",".join("" if row[k] is None else str(row[k]) for k in ("round", "train_loss", "eval_loss", "bytes_up", "raw_bytes", "accepted", "rejected")) + "\n")
 PY

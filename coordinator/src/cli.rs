@@ -68,6 +68,16 @@ enum Command {
         #[arg(long, env = "TRIBUTARY_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Make a new enrollment token for `[admission] mode = "token"`: the token is printed (hand
+    /// it to the volunteer), its hash appended to the tokens file.
+    Token {
+        /// The experiment's tokens file.
+        #[arg(long)]
+        tokens_file: PathBuf,
+        /// How many trainer identities the token may admit.
+        #[arg(long, default_value_t = 1)]
+        identities: u32,
+    },
     /// Remove blob files nothing refers to, from a data directory no `serve` is using (a
     /// running `serve` does this itself every ten minutes). Prints what it did as JSON.
     Gc {
@@ -134,13 +144,6 @@ struct ServeArgs {
     /// Subject names for the self-signed certificate (repeatable).
     #[arg(long = "tls-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
     tls_names: Vec<String>,
-    /// Require trainers to present one of these tokens (repeatable; or comma-separated in the env).
-    #[arg(
-        long = "enrollment-token",
-        env = "TRIBUTARY_ENROLLMENT_TOKENS",
-        value_delimiter = ','
-    )]
-    enrollment_tokens: Vec<String>,
     /// Connections allowed from one IPv4 address or IPv6 /64.
     #[arg(long, default_value_t = 64)]
     connections_per_address: usize,
@@ -171,6 +174,10 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => run_serve(*args),
         Command::Verify { data_dir } => run_verify(&data_dir),
         Command::Status { data_dir } => run_status(&data_dir),
+        Command::Token {
+            tokens_file,
+            identities,
+        } => run_token(&tokens_file, identities),
         Command::Gc {
             data_dir,
             grace_secs,
@@ -258,11 +265,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         http: args.http,
         http_public: args.http_public,
         tls,
-        enrollment_tokens: args
-            .enrollment_tokens
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect(),
         base_model: args.base_model,
         limits,
     };
@@ -342,6 +344,25 @@ fn run_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+fn run_token(tokens_file: &std::path::Path, identities: u32) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let (token, line) = crate::admission::new_token(identities);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(tokens_file)
+        .with_context(|| format!("cannot open {}", tokens_file.display()))?;
+    writeln!(file, "{line}")?;
+    file.sync_all()?;
+    println!("{token}");
+    eprintln!(
+        "token for {identities} identit{} added to {}; the file holds only its hash",
+        if identities == 1 { "y" } else { "ies" },
+        tokens_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_status(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {

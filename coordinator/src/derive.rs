@@ -92,7 +92,7 @@ pub fn derive_round(
             delta,
         })
         .collect();
-    let aggregated = aggregate(&config.aggregation, &contributions)?;
+    let aggregated = aggregate(&config.aggregation(), &contributions)?;
     let mut adapter_after = adapter_before.clone();
     let mut state = state.clone();
     config

@@ -65,8 +65,11 @@ pub struct EngineConfig {
     pub data: tributary_shared::config::DataSection,
     /// Upload cap.
     pub max_upload_bytes: u64,
-    /// Largest sample count (FedAvg weight) a submission may claim.
+    /// Largest sample count a submission may claim (a larger claim is malformed).
     pub max_sample_count: u64,
+    /// What one task is worth as a FedAvg weight ([`ExperimentConfig::task_budget`]); a claim
+    /// can only lower a delta's weight below it.
+    pub task_budget: u64,
     /// Largest absolute value a delta may hold.
     pub max_abs_value: f32,
     /// The adapter's layout; every delta must match it.
@@ -97,6 +100,7 @@ impl EngineConfig {
             data: config.data.clone(),
             max_upload_bytes: config.max_upload_bytes(),
             max_sample_count: config.limits.max_sample_count,
+            task_budget: config.task_budget(),
             max_abs_value: config.limits.max_abs_value,
             layout: config.adapter.layout()?,
             evaluation: config
@@ -384,7 +388,12 @@ impl Engine {
             );
         }
         let mut accepted = BTreeMap::new();
-        for (task, delta) in resume.accepted {
+        for (task, mut delta) in resume.accepted {
+            // The store keeps what the trainer signed; the weight is derived again here.
+            delta.weight = tributary_shared::ledger::justified_weight(
+                delta.claimed_samples,
+                config.task_budget,
+            );
             if let Some(state) = tasks.get_mut(&task) {
                 state.status = TaskStatus::Accepted(delta.hash);
             }
@@ -669,7 +678,7 @@ impl Engine {
                 self.actions.push_back(Action::PersistSubmission {
                     round: self.round,
                     task: ticket.task,
-                    accepted: AcceptedDelta::from_upload(&upload),
+                    accepted: AcceptedDelta::from_upload(&upload, self.config.task_budget),
                     upload: Box::new(upload),
                 });
             }
@@ -1558,6 +1567,7 @@ mod tests {
             data: DataSection::default(),
             max_upload_bytes: 1000,
             max_sample_count: 1000,
+            task_budget: 64,
             max_abs_value: 1e4,
             layout: Layout::new(vec![("w".into(), vec![4])]),
             evaluation: None,
@@ -2219,6 +2229,39 @@ mod tests {
     }
 
     #[test]
+    fn a_claimed_sample_count_can_lower_the_weight_but_never_raise_it() {
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 2);
+        harness.join_all();
+        for (index, claim) in [(0, 1000), (1, 5)] {
+            let task = harness.open_task(index).unwrap();
+            let body = format!("delta {index} {}", task.round);
+            let mut header = harness.header(index, &task, body.as_bytes()).header;
+            header.sample_count = claim;
+            let upload = harness.trainers[index].sign_submission(header).unwrap();
+            let ticket = harness
+                .engine
+                .handle_submission_header(harness.now, harness.id(index), &upload)
+                .unwrap();
+            harness
+                .engine
+                .handle_upload_finished(harness.now, &ticket, Ok(()));
+            harness.drain();
+        }
+        let close = &harness.closes[0];
+        let weight_of = |index: usize| {
+            let id = harness.id(index);
+            let delta = close.accepted.iter().find(|a| a.trainer == id).unwrap();
+            (delta.claimed_samples, delta.weight)
+        };
+        assert_eq!(
+            weight_of(0),
+            (1000, 64),
+            "capped at what the task asked for"
+        );
+        assert_eq!(weight_of(1), (5, 5), "a smaller claim lowers it");
+    }
+
+    #[test]
     fn upload_finishing_after_close_is_late() {
         let mut harness = Harness::new(config(2, 3, 1, 3, 2), 3);
         harness.join_all();
@@ -2461,12 +2504,13 @@ mod tests {
             hash: BlobHash([n; 32]),
             trainer: TrainerId([n; 32]),
             weight: 1,
-            train_loss: 0.5,
+            claimed_samples: 1,
+            reported_train_loss: 0.5,
             byte_len: 10,
             task: TaskId(u64::from(n) + 6),
-            steps: 1,
-            tokens: 0,
-            train_ms: 0,
+            reported_steps: 1,
+            reported_tokens: 0,
+            reported_train_ms: 0,
             signature: Vec::new(),
         };
         let resume = ResumeState {

@@ -121,7 +121,7 @@ fn model_card(
          | adapter (blake3 of the canonical f32 encoding) | `{adapter_hash}` |\n| ledger head | `{head}` |\n\n\
          ## Lineage\n\nEach round's entry lists the deltas it aggregated (by blake3 hash) and their trainers' \
          ed25519 keys; `tributary-coordinator verify` re-derives every round.\n\n\
-         | round | deltas | train loss | adapter |\n|---|---|---|---|\n",
+         | round | deltas | train loss (self-reported) | adapter |\n|---|---|---|---|\n",
         base = config.model.hub_id(),
         description = config.experiment.description,
         rounds = ledger.len(),
@@ -138,7 +138,7 @@ fn model_card(
             entry.accepted.len(),
             entry
                 .metrics
-                .train_loss
+                .reported_train_loss
                 .map(|l| format!("{l:.4}"))
                 .unwrap_or_else(|| "-".into()),
             entry.adapter_after.short()

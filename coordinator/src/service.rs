@@ -58,8 +58,6 @@ pub struct ServeOptions {
     pub http_public: bool,
     /// TLS certificate source.
     pub tls: TlsSource,
-    /// Accepted enrollment tokens; empty means open enrollment.
-    pub enrollment_tokens: Vec<String>,
     /// A base model file to serve to trainers by hash (trainers without it download it once).
     pub base_model: Option<PathBuf>,
     /// Connection-level limits.
@@ -224,6 +222,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         tracing::info!(model = %path.display(), %hash, bytes, "serving the base model");
     }
     let engine = Engine::new(engine_config, resume);
+    let admission = load_admission(&config.admission, &db)?;
 
     let identity = match &options.tls {
         TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
@@ -259,7 +258,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         commands.clone(),
         options.data_dir.clone(),
     )
-    .serving_base_model(served_model);
+    .serving_base_model(served_model)
+    .admitting(admission);
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
     tokio::spawn(collect_garbage(
         options.data_dir.clone(),
@@ -283,7 +283,6 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         file_downloads: Arc::new(Semaphore::new(
             options.limits.concurrent_file_downloads.max(1),
         )),
-        enrollment_tokens: options.enrollment_tokens.clone(),
         experiment: experiment.clone(),
         server_certificate: {
             let mut raw = [0u8; 32];
@@ -334,6 +333,43 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         endpoint,
         _lock: lock,
     })
+}
+
+/// The experiment's admission rules, with its tokens or allowlist file read and the token
+/// bindings already made.
+fn load_admission(
+    section: &tributary_shared::config::AdmissionSection,
+    db: &Db,
+) -> anyhow::Result<crate::admission::Admission> {
+    use tributary_shared::config::AdmissionMode;
+    let read =
+        |path: &str| std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"));
+    let tokens = match (&section.mode, &section.tokens_file) {
+        (AdmissionMode::Token, Some(path)) => crate::admission::parse_tokens(&read(path)?)
+            .map_err(|error| anyhow::anyhow!("{path}: {error}"))?,
+        _ => Vec::new(),
+    };
+    let allowlist = match (&section.mode, &section.allowlist_file) {
+        (AdmissionMode::Allowlist, Some(path)) => {
+            crate::admission::parse_allowlist(&read(path)?)
+                .map_err(|error| anyhow::anyhow!("{path}: {error}"))?
+        }
+        _ => Default::default(),
+    };
+    tracing::info!(
+        mode = ?section.mode,
+        tokens = tokens.len(),
+        allowlisted = allowlist.len(),
+        identities_per_address = section.identities_per_address,
+        "admission"
+    );
+    Ok(crate::admission::Admission::new(
+        section.mode,
+        tokens,
+        db.token_bindings()?,
+        allowlist,
+        section.identities_per_address,
+    ))
 }
 
 /// Collects unreferenced blob files at start and then every `gc_interval`, off the async

@@ -12,6 +12,7 @@ use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::frame::from_payload;
 use tributary_shared::identity::verify_submission;
+use tributary_shared::ledger::justified_weight;
 use tributary_shared::ledger::{check_chain, verify_signatures, LedgerEntry};
 use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId};
@@ -47,8 +48,14 @@ pub struct VerifyError {
 
 /// Checks that the submissions the coordinator acknowledged in a round are exactly the ones its
 /// ledger entry counts, and that each one's stored header is signed by its trainer and says what
-/// the entry says (hash, length, weight, loss, round).
-fn check_submissions(db: &Db, id: &ExperimentId, entry: &LedgerEntry) -> Result<(), String> {
+/// the entry says (hash, length, claim, loss, round), and that each weight is the one the
+/// configuration justifies.
+fn check_submissions(
+    db: &Db,
+    id: &ExperimentId,
+    entry: &LedgerEntry,
+    task_budget: u64,
+) -> Result<(), String> {
     let stored = db
         .round_submissions(id, entry.round)
         .map_err(|e| e.to_string())?;
@@ -72,9 +79,10 @@ fn check_submissions(db: &Db, id: &ExperimentId, entry: &LedgerEntry) -> Result<
         let header = &upload.header;
         let matches = header.hash == accepted.hash
             && header.trainer == accepted.trainer
-            && header.sample_count == accepted.weight
+            && header.sample_count == accepted.claimed_samples
+            && accepted.weight == justified_weight(header.sample_count, task_budget)
             && header.byte_len == accepted.byte_len
-            && header.metrics.train_loss.to_bits() == accepted.train_loss.to_bits()
+            && header.metrics.train_loss.to_bits() == accepted.reported_train_loss.to_bits()
             && header.round == entry.round
             && &header.experiment == id;
         if !matches {
@@ -176,7 +184,8 @@ fn verify_experiment(
             ));
         }
         verify_signatures(entry).map_err(|error| fail(round, error.to_string()))?;
-        check_submissions(db, id, entry).map_err(|detail| fail(round, detail))?;
+        check_submissions(db, id, entry, config.task_budget())
+            .map_err(|detail| fail(round, detail))?;
         let mut sorted = entry.accepted.clone();
         sorted.sort_by_key(|a| a.hash);
         if sorted != entry.accepted {

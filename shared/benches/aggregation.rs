@@ -85,7 +85,11 @@ fn main() {
         ("Median", AggregationRule::Median, None),
     ];
     for (name, rule, clip_norm) in configs {
-        let config = AggregationConfig { rule, clip_norm };
+        let config = AggregationConfig {
+            rule,
+            clip_norm,
+            clip_to_median: None,
+        };
         rows.push((
             name.into(),
             input_bytes,

@@ -84,6 +84,16 @@ pub enum AggregationRule {
     },
     /// Per coordinate median, unweighted; the mean of the two middle values for even `n`.
     Median,
+    /// The default for experiments open to strangers: the trimmed mean when the round has at
+    /// least `min_contributions` deltas (enough that trimming cannot remove the honest
+    /// majority), else FedAvg. Combine it with `clip_to_median`, which bounds every delta's
+    /// pull in either case.
+    Robust {
+        /// Fraction trimmed at each end when trimming, in `[0, 0.5)`.
+        trim_fraction: f64,
+        /// Fewest deltas for which the trimmed mean is used.
+        min_contributions: u32,
+    },
 }
 
 /// Aggregation settings of an experiment.
@@ -95,12 +105,33 @@ pub struct AggregationConfig {
     /// If set, each contribution is first scaled down to this L2 norm when its norm is larger
     /// (norm clipping, as in DP-FedAvg). Finite and > 0.
     pub clip_norm: Option<f64>,
+    /// If set, each contribution is first scaled down to this multiple of the round's median
+    /// contribution norm when its norm is larger: a bound that follows the honest deltas' own
+    /// scale, whatever it is. Finite and ≥ 1. With `clip_norm` too, the smaller bound applies.
+    pub clip_to_median: Option<f64>,
+}
+
+impl AggregationConfig {
+    /// The default for an experiment open to strangers: deltas clipped to twice the round's
+    /// median norm, then the trimmed mean (20 % at each end) from five deltas up, FedAvg below.
+    pub fn robust() -> Self {
+        Self {
+            rule: AggregationRule::Robust {
+                trim_fraction: 0.2,
+                min_contributions: 5,
+            },
+            clip_norm: None,
+            clip_to_median: Some(2.0),
+        }
+    }
 }
 
 impl AggregationConfig {
     /// Checks the values: `trim_fraction` in `[0, 0.5)`, `clip_norm` finite and > 0.
     pub fn validate(&self) -> Result<(), AggregateError> {
-        if let AggregationRule::TrimmedMean { trim_fraction } = self.rule {
+        if let AggregationRule::TrimmedMean { trim_fraction }
+        | AggregationRule::Robust { trim_fraction, .. } = self.rule
+        {
             if !(0.0..0.5).contains(&trim_fraction) {
                 return Err(invalid(
                     "trim_fraction",
@@ -116,6 +147,14 @@ impl AggregationConfig {
                 ));
             }
         }
+        if let Some(multiple) = self.clip_to_median {
+            if !(multiple.is_finite() && multiple >= 1.0) {
+                return Err(invalid(
+                    "clip_to_median",
+                    format!("{multiple} is not a finite number of at least 1"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -125,12 +164,15 @@ impl AggregationConfig {
 /// The result is bit-for-bit identical for any order of `contributions`. The steps, in order:
 ///
 /// 1. The contributions are sorted by hash, then weight (`total_cmp`), then content.
-/// 2. With `clip_norm` set, contribution `i` gets `scale_i = clip_norm / norm_i` when its L2 norm
-///    exceeds `clip_norm`, else `scale_i = 1`. The norm is summed in f64 in a fixed order that
-///    vectorises: within each tensor, the square of value `k` goes to partial sum `k % 8`, in
-///    index order; the 8 partial sums are added in lane order, the tensor totals in tensor (name)
-///    order, and the square root is taken last. It can differ from [`Delta::l2_norm`] (one
-///    sequential chain, several times slower) in the last bits.
+/// 2. With a clipping bound `b` (`clip_norm`, or `clip_to_median × m` where `m` is the median
+///    of the contributions' norms — the middle one in ascending `total_cmp` order, or the mean
+///    of the two middle ones, `(lo + hi) / 2`, for an even count — or the smaller of the two),
+///    contribution `i` gets `scale_i = b / norm_i` when its L2 norm exceeds `b`, else
+///    `scale_i = 1`. The norm is summed in f64 in a fixed order that vectorises: within each
+///    tensor, the square of value `k` goes to partial sum `k % 8`, in index order; the 8 partial
+///    sums are added in lane order, the tensor totals in tensor (name) order, and the square root
+///    is taken last. It can differ from [`Delta::l2_norm`] (one sequential chain, several times
+///    slower) in the last bits.
 /// 3. FedAvg: `total = (0 + w_0) + w_1 + ...` in sorted order (f64); each coordinate is
 ///    `((0 + c_0 * x_0) + c_1 * x_1) + ...` in f64, in sorted order, with
 ///    `c_i = (w_i / total) * scale_i`, then cast to f32.
@@ -138,7 +180,8 @@ impl AggregationConfig {
 ///    a negative zero positive) are sorted ascending. Both rules then average a range of ranks:
 ///    `((0 + v_lo) + v_lo+1 + ... + v_hi) / (hi - lo + 1)` in f64, then cast to f32. The trimmed
 ///    mean keeps ranks `k..n-k` with `k = floor(trim_fraction * n)`; the median keeps the middle
-///    rank, or the two middle ranks of an even count.
+///    rank, or the two middle ranks of an even count. `Robust` is the trimmed mean from
+///    `min_contributions` up and FedAvg below.
 ///
 /// # Errors
 ///
@@ -152,11 +195,22 @@ pub fn aggregate(
 ) -> Result<Delta, AggregateError> {
     config.validate()?;
     let sorted = sorted_and_checked(contributions)?;
-    let scales = clip_scales(config.clip_norm, &sorted)?;
+    let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
     let layout = sorted[0].delta.layout();
     let mut output = Delta::zeros(&layout).expect("the layout of a valid delta is valid");
     let n_contributions = sorted.len();
-    let all_finite = match config.rule {
+    let rule = match config.rule {
+        AggregationRule::Robust {
+            trim_fraction,
+            min_contributions,
+        } if n_contributions >= min_contributions as usize => {
+            AggregationRule::TrimmedMean { trim_fraction }
+        }
+        AggregationRule::Robust { .. } => AggregationRule::FedAvg,
+        rule => rule,
+    };
+    let all_finite = match rule {
+        AggregationRule::Robust { .. } => unreachable!("resolved above"),
         AggregationRule::FedAvg => {
             let mut total_weight = 0.0f64;
             for contribution in &sorted {
@@ -553,25 +607,45 @@ fn compare_values(left: &[f32], right: &[f32]) -> Ordering {
 /// The clipping scale of each contribution, in sorted order (all 1 without clipping).
 fn clip_scales(
     clip_norm: Option<f64>,
+    clip_to_median: Option<f64>,
     sorted: &[&Contribution<'_>],
 ) -> Result<Vec<f64>, AggregateError> {
-    let Some(clip_norm) = clip_norm else {
+    if clip_norm.is_none() && clip_to_median.is_none() {
         return Ok(vec![1.0; sorted.len()]);
-    };
-    sorted
+    }
+    let norms = sorted
         .iter()
         .map(|contribution| {
             let norm = clipping_norm(contribution.delta);
-            if !norm.is_finite() {
-                return Err(first_non_finite(std::slice::from_ref(contribution)));
-            }
-            Ok(if norm > clip_norm {
-                clip_norm / norm
+            if norm.is_finite() {
+                Ok(norm)
             } else {
-                1.0
-            })
+                Err(first_non_finite(std::slice::from_ref(contribution)))
+            }
         })
-        .collect()
+        .collect::<Result<Vec<f64>, AggregateError>>()?;
+    let median_bound = clip_to_median.map(|multiple| multiple * median(&norms));
+    let bound = match (clip_norm, median_bound) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).expect("one bound is set"),
+    };
+    Ok(norms
+        .iter()
+        .map(|&norm| if norm > bound { bound / norm } else { 1.0 })
+        .collect())
+}
+
+/// The median of `values` (not empty): the middle one in ascending `total_cmp` order, or the
+/// mean of the two middle ones.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
 }
 
 /// The L2 norm used for clipping, in the fixed order [`aggregate`] documents: within each tensor,
@@ -826,7 +900,11 @@ mod tests {
     }
 
     fn config(rule: AggregationRule, clip_norm: Option<f64>) -> AggregationConfig {
-        AggregationConfig { rule, clip_norm }
+        AggregationConfig {
+            rule,
+            clip_norm,
+            clip_to_median: None,
+        }
     }
 
     const FED_AVG: AggregationRule = AggregationRule::FedAvg;
@@ -1299,9 +1377,86 @@ mod tests {
     }
 
     fn rule_strategy() -> impl Strategy<Value = AggregationConfig> {
-        let rule = prop_oneof![Just(FED_AVG), Just(MEDIAN), (0.0f64..0.5).prop_map(trimmed),];
+        let rule = prop_oneof![
+            Just(FED_AVG),
+            Just(MEDIAN),
+            (0.0f64..0.5).prop_map(trimmed),
+            (0.0f64..0.5, 1u32..6).prop_map(|(trim_fraction, min_contributions)| {
+                AggregationRule::Robust {
+                    trim_fraction,
+                    min_contributions,
+                }
+            }),
+        ];
         let clip_norm = prop_oneof![Just(None), (0.1f64..100.0).prop_map(Some)];
-        (rule, clip_norm).prop_map(|(rule, clip_norm)| config(rule, clip_norm))
+        let clip_to_median = prop_oneof![Just(None), (1.0f64..4.0).prop_map(Some)];
+        (rule, clip_norm, clip_to_median).prop_map(|(rule, clip_norm, clip_to_median)| {
+            AggregationConfig {
+                rule,
+                clip_norm,
+                clip_to_median,
+            }
+        })
+    }
+
+    #[test]
+    fn the_robust_default_bounds_one_delta_pull_whatever_its_size_or_weight() {
+        use crate::config::SplitMix64;
+        let mut rng = SplitMix64(9);
+        let honest: Vec<Vec<f32>> = (0..7)
+            .map(|_| (0..64).map(|_| rng.next_unit() - 0.5).collect())
+            .collect();
+        let norm = |values: &[f32]| {
+            values
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let mut norms: Vec<f64> = honest.iter().map(|v| norm(v)).collect();
+        norms.sort_by(f64::total_cmp);
+        let median_norm = norms[3];
+        let honest_mean: Vec<f64> = (0..64)
+            .map(|k| honest.iter().map(|v| f64::from(v[k])).sum::<f64>() / 7.0)
+            .collect();
+        // Model replacement: a huge delta with a huge claimed weight.
+        let attack: Vec<f32> = (0..64)
+            .map(|k| if k % 2 == 0 { 1e6 } else { -1e6 })
+            .collect();
+        let deviation = |config: AggregationConfig, n_attackers: usize, weight: f64| {
+            let mut inputs: Vec<(f64, &[f32])> =
+                honest.iter().map(|v| (1.0, v.as_slice())).collect();
+            for _ in 0..n_attackers {
+                inputs.push((weight, attack.as_slice()));
+            }
+            let merged = aggregate_values(config, &inputs).unwrap();
+            merged
+                .iter()
+                .zip(&honest_mean)
+                .map(|(a, b)| (f64::from(*a) - b).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        // Plain FedAvg is taken over by one delta.
+        assert!(deviation(AggregationConfig::default(), 1, 1e6) > 1e5);
+        // Clipped to twice the median norm, one delta among eight moves the mean by at most
+        // (its clipped norm + the honest mean's norm) / 8, whatever weight it claims (below the
+        // trimming threshold FedAvg is used, so the weight is the engine's to bound).
+        let robust = AggregationConfig::robust();
+        let fed_avg_bound = (2.0 * median_norm
+            + norm(&honest_mean.iter().map(|v| *v as f32).collect::<Vec<_>>()))
+            / 8.0;
+        let clipped_fed_avg = AggregationConfig {
+            rule: FED_AVG,
+            ..robust
+        };
+        assert!(deviation(clipped_fed_avg, 1, 1.0) <= fed_avg_bound * 1.0001);
+        // With trimming (eight deltas, two hostile), the hostile values are cut per coordinate.
+        let trimmed_deviation = deviation(robust, 2, 1.0);
+        assert!(
+            trimmed_deviation <= median_norm,
+            "{trimmed_deviation} > {median_norm}"
+        );
     }
 
     fn bits(delta: &Delta) -> Vec<u32> {

@@ -30,9 +30,13 @@ pub struct ExperimentConfig {
     /// What data tasks train on.
     #[serde(default)]
     pub data: DataSection,
-    /// How deltas are combined.
+    /// Who may join.
     #[serde(default)]
-    pub aggregation: AggregationConfig,
+    pub admission: AdmissionSection,
+    /// How deltas are combined; unset, the default follows `admission.mode`
+    /// ([`ExperimentConfig::aggregation`]).
+    #[serde(default)]
+    pub aggregation: Option<AggregationConfig>,
     /// How the combined delta moves the adapter.
     #[serde(default)]
     pub server_optimizer: ServerOptimizer,
@@ -407,6 +411,46 @@ impl EvaluationSection {
     }
 }
 
+/// Who may join an experiment: `[admission]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionSection {
+    /// `open` (anyone: a volunteer network of strangers), `token` (a trainer presents an
+    /// enrollment token from `tokens_file`) or `allowlist` (only the keys in `allowlist_file`).
+    pub mode: AdmissionMode,
+    /// Token mode: a file of `BLAKE3-HEX MAX-IDENTITIES` lines, the hashes of the enrollment
+    /// tokens and how many trainer identities each may bring (`tributary-coordinator token`
+    /// writes them). The file never holds a token itself.
+    pub tokens_file: Option<String>,
+    /// Allowlist mode: a file of trainer public keys, hex, one a line.
+    pub allowlist_file: Option<String>,
+    /// Trainer identities connected at once from one IPv4 address or IPv6 /64.
+    pub identities_per_address: u32,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        Self {
+            mode: AdmissionMode::Open,
+            tokens_file: None,
+            allowlist_file: None,
+            identities_per_address: 8,
+        }
+    }
+}
+
+/// Who may join; see [`AdmissionSection`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdmissionMode {
+    /// Anyone.
+    Open,
+    /// Holders of an enrollment token.
+    Token,
+    /// Listed keys only.
+    Allowlist,
+}
+
 /// `[limits]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -541,9 +585,31 @@ impl ExperimentConfig {
             .codec
             .validate()
             .map_err(|error| ConfigError::invalid("training.codec", error.to_string()))?;
-        self.aggregation
+        self.aggregation()
             .validate()
             .map_err(|error| ConfigError::invalid("aggregation", error.to_string()))?;
+        let admission = &self.admission;
+        match admission.mode {
+            AdmissionMode::Token if admission.tokens_file.is_none() => {
+                return Err(ConfigError::invalid(
+                    "admission.tokens_file",
+                    "token mode needs a tokens file",
+                ));
+            }
+            AdmissionMode::Allowlist if admission.allowlist_file.is_none() => {
+                return Err(ConfigError::invalid(
+                    "admission.allowlist_file",
+                    "allowlist mode needs an allowlist file",
+                ));
+            }
+            _ => {}
+        }
+        if admission.identities_per_address == 0 {
+            return Err(ConfigError::invalid(
+                "admission.identities_per_address",
+                "must be at least 1",
+            ));
+        }
         self.server_optimizer
             .validate()
             .map_err(|error| ConfigError::invalid("server_optimizer", error.to_string()))?;
@@ -637,6 +703,31 @@ impl ExperimentConfig {
         Ok(())
     }
 
+    /// How deltas are combined: the `[aggregation]` section when given, else robust
+    /// ([`AggregationConfig::robust`]) for an open experiment and plain FedAvg for a closed
+    /// fleet (token or allowlist admission).
+    pub fn aggregation(&self) -> AggregationConfig {
+        self.aggregation
+            .unwrap_or_else(|| match self.admission.mode {
+                AdmissionMode::Open => AggregationConfig::robust(),
+                AdmissionMode::Token | AdmissionMode::Allowlist => AggregationConfig::default(),
+            })
+    }
+
+    /// What one task is worth as a FedAvg weight, derived from what the task asks for: the
+    /// samples of a synthetic task, else the tokens of its local steps (steps × batch ×
+    /// sequence length). A trainer's claim can lower a delta's weight below it, never raise it.
+    pub fn task_budget(&self) -> u64 {
+        if self.data.dataset == "synthetic" {
+            self.data.samples_per_task.max(1)
+        } else {
+            (u64::from(self.training.local_steps)
+                * u64::from(self.training.batch_size)
+                * u64::from(self.training.sequence_len))
+            .max(1)
+        }
+    }
+
     /// The upload cap in bytes for this experiment's adapter.
     pub fn max_upload_bytes(&self) -> u64 {
         if self.limits.max_upload_bytes > 0 {
@@ -668,7 +759,8 @@ mod tests {
             selection: SelectionSection::default(),
             training: TrainingSection::default(),
             data: DataSection::default(),
-            aggregation: AggregationConfig::default(),
+            admission: AdmissionSection::default(),
+            aggregation: None,
             server_optimizer: ServerOptimizer::default(),
             limits: LimitsSection::default(),
             evaluation: EvaluationSection::default(),

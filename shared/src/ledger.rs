@@ -37,44 +37,57 @@ pub struct LedgerEntry {
 
 /// One delta that counted, with everything its trainer signed, so anyone holding the ledger can
 /// check the signature ([`verify_signatures`]) without the coordinator's database.
+///
+/// Fields named `reported_*` and `claimed_*` are the trainer's word, kept because it signed
+/// them; nothing is decided on them except that a claim can lower the weight.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AcceptedDelta {
     /// The delta's blob hash.
     pub hash: BlobHash,
     /// Who sent it.
     pub trainer: TrainerId,
-    /// Its FedAvg weight (sample count).
+    /// Its FedAvg weight, derived by the coordinator: what its task asked for
+    /// ([`justified_weight`]), lowered by the trainer's claim when the claim is smaller.
     pub weight: u64,
-    /// The trainer's reported mean training loss.
-    pub train_loss: f32,
+    /// The sample count the trainer claimed (self-reported).
+    pub claimed_samples: u64,
+    /// The trainer's mean training loss (self-reported).
+    pub reported_train_loss: f32,
     /// Encoded size in bytes.
     pub byte_len: u64,
     /// The task it answered.
     pub task: TaskId,
-    /// Reported local steps.
-    pub steps: u32,
-    /// Reported tokens processed.
-    pub tokens: u64,
-    /// Reported local training time, in milliseconds.
-    pub train_ms: u64,
+    /// Local steps (self-reported).
+    pub reported_steps: u32,
+    /// Tokens processed (self-reported).
+    pub reported_tokens: u64,
+    /// Local training time in milliseconds (self-reported).
+    pub reported_train_ms: u64,
     /// The trainer's ed25519 signature over the submission header.
     pub signature: Vec<u8>,
 }
 
+/// The FedAvg weight of a delta: what its task asked for (`task_budget`), lowered by the
+/// trainer's claim when that is smaller, never raised by it.
+pub fn justified_weight(claimed: u64, task_budget: u64) -> u64 {
+    claimed.min(task_budget).max(1)
+}
+
 impl AcceptedDelta {
-    /// The record of a signed upload.
-    pub fn from_upload(upload: &UploadHeader) -> Self {
+    /// The record of a signed upload answering a task worth `task_budget`.
+    pub fn from_upload(upload: &UploadHeader, task_budget: u64) -> Self {
         let header = &upload.header;
         Self {
             hash: header.hash,
             trainer: header.trainer,
-            weight: header.sample_count,
-            train_loss: header.metrics.train_loss,
+            weight: justified_weight(header.sample_count, task_budget),
+            claimed_samples: header.sample_count,
+            reported_train_loss: header.metrics.train_loss,
             byte_len: header.byte_len,
             task: header.task,
-            steps: header.metrics.steps,
-            tokens: header.metrics.tokens,
-            train_ms: header.metrics.train_ms,
+            reported_steps: header.metrics.steps,
+            reported_tokens: header.metrics.tokens,
+            reported_train_ms: header.metrics.train_ms,
             signature: upload.signature.clone(),
         }
     }
@@ -89,12 +102,12 @@ impl AcceptedDelta {
                 trainer: self.trainer,
                 hash: self.hash,
                 byte_len: self.byte_len,
-                sample_count: self.weight,
+                sample_count: self.claimed_samples,
                 metrics: TrainMetrics {
-                    train_loss: self.train_loss,
-                    steps: self.steps,
-                    tokens: self.tokens,
-                    train_ms: self.train_ms,
+                    train_loss: self.reported_train_loss,
+                    steps: self.reported_steps,
+                    tokens: self.reported_tokens,
+                    train_ms: self.reported_train_ms,
                 },
             },
             signature: self.signature.clone(),
@@ -132,8 +145,9 @@ pub struct RejectedSubmission {
 /// Round-level figures recorded in the ledger.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct RoundMetrics {
-    /// Sample-weighted mean of the reported training losses.
-    pub train_loss: Option<f64>,
+    /// Weighted mean of the trainers' self-reported training losses (a trainer's word, shown
+    /// for information; nothing is decided on it).
+    pub reported_train_loss: Option<f64>,
     /// Held-out loss of the new adapter, when an evaluation ran.
     pub eval_loss: Option<f64>,
     /// Compressed bytes received for accepted deltas.
@@ -278,7 +292,7 @@ mod tests {
                 },
             })
             .unwrap();
-        AcceptedDelta::from_upload(&upload)
+        AcceptedDelta::from_upload(&upload, 1000)
     }
 
     #[test]
@@ -287,7 +301,7 @@ mod tests {
         for entry in &entries {
             verify_signatures(entry).unwrap();
         }
-        entries[1].accepted[0].weight = 30;
+        entries[1].accepted[0].claimed_samples = 30;
         assert!(matches!(
             verify_signatures(&entries[1]),
             Err(LedgerError::BadSignature {
@@ -295,6 +309,15 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_claim_can_lower_the_weight_but_never_raise_it() {
+        assert_eq!(justified_weight(1_000_000, 512), 512);
+        assert_eq!(justified_weight(100, 512), 100);
+        assert_eq!(justified_weight(0, 512), 1);
+        let delta = signed_delta(RoundId(0));
+        assert_eq!((delta.claimed_samples, delta.weight), (3, 3));
     }
 
     fn chain(length: u64) -> Vec<LedgerEntry> {

@@ -62,7 +62,6 @@ impl LocalCoordinator {
             tls: TlsSource::SelfSigned {
                 names: vec!["localhost".into()],
             },
-            enrollment_tokens: vec![],
             base_model: None,
             // The coordinator's defaults: trainers come from many loopback addresses, as
             // they would from many machines.
@@ -233,10 +232,10 @@ pub async fn run_trainers_from(
     })
 }
 
-/// The loopback address of synthetic trainer `index`: 16 trainers per address, from
-/// 127.1.0.0 on (all of 127.0.0.0/8 is loopback on Linux).
+/// The loopback address of synthetic trainer `index`: 8 trainers per address (the default
+/// identity quota of an address), from 127.1.0.0 on (all of 127.0.0.0/8 is loopback on Linux).
 pub fn loopback_address(index: u32) -> std::net::IpAddr {
-    let host = index / 16;
+    let host = index / 8;
     std::net::IpAddr::from([127, 1 + (host >> 16) as u8, (host >> 8) as u8, host as u8])
 }
 

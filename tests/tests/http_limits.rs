@@ -158,7 +158,6 @@ async fn a_public_http_address_needs_an_explicit_flag() {
         tls: TlsSource::SelfSigned {
             names: vec!["localhost".into()],
         },
-        enrollment_tokens: vec![],
         base_model: None,
         limits: ServerLimits::default(),
     })

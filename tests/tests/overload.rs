@@ -148,7 +148,7 @@ async fn hostile_peers_are_cut_off_and_honest_trainers_finish() {
     let mut silent = Vec::new();
     for index in 0..200u32 {
         let endpoint = tributary_tests::client::client_endpoint_at(
-            tributary_tests::load::loopback_address(index * 16),
+            tributary_tests::load::loopback_address(index * 8),
             &trust,
         )
         .unwrap();

@@ -79,7 +79,6 @@ async fn a_served_model_must_match_the_pinned_hash() {
         tls: TlsSource::SelfSigned {
             names: vec!["localhost".into()],
         },
-        enrollment_tokens: vec![],
         base_model: Some(served),
         limits: ServerLimits::default(),
     })

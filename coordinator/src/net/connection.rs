@@ -92,8 +92,6 @@ pub struct ConnectionContext {
     pub uploads: Arc<UploadQueue>,
     /// Bounds downloads served from files at once (each holds a file open).
     pub file_downloads: Arc<tokio::sync::Semaphore>,
-    /// If non-empty, a trainer must present one of these tokens.
-    pub enrollment_tokens: Vec<String>,
     /// The experiment served.
     pub experiment: ExperimentId,
     /// SHA-256 of our certificate, which hello signatures must name.
@@ -237,7 +235,14 @@ async fn serve_connection(
         ConnectionError::Timeout
     })??
     .ok_or(ConnectionError::Ended)?;
-    let (trainer, agent) = match check_hello(context, &nonce, hello) {
+    let address = crate::service::address_key(connection.remote_address().ip());
+    let admitted = match check_hello(context, &nonce, hello) {
+        Ok((trainer, agent, token)) => admit(context, trainer, token, address)
+            .await
+            .map(|()| (trainer, agent)),
+        Err(refusal) => Err(refusal),
+    };
+    let (trainer, agent) = match admitted {
         Ok(found) => found,
         Err(refusal) => {
             Metrics::add(&context.metrics.handshakes_refused, 1);
@@ -342,17 +347,46 @@ async fn serve_connection(
         .send(Command::Left {
             trainer,
             connection_id,
+            address,
         })
         .await;
     writer.abort();
     result
 }
 
+/// Asks the hub whether the experiment's admission rules let `trainer` in from `address`.
+async fn admit(
+    context: &ConnectionContext,
+    trainer: TrainerId,
+    token: Option<String>,
+    address: std::net::IpAddr,
+) -> Result<(), Refusal> {
+    let (reply, decision) = oneshot::channel();
+    let asked = context
+        .commands
+        .send(Command::Admit {
+            trainer,
+            token,
+            address,
+            reply,
+        })
+        .await;
+    match (asked, decision.await) {
+        (Ok(()), Ok(decision)) => decision,
+        _ => Err(Refusal::new(
+            RejectReason::Internal,
+            "the coordinator is stopping",
+        )),
+    }
+}
+
+/// Checks the hello's form and signature; returns the trainer, its agent string and the
+/// enrollment token it presented.
 fn check_hello(
     context: &ConnectionContext,
     nonce: &[u8; 32],
     hello: ClientMessage,
-) -> Result<(TrainerId, String), Refusal> {
+) -> Result<(TrainerId, String, Option<String>), Refusal> {
     let ClientMessage::Hello {
         protocol_version,
         trainer,
@@ -374,21 +408,9 @@ fn check_hello(
     }
     verify_hello(&trainer, nonce, &context.server_certificate, &signature)
         .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()))?;
-    if !context.enrollment_tokens.is_empty() {
-        let presented = enrollment_token.unwrap_or_default();
-        if !context
-            .enrollment_tokens
-            .iter()
-            .any(|token| constant_time_eq(token.as_bytes(), presented.as_bytes()))
-        {
-            return Err(Refusal::new(
-                RejectReason::UnknownTrainer,
-                "a valid enrollment token is required",
-            ));
-        }
-    }
     let agent: String = agent.chars().take(200).collect();
-    Ok((trainer, agent))
+    let token = enrollment_token.map(|token| token.chars().take(256).collect());
+    Ok((trainer, agent, token))
 }
 
 async fn receive_upload(
@@ -799,8 +821,4 @@ impl TokenBucket {
             false
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{LedgerEntry, RoundMetrics};
-use tributary_shared::wire::{ClientMessage, ServerMessage, UploadHeader};
+use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadHeader};
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
+use crate::admission::Admission;
 use crate::derive::{
     derive_round, encode_exact, encode_state, load_accepted, load_delta, Derived, LoadFailure,
 };
@@ -42,12 +43,25 @@ pub enum Command {
         /// replaces it).
         outbox: Outbox,
     },
+    /// May this trainer join? Asked after its hello's signature checked out.
+    Admit {
+        /// Who.
+        trainer: TrainerId,
+        /// The enrollment token it presented.
+        token: Option<String>,
+        /// Its IPv4 address or IPv6 /64.
+        address: std::net::IpAddr,
+        /// The decision.
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
     /// A connection ended.
     Left {
         /// Who.
         trainer: TrainerId,
         /// Which connection.
         connection_id: u64,
+        /// Its IPv4 address or IPv6 /64 (as admitted).
+        address: std::net::IpAddr,
     },
     /// A control message from a trainer.
     Client {
@@ -202,6 +216,8 @@ pub struct Hub {
     derive_retry: Option<(Instant, Box<RoundClose>)>,
     /// Consecutive failed aggregation attempts.
     derive_failures: u32,
+    /// Who may join.
+    admission: Admission,
 }
 
 impl Hub {
@@ -238,7 +254,20 @@ impl Hub {
             base_model: None,
             derive_retry: None,
             derive_failures: 0,
+            admission: Admission::new(
+                tributary_shared::config::AdmissionMode::Open,
+                vec![],
+                vec![],
+                Default::default(),
+                u32::MAX,
+            ),
         }
+    }
+
+    /// Applies these admission rules (the default admits anyone).
+    pub fn admitting(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// Also serves the base model file (already in the blob store) to downloads.
@@ -331,10 +360,38 @@ impl Hub {
                 }
                 self.engine.handle_trainer_joined(now, trainer);
             }
+            Command::Admit {
+                trainer,
+                token,
+                address,
+                reply,
+            } => {
+                let decision = self.admission.admit(trainer, token.as_deref(), address);
+                let decision = match decision {
+                    Ok(Some(binding)) => self
+                        .db
+                        .record_token_binding(&binding)
+                        .map_err(|error| Refusal::new(RejectReason::Internal, error.to_string())),
+                    Ok(None) => Ok(()),
+                    Err(refusal) => Err(refusal),
+                };
+                if let Err(refusal) = &decision {
+                    self.metrics.count_limit(match refusal.reason {
+                        RejectReason::RateLimited => "identities_per_address",
+                        _ => "admission",
+                    });
+                }
+                if reply.send(decision).is_err() {
+                    // The connection is gone; it will not send `Left`.
+                    self.admission.left(trainer, address);
+                }
+            }
             Command::Left {
                 trainer,
                 connection_id,
+                address,
             } => {
+                self.admission.left(trainer, address);
                 let current = self
                     .registry
                     .get(&trainer)
@@ -684,7 +741,7 @@ impl Hub {
             round = %round,
             adapter = %derived.entry.adapter_after.short(),
             ledger = %head.short(),
-            train_loss = ?derived.entry.metrics.train_loss,
+            reported_train_loss = ?derived.entry.metrics.reported_train_loss,
             "round committed"
         );
         self.engine.handle_round_committed(
@@ -776,11 +833,11 @@ fn derive_and_store(
         None
     };
     let total_weight: f64 = close.accepted.iter().map(|a| a.weight as f64).sum();
-    let train_loss = (total_weight > 0.0).then(|| {
+    let reported_train_loss = (total_weight > 0.0).then(|| {
         close
             .accepted
             .iter()
-            .map(|a| f64::from(a.train_loss) * a.weight as f64)
+            .map(|a| f64::from(a.reported_train_loss) * a.weight as f64)
             .sum::<f64>()
             / total_weight
     });
@@ -796,7 +853,7 @@ fn derive_and_store(
         accepted: close.accepted.clone(),
         rejected: close.rejected.clone(),
         metrics: RoundMetrics {
-            train_loss,
+            reported_train_loss,
             eval_loss: None,
             bytes_up: close.accepted.iter().map(|a| a.byte_len).sum(),
             raw_bytes: raw_per_delta * close.accepted.len() as u64,

@@ -66,8 +66,8 @@ pub struct ExperimentStatus {
 pub struct RoundSummary {
     /// The round.
     pub round: u64,
-    /// Sample-weighted mean training loss the trainers reported.
-    pub train_loss: Option<f64>,
+    /// Weighted mean of the training losses the trainers reported (self-reported).
+    pub reported_train_loss: Option<f64>,
     /// Held-out loss of the adapter it produced, when evaluated.
     pub eval_loss: Option<f64>,
     /// Compressed bytes of the accepted deltas.
@@ -103,7 +103,7 @@ pub struct StoredEvaluation {
 
 /// The schema's version, kept in SQLite's `user_version`. A database of another version is
 /// refused rather than half-used.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS experiments (
@@ -184,6 +184,11 @@ CREATE TABLE IF NOT EXISTS eval_tasks (
     adapter BLOB NOT NULL,
     trainer BLOB NOT NULL,
     issued_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS token_bindings (
+    token BLOB NOT NULL,
+    trainer BLOB NOT NULL,
+    PRIMARY KEY (token, trainer)
 );
 CREATE TABLE IF NOT EXISTS trainers (
     id BLOB PRIMARY KEY,
@@ -380,9 +385,10 @@ impl Db {
         for (_, signed_header) in self.round_submissions(id, RoundId(round as u64))? {
             let upload: UploadHeader = from_payload(&signed_header)
                 .map_err(|error| DbError::Corrupt(format!("stored header: {error}")))?;
-            state
-                .accepted
-                .push((upload.header.task, AcceptedDelta::from_upload(&upload)));
+            state.accepted.push((
+                upload.header.task,
+                AcceptedDelta::from_upload(&upload, u64::MAX),
+            ));
         }
         state.rejected = self.rejections(id, RoundId(round as u64))?;
         Ok(state)
@@ -527,7 +533,7 @@ impl Db {
                 task.0 as i64,
                 &delta.trainer.0[..],
                 delta.weight as i64,
-                f64::from(delta.train_loss),
+                f64::from(delta.reported_train_loss),
                 delta.byte_len as i64,
                 now_ms,
                 signed_header
@@ -571,6 +577,37 @@ impl Db {
             {
                 out.insert(pinned);
             }
+        }
+        Ok(out)
+    }
+
+    /// Records that an enrollment token admitted an identity (for good).
+    pub fn record_token_binding(
+        &self,
+        binding: &crate::admission::TokenBinding,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO token_bindings (token, trainer) VALUES (?1, ?2)",
+            params![&binding.token[..], &binding.trainer.0[..]],
+        )?;
+        Ok(())
+    }
+
+    /// Every identity each enrollment token admitted.
+    pub fn token_bindings(&self) -> Result<Vec<crate::admission::TokenBinding>, DbError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT token, trainer FROM token_bindings")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (token, trainer) = row?;
+            out.push(crate::admission::TokenBinding {
+                token: hash_from(&token)?.0,
+                trainer: TrainerId(hash_from(&trainer)?.0),
+            });
         }
         Ok(out)
     }
@@ -800,7 +837,7 @@ impl Db {
                 let adapter = entry.adapter_after.to_hex();
                 RoundSummary {
                     round: entry.round.0,
-                    train_loss: entry.metrics.train_loss,
+                    reported_train_loss: entry.metrics.reported_train_loss,
                     eval_loss: evaluations
                         .iter()
                         .find(|e| e.adapter == adapter)

@@ -83,6 +83,20 @@ pub async fn start_serving(
     tokens: Vec<String>,
     base_model: Option<std::path::PathBuf>,
 ) -> Running {
+    // Tokens, when given, go into a tokens file (hashes only) and the experiment admits by token.
+    let config = config.map(|mut config| {
+        if !tokens.is_empty() {
+            let path = data_dir.with_extension("tokens");
+            let lines: String = tokens
+                .iter()
+                .map(|token| format!("{} 4\n", blake3::hash(token.as_bytes()).to_hex()))
+                .collect();
+            std::fs::write(&path, lines).unwrap();
+            config.admission.mode = tributary_shared::config::AdmissionMode::Token;
+            config.admission.tokens_file = Some(path.display().to_string());
+        }
+        config
+    });
     service::start(ServeOptions {
         data_dir: data_dir.to_owned(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -92,7 +106,6 @@ pub async fn start_serving(
         tls: TlsSource::SelfSigned {
             names: vec!["localhost".into()],
         },
-        enrollment_tokens: tokens,
         base_model,
         limits: ServerLimits::default(),
     })
@@ -125,11 +138,22 @@ pub fn options(
     }
 }
 
+/// A client endpoint on a loopback address of its own for trainer `seed` (each machine of a
+/// real fleet has its own address; the coordinator counts identities per address).
+pub fn endpoint_for(fingerprint: &str, seed: u64) -> quinn::Endpoint {
+    tributary_tests::client::client_endpoint_at(
+        tributary_tests::load::loopback_address(200_000 + (seed as u32 % 50_000) * 8),
+        &ServerTrust::Fingerprint(fingerprint.to_owned()),
+    )
+    .unwrap()
+}
+
 pub fn spawn_trainer(
     fingerprint: &str,
     options: SyntheticOptions,
 ) -> JoinHandle<anyhow::Result<Report>> {
-    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.to_owned())).unwrap();
+    let seed = u64::from_le_bytes(options.identity.id().0[..8].try_into().unwrap());
+    let endpoint = endpoint_for(fingerprint, seed);
     tokio::spawn(synthetic::run(endpoint, options))
 }
 
