@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{AcceptedDelta, RejectedSubmission};
+use tributary_shared::selection::RoundSecret;
 use tributary_shared::wire::{
     DataAssignment, EvalSpec, RejectReason, ServerMessage, TaskSpec, TrainingPlan, UploadHeader,
 };
@@ -116,7 +117,7 @@ impl EngineConfig {
 }
 
 /// Where a restarted engine picks up: the open round as the store recorded it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ResumeState {
     /// The round that is open (the next to run).
     pub round: RoundId,
@@ -136,6 +137,26 @@ pub struct ResumeState {
     pub finished: bool,
     /// Adapters of this experiment with no recorded evaluation yet, oldest first.
     pub unevaluated: Vec<EvalTarget>,
+    /// The open round's secret (it orders selection and seeds tasks; revealed when the round
+    /// closes).
+    pub secret: RoundSecret,
+}
+
+impl Default for ResumeState {
+    fn default() -> Self {
+        Self {
+            round: RoundId::default(),
+            adapter: None,
+            tasks: Vec::new(),
+            accepted: Vec::new(),
+            rejected: Vec::new(),
+            known_hashes: Vec::new(),
+            next_task: TaskId::default(),
+            finished: false,
+            unevaluated: Vec::new(),
+            secret: RoundSecret([0; 32]),
+        }
+    }
 }
 
 /// A side effect for the driver.
@@ -223,6 +244,8 @@ pub struct RoundClose {
     pub rejected: Vec<RejectedSubmission>,
     /// Time from the round's first task to its close.
     pub duration: Duration,
+    /// The round's secret, to be revealed in its ledger entry.
+    pub secret: RoundSecret,
 }
 
 /// Permission to receive an upload's body.
@@ -369,6 +392,8 @@ pub struct Engine {
     deadline: Option<Instant>,
     evals: Evaluations,
     actions: VecDeque<Action>,
+    /// The open round's secret.
+    secret: RoundSecret,
 }
 
 impl Engine {
@@ -426,6 +451,7 @@ impl Engine {
             deadline: None,
             evals: Evaluations::default(),
             actions: VecDeque::new(),
+            secret: resume.secret,
             config,
         };
         engine.task_of = engine
@@ -848,17 +874,20 @@ impl Engine {
         }
     }
 
-    /// The driver committed the round: the next round starts from `adapter`.
+    /// The driver committed the round: the next round starts from `adapter`, with the secret
+    /// whose commitment the committed entry published.
     pub fn handle_round_committed(
         &mut self,
         now: Instant,
         round: RoundId,
         adapter: BlobHash,
         adapter_len: u64,
+        next_secret: RoundSecret,
     ) {
         if self.phase != Phase::Closing || round != self.round {
             return;
         }
+        self.secret = next_secret;
         self.adapter = adapter;
         self.adapter_len = adapter_len;
         self.accepted.clear();
@@ -1070,12 +1099,10 @@ impl Engine {
         self.connected.contains_key(trainer)
     }
 
-    /// The key that places `trainer` in this round's selection order.
+    /// The key that places `trainer` in this round's selection order: its rank under the
+    /// round's secret, which no trainer knows before the round.
     fn selection_key(&self, trainer: TrainerId) -> SelectionKey {
-        (
-            selection_key(self.config.seed, self.round.0, &trainer),
-            trainer,
-        )
+        (self.secret.rank(&trainer), trainer)
     }
 
     /// Marks `trainer` connected or not, keeping the selection indexes and the live-task count
@@ -1273,7 +1300,7 @@ impl Engine {
             adapter_len: self.adapter_len,
             data,
             plan: self.config.plan.clone(),
-            seed: self.config.seed ^ task.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            seed: self.secret.task_seed(task),
             deadline_ms,
             max_upload_bytes: self.config.max_upload_bytes,
         }))
@@ -1458,6 +1485,7 @@ impl Engine {
             accepted: self.accepted.values().cloned().collect(),
             rejected: self.rejected.clone(),
             duration,
+            secret: self.secret,
         }));
     }
 }
@@ -1498,16 +1526,6 @@ impl Engine {
             .collect();
         assert_eq!(self.persisting, persisting);
     }
-}
-
-/// The per-round selection order key of a trainer.
-fn selection_key(seed: u64, round: u64, trainer: &TrainerId) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"tributary selection");
-    hasher.update(&seed.to_le_bytes());
-    hasher.update(&round.to_le_bytes());
-    hasher.update(&trainer.0);
-    *hasher.finalize().as_bytes()
 }
 
 #[cfg(test)]
@@ -1641,8 +1659,14 @@ mod tests {
                         }
                         self.closes.push(close);
                         let adapter = BlobHash::of(format!("adapter-{}", round.0 + 1).as_bytes());
-                        self.engine
-                            .handle_round_committed(self.now, round, adapter, 100);
+                        let next_secret = harness_secret(round.next());
+                        self.engine.handle_round_committed(
+                            self.now,
+                            round,
+                            adapter,
+                            100,
+                            next_secret,
+                        );
                     }
                     Action::Finished { .. } => self.finished = true,
                     Action::RecordEvaluation(outcome) => self.evaluations.push(outcome),
@@ -2259,6 +2283,68 @@ mod tests {
             "capped at what the task asked for"
         );
         assert_eq!(weight_of(1), (5, 5), "a smaller claim lowers it");
+    }
+
+    /// The secret the harness draws for `round` (round 0's comes from the resume state).
+    fn harness_secret(round: RoundId) -> RoundSecret {
+        RoundSecret(*blake3::hash(&round.0.to_le_bytes()).as_bytes())
+    }
+
+    #[test]
+    fn selection_follows_the_round_secret_which_no_trainer_sees_before_the_round() {
+        let n_trainers = 40;
+        let mut harness = Harness::new(config(10, 10, 10, 40, 3), n_trainers);
+        harness.join_all();
+        let ranked = |secret: &RoundSecret, harness: &Harness| {
+            let mut ids: Vec<TrainerId> = (0..n_trainers).map(|i| harness.id(i)).collect();
+            ids.sort_by_key(|id| secret.rank(id));
+            ids.truncate(10);
+            ids.sort();
+            ids
+        };
+        let selected = |harness: &Harness| {
+            let mut ids: Vec<TrainerId> = harness.tasked().iter().map(|&i| harness.id(i)).collect();
+            ids.sort();
+            ids
+        };
+        // Round 0 follows its secret (the default resume secret here).
+        assert_eq!(selected(&harness), ranked(&RoundSecret([0; 32]), &harness));
+        // Everything trainers were sent before round 1 is drawn...
+        let mut seen = Vec::new();
+        for index in harness.tasked() {
+            harness.submit(index).unwrap();
+        }
+        assert_eq!(harness.engine.round(), RoundId(1));
+        for messages in harness.inbox.values() {
+            for message in messages {
+                if !matches!(message, ServerMessage::Task(task) if task.round == RoundId(1)) {
+                    seen.extend(tributary_shared::frame::to_payload(message).unwrap());
+                }
+            }
+        }
+        // ...holds no trace of round 1's secret, yet round 1's selection is its ranking.
+        let secret = harness_secret(RoundId(1));
+        assert!(
+            !seen.windows(32).any(|w| w == secret.0),
+            "the secret leaked"
+        );
+        assert_eq!(selected(&harness), ranked(&secret, &harness));
+        // And the task seeds derive from it too.
+        for index in harness.tasked() {
+            let task = harness.open_task(index).unwrap();
+            assert_eq!(task.seed, secret.task_seed(task.task));
+        }
+        // Keys alone decide nothing: other secrets select other trainers, so grinding keys
+        // offline buys no slot.
+        let mut selections = std::collections::BTreeSet::new();
+        for n in 0..32u8 {
+            selections.insert(ranked(&RoundSecret([n; 32]), &harness));
+        }
+        assert!(
+            selections.len() >= 30,
+            "{} distinct selections",
+            selections.len()
+        );
     }
 
     #[test]

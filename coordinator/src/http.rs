@@ -281,6 +281,7 @@ async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
                     "id": e.id.0,
                     "finished": e.finished,
                     "initial_adapter": e.initial_adapter,
+                    "first_secret_commitment": e.first_commitment,
                     "config": serde_json::from_str::<serde_json::Value>(&e.config_json).ok(),
                 })
             })

@@ -455,7 +455,16 @@ fn resolve_experiment(
     let initial = config.adapter.initial_adapter(config.experiment.seed)?;
     let bytes = encode_exact(&initial);
     let hash = blobs.put(&bytes)?;
-    db.create_experiment(&id, &json, hash, bytes.len() as u64, now_ms())?;
+    // Round 0's secret; its commitment is published with the experiment.
+    let first_secret = tributary_shared::selection::RoundSecret::generate(&mut rand::rngs::OsRng);
+    db.create_experiment(
+        &id,
+        &json,
+        hash,
+        bytes.len() as u64,
+        &first_secret,
+        now_ms(),
+    )?;
     tracing::info!(experiment = %id, adapter = %hash.short(), params = initial.element_count(), "experiment created");
     Ok(config.clone())
 }

@@ -111,13 +111,7 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
     let experiments = db.experiments().map_err(|e| setup(e.to_string()))?;
     let mut out = Vec::new();
     for stored in experiments {
-        out.push(verify_experiment(
-            &db,
-            &blobs,
-            &stored.id,
-            &stored.config_json,
-            stored.initial_adapter,
-        )?);
+        out.push(verify_experiment(&db, &blobs, &stored)?);
     }
     Ok(out)
 }
@@ -125,10 +119,13 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
 fn verify_experiment(
     db: &Db,
     blobs: &StoredBlobs,
-    id: &ExperimentId,
-    config_json: &str,
-    initial_adapter: BlobHash,
+    stored: &crate::store::db::StoredExperiment,
 ) -> Result<Verified, VerifyError> {
+    let (id, config_json, initial_adapter) = (
+        &stored.id,
+        stored.config_json.as_str(),
+        stored.initial_adapter,
+    );
     let fail = |round: Option<RoundId>, detail: String| VerifyError {
         experiment: id.clone(),
         round,
@@ -161,7 +158,8 @@ fn verify_experiment(
         let round = match &e {
             tributary_shared::ledger::LedgerError::BrokenLink { round, .. }
             | tributary_shared::ledger::LedgerError::AdapterGap { round, .. }
-            | tributary_shared::ledger::LedgerError::OutOfOrder { round, .. } => Some(*round),
+            | tributary_shared::ledger::LedgerError::OutOfOrder { round, .. }
+            | tributary_shared::ledger::LedgerError::Secret { round, .. } => Some(*round),
             _ => None,
         };
         fail(round, e.to_string())
@@ -171,6 +169,12 @@ fn verify_experiment(
             return Err(fail(
                 Some(first.round),
                 "does not start from the round-0 adapter".into(),
+            ));
+        }
+        if first.secret_commitment != stored.first_commitment {
+            return Err(fail(
+                Some(first.round),
+                "its secret is not the one committed to when the experiment was created".into(),
             ));
         }
     }

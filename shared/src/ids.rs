@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::selection::RoundSecret;
+
 /// Serializes a 32-byte id as hex in human-readable formats (JSON, TOML) and as raw bytes in
 /// binary ones (bincode).
 macro_rules! hex_serde {
@@ -119,6 +121,7 @@ impl FromStr for TrainerId {
 
 hex_serde!(BlobHash);
 hex_serde!(TrainerId);
+hex_serde!(RoundSecret);
 
 /// A round number within an experiment, counted from 0.
 #[derive(

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{from_payload_unbounded, to_payload};
 use crate::identity::verify_submission;
 use crate::ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+use crate::selection::RoundSecret;
 use crate::wire::{RejectReason, SubmissionHeader, TrainMetrics, UploadHeader};
 
 /// The record of one closed round.
@@ -33,6 +34,14 @@ pub struct LedgerEntry {
     pub rejected: Vec<RejectedSubmission>,
     /// Round figures.
     pub metrics: RoundMetrics,
+    /// The commitment to this round's secret, published before the round (round 0's with the
+    /// experiment, later ones as the previous entry's `next_commitment`).
+    pub secret_commitment: BlobHash,
+    /// This round's secret, revealed: it ordered the selection and seeded the tasks
+    /// ([`crate::selection`]).
+    pub secret: RoundSecret,
+    /// The commitment to the next round's secret.
+    pub next_commitment: BlobHash,
 }
 
 /// One delta that counted, with everything its trainer signed, so anyone holding the ledger can
@@ -200,6 +209,15 @@ pub enum LedgerError {
         /// Why.
         detail: String,
     },
+    /// A revealed secret does not match its commitment, or a commitment is not the one
+    /// published before the round.
+    #[error("round {round}: {detail}")]
+    Secret {
+        /// The round.
+        round: RoundId,
+        /// What does not match.
+        detail: String,
+    },
     /// A round does not start from the adapter the previous one produced.
     #[error("round {round}: starts from adapter {found}, previous round produced {expected}")]
     AdapterGap {
@@ -251,12 +269,24 @@ pub fn check_chain(entries: &[LedgerEntry]) -> Result<Option<BlobHash>, LedgerEr
                 found: entry.previous,
             });
         }
+        if !entry.secret.matches(&entry.secret_commitment) {
+            return Err(LedgerError::Secret {
+                round: entry.round,
+                detail: "the revealed secret does not match its commitment".into(),
+            });
+        }
         if let Some(before) = previous {
             if before.adapter_after != entry.adapter_before {
                 return Err(LedgerError::AdapterGap {
                     round: entry.round,
                     expected: before.adapter_after,
                     found: entry.adapter_before,
+                });
+            }
+            if before.next_commitment != entry.secret_commitment {
+                return Err(LedgerError::Secret {
+                    round: entry.round,
+                    detail: "its secret is not the one the previous entry committed to".into(),
                 });
             }
         }
@@ -343,9 +373,36 @@ mod tests {
                     detail: "nan".into(),
                 }],
                 metrics: RoundMetrics::default(),
+                secret_commitment: RoundSecret([round as u8; 32]).commitment(),
+                secret: RoundSecret([round as u8; 32]),
+                next_commitment: RoundSecret([round as u8 + 1; 32]).commitment(),
             });
         }
         entries
+    }
+
+    #[test]
+    fn a_secret_must_match_its_commitment_and_the_previous_entry() {
+        let mut entries = chain(3);
+        entries[1].secret = RoundSecret([9; 32]);
+        assert!(matches!(
+            check_chain(&entries),
+            Err(LedgerError::Secret {
+                round: RoundId(1),
+                ..
+            })
+        ));
+        let mut entries = chain(3);
+        entries[1].next_commitment = RoundSecret([9; 32]).commitment();
+        // Re-link the chain so only the commitment is wrong.
+        entries[2].previous = Some(entries[1].hash());
+        assert!(matches!(
+            check_chain(&entries),
+            Err(LedgerError::Secret {
+                round: RoundId(2),
+                ..
+            })
+        ));
     }
 
     #[test]

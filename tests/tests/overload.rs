@@ -196,41 +196,6 @@ async fn hostile_peers_are_cut_off_and_honest_trainers_finish() {
     );
     assert!(running.metrics.limited("control_rate") >= 1);
 
-    // A trainer that opens many downloads and never reads them: past its per-connection
-    // allowance the streams are reset at once, and what it holds is bounded by its windows.
-    let hoarder_endpoint = client_endpoint(&trust).unwrap();
-    let hoarder = Session::connect(&hoarder_endpoint, running.addr, &identity(78), None)
-        .await
-        .unwrap();
-    let adapter = running
-        .progress
-        .borrow()
-        .adapter
-        .unwrap_or(BlobHash::of(b"none"));
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let (mut send, recv) = hoarder.connection().open_bi().await.unwrap();
-        tributary_tests::client::write_frame(
-            &mut send,
-            &tributary_shared::wire::DownloadRequest { hash: adapter },
-        )
-        .await
-        .unwrap();
-        held.push((send, recv));
-    }
-    let metrics = running.metrics.clone();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while metrics.limited("downloads_per_connection") < 4 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("downloads past the allowance are reset");
-    // It would also hold a training task it never does; let it go, so the rounds below need
-    // no deadline.
-    hoarder.close();
-    drop(held);
-
     // Honest trainers still run every round.
     let mut handles = Vec::new();
     for seed in 0..4u64 {
@@ -259,5 +224,52 @@ async fn hostile_peers_are_cut_off_and_honest_trainers_finish() {
         "memory grew by {} MiB under hostile peers",
         grown >> 20
     );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_downloader_holds_a_bounded_number_of_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 16 MB adapter: more than a connection's send window, so unread downloads stay open.
+    let config = parse(&experiment_toml("hoard", 1, 4_000_000, 1, 1, 1, 2));
+    let running = start(dir.path(), Some(config), vec![]).await;
+    let trust = ServerTrust::Fingerprint(running.fingerprint.clone());
+    let mut progress = running.progress.clone();
+    let adapter = tokio::time::timeout(
+        Duration::from_secs(30),
+        progress.wait_for(|p| p.adapter.is_some()),
+    )
+    .await
+    .expect("the hub publishes its state")
+    .unwrap()
+    .adapter
+    .unwrap();
+    // A trainer that opens many downloads and never reads them: past its per-connection
+    // allowance the streams are reset at once, and what it holds is bounded by its windows.
+    let endpoint = client_endpoint(&trust).unwrap();
+    let hoarder = Session::connect(&endpoint, running.addr, &identity(78), None)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = hoarder.connection().open_bi().await.unwrap();
+        tributary_tests::client::write_frame(
+            &mut send,
+            &tributary_shared::wire::DownloadRequest { hash: adapter },
+        )
+        .await
+        .unwrap();
+        held.push((send, recv));
+    }
+    let metrics = running.metrics.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.limited("downloads_per_connection") < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("downloads past the allowance are reset");
+    hoarder.close();
+    drop(held);
     running.shutdown().await.unwrap();
 }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{LedgerEntry, RoundMetrics};
+use tributary_shared::selection::RoundSecret;
 use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadHeader};
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
@@ -153,6 +154,8 @@ pub enum Download {
 #[derive(Debug)]
 pub struct DerivedRound {
     entry: LedgerEntry,
+    /// The next round's secret, committed to in `entry`.
+    next_secret: RoundSecret,
     adapter_bytes: Arc<Vec<u8>>,
     adapter_len: u64,
     state: OptimizerState,
@@ -729,7 +732,12 @@ impl Hub {
         let finished = round.next().0 >= self.config.experiment.rounds;
         let head = self
             .db
-            .commit_round(&derived.entry, derived.adapter_len, finished)
+            .commit_round(
+                &derived.entry,
+                derived.adapter_len,
+                finished,
+                &derived.next_secret,
+            )
             .context("cannot commit the round")?;
         self.derive_failures = 0;
         self.ledger_head = Some(head);
@@ -749,6 +757,7 @@ impl Hub {
             round,
             derived.entry.adapter_after,
             derived.adapter_len,
+            derived.next_secret,
         );
         self.metrics
             .current_round
@@ -842,6 +851,9 @@ fn derive_and_store(
             / total_weight
     });
     let raw_per_delta = aggregate.element_count() as u64 * 4;
+    // The next round's secret is drawn now, from the operating system, and only its commitment
+    // is published before that round.
+    let next_secret = RoundSecret::generate(&mut rand::rngs::OsRng);
     let entry = LedgerEntry {
         experiment: tributary_shared::ExperimentId(config.experiment.name.clone()),
         round: close.round,
@@ -860,9 +872,13 @@ fn derive_and_store(
             duration_ms: close.duration.as_millis() as u64,
             aggregate_norm: aggregate.l2_norm(),
         },
+        secret_commitment: close.secret.commitment(),
+        secret: close.secret,
+        next_commitment: next_secret.commitment(),
     };
     Ok(DerivedRound {
         entry,
+        next_secret,
         adapter_len: adapter_bytes.len() as u64,
         adapter_bytes: Arc::new(adapter_bytes),
         state,

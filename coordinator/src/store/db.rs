@@ -8,6 +8,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use tributary_shared::frame::from_payload;
 use tributary_shared::ledger::{AcceptedDelta, LedgerEntry, RejectedSubmission};
+use tributary_shared::selection::RoundSecret;
 use tributary_shared::wire::{RejectReason, UploadHeader};
 use tributary_shared::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
 
@@ -34,6 +35,8 @@ pub struct StoredExperiment {
     pub config_json: String,
     /// The round-0 adapter.
     pub initial_adapter: BlobHash,
+    /// The commitment to round 0's secret, published when the experiment was created.
+    pub first_commitment: BlobHash,
     /// True once every round is committed.
     pub finished: bool,
 }
@@ -110,6 +113,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY,
     config_json TEXT NOT NULL,
     initial_adapter BLOB NOT NULL,
+    first_commitment BLOB NOT NULL,
     created_ms INTEGER NOT NULL,
     finished INTEGER NOT NULL DEFAULT 0
 );
@@ -118,6 +122,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER NOT NULL,
     adapter_before BLOB NOT NULL,
     adapter_len INTEGER NOT NULL,
+    secret BLOB NOT NULL,
     closed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (experiment, round)
 );
@@ -272,16 +277,24 @@ impl Db {
         config_json: &str,
         initial_adapter: BlobHash,
         adapter_len: u64,
+        first_secret: &RoundSecret,
         now_ms: i64,
     ) -> Result<(), DbError> {
         let tx = self.conn.savepoint()?;
         tx.execute(
-            "INSERT INTO experiments (id, config_json, initial_adapter, created_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![id.0, config_json, &initial_adapter.0[..], now_ms],
+            "INSERT INTO experiments (id, config_json, initial_adapter, first_commitment, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id.0,
+                config_json,
+                &initial_adapter.0[..],
+                &first_secret.commitment().0[..],
+                now_ms
+            ],
         )?;
         tx.execute(
-            "INSERT INTO rounds (experiment, round, adapter_before, adapter_len) VALUES (?1, 0, ?2, ?3)",
-            params![id.0, &initial_adapter.0[..], adapter_len as i64],
+            "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES (?1, 0, ?2, ?3, ?4)",
+            params![id.0, &initial_adapter.0[..], adapter_len as i64, &first_secret.0[..]],
         )?;
         tx.execute(
             "INSERT OR IGNORE INTO adapters (hash, experiment, round, byte_len) VALUES (?1, ?2, -1, ?3)",
@@ -295,7 +308,7 @@ impl Db {
     pub fn experiment(&self, id: &ExperimentId) -> Result<Option<StoredExperiment>, DbError> {
         self.conn
             .query_row(
-                "SELECT id, config_json, initial_adapter, finished FROM experiments WHERE id = ?1",
+                "SELECT id, config_json, initial_adapter, finished, first_commitment FROM experiments WHERE id = ?1",
                 params![id.0],
                 row_to_experiment,
             )
@@ -306,7 +319,7 @@ impl Db {
     /// Every experiment, oldest first.
     pub fn experiments(&self) -> Result<Vec<StoredExperiment>, DbError> {
         let mut statement = self.conn.prepare(
-            "SELECT id, config_json, initial_adapter, finished FROM experiments ORDER BY created_ms, id",
+            "SELECT id, config_json, initial_adapter, finished, first_commitment FROM experiments ORDER BY created_ms, id",
         )?;
         let rows = statement.query_map([], row_to_experiment)?;
         let mut out = Vec::new();
@@ -323,13 +336,13 @@ impl Db {
             params![id.0],
             |row| row.get(0),
         )?;
-        let open: Option<(i64, Vec<u8>, i64)> = self
+        let open: Option<(i64, Vec<u8>, i64, Vec<u8>)> = self
             .conn
             .query_row(
-                "SELECT round, adapter_before, adapter_len FROM rounds
+                "SELECT round, adapter_before, adapter_len, secret FROM rounds
                  WHERE experiment = ?1 AND closed = 0 ORDER BY round LIMIT 1",
                 params![id.0],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
             )
             .optional()?;
         // Training and evaluation tasks share one id space.
@@ -341,7 +354,7 @@ impl Db {
         )?;
         let unevaluated = self.unevaluated(id)?;
         let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
-        let Some((round, adapter, adapter_len)) = open else {
+        let Some((round, adapter, adapter_len, secret)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
             let last = self.ledger(id)?.pop();
             let adapter = last.map(|(_, entry)| entry.adapter_after);
@@ -363,6 +376,7 @@ impl Db {
         let mut state = ResumeState {
             round: RoundId(round as u64),
             adapter: Some((adapter, adapter_len as u64)),
+            secret: RoundSecret(hash_from(&secret)?.0),
             unevaluated,
             known_hashes,
             next_task: TaskId(next_task as u64),
@@ -713,6 +727,7 @@ impl Db {
         entry: &LedgerEntry,
         adapter_len: u64,
         finished: bool,
+        next_secret: &RoundSecret,
     ) -> Result<BlobHash, DbError> {
         let id = &entry.experiment;
         let round = entry.round.0 as i64;
@@ -738,8 +753,14 @@ impl Db {
             )?;
         } else {
             tx.execute(
-                "INSERT INTO rounds (experiment, round, adapter_before, adapter_len) VALUES (?1, ?2, ?3, ?4)",
-                params![id.0, round + 1, &entry.adapter_after.0[..], adapter_len as i64],
+                "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    id.0,
+                    round + 1,
+                    &entry.adapter_after.0[..],
+                    adapter_len as i64,
+                    &next_secret.0[..]
+                ],
             )?;
         }
         tx.commit()?;
@@ -891,11 +912,15 @@ fn row_to_experiment(
     let config_json: String = row.get(1)?;
     let initial: Vec<u8> = row.get(2)?;
     let finished: bool = row.get(3)?;
-    Ok(hash_from(&initial).map(|initial_adapter| StoredExperiment {
-        id: ExperimentId(id),
-        config_json,
-        initial_adapter,
-        finished,
+    let commitment: Vec<u8> = row.get(4)?;
+    Ok(hash_from(&initial).and_then(|initial_adapter| {
+        Ok(StoredExperiment {
+            id: ExperimentId(id),
+            config_json,
+            initial_adapter,
+            first_commitment: hash_from(&commitment)?,
+            finished,
+        })
     }))
 }
 
