@@ -32,13 +32,20 @@ use tributary_shared::wire::{
 
 use crate::evaluation::Evaluations;
 pub use crate::evaluation::{EvalConfig, EvalOutcome, EvalTarget};
-use tributary_shared::{BlobHash, ExperimentId, Layout, RoundId, TaskId, TrainerId};
+use tributary_shared::{
+    BlobHash, CertificateHash, ExperimentId, ExperimentUid, Layout, RoundId, TaskId, TrainerId,
+};
 
 /// What the engine needs to know about the experiment.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// The experiment's id.
     pub experiment: ExperimentId,
+    /// The experiment's random id, which submissions must have signed (set by the driver).
+    pub experiment_uid: ExperimentUid,
+    /// This coordinator's certificate hash, which submissions must have signed (set by the
+    /// driver).
+    pub coordinator: CertificateHash,
     /// Rounds to run.
     pub rounds: u64,
     /// Seed for selection order and task seeds.
@@ -87,6 +94,8 @@ impl EngineConfig {
         let selection = &config.selection;
         Ok(Self {
             experiment: ExperimentId(config.experiment.name.clone()),
+            experiment_uid: ExperimentUid::default(),
+            coordinator: CertificateHash::default(),
             rounds: config.experiment.rounds,
             seed: config.experiment.seed,
             trainers_per_round: selection.trainers_per_round,
@@ -1293,6 +1302,7 @@ impl Engine {
         ServerMessage::Task(Box::new(TaskSpec {
             task,
             experiment: self.config.experiment.clone(),
+            experiment_uid: self.config.experiment_uid,
             round: self.round,
             base_model: self.config.base_model.clone(),
             base_model_hash: self.config.base_model_hash,
@@ -1321,10 +1331,24 @@ impl Engine {
                 ),
             ));
         }
-        if header.experiment != self.config.experiment {
+        if header.experiment != self.config.experiment
+            || header.experiment_uid != self.config.experiment_uid
+        {
             return Err(Refusal::new(
                 RejectReason::Stale,
-                format!("experiment {:?} is not running here", header.experiment.0),
+                format!(
+                    "signed for experiment {:?} ({}), which is not running here",
+                    header.experiment.0, header.experiment_uid
+                ),
+            ));
+        }
+        if header.coordinator != self.config.coordinator {
+            return Err(Refusal::new(
+                RejectReason::Stale,
+                format!(
+                    "signed for coordinator {}, not this one",
+                    header.coordinator
+                ),
             ));
         }
         if header.round != self.round {
@@ -1562,6 +1586,8 @@ mod tests {
     ) -> EngineConfig {
         EngineConfig {
             experiment: ExperimentId("sim".into()),
+            experiment_uid: ExperimentUid([5; 32]),
+            coordinator: CertificateHash([6; 32]),
             rounds,
             seed: 42,
             trainers_per_round: target,
@@ -1714,6 +1740,8 @@ mod tests {
             self.trainers[index]
                 .sign_submission(SubmissionHeader {
                     experiment: task.experiment.clone(),
+                    experiment_uid: task.experiment_uid,
+                    coordinator: CertificateHash([6; 32]),
                     round: task.round,
                     task: task.task,
                     trainer: self.id(index),
@@ -2345,6 +2373,28 @@ mod tests {
             "{} distinct selections",
             selections.len()
         );
+    }
+
+    #[test]
+    fn a_submission_signed_for_another_coordinator_or_experiment_instance_is_stale() {
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 2);
+        harness.join_all();
+        let task = harness.open_task(0).unwrap();
+        for tamper in [0, 1] {
+            let mut header = harness.header(0, &task, b"x").header;
+            if tamper == 0 {
+                header.coordinator = CertificateHash([9; 32]);
+            } else {
+                header.experiment_uid = ExperimentUid([9; 32]);
+            }
+            let upload = harness.trainers[0].sign_submission(header).unwrap();
+            let refused = harness
+                .engine
+                .handle_submission_header(harness.now, harness.id(0), &upload)
+                .unwrap_err();
+            assert_eq!(refused.reason, RejectReason::Stale, "{}", refused.detail);
+        }
+        assert!(harness.open_task(0).is_some(), "the task is still open");
     }
 
     #[test]

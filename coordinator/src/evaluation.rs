@@ -77,6 +77,9 @@ struct Pending {
 #[derive(Clone, Debug, Default)]
 pub struct Evaluations {
     pending: Vec<Pending>,
+    /// Connected trainers that declined an evaluation: they cannot evaluate (no model, no
+    /// data) and are not asked for later ones either until they reconnect.
+    unable: BTreeSet<TrainerId>,
 }
 
 impl Evaluations {
@@ -129,10 +132,11 @@ impl Evaluations {
             .collect();
         let mut sent = Vec::new();
         for pending in self.pending.iter_mut().filter(|p| p.assigned.is_none()) {
+            let unable = &self.unable;
             let free = || {
-                candidates
-                    .iter()
-                    .filter(|t| !busy.contains(t) && !pending.declined.contains(t))
+                candidates.iter().filter(|t| {
+                    !busy.contains(t) && !pending.declined.contains(t) && !unable.contains(t)
+                })
             };
             let Some(&trainer) = free()
                 .find(|t| !pending.tried.contains(t))
@@ -188,6 +192,7 @@ impl Evaluations {
     /// `trainer` left: its evaluation goes back to the queue (not counted as a failure).
     /// Returns whether it had one.
     pub fn trainer_left(&mut self, trainer: TrainerId) -> bool {
+        self.unable.remove(&trainer);
         let mut had = false;
         for pending in &mut self.pending {
             if pending
@@ -219,6 +224,7 @@ impl Evaluations {
                 pending.assigned = None;
                 pending.failures += 1;
                 pending.declined.insert(trainer);
+                self.unable.insert(trainer);
             }
         }
         self.abandon_failed()

@@ -282,6 +282,8 @@ async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
                     "finished": e.finished,
                     "initial_adapter": e.initial_adapter,
                     "first_secret_commitment": e.first_commitment,
+                    "uid": e.uid,
+                    "ledger_key": e.signer,
                     "config": serde_json::from_str::<serde_json::Value>(&e.config_json).ok(),
                 })
             })

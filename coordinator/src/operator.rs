@@ -24,9 +24,17 @@ pub const MAX_FUTURE_SKEW_MS: u64 = 5_000;
 /// The operator key file inside a data directory.
 pub const KEY_FILE: &str = "operator.key";
 
+/// The coordinator's ledger key file inside a data directory: it signs every ledger entry.
+pub const LEDGER_KEY_FILE: &str = "ledger.key";
+
 /// Reads the operator key in `data_dir`, or makes one.
 pub fn load_or_create(data_dir: &Path) -> std::io::Result<Identity> {
-    let path = data_dir.join(KEY_FILE);
+    load_or_create_key(&data_dir.join(KEY_FILE))
+}
+
+/// Reads the ed25519 key at `path` (hex, owner-readable only), or makes one.
+pub fn load_or_create_key(path: &Path) -> std::io::Result<Identity> {
+    let path = path.to_owned();
     match std::fs::read_to_string(&path) {
         Ok(text) => Identity::from_secret_hex(text.trim()).map_err(|error| {
             std::io::Error::new(

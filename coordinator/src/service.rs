@@ -191,8 +191,24 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         }
         config
     });
-    let config = resolve_experiment(&mut db, &blobs, requested.as_ref())?;
+    let ledger_key = crate::operator::load_or_create_key(
+        &options.data_dir.join(crate::operator::LEDGER_KEY_FILE),
+    )
+    .context("cannot read or create the ledger key")?;
+    let config = resolve_experiment(&mut db, &blobs, requested.as_ref(), &ledger_key)?;
     let experiment = ExperimentId(config.experiment.name.clone());
+    let stored = db
+        .experiment(&experiment)?
+        .context("the experiment was just resolved")?;
+    if stored.signer != ledger_key.id() {
+        bail!(
+            "experiment {experiment}'s ledger is signed by key {}, but this data directory's \
+             {} is {}: restore the original key",
+            stored.signer,
+            crate::operator::LEDGER_KEY_FILE,
+            ledger_key.id()
+        );
+    }
     let resume = db.resume_state(&experiment)?;
     let ledger = db.ledger(&experiment)?;
     let max_elements = config.adapter.layout()?.element_count();
@@ -221,13 +237,24 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         engine_config.base_model_hash = Some(hash);
         tracing::info!(model = %path.display(), %hash, bytes, "serving the base model");
     }
-    let engine = Engine::new(engine_config, resume);
-    let admission = load_admission(&config.admission, &db)?;
-
     let identity = match &options.tls {
         TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
         TlsSource::Files { cert, key } => tls::load_pem(cert, key)?,
     };
+    let mut certificate = [0u8; 32];
+    hex::decode_to_slice(&identity.fingerprint, &mut certificate)
+        .context("the certificate fingerprint is 32 bytes of hex")?;
+    // Submissions are signed for this experiment instance and this coordinator.
+    engine_config.experiment_uid = stored.uid;
+    engine_config.coordinator = tributary_shared::CertificateHash(certificate);
+    let engine = Engine::new(engine_config, resume);
+    let admission = load_admission(&config.admission, &db)?;
+    let signer = Arc::new(crate::net::hub::LedgerSigner {
+        key: ledger_key,
+        experiment_uid: stored.uid,
+        coordinator: tributary_shared::CertificateHash(certificate),
+        config_hash: BlobHash::of(stored.config_json.as_bytes()),
+    });
     let server_config = tls::server_config(&identity, &options.limits.transport)?;
     let endpoint = bind_endpoint(&options.data_dir, server_config, options.listen)?;
     let addr = endpoint.local_addr()?;
@@ -259,7 +286,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         options.data_dir.clone(),
     )
     .serving_base_model(served_model)
-    .admitting(admission);
+    .admitting(admission)
+    .signing(signer);
     let hub = tokio::spawn(hub.run(inbox, wait_for(shutdown_rx.clone())));
     tokio::spawn(collect_garbage(
         options.data_dir.clone(),
@@ -284,12 +312,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
             options.limits.concurrent_file_downloads.max(1),
         )),
         experiment: experiment.clone(),
-        server_certificate: {
-            let mut raw = [0u8; 32];
-            hex::decode_to_slice(&identity.fingerprint, &mut raw)
-                .context("the certificate fingerprint is 32 bytes of hex")?;
-            raw
-        },
+        server_certificate: certificate,
     });
     tokio::spawn(accept_loop(
         endpoint.clone(),
@@ -430,6 +453,7 @@ fn resolve_experiment(
     db: &mut Db,
     blobs: &BlobStore,
     requested: Option<&ExperimentConfig>,
+    ledger_key: &tributary_shared::identity::Identity,
 ) -> anyhow::Result<ExperimentConfig> {
     let Some(config) = requested else {
         let stored = db.experiments()?;
@@ -457,14 +481,16 @@ fn resolve_experiment(
     let hash = blobs.put(&bytes)?;
     // Round 0's secret; its commitment is published with the experiment.
     let first_secret = tributary_shared::selection::RoundSecret::generate(&mut rand::rngs::OsRng);
-    db.create_experiment(
-        &id,
-        &json,
-        hash,
-        bytes.len() as u64,
-        &first_secret,
-        now_ms(),
-    )?;
+    db.create_experiment(&crate::store::db::NewExperiment {
+        id: &id,
+        config_json: &json,
+        initial_adapter: hash,
+        adapter_len: bytes.len() as u64,
+        first_secret: &first_secret,
+        uid: tributary_shared::ExperimentUid(rand::random()),
+        signer: ledger_key.id(),
+        now_ms: now_ms(),
+    })?;
     tracing::info!(experiment = %id, adapter = %hash.short(), params = initial.element_count(), "experiment created");
     Ok(config.clone())
 }

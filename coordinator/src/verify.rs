@@ -84,6 +84,8 @@ fn check_submissions(
             && header.byte_len == accepted.byte_len
             && header.metrics.train_loss.to_bits() == accepted.reported_train_loss.to_bits()
             && header.round == entry.round
+            && header.experiment_uid == entry.experiment_uid
+            && header.coordinator == entry.coordinator
             && &header.experiment == id;
         if !matches {
             return Err(format!(
@@ -178,9 +180,28 @@ fn verify_experiment(
             ));
         }
     }
+    let config_hash = BlobHash::of(config_json.as_bytes());
     let mut state = OptimizerState::default();
     for entry in &entries {
         let round = Some(entry.round);
+        entry
+            .verify_signature(Some(&stored.signer))
+            .map_err(|e| fail(round, e.to_string()))?;
+        if entry.config_hash != config_hash {
+            return Err(fail(
+                round,
+                "the entry commits to another configuration than the experiment's".into(),
+            ));
+        }
+        if entry.experiment_uid != stored.uid {
+            return Err(fail(
+                round,
+                format!(
+                    "the entry is for experiment instance {}",
+                    entry.experiment_uid
+                ),
+            ));
+        }
         if &entry.experiment != id {
             return Err(fail(
                 round,

@@ -16,6 +16,8 @@ pub const HELLO_DOMAIN: &[u8] = b"tributary/1 hello\0";
 pub const SUBMISSION_DOMAIN: &[u8] = b"tributary/1 submission\0";
 /// Domain tag for operator commands.
 pub const OPERATOR_DOMAIN: &[u8] = b"tributary/1 operator\0";
+/// Domain separation for the coordinator's signatures over ledger entries.
+pub const LEDGER_DOMAIN: &[u8] = b"tributary/1 ledger\0";
 
 /// A signature that does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -214,6 +216,8 @@ mod tests {
 
     fn header(trainer: TrainerId) -> SubmissionHeader {
         SubmissionHeader {
+            experiment_uid: crate::ExperimentUid([3; 32]),
+            coordinator: crate::CertificateHash([4; 32]),
             experiment: ExperimentId("e".into()),
             round: RoundId(2),
             task: TaskId(5),

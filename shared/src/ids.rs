@@ -119,9 +119,40 @@ impl FromStr for TrainerId {
     }
 }
 
+/// A random id drawn when an experiment is created: submissions are signed for it, so a
+/// signature cannot be replayed into another experiment of the same name.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ExperimentUid(pub [u8; 32]);
+
+/// SHA-256 of a coordinator's TLS certificate (what trainers pin): submissions are signed for
+/// one coordinator instance.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CertificateHash(pub [u8; 32]);
+
+macro_rules! hex_display {
+    ($name:ident) => {
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&hex::encode(self.0))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), hex::encode(&self.0[..6]))
+            }
+        }
+    };
+}
+
+hex_display!(ExperimentUid);
+hex_display!(CertificateHash);
+
 hex_serde!(BlobHash);
 hex_serde!(TrainerId);
 hex_serde!(RoundSecret);
+hex_serde!(ExperimentUid);
+hex_serde!(CertificateHash);
 
 /// A round number within an experiment, counted from 0.
 #[derive(

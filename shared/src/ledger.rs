@@ -6,16 +6,25 @@
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{from_payload_unbounded, to_payload};
-use crate::identity::verify_submission;
-use crate::ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+use crate::identity::{verify, verify_submission, Identity, IdentityError, LEDGER_DOMAIN};
+use crate::ids::{
+    BlobHash, CertificateHash, ExperimentId, ExperimentUid, RoundId, TaskId, TrainerId,
+};
 use crate::selection::RoundSecret;
 use crate::wire::{RejectReason, SubmissionHeader, TrainMetrics, UploadHeader};
 
-/// The record of one closed round.
+/// The record of one closed round, signed by the coordinator that ran it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// The experiment.
     pub experiment: ExperimentId,
+    /// The experiment's random id, which every submission signed.
+    pub experiment_uid: ExperimentUid,
+    /// The certificate hash of the coordinator instance, which every submission signed.
+    pub coordinator: CertificateHash,
+    /// blake3 of the experiment's configuration as stored (its canonical JSON): the rules the
+    /// round was run by.
+    pub config_hash: BlobHash,
     /// The round.
     pub round: RoundId,
     /// Hash of the previous round's entry; `None` for round 0.
@@ -42,6 +51,10 @@ pub struct LedgerEntry {
     pub secret: RoundSecret,
     /// The commitment to the next round's secret.
     pub next_commitment: BlobHash,
+    /// The coordinator's ledger key.
+    pub signer: TrainerId,
+    /// Its ed25519 signature over the entry without this field ([`LedgerEntry::signed_bytes`]).
+    pub signature: Vec<u8>,
 }
 
 /// One delta that counted, with everything its trainer signed, so anyone holding the ledger can
@@ -101,12 +114,14 @@ impl AcceptedDelta {
         }
     }
 
-    /// The signed upload header this record stands for.
-    pub fn upload(&self, experiment: &ExperimentId, round: RoundId) -> UploadHeader {
+    /// The signed upload header this record of `entry` stands for.
+    pub fn upload(&self, entry: &LedgerEntry) -> UploadHeader {
         UploadHeader {
             header: SubmissionHeader {
-                experiment: experiment.clone(),
-                round,
+                experiment: entry.experiment.clone(),
+                experiment_uid: entry.experiment_uid,
+                coordinator: entry.coordinator,
+                round: entry.round,
                 task: self.task,
                 trainer: self.trainer,
                 hash: self.hash,
@@ -127,12 +142,10 @@ impl AcceptedDelta {
 /// Checks every accepted delta's signature in `entry`.
 pub fn verify_signatures(entry: &LedgerEntry) -> Result<(), LedgerError> {
     for accepted in &entry.accepted {
-        verify_submission(&accepted.upload(&entry.experiment, entry.round)).map_err(|error| {
-            LedgerError::BadSignature {
-                round: entry.round,
-                hash: accepted.hash,
-                detail: error.to_string(),
-            }
+        verify_submission(&accepted.upload(entry)).map_err(|error| LedgerError::BadSignature {
+            round: entry.round,
+            hash: accepted.hash,
+            detail: error.to_string(),
         })?;
     }
     Ok(())
@@ -218,6 +231,14 @@ pub enum LedgerError {
         /// What does not match.
         detail: String,
     },
+    /// The coordinator's signature over an entry does not hold.
+    #[error("round {round}: entry signature: {detail}")]
+    BadEntrySignature {
+        /// The round.
+        round: RoundId,
+        /// Why.
+        detail: String,
+    },
     /// A round does not start from the adapter the previous one produced.
     #[error("round {round}: starts from adapter {found}, previous round produced {expected}")]
     AdapterGap {
@@ -231,6 +252,43 @@ pub enum LedgerError {
 }
 
 impl LedgerEntry {
+    /// The bytes the coordinator signs: the canonical bytes with an empty signature.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature.clear();
+        unsigned.to_bytes()
+    }
+
+    /// Signs the entry with the coordinator's ledger key (setting `signer` and `signature`).
+    pub fn sign(&mut self, key: &Identity) {
+        self.signer = key.id();
+        self.signature.clear();
+        self.signature = key.sign(LEDGER_DOMAIN, &self.signed_bytes());
+    }
+
+    /// Checks the coordinator's signature, by `expected` when given.
+    pub fn verify_signature(&self, expected: Option<&TrainerId>) -> Result<(), LedgerError> {
+        let bad = |detail: String| LedgerError::BadEntrySignature {
+            round: self.round,
+            detail,
+        };
+        if let Some(expected) = expected {
+            if *expected != self.signer {
+                return Err(bad(format!(
+                    "signed by {}, not the experiment's coordinator {}",
+                    self.signer, expected
+                )));
+            }
+        }
+        verify(
+            &self.signer,
+            LEDGER_DOMAIN,
+            &self.signed_bytes(),
+            &self.signature,
+        )
+        .map_err(|error: IdentityError| bad(error.to_string()))
+    }
+
     /// The canonical bytes that are hashed and stored.
     pub fn to_bytes(&self) -> Vec<u8> {
         to_payload(self).expect("ledger entries contain only serializable fields")
@@ -308,6 +366,8 @@ mod tests {
         let upload = signer()
             .sign_submission(SubmissionHeader {
                 experiment: ExperimentId("e".into()),
+                experiment_uid: ExperimentUid([3; 32]),
+                coordinator: CertificateHash([4; 32]),
                 round,
                 task: TaskId(4),
                 trainer: signer().id(),
@@ -357,8 +417,11 @@ mod tests {
                 Some(last) => last.adapter_after,
                 None => BlobHash::of(b"initial"),
             };
-            entries.push(LedgerEntry {
+            let mut entry = LedgerEntry {
                 experiment: ExperimentId("e".into()),
+                experiment_uid: ExperimentUid([3; 32]),
+                coordinator: CertificateHash([4; 32]),
+                config_hash: BlobHash::of(b"config"),
                 round: RoundId(round),
                 previous: entries.last().map(LedgerEntry::hash),
                 adapter_before,
@@ -376,9 +439,34 @@ mod tests {
                 secret_commitment: RoundSecret([round as u8; 32]).commitment(),
                 secret: RoundSecret([round as u8; 32]),
                 next_commitment: RoundSecret([round as u8 + 1; 32]).commitment(),
-            });
+                signer: TrainerId([0; 32]),
+                signature: Vec::new(),
+            };
+            entry.sign(&coordinator_key());
+            entries.push(entry);
         }
         entries
+    }
+
+    fn coordinator_key() -> Identity {
+        Identity::from_secret([6; 32])
+    }
+
+    #[test]
+    fn entries_carry_the_coordinators_signature() {
+        let entries = chain(2);
+        let key = coordinator_key().id();
+        entries[1].verify_signature(Some(&key)).unwrap();
+        let mut forged = entries[1].clone();
+        forged.accepted.clear();
+        assert!(forged.verify_signature(Some(&key)).is_err());
+        let mut resigned = entries[1].clone();
+        resigned.sign(&Identity::from_secret([7; 32]));
+        resigned.verify_signature(None).unwrap();
+        assert!(matches!(
+            resigned.verify_signature(Some(&key)),
+            Err(LedgerError::BadEntrySignature { .. })
+        ));
     }
 
     #[test]

@@ -18,4 +18,4 @@ pub mod selection;
 pub mod wire;
 
 pub use delta::{Delta, DeltaError, Layout, NamedTensor};
-pub use ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+pub use ids::{BlobHash, CertificateHash, ExperimentId, ExperimentUid, RoundId, TaskId, TrainerId};

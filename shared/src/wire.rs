@@ -16,10 +16,12 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
-use crate::ids::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+use crate::ids::{
+    BlobHash, CertificateHash, ExperimentId, ExperimentUid, RoundId, TaskId, TrainerId,
+};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The TLS ALPN token for this protocol version.
 pub const ALPN: &[u8] = b"tributary/1";
 
@@ -198,6 +200,8 @@ pub struct TaskSpec {
     pub task: TaskId,
     /// The experiment.
     pub experiment: ExperimentId,
+    /// The experiment's random id, which the submission signs.
+    pub experiment_uid: ExperimentUid,
     /// The round this task belongs to.
     pub round: RoundId,
     /// The base model's name (as in the experiment file).
@@ -306,6 +310,12 @@ mod codec_repr {
 pub struct SubmissionHeader {
     /// The experiment.
     pub experiment: ExperimentId,
+    /// The experiment's random id (from the task): the signature holds for this experiment
+    /// only, not for another of the same name.
+    pub experiment_uid: ExperimentUid,
+    /// The coordinator's certificate hash, as the trainer saw it: the signature holds for this
+    /// coordinator instance only.
+    pub coordinator: CertificateHash,
     /// The round the delta was trained for.
     pub round: RoundId,
     /// The task it answers.
@@ -471,6 +481,7 @@ mod tests {
     fn sample_task() -> TaskSpec {
         TaskSpec {
             task: TaskId(3),
+            experiment_uid: ExperimentUid([1; 32]),
             experiment: ExperimentId("demo".into()),
             round: RoundId(1),
             base_model: "smollm2-135m".into(),

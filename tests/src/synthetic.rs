@@ -341,6 +341,8 @@ impl Trainer {
         let _ = codec_used;
         let mut header = SubmissionHeader {
             experiment: task.experiment.clone(),
+            experiment_uid: task.experiment_uid,
+            coordinator: session.coordinator,
             round: task.round,
             task: task.task,
             trainer: self.options.identity.id(),

@@ -136,6 +136,7 @@ pub async fn run(
         verified_models: std::collections::HashMap::new(),
         feedback: ErrorFeedback::new(),
         pending: None,
+        coordinator: tributary_shared::CertificateHash::default(),
         upload_retry: None,
         upload_attempts: 0,
         jobs: Jobs::default(),
@@ -169,6 +170,7 @@ pub async fn run(
             }
         };
         worker.report.connections += 1;
+        worker.coordinator = session.coordinator;
         backoff = Duration::from_millis(100);
         tracing::info!(trainer = %session.trainer, experiment = %session.experiment.0, "connected");
         let outcome = worker.serve(&mut session).await;
@@ -195,6 +197,8 @@ struct Worker {
     verified_models: std::collections::HashMap<BlobHash, PathBuf>,
     /// A finished upload the coordinator has not acknowledged yet.
     pending: Option<(TaskId, UploadHeader, Vec<u8>)>,
+    /// The certificate hash of the coordinator connected to, which submissions sign.
+    coordinator: tributary_shared::CertificateHash,
     /// When to send the pending upload again (the coordinator deferred it or failed to store
     /// it).
     upload_retry: Option<Instant>,
@@ -814,6 +818,8 @@ impl Worker {
         self.report.losses.push(loss as f32);
         let header = SubmissionHeader {
             experiment: task.experiment.clone(),
+            experiment_uid: task.experiment_uid,
+            coordinator: self.coordinator,
             round: task.round,
             task: task.task,
             trainer: self.options.identity.id(),
@@ -1024,6 +1030,7 @@ mod tests {
         let task = tributary_shared::wire::TaskSpec {
             task: TaskId(1),
             experiment: tributary_shared::ExperimentId("x".into()),
+            experiment_uid: tributary_shared::ExperimentUid::default(),
             round: tributary_shared::RoundId(0),
             base_model: "m".into(),
             base_model_hash: None,

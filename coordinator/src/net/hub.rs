@@ -161,6 +161,19 @@ pub struct DerivedRound {
     state: OptimizerState,
 }
 
+/// What every ledger entry of this coordinator binds to, and the key that signs it.
+#[derive(Debug)]
+pub struct LedgerSigner {
+    /// The coordinator's ledger key.
+    pub key: tributary_shared::identity::Identity,
+    /// The experiment's random id.
+    pub experiment_uid: tributary_shared::ExperimentUid,
+    /// This coordinator's certificate hash.
+    pub coordinator: tributary_shared::CertificateHash,
+    /// blake3 of the experiment's stored configuration.
+    pub config_hash: BlobHash,
+}
+
 /// What the outside world can watch.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Progress {
@@ -221,6 +234,8 @@ pub struct Hub {
     derive_failures: u32,
     /// Who may join.
     admission: Admission,
+    /// Signs the ledger entries.
+    signer: Option<Arc<LedgerSigner>>,
 }
 
 impl Hub {
@@ -257,6 +272,7 @@ impl Hub {
             base_model: None,
             derive_retry: None,
             derive_failures: 0,
+            signer: None,
             admission: Admission::new(
                 tributary_shared::config::AdmissionMode::Open,
                 vec![],
@@ -265,6 +281,12 @@ impl Hub {
                 u32::MAX,
             ),
         }
+    }
+
+    /// Signs ledger entries with `signer` (required before rounds can close).
+    pub fn signing(mut self, signer: Arc<LedgerSigner>) -> Self {
+        self.signer = Some(signer);
+        self
     }
 
     /// Applies these admission rules (the default admits anyone).
@@ -697,11 +719,17 @@ impl Hub {
         let state = self.optimizer_state.clone();
         let previous = self.ledger_head;
         let commands = self.commands.clone();
+        let signer = self.signer.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while aggregating must come back as an error, not leave the round
             // closing forever.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                derive_and_store(&config, &data_dir, &blobs, &close, &state, previous)
+                let signer = signer.ok_or_else(|| {
+                    DeriveFailure::Transient("no ledger key to sign the round with".into())
+                })?;
+                derive_and_store(
+                    &config, &data_dir, &blobs, &close, &state, previous, &signer,
+                )
             }))
             .unwrap_or_else(|_| Err(DeriveFailure::Transient("aggregation panicked".into())))
             .map(Box::new);
@@ -802,6 +830,7 @@ fn derive_and_store(
     close: &RoundClose,
     state: &OptimizerState,
     previous: Option<BlobHash>,
+    signer: &LedgerSigner,
 ) -> Result<DerivedRound, DeriveFailure> {
     let transient = |error: &dyn std::fmt::Display| DeriveFailure::Transient(error.to_string());
     let stored = StoredBlobs::open(data_dir).map_err(|e| transient(&e))?;
@@ -854,8 +883,11 @@ fn derive_and_store(
     // The next round's secret is drawn now, from the operating system, and only its commitment
     // is published before that round.
     let next_secret = RoundSecret::generate(&mut rand::rngs::OsRng);
-    let entry = LedgerEntry {
+    let mut entry = LedgerEntry {
         experiment: tributary_shared::ExperimentId(config.experiment.name.clone()),
+        experiment_uid: signer.experiment_uid,
+        coordinator: signer.coordinator,
+        config_hash: signer.config_hash,
         round: close.round,
         previous,
         adapter_before: close.adapter_before,
@@ -875,7 +907,10 @@ fn derive_and_store(
         secret_commitment: close.secret.commitment(),
         secret: close.secret,
         next_commitment: next_secret.commitment(),
+        signer: signer.key.id(),
+        signature: Vec::new(),
     };
+    entry.sign(&signer.key);
     Ok(DerivedRound {
         entry,
         next_secret,

@@ -10,7 +10,7 @@ use tributary_shared::frame::from_payload;
 use tributary_shared::ledger::{AcceptedDelta, LedgerEntry, RejectedSubmission};
 use tributary_shared::selection::RoundSecret;
 use tributary_shared::wire::{RejectReason, UploadHeader};
-use tributary_shared::{BlobHash, ExperimentId, RoundId, TaskId, TrainerId};
+use tributary_shared::{BlobHash, ExperimentId, ExperimentUid, RoundId, TaskId, TrainerId};
 
 use crate::engine::ResumeState;
 
@@ -37,8 +37,33 @@ pub struct StoredExperiment {
     pub initial_adapter: BlobHash,
     /// The commitment to round 0's secret, published when the experiment was created.
     pub first_commitment: BlobHash,
+    /// Its random id.
+    pub uid: ExperimentUid,
+    /// The coordinator's ledger key, which signs its entries.
+    pub signer: TrainerId,
     /// True once every round is committed.
     pub finished: bool,
+}
+
+/// What a new experiment is created with.
+#[derive(Debug, Clone, Copy)]
+pub struct NewExperiment<'a> {
+    /// Its name.
+    pub id: &'a ExperimentId,
+    /// Its validated configuration as JSON (its hash is what ledger entries commit to).
+    pub config_json: &'a str,
+    /// The round-0 adapter.
+    pub initial_adapter: BlobHash,
+    /// Its encoded length.
+    pub adapter_len: u64,
+    /// Round 0's secret (its commitment is published with the experiment).
+    pub first_secret: &'a RoundSecret,
+    /// Its random id.
+    pub uid: ExperimentUid,
+    /// The coordinator's ledger key.
+    pub signer: TrainerId,
+    /// When, ms since the Unix epoch.
+    pub now_ms: i64,
 }
 
 /// Counts for `status` and metrics.
@@ -114,6 +139,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     config_json TEXT NOT NULL,
     initial_adapter BLOB NOT NULL,
     first_commitment BLOB NOT NULL,
+    uid BLOB NOT NULL,
+    signer BLOB NOT NULL,
     created_ms INTEGER NOT NULL,
     finished INTEGER NOT NULL DEFAULT 0
 );
@@ -270,25 +297,29 @@ impl Db {
         Ok(())
     }
 
-    /// Creates an experiment with its round 0 open on `initial_adapter`.
-    pub fn create_experiment(
-        &mut self,
-        id: &ExperimentId,
-        config_json: &str,
-        initial_adapter: BlobHash,
-        adapter_len: u64,
-        first_secret: &RoundSecret,
-        now_ms: i64,
-    ) -> Result<(), DbError> {
+    /// Creates an experiment with its round 0 open on its initial adapter.
+    pub fn create_experiment(&mut self, new: &NewExperiment<'_>) -> Result<(), DbError> {
+        let NewExperiment {
+            id,
+            config_json,
+            initial_adapter,
+            adapter_len,
+            first_secret,
+            uid,
+            signer,
+            now_ms,
+        } = *new;
         let tx = self.conn.savepoint()?;
         tx.execute(
-            "INSERT INTO experiments (id, config_json, initial_adapter, first_commitment, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO experiments (id, config_json, initial_adapter, first_commitment, uid, signer, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 id.0,
                 config_json,
                 &initial_adapter.0[..],
                 &first_secret.commitment().0[..],
+                &uid.0[..],
+                &signer.0[..],
                 now_ms
             ],
         )?;
@@ -308,7 +339,7 @@ impl Db {
     pub fn experiment(&self, id: &ExperimentId) -> Result<Option<StoredExperiment>, DbError> {
         self.conn
             .query_row(
-                "SELECT id, config_json, initial_adapter, finished, first_commitment FROM experiments WHERE id = ?1",
+                "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments WHERE id = ?1",
                 params![id.0],
                 row_to_experiment,
             )
@@ -319,7 +350,7 @@ impl Db {
     /// Every experiment, oldest first.
     pub fn experiments(&self) -> Result<Vec<StoredExperiment>, DbError> {
         let mut statement = self.conn.prepare(
-            "SELECT id, config_json, initial_adapter, finished, first_commitment FROM experiments ORDER BY created_ms, id",
+            "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments ORDER BY created_ms, id",
         )?;
         let rows = statement.query_map([], row_to_experiment)?;
         let mut out = Vec::new();
@@ -913,12 +944,16 @@ fn row_to_experiment(
     let initial: Vec<u8> = row.get(2)?;
     let finished: bool = row.get(3)?;
     let commitment: Vec<u8> = row.get(4)?;
+    let uid: Vec<u8> = row.get(5)?;
+    let signer: Vec<u8> = row.get(6)?;
     Ok(hash_from(&initial).and_then(|initial_adapter| {
         Ok(StoredExperiment {
             id: ExperimentId(id),
             config_json,
             initial_adapter,
             first_commitment: hash_from(&commitment)?,
+            uid: ExperimentUid(hash_from(&uid)?.0),
+            signer: TrainerId(hash_from(&signer)?.0),
             finished,
         })
     }))

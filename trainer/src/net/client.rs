@@ -12,7 +12,7 @@ use tributary_shared::identity::Identity;
 use tributary_shared::wire::{
     ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader, PROTOCOL_VERSION,
 };
-use tributary_shared::{BlobHash, ExperimentId, TrainerId};
+use tributary_shared::{BlobHash, CertificateHash, ExperimentId, TrainerId};
 
 use super::NetError;
 
@@ -27,6 +27,8 @@ pub struct Session {
     pub trainer: TrainerId,
     /// The experiment it runs.
     pub experiment: ExperimentId,
+    /// SHA-256 of the coordinator's certificate, which submissions sign.
+    pub coordinator: CertificateHash,
 }
 
 impl Session {
@@ -81,6 +83,7 @@ impl Session {
                 decoder,
                 trainer,
                 experiment,
+                coordinator: CertificateHash(server_certificate),
             }),
             ServerMessage::Refused { reason, detail } => Err(NetError::Refused { reason, detail }),
             other => Err(NetError::Protocol(format!(
