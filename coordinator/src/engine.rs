@@ -1753,6 +1753,18 @@ mod tests {
                 .unwrap()
         }
 
+        /// Runs an upload whose header the engine admits but whose byte-level checks (or
+        /// signature) fail in the driver with `refusal`.
+        fn fail_upload(&mut self, index: usize, upload: &UploadHeader, refusal: Refusal) {
+            let ticket = self
+                .engine
+                .handle_submission_header(self.now, self.id(index), upload)
+                .unwrap();
+            self.engine
+                .handle_upload_finished(self.now, &ticket, Err(refusal));
+            self.drain();
+        }
+
         /// Runs one trainer's whole upload with a body unique to it; returns the refusal if any.
         fn submit(&mut self, index: usize) -> Result<(), Refusal> {
             let task = self.open_task(index).expect("trainer has a task");
@@ -2064,16 +2076,11 @@ mod tests {
         check(&mut harness, a, upload, RejectReason::TooLarge);
         // A failed byte-level check is recorded, sent, and the task replaced.
         let upload = harness.header(a, &task_a, b"nan");
-        let ticket = harness
-            .engine
-            .handle_submission_header(harness.now, harness.id(a), &upload)
-            .unwrap();
-        harness.engine.handle_upload_finished(
-            harness.now,
-            &ticket,
-            Err(Refusal::new(RejectReason::NonFinite, "nan at 0")),
+        harness.fail_upload(
+            a,
+            &upload,
+            Refusal::new(RejectReason::NonFinite, "nan at 0"),
         );
-        harness.drain();
         assert_eq!(
             harness.rejections.last().unwrap().reason,
             RejectReason::NonFinite
@@ -2129,16 +2136,11 @@ mod tests {
         let task_a = harness.open_task(a).unwrap();
         let mut upload = harness.header(a, &task_a, b"x");
         upload.header.sample_count += 1;
-        let ticket = harness
-            .engine
-            .handle_submission_header(harness.now, harness.id(a), &upload)
-            .unwrap();
-        harness.engine.handle_upload_finished(
-            harness.now,
-            &ticket,
-            Err(Refusal::new(RejectReason::BadSignature, "forged")),
+        harness.fail_upload(
+            a,
+            &upload,
+            Refusal::new(RejectReason::BadSignature, "forged"),
         );
-        harness.drain();
         assert_eq!(
             harness.rejections.last().unwrap().reason,
             RejectReason::BadSignature

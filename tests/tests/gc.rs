@@ -12,7 +12,6 @@ use tributary_coordinator::store::blobs::BlobStore;
 use tributary_coordinator::store::gc;
 use tributary_coordinator::verify::verify_data_dir;
 use tributary_shared::{ExperimentId, RoundId};
-use tributary_tests::synthetic::{Fault, Gate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collection_keeps_what_the_ledger_and_the_open_round_refer_to() {
@@ -20,21 +19,8 @@ async fn collection_keeps_what_the_ledger_and_the_open_round_refer_to() {
     // Deltas of 100,000 int8 values are blob files.
     let config = parse(&experiment_toml("gc", 2, 100_000, 4, 4, 3, 4));
     let running = start(dir.path(), Some(config), vec![]).await;
-    let gate = Gate::new(1);
-    let mut handles = Vec::new();
-    for seed in 0..4u64 {
-        let held = (seed == 3).then(|| gate.clone());
-        let options = options(running.addr, 300 + seed, Fault::None, held);
-        handles.push(spawn_trainer(&running.fingerprint, options));
-    }
+    let (gate, handles) = hold_round_open(&running, 300).await;
     let mut progress = running.progress.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        progress.wait_for(|p| p.accepted_in_round >= 3),
-    )
-    .await
-    .expect("three deltas accepted")
-    .unwrap();
 
     // Garbage: one file written two hours ago, one just now.
     let store = BlobStore::at(dir.path().join("blobs"));

@@ -40,6 +40,7 @@ async fn slow_header_clients_are_capped_and_dropped_while_honest_work_goes_on() 
     let running = start(dir.path(), Some(config), vec![]).await;
     let http = running.http_addr.unwrap();
     let limits = tributary_coordinator::http::HttpLimits::default();
+    let before = rss_bytes();
 
     // 1,000 connections from four addresses, each sending half a request line and then nothing.
     let mut attackers = Vec::new();
@@ -92,6 +93,12 @@ async fn slow_header_clients_are_capped_and_dropped_while_honest_work_goes_on() 
             "a slow-header connection outlived the header deadline"
         );
     }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 128 << 20,
+        "memory grew by {} MiB under slow-header clients",
+        grown >> 20
+    );
     running.shutdown().await.unwrap();
 }
 

@@ -12,24 +12,8 @@ use tributary_shared::wire::{ClientMessage, RejectReason};
 use tributary_shared::{BlobHash, ExperimentId, RoundId, TaskId};
 use tributary_tests::client::{client_endpoint, Session};
 use tributary_tests::load::{run_trainers, LocalCoordinator};
-use tributary_tests::synthetic::{Fault, Gate};
+use tributary_tests::synthetic::Fault;
 use tributary_tests::tls::ServerTrust;
-
-/// Resident memory of this process, in bytes (Linux).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb * 1024)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_trainers_finishing_at_once_lose_nothing_with_default_limits() {
@@ -72,22 +56,8 @@ async fn a_delta_lost_from_storage_mid_round_is_left_out_and_the_coordinator_goe
     // Deltas of 100,000 int8 values are blob files (over 64 KiB), which the test can remove.
     let config = parse(&experiment_toml("storage-fault", 2, 100_000, 4, 4, 3, 4));
     let running = start(dir.path(), Some(config), vec![]).await;
-    let gate = Gate::new(1);
-    let mut handles = Vec::new();
-    for seed in 0..4u64 {
-        // The last trainer holds its round-0 upload until the test opens the gate.
-        let held = (seed == 3).then(|| gate.clone());
-        let options = options(running.addr, 900 + seed, Fault::None, held);
-        handles.push(spawn_trainer(&running.fingerprint, options));
-    }
+    let (gate, handles) = hold_round_open(&running, 900).await;
     let mut progress = running.progress.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        progress.wait_for(|p| p.accepted_in_round >= 3),
-    )
-    .await
-    .expect("three deltas accepted")
-    .unwrap();
     // Remove one accepted delta's blob behind the coordinator's back.
     let experiment = ExperimentId("storage-fault".into());
     let db = tributary_coordinator::store::db::Db::open_read_only(&dir.path().join("tributary.db"))

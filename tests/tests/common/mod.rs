@@ -263,3 +263,44 @@ pub fn spawn_burn_trainer(
         burn::tensor::Device::flex(),
     ))
 }
+
+/// Starts four synthetic trainers (identities `first_seed..+4`) on an experiment of four deltas
+/// a round, the last of which holds its round-0 upload until the returned gate opens, and waits
+/// until the other three deltas are accepted: a round held open with work in it.
+pub async fn hold_round_open(
+    running: &Running,
+    first_seed: u64,
+) -> (Arc<Gate>, Vec<JoinHandle<anyhow::Result<Report>>>) {
+    let gate = Gate::new(1);
+    let mut handles = Vec::new();
+    for seed in first_seed..first_seed + 4 {
+        let held = (seed == first_seed + 3).then(|| gate.clone());
+        let options = options(running.addr, seed, Fault::None, held);
+        handles.push(spawn_trainer(&running.fingerprint, options));
+    }
+    let mut progress = running.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        progress.wait_for(|p| p.accepted_in_round >= 3),
+    )
+    .await
+    .expect("three deltas accepted")
+    .unwrap();
+    (gate, handles)
+}
+
+/// Resident memory of this process, in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
