@@ -10,8 +10,7 @@
 //! on the way (a corrupt file ends the response with an error, never passes as whole), and the
 //! PEFT folder is built once per ledger head.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use crate::net::hub::Command;
 use crate::operator::ThrottleOrder;
 
 use crate::metrics::Metrics;
+use crate::net::address_quota::AddressQuota;
 use crate::net::hub::Progress;
 use crate::publish::PeftFolder;
 
@@ -146,7 +146,7 @@ async fn serve(
 ) {
     tokio::pin!(shutdown);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let per_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let quota = AddressQuota::new(limits.connections_per_address);
     let (stop, stopping) = watch::channel(false);
     loop {
         let (stream, peer) = tokio::select! {
@@ -165,18 +165,12 @@ async fn serve(
             metrics.count_limit("http_connections");
             continue; // dropping the stream closes it
         };
-        let key = crate::service::address_key(peer.ip());
-        {
-            let mut counts = per_address.lock().expect("count lock is never poisoned");
-            let count = counts.entry(key).or_default();
-            if *count >= limits.connections_per_address {
-                metrics.count_limit("http_connections_per_address");
-                continue;
-            }
-            *count += 1;
-        }
+        let Some(address) = quota.try_acquire(peer.ip()) else {
+            metrics.count_limit("http_connections_per_address");
+            continue;
+        };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (per_address, mut stopping) = (per_address.clone(), stopping.clone());
+        let mut stopping = stopping.clone();
         let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -191,14 +185,7 @@ async fn serve(
                     let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
                 }
             }
-            drop(slot);
-            let mut counts = per_address.lock().expect("count lock is never poisoned");
-            if let Some(count) = counts.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    counts.remove(&key);
-                }
-            }
+            drop((slot, address));
         });
     }
     let _ = stop.send(true);

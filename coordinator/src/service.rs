@@ -1,10 +1,9 @@
 //! Starting a coordinator: open the data directory, resolve the experiment, resume its state,
 //! bind the QUIC endpoint and the optional HTTP listener, and spawn the hub and accept loop.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -16,6 +15,7 @@ use tributary_shared::{BlobHash, ExperimentId};
 use crate::derive::{decode_state, encode_exact};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
+use crate::net::address_quota::AddressQuota;
 use crate::net::connection::HandshakeGuard;
 use crate::net::connection::{self, ConnectionContext, ConnectionLimits};
 use crate::net::hub::{now_ms, Hub, Progress};
@@ -503,20 +503,7 @@ struct AcceptLimits {
     retry_above: usize,
 }
 
-/// The unit a per-address quota counts: an IPv4 address, or an IPv6 /64 (IPv4-mapped IPv6
-/// addresses count as their IPv4 address).
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
-            }
-        },
-    }
-}
+pub use crate::net::address_quota::address_key;
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
@@ -525,7 +512,7 @@ async fn accept_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let quota = AddressQuota::new(limits.per_address);
     let mut next_id = 0u64;
     loop {
         let incoming = tokio::select! {
@@ -555,30 +542,21 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        let key = address_key(incoming.remote_address().ip());
-        {
-            let mut counts = counts.lock().expect("count lock is never poisoned");
-            let count = counts.entry(key).or_default();
-            if *count >= limits.per_address {
-                tracing::warn!(address = %key, "connection refused: too many from this address");
-                context.metrics.count_limit("connections_per_address");
-                incoming.refuse();
-                continue;
-            }
-            *count += 1;
-        }
+        let Some(slot) = quota.try_acquire(incoming.remote_address().ip()) else {
+            tracing::warn!(
+                address = %address_key(incoming.remote_address().ip()),
+                "connection refused: too many from this address"
+            );
+            context.metrics.count_limit("connections_per_address");
+            incoming.refuse();
+            continue;
+        };
         next_id += 1;
-        let (context, counts, id) = (context.clone(), counts.clone(), next_id);
+        let (context, id) = (context.clone(), next_id);
         let handshake = HandshakeGuard::new(context.metrics.clone());
         tokio::spawn(async move {
             connection::run(context, incoming, id, handshake).await;
-            let mut counts = counts.lock().expect("count lock is never poisoned");
-            if let Some(count) = counts.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    counts.remove(&key);
-                }
-            }
+            drop(slot);
         });
     }
 }

@@ -1,5 +1,6 @@
 //! The QUIC driver: TLS setup, one task per connection, and the hub that owns the engine.
 
+pub mod address_quota;
 pub mod connection;
 pub mod hub;
 pub mod tls;
