@@ -38,6 +38,13 @@ pub enum DeriveError {
         /// Where.
         source: tributary_shared::DeltaError,
     },
+    /// Accepted deltas whose stored bytes are gone or damaged for good (missing, corrupt,
+    /// undecodable): the round can only go on without them.
+    #[error("accepted deltas are unreadable: {}", describe(.deltas))]
+    Unreadable {
+        /// Each delta and what is wrong with it.
+        deltas: Vec<(BlobHash, String)>,
+    },
     /// The optimizer state blob is malformed.
     #[error("optimizer state blob {hash} is malformed: {detail}")]
     State {
@@ -122,29 +129,17 @@ pub fn derive_from_store(
         .map(|layout| layout.element_count())
         .unwrap_or(usize::MAX);
     let adapter = load_delta(blobs, adapter_before, max_elements)?;
-    let deltas = load_accepted(blobs, accepted, max_elements).map_err(|failure| match failure {
-        LoadFailure::Unreadable(mut unreadable) => unreadable.remove(0).1,
-        LoadFailure::Other(error) => error,
-    })?;
+    let deltas = load_accepted(blobs, accepted, max_elements)?;
     derive_round(config, &adapter, &deltas, state)
 }
 
-/// Why a round's accepted deltas could not all be loaded.
-#[derive(Debug)]
-pub enum LoadFailure {
-    /// These deltas are gone or damaged for good (missing, corrupt, undecodable): the round can
-    /// only go on without them.
-    Unreadable(Vec<(BlobHash, DeriveError)>),
-    /// A failure that may pass (an i/o error): try again later.
-    Other(DeriveError),
-}
-
-/// Loads every accepted delta, or says which are unreadable for good.
-pub fn load_accepted(
+/// Loads every accepted delta; [`DeriveError::Unreadable`] names all that are gone or damaged
+/// for good, any other error is one that may pass (i/o).
+fn load_accepted(
     blobs: &dyn BlobSource,
     accepted: &[AcceptedDelta],
     max_elements: usize,
-) -> Result<Vec<(AcceptedDelta, Delta)>, LoadFailure> {
+) -> Result<Vec<(AcceptedDelta, Delta)>, DeriveError> {
     let mut deltas = Vec::with_capacity(accepted.len());
     let mut unreadable = Vec::new();
     for item in accepted {
@@ -153,15 +148,23 @@ pub fn load_accepted(
             Err(
                 error @ (DeriveError::Blob(BlobError::NotFound { .. } | BlobError::Corrupt { .. })
                 | DeriveError::Decode { .. }),
-            ) => unreadable.push((item.hash, error)),
-            Err(error) => return Err(LoadFailure::Other(error)),
+            ) => unreadable.push((item.hash, error.to_string())),
+            Err(error) => return Err(error),
         }
     }
     if unreadable.is_empty() {
         Ok(deltas)
     } else {
-        Err(LoadFailure::Unreadable(unreadable))
+        Err(DeriveError::Unreadable { deltas: unreadable })
     }
+}
+
+fn describe(deltas: &[(BlobHash, String)]) -> String {
+    deltas
+        .iter()
+        .map(|(hash, detail)| format!("{}: {detail}", hash.short()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 const STATE_MAGIC: &[u8; 4] = b"TRBS";

@@ -16,9 +16,7 @@ use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadH
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
 use crate::admission::Admission;
-use crate::derive::{
-    derive_round, encode_exact, encode_state, load_accepted, load_delta, Derived, LoadFailure,
-};
+use crate::derive::{derive_from_store, encode_exact, encode_state, DeriveError, Derived};
 use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::connection::Outbox;
@@ -834,28 +832,21 @@ fn derive_and_store(
 ) -> Result<DerivedRound, DeriveFailure> {
     let transient = |error: &dyn std::fmt::Display| DeriveFailure::Transient(error.to_string());
     let stored = StoredBlobs::open(data_dir).map_err(|e| transient(&e))?;
-    let max_elements = config
-        .adapter
-        .layout()
-        .map(|layout| layout.element_count())
-        .unwrap_or(usize::MAX);
-    let adapter_before =
-        load_delta(&stored, &close.adapter_before, max_elements).map_err(|e| transient(&e))?;
-    let deltas =
-        load_accepted(&stored, &close.accepted, max_elements).map_err(|failure| match failure {
-            LoadFailure::Unreadable(unreadable) => DeriveFailure::Unreadable(
-                unreadable
-                    .into_iter()
-                    .map(|(hash, error)| (hash, error.to_string()))
-                    .collect(),
-            ),
-            LoadFailure::Other(error) => transient(&error),
-        })?;
     let Derived {
         aggregate,
         adapter_after,
         state,
-    } = derive_round(config, &adapter_before, &deltas, state).map_err(|e| transient(&e))?;
+    } = derive_from_store(
+        config,
+        &stored,
+        &close.adapter_before,
+        &close.accepted,
+        state,
+    )
+    .map_err(|error| match error {
+        DeriveError::Unreadable { deltas } => DeriveFailure::Unreadable(deltas),
+        other => transient(&other),
+    })?;
     let adapter_bytes = encode_exact(&adapter_after);
     let adapter_hash = blobs.put(&adapter_bytes).map_err(|e| transient(&e))?;
     let aggregate_hash = blobs
