@@ -52,15 +52,7 @@ async fn slow_header_clients_are_capped_and_dropped_while_honest_work_goes_on() 
     }
     // Beyond the per-address cap they are closed at once, and counted.
     let refused = 1000 - 4 * limits.connections_per_address as u64;
-    let metrics = running.metrics.clone();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while metrics.limited("http_connections_per_address") < refused {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("connections over the per-address cap are refused");
+    wait_for_limit(&running, "http_connections_per_address", refused).await;
 
     // An honest client on another address is served meanwhile.
     let page = tokio::time::timeout(Duration::from_secs(5), http_get(http, "/healthz"))
@@ -109,16 +101,7 @@ async fn blobs_stream_whole_and_a_corrupt_file_is_never_served_as_whole() {
     let config = parse(&experiment_toml("stream", 1, 100_000, 1, 1, 1, 1));
     let running = start(dir.path(), Some(config), vec![]).await;
     let http = running.http_addr.unwrap();
-    let mut progress = running.progress.clone();
-    let adapter = tokio::time::timeout(
-        Duration::from_secs(10),
-        progress.wait_for(|p| p.adapter.is_some()),
-    )
-    .await
-    .expect("the hub publishes its state")
-    .unwrap()
-    .adapter
-    .unwrap();
+    let adapter = current_adapter(&running).await;
     let (status, body) = http_get_bytes(http, &format!("/hub/adapters/{adapter}")).await;
     assert!(status.contains("200"), "{status}");
     assert_eq!(BlobHash::of(&body), adapter);

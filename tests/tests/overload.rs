@@ -204,16 +204,7 @@ async fn a_slow_downloader_holds_a_bounded_number_of_streams() {
     let config = parse(&experiment_toml("hoard", 1, 4_000_000, 1, 1, 1, 2));
     let running = start(dir.path(), Some(config), vec![]).await;
     let trust = ServerTrust::Fingerprint(running.fingerprint.clone());
-    let mut progress = running.progress.clone();
-    let adapter = tokio::time::timeout(
-        Duration::from_secs(30),
-        progress.wait_for(|p| p.adapter.is_some()),
-    )
-    .await
-    .expect("the hub publishes its state")
-    .unwrap()
-    .adapter
-    .unwrap();
+    let adapter = current_adapter(&running).await;
     // A trainer that opens many downloads and never reads them: past its per-connection
     // allowance the streams are reset at once, and what it holds is bounded by its windows.
     let endpoint = client_endpoint(&trust).unwrap();
@@ -231,14 +222,8 @@ async fn a_slow_downloader_holds_a_bounded_number_of_streams() {
         .unwrap();
         held.push((send, recv));
     }
-    let metrics = running.metrics.clone();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while metrics.limited("downloads_per_connection") < 4 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("downloads past the allowance are reset");
+    // Downloads past the allowance are reset at once.
+    wait_for_limit(&running, "downloads_per_connection", 4).await;
     hoarder.close();
     drop(held);
     running.shutdown().await.unwrap();

@@ -304,3 +304,34 @@ pub fn rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// The coordinator's current adapter, once the hub has published its state.
+pub async fn current_adapter(running: &Running) -> tributary_shared::BlobHash {
+    let mut progress = running.progress.clone();
+    let adapter = tokio::time::timeout(
+        Duration::from_secs(30),
+        progress.wait_for(|p| p.adapter.is_some()),
+    )
+    .await
+    .expect("the hub publishes its state")
+    .expect("the hub is running")
+    .adapter;
+    adapter.expect("checked by the wait")
+}
+
+/// Waits (10 s at most) until `limit` has turned peers away `at_least` times. Counters have no
+/// notification, so this polls; the timeout is the failure bound.
+pub async fn wait_for_limit(running: &Running, limit: &str, at_least: u64) {
+    let metrics = running.metrics.clone();
+    let reached = tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.limited(limit) < at_least {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{limit} was hit {} times, not {at_least}",
+        metrics.limited(limit)
+    );
+}
