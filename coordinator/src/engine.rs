@@ -524,6 +524,11 @@ impl Engine {
         &self.config.experiment
     }
 
+    /// What the engine was built with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// Evaluations queued or in progress.
     pub fn evaluations_pending(&self) -> usize {
         self.evals.len()

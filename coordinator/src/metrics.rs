@@ -40,6 +40,8 @@ pub struct Metrics {
     pub handshakes_in_flight: AtomicU64,
     /// Round aggregations or commits that failed and were scheduled again.
     pub aggregation_failures: AtomicU64,
+    /// Database write batches that failed and were rolled back (the hub reloaded its state).
+    pub storage_failures: AtomicU64,
     /// Unreferenced blob files removed.
     pub gc_removed: AtomicU64,
     /// Bytes those files held.
@@ -196,6 +198,13 @@ impl Metrics {
             "Round closes that failed (storage) and were tried again.",
             "counter",
             load(&self.aggregation_failures),
+        );
+        gauge(
+            &mut out,
+            "tributary_storage_failures_total",
+            "Database write batches that failed, were rolled back and retried.",
+            "counter",
+            load(&self.storage_failures),
         );
         gauge(
             &mut out,

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
-use tributary_shared::aggregate::OptimizerState;
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::{BlobHash, ExperimentId};
 
-use crate::derive::{decode_state, encode_exact};
+use crate::derive::encode_exact;
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::net::address_quota::AddressQuota;
@@ -210,17 +209,13 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         );
     }
     let resume = db.resume_state(&experiment)?;
-    let ledger = db.ledger(&experiment)?;
     let max_elements = config.adapter.layout()?.element_count();
-    let optimizer_state = match ledger.last().and_then(|(_, entry)| entry.optimizer_state) {
-        Some(hash) => decode_state(hash, &blobs.get(&hash)?, max_elements)?,
-        None => OptimizerState::default(),
-    };
-    let head = ledger.last().map(|(hash, _)| *hash);
+    let (head, rounds_closed, optimizer_state) =
+        crate::net::hub::load_chain(&db, &blobs, &experiment, max_elements)?;
     tracing::info!(
         experiment = %experiment,
         round = %resume.round,
-        rounds_closed = ledger.len(),
+        rounds_closed,
         accepted_in_round = resume.accepted.len(),
         "experiment loaded"
     );
@@ -279,7 +274,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         db,
         blobs.clone(),
         metrics.clone(),
-        (head, ledger.len() as u64),
+        (head, rounds_closed),
         optimizer_state,
         progress_tx,
         commands.clone(),

@@ -1,6 +1,7 @@
 //! A hostile or overloaded network against a coordinator with its default limits, over real QUIC
-//! on loopback: finished work is never thrown away, a storage fault costs one delta and not the
-//! coordinator, and peers that hold resources are cut off without honest trainers noticing.
+//! on loopback: finished work is never thrown away, a lost blob costs one delta and a failing
+//! database a pause, never the coordinator, and peers that hold resources are cut off without
+//! honest trainers noticing.
 
 mod common;
 
@@ -97,6 +98,72 @@ async fn a_delta_lost_from_storage_mid_round_is_left_out_and_the_coordinator_goe
         .expect("the ledger says why the delta is missing");
     assert_eq!(refusal.reason, RejectReason::Internal);
     assert_eq!(ledger[1].1.accepted.len(), 4);
+    verify_data_dir(dir.path()).expect("verify passes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_database_pauses_the_hub_which_recovers_without_losing_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = parse(&experiment_toml("db-fault", 2, 1000, 4, 4, 4, 4));
+    let running = start(dir.path(), Some(config), vec![]).await;
+    let (gate, handles) = hold_round_open(&running, 950).await;
+    // A real SQLite error inside the hub's batches: from now on, recording a task fails. Closing
+    // round 0 records round 1's tasks, so the batch holding the round's ledger entry fails.
+    let db_path = dir.path().join("tributary.db");
+    let outside = rusqlite::Connection::open(&db_path).unwrap();
+    outside.busy_timeout(Duration::from_secs(10)).unwrap();
+    outside
+        .execute_batch(
+            "CREATE TRIGGER injected_fault BEFORE INSERT ON tasks \
+             BEGIN SELECT RAISE(ABORT, 'injected storage fault'); END;",
+        )
+        .unwrap();
+    gate.arrive();
+    let metrics = running.metrics.clone();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while metrics
+            .storage_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 3
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hub retries the failing batch with a backoff");
+    // Nothing of a failed batch is visible: round 0 is not committed.
+    assert_eq!(running.progress.borrow().rounds_closed, 0);
+    outside
+        .execute_batch("DROP TRIGGER injected_fault;")
+        .unwrap();
+    drop(outside);
+
+    for handle in handles {
+        let report = tokio::time::timeout(Duration::from_secs(120), handle)
+            .await
+            .expect("trainer finished in time")
+            .unwrap()
+            .unwrap();
+        assert!(report.finished);
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        assert_eq!(
+            report.accepted, 2,
+            "each trainer's two deltas were acknowledged once"
+        );
+    }
+    let mut progress = running.progress.clone();
+    let finished = tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|p| p.finished))
+        .await
+        .expect("the experiment finishes")
+        .unwrap()
+        .clone();
+    assert_eq!(finished.rounds_closed, 2);
+    running.shutdown().await.unwrap();
+    let experiment = ExperimentId("db-fault".into());
+    let db = tributary_coordinator::store::db::Db::open_read_only(&db_path).unwrap();
+    let ledger = db.ledger(&experiment).unwrap();
+    assert_eq!(ledger.len(), 2);
+    assert!(ledger.iter().all(|(_, entry)| entry.accepted.len() == 4));
     verify_data_dir(dir.path()).expect("verify passes");
 }
 

@@ -117,6 +117,9 @@ pub enum Command {
     },
     /// The aggregation worker finished.
     Derived {
+        /// The hub's state generation the round was closed in (a reload starts a new one, and
+        /// work from an older one is dropped).
+        generation: u64,
         /// The round.
         round: Box<RoundClose>,
         /// Its result.
@@ -138,6 +141,10 @@ pub enum DeriveFailure {
 const MIN_DERIVE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Longest wait between aggregation attempts.
 const MAX_DERIVE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+/// First pause after a failed database batch; it doubles up to [`MAX_STORAGE_RETRY`].
+const MIN_STORAGE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest pause after failed database batches.
+const MAX_STORAGE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where a downloadable blob's bytes are.
 #[derive(Debug, Clone)]
@@ -234,6 +241,38 @@ pub struct Hub {
     admission: Admission,
     /// Signs the ledger entries.
     signer: Option<Arc<LedgerSigner>>,
+    /// Counts state reloads; aggregation results of an older generation are dropped.
+    generation: u64,
+    /// Consecutive failed database batches.
+    storage_failures: u32,
+    /// After a failed batch: when to reload the state from the database and take commands
+    /// again.
+    storage_retry_at: Option<Instant>,
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the ledger says about an experiment's chain: its head, its length and the optimizer
+/// state the next round starts from.
+pub(crate) fn load_chain(
+    db: &Db,
+    blobs: &BlobStore,
+    experiment: &tributary_shared::ExperimentId,
+    max_elements: usize,
+) -> anyhow::Result<(Option<BlobHash>, u64, OptimizerState)> {
+    let ledger = db.ledger(experiment)?;
+    let optimizer_state = match ledger.last().and_then(|(_, entry)| entry.optimizer_state) {
+        Some(hash) => crate::derive::decode_state(hash, &blobs.get(&hash)?, max_elements)?,
+        None => OptimizerState::default(),
+    };
+    let head = ledger.last().map(|(hash, _)| *hash);
+    Ok((head, ledger.len() as u64, optimizer_state))
 }
 
 impl Hub {
@@ -271,6 +310,9 @@ impl Hub {
             derive_retry: None,
             derive_failures: 0,
             signer: None,
+            generation: 0,
+            storage_failures: 0,
+            storage_retry_at: None,
             admission: Admission::new(
                 tributary_shared::config::AdmissionMode::Open,
                 vec![],
@@ -311,8 +353,14 @@ impl Hub {
             Ok(bytes) => self.current_adapter = Some((adapter, Arc::new(bytes))),
             Err(error) => tracing::warn!(%error, "current adapter not cached"),
         }
-        self.drain(Instant::now())?;
+        let now = Instant::now();
+        if let Err(error) = self.drain(now) {
+            self.storage_failed(now, &error);
+        }
         loop {
+            // After a failed batch, nothing is taken in until the state is reloaded.
+            let storage_retry_at = self.storage_retry_at;
+            let healthy = storage_retry_at.is_none();
             let timeout = self.engine.poll_timeout();
             let sleep = async {
                 match timeout {
@@ -323,38 +371,117 @@ impl Hub {
             let retry_at = self.derive_retry.as_ref().map(|(at, _)| *at);
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                _ = async {
-                    match retry_at {
-                        Some(at) => tokio::time::sleep_until(at.into()).await,
-                        None => std::future::pending().await,
+                _ = sleep_until(storage_retry_at), if !healthy => {
+                    let now = Instant::now();
+                    self.storage_retry_at = None;
+                    let reloaded = self.reload(now).and_then(|()| self.drain(now));
+                    match reloaded {
+                        Ok(()) => self.storage_failures = 0,
+                        Err(error) => self.storage_failed(now, &error),
                     }
-                } => {
+                }
+                _ = sleep_until(retry_at), if healthy => {
                     if let Some((_, close)) = self.derive_retry.take() {
                         self.spawn_derive(*close);
                     }
                 }
-                _ = sleep => {
+                _ = sleep, if healthy => {
                     let now = Instant::now();
                     self.engine.handle_timeout(now);
-                    self.drain(now)?;
+                    if let Err(error) = self.drain(now) {
+                        self.storage_failed(now, &error);
+                    }
                 }
-                command = inbox.recv() => {
+                command = inbox.recv(), if healthy => {
                     let Some(command) = command else { return Ok(()) };
                     let now = Instant::now();
-                    // Take what else is already waiting, so one transaction covers it all.
-                    self.db.begin_batch().context("cannot begin a transaction")?;
-                    self.handle(now, command)?;
-                    for _ in 0..MAX_COMMANDS_PER_WAKE {
-                        let Ok(command) = inbox.try_recv() else { break };
-                        self.handle(now, command)?;
+                    if let Err(error) = self.wake(now, command, &mut inbox) {
+                        self.storage_failed(now, &error);
                     }
-                    self.drain(now)?;
                 }
             }
         }
     }
 
-    fn handle(&mut self, now: Instant, command: Command) -> anyhow::Result<()> {
+    /// Handles `command` and what else is already waiting, so one transaction covers it all.
+    fn wake(
+        &mut self,
+        now: Instant,
+        command: Command,
+        inbox: &mut mpsc::Receiver<Command>,
+    ) -> anyhow::Result<()> {
+        self.db
+            .begin_batch()
+            .context("cannot begin a transaction")?;
+        self.handle(now, command);
+        for _ in 0..MAX_COMMANDS_PER_WAKE {
+            let Ok(command) = inbox.try_recv() else { break };
+            self.handle(now, command);
+        }
+        self.drain(now)
+    }
+
+    /// A database batch failed: nothing of it happened. Its writes are rolled back, and the
+    /// messages and acknowledgements waiting on it are dropped (trainers hear nothing they
+    /// could rely on). After a pause that doubles with each consecutive failure, the hub
+    /// reloads its state from the database, as a restart would, keeping its connections.
+    fn storage_failed(&mut self, now: Instant, error: &anyhow::Error) {
+        let wait = MIN_STORAGE_RETRY
+            .saturating_mul(1 << self.storage_failures.min(10))
+            .min(MAX_STORAGE_RETRY);
+        self.storage_failures += 1;
+        Metrics::add(&self.metrics.storage_failures, 1);
+        tracing::error!(
+            error = format!("{error:#}"), attempt = self.storage_failures, retry_in = ?wait,
+            "a database batch failed; rolled back, reloading the state after a pause"
+        );
+        if let Err(error) = self.db.rollback_batch() {
+            tracing::error!(%error, "cannot roll the batch back");
+        }
+        self.inline_bodies.clear();
+        self.storage_retry_at = Some(now + wait);
+    }
+
+    /// Rebuilds the engine and the chain state from the database, and tells the new engine
+    /// who is connected (a trainer with its task still open gets it again, and re-sends an
+    /// upload that was not acknowledged).
+    fn reload(&mut self, now: Instant) -> anyhow::Result<()> {
+        let experiment = self.engine.experiment().clone();
+        let resume = self.db.resume_state(&experiment)?;
+        let max_elements = self.config.adapter.layout()?.element_count();
+        let (head, rounds_closed, optimizer_state) =
+            load_chain(&self.db, &self.blobs, &experiment, max_elements)?;
+        let current_adapter = match resume.adapter {
+            Some((hash, _)) => Some((hash, Arc::new(self.blobs.get(&hash)?))),
+            None => None,
+        };
+        let mut engine = Engine::new(self.engine.config().clone(), resume);
+        let mut trainers: Vec<TrainerId> = self.registry.keys().copied().collect();
+        trainers.sort_unstable();
+        for trainer in trainers {
+            engine.handle_trainer_joined(now, trainer);
+        }
+        self.engine = engine;
+        self.generation += 1;
+        self.ledger_head = head;
+        self.rounds_closed = rounds_closed;
+        self.optimizer_state = optimizer_state;
+        if current_adapter.is_some() {
+            self.current_adapter = current_adapter;
+        }
+        self.derive_retry = None;
+        self.derive_failures = 0;
+        self.metrics
+            .current_round
+            .store(self.engine.round().0, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            round = %self.engine.round(), rounds_closed, generation = self.generation,
+            "state reloaded from the database"
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, now: Instant, command: Command) {
         match command {
             Command::Joined {
                 trainer,
@@ -522,7 +649,10 @@ impl Hub {
                 };
                 let _ = reply.send(found);
             }
-            Command::Derived { round, result } => match result {
+            Command::Derived { generation, .. } if generation != self.generation => {
+                tracing::info!("an aggregation from before a state reload is dropped");
+            }
+            Command::Derived { round, result, .. } => match result {
                 Ok(derived) => {
                     if let Err(error) = self.commit(now, *derived) {
                         self.retry_derive(now, round, format!("{error:#}"));
@@ -542,7 +672,6 @@ impl Hub {
                 Err(DeriveFailure::Transient(detail)) => self.retry_derive(now, round, detail),
             },
         }
-        Ok(())
     }
 
     /// Drains the engine's actions in order, doing their I/O.
@@ -718,6 +847,7 @@ impl Hub {
         let previous = self.ledger_head;
         let commands = self.commands.clone();
         let signer = self.signer.clone();
+        let generation = self.generation;
         tokio::task::spawn_blocking(move || {
             // A panic while aggregating must come back as an error, not leave the round
             // closing forever.
@@ -732,6 +862,7 @@ impl Hub {
             .unwrap_or_else(|_| Err(DeriveFailure::Transient("aggregation panicked".into())))
             .map(Box::new);
             let _ = commands.blocking_send(Command::Derived {
+                generation,
                 round: Box::new(close),
                 result,
             });

@@ -288,11 +288,22 @@ impl Db {
         Ok(())
     }
 
-    /// Commits the open batch, if any.
+    /// Commits the open batch, if any. When the commit fails the batch stays open (or SQLite
+    /// has already rolled it back); [`Db::rollback_batch`] ends it either way.
     pub fn commit_batch(&mut self) -> Result<(), DbError> {
         if self.in_batch {
-            self.in_batch = false;
             self.conn.execute_batch("COMMIT")?;
+            self.in_batch = false;
+        }
+        Ok(())
+    }
+
+    /// Discards every write since [`Db::begin_batch`], whether or not SQLite already rolled the
+    /// transaction back after an error.
+    pub fn rollback_batch(&mut self) -> Result<(), DbError> {
+        self.in_batch = false;
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
         }
         Ok(())
     }
