@@ -78,26 +78,31 @@ out, trainers = sys.argv[1], int(sys.argv[2])
 status = json.load(open(f"{out}/status.json"))
 experiment = (status[0] if isinstance(status, list) else status)["status"]
 reports = [json.load(open(f"{out}/trainer-{i}.json")) for i in range(1, trainers + 1)]
-# Held-out losses come from the coordinator's evaluation tasks: one trainer scored the initial
-# adapter (the base model: LoRA B starts at zero) and then each round's merged adapter on the
-# held-out lines of every role.
-evaluations = {e["after_round"]: e["loss"] for e in experiment["evaluations"]}
-base_loss = evaluations.get(None)
+# Held-out losses come from the coordinator's evaluation tasks: trainers drawn at random scored
+# the initial adapter (the base model: LoRA B starts at zero) and then each round's merged
+# adapter on the held-out lines of every role; the loss is their median.
+evaluations = {e["after_round"]: e for e in experiment["evaluations"]}
+base = evaluations.get(None)
+base_loss = base["loss"] if base else None
+agree = lambda e: f"{e['agreeing']}/{e['evaluators']}" if e else "-"
+base_agree = agree(base)
 rows = [{
     "round": r["round"],
     "train_loss": r["reported_train_loss"],
     "eval_loss": r["eval_loss"],
+    "agree": f"{r['eval_agreeing']}/{r['eval_evaluators']}" if r.get("eval_evaluators") else "-",
     "bytes_up": r["bytes_up"],
     "raw_bytes": r["raw_bytes"],
     "accepted": r["accepted"],
     "rejected": r["rejected"],
 } for r in experiment["rounds"]]
 fmt = lambda v: f"{v:.4f}" if v is not None else "-"
-print("train loss: as the trainers reported it (self-reported); held-out: scored by an evaluation task")
-print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8}")
-print(f"{'base':>5} {'':>10} {fmt(base_loss):>9}")
+print("train loss: as the trainers reported it (self-reported); held-out: median of the evaluators drawn")
+print("at random, and how many of them agreed with it (within 1 %)")
+print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'agree':>5} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8}")
+print(f"{'base':>5} {'':>10} {fmt(base_loss):>9} {base_agree:>5}")
 for row in rows:
-    print(f"{row['round']:>5} {fmt(row['train_loss']):>10} {fmt(row['eval_loss']):>9} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8} {row['rejected']:>8}")
+    print(f"{row['round']:>5} {fmt(row['train_loss']):>10} {fmt(row['eval_loss']):>9} {row['agree']:>5} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8} {row['rejected']:>8}")
 up = sum(row["bytes_up"] for row in rows)
 raw = sum(row["raw_bytes"] for row in rows)
 print(f"bytes up {up} (compressed) for {raw} as f32: {up / max(raw, 1):.3f}")

@@ -31,7 +31,10 @@ use tributary_shared::wire::{
 };
 
 use crate::evaluation::Evaluations;
-pub use crate::evaluation::{EvalConfig, EvalOutcome, EvalTarget};
+use crate::evaluation::Settled;
+pub use crate::evaluation::{
+    EvalAnswer, EvalConfig, EvalFailure, EvalOutcome, EvalTarget, EvaluatorEvent,
+};
 use tributary_shared::{
     BlobHash, CertificateHash, ExperimentId, ExperimentUid, Layout, RoundId, TaskId, TrainerId,
 };
@@ -120,6 +123,7 @@ impl EngineConfig {
                     data,
                     max_sequences: config.evaluation.max_sequences,
                     timeout: Duration::from_secs_f64(config.evaluation.timeout_secs),
+                    evaluators: config.evaluation.evaluators,
                 }),
         })
     }
@@ -149,6 +153,8 @@ pub struct ResumeState {
     /// The open round's secret (it orders selection and seeds tasks; revealed when the round
     /// closes).
     pub secret: RoundSecret,
+    /// Answers already recorded for the unevaluated adapters: (adapter, answer).
+    pub eval_answers: Vec<(BlobHash, EvalAnswer)>,
 }
 
 impl Default for ResumeState {
@@ -164,6 +170,7 @@ impl Default for ResumeState {
             finished: false,
             unevaluated: Vec::new(),
             secret: RoundSecret([0; 32]),
+            eval_answers: Vec::new(),
         }
     }
 }
@@ -234,9 +241,11 @@ pub enum Action {
         /// The adapter to score.
         adapter: BlobHash,
     },
-    /// Durably record an adapter's held-out score.
+    /// Durably record what one evaluator did: its answer or its failure.
+    RecordEvaluator(EvaluatorEvent),
+    /// Durably record an adapter's settled held-out score (the median of its evaluators).
     RecordEvaluation(EvalOutcome),
-    /// An evaluation was given up after repeated declines or timeouts (log it).
+    /// An evaluation was given up without any answer (log it).
     EvaluationAbandoned(EvalTarget),
 }
 
@@ -400,6 +409,8 @@ pub struct Engine {
     round_started: Option<Instant>,
     deadline: Option<Instant>,
     evals: Evaluations,
+    /// Whether trainers were told the experiment is over (after its last adapter is scored).
+    finish_announced: bool,
     actions: VecDeque<Action>,
     /// The open round's secret.
     secret: RoundSecret,
@@ -458,8 +469,9 @@ impl Engine {
             gather_started: None,
             round_started: None,
             deadline: None,
-            evals: Evaluations::default(),
+            evals: Evaluations::new(config.evaluation.as_ref().map_or(1, |eval| eval.evaluators)),
             actions: VecDeque::new(),
+            finish_announced: false,
             secret: resume.secret,
             config,
         };
@@ -478,7 +490,11 @@ impl Engine {
             for target in resume.unevaluated {
                 engine.evals.enqueue(target);
             }
+            for (adapter, answer) in resume.eval_answers {
+                engine.evals.restore_answer(adapter, answer);
+            }
         }
+        engine.finish_announced = engine.phase == Phase::Finished && engine.evals.is_empty();
         // A round that already has its deltas (the process died while aggregating) closes at
         // once; one with tasks out keeps collecting as soon as time starts.
         if engine.phase == Phase::Gathering && engine.accepted.len() >= engine.target() {
@@ -552,7 +568,12 @@ impl Engine {
             Phase::Collecting => self.deadline,
             Phase::Closing | Phase::Finished => None,
         };
-        match (round, self.evals.next_deadline()) {
+        let evals = self
+            .config
+            .evaluation
+            .as_ref()
+            .and_then(|eval| self.evals.next_deadline(eval.timeout));
+        match (round, evals) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -575,12 +596,14 @@ impl Engine {
         }
         self.dispatch_evaluations_to(now, Some(trainer));
         match self.phase {
-            Phase::Finished => self.actions.push_back(Action::Send {
+            // While adapters wait for scores, a trainer that joins is an evaluator.
+            Phase::Finished if self.finish_announced => self.actions.push_back(Action::Send {
                 trainer,
                 message: ServerMessage::ExperimentFinished {
                     adapter: self.adapter,
                 },
             }),
+            Phase::Finished => {}
             Phase::Gathering => {
                 self.gather_started.get_or_insert(now);
                 self.try_start(now, false);
@@ -612,7 +635,9 @@ impl Engine {
         if self.phase == Phase::Collecting {
             self.top_up(now);
         }
-        if self.evals.trainer_left(trainer) {
+        let settled = self.evals.trainer_left(trainer);
+        if !settled.failed.is_empty() {
+            self.apply_settled(settled);
             self.dispatch_evaluations(now);
         }
     }
@@ -620,9 +645,8 @@ impl Engine {
     /// A trainer refused its task (a training or an evaluation task).
     pub fn handle_task_declined(&mut self, now: Instant, trainer: TrainerId, task: TaskId) {
         if self.evals.is_eval_task(task) {
-            for target in self.evals.declined(trainer, task) {
-                self.actions.push_back(Action::EvaluationAbandoned(target));
-            }
+            let settled = self.evals.declined(trainer, task);
+            self.apply_settled(settled);
             self.dispatch_evaluations(now);
             return;
         }
@@ -833,20 +857,11 @@ impl Engine {
 
     /// Time passed; call when [`Engine::poll_timeout`] is reached.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let (expired, abandoned) = self.evals.expire(now);
-        for (task, trainer) in expired {
-            self.actions.push_back(Action::Send {
-                trainer,
-                message: ServerMessage::TaskCancelled {
-                    task,
-                    detail: "the evaluation's deadline passed; it goes to another trainer".into(),
-                },
-            });
+        if let Some(timeout) = self.config.evaluation.as_ref().map(|eval| eval.timeout) {
+            let settled = self.evals.expire(now, timeout);
+            self.apply_settled(settled);
+            self.dispatch_evaluations(now);
         }
-        for target in abandoned {
-            self.actions.push_back(Action::EvaluationAbandoned(target));
-        }
-        self.dispatch_evaluations(now);
         match self.phase {
             Phase::Gathering => {
                 let expired = self
@@ -932,13 +947,8 @@ impl Engine {
         }
         if self.round.0 >= self.config.rounds {
             self.phase = Phase::Finished;
-            for trainer in connected {
-                self.actions.push_back(Action::Send {
-                    trainer,
-                    message: ServerMessage::ExperimentFinished { adapter },
-                });
-            }
             self.actions.push_back(Action::Finished { adapter });
+            self.announce_finish_when_scored();
         } else {
             self.phase = Phase::Gathering;
             self.gather_started = Some(now);
@@ -1006,9 +1016,14 @@ impl Engine {
         tokens: u64,
     ) {
         match self.evals.answer(trainer, task, adapter, loss, tokens) {
-            Ok(outcome) => {
-                self.actions.push_back(Action::RecordEvaluation(outcome));
+            Ok(answered) => {
+                self.actions
+                    .push_back(Action::RecordEvaluator(answered.event));
+                if let Some(outcome) = answered.outcome {
+                    self.actions.push_back(Action::RecordEvaluation(outcome));
+                }
                 self.dispatch_evaluations(now);
+                self.announce_finish_when_scored();
             }
             Err(refusal) => {
                 // Counted, not recorded: the ledger lists refused deltas, and an evaluation is
@@ -1046,27 +1061,33 @@ impl Engine {
         if !self.evals.has_unassigned() {
             return;
         }
-        let candidates: Vec<TrainerId> = match only {
-            Some(trainer) => vec![trainer],
-            None => {
-                let working = |trainer: &TrainerId| {
-                    self.task_of.get(trainer).is_some_and(|task| {
-                        self.tasks
-                            .get(task)
-                            .is_some_and(|state| state.status == TaskStatus::Working)
-                    })
-                };
-                let (training, free): (Vec<TrainerId>, Vec<TrainerId>) =
-                    self.order.iter().map(|(_, t)| *t).partition(working);
-                free.into_iter().chain(training).collect()
-            }
+        let working = |trainer: &TrainerId| {
+            self.task_of.get(trainer).is_some_and(|task| {
+                self.tasks
+                    .get(task)
+                    .is_some_and(|state| state.status == TaskStatus::Working)
+            })
         };
+        let (training, free): (Vec<TrainerId>, Vec<TrainerId>) = match only {
+            Some(trainer) => (vec![], vec![trainer]),
+            None => self.order.iter().map(|(_, t)| *t).partition(working),
+        };
+        // Evaluators are drawn by the unrevealed round secret: no trainer can know or arrange
+        // that it will be asked.
+        let secret = self.secret;
         let next_task = &mut self.next_task;
-        let sent = self.evals.dispatch(now, eval.timeout, &candidates, || {
-            let task = *next_task;
-            *next_task = TaskId(task.0 + 1);
-            task
-        });
+        let sent = self.evals.dispatch(
+            now,
+            eval.timeout,
+            &free,
+            &training,
+            |adapter, trainer| secret.evaluator_rank(adapter, trainer),
+            || {
+                let task = *next_task;
+                *next_task = TaskId(task.0 + 1);
+                task
+            },
+        );
         for (task, trainer, target) in sent {
             self.actions.push_back(Action::RecordEvalTask {
                 task,
@@ -1075,6 +1096,55 @@ impl Engine {
             });
             let message = self.eval_message(&eval, task, &target, eval.timeout);
             self.actions.push_back(Action::Send { trainer, message });
+        }
+    }
+
+    /// Records what an evaluation event settled: evaluator failures, tasks taken back, scores
+    /// settled short, adapters abandoned.
+    fn apply_settled(&mut self, settled: Settled) {
+        let Settled {
+            failed,
+            cancelled,
+            outcomes,
+            abandoned,
+        } = settled;
+        for event in failed {
+            self.actions.push_back(Action::RecordEvaluator(event));
+        }
+        for (task, trainer) in cancelled {
+            self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::TaskCancelled {
+                    task,
+                    detail: "the evaluation was taken back (its deadline passed, or the \
+                             adapter was settled)"
+                        .into(),
+                },
+            });
+        }
+        for outcome in outcomes {
+            self.actions.push_back(Action::RecordEvaluation(outcome));
+        }
+        for target in abandoned {
+            self.actions.push_back(Action::EvaluationAbandoned(target));
+        }
+        self.announce_finish_when_scored();
+    }
+
+    /// After the last round, trainers hear that the experiment is over only once every adapter
+    /// is scored: until then they are the evaluators.
+    fn announce_finish_when_scored(&mut self) {
+        if self.phase != Phase::Finished || self.finish_announced || !self.evals.is_empty() {
+            return;
+        }
+        self.finish_announced = true;
+        let adapter = self.adapter;
+        let connected: Vec<TrainerId> = self.connected_trainers().collect();
+        for trainer in connected {
+            self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::ExperimentFinished { adapter },
+            });
         }
     }
 
@@ -1576,6 +1646,7 @@ mod tests {
         closes: Vec<RoundClose>,
         finished: bool,
         evaluations: Vec<EvalOutcome>,
+        evaluator_events: Vec<EvaluatorEvent>,
         /// Deltas the simulated store cannot read back when a round closes.
         unreadable: BTreeSet<BlobHash>,
         /// Submissions the engine asked to exclude.
@@ -1654,6 +1725,7 @@ mod tests {
                 closes: Vec::new(),
                 finished: false,
                 evaluations: Vec::new(),
+                evaluator_events: Vec::new(),
                 unreadable: BTreeSet::new(),
                 excluded: Vec::new(),
             }
@@ -1701,6 +1773,7 @@ mod tests {
                     }
                     Action::Finished { .. } => self.finished = true,
                     Action::RecordEvaluation(outcome) => self.evaluations.push(outcome),
+                    Action::RecordEvaluator(event) => self.evaluator_events.push(event),
                     Action::RecordEvalTask { .. } => {}
                     Action::EvaluationAbandoned(_) => {}
                     Action::ExcludeSubmission { hash, .. } => self.excluded.push(hash),
@@ -1801,7 +1874,11 @@ mod tests {
         }
     }
 
-    fn with_evaluation(mut config: EngineConfig) -> EngineConfig {
+    fn with_evaluation(config: EngineConfig) -> EngineConfig {
+        with_evaluators(config, 1)
+    }
+
+    fn with_evaluators(mut config: EngineConfig, evaluators: u32) -> EngineConfig {
         config.evaluation = Some(EvalConfig {
             data: DataAssignment::Clients {
                 dataset: "tiny".into(),
@@ -1809,6 +1886,7 @@ mod tests {
             },
             max_sequences: 8,
             timeout: Duration::from_secs(20),
+            evaluators,
         });
         config
     }
@@ -1893,6 +1971,45 @@ mod tests {
     }
 
     #[test]
+    fn three_evaluators_score_each_adapter_and_trainers_hear_of_the_end_after_the_last_score() {
+        let mut h = Harness::new(with_evaluators(config(2, 2, 2, 4, 1), 3), 4);
+        h.join_all();
+        let first = h.eval_tasks();
+        assert_eq!(first.len(), 3);
+        let evaluators: BTreeSet<usize> = first.iter().map(|(index, _)| *index).collect();
+        assert_eq!(evaluators.len(), 3, "three different trainers");
+        // One of them lies: the median is an honest answer, and the liar does not agree.
+        for ((index, spec), loss) in first.iter().zip([4.0, 0.5, 4.01]) {
+            let trainer = h.id(*index);
+            h.engine
+                .handle_eval_result(h.now, trainer, spec.task, spec.adapter, loss, 64);
+            h.drain();
+        }
+        assert_eq!(h.evaluations.len(), 1);
+        let scored = &h.evaluations[0];
+        assert_eq!((scored.loss, scored.agreeing, scored.wanted), (4.0, 2, 3));
+        assert_eq!(h.evaluator_events.len(), 3, "every answer is recorded");
+
+        for index in h.tasked() {
+            h.submit(index).unwrap();
+        }
+        assert!(h.finished, "the last round committed");
+        let told = |h: &Harness| {
+            (0..4)
+                .filter(|&i| {
+                    h.inbox[&h.id(i)]
+                        .iter()
+                        .any(|m| matches!(m, ServerMessage::ExperimentFinished { .. }))
+                })
+                .count()
+        };
+        assert_eq!(told(&h), 0, "the final adapter is not scored yet");
+        h.answer_evals(3.0);
+        assert_eq!(h.evaluations.len(), 2);
+        assert_eq!(told(&h), 4, "now everyone hears of the end");
+    }
+
+    #[test]
     fn bad_evaluation_results_are_refused_and_kept_out_of_the_ledger() {
         let mut h = Harness::new(with_evaluation(config(2, 2, 2, 2, 1)), 2);
         h.join_all();
@@ -1958,7 +2075,21 @@ mod tests {
         assert!(h.evaluations.is_empty());
         h.answer_evals(3.0);
         assert_eq!(h.evaluations.len(), 1);
-        assert_eq!(h.evaluations[0].trainer, h.id(third));
+        assert_eq!(h.evaluations[0].answers[0].trainer, h.id(third));
+        let failures: Vec<_> = h
+            .evaluator_events
+            .iter()
+            .map(|e| (e.trainer, e.result))
+            .collect();
+        assert_eq!(
+            failures,
+            vec![
+                (h.id(first), Err(EvalFailure::Left)),
+                (h.id(second), Err(EvalFailure::TimedOut)),
+                (h.id(third), Ok((3.0, 64))),
+            ],
+            "leaving and stalling are recorded against the evaluator"
+        );
     }
 
     #[test]

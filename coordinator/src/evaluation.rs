@@ -1,12 +1,21 @@
 //! Evaluation tasks: every adapter an experiment reaches (the initial one, then each round's
-//! merged one) is scored once on held-out data by one trainer, since the coordinator has no model
-//! of its own. Pure bookkeeping; the [`crate::engine::Engine`] owns it and turns its decisions
-//! into actions.
+//! merged one) is scored on held-out data by `k` trainers, since the coordinator has no model of
+//! its own, and the score recorded is their median, with how many agreed. One liar moves a
+//! median of three nowhere. Pure bookkeeping; the [`crate::engine::Engine`] owns it and turns its
+//! decisions into actions.
 //!
-//! Rules: one evaluation at a time per trainer; idle trainers are preferred; a trainer that left,
-//! declined or missed the deadline hands the evaluation back, and after
-//! [`MAX_EVAL_ATTEMPTS`] declines or timeouts it is abandoned (it is a measurement, not work the
-//! experiment waits for).
+//! Rules:
+//! - Evaluators are drawn at random: trainers without a training task first, each group in the
+//!   order of a keyed hash of the coordinator's unrevealed round secret, the adapter and the
+//!   trainer, so no trainer can arrange to be the one asked. An adapter never counts two answers
+//!   from one trainer; one that failed it is asked again only when no one else can be, and a
+//!   trainer holds one evaluation at a time.
+//! - Declining, missing the deadline and leaving with an evaluation in hand are failures of that
+//!   evaluator, reported so they can be recorded; its slot goes to another trainer.
+//! - An adapter is settled when `k` answers are in; or, with fewer, when
+//!   [`MAX_FAILURES_PER_EVALUATOR`]` × k + 1` attempts failed, or no trainer that was not asked yet
+//!   has been connected for a whole timeout (a fleet smaller than `k`): then with the answers it
+//!   has, or abandoned without any.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -16,10 +25,15 @@ use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
 use crate::engine::Refusal;
 
-/// Declines and timeouts after which an evaluation is abandoned.
-pub const MAX_EVAL_ATTEMPTS: u32 = 3;
+/// Failed attempts per wanted evaluator (plus one) after which an adapter is settled with what
+/// it has.
+pub const MAX_FAILURES_PER_EVALUATOR: u32 = 2;
 /// Losses at or above this (nats per token) are not believable and are refused.
 pub const MAX_EVAL_LOSS: f32 = 1e3;
+/// An answer agrees with the median when its loss is within this fraction of it and it scored
+/// the same number of tokens. Honest evaluators compute the same sum on the same sequences;
+/// different hardware changes it by far less.
+pub const AGREEMENT_TOLERANCE: f32 = 0.01;
 
 /// What evaluations score.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +44,8 @@ pub struct EvalConfig {
     pub max_sequences: u32,
     /// Time a trainer has to answer.
     pub timeout: Duration,
+    /// Evaluators wanted per adapter (`k`).
+    pub evaluators: u32,
 }
 
 /// An adapter to be scored.
@@ -43,17 +59,123 @@ pub struct EvalTarget {
     pub adapter_len: u64,
 }
 
-/// A scored adapter.
+/// One evaluator's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalAnswer {
+    /// Who.
+    pub trainer: TrainerId,
+    /// Mean loss per token it reported.
+    pub loss: f32,
+    /// Tokens it reported scoring.
+    pub tokens: u64,
+}
+
+/// How an evaluator failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalFailure {
+    /// It said it cannot.
+    Declined,
+    /// Its deadline passed.
+    TimedOut,
+    /// It disconnected with the evaluation in hand.
+    Left,
+}
+
+impl EvalFailure {
+    /// Its name in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvalFailure::Declined => "declined",
+            EvalFailure::TimedOut => "timed_out",
+            EvalFailure::Left => "left",
+        }
+    }
+}
+
+/// Something an evaluator did, to be recorded against it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluatorEvent {
+    /// The adapter it was asked to score.
+    pub target: EvalTarget,
+    /// Who.
+    pub trainer: TrainerId,
+    /// Its answer, or how it failed.
+    pub result: Result<(f32, u64), EvalFailure>,
+}
+
+/// A settled score.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalOutcome {
     /// What was scored.
     pub target: EvalTarget,
-    /// Who scored it.
-    pub trainer: TrainerId,
-    /// Mean loss per token.
+    /// The answers, in trainer order.
+    pub answers: Vec<EvalAnswer>,
+    /// The median loss (the mean of the middle two for an even count).
     pub loss: f32,
-    /// Tokens scored.
+    /// The median token count.
     pub tokens: u64,
+    /// Highest minus lowest loss answered.
+    pub spread: f32,
+    /// Answers that agree with the median (see [`AGREEMENT_TOLERANCE`]).
+    pub agreeing: u32,
+    /// Evaluators wanted.
+    pub wanted: u32,
+}
+
+impl EvalOutcome {
+    /// Settles `answers` (at least one).
+    fn settle(target: EvalTarget, mut answers: Vec<EvalAnswer>, wanted: u32) -> Self {
+        answers.sort_by_key(|a| a.trainer);
+        let mut losses: Vec<f32> = answers.iter().map(|a| a.loss).collect();
+        losses.sort_by(f32::total_cmp);
+        let mut tokens: Vec<u64> = answers.iter().map(|a| a.tokens).collect();
+        tokens.sort_unstable();
+        let n = losses.len();
+        let loss = if n % 2 == 1 {
+            losses[n / 2]
+        } else {
+            (losses[n / 2 - 1] + losses[n / 2]) / 2.0
+        };
+        let median_tokens = tokens[(n - 1) / 2];
+        let agreeing = answers
+            .iter()
+            .filter(|a| {
+                (a.loss - loss).abs() <= AGREEMENT_TOLERANCE * loss.abs()
+                    && a.tokens == median_tokens
+            })
+            .count() as u32;
+        Self {
+            target,
+            spread: losses[n - 1] - losses[0],
+            loss,
+            tokens: median_tokens,
+            agreeing,
+            answers,
+            wanted,
+        }
+    }
+}
+
+/// What an answer led to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answered {
+    /// The answer, to record against its evaluator.
+    pub event: EvaluatorEvent,
+    /// The settled score, when this was the last answer wanted.
+    pub outcome: Option<EvalOutcome>,
+}
+
+/// What time, a departure or a refusal settled.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settled {
+    /// Evaluators that failed, to record.
+    pub failed: Vec<EvaluatorEvent>,
+    /// Evaluation tasks taken back (their trainers are told to stop).
+    pub cancelled: Vec<(TaskId, TrainerId)>,
+    /// Adapters settled with fewer answers than wanted.
+    pub outcomes: Vec<EvalOutcome>,
+    /// Adapters given up without any answer.
+    pub abandoned: Vec<EvalTarget>,
 }
 
 #[derive(Clone, Debug)]
@@ -66,23 +188,50 @@ struct Assignment {
 #[derive(Clone, Debug)]
 struct Pending {
     target: EvalTarget,
-    assigned: Option<Assignment>,
+    assigned: Vec<Assignment>,
+    answers: Vec<EvalAnswer>,
     failures: u32,
-    tried: BTreeSet<TrainerId>,
-    /// Trainers that said they cannot do it (no model, no data): never asked again.
-    declined: BTreeSet<TrainerId>,
+    /// Trainers that answered or are working on it: not asked again.
+    asked: BTreeSet<TrainerId>,
+    /// Trainers that failed it: asked again only when no one else can be.
+    failed: BTreeSet<TrainerId>,
+    /// Since when an open slot has had no trainer that could ever take it.
+    starving_since: Option<Instant>,
 }
 
-/// Evaluations waiting for a trainer or for its answer, oldest first.
-#[derive(Clone, Debug, Default)]
+impl Pending {
+    fn open_slots(&self, wanted: u32) -> usize {
+        (wanted as usize).saturating_sub(self.answers.len() + self.assigned.len())
+    }
+}
+
+/// Evaluations waiting for trainers or for their answers, oldest first.
+#[derive(Clone, Debug)]
 pub struct Evaluations {
     pending: Vec<Pending>,
+    /// Evaluators wanted per adapter.
+    wanted: u32,
     /// Connected trainers that declined an evaluation: they cannot evaluate (no model, no
     /// data) and are not asked for later ones either until they reconnect.
     unable: BTreeSet<TrainerId>,
 }
 
+impl Default for Evaluations {
+    fn default() -> Self {
+        Self::new(1)
+    }
+}
+
 impl Evaluations {
+    /// No evaluations yet; each adapter will want `evaluators` answers (at least one).
+    pub fn new(evaluators: u32) -> Self {
+        Self {
+            pending: Vec::new(),
+            wanted: evaluators.max(1),
+            unable: BTreeSet::new(),
+        }
+    }
+
     /// Queues `target` unless it is already queued.
     pub fn enqueue(&mut self, target: EvalTarget) {
         if self
@@ -92,15 +241,31 @@ impl Evaluations {
         {
             self.pending.push(Pending {
                 target,
-                assigned: None,
+                assigned: Vec::new(),
+                answers: Vec::new(),
                 failures: 0,
-                tried: BTreeSet::new(),
-                declined: BTreeSet::new(),
+                asked: BTreeSet::new(),
+                failed: BTreeSet::new(),
+                starving_since: None,
             });
         }
     }
 
-    /// Evaluations not yet answered.
+    /// Restores an answer recorded before a restart (its target must be queued).
+    pub fn restore_answer(&mut self, adapter: BlobHash, answer: EvalAnswer) {
+        if let Some(pending) = self
+            .pending
+            .iter_mut()
+            .find(|p| p.target.adapter == adapter)
+        {
+            if pending.asked.insert(answer.trainer) && pending.answers.len() < self.wanted as usize
+            {
+                pending.answers.push(answer);
+            }
+        }
+    }
+
+    /// Adapters not yet settled.
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -112,70 +277,137 @@ impl Evaluations {
 
     /// True when `task` is an evaluation in flight.
     pub fn is_eval_task(&self, task: TaskId) -> bool {
-        self.assignment_index(task).is_some()
+        self.find_task(task).is_some()
     }
 
-    /// Hands unassigned evaluations to `candidates` (in preference order), at most one per
-    /// trainer, each with a task id from `next_task`. A trainer that already failed an
-    /// evaluation gets it again only when no one else can take it.
+    /// True when an adapter has an open slot.
+    pub fn has_unassigned(&self) -> bool {
+        self.pending.iter().any(|p| p.open_slots(self.wanted) > 0)
+    }
+
+    /// Fills open slots from `free` (trainers without a training task) and then `training`,
+    /// each in the order of `rank(adapter, trainer)` (lowest first), skipping trainers that
+    /// hold an evaluation, were asked for this adapter already, or declined one. Each task id
+    /// comes from `next_task`.
     pub fn dispatch(
         &mut self,
         now: Instant,
         timeout: Duration,
-        candidates: &[TrainerId],
+        free: &[TrainerId],
+        training: &[TrainerId],
+        rank: impl Fn(&BlobHash, &TrainerId) -> [u8; 32],
         mut next_task: impl FnMut() -> TaskId,
     ) -> Vec<(TaskId, TrainerId, EvalTarget)> {
         let mut busy: BTreeSet<TrainerId> = self
             .pending
             .iter()
-            .filter_map(|p| p.assigned.as_ref().map(|a| a.trainer))
+            .flat_map(|p| p.assigned.iter().map(|a| a.trainer))
             .collect();
         let mut sent = Vec::new();
-        for pending in self.pending.iter_mut().filter(|p| p.assigned.is_none()) {
-            let unable = &self.unable;
-            let free = || {
-                candidates.iter().filter(|t| {
-                    !busy.contains(t) && !pending.declined.contains(t) && !unable.contains(t)
-                })
-            };
-            let Some(&trainer) = free()
-                .find(|t| !pending.tried.contains(t))
-                .or_else(|| free().next())
-            else {
-                break;
-            };
-            let task = next_task();
-            busy.insert(trainer);
-            pending.tried.insert(trainer);
-            pending.assigned = Some(Assignment {
-                task,
-                trainer,
-                deadline: now + timeout,
-            });
-            sent.push((task, trainer, pending.target.clone()));
+        for pending in &mut self.pending {
+            let slots = pending.open_slots(self.wanted);
+            if slots == 0 {
+                pending.starving_since = None;
+                continue;
+            }
+            let adapter = pending.target.adapter;
+            let never_asked =
+                |t: &&TrainerId| !pending.asked.contains(t) && !self.unable.contains(t);
+            // Could anyone connected ever fill the slots? If not, the adapter is starving.
+            let possible = free
+                .iter()
+                .chain(training)
+                .filter(never_asked)
+                .take(slots)
+                .count();
+            if possible < slots {
+                pending.starving_since.get_or_insert(now);
+            } else {
+                pending.starving_since = None;
+            }
+            let mut chosen: Vec<TrainerId> = Vec::new();
+            // Fresh trainers first (free, then training), then ones that failed it before.
+            for (group, retry) in [
+                (free, false),
+                (training, false),
+                (free, true),
+                (training, true),
+            ] {
+                let need = slots - chosen.len();
+                if need == 0 {
+                    break;
+                }
+                let mut ranked: Vec<([u8; 32], TrainerId)> = group
+                    .iter()
+                    .filter(never_asked)
+                    .filter(|t| pending.failed.contains(t) == retry)
+                    .filter(|t| !busy.contains(t) && !chosen.contains(t))
+                    .map(|t| (rank(&adapter, t), *t))
+                    .collect();
+                if ranked.len() > need {
+                    ranked.select_nth_unstable(need - 1);
+                    ranked.truncate(need);
+                }
+                ranked.sort_unstable();
+                chosen.extend(ranked.into_iter().map(|(_, t)| t));
+            }
+            for trainer in chosen {
+                let task = next_task();
+                busy.insert(trainer);
+                pending.asked.insert(trainer);
+                pending.assigned.push(Assignment {
+                    task,
+                    trainer,
+                    deadline: now + timeout,
+                });
+                sent.push((task, trainer, pending.target.clone()));
+            }
         }
         sent
     }
 
-    /// The earliest answer deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// The next time [`Evaluations::expire`] has something to do: an answer deadline, or a
+    /// starving adapter's give-up time.
+    pub fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
         self.pending
             .iter()
-            .filter_map(|p| p.assigned.as_ref().map(|a| a.deadline))
+            .flat_map(|p| {
+                p.assigned
+                    .iter()
+                    .map(|a| a.deadline)
+                    .chain(p.starving_since.map(|since| since + timeout))
+            })
             .min()
     }
 
-    /// Takes back evaluations whose deadline passed. Returns the tasks taken back (their
-    /// trainers should be told to stop) and the evaluations abandoned.
-    pub fn expire(&mut self, now: Instant) -> (Vec<(TaskId, TrainerId)>, Vec<EvalTarget>) {
-        let mut expired = Vec::new();
+    /// Takes back evaluations whose deadline passed (failures of their evaluators) and settles
+    /// adapters that starved for `timeout` or failed too often.
+    pub fn expire(&mut self, now: Instant, timeout: Duration) -> Settled {
+        let mut settled = Settled::default();
         for pending in &mut self.pending {
-            if let Some(assignment) = pending.assigned.take_if(|a| now >= a.deadline) {
-                expired.push((assignment.task, assignment.trainer));
+            let (late, on_time): (Vec<_>, Vec<_>) = std::mem::take(&mut pending.assigned)
+                .into_iter()
+                .partition(|a| now >= a.deadline);
+            pending.assigned = on_time;
+            for assignment in late {
                 pending.failures += 1;
+                pending.asked.remove(&assignment.trainer);
+                pending.failed.insert(assignment.trainer);
+                settled
+                    .cancelled
+                    .push((assignment.task, assignment.trainer));
+                settled.failed.push(EvaluatorEvent {
+                    target: pending.target.clone(),
+                    trainer: assignment.trainer,
+                    result: Err(EvalFailure::TimedOut),
+                });
             }
         }
-        (expired, self.abandon_failed())
+        let starved = |p: &Pending| {
+            p.assigned.is_empty() && p.starving_since.is_some_and(|since| now >= since + timeout)
+        };
+        self.settle_where(starved, &mut settled);
+        settled
     }
 
     /// The evaluation `trainer` is working on, with its task id and deadline (to send again to
@@ -183,54 +415,29 @@ impl Evaluations {
     pub fn assigned_to(&self, trainer: TrainerId) -> Option<(TaskId, EvalTarget, Instant)> {
         self.pending.iter().find_map(|p| {
             p.assigned
-                .as_ref()
-                .filter(|a| a.trainer == trainer)
+                .iter()
+                .find(|a| a.trainer == trainer)
                 .map(|a| (a.task, p.target.clone(), a.deadline))
         })
     }
 
-    /// `trainer` left: its evaluation goes back to the queue (not counted as a failure).
-    /// Returns whether it had one.
-    pub fn trainer_left(&mut self, trainer: TrainerId) -> bool {
+    /// `trainer` left: an evaluation in its hands is a failure of it, and its slot reopens.
+    pub fn trainer_left(&mut self, trainer: TrainerId) -> Settled {
         self.unable.remove(&trainer);
-        let mut had = false;
-        for pending in &mut self.pending {
-            if pending
-                .assigned
-                .as_ref()
-                .is_some_and(|a| a.trainer == trainer)
-            {
-                pending.assigned = None;
-                had = true;
-            }
+        self.fail(trainer, None, EvalFailure::Left)
+    }
+
+    /// `trainer` declined evaluation `task`: a failure of it, and it is not asked again until
+    /// it reconnects.
+    pub fn declined(&mut self, trainer: TrainerId, task: TaskId) -> Settled {
+        let settled = self.fail(trainer, Some(task), EvalFailure::Declined);
+        if !settled.failed.is_empty() {
+            self.unable.insert(trainer);
         }
-        had
+        settled
     }
 
-    /// True when an evaluation waits for a trainer.
-    pub fn has_unassigned(&self) -> bool {
-        self.pending.iter().any(|p| p.assigned.is_none())
-    }
-
-    /// `trainer` declined evaluation `task`; returns the evaluations abandoned.
-    pub fn declined(&mut self, trainer: TrainerId, task: TaskId) -> Vec<EvalTarget> {
-        if let Some(index) = self.assignment_index(task) {
-            let pending = &mut self.pending[index];
-            if pending
-                .assigned
-                .as_ref()
-                .is_some_and(|a| a.trainer == trainer)
-            {
-                pending.assigned = None;
-                pending.failures += 1;
-                pending.declined.insert(trainer);
-                self.unable.insert(trainer);
-            }
-        }
-        self.abandon_failed()
-    }
-
-    /// Checks and takes a result. A refusal leaves the evaluation as it was.
+    /// Checks and takes an answer. A refusal leaves the evaluation as it was.
     pub fn answer(
         &mut self,
         trainer: TrainerId,
@@ -238,15 +445,15 @@ impl Evaluations {
         adapter: BlobHash,
         loss: f32,
         tokens: u64,
-    ) -> Result<EvalOutcome, Refusal> {
-        let Some(index) = self.assignment_index(task) else {
+    ) -> Result<Answered, Refusal> {
+        let Some((index, slot)) = self.find_task(task) else {
             return Err(Refusal::new(
                 RejectReason::NotSelected,
                 format!("task {} is not an evaluation in progress", task.0),
             ));
         };
         let pending = &self.pending[index];
-        if pending.assigned.as_ref().map(|a| a.trainer) != Some(trainer) {
+        if pending.assigned[slot].trainer != trainer {
             return Err(Refusal::new(
                 RejectReason::NotSelected,
                 format!("evaluation {} was given to another trainer", task.0),
@@ -275,27 +482,86 @@ impl Evaluations {
                 "an evaluation must score at least one token",
             ));
         }
-        let pending = self.pending.remove(index);
-        Ok(EvalOutcome {
-            target: pending.target,
+        let pending = &mut self.pending[index];
+        pending.assigned.swap_remove(slot);
+        pending.answers.push(EvalAnswer {
             trainer,
             loss,
             tokens,
-        })
+        });
+        let event = EvaluatorEvent {
+            target: pending.target.clone(),
+            trainer,
+            result: Ok((loss, tokens)),
+        };
+        let outcome = if pending.answers.len() >= self.wanted as usize {
+            let pending = self.pending.remove(index);
+            Some(EvalOutcome::settle(
+                pending.target,
+                pending.answers,
+                self.wanted,
+            ))
+        } else {
+            None
+        };
+        Ok(Answered { event, outcome })
     }
 
-    fn assignment_index(&self, task: TaskId) -> Option<usize> {
-        self.pending
-            .iter()
-            .position(|p| p.assigned.as_ref().is_some_and(|a| a.task == task))
+    fn fail(&mut self, trainer: TrainerId, task: Option<TaskId>, how: EvalFailure) -> Settled {
+        let mut settled = Settled::default();
+        for pending in &mut self.pending {
+            let before = pending.assigned.len();
+            pending
+                .assigned
+                .retain(|a| !(a.trainer == trainer && task.is_none_or(|task| a.task == task)));
+            if pending.assigned.len() < before {
+                pending.failures += 1;
+                pending.asked.remove(&trainer);
+                pending.failed.insert(trainer);
+                settled.failed.push(EvaluatorEvent {
+                    target: pending.target.clone(),
+                    trainer,
+                    result: Err(how),
+                });
+            }
+        }
+        self.settle_where(|_| false, &mut settled);
+        settled
     }
 
-    fn abandon_failed(&mut self) -> Vec<EvalTarget> {
-        let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+    /// Settles adapters that failed too often, or for which `also` holds, with the answers they
+    /// have (abandoned without any).
+    fn settle_where(&mut self, also: impl Fn(&Pending) -> bool, settled: &mut Settled) {
+        let limit = MAX_FAILURES_PER_EVALUATOR * self.wanted + 1;
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
-            .partition(|p| p.failures >= MAX_EVAL_ATTEMPTS);
+            .partition(|p| p.failures >= limit || also(p));
         self.pending = kept;
-        failed.into_iter().map(|p| p.target).collect()
+        for pending in done {
+            for assignment in &pending.assigned {
+                settled
+                    .cancelled
+                    .push((assignment.task, assignment.trainer));
+            }
+            if pending.answers.is_empty() {
+                settled.abandoned.push(pending.target);
+            } else {
+                settled.outcomes.push(EvalOutcome::settle(
+                    pending.target,
+                    pending.answers,
+                    self.wanted,
+                ));
+            }
+        }
+    }
+
+    fn find_task(&self, task: TaskId) -> Option<(usize, usize)> {
+        self.pending.iter().enumerate().find_map(|(index, p)| {
+            p.assigned
+                .iter()
+                .position(|a| a.task == task)
+                .map(|slot| (index, slot))
+        })
     }
 }
 
@@ -323,31 +589,80 @@ mod tests {
         }
     }
 
+    /// A rank that follows a salt, as the engine's keyed hash does.
+    fn ranked(salt: u8) -> impl Fn(&BlobHash, &TrainerId) -> [u8; 32] {
+        move |adapter, trainer| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&[salt]);
+            hasher.update(&adapter.0);
+            hasher.update(&trainer.0);
+            *hasher.finalize().as_bytes()
+        }
+    }
+
     const T: Duration = Duration::from_secs(10);
 
+    fn fleet(n: u8) -> Vec<TrainerId> {
+        (1..=n).map(trainer).collect()
+    }
+
     #[test]
-    fn each_adapter_is_queued_once_and_trainers_get_one_at_a_time() {
+    fn three_distinct_evaluators_score_each_adapter_and_the_median_is_kept() {
         let now = Instant::now();
-        let mut evals = Evaluations::default();
+        let mut evals = Evaluations::new(3);
         evals.enqueue(target(1));
         evals.enqueue(target(1));
-        evals.enqueue(target(2));
-        assert_eq!(evals.len(), 2);
-        let sent = evals.dispatch(now, T, &[trainer(7)], counter());
-        assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].2, target(1));
-        // The only trainer is busy: the second waits.
-        assert!(evals.dispatch(now, T, &[trainer(7)], counter()).is_empty());
-        let sent = evals.dispatch(now, T, &[trainer(7), trainer(8)], counter());
-        assert_eq!((sent.len(), sent[0].1), (1, trainer(8)));
+        assert_eq!(evals.len(), 1);
+        let sent = evals.dispatch(now, T, &fleet(5), &[], ranked(0), counter());
+        assert_eq!(sent.len(), 3);
+        let who: BTreeSet<TrainerId> = sent.iter().map(|s| s.1).collect();
+        assert_eq!(who.len(), 3, "three different trainers");
+        // A liar's answer does not move the median; its answer does not agree.
+        let losses = [2.0, 2.01, 0.1];
+        let mut outcome = None;
+        for ((task, trainer, target), loss) in sent.iter().zip(losses) {
+            let answered = evals
+                .answer(*trainer, *task, target.adapter, loss, 640)
+                .unwrap();
+            assert_eq!(answered.event.result, Ok((loss, 640)));
+            outcome = answered.outcome;
+        }
+        let outcome = outcome.expect("the third answer settles it");
+        assert_eq!(outcome.loss, 2.0);
+        assert_eq!((outcome.agreeing, outcome.wanted), (2, 3));
+        assert!((outcome.spread - 1.91).abs() < 1e-6);
+        assert!(evals.is_empty());
+    }
+
+    #[test]
+    fn evaluators_are_drawn_by_the_secret_rank_free_trainers_first() {
+        let now = Instant::now();
+        let everyone = fleet(40);
+        let (free, training) = everyone.split_at(20);
+        let draw = |salt| {
+            let mut evals = Evaluations::new(3);
+            evals.enqueue(target(1));
+            let sent = evals.dispatch(now, T, free, training, ranked(salt), counter());
+            sent.into_iter().map(|s| s.1).collect::<BTreeSet<_>>()
+        };
+        let first = draw(1);
+        assert!(first.iter().all(|t| free.contains(t)));
+        // Not the first idle ones: the draw follows the secret.
+        let draws: BTreeSet<BTreeSet<TrainerId>> = (0..8).map(draw).collect();
+        assert!(
+            draws.len() > 1,
+            "different secrets pick different evaluators"
+        );
+        assert_ne!(first, free[..3].iter().copied().collect());
     }
 
     #[test]
     fn only_the_assigned_trainer_may_answer_and_bad_losses_are_refused() {
         let now = Instant::now();
-        let mut evals = Evaluations::default();
+        let mut evals = Evaluations::new(1);
         evals.enqueue(target(1));
-        let (task, who, _) = evals.dispatch(now, T, &[trainer(7)], counter())[0].clone();
+        let (task, who, _) =
+            evals.dispatch(now, T, &[trainer(7)], &[], ranked(0), counter())[0].clone();
         let adapter = target(1).adapter;
         let refuse = |evals: &mut Evaluations, trainer, task, adapter, loss, tokens| {
             evals
@@ -377,8 +692,11 @@ mod tests {
             refuse(&mut evals, who, task, adapter, 2.0, 0),
             RejectReason::Malformed
         );
-        let outcome = evals.answer(who, task, adapter, 2.5, 640).unwrap();
-        assert_eq!((outcome.loss, outcome.tokens), (2.5, 640));
+        let outcome = evals.answer(who, task, adapter, 2.5, 640).unwrap().outcome;
+        assert_eq!(
+            outcome.map(|o| (o.loss, o.tokens, o.agreeing)),
+            Some((2.5, 640, 1))
+        );
         assert!(evals.is_empty());
         // A replayed answer finds nothing.
         assert_eq!(
@@ -388,53 +706,158 @@ mod tests {
     }
 
     #[test]
-    fn a_departed_or_slow_trainer_hands_the_evaluation_to_another() {
+    fn leaving_timing_out_and_declining_are_failures_and_the_slot_goes_to_someone_new() {
         let now = Instant::now();
-        let mut evals = Evaluations::default();
+        let mut evals = Evaluations::new(2);
         evals.enqueue(target(1));
-        let both = [trainer(7), trainer(8)];
-        let first = evals.dispatch(now, T, &both, counter())[0].clone();
-        assert_eq!(first.1, trainer(7));
-        evals.trainer_left(trainer(7));
-        let second = evals.dispatch(now, T, &both, counter())[0].clone();
-        assert_eq!(second.1, trainer(8), "someone who has not tried it yet");
-        assert_eq!(evals.next_deadline(), Some(now + T));
-        assert_eq!(evals.expire(now + T / 2), (vec![], vec![]));
-        assert_eq!(evals.assigned_to(trainer(8)).map(|a| a.0), Some(second.0));
-        assert_eq!(
-            evals.expire(now + T),
-            (vec![(second.0, trainer(8))], vec![])
+        let everyone = fleet(6);
+        let mut next = counter();
+        let sent = evals.dispatch(now, T, &everyone, &[], ranked(3), &mut next);
+        let (a, b) = (sent[0].clone(), sent[1].clone());
+
+        let left = evals.trainer_left(a.1);
+        assert_eq!(left.failed.len(), 1);
+        assert_eq!(left.failed[0].result, Err(EvalFailure::Left));
+        let replacement = evals.dispatch(now, T, &everyone, &[], ranked(3), &mut next);
+        assert_eq!(replacement.len(), 1);
+        assert!(
+            ![a.1, b.1].contains(&replacement[0].1),
+            "never the same trainer twice"
         );
-        assert_eq!(evals.assigned_to(trainer(8)), None);
-        // Everyone has tried: it goes back to the first free trainer.
-        let third = evals.dispatch(now + T, T, &both, counter())[0].clone();
-        assert_eq!(third.1, trainer(7));
-        assert!(evals
-            .answer(trainer(8), second.0, second.2.adapter, 1.0, 1)
-            .is_err());
+        // The one that left may not answer after all.
+        assert!(evals.answer(a.1, a.0, a.2.adapter, 2.0, 1).is_err());
+
+        let declined = evals.declined(b.1, b.0);
+        assert_eq!(declined.failed[0].result, Err(EvalFailure::Declined));
+        assert_eq!(evals.next_deadline(T), Some(now + T));
+        let expired = evals.expire(now + T, T);
+        assert_eq!(
+            expired.cancelled,
+            vec![(replacement[0].0, replacement[0].1)]
+        );
+        assert_eq!(expired.failed[0].result, Err(EvalFailure::TimedOut));
+        // Three failures of five allowed (2 × 2 + 1): two more settle it, without an answer,
+        // and the evaluator still in flight is told to stop.
+        let last = evals.dispatch(now + T, T, &everyone, &[], ranked(3), &mut next);
+        assert_eq!(last.len(), 2);
+        assert_eq!(evals.trainer_left(last[0].1).abandoned, vec![]);
+        let replacement = evals.dispatch(now + T, T, &everyone, &[], ranked(3), &mut next);
+        assert_eq!(replacement.len(), 1, "the sixth and last trainer");
+        let gone = evals.trainer_left(last[1].1);
+        assert_eq!(gone.abandoned, vec![target(1)]);
+        assert_eq!(gone.cancelled, vec![(replacement[0].0, replacement[0].1)]);
+        assert!(evals.is_empty());
     }
 
     #[test]
-    fn a_trainer_that_declined_is_not_asked_again_and_declines_abandon_it() {
+    fn a_fleet_smaller_than_k_settles_with_the_answers_it_has_after_a_timeout() {
         let now = Instant::now();
-        let mut evals = Evaluations::default();
+        let mut evals = Evaluations::new(3);
+        evals.enqueue(target(1));
+        let two = fleet(2);
+        let mut next = counter();
+        let sent = evals.dispatch(now, T, &two, &[], ranked(0), &mut next);
+        assert_eq!(sent.len(), 2);
+        for (task, trainer, target) in &sent {
+            let answered = evals
+                .answer(*trainer, *task, target.adapter, 3.0, 64)
+                .unwrap();
+            assert_eq!(answered.outcome, None);
+        }
+        assert!(evals
+            .dispatch(now, T, &two, &[], ranked(0), &mut next)
+            .is_empty());
+        assert_eq!(evals.next_deadline(T), Some(now + T));
+        assert_eq!(evals.expire(now + T / 2, T), Settled::default());
+        let settled = evals.expire(now + T, T);
+        assert_eq!(settled.outcomes.len(), 1);
+        let outcome = &settled.outcomes[0];
+        assert_eq!(
+            (outcome.answers.len(), outcome.agreeing, outcome.wanted),
+            (2, 2, 3)
+        );
+        // A third trainer arriving in time would have been asked instead.
+        let mut evals = Evaluations::new(3);
+        evals.enqueue(target(2));
+        let sent = evals.dispatch(now, T, &two, &[], ranked(0), &mut next);
+        assert_eq!(sent.len(), 2);
+        let third = evals.dispatch(now + T / 2, T, &fleet(3), &[], ranked(0), &mut next);
+        assert_eq!(third.len(), 1);
+        assert_eq!(evals.expire(now + T, T).outcomes, vec![]);
+    }
+
+    #[test]
+    fn one_that_failed_is_asked_again_when_no_one_else_can_be() {
+        let now = Instant::now();
+        let mut evals = Evaluations::new(3);
+        evals.enqueue(target(1));
+        let three = fleet(3);
+        let mut next = counter();
+        let sent = evals.dispatch(now, T, &three, &[], ranked(0), &mut next);
+        assert_eq!(sent.len(), 3);
+        // One drops its connection and comes back: with nobody fresh, it is asked again.
+        evals.trainer_left(sent[0].1);
+        let again = evals.dispatch(now, T, &three, &[], ranked(0), &mut next);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1, sent[0].1);
+        // With a fresh trainer around, the fresh one goes first.
+        evals.trainer_left(again[0].1);
+        let fresh = evals.dispatch(now, T, &fleet(4), &[], ranked(0), &mut next);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].1, trainer(4));
+    }
+
+    #[test]
+    fn a_trainer_that_declined_is_not_asked_again_until_it_reconnects() {
+        let now = Instant::now();
+        let mut evals = Evaluations::new(1);
         evals.enqueue(target(1));
         let mut next = counter();
-        let everyone: Vec<TrainerId> = (1..=MAX_EVAL_ATTEMPTS as u8).map(trainer).collect();
-        for attempt in 1..=MAX_EVAL_ATTEMPTS {
-            let sent = evals.dispatch(now, T, &everyone, &mut next);
-            let (task, who, _) = sent[0].clone();
-            assert_eq!(who, trainer(attempt as u8), "each asked once");
-            let abandoned = evals.declined(who, task);
-            assert_eq!(abandoned.len(), usize::from(attempt == MAX_EVAL_ATTEMPTS));
-        }
-        assert!(evals.is_empty());
-        // With only a trainer that declined connected, the evaluation waits for another.
+        let (task, who, _) =
+            evals.dispatch(now, T, &[trainer(9)], &[], ranked(0), &mut next)[0].clone();
+        assert!(evals.declined(who, task).abandoned.is_empty());
         evals.enqueue(target(2));
-        let (task, who, _) = evals.dispatch(now, T, &[trainer(9)], &mut next)[0].clone();
-        assert!(evals.declined(who, task).is_empty());
-        assert!(evals.dispatch(now, T, &[trainer(9)], &mut next).is_empty());
-        let sent = evals.dispatch(now, T, &[trainer(9), trainer(10)], &mut next);
+        assert!(evals
+            .dispatch(now, T, &[trainer(9)], &[], ranked(0), &mut next)
+            .is_empty());
+        let sent = evals.dispatch(
+            now,
+            T,
+            &[trainer(9), trainer(10)],
+            &[],
+            ranked(0),
+            &mut next,
+        );
+        assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].1, trainer(10));
+        // After it reconnects it may score the other adapter.
+        evals.trainer_left(trainer(9));
+        let sent = evals.dispatch(now, T, &[trainer(9)], &[], ranked(0), &mut next);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].2, target(2));
+    }
+
+    #[test]
+    fn restored_answers_count_and_their_evaluators_are_not_asked_again() {
+        let now = Instant::now();
+        let mut evals = Evaluations::new(3);
+        evals.enqueue(target(1));
+        for n in 1..=2 {
+            evals.restore_answer(
+                target(1).adapter,
+                EvalAnswer {
+                    trainer: trainer(n),
+                    loss: 2.0,
+                    tokens: 10,
+                },
+            );
+        }
+        let sent = evals.dispatch(now, T, &fleet(4), &[], ranked(0), counter());
+        assert_eq!(sent.len(), 1);
+        assert!(![trainer(1), trainer(2)].contains(&sent[0].1));
+        let answered = evals
+            .answer(sent[0].1, sent[0].0, target(1).adapter, 2.0, 10)
+            .unwrap();
+        assert_eq!(answered.outcome.map(|o| o.agreeing), Some(3));
     }
 }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub aggregation_failures: AtomicU64,
     /// Database write batches that failed and were rolled back (the hub reloaded its state).
     pub storage_failures: AtomicU64,
+    /// Evaluators that declined, timed out or left with an evaluation in hand.
+    pub evaluator_failures: AtomicU64,
     /// Unreferenced blob files removed.
     pub gc_removed: AtomicU64,
     /// Bytes those files held.
@@ -198,6 +200,13 @@ impl Metrics {
             "Round closes that failed (storage) and were tried again.",
             "counter",
             load(&self.aggregation_failures),
+        );
+        gauge(
+            &mut out,
+            "tributary_evaluator_failures_total",
+            "Evaluators that declined, timed out or left with an evaluation in hand.",
+            "counter",
+            load(&self.evaluator_failures),
         );
         gauge(
             &mut out,

@@ -80,11 +80,13 @@ pub fn build(data_dir: &Path, experiment: Option<&str>) -> anyhow::Result<PeftFo
         .flat_map(|(_, entry)| entry.accepted.iter().map(|a| a.trainer))
         .collect();
     let ledger_head = ledger.last().map(|(hash, _)| *hash);
+    let evaluations = db.evaluations(&stored.id)?;
     let card = model_card(
         &stored.id,
         &config,
         &adapter_config,
         &ledger,
+        &evaluations,
         &contributors,
         adapter_hash,
     );
@@ -110,6 +112,7 @@ fn model_card(
         tributary_shared::BlobHash,
         tributary_shared::ledger::LedgerEntry,
     )],
+    evaluations: &[crate::store::db::StoredEvaluation],
     contributors: &BTreeSet<TrainerId>,
     adapter_hash: tributary_shared::BlobHash,
 ) -> String {
@@ -121,7 +124,10 @@ fn model_card(
          | adapter (blake3 of the canonical f32 encoding) | `{adapter_hash}` |\n| ledger head | `{head}` |\n\n\
          ## Lineage\n\nEach round's entry lists the deltas it aggregated (by blake3 hash) and their trainers' \
          ed25519 keys; `tributary-coordinator verify` re-derives every round.\n\n\
-         | round | deltas | train loss (self-reported) | adapter |\n|---|---|---|---|\n",
+         Held-out loss: the median of the losses reported by trainers drawn at random to score \
+         each adapter on held-out text, with how many of them agreed (within 1 %).\n\n\
+         | round | deltas | held-out loss (median) | evaluators agreeing | train loss (self-reported) | adapter |\n\
+         |---|---|---|---|---|---|\n",
         base = config.model.hub_id(),
         description = config.experiment.description,
         rounds = ledger.len(),
@@ -131,9 +137,22 @@ fn model_card(
         targets = adapter.target_modules.join(", "),
         head = ledger.last().map(|(h, _)| h.to_hex()).unwrap_or_else(|| "(none)".into()),
     );
+    let scored = |adapter: &tributary_shared::BlobHash| {
+        let hex = adapter.to_hex();
+        evaluations.iter().find(|e| e.adapter == hex).map_or_else(
+            || ("-".to_string(), "-".to_string()),
+            |e| {
+                (
+                    format!("{:.4}", e.loss),
+                    format!("{} of {}", e.agreeing, e.evaluators),
+                )
+            },
+        )
+    };
     for (_, entry) in ledger {
+        let (held_out, agreeing) = scored(&entry.adapter_after);
         card.push_str(&format!(
-            "| {} | {} | {} | `{}` |\n",
+            "| {} | {} | {held_out} | {agreeing} | {} | `{}` |\n",
             entry.round,
             entry.accepted.len(),
             entry

@@ -379,6 +379,10 @@ pub struct EvaluationSection {
     pub max_sequences: u32,
     /// Seconds a trainer has to report before the evaluation goes to another trainer.
     pub timeout_secs: f64,
+    /// Trainers, drawn at random, that score each adapter; the score kept is their median, so
+    /// one liar cannot fake it. With a fleet smaller than this, an adapter waits a timeout for
+    /// more evaluators and is then scored by those it had.
+    pub evaluators: u32,
 }
 
 impl Default for EvaluationSection {
@@ -388,6 +392,7 @@ impl Default for EvaluationSection {
             clients: Vec::new(),
             max_sequences: 32,
             timeout_secs: 600.0,
+            evaluators: 3,
         }
     }
 }
@@ -683,6 +688,12 @@ impl ExperimentConfig {
             return Err(ConfigError::invalid(
                 "evaluation.enabled",
                 "needs a public dataset in [data] (not synthetic or local data)",
+            ));
+        }
+        if !(1..=64).contains(&evaluation.evaluators) {
+            return Err(ConfigError::invalid(
+                "evaluation.evaluators",
+                "must be from 1 to 64",
             ));
         }
         if evaluation.max_sequences == 0 {

@@ -53,6 +53,14 @@ impl RoundSecret {
         self.derive("tributary selection rank v1", &trainer.0).0
     }
 
+    /// A trainer's place in the order evaluators of `adapter` are drawn in (lower first).
+    pub fn evaluator_rank(&self, adapter: &BlobHash, trainer: &TrainerId) -> [u8; 32] {
+        let mut input = [0u8; 64];
+        input[..32].copy_from_slice(&adapter.0);
+        input[32..].copy_from_slice(&trainer.0);
+        self.derive("tributary evaluator rank v1", &input).0
+    }
+
     /// The training seed of a task of this round.
     pub fn task_seed(&self, task: TaskId) -> u64 {
         let hash = self.derive("tributary task seed v1", &task.0.to_le_bytes());

@@ -1,6 +1,6 @@
 //! Evaluation tasks over real QUIC: a trainer that cannot evaluate (a synthetic one has no
-//! model) declines and is not asked again; the evaluation goes to a burn trainer that joins
-//! later, and every adapter ends up scored by one.
+//! model) declines and is not asked again; the evaluation goes to burn trainers that join
+//! later, and every adapter ends up scored by as many as the experiment wants, who agree.
 
 mod common;
 
@@ -20,6 +20,8 @@ async fn a_declined_evaluation_goes_to_a_trainer_that_can_do_it() {
     tiny::write_gguf(&model, 11).unwrap();
     let mut config = parse(include_str!("../../experiments/ci-tiny.toml"));
     config.experiment.rounds = 1;
+    // Two of the three trainers can evaluate.
+    config.evaluation.evaluators = 2;
     let running = start(&dir.path().join("coordinator"), Some(config), vec![]).await;
 
     // The synthetic trainer comes first, so the initial adapter's evaluation is offered to it.
@@ -60,18 +62,23 @@ async fn a_declined_evaluation_goes_to_a_trainer_that_can_do_it() {
     .expect("every evaluation done")
     .unwrap();
 
-    // Both adapters (initial, after round 0) were scored by the burn trainers.
+    // Both adapters (initial, after round 0) were scored by both burn trainers.
     let scored: usize = reports.iter().map(|r| r.evaluations.len()).sum();
-    assert_eq!(scored, 2);
+    assert_eq!(scored, 4);
     let (_, body) = http_get_bytes(running.http_addr.unwrap(), "/hub/evaluations").await;
     let rows: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for row in rows {
+        let evaluation = &row["evaluation"];
         assert_ne!(
-            row["evaluation"]["trainer"].as_str().unwrap(),
+            evaluation["trainer"].as_str().unwrap(),
             synthetic_id.to_hex()
         );
+        // Honest evaluators of the same adapter on the same held-out text agree.
+        assert_eq!(evaluation["evaluators"], 2);
+        assert_eq!(evaluation["agreeing"], 2);
+        assert!(evaluation["spread"].as_f64().unwrap() < 1e-3);
     }
     // The synthetic trainer was asked once and never again after declining.
     let mut offers = 1;

@@ -39,13 +39,14 @@ async fn three_burn_trainers_learn_together() {
         })
         .collect();
     let reports = finished_reports(handles).await;
-    // Every adapter (the initial one and each round's merged one) was scored once by one of
-    // the trainers, on an evaluation task the coordinator handed out.
+    // Every adapter (the initial one and each round's merged one) was scored by each of the
+    // three trainers (the experiment's default: three evaluators), on evaluation tasks the
+    // coordinator handed out.
     let evaluations: Vec<(Option<u64>, f32)> = reports
         .iter()
         .flat_map(|r| r.evaluations.iter().copied())
         .collect();
-    assert_eq!(evaluations.len(), 4, "{evaluations:?}");
+    assert_eq!(evaluations.len(), 12, "{evaluations:?}");
     let accepted: u64 = reports.iter().map(|r| r.accepted).sum();
     assert_eq!(accepted, 9, "3 trainers x 3 rounds");
     // int8 deltas are under half their f32 size even at this size (names and block scales
@@ -84,6 +85,13 @@ async fn three_burn_trainers_learn_together() {
         .map(|row| row["evaluation"]["after_round"].clone())
         .collect();
     eprintln!("held-out loss of the initial adapter, then after each round: {losses:?}");
+    for row in rows {
+        assert_eq!(row["evaluation"]["evaluators"], 3, "{row}");
+        assert_eq!(
+            row["evaluation"]["agreeing"], 3,
+            "honest evaluators agree: {row}"
+        );
+    }
     assert_eq!(
         serde_json::Value::Array(rounds),
         serde_json::json!([null, 0, 1, 2])
@@ -104,7 +112,12 @@ async fn three_burn_trainers_learn_together() {
     let encoded = tributary_coordinator::derive::encode_exact(&served);
     assert_eq!(tributary_shared::BlobHash::of(&encoded), final_adapter);
     let (_, card) = http_get_bytes(http, "/hub/latest/README.md").await;
-    assert!(String::from_utf8(card).unwrap().contains("3 contributors"));
+    let card = String::from_utf8(card).unwrap();
+    assert!(card.contains("3 contributors"));
+    assert!(
+        card.contains("| 3 of 3 |"),
+        "the card shows how many evaluators agreed"
+    );
     let (status, _) = http_get_bytes(http, "/hub/adapters/not-a-hash").await;
     assert!(status.contains("400"), "{status}");
     running.shutdown().await.unwrap();

@@ -10,6 +10,7 @@
 //! The trainer never depends on the coordinator; both share `tributary-shared`.
 
 pub mod assets;
+pub mod attack;
 pub mod data;
 pub mod device;
 pub mod gguf;
@@ -18,6 +19,7 @@ pub mod lora;
 pub mod model;
 pub mod net;
 pub mod optim;
+pub mod robustness;
 pub mod shakespeare;
 pub mod study;
 pub mod tiny;

@@ -51,6 +51,9 @@ enum Command {
     /// Base model vs local-only vs federated (FedAvg, FedSGD) vs central adapters on every
     /// client's held-out text; writes study.json, study.md and study.svg.
     Study(StudyArgs),
+    /// What lying clients do to a federation, under plain FedAvg and the robust default;
+    /// writes robustness.json, robustness.md and robustness.svg.
+    Robustness(RobustnessArgs),
     /// Print a GGUF model's metadata and tensor summary.
     Inspect {
         /// The .gguf file.
@@ -209,8 +212,9 @@ struct JoinArgs {
     reconnect_for: u64,
 }
 
+/// What every study shares: the model, the clients and the federated budget.
 #[derive(Args, Debug)]
-struct StudyArgs {
+struct StudyCommon {
     #[command(flatten)]
     model: ModelArgs,
     /// Shakespeare clients, comma-separated (ids from `clients`).
@@ -232,9 +236,6 @@ struct StudyArgs {
     /// FedAvg local steps per client per round.
     #[arg(long, default_value_t = 4)]
     local_steps: u32,
-    /// Most FedSGD rounds (one local step each).
-    #[arg(long, default_value_t = 20)]
-    fedsgd_max_rounds: u32,
     /// Sequences per step.
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
@@ -259,9 +260,33 @@ struct StudyArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
-    /// Only rewrite study.md and study.svg from the folder's study.json.
+    /// Only rewrite the Markdown and SVG from the folder's JSON.
     #[arg(long)]
     replot: bool,
+}
+
+#[derive(Args, Debug)]
+struct StudyArgs {
+    #[command(flatten)]
+    common: StudyCommon,
+    /// Most FedSGD rounds (one local step each).
+    #[arg(long, default_value_t = 20)]
+    fedsgd_max_rounds: u32,
+}
+
+#[derive(Args, Debug)]
+struct RobustnessArgs {
+    #[command(flatten)]
+    common: StudyCommon,
+    /// How many clients lie in the hostile arms (the last ones).
+    #[arg(long, default_value_t = 0)]
+    hostile: usize,
+    /// The lies tried, comma-separated: flip, noise, replace, zero.
+    #[arg(long, value_delimiter = ',')]
+    attacks: Vec<tributary_trainer::attack::Attack>,
+    /// How much the flip and noise attacks boost their delta.
+    #[arg(long, default_value_t = 10.0)]
+    boost: f32,
 }
 
 #[derive(Args, Debug)]
@@ -327,6 +352,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
         Command::Study(args) => study(args),
+        Command::Robustness(args) => robustness(args),
         Command::Join(args) => join(args),
         Command::Inspect { model } => inspect(&model),
         Command::Clients { texts, min_lines } => {
@@ -706,16 +732,10 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     })
 }
 
-fn study(args: StudyArgs) -> anyhow::Result<()> {
-    if args.replot {
-        let path = args.out.join("study.json");
-        let json = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let results: study::StudyResults = serde_json::from_str(&json)?;
-        std::fs::write(args.out.join("study.md"), results.markdown())?;
-        std::fs::write(args.out.join("study.svg"), results.svg())?;
-        return Ok(());
-    }
+/// Loads the model and the study's clients (training and held-out sequences).
+fn load_study(
+    args: &StudyCommon,
+) -> anyhow::Result<(LoadedModel, Vec<study::StudyClient>, study::StudySettings)> {
     let loaded = open_model(&args.model, args.seq_len + 1)?;
     let tokenizer = &loaded.tokenizer;
     let texts = args
@@ -746,7 +766,7 @@ fn study(args: StudyArgs) -> anyhow::Result<()> {
     let settings = study::StudySettings {
         rounds: args.rounds,
         local_steps: args.local_steps,
-        fedsgd_max_rounds: args.fedsgd_max_rounds,
+        fedsgd_max_rounds: 0,
         batch_size: args.batch_size,
         learning_rate: args.lr,
         lora: LoraSettings {
@@ -759,21 +779,99 @@ fn study(args: StudyArgs) -> anyhow::Result<()> {
         codec: tributary_shared::codec::Codec::Int8 { block: 64 },
         seed: args.seed,
     };
+    Ok((loaded, clients, settings))
+}
+
+/// Writes `name.json`, `name.md` and `name.svg` into `out`.
+fn write_report(
+    out: &Path,
+    name: &str,
+    json: &impl serde::Serialize,
+    markdown: &str,
+    svg: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(
+        out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(json)?,
+    )?;
+    std::fs::write(out.join(format!("{name}.md")), markdown)?;
+    std::fs::write(out.join(format!("{name}.svg")), svg)?;
+    Ok(())
+}
+
+/// Reads `name.json` back from `out`.
+fn read_report<T: serde::de::DeserializeOwned>(out: &Path, name: &str) -> anyhow::Result<T> {
+    let path = out.join(format!("{name}.json"));
+    let json = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(serde_json::from_str(&json)?)
+}
+
+fn study(args: StudyArgs) -> anyhow::Result<()> {
+    let out = &args.common.out;
+    if args.common.replot {
+        let results: study::StudyResults = read_report(out, "study")?;
+        return write_report(out, "study", &results, &results.markdown(), &results.svg());
+    }
+    let (loaded, clients, mut settings) = load_study(&args.common)?;
+    settings.fedsgd_max_rounds = args.fedsgd_max_rounds;
     let started = Instant::now();
     let results = study::run(&loaded.model, &clients, &settings, |line| {
         eprintln!("[{:>6.0} s] {line}", started.elapsed().as_secs_f64());
     })?;
-    std::fs::create_dir_all(&args.out)?;
-    std::fs::write(
-        args.out.join("study.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    std::fs::write(args.out.join("study.md"), results.markdown())?;
-    std::fs::write(args.out.join("study.svg"), results.svg())?;
+    write_report(out, "study", &results, &results.markdown(), &results.svg())?;
     print!("{}", results.markdown());
     eprintln!(
         "wrote {} (study.json, study.md, study.svg) in {:.0} s",
-        args.out.display(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn robustness(args: RobustnessArgs) -> anyhow::Result<()> {
+    use tributary_trainer::robustness;
+    let out = &args.common.out;
+    if args.common.replot {
+        let results: robustness::RobustnessResults = read_report(out, "robustness")?;
+        return write_report(
+            out,
+            "robustness",
+            &results,
+            &results.markdown(),
+            &results.svg(),
+        );
+    }
+    if args.hostile > 0 && args.attacks.is_empty() {
+        bail!("--hostile needs at least one --attacks");
+    }
+    let (loaded, clients, study) = load_study(&args.common)?;
+    let settings = robustness::RobustnessSettings {
+        study,
+        hostile: if args.attacks.is_empty() {
+            0
+        } else {
+            args.hostile
+        },
+        attacks: args.attacks.clone(),
+        boost: args.boost,
+    };
+    let started = Instant::now();
+    let results = robustness::run(&loaded.model, &clients, &settings, |line| {
+        eprintln!("[{:>6.0} s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    write_report(
+        out,
+        "robustness",
+        &results,
+        &results.markdown(),
+        &results.svg(),
+    )?;
+    print!("{}", results.markdown());
+    eprintln!(
+        "wrote {} (robustness.json, .md, .svg) in {:.0} s",
+        out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

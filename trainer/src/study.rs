@@ -18,6 +18,7 @@ use tributary_shared::codec::{self, Codec, ErrorFeedback};
 use tributary_shared::delta::Delta;
 use tributary_shared::BlobHash;
 
+use crate::attack::Attack;
 use crate::data::PackedData;
 use crate::lora::{LoraAdapter, LoraError, LoraSettings};
 use crate::model::Llama;
@@ -113,26 +114,8 @@ pub fn run(
     let device = model.device();
     let initial = LoraAdapter::init(&settings.lora, config, settings.seed, device)?;
     let initial_delta = initial.to_delta();
-    let score = |adapter: Option<&LoraAdapter>| -> Scores {
-        let per_client: Vec<f64> = clients
-            .iter()
-            .map(|c| train::evaluate(model, adapter, &c.held_out, 4, None).loss)
-            .collect();
-        let mean = per_client.iter().sum::<f64>() / per_client.len() as f64;
-        Scores { per_client, mean }
-    };
-    let train_settings = |steps: u64, seed: u64| TrainSettings {
-        steps,
-        batch_size: settings.batch_size,
-        grad_accum: 1,
-        seed,
-        optim: OptimSettings {
-            lr: settings.learning_rate,
-            warmup_steps: 0,
-            min_lr_ratio: 1.0,
-            ..OptimSettings::default()
-        },
-    };
+    let score = |adapter: Option<&LoraAdapter>| score(model, clients, adapter);
+    let train_settings = |steps: u64, seed: u64| settings.train_settings(steps, seed);
 
     let base = score(None);
     progress(&format!("base model: mean held-out loss {:.4}", base.mean));
@@ -243,9 +226,41 @@ pub enum StudyError {
     Federated(String),
 }
 
+impl StudySettings {
+    /// How a client trains `steps` steps (as a `join` task does).
+    pub(crate) fn train_settings(&self, steps: u64, seed: u64) -> TrainSettings {
+        TrainSettings {
+            steps,
+            batch_size: self.batch_size,
+            grad_accum: 1,
+            seed,
+            optim: OptimSettings {
+                lr: self.learning_rate,
+                warmup_steps: 0,
+                min_lr_ratio: 1.0,
+                ..OptimSettings::default()
+            },
+        }
+    }
+}
+
+/// Scores `adapter` (the base model without one) on every client's held-out text.
+pub(crate) fn score(
+    model: &Llama,
+    clients: &[StudyClient],
+    adapter: Option<&LoraAdapter>,
+) -> Scores {
+    let per_client: Vec<f64> = clients
+        .iter()
+        .map(|c| train::evaluate(model, adapter, &c.held_out, 4, None).loss)
+        .collect();
+    let mean = per_client.iter().sum::<f64>() / per_client.len().max(1) as f64;
+    Scores { per_client, mean }
+}
+
 /// The federated arms' state: the global adapter, the server optimizer and each client's
 /// error-feedback residual.
-struct Federation<'a> {
+pub(crate) struct Federation<'a> {
     model: &'a Llama,
     clients: &'a [StudyClient],
     settings: &'a StudySettings,
@@ -254,10 +269,15 @@ struct Federation<'a> {
     feedback: Vec<ErrorFeedback>,
     bytes_up: u64,
     raw_bytes: u64,
+    aggregation: AggregationConfig,
+    /// What each client sends: its honest delta (`None`) or a lie.
+    hostile: Vec<Option<Attack>>,
+    /// How much the flip and noise attacks boost.
+    boost: f32,
 }
 
 impl<'a> Federation<'a> {
-    fn new(
+    pub(crate) fn new(
         model: &'a Llama,
         clients: &'a [StudyClient],
         settings: &'a StudySettings,
@@ -272,10 +292,26 @@ impl<'a> Federation<'a> {
             feedback: clients.iter().map(|_| ErrorFeedback::new()).collect(),
             bytes_up: 0,
             raw_bytes: 0,
+            aggregation: AggregationConfig::default(),
+            hostile: vec![None; clients.len()],
+            boost: 1.0,
         }
     }
 
-    fn adapter(&self) -> Result<LoraAdapter, StudyError> {
+    /// Combines the deltas with `aggregation` instead of plain FedAvg.
+    pub(crate) fn aggregating(mut self, aggregation: AggregationConfig) -> Self {
+        self.aggregation = aggregation;
+        self
+    }
+
+    /// Client `i` sends `hostile[i]` instead of its honest delta, boosted by `boost`.
+    pub(crate) fn with_hostile(mut self, hostile: Vec<Option<Attack>>, boost: f32) -> Self {
+        self.hostile = hostile;
+        self.boost = boost;
+        self
+    }
+
+    pub(crate) fn adapter(&self) -> Result<LoraAdapter, StudyError> {
         let config = self.model.config();
         Ok(LoraAdapter::from_delta(
             &self.global,
@@ -286,8 +322,9 @@ impl<'a> Federation<'a> {
     }
 
     /// Every client trains `steps` from the global adapter; the decoded deltas are averaged
-    /// (weighted by tokens) and applied.
-    fn round(
+    /// (weighted by tokens) and applied. A hostile client sends its lie, with the weight its
+    /// task justifies (the coordinator never takes a client's word for it).
+    pub(crate) fn round(
         &mut self,
         round: u32,
         steps: u32,
@@ -308,9 +345,21 @@ impl<'a> Federation<'a> {
             let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
             let mut delta = adapter.to_delta();
             delta.add_scaled(&self.global, -1.0).map_err(|e| fail(&e))?;
-            let body = self.feedback[index]
-                .compress(&delta, self.settings.codec)
-                .map_err(|e| fail(&e))?;
+            let body = match self.hostile[index] {
+                None => self.feedback[index]
+                    .compress(&delta, self.settings.codec)
+                    .map_err(|e| fail(&e))?,
+                Some(attack) => {
+                    let lie = attack.corrupt(
+                        &delta,
+                        &self.global,
+                        self.boost,
+                        self.clients.len(),
+                        seed ^ 0xBAD,
+                    );
+                    codec::encode_to_vec(&lie, self.settings.codec).map_err(|e| fail(&e))?
+                }
+            };
             self.bytes_up += body.len() as u64;
             self.raw_bytes += delta.element_count() as u64 * 4;
             let decoded = codec::decode(&body, delta.element_count()).map_err(|e| fail(&e))?;
@@ -324,8 +373,7 @@ impl<'a> Federation<'a> {
                 delta,
             })
             .collect();
-        let combined =
-            aggregate(&AggregationConfig::default(), &contributions).map_err(|e| fail(&e))?;
+        let combined = aggregate(&self.aggregation, &contributions).map_err(|e| fail(&e))?;
         ServerOptimizer::Plain { learning_rate: 1.0 }
             .apply(&mut self.state, &mut self.global, &combined)
             .map_err(|e| fail(&e))?;

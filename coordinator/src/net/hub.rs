@@ -761,20 +761,41 @@ impl Hub {
                         tracing::info!(
                             after_round = ?outcome.target.after_round.map(|r| r.0),
                             adapter = %outcome.target.adapter.short(),
-                            loss = outcome.loss,
+                            median_loss = outcome.loss,
                             tokens = outcome.tokens,
-                            trainer = %outcome.trainer,
+                            evaluators = outcome.answers.len(),
+                            agreeing = outcome.agreeing,
+                            spread = outcome.spread,
                             "adapter evaluated"
                         );
                         self.db
                             .record_evaluation(&experiment, &outcome, now_ms())
                             .context("cannot record an evaluation")?;
                     }
+                    Action::RecordEvaluator(event) => {
+                        match &event.result {
+                            Ok((loss, tokens)) => tracing::debug!(
+                                adapter = %event.target.adapter.short(),
+                                trainer = %event.trainer, loss, tokens, "evaluator answered"
+                            ),
+                            Err(failure) => {
+                                Metrics::add(&self.metrics.evaluator_failures, 1);
+                                tracing::info!(
+                                    adapter = %event.target.adapter.short(),
+                                    trainer = %event.trainer, failure = failure.as_str(),
+                                    "evaluator failed"
+                                );
+                            }
+                        }
+                        self.db
+                            .record_evaluator(&experiment, &event, now_ms())
+                            .context("cannot record an evaluator")?;
+                    }
                     Action::EvaluationAbandoned(target) => {
                         tracing::warn!(
                             adapter = %target.adapter.short(),
                             after_round = ?target.after_round.map(|r| r.0),
-                            "evaluation abandoned after repeated declines or timeouts"
+                            "evaluation abandoned: every evaluator asked failed"
                         );
                     }
                 }

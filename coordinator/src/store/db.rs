@@ -96,8 +96,14 @@ pub struct RoundSummary {
     pub round: u64,
     /// Weighted mean of the training losses the trainers reported (self-reported).
     pub reported_train_loss: Option<f64>,
-    /// Held-out loss of the adapter it produced, when evaluated.
+    /// Held-out loss of the adapter it produced, when evaluated: the median of its evaluators.
     pub eval_loss: Option<f64>,
+    /// Evaluators that answered for it.
+    pub eval_evaluators: Option<u32>,
+    /// Of them, how many agreed with the median.
+    pub eval_agreeing: Option<u32>,
+    /// Highest minus lowest answer.
+    pub eval_spread: Option<f64>,
     /// Compressed bytes of the accepted deltas.
     pub bytes_up: u64,
     /// Their size as raw f32.
@@ -119,19 +125,27 @@ pub struct StoredEvaluation {
     pub after_round: Option<u64>,
     /// The adapter, hex.
     pub adapter: String,
-    /// The trainer that scored it, hex.
+    /// The evaluator whose answer is nearest the median, hex.
     pub trainer: String,
-    /// Mean loss per token, in nats.
+    /// Mean loss per token, in nats: the median of the evaluators' answers.
     pub loss: f64,
-    /// Tokens scored.
+    /// Tokens scored (the median count).
     pub tokens: u64,
     /// When it was recorded, ms since the Unix epoch.
     pub at_ms: i64,
+    /// Evaluators that answered.
+    pub evaluators: u32,
+    /// Answers within 1 % of the median (and over the same tokens).
+    pub agreeing: u32,
+    /// Evaluators wanted.
+    pub wanted: u32,
+    /// Highest minus lowest answer.
+    pub spread: f64,
 }
 
 /// The schema's version, kept in SQLite's `user_version`. A database of another version is
 /// refused rather than half-used.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS experiments (
@@ -208,7 +222,21 @@ CREATE TABLE IF NOT EXISTS evaluations (
     loss REAL NOT NULL,
     tokens INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
+    evaluators INTEGER NOT NULL DEFAULT 1,
+    agreeing INTEGER NOT NULL DEFAULT 1,
+    wanted INTEGER NOT NULL DEFAULT 1,
+    spread REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (experiment, adapter)
+);
+CREATE TABLE IF NOT EXISTS eval_answers (
+    experiment TEXT NOT NULL,
+    adapter BLOB NOT NULL,
+    trainer BLOB NOT NULL,
+    loss REAL,
+    tokens INTEGER,
+    failure TEXT,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (experiment, adapter, trainer)
 );
 CREATE TABLE IF NOT EXISTS eval_tasks (
     task INTEGER PRIMARY KEY,
@@ -251,7 +279,18 @@ impl Db {
             [],
             |row| row.get(0),
         )?;
-        if tables > 0 && version != SCHEMA_VERSION {
+        if tables > 0 && version == 2 {
+            // Version 3 scores each adapter by several evaluators.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE evaluations ADD COLUMN evaluators INTEGER NOT NULL DEFAULT 1;
+                 ALTER TABLE evaluations ADD COLUMN agreeing INTEGER NOT NULL DEFAULT 1;
+                 ALTER TABLE evaluations ADD COLUMN wanted INTEGER NOT NULL DEFAULT 1;
+                 ALTER TABLE evaluations ADD COLUMN spread REAL NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )?;
+        } else if tables > 0 && version != SCHEMA_VERSION {
             return Err(DbError::Corrupt(format!(
                 "the database has schema version {version}, this coordinator needs \
                  {SCHEMA_VERSION}; use a new data directory"
@@ -395,6 +434,7 @@ impl Db {
             |row| row.get(0),
         )?;
         let unevaluated = self.unevaluated(id)?;
+        let eval_answers = self.unsettled_answers(id)?;
         let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
         let Some((round, adapter, adapter_len, secret)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
@@ -408,6 +448,7 @@ impl Db {
                 round: RoundId(self.rounds_closed(id)?),
                 adapter: adapter.map(|hash| (hash, len)),
                 unevaluated,
+                eval_answers,
                 known_hashes,
                 next_task: TaskId(next_task as u64),
                 finished: true,
@@ -420,6 +461,7 @@ impl Db {
             adapter: Some((adapter, adapter_len as u64)),
             secret: RoundSecret(hash_from(&secret)?.0),
             unevaluated,
+            eval_answers,
             known_hashes,
             next_task: TaskId(next_task as u64),
             finished,
@@ -450,27 +492,106 @@ impl Db {
         Ok(state)
     }
 
-    /// Records an adapter's held-out score (a repeated score of the same adapter replaces it).
+    /// Records an adapter's settled held-out score: the median of its evaluators' answers (a
+    /// repeated score of the same adapter replaces it). `trainer` is the evaluator whose answer
+    /// is nearest the median.
     pub fn record_evaluation(
         &self,
         id: &ExperimentId,
         outcome: &crate::engine::EvalOutcome,
         now_ms: i64,
     ) -> Result<(), DbError> {
+        let nearest = outcome
+            .answers
+            .iter()
+            .min_by(|a, b| {
+                (a.loss - outcome.loss)
+                    .abs()
+                    .total_cmp(&(b.loss - outcome.loss).abs())
+            })
+            .map_or([0u8; 32], |answer| answer.trainer.0);
         self.conn.execute(
-            "INSERT OR REPLACE INTO evaluations (experiment, adapter, after_round, trainer, loss, tokens, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO evaluations
+                 (experiment, adapter, after_round, trainer, loss, tokens, at_ms,
+                  evaluators, agreeing, wanted, spread)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 id.0,
                 &outcome.target.adapter.0[..],
                 outcome.target.after_round.map(|r| r.0 as i64),
-                &outcome.trainer.0[..],
+                &nearest[..],
                 f64::from(outcome.loss),
                 outcome.tokens as i64,
+                now_ms,
+                outcome.answers.len() as i64,
+                i64::from(outcome.agreeing),
+                i64::from(outcome.wanted),
+                f64::from(outcome.spread),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Records what one evaluator did with an adapter: its answer, or how it failed.
+    pub fn record_evaluator(
+        &self,
+        id: &ExperimentId,
+        event: &crate::engine::EvaluatorEvent,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        let (loss, tokens, failure) = match event.result {
+            Ok((loss, tokens)) => (Some(f64::from(loss)), Some(tokens as i64), None),
+            Err(failure) => (None, None, Some(failure.as_str())),
+        };
+        self.conn.execute(
+            "INSERT OR REPLACE INTO eval_answers
+                 (experiment, adapter, trainer, loss, tokens, failure, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                id.0,
+                &event.target.adapter.0[..],
+                &event.trainer.0[..],
+                loss,
+                tokens,
+                failure,
                 now_ms
             ],
         )?;
         Ok(())
+    }
+
+    /// Answers recorded for adapters that have no settled score yet.
+    fn unsettled_answers(
+        &self,
+        id: &ExperimentId,
+    ) -> Result<Vec<(BlobHash, crate::engine::EvalAnswer)>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT adapter, trainer, loss, tokens FROM eval_answers
+             WHERE experiment = ?1 AND failure IS NULL AND loss IS NOT NULL
+               AND adapter NOT IN (SELECT adapter FROM evaluations WHERE experiment = ?1)
+             ORDER BY at_ms, trainer",
+        )?;
+        let rows = statement.query_map(params![id.0], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, f64>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (adapter, trainer, loss, tokens) = row?;
+            out.push((
+                hash_from(&adapter)?,
+                crate::engine::EvalAnswer {
+                    trainer: TrainerId(hash_from(&trainer)?.0),
+                    loss: loss as f32,
+                    tokens: tokens.max(0) as u64,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Every recorded evaluation of an experiment, oldest adapter first.
@@ -489,7 +610,8 @@ impl Db {
             return Ok(Vec::new());
         }
         let mut statement = self.conn.prepare(
-            "SELECT after_round, adapter, trainer, loss, tokens, at_ms FROM evaluations
+            "SELECT after_round, adapter, trainer, loss, tokens, at_ms,
+                    evaluators, agreeing, wanted, spread FROM evaluations
              WHERE experiment = ?1 ORDER BY COALESCE(after_round, -1)",
         )?;
         let rows = statement.query_map(params![id.0], |row| {
@@ -500,6 +622,10 @@ impl Db {
                 loss: row.get(3)?,
                 tokens: row.get::<_, i64>(4)? as u64,
                 at_ms: row.get(5)?,
+                evaluators: row.get::<_, i64>(6)?.clamp(0, i64::from(u32::MAX)) as u32,
+                agreeing: row.get::<_, i64>(7)?.clamp(0, i64::from(u32::MAX)) as u32,
+                wanted: row.get::<_, i64>(8)?.clamp(0, i64::from(u32::MAX)) as u32,
+                spread: row.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -898,13 +1024,14 @@ impl Db {
             .iter()
             .map(|(hash, entry)| {
                 let adapter = entry.adapter_after.to_hex();
+                let evaluation = evaluations.iter().find(|e| e.adapter == adapter);
                 RoundSummary {
                     round: entry.round.0,
                     reported_train_loss: entry.metrics.reported_train_loss,
-                    eval_loss: evaluations
-                        .iter()
-                        .find(|e| e.adapter == adapter)
-                        .map(|e| e.loss),
+                    eval_loss: evaluation.map(|e| e.loss),
+                    eval_evaluators: evaluation.map(|e| e.evaluators),
+                    eval_agreeing: evaluation.map(|e| e.agreeing),
+                    eval_spread: evaluation.map(|e| e.spread),
                     bytes_up: entry.metrics.bytes_up,
                     raw_bytes: entry.metrics.raw_bytes,
                     accepted: entry.accepted.len(),
@@ -975,4 +1102,90 @@ fn hash_from(bytes: &[u8]) -> Result<BlobHash, DbError> {
         .try_into()
         .map_err(|_| DbError::Corrupt(format!("a 32-byte id has {} bytes", bytes.len())))?;
     Ok(BlobHash(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EvalAnswer, EvalOutcome, EvalTarget};
+
+    #[test]
+    fn a_version_2_database_is_migrated_and_keeps_its_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tributary.db");
+        let id = ExperimentId("old".into());
+        let target = EvalTarget {
+            after_round: None,
+            adapter: BlobHash([1; 32]),
+            adapter_len: 10,
+        };
+        drop(Db::open(&path).unwrap());
+        {
+            // What version 2 had: one evaluator per score, no answers table.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE eval_answers;
+                 ALTER TABLE evaluations DROP COLUMN evaluators;
+                 ALTER TABLE evaluations DROP COLUMN agreeing;
+                 ALTER TABLE evaluations DROP COLUMN wanted;
+                 ALTER TABLE evaluations DROP COLUMN spread;
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO evaluations (experiment, adapter, after_round, trainer, loss, tokens, at_ms)
+                 VALUES ('old', ?1, NULL, ?2, 4.5, 64, 1)",
+                params![&target.adapter.0[..], &[7u8; 32][..]],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let scores = db.evaluations(&id).unwrap();
+        assert_eq!(scores.len(), 1);
+        assert_eq!(
+            (scores[0].loss, scores[0].evaluators, scores[0].agreeing),
+            (4.5, 1, 1)
+        );
+        // New scores carry their evaluators.
+        let answers: Vec<EvalAnswer> = [4.0f32, 4.02, 9.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &loss)| EvalAnswer {
+                trainer: TrainerId([i as u8 + 1; 32]),
+                loss,
+                tokens: 64,
+            })
+            .collect();
+        let outcome = EvalOutcome {
+            target: EvalTarget {
+                adapter: BlobHash([2; 32]),
+                ..target
+            },
+            answers,
+            loss: 4.02,
+            tokens: 64,
+            spread: 5.0,
+            agreeing: 2,
+            wanted: 3,
+        };
+        db.record_evaluation(&id, &outcome, 2).unwrap();
+        let scores = db.evaluations(&id).unwrap();
+        assert_eq!(scores.len(), 2);
+        let new = scores
+            .iter()
+            .find(|s| s.adapter == outcome.target.adapter.to_hex())
+            .unwrap();
+        assert_eq!((new.evaluators, new.agreeing, new.wanted), (3, 2, 3));
+        assert_eq!(
+            new.trainer,
+            TrainerId([2; 32]).to_hex(),
+            "the answer at the median"
+        );
+        drop(db);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
 }
