@@ -78,6 +78,13 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         identities: u32,
     },
+    /// Make a new auditor token, who may read individual deltas from the hub of an experiment
+    /// that keeps them private: the token is printed, its hash appended to `DATA_DIR/auditors`.
+    AuditorToken {
+        /// The data directory.
+        #[arg(long, env = "TRIBUTARY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
     /// Remove blob files nothing refers to, from a data directory no `serve` is using (a
     /// running `serve` does this itself every ten minutes). Prints what it did as JSON.
     Gc {
@@ -178,6 +185,7 @@ pub fn main() -> ExitCode {
             tokens_file,
             identities,
         } => run_token(&tokens_file, identities),
+        Command::AuditorToken { data_dir } => run_auditor_token(&data_dir),
         Command::Gc {
             data_dir,
             grace_secs,
@@ -361,6 +369,18 @@ fn run_token(tokens_file: &std::path::Path, identities: u32) -> anyhow::Result<E
         "token for {identities} identit{} added to {}; the file holds only its hash",
         if identities == 1 { "y" } else { "ies" },
         tokens_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_auditor_token(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let token = crate::auditors::new_token(data_dir)
+        .with_context(|| format!("cannot add an auditor token in {}", data_dir.display()))?;
+    println!("{token}");
+    eprintln!(
+        "auditor token added to {}; send it as `Authorization: Bearer TOKEN` to read individual \
+         deltas from /hub/adapters/HASH",
+        data_dir.join(crate::auditors::AUDITORS_FILE).display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,7 +1,8 @@
 //! The optional HTTP listener: `/healthz`, Prometheus `/metrics`, `/status` as JSON, and the
 //! operator's signed pause button, `POST /admin/throttle`, and the hub: `/hub/experiments`,
-//! `/hub/ledger` (every round's ledger entry), `/hub/adapters/{hash}` (any adapter or delta blob,
-//! by hash) and `/hub/latest/{file}` (the latest merged adapter as a PEFT folder:
+//! `/hub/ledger` (every round's ledger entry), `/hub/adapters/{hash}` (merged adapters to anyone;
+//! individual deltas only where the experiment publishes them, or to an auditor token: see
+//! [`crate::auditors`]) and `/hub/latest/{file}` (the latest merged adapter as a PEFT folder:
 //! `adapter_model.safetensors`, `adapter_config.json`, `README.md` with lineage).
 //!
 //! Every limit is a value of [`HttpLimits`]: connections in total and per address (a /64 for
@@ -334,10 +335,32 @@ async fn hub_evaluations(State(state): State<AppState>) -> HubResponse {
 async fn hub_blob(
     State(state): State<AppState>,
     axum::extract::Path(hash): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> HubResponse {
     let hash: tributary_shared::BlobHash = hash
         .parse()
         .map_err(|_| (StatusCode::BAD_REQUEST, "not a blake3 hash".to_string()))?;
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let visibility = read_data(&state, move |dir| {
+        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let visibility = db.blob_visibility(&hash)?;
+        let auditor = bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token));
+        Ok((visibility, auditor))
+    })
+    .await?;
+    if visibility == (crate::store::db::Visibility::Private, false) {
+        state.context.metrics.count_limit("private_blob");
+        return Err((
+            StatusCode::FORBIDDEN,
+            "individual deltas are private in this experiment: an auditor token is needed \
+             (merged adapters are public)\n"
+                .into(),
+        ));
+    }
     let path = crate::store::blobs::BlobStore::at(state.context.data_dir.join("blobs")).path(&hash);
     match tokio::fs::File::open(&path).await {
         Ok(file) => {

@@ -9,6 +9,7 @@
 //! The coordinator never links burn: adapters are named f32 tensors ([`tributary_shared::Delta`]).
 
 pub mod admission;
+pub mod auditors;
 pub mod cli;
 pub mod derive;
 pub mod durable;

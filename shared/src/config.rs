@@ -59,9 +59,13 @@ pub struct ExperimentSection {
     pub description: String,
     /// Rounds to run.
     pub rounds: u64,
-    /// Seed for the initial adapter and task seeds.
+    /// Seed for the initial adapter (selection and task seeds come from a fresh secret per round).
     #[serde(default)]
     pub seed: u64,
+    /// Serve every volunteer's individual delta to anyone from the hub (a fully transparent
+    /// experiment). Off by default: merged adapters are public, deltas only to auditors.
+    #[serde(default)]
+    pub publish_deltas: bool,
 }
 
 /// `[model]`.

@@ -1,5 +1,6 @@
 //! A LoRA experiment run over QUIC by synthetic trainers, then published as a PEFT folder whose
-//! safetensors hold exactly the ledger's final adapter.
+//! safetensors hold exactly the ledger's final adapter; the hub serves merged adapters to
+//! anyone and individual deltas only to auditors, unless the experiment publishes them.
 
 mod common;
 
@@ -103,4 +104,80 @@ async fn a_finished_lora_experiment_publishes_as_peft() {
     assert!(card.contains("3 contributors"), "{card}");
     // Publishing into a non-empty folder is refused.
     assert!(publish(dir.path(), Some("tiny-lora"), &out).is_err());
+}
+
+/// Runs `config` to the end with three synthetic trainers; returns the coordinator, still
+/// serving, and one accepted delta's hash.
+async fn run_to_the_end(
+    dir: &std::path::Path,
+    config: tributary_shared::config::ExperimentConfig,
+) -> (
+    tributary_coordinator::service::Running,
+    tributary_shared::BlobHash,
+) {
+    let running = start(dir, Some(config.clone()), vec![]).await;
+    let handles: Vec<_> = (0..3)
+        .map(|seed| {
+            spawn_trainer(
+                &running.fingerprint,
+                options(running.addr, 600 + seed, Fault::None, None),
+            )
+        })
+        .collect();
+    for handle in handles {
+        let report = tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("trainer finished in time")
+            .unwrap()
+            .unwrap();
+        assert!(report.finished);
+    }
+    let db =
+        tributary_coordinator::store::db::Db::open_read_only(&dir.join("tributary.db")).unwrap();
+    let experiment = tributary_shared::ExperimentId(config.experiment.name.clone());
+    let ledger = db.ledger(&experiment).unwrap();
+    let delta = ledger[0].1.accepted[0].hash;
+    (running, delta)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_are_private_unless_the_experiment_publishes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, delta) = run_to_the_end(dir.path(), parse(LORA)).await;
+    let http = running.http_addr.unwrap();
+    let adapter = running.progress.borrow().adapter.unwrap();
+    let (status, body) = http_get_bytes(http, &format!("/hub/adapters/{adapter}")).await;
+    assert!(
+        status.contains("200"),
+        "merged adapters are public: {status}"
+    );
+    assert_eq!(tributary_shared::BlobHash::of(&body), adapter);
+    let path = format!("/hub/adapters/{delta}");
+    let (status, _) = http_get_bytes(http, &path).await;
+    assert!(
+        status.contains("403"),
+        "a volunteer's delta is private: {status}"
+    );
+    let (status, _) = http_get_with(http, &path, &["Authorization: Bearer audit-guess"]).await;
+    assert!(status.contains("403"), "{status}");
+    let token = tributary_coordinator::auditors::new_token(dir.path()).unwrap();
+    let bearer = format!("Authorization: Bearer {token}");
+    let (status, body) = http_get_with(http, &path, &[&bearer]).await;
+    assert!(status.contains("200"), "an auditor reads it: {status}");
+    assert_eq!(tributary_shared::BlobHash::of(&body), delta);
+    assert!(running.metrics.limited("private_blob") >= 2);
+    running.shutdown().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = parse(LORA);
+    config.experiment.publish_deltas = true;
+    let (running, delta) = run_to_the_end(dir.path(), config).await;
+    let http = running.http_addr.unwrap();
+    let (status, body) = http_get_bytes(http, &format!("/hub/adapters/{delta}")).await;
+    assert!(
+        status.contains("200"),
+        "a transparent experiment publishes deltas: {status}"
+    );
+    assert_eq!(tributary_shared::BlobHash::of(&body), delta);
+    running.shutdown().await.unwrap();
 }

@@ -118,6 +118,15 @@ pub struct RoundSummary {
     pub ledger_hash: String,
 }
 
+/// Who may read a blob from the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Anyone (merged adapters; deltas of experiments that publish them).
+    Public,
+    /// Auditors only.
+    Private,
+}
+
 /// An adapter's held-out score, as stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StoredEvaluation {
@@ -951,6 +960,32 @@ impl Db {
             out.push((hash_from(&hash)?, entry));
         }
         Ok(out)
+    }
+
+    /// Who may read blob `hash` from the hub: merged adapters are public; an accepted delta is
+    /// public when its experiment publishes deltas; anything else (other deltas, aggregates,
+    /// optimizer states, unknown hashes) is private.
+    pub fn blob_visibility(&self, hash: &BlobHash) -> Result<Visibility, DbError> {
+        if self.adapter_len(hash)?.is_some() {
+            return Ok(Visibility::Public);
+        }
+        let configs: Vec<String> = self
+            .conn
+            .prepare(
+                "SELECT e.config_json FROM submissions s JOIN experiments e ON e.id = s.experiment
+                 WHERE s.hash = ?1",
+            )?
+            .query_map(params![&hash.0[..]], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let published = configs.iter().any(|json| {
+            serde_json::from_str::<tributary_shared::config::ExperimentConfig>(json)
+                .is_ok_and(|config| config.experiment.publish_deltas)
+        });
+        Ok(if published {
+            Visibility::Public
+        } else {
+            Visibility::Private
+        })
     }
 
     /// The stored length of an adapter blob, if it is a known adapter.

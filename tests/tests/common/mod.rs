@@ -187,10 +187,20 @@ pub async fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) 
 
 /// Fetches a page as bytes; returns the status line and the body.
 pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (String, Vec<u8>) {
+    http_get_with(addr, path, &[]).await
+}
+
+/// [`http_get_bytes`] with extra request headers (`name: value` lines).
+pub async fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[&str],
+) -> (String, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n{extra}\r\n").as_bytes())
         .await
         .unwrap();
     let mut response = Vec::new();
