@@ -768,6 +768,7 @@ mod tests {
                 description: String::new(),
                 rounds: 2,
                 seed: 1,
+                publish_deltas: false,
             },
             model: ModelSection::default(),
             adapter: AdapterSpec::Synthetic { params, tensors: 3 },
