@@ -345,14 +345,21 @@ async fn hub_blob(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let visibility = read_data(&state, move |dir| {
+    let (visibility, auditor, exists) = read_data(&state, move |dir| {
         let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
         let visibility = db.blob_visibility(&hash)?;
         let auditor = bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token));
-        Ok((visibility, auditor))
+        let exists = crate::store::blobs::BlobStore::at(dir.join("blobs"))
+            .path(&hash)
+            .exists()
+            || db.has_inline(&hash)?;
+        Ok((visibility, auditor, exists))
     })
     .await?;
-    if visibility == (crate::store::db::Visibility::Private, false) {
+    if !exists {
+        return Err((StatusCode::NOT_FOUND, format!("no blob {hash}\n")));
+    }
+    if visibility == crate::store::db::Visibility::Private && !auditor {
         state.context.metrics.count_limit("private_blob");
         return Err((
             StatusCode::FORBIDDEN,

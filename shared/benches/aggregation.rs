@@ -84,12 +84,19 @@ fn main() {
         ),
         ("Median", AggregationRule::Median, None),
     ];
-    for (name, rule, clip_norm) in configs {
-        let config = AggregationConfig {
-            rule,
-            clip_norm,
-            clip_to_median: None,
-        };
+    let configs = configs
+        .into_iter()
+        .map(|(name, rule, clip_norm)| {
+            let config = AggregationConfig {
+                rule,
+                clip_norm,
+                clip_to_median: None,
+                min_agreement: None,
+            };
+            (name, config)
+        })
+        .chain([("Robust default (open)", AggregationConfig::robust())]);
+    for (name, config) in configs {
         rows.push((
             name.into(),
             input_bytes,

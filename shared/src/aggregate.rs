@@ -109,11 +109,18 @@ pub struct AggregationConfig {
     /// contribution norm when its norm is larger: a bound that follows the honest deltas' own
     /// scale, whatever it is. Finite and ≥ 1. With `clip_norm` too, the smaller bound applies.
     pub clip_to_median: Option<f64>,
+    /// If set, from three contributions up, a (clipped) contribution whose cosine similarity
+    /// with the round's coordinate-wise median is below this fraction of the contributions'
+    /// median similarity is left out: noise, sign flips and zero deltas point nowhere the honest
+    /// majority does, however small their norm. In `(0, 1]`.
+    pub min_agreement: Option<f64>,
 }
 
 impl AggregationConfig {
     /// The default for an experiment open to strangers: deltas clipped to twice the round's
-    /// median norm, then the trimmed mean (20 % at each end) from five deltas up, FedAvg below.
+    /// median norm, those that disagree with the majority's direction left out (less than half
+    /// the median cosine similarity with the coordinate-wise median), then the trimmed mean
+    /// (20 % at each end) from five deltas up, FedAvg below.
     pub fn robust() -> Self {
         Self {
             rule: AggregationRule::Robust {
@@ -122,6 +129,7 @@ impl AggregationConfig {
             },
             clip_norm: None,
             clip_to_median: Some(2.0),
+            min_agreement: Some(0.5),
         }
     }
 }
@@ -144,6 +152,14 @@ impl AggregationConfig {
                 return Err(invalid(
                     "clip_norm",
                     format!("{clip_norm} is not a finite positive number"),
+                ));
+            }
+        }
+        if let Some(fraction) = self.min_agreement {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(invalid(
+                    "min_agreement",
+                    format!("{fraction} is not in (0, 1]"),
                 ));
             }
         }
@@ -173,6 +189,9 @@ impl AggregationConfig {
 ///    sums are added in lane order, the tensor totals in tensor (name) order, and the square root
 ///    is taken last. It can differ from [`Delta::l2_norm`] (one sequential chain, several times
 ///    slower) in the last bits.
+///    With `min_agreement`, contributions that disagree with the majority's direction are then
+///    left out before the rule runs (see `agreeing`: cosine similarity with the coordinate-wise
+///    median of the scaled contributions, against a fraction of the median similarity).
 /// 3. FedAvg: `total = (0 + w_0) + w_1 + ...` in sorted order (f64); each coordinate is
 ///    `((0 + c_0 * x_0) + c_1 * x_1) + ...` in f64, in sorted order, with
 ///    `c_i = (w_i / total) * scale_i`, then cast to f32.
@@ -196,6 +215,10 @@ pub fn aggregate(
     config.validate()?;
     let sorted = sorted_and_checked(contributions)?;
     let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
+    let (sorted, scales) = match config.min_agreement {
+        Some(fraction) => agreeing(sorted, scales, fraction),
+        None => (sorted, scales),
+    };
     let layout = sorted[0].delta.layout();
     let mut output = Delta::zeros(&layout).expect("the layout of a valid delta is valid");
     let n_contributions = sorted.len();
@@ -635,6 +658,63 @@ fn clip_scales(
         .collect())
 }
 
+/// The contributions (and their scales) that agree with the majority's direction, in sorted
+/// order: with `n ≥ 3`, the coordinate-wise median `m` of the scaled contributions is taken as
+/// the median rule takes it; each contribution's cosine similarity is
+/// `dot(scale_i * x_i, m) / (norm(scale_i * x_i) * norm(m))`, with the dot product and the norms
+/// summed in f64 over tensors in name order and values in index order (0 for a zero vector);
+/// those below `fraction × median(similarities)` are left out. Nothing is left out when `m` is
+/// zero or the median similarity is not positive (no direction to agree with).
+fn agreeing<'c, 'd>(
+    sorted: Vec<&'c Contribution<'d>>,
+    scales: Vec<f64>,
+    fraction: f64,
+) -> (Vec<&'c Contribution<'d>>, Vec<f64>) {
+    let n = sorted.len();
+    if n < 3 {
+        return (sorted, scales);
+    }
+    let mut center = Delta::zeros(&sorted[0].delta.layout()).expect("a valid layout");
+    // Non-finite inputs are reported by the rule that follows.
+    let _ = mean_of_ranks(&sorted, &scales, (n - 1) / 2..n / 2 + 1, &mut center);
+    let dot_and_norms = |contribution: &Contribution<'_>, scale: f64| {
+        let (mut dot, mut own, mut other) = (0.0f64, 0.0f64, 0.0f64);
+        for (mine, theirs) in contribution.delta.tensors().iter().zip(center.tensors()) {
+            for (&x, &m) in mine.values().iter().zip(theirs.values()) {
+                let (x, m) = (f64::from(x) * scale, f64::from(m));
+                dot += x * m;
+                own += x * x;
+                other += m * m;
+            }
+        }
+        (dot, own.sqrt(), other.sqrt())
+    };
+    let similarities: Vec<f64> = sorted
+        .iter()
+        .zip(&scales)
+        .map(|(contribution, &scale)| {
+            let (dot, own, other) = dot_and_norms(contribution, scale);
+            if own > 0.0 && other > 0.0 && dot.is_finite() {
+                dot / (own * other)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let typical = median(&similarities);
+    if typical.is_nan() || typical <= 0.0 {
+        return (sorted, scales);
+    }
+    let threshold = fraction * typical;
+    sorted
+        .into_iter()
+        .zip(scales)
+        .zip(&similarities)
+        .filter(|(_, &similarity)| similarity >= threshold)
+        .map(|(kept, _)| kept)
+        .unzip()
+}
+
 /// The median of `values` (not empty): the middle one in ascending `total_cmp` order, or the
 /// mean of the two middle ones.
 fn median(values: &[f64]) -> f64 {
@@ -904,6 +984,7 @@ mod tests {
             rule,
             clip_norm,
             clip_to_median: None,
+            min_agreement: None,
         }
     }
 
@@ -1390,13 +1471,15 @@ mod tests {
         ];
         let clip_norm = prop_oneof![Just(None), (0.1f64..100.0).prop_map(Some)];
         let clip_to_median = prop_oneof![Just(None), (1.0f64..4.0).prop_map(Some)];
-        (rule, clip_norm, clip_to_median).prop_map(|(rule, clip_norm, clip_to_median)| {
-            AggregationConfig {
+        let min_agreement = prop_oneof![Just(None), (0.01f64..1.0).prop_map(Some)];
+        (rule, clip_norm, clip_to_median, min_agreement).prop_map(
+            |(rule, clip_norm, clip_to_median, min_agreement)| AggregationConfig {
                 rule,
                 clip_norm,
                 clip_to_median,
-            }
-        })
+                min_agreement,
+            },
+        )
     }
 
     #[test]
@@ -1442,7 +1525,12 @@ mod tests {
         // Clipped to twice the median norm, one delta among eight moves the mean by at most
         // (its clipped norm + the honest mean's norm) / 8, whatever weight it claims (below the
         // trimming threshold FedAvg is used, so the weight is the engine's to bound).
-        let robust = AggregationConfig::robust();
+        // The bounds of clipping and trimming alone (these honest deltas are noise with no
+        // common direction, so the agreement filter has no majority to follow here).
+        let robust = AggregationConfig {
+            min_agreement: None,
+            ..AggregationConfig::robust()
+        };
         let fed_avg_bound = (2.0 * median_norm
             + norm(&honest_mean.iter().map(|v| *v as f32).collect::<Vec<_>>()))
             / 8.0;
@@ -1457,6 +1545,55 @@ mod tests {
             trimmed_deviation <= median_norm,
             "{trimmed_deviation} > {median_norm}"
         );
+    }
+
+    #[test]
+    fn deltas_that_point_elsewhere_than_the_majority_are_left_out() {
+        // Five honest deltas along (1, 1, 1, 1) with small differences; a sign flip, a zero and
+        // an orthogonal delta of the same size.
+        let honest: Vec<Vec<f32>> = (0..5)
+            .map(|i| {
+                let e = 0.05 * i as f32;
+                vec![1.0 + e, 1.0 - e, 1.0, 1.0 + e / 2.0]
+            })
+            .collect();
+        let flip = vec![-1.0f32, -1.0, -1.0, -1.0];
+        let zero = vec![0.0f32; 4];
+        let orthogonal = vec![1.0f32, -1.0, 1.0, -1.0];
+        let mut inputs: Vec<(f64, &[f32])> = honest.iter().map(|v| (1.0, v.as_slice())).collect();
+        let honest_only = aggregate_values(
+            AggregationConfig {
+                min_agreement: Some(0.5),
+                ..config(FED_AVG, None)
+            },
+            &inputs,
+        )
+        .unwrap();
+        inputs.extend([(1.0, flip.as_slice()), (1.0, &zero), (1.0, &orthogonal)]);
+        let filtered = AggregationConfig {
+            min_agreement: Some(0.5),
+            ..config(FED_AVG, None)
+        };
+        assert_eq!(
+            aggregate_values(filtered, &inputs).unwrap(),
+            honest_only,
+            "the three dissenters are left out"
+        );
+        // Without the filter they pull the mean away.
+        let plain = aggregate_values(config(FED_AVG, None), &inputs).unwrap();
+        assert!(plain[0] < 0.8 * honest_only[0], "{plain:?}");
+        // Two deltas are too few to tell a majority: both are kept.
+        let pair = [(1.0, honest[0].as_slice()), (1.0, flip.as_slice())];
+        assert_eq!(
+            aggregate_values(filtered, &pair).unwrap(),
+            aggregate_values(config(FED_AVG, None), &pair).unwrap()
+        );
+        assert!(AggregationConfig {
+            min_agreement: Some(0.0),
+            ..filtered
+        }
+        .validate()
+        .is_err());
     }
 
     fn bits(delta: &Delta) -> Vec<u32> {

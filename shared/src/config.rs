@@ -374,7 +374,8 @@ impl Default for DataSection {
 #[serde(default, deny_unknown_fields)]
 pub struct EvaluationSection {
     /// On or off; unset means on for public datasets and off for `synthetic` and `local` data
-    /// (a volunteer's own data is not a shared yardstick).
+    /// (a volunteer's own data is not a shared yardstick; `local` cannot be evaluated, and
+    /// `synthetic` only when asked: synthetic trainers score their made-up objective).
     pub enabled: Option<bool>,
     /// Clients whose held-out split is scored; empty means every client in `[data]`. Clients
     /// that no task trains on measure how well the adapter carries over to unseen ones.
@@ -405,7 +406,7 @@ impl EvaluationSection {
     /// The held-out data evaluations score, or `None` when evaluation is off.
     pub fn assignment(&self, data: &DataSection) -> Option<DataAssignment> {
         let public = data.dataset != "synthetic" && data.dataset != "local";
-        if !self.enabled.unwrap_or(public) || !public {
+        if !self.enabled.unwrap_or(public) || data.dataset == "local" {
             return None;
         }
         let clients = if self.clients.is_empty() {
@@ -691,7 +692,7 @@ impl ExperimentConfig {
         if evaluation.enabled == Some(true) && evaluation.assignment(&self.data).is_none() {
             return Err(ConfigError::invalid(
                 "evaluation.enabled",
-                "needs a public dataset in [data] (not synthetic or local data)",
+                "needs a shared dataset in [data] (a volunteer's local data is no yardstick)",
             ));
         }
         if !(1..=64).contains(&evaluation.evaluators) {
@@ -787,7 +788,12 @@ mod tests {
     fn evaluation_defaults_to_every_client_of_a_public_dataset() {
         let mut config = synthetic(10);
         assert_eq!(config.evaluation.assignment(&config.data), None);
+        // Synthetic trainers can score their made-up objective when asked to.
         config.evaluation.enabled = Some(true);
+        assert!(config.validate().is_ok());
+        assert!(config.evaluation.assignment(&config.data).is_some());
+        // A volunteer's own data is no yardstick.
+        config.data.dataset = "local".into();
         assert_eq!(config.validate().unwrap_err().key, "evaluation.enabled");
         config.data = DataSection {
             dataset: "shakespeare".into(),

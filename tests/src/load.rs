@@ -177,6 +177,9 @@ pub async fn run_trainers_from(
             // A crowd of connecting trainers may be turned away for a while (handshake cap).
             reconnect_for: Duration::from_secs(600),
             samples: 1,
+            descend: false,
+            evaluate: false,
+            leak: None,
         };
         handles.push(tokio::spawn(synthetic::run(endpoint, options)));
     }

@@ -1,6 +1,10 @@
 //! The synthetic trainer: speaks the real protocol but makes up its deltas (no burn). It can be
 //! told to misbehave once, in one of the ways a real peer might, to test the coordinator's
-//! defences.
+//! defences, or to attack the learning in every task (a hostile volunteer).
+//!
+//! With `descend`, honest deltas step towards a fixed target adapter (see [`objective`]), so the
+//! merged adapter has somewhere to go and an attack has something to spoil; with `evaluate`,
+//! honest evaluators report that objective as their held-out loss.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,9 +43,40 @@ pub enum Fault {
     Replay,
     /// Sign the submission with a key the connection did not authenticate as.
     UnknownKey,
+    /// Attack, every task: claim 1,000,000 samples and send `100 × (−target − adapter)` (model
+    /// replacement, boosted, away from the honest target).
+    Boosted,
+    /// Attack, every task: the honest delta sign-flipped and scaled ten times.
+    SignFlip,
+    /// Attack, every task: random values with ten times the honest delta's norm.
+    Noise,
+    /// Attack, every task: a zero delta (credit without work).
+    FreeRider,
+    /// Attack, every task: re-sign and send another trainer's delta (taken from `leak`).
+    Copier,
+    /// Attack: honest deltas, but every evaluation answered with a made-up, too-good loss.
+    LyingEvaluator,
+    /// Attack: honest deltas, but it drops its connection whenever it is asked to evaluate.
+    EvalDisconnector,
 }
 
 impl Fault {
+    /// Every attack on the learning (each applied to every task).
+    pub const ATTACKS: [Fault; 7] = [
+        Fault::Boosted,
+        Fault::SignFlip,
+        Fault::Noise,
+        Fault::FreeRider,
+        Fault::Copier,
+        Fault::LyingEvaluator,
+        Fault::EvalDisconnector,
+    ];
+
+    /// True for the attacks, which last the whole run (protocol faults happen once).
+    pub fn is_attack(self) -> bool {
+        Self::ATTACKS.contains(&self)
+    }
+
     /// Every misbehaviour.
     pub const ALL_FAULTS: [Fault; 7] = [
         Fault::DisconnectMidUpload,
@@ -64,6 +99,13 @@ impl Fault {
             Fault::Oversized => Some(RejectReason::TooLarge),
             Fault::Replay => Some(RejectReason::Replay),
             Fault::UnknownKey => Some(RejectReason::UnknownTrainer),
+            Fault::Copier => Some(RejectReason::Replay),
+            Fault::Boosted
+            | Fault::SignFlip
+            | Fault::Noise
+            | Fault::FreeRider
+            | Fault::LyingEvaluator
+            | Fault::EvalDisconnector => None,
         }
     }
 }
@@ -120,6 +162,40 @@ pub struct SyntheticOptions {
     pub reconnect_for: Duration,
     /// Examples each delta claims.
     pub samples: u64,
+    /// Honest deltas step towards the [`objective`]'s target instead of being noise.
+    pub descend: bool,
+    /// Answer evaluations with the [`objective`] (otherwise decline them: no model).
+    pub evaluate: bool,
+    /// Where honest trainers leave their latest accepted delta body and a [`Fault::Copier`]
+    /// takes it (a published delta, or a colluder's).
+    pub leak: Option<Arc<std::sync::Mutex<Option<Vec<u8>>>>>,
+}
+
+/// The synthetic learning problem: the mean squared distance from an adapter to a fixed target
+/// (each value's target depends only on its tensor's name and index). Honest evaluators report
+/// it as their held-out loss (plus one, so it is never zero).
+pub fn objective(adapter: &Delta) -> f32 {
+    let mut sum = 0.0f64;
+    let mut count = 0usize;
+    for tensor in adapter.tensors() {
+        for (index, value) in tensor.values().iter().enumerate() {
+            let gap = f64::from(*value - target_value(tensor.name(), index));
+            sum += gap * gap;
+            count += 1;
+        }
+    }
+    (1.0 + sum / count.max(1) as f64) as f32
+}
+
+/// The target of value `index` of tensor `name`: uniform in ±0.05.
+pub fn target_value(name: &str, index: usize) -> f32 {
+    let mut hasher = blake3::Hasher::new_derive_key("tributary synthetic target v1");
+    hasher.update(name.as_bytes());
+    hasher.update(&(index as u64).to_le_bytes());
+    let bytes = hasher.finalize();
+    let unit = u32::from_le_bytes(bytes.as_bytes()[..4].try_into().expect("4 bytes")) as f32
+        / u32::MAX as f32;
+    (unit - 0.5) * 0.1
 }
 
 /// What a synthetic trainer saw.
@@ -149,6 +225,8 @@ pub struct Report {
     pub ack_latencies: Vec<Duration>,
     /// Whether the experiment finished.
     pub finished: bool,
+    /// Evaluations answered.
+    pub evaluations: u64,
 }
 
 /// Runs until the experiment finishes, or reconnecting fails for `reconnect_for`.
@@ -243,6 +321,13 @@ impl Trainer {
                 }
                 ServerMessage::SubmissionAccepted { .. } => {
                     self.report.accepted += 1;
+                    // An accepted delta is what a copier could get hold of (published, or from
+                    // a colluder).
+                    if let (Some(leak), Fault::None) = (&self.options.leak, self.options.fault) {
+                        if let Some((_, body)) = &self.last_upload {
+                            *leak.lock().expect("never poisoned") = Some(body.clone());
+                        }
+                    }
                     let done = self.upload_done.lock().expect("never poisoned").take();
                     // No time yet: the acknowledgement overtook the stream's own completion.
                     self.report
@@ -283,15 +368,42 @@ impl Trainer {
                     session.close();
                     return Ok(true);
                 }
-                ServerMessage::Evaluate(spec) => {
-                    // No model here: say so, so the coordinator asks someone else.
-                    session
-                        .send(&ClientMessage::TaskDeclined {
-                            task: spec.task,
-                            detail: "a synthetic trainer has no model to evaluate with".into(),
-                        })
-                        .await?;
-                }
+                ServerMessage::Evaluate(spec) => match self.options.fault {
+                    Fault::EvalDisconnector => {
+                        session
+                            .connection()
+                            .close(quinn::VarInt::from_u32(9), b"leaving instead of evaluating");
+                        return Ok(false);
+                    }
+                    _ if self.options.evaluate => {
+                        let bytes = session.download(spec.adapter).await?;
+                        let adapter = codec::decode(&bytes, usize::MAX >> 1)
+                            .context("adapter does not decode")?;
+                        let loss = if self.options.fault == Fault::LyingEvaluator {
+                            0.01
+                        } else {
+                            objective(&adapter)
+                        };
+                        self.report.evaluations += 1;
+                        session
+                            .send(&ClientMessage::EvalResult {
+                                task: spec.task,
+                                adapter: spec.adapter,
+                                loss,
+                                tokens: 64,
+                            })
+                            .await?;
+                    }
+                    _ => {
+                        // No model here: say so, so the coordinator asks someone else.
+                        session
+                            .send(&ClientMessage::TaskDeclined {
+                                task: spec.task,
+                                detail: "a synthetic trainer has no model to evaluate with".into(),
+                            })
+                            .await?;
+                    }
+                },
                 ServerMessage::TaskCancelled { .. }
                 | ServerMessage::UploadStarted { .. }
                 | ServerMessage::Welcome { .. }
@@ -314,6 +426,14 @@ impl Trainer {
             Fault::None
         };
         let (body, codec_used) = match fault {
+            Fault::Boosted | Fault::SignFlip | Fault::Noise | Fault::FreeRider => {
+                let lie = self.attack(fault, &adapter, &delta)?;
+                (
+                    codec::encode_to_vec(&lie, task.plan.codec)?,
+                    task.plan.codec,
+                )
+            }
+            Fault::Copier => (self.leaked().await?, task.plan.codec),
             Fault::NonFinite => {
                 let mut bad = delta.clone();
                 if let Some(tensor) = bad.tensors_mut().next() {
@@ -348,7 +468,11 @@ impl Trainer {
             trainer: self.options.identity.id(),
             hash: BlobHash::of(&body),
             byte_len: body.len() as u64,
-            sample_count: self.options.samples,
+            sample_count: if fault == Fault::Boosted {
+                1_000_000
+            } else {
+                self.options.samples
+            },
             metrics: TrainMetrics {
                 train_loss: 2.0 / (1.0 + task.round.0 as f32),
                 steps: task.plan.local_steps,
@@ -376,7 +500,7 @@ impl Trainer {
                 gate.wait().await;
             }
         }
-        if fault != Fault::None && fault != Fault::Replay {
+        if fault != Fault::None && fault != Fault::Replay && !fault.is_attack() {
             self.fault_pending = false;
         }
         self.last_upload = Some((upload.clone(), sent_body.clone()));
@@ -420,14 +544,71 @@ impl Trainer {
         });
     }
 
-    /// A small made-up update with the adapter's layout.
+    /// What an attacking trainer sends instead of its honest `delta` from `adapter`.
+    fn attack(&mut self, fault: Fault, adapter: &Delta, delta: &Delta) -> anyhow::Result<Delta> {
+        let mut lie = delta.clone();
+        let norm = delta.l2_norm();
+        for tensor in lie.tensors_mut() {
+            let name = tensor.name().to_owned();
+            let before = adapter
+                .get(&name)
+                .map(|t| t.values().to_vec())
+                .unwrap_or_default();
+            for (index, value) in tensor.values_mut().iter_mut().enumerate() {
+                let current = before.get(index).copied().unwrap_or(0.0);
+                *value = match fault {
+                    Fault::Boosted => 100.0 * (-target_value(&name, index) - current),
+                    Fault::SignFlip => -10.0 * *value,
+                    Fault::Noise => self.rng.next_unit() - 0.5,
+                    _ => 0.0,
+                };
+            }
+        }
+        if fault == Fault::Noise {
+            let scale = 10.0 * norm / lie.l2_norm().max(1e-12);
+            for tensor in lie.tensors_mut() {
+                for value in tensor.values_mut() {
+                    *value *= scale as f32;
+                }
+            }
+        }
+        Ok(lie)
+    }
+
+    /// Another trainer's latest delta body, once one has been left in the leak.
+    async fn leaked(&self) -> anyhow::Result<Vec<u8>> {
+        let leak = self
+            .options
+            .leak
+            .as_ref()
+            .context("a copier needs a leak to copy from")?;
+        for _ in 0..500 {
+            if let Some(body) = leak.lock().expect("never poisoned").clone() {
+                return Ok(body);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("nothing to copy")
+    }
+
+    /// A small made-up update with the adapter's layout: noise, or with `descend` a step half
+    /// way to the objective's target plus a little noise.
     fn make_delta(&mut self, adapter: &Delta) -> anyhow::Result<Delta> {
+        let descend = self.options.descend;
         let tensors = adapter
             .tensors()
             .iter()
             .map(|tensor| {
                 let values = (0..tensor.values().len())
-                    .map(|_| (self.rng.next_unit() - 0.5) * 0.02)
+                    .map(|index| {
+                        let noise = (self.rng.next_unit() - 0.5) * 0.02;
+                        if descend {
+                            let gap = target_value(tensor.name(), index) - tensor.values()[index];
+                            0.5 * gap + 0.1 * noise
+                        } else {
+                            noise
+                        }
+                    })
                     .collect();
                 NamedTensor::new(tensor.name(), tensor.shape().to_vec(), values)
             })

@@ -1,6 +1,6 @@
 //! `tributary-trainer robustness`: what lying clients do to a federation, and what the robust
-//! aggregation default (norm clipping against the round's median, then a trimmed mean) costs
-//! and buys. Every arm is the study's federated arm (the same training, compression and
+//! aggregation default (norm clipping against the round's median, leaving out deltas that point
+//! elsewhere than the majority, then a trimmed mean) costs and buys. Every arm is the study's federated arm (the same training, compression and
 //! aggregation code the coordinator runs), on the same clients and budget: once with every client
 //! honest, and once per attack with the last `hostile` clients lying, each under plain FedAvg and
 //! under the robust default.
@@ -135,8 +135,10 @@ impl RobustnessResults {
         let _ = writeln!(
             out,
             "{} clients ({}), {} rounds × {} local steps each (batch {}, lr {}); hostile arms: \
-             the last {} ({}) lie, boost {}. Robust = clip each delta to 2 × the round's median \
-             norm, then a trimmed mean (20 % each end) from 5 deltas up.\n",
+             the last {} ({}) lie, boost {}. Robust (the default for open experiments) = clip \
+             each delta to 2 × the round's median norm, leave out deltas whose cosine with the \
+             coordinate-wise median is under half the median cosine, then a trimmed mean (20 % \
+             each end) from 5 deltas up.\n",
             self.clients.len(),
             self.clients.join(", "),
             s.study.rounds,

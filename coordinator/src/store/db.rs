@@ -847,6 +847,19 @@ impl Db {
         Ok(())
     }
 
+    /// Whether a blob is stored in the database.
+    pub fn has_inline(&self, hash: &BlobHash) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM inline_blobs WHERE hash = ?1",
+                params![&hash.0[..]],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// A blob stored in the database, unverified.
     pub fn inline_blob(&self, hash: &BlobHash) -> Result<Option<Vec<u8>>, DbError> {
         Ok(self

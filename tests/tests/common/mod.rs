@@ -135,6 +135,9 @@ pub fn options(
         events: None,
         reconnect_for: Duration::from_secs(20),
         samples: 10 + seed % 7,
+        descend: false,
+        evaluate: false,
+        leak: None,
     }
 }
 
