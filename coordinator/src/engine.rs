@@ -81,6 +81,9 @@ pub struct EngineConfig {
     /// What one task is worth as a FedAvg weight ([`ExperimentConfig::task_budget`]); a claim
     /// can only lower a delta's weight below it.
     pub task_budget: u64,
+    /// Most of a round's tasks that go to identities on probation (no delta accepted in an
+    /// earlier round), as a fraction; 1 is no limit.
+    pub probation_share: f64,
     /// Largest absolute value a delta may hold.
     pub max_abs_value: f32,
     /// The adapter's layout; every delta must match it.
@@ -114,6 +117,7 @@ impl EngineConfig {
             max_upload_bytes: config.max_upload_bytes(),
             max_sample_count: config.limits.max_sample_count,
             task_budget: config.task_budget(),
+            probation_share: config.admission.probation_share(),
             max_abs_value: config.limits.max_abs_value,
             layout: config.adapter.layout()?,
             evaluation: config
@@ -155,6 +159,8 @@ pub struct ResumeState {
     pub secret: RoundSecret,
     /// Answers already recorded for the unevaluated adapters: (adapter, answer).
     pub eval_answers: Vec<(BlobHash, EvalAnswer)>,
+    /// Trainers with a delta accepted in a committed round (off probation).
+    pub veterans: Vec<TrainerId>,
 }
 
 impl Default for ResumeState {
@@ -171,6 +177,7 @@ impl Default for ResumeState {
             unevaluated: Vec::new(),
             secret: RoundSecret([0; 32]),
             eval_answers: Vec::new(),
+            veterans: Vec::new(),
         }
     }
 }
@@ -389,6 +396,10 @@ pub struct Engine {
     order: BTreeSet<SelectionKey>,
     /// Connected trainers without a task this round, in selection order.
     idle: BTreeSet<SelectionKey>,
+    /// The veterans among them (off probation), in selection order.
+    idle_veterans: BTreeSet<SelectionKey>,
+    /// Connected veterans.
+    veterans_connected: usize,
     tasks: BTreeMap<TaskId, TaskState>,
     /// Each trainer's latest task this round.
     task_of: BTreeMap<TrainerId, TaskId>,
@@ -411,6 +422,10 @@ pub struct Engine {
     evals: Evaluations,
     /// Whether trainers were told the experiment is over (after its last adapter is scored).
     finish_announced: bool,
+    /// Trainers with a delta accepted in a committed round; the rest are on probation.
+    veterans: BTreeSet<TrainerId>,
+    /// Tasks of this round given to trainers on probation.
+    probation_tasks: usize,
     actions: VecDeque<Action>,
     /// The open round's secret.
     secret: RoundSecret,
@@ -456,6 +471,8 @@ impl Engine {
             connected: BTreeMap::new(),
             order: BTreeSet::new(),
             idle: BTreeSet::new(),
+            idle_veterans: BTreeSet::new(),
+            veterans_connected: 0,
             task_of: BTreeMap::new(),
             live_tasks: 0,
             persisting: BTreeSet::new(),
@@ -472,6 +489,8 @@ impl Engine {
             evals: Evaluations::new(config.evaluation.as_ref().map_or(1, |eval| eval.evaluators)),
             actions: VecDeque::new(),
             finish_announced: false,
+            veterans: resume.veterans.into_iter().collect(),
+            probation_tasks: 0,
             secret: resume.secret,
             config,
         };
@@ -480,6 +499,11 @@ impl Engine {
             .iter()
             .map(|(task, state)| (state.trainer, *task))
             .collect();
+        engine.probation_tasks = engine
+            .tasks
+            .values()
+            .filter(|state| !engine.veterans.contains(&state.trainer))
+            .count();
         // No trainer is connected yet: only tasks with a delta are live.
         engine.live_tasks = engine
             .tasks
@@ -919,6 +943,10 @@ impl Engine {
         self.secret = next_secret;
         self.adapter = adapter;
         self.adapter_len = adapter_len;
+        // Work in a committed round ends a trainer's probation.
+        self.veterans
+            .extend(self.accepted.values().map(|delta| delta.trainer));
+        self.probation_tasks = 0;
         self.accepted.clear();
         self.rejected = std::mem::take(&mut self.rejected_next);
         self.refusal_counts.clear();
@@ -1206,16 +1234,27 @@ impl Engine {
         let now_live = open_task
             .as_ref()
             .is_some_and(|status| is_live(status, connected));
+        let veteran = self.veterans.contains(&trainer);
         if connected {
             let key = self.selection_key(trainer);
             self.connected.insert(trainer, key);
             self.order.insert(key);
             if open_task.is_none() {
                 self.idle.insert(key);
+                if veteran {
+                    self.idle_veterans.insert(key);
+                }
+            }
+            if veteran {
+                self.veterans_connected += 1;
             }
         } else if let Some(key) = self.connected.remove(&trainer) {
             self.order.remove(&key);
             self.idle.remove(&key);
+            if veteran {
+                self.idle_veterans.remove(&key);
+                self.veterans_connected -= 1;
+            }
         }
         match (was_live, now_live) {
             (false, true) => self.live_tasks += 1,
@@ -1254,11 +1293,17 @@ impl Engine {
         let trainers: Vec<TrainerId> = self.connected.keys().copied().collect();
         self.order.clear();
         self.idle.clear();
+        self.idle_veterans.clear();
+        self.veterans_connected = 0;
         for trainer in trainers {
             let key = self.selection_key(trainer);
             self.connected.insert(trainer, key);
             self.order.insert(key);
             self.idle.insert(key);
+            if self.veterans.contains(&trainer) {
+                self.idle_veterans.insert(key);
+                self.veterans_connected += 1;
+            }
         }
     }
 
@@ -1304,9 +1349,39 @@ impl Engine {
             return;
         }
         // Fresh trainers first, then (when retrying) those whose task failed; within each, the
-        // round's selection order.
-        let mut candidates: Vec<TrainerId> =
-            self.idle.iter().take(wanted).map(|(_, t)| *t).collect();
+        // round's selection order. Trainers on probation get at most their share of the round's
+        // tasks while anyone off probation is connected (a retry after a deadline without a
+        // quorum lifts the cap: a round must end).
+        let cap = ((self.config.probation_share * f64::from(self.config.tasks_per_round)).ceil()
+            as usize)
+            .max(1);
+        let capped =
+            !retry_failed && self.config.probation_share < 1.0 && self.veterans_connected > 0;
+        let mut probation_room = cap.saturating_sub(self.probation_tasks);
+        let mut candidates: Vec<TrainerId> = Vec::with_capacity(wanted);
+        // Everyone in order while there is room on probation; after that, veterans only,
+        // from where that stopped: O(wanted + log n).
+        let mut last = None;
+        for key in &self.idle {
+            if candidates.len() == wanted || (capped && probation_room == 0) {
+                break;
+            }
+            if capped && !self.veterans.contains(&key.1) {
+                probation_room -= 1;
+            }
+            candidates.push(key.1);
+            last = Some(*key);
+        }
+        if capped && probation_room == 0 && candidates.len() < wanted {
+            let rest = match last {
+                Some(after) => self
+                    .idle_veterans
+                    .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+                None => self.idle_veterans.range::<SelectionKey, _>(..),
+            };
+            let room = wanted - candidates.len();
+            candidates.extend(rest.take(room).map(|key| key.1));
+        }
         if retry_failed && candidates.len() < wanted {
             let mut failed: Vec<SelectionKey> = self
                 .task_of
@@ -1323,6 +1398,9 @@ impl Engine {
             candidates.extend(failed.into_iter().take(room).map(|(_, t)| t));
         }
         for trainer in candidates {
+            if !self.veterans.contains(&trainer) {
+                self.probation_tasks += 1;
+            }
             let task = self.next_task;
             self.next_task = TaskId(task.0 + 1);
             self.tasks.insert(
@@ -1336,6 +1414,7 @@ impl Engine {
             self.task_of.insert(trainer, task);
             if let Some(key) = self.connected.get(&trainer) {
                 self.idle.remove(key);
+                self.idle_veterans.remove(key);
             }
             self.live_tasks += 1;
             self.actions.push_back(Action::RecordTask {
@@ -1609,6 +1688,21 @@ impl Engine {
             .collect();
         let indexed: BTreeSet<TrainerId> = self.idle.iter().map(|(_, t)| *t).collect();
         assert_eq!(indexed, idle, "idle = connected without a task this round");
+        let idle_veterans: BTreeSet<TrainerId> = idle
+            .iter()
+            .filter(|t| self.veterans.contains(t))
+            .copied()
+            .collect();
+        let indexed: BTreeSet<TrainerId> = self.idle_veterans.iter().map(|(_, t)| *t).collect();
+        assert_eq!(indexed, idle_veterans, "idle veterans");
+        assert_eq!(
+            self.veterans_connected,
+            connected
+                .iter()
+                .filter(|t| self.veterans.contains(t))
+                .count(),
+            "connected veterans"
+        );
         let live = self
             .tasks
             .values()
@@ -1688,6 +1782,7 @@ mod tests {
             max_upload_bytes: 1000,
             max_sample_count: 1000,
             task_budget: 64,
+            probation_share: 1.0,
             max_abs_value: 1e4,
             layout: Layout::new(vec![("w".into(), vec![4])]),
             evaluation: None,
@@ -2312,6 +2407,52 @@ mod tests {
     }
 
     #[test]
+    fn new_identities_get_at_most_their_share_of_a_round_while_veterans_are_online() {
+        let mut probation = config(4, 4, 4, 4, 3);
+        probation.probation_share = 0.5;
+        // Forty identities are online from the start; round 0 has no veterans, so anyone may
+        // take its four tasks.
+        let n = 40;
+        let mut h = Harness::new(probation, n);
+        h.join_all();
+        let veterans = h.tasked();
+        assert_eq!(veterans.len(), 4);
+        for &index in &veterans {
+            h.submit(index).unwrap();
+        }
+        assert_eq!(h.engine.round(), RoundId(1));
+        // Round 1: the four who did work are off probation; the 36 others share at most half
+        // of the tasks (by rank alone they would get most).
+        let tasked = |h: &Harness, round: RoundId, among: &dyn Fn(usize) -> bool| -> Vec<usize> {
+            (0..n)
+                .filter(|&i| among(i))
+                .filter(|&i| h.open_task(i).is_some_and(|t| t.round == round))
+                .collect()
+        };
+        let round_one = tasked(&h, RoundId(1), &|_| true);
+        assert_eq!(round_one.len(), 4);
+        let fresh = round_one.iter().filter(|i| !veterans.contains(i)).count();
+        assert_eq!(
+            fresh, 2,
+            "{round_one:?}: half the tasks to identities on probation"
+        );
+        h.engine.assert_indexes_exact();
+        for index in round_one.clone() {
+            h.submit(index).unwrap();
+        }
+        assert_eq!(h.engine.round(), RoundId(2));
+        // With every veteran gone, identities on probation fill the round: it must run.
+        let gone: BTreeSet<usize> = veterans.iter().chain(&round_one).copied().collect();
+        for &index in &gone {
+            h.engine.handle_trainer_left(h.now, h.id(index));
+            h.drain();
+        }
+        let round_two = tasked(&h, RoundId(2), &|i| !gone.contains(&i));
+        assert_eq!(round_two.len(), 4, "a round of newcomers only still runs");
+        h.engine.assert_indexes_exact();
+    }
+
+    #[test]
     fn churn_keeps_the_selection_indexes_exact() {
         let seed: u64 = std::env::var("TRIBUTARY_TEST_SEED")
             .ok()
@@ -2319,7 +2460,9 @@ mod tests {
             .unwrap_or(7);
         eprintln!("seed {seed}");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut harness = Harness::new(config(6, 9, 3, 4, 20), 40);
+        let mut churned = config(6, 9, 3, 4, 20);
+        churned.probation_share = 0.5;
+        let mut harness = Harness::new(churned, 40);
         let mut online = [false; 40];
         for _ in 0..4000 {
             let index = rand::Rng::gen_range(&mut rng, 0..40);

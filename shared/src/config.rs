@@ -436,6 +436,21 @@ pub struct AdmissionSection {
     pub allowlist_file: Option<String>,
     /// Trainer identities connected at once from one IPv4 address or IPv6 /64.
     pub identities_per_address: u32,
+    /// Most of a round's tasks (a fraction) that go to identities on probation: those with no
+    /// delta accepted in an earlier round of the experiment. Unset: 0.5 for an open experiment
+    /// (a flood of fresh Sybils never outnumbers the volunteers who already did work), 1 (no
+    /// limit) for token and allowlist fleets.
+    pub probation_share: Option<f64>,
+}
+
+impl AdmissionSection {
+    /// The share of a round's tasks open to identities on probation.
+    pub fn probation_share(&self) -> f64 {
+        self.probation_share.unwrap_or(match self.mode {
+            AdmissionMode::Open => 0.5,
+            AdmissionMode::Token | AdmissionMode::Allowlist => 1.0,
+        })
+    }
 }
 
 impl Default for AdmissionSection {
@@ -445,6 +460,7 @@ impl Default for AdmissionSection {
             tokens_file: None,
             allowlist_file: None,
             identities_per_address: 8,
+            probation_share: None,
         }
     }
 }
@@ -613,6 +629,14 @@ impl ExperimentConfig {
                 ));
             }
             _ => {}
+        }
+        if let Some(share) = admission.probation_share {
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(ConfigError::invalid(
+                    "admission.probation_share",
+                    "must be in (0, 1]",
+                ));
+            }
         }
         if admission.identities_per_address == 0 {
             return Err(ConfigError::invalid(

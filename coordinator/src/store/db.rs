@@ -444,6 +444,7 @@ impl Db {
         )?;
         let unevaluated = self.unevaluated(id)?;
         let eval_answers = self.unsettled_answers(id)?;
+        let veterans = self.veterans(id)?;
         let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
         let Some((round, adapter, adapter_len, secret)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
@@ -458,6 +459,7 @@ impl Db {
                 adapter: adapter.map(|hash| (hash, len)),
                 unevaluated,
                 eval_answers,
+                veterans,
                 known_hashes,
                 next_task: TaskId(next_task as u64),
                 finished: true,
@@ -471,6 +473,7 @@ impl Db {
             secret: RoundSecret(hash_from(&secret)?.0),
             unevaluated,
             eval_answers,
+            veterans,
             known_hashes,
             next_task: TaskId(next_task as u64),
             finished,
@@ -567,6 +570,21 @@ impl Db {
             ],
         )?;
         Ok(())
+    }
+
+    /// Trainers with a delta accepted in a committed round of the experiment.
+    fn veterans(&self, id: &ExperimentId) -> Result<Vec<TrainerId>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT DISTINCT s.trainer FROM submissions s
+             JOIN rounds r ON r.experiment = s.experiment AND r.round = s.round
+             WHERE s.experiment = ?1 AND r.closed = 1",
+        )?;
+        let rows = statement.query_map(params![id.0], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(TrainerId(hash_from(&row?)?.0));
+        }
+        Ok(out)
     }
 
     /// Answers recorded for adapters that have no settled score yet.
