@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use common::*;
 use tributary_coordinator::store::{BlobSource as _, StoredBlobs};
-use tributary_coordinator::verify::verify_data_dir;
 use tributary_shared::codec;
 use tributary_shared::ledger::LedgerEntry;
 use tributary_shared::wire::RejectReason;
@@ -108,24 +107,8 @@ async fn run(
         }
         handles.push(spawn_trainer(&running.fingerprint, options));
     }
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("every trainer sees the end")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-    }
-    let mut progress = running.progress.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        progress.wait_for(|p| p.finished && p.evaluations_pending == 0),
-    )
-    .await
-    .expect("every adapter scored")
-    .unwrap();
-    running.shutdown().await.unwrap();
-    verify_data_dir(dir.path()).expect("verify passes");
+    synthetic_reports(handles, Duration::from_secs(120)).await;
+    finish_and_verify(running, dir.path()).await;
 
     let db = tributary_coordinator::store::db::Db::open_read_only(&dir.path().join("tributary.db"))
         .unwrap();
@@ -382,24 +365,8 @@ async fn burn_run(name: &str, hostile: &[Fault]) -> Vec<f64> {
         .collect();
     let reports = finished_reports(burn).await;
     assert!(reports.iter().all(|r| r.accepted == ROUNDS));
-    for handle in attackers {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("attackers see the end")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-    }
-    let mut progress = running.progress.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        progress.wait_for(|p| p.finished && p.evaluations_pending == 0),
-    )
-    .await
-    .expect("every adapter scored")
-    .unwrap();
-    running.shutdown().await.unwrap();
-    verify_data_dir(&data_dir).expect("verify passes");
+    synthetic_reports(attackers, Duration::from_secs(120)).await;
+    finish_and_verify(running, &data_dir).await;
     let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db"))
         .unwrap();
     let experiment = ExperimentId(name.into());

@@ -69,14 +69,7 @@ async fn a_delta_lost_from_storage_mid_round_is_left_out_and_the_coordinator_goe
     std::fs::remove_file(&blob).expect("the delta is a blob file");
     gate.arrive();
 
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-    }
+    synthetic_reports(handles, Duration::from_secs(120)).await;
     let finished = tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|p| p.finished))
         .await
         .expect("the experiment finishes")
@@ -138,13 +131,7 @@ async fn a_failing_database_pauses_the_hub_which_recovers_without_losing_work() 
         .unwrap();
     drop(outside);
 
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
+    for report in synthetic_reports(handles, Duration::from_secs(120)).await {
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
         assert_eq!(
             report.accepted, 2,

@@ -45,23 +45,7 @@ codec = { kind = "f16" }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_lora_experiment_publishes_as_peft() {
     let dir = tempfile::tempdir().unwrap();
-    let running = start(dir.path(), Some(parse(LORA)), vec![]).await;
-    let handles: Vec<_> = (0..3)
-        .map(|seed| {
-            spawn_trainer(
-                &running.fingerprint,
-                options(running.addr, 500 + seed, Fault::None, None),
-            )
-        })
-        .collect();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(60), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-    }
+    let (running, _) = run_to_the_end(dir.path(), parse(LORA)).await;
     let mut watch = running.progress.clone();
     let final_adapter =
         tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|p| p.finished))
@@ -124,14 +108,7 @@ async fn run_to_the_end(
             )
         })
         .collect();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(60), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap();
-        assert!(report.finished);
-    }
+    synthetic_reports(handles, Duration::from_secs(60)).await;
     let db =
         tributary_coordinator::store::db::Db::open_read_only(&dir.join("tributary.db")).unwrap();
     let experiment = tributary_shared::ExperimentId(config.experiment.name.clone());

@@ -11,7 +11,7 @@ use tributary_shared::aggregate::AggregationConfig;
 use crate::attack::Attack;
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
-use crate::study::{score, Federation, Scores, StudyClient, StudyError, StudySettings};
+use crate::study::{score, Federation, Plot, Scores, StudyClient, StudyError, StudySettings};
 
 /// What to compare.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,18 +194,10 @@ impl RobustnessResults {
                     .iter()
                     .flat_map(|a| a.rounds.iter().map(|s| s.mean)),
             )
-            .filter(|v| v.is_finite())
             .collect();
-        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let span = (hi - lo).max(1e-6);
-        let x = |r: f64| pad + (w - legend - 2.0 * pad) * r / rounds;
-        let y = |v: f64| h - pad - (h - 2.0 * pad) * (v.clamp(lo, hi) - lo) / span;
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-             <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
-             <text x=\"{pad}\" y=\"20\">mean held-out loss per round (x: round, y: loss)</text>\n"
-        );
+        let plot = Plot::new((w, h, pad, legend), rounds, &values);
+        let (x, y) = (|r| plot.x(r), |v| plot.y(v));
+        let mut svg = plot.open();
         for (n, arm) in self.arms.iter().enumerate() {
             let color = if arm.aggregation == "robust" {
                 "#1f77b4"
@@ -240,16 +232,7 @@ impl RobustnessResults {
                 40 + 16 * n
             ));
         }
-        svg.push_str(&format!(
-            "<text x=\"5\" y=\"{:.1}\">{hi:.2}</text><text x=\"5\" y=\"{:.1}\">{lo:.2}</text>\n\
-             <text x=\"{:.1}\" y=\"{}\">0</text><text x=\"{:.1}\" y=\"{}\">{rounds}</text>\n</svg>\n",
-            y(hi) + 4.0,
-            y(lo) + 4.0,
-            x(0.0) - 3.0,
-            h - 30.0,
-            x(rounds) - 6.0,
-            h - 30.0
-        ));
+        svg.push_str(&plot.close());
         svg
     }
 }

@@ -492,16 +492,9 @@ impl StudyResults {
             self.local.iter().map(|s| s.mean).sum::<f64>() / self.local.len().max(1) as f64;
         let mut values = vec![self.base.mean, self.central.mean, local_mean];
         values.extend(self.fedavg.iter().chain(&self.fedsgd).map(|s| s.mean));
-        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let span = (hi - lo).max(1e-6);
-        let x = |r: f64| pad + (w - legend - 2.0 * pad) * r / rounds;
-        let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / span;
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-             <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
-             <text x=\"{pad}\" y=\"20\">mean held-out loss per round (x: round, y: loss)</text>\n"
-        );
+        let plot = Plot::new((w, h, pad, legend), rounds, &values);
+        let (x, y) = (|r| plot.x(r), |v| plot.y(v));
+        let mut svg = plot.open();
         let curve = |curve: &[Scores], color: &str, name: &str, n: usize| {
             let mut points = format!("{:.1},{:.1}", x(0.0), y(self.base.mean));
             for (i, s) in curve.iter().enumerate() {
@@ -534,16 +527,71 @@ impl StudyResults {
                 72 + 16 * n
             ));
         }
-        svg.push_str(&format!(
+        svg.push_str(&plot.close());
+        svg
+    }
+}
+
+/// The frame of a loss-per-round SVG plot: the plot area leaves a column on the right for the
+/// legend, and values are scaled to the range they span.
+pub(crate) struct Plot {
+    size: (f64, f64, f64, f64),
+    rounds: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl Plot {
+    /// A plot `(width, height, padding, legend width)` of `rounds` rounds holding `values`
+    /// (non-finite ones ignored).
+    pub(crate) fn new(size: (f64, f64, f64, f64), rounds: f64, values: &[f64]) -> Self {
+        let finite = values.iter().copied().filter(|v| v.is_finite());
+        let lo = finite.clone().fold(f64::INFINITY, f64::min);
+        let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+        Self {
+            size,
+            rounds,
+            lo,
+            hi,
+        }
+    }
+
+    /// The x coordinate of round `r`.
+    pub(crate) fn x(&self, r: f64) -> f64 {
+        let (w, _, pad, legend) = self.size;
+        pad + (w - legend - 2.0 * pad) * r / self.rounds
+    }
+
+    /// The y coordinate of loss `v` (clamped to the plotted range).
+    pub(crate) fn y(&self, v: f64) -> f64 {
+        let (_, h, pad, _) = self.size;
+        let span = (self.hi - self.lo).max(1e-6);
+        h - pad - (h - 2.0 * pad) * (v.clamp(self.lo, self.hi) - self.lo) / span
+    }
+
+    /// The SVG header, background and title.
+    pub(crate) fn open(&self) -> String {
+        let (w, h, pad, _) = self.size;
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
+             <text x=\"{pad}\" y=\"20\">mean held-out loss per round (x: round, y: loss)</text>\n"
+        )
+    }
+
+    /// The axis labels and the end of the SVG.
+    pub(crate) fn close(&self) -> String {
+        let (_, h, _, _) = self.size;
+        let (lo, hi, rounds) = (self.lo, self.hi, self.rounds);
+        format!(
             "<text x=\"5\" y=\"{:.1}\">{hi:.2}</text><text x=\"5\" y=\"{:.1}\">{lo:.2}</text>\n\
              <text x=\"{:.1}\" y=\"{}\">0</text><text x=\"{:.1}\" y=\"{}\">{rounds}</text>\n</svg>\n",
-            y(hi) + 4.0,
-            y(lo) + 4.0,
-            x(0.0) - 3.0,
+            self.y(hi) + 4.0,
+            self.y(lo) + 4.0,
+            self.x(0.0) - 3.0,
             h - 30.0,
-            x(rounds) - 6.0,
+            self.x(rounds) - 6.0,
             h - 30.0
-        ));
-        svg
+        )
     }
 }

@@ -220,6 +220,40 @@ pub async fn http_get_with(
     (status, response[split + 4..].to_vec())
 }
 
+/// Waits (at most `limit` each) for synthetic trainers to end, and checks that each saw the
+/// experiment finish.
+pub async fn synthetic_reports(
+    handles: Vec<JoinHandle<anyhow::Result<Report>>>,
+    limit: Duration,
+) -> Vec<Report> {
+    let mut reports = Vec::new();
+    for handle in handles {
+        let report = tokio::time::timeout(limit, handle)
+            .await
+            .expect("trainer finished in time")
+            .expect("trainer task did not panic")
+            .expect("trainer ran without error");
+        assert!(report.finished);
+        reports.push(report);
+    }
+    reports
+}
+
+/// Waits until the experiment is over and every adapter scored, stops the coordinator and runs
+/// `verify` on its data directory.
+pub async fn finish_and_verify(running: Running, data_dir: &Path) {
+    let mut progress = running.progress.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        progress.wait_for(|p| p.finished && p.evaluations_pending == 0),
+    )
+    .await
+    .expect("every adapter scored")
+    .unwrap();
+    running.shutdown().await.unwrap();
+    tributary_coordinator::verify::verify_data_dir(data_dir).expect("verify passes");
+}
+
 /// Waits (at most 300 s each) for burn trainers to end, and checks that each saw the experiment
 /// finish and had nothing refused.
 pub async fn finished_reports(
