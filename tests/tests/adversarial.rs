@@ -169,6 +169,19 @@ async fn run(
 }
 
 impl Outcome {
+    /// Prints how far each round moved the adapter against the honest scale, and the objective.
+    fn report(&self, case: &str) {
+        let ratios: Vec<String> = self
+            .moves
+            .iter()
+            .map(|(moved, honest)| format!("{:.3}", moved / honest))
+            .collect();
+        eprintln!(
+            "{case}: merged/honest scale per round {ratios:?}, objective {:?}",
+            self.first_and_last
+        );
+    }
+
     fn assert_bounded(&self, case: &str) {
         for (round, (moved, honest)) in self.moves.iter().enumerate() {
             assert!(
@@ -269,15 +282,7 @@ async fn one_hostile_trainer_among_eight_cannot_hijack_stall_or_fake_the_learnin
             }
             _ => {}
         }
-        eprintln!(
-            "{case}: merged/honest scale per round {:?}, objective {:?}",
-            outcome
-                .moves
-                .iter()
-                .map(|(m, h)| format!("{:.3}", m / h))
-                .collect::<Vec<_>>(),
-            outcome.first_and_last
-        );
+        outcome.report(&case);
     }
 }
 
@@ -309,15 +314,7 @@ async fn thirty_percent_hostile_trainers_do_not_stop_rounds_or_learning() {
     let outcome = run("mixed-30", &hostile, 7, 3, "").await;
     // Every round closed (checked in `run`), and the adapter still approached the target.
     outcome.assert_learned("30 % hostile");
-    eprintln!(
-        "30 % hostile: merged/honest scale per round {:?}, objective {:?}",
-        outcome
-            .moves
-            .iter()
-            .map(|(m, h)| format!("{:.3}", m / h))
-            .collect::<Vec<_>>(),
-        outcome.first_and_last
-    );
+    outcome.report("30 % hostile");
 }
 
 /// Runs `experiments/ci-tiny.toml`, resized for seven honest burn trainers plus `hostile`

@@ -138,20 +138,12 @@ async fn a_failing_database_pauses_the_hub_which_recovers_without_losing_work() 
             "each trainer's two deltas were acknowledged once"
         );
     }
-    let mut progress = running.progress.clone();
-    let finished = tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|p| p.finished))
-        .await
-        .expect("the experiment finishes")
-        .unwrap()
-        .clone();
-    assert_eq!(finished.rounds_closed, 2);
-    running.shutdown().await.unwrap();
+    finish_and_verify(running, dir.path()).await;
     let experiment = ExperimentId("db-fault".into());
     let db = tributary_coordinator::store::db::Db::open_read_only(&db_path).unwrap();
     let ledger = db.ledger(&experiment).unwrap();
     assert_eq!(ledger.len(), 2);
     assert!(ledger.iter().all(|(_, entry)| entry.accepted.len() == 4));
-    verify_data_dir(dir.path()).expect("verify passes");
 }
 
 fn blob_path(data_dir: &std::path::Path, hash: &BlobHash) -> std::path::PathBuf {
