@@ -302,6 +302,7 @@ async fn plain_fed_avg_lets_one_attacker_move_the_adapter_beyond_the_honest_scal
         .iter()
         .map(|(moved, honest)| moved / honest)
         .fold(0.0, f64::max);
+    outcome.report("plain FedAvg, model replacement");
     assert!(
         worst > 1.5,
         "FedAvg moved at most {worst:.2} × the honest scale"
