@@ -459,11 +459,13 @@ fn resolve_experiment(
             .with_context(|| format!("stored configuration of {} does not parse", latest.id));
     };
     let id = ExperimentId(config.experiment.name.clone());
-    let json = serde_json::to_string(config)?;
+    // Defaults are written into what is stored, so they can change without changing a round.
+    let pinned = config.pinned();
+    let json = serde_json::to_string(&pinned)?;
     if let Some(stored) = db.experiment(&id)? {
         let stored_config: ExperimentConfig = serde_json::from_str(&stored.config_json)
             .with_context(|| format!("stored configuration of {id} does not parse"))?;
-        if &stored_config != config {
+        if stored_config != pinned && &stored_config != config {
             bail!(
                 "experiment {id} already exists in this data directory with a different \
                  configuration; rename the experiment or use another --data-dir"
@@ -487,7 +489,7 @@ fn resolve_experiment(
         now_ms: now_ms(),
     })?;
     tracing::info!(experiment = %id, adapter = %hash.short(), params = initial.element_count(), "experiment created");
-    Ok(config.clone())
+    Ok(pinned)
 }
 
 /// What the accept loop enforces; see [`ServerLimits`].

@@ -743,15 +743,32 @@ impl ExperimentConfig {
         Ok(())
     }
 
-    /// How deltas are combined: the `[aggregation]` section when given, else robust
-    /// ([`AggregationConfig::robust`]) for an open experiment and plain FedAvg for a closed
-    /// fleet (token or allowlist admission).
+    /// How deltas are combined: the `[aggregation]` section when given. A coordinator pins the
+    /// default into the stored configuration when it creates an experiment
+    /// ([`ExperimentConfig::pinned`]), so a later change of defaults never changes how a stored
+    /// round re-derives; a stored configuration without one predates pinning and means the
+    /// default of its time (clipping and trimming, no agreement filter, when open).
     pub fn aggregation(&self) -> AggregationConfig {
         self.aggregation
             .unwrap_or_else(|| match self.admission.mode {
-                AdmissionMode::Open => AggregationConfig::robust(),
+                AdmissionMode::Open => AggregationConfig {
+                    min_agreement: None,
+                    ..AggregationConfig::robust()
+                },
                 AdmissionMode::Token | AdmissionMode::Allowlist => AggregationConfig::default(),
             })
+    }
+
+    /// This configuration with the current default aggregation written in when it has none:
+    /// robust ([`AggregationConfig::robust`]) for an open experiment, plain FedAvg for a closed
+    /// fleet (token or allowlist admission). What a new experiment stores.
+    pub fn pinned(&self) -> ExperimentConfig {
+        let mut pinned = self.clone();
+        pinned.aggregation.get_or_insert(match self.admission.mode {
+            AdmissionMode::Open => AggregationConfig::robust(),
+            AdmissionMode::Token | AdmissionMode::Allowlist => AggregationConfig::default(),
+        });
+        pinned
     }
 
     /// What one task is worth as a FedAvg weight, derived from what the task asks for: the
@@ -806,6 +823,31 @@ mod tests {
             limits: LimitsSection::default(),
             evaluation: EvaluationSection::default(),
         }
+    }
+
+    #[test]
+    fn the_default_aggregation_is_pinned_when_stored_and_old_stored_configs_keep_theirs() {
+        use crate::aggregate::AggregationConfig;
+        let mut open = synthetic(10);
+        open.aggregation = None;
+        assert_eq!(open.pinned().aggregation, Some(AggregationConfig::robust()));
+        assert_eq!(open.pinned().aggregation(), AggregationConfig::robust());
+        // Stored before pinning: the default of its time, without the agreement filter.
+        assert_eq!(open.aggregation().min_agreement, None);
+        assert_eq!(open.aggregation().clip_to_median, Some(2.0));
+        let mut closed = open.clone();
+        closed.admission.mode = AdmissionMode::Allowlist;
+        assert_eq!(
+            closed.pinned().aggregation,
+            Some(AggregationConfig::default())
+        );
+        // An explicit section is kept as written.
+        let explicit = AggregationConfig {
+            clip_norm: Some(3.0),
+            ..AggregationConfig::default()
+        };
+        open.aggregation = Some(explicit);
+        assert_eq!(open.pinned().aggregation, Some(explicit));
     }
 
     #[test]
