@@ -68,6 +68,22 @@ enum Command {
         #[arg(long, env = "TRIBUTARY_DATA_DIR")]
         data_dir: PathBuf,
     },
+    /// Print each trainer's credit, derived from the ledger alone: deltas aggregated, the work
+    /// they stand for (justified weight), its share, refusals.
+    Credits {
+        /// The data directory.
+        #[arg(long, env = "TRIBUTARY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The experiment (default: the latest).
+        #[arg(long)]
+        experiment: Option<String>,
+        /// Print JSON.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Print CSV.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Make a new enrollment token for `[admission] mode = "token"`: the token is printed (hand
     /// it to the volunteer), its hash appended to the tokens file.
     Token {
@@ -186,6 +202,12 @@ pub fn main() -> ExitCode {
             identities,
         } => run_token(&tokens_file, identities),
         Command::AuditorToken { data_dir } => run_auditor_token(&data_dir),
+        Command::Credits {
+            data_dir,
+            experiment,
+            json,
+            csv,
+        } => run_credits(&data_dir, experiment.as_deref(), json, csv),
         Command::Gc {
             data_dir,
             grace_secs,
@@ -370,6 +392,40 @@ fn run_token(tokens_file: &std::path::Path, identities: u32) -> anyhow::Result<E
         if identities == 1 { "y" } else { "ies" },
         tokens_file.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_credits(
+    data_dir: &std::path::Path,
+    experiment: Option<&str>,
+    json: bool,
+    csv: bool,
+) -> anyhow::Result<ExitCode> {
+    let db =
+        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let experiments = db.experiments()?;
+    let stored = match experiment {
+        Some(name) => experiments
+            .iter()
+            .find(|e| e.id.0 == name)
+            .with_context(|| format!("no experiment {name:?} in {}", data_dir.display()))?,
+        None => experiments
+            .last()
+            .context("the data directory holds no experiment")?,
+    };
+    let ledger: Vec<_> = db
+        .ledger(&stored.id)?
+        .into_iter()
+        .map(|(_, entry)| entry)
+        .collect();
+    let table = crate::credits::credits(&ledger);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&table)?);
+    } else if csv {
+        print!("{}", crate::credits::to_csv(&table));
+    } else {
+        print!("{}", crate::credits::to_table(&table));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

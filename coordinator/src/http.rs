@@ -113,6 +113,7 @@ pub async fn spawn(
         .route("/hub/experiments", get(hub_experiments))
         .route("/hub/ledger", get(hub_ledger))
         .route("/hub/evaluations", get(hub_evaluations))
+        .route("/hub/contributors", get(hub_contributors))
         .route("/hub/adapters/{hash}", get(hub_blob))
         .route("/hub/latest/{file}", get(hub_latest))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
@@ -325,6 +326,20 @@ async fn hub_evaluations(State(state): State<AppState>) -> HubResponse {
         for evaluation in db.evaluations(id)? {
             let mut row = serde_json::Map::new();
             row.insert("evaluation".into(), serde_json::to_value(evaluation)?);
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+    .await
+}
+
+async fn hub_contributors(State(state): State<AppState>) -> HubResponse {
+    rows_per_experiment(&state, |db, id| {
+        let ledger: Vec<_> = db.ledger(id)?.into_iter().map(|(_, entry)| entry).collect();
+        let mut rows = Vec::new();
+        for credit in crate::credits::credits(&ledger) {
+            let mut row = serde_json::Map::new();
+            row.insert("credit".into(), serde_json::to_value(credit)?);
             rows.push(row);
         }
         Ok(rows)

@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod auditors;
 pub mod cli;
+pub mod credits;
 pub mod derive;
 pub mod durable;
 pub mod engine;

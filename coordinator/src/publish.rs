@@ -163,9 +163,25 @@ fn model_card(
             entry.adapter_after.short()
         ));
     }
-    card.push_str("\n## Contributors\n\n");
-    for trainer in contributors {
-        card.push_str(&format!("- `{}`\n", trainer.to_hex()));
+    // By credited work, from the ledger alone (`tributary-coordinator credits`).
+    let entries: Vec<tributary_shared::ledger::LedgerEntry> =
+        ledger.iter().map(|(_, entry)| entry.clone()).collect();
+    card.push_str(
+        "\n## Contributors\n\nBy the work their aggregated deltas stand for (the weight each task \
+         justified), from the ledger alone.\n\n| trainer | deltas | rounds | share of the work |\n\
+         |---|---|---|---|\n",
+    );
+    for credit in crate::credits::credits(&entries)
+        .iter()
+        .filter(|c| c.accepted > 0)
+    {
+        card.push_str(&format!(
+            "| `{}` | {} | {} | {:.1} % |\n",
+            credit.trainer,
+            credit.accepted,
+            credit.rounds,
+            100.0 * credit.share
+        ));
     }
     card
 }

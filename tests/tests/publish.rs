@@ -143,6 +143,29 @@ async fn deltas_are_private_unless_the_experiment_publishes_them() {
     assert!(status.contains("200"), "an auditor reads it: {status}");
     assert_eq!(tributary_shared::BlobHash::of(&body), delta);
     assert!(running.metrics.limited("private_blob") >= 2);
+    // Credit, from the ledger alone: three trainers, two deltas each; the work is what their
+    // tasks justified (these trainers claim 15, 16 and 10 samples, under the task's 64).
+    let (status, body) = http_get_bytes(http, "/hub/contributors").await;
+    assert!(status.contains("200"), "{status}");
+    let rows: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let rows = rows.as_array().unwrap();
+    let works: Vec<u64> = rows
+        .iter()
+        .map(|row| row["credit"]["work"].as_u64().unwrap())
+        .collect();
+    assert_eq!(works, vec![32, 30, 20], "most work first");
+    for row in rows {
+        assert_eq!(row["credit"]["accepted"], 2, "{row}");
+        assert_eq!(row["credit"]["rounds"], 2, "{row}");
+    }
+    let share: f64 = rows
+        .iter()
+        .map(|row| row["credit"]["share"].as_f64().unwrap())
+        .sum();
+    assert!((share - 1.0).abs() < 1e-9);
+    let (_, card) = http_get_bytes(http, "/hub/latest/README.md").await;
+    let card = String::from_utf8(card).unwrap();
+    assert_eq!(card.matches(" | 2 | 2 | ").count(), 3, "{card}");
     running.shutdown().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,232 @@
+//! Credit per trainer, derived from the ledger alone, so anyone holding it computes the same
+//! table: deltas that counted, the work they stand for (the weight their tasks justified: tokens
+//! trained, or samples of synthetic data), what was refused and why. Pure.
+//!
+//! Verification of work (spot re-execution, loss checks) will add verified and flagged counts;
+//! until then "accepted" means passed the coordinator's checks and aggregated.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tributary_shared::ledger::LedgerEntry;
+use tributary_shared::wire::RejectReason;
+use tributary_shared::TrainerId;
+
+/// One trainer's record in an experiment.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Credit {
+    /// The trainer's public key, hex.
+    pub trainer: String,
+    /// Deltas aggregated into a round.
+    pub accepted: u64,
+    /// Rounds it contributed to.
+    pub rounds: u64,
+    /// The work those deltas stand for: the sum of their justified weights (tokens trained, or
+    /// samples for synthetic data).
+    pub work: u64,
+    /// Its share of all the work credited, in `[0, 1]`.
+    pub share: f64,
+    /// Submissions of its refused and recorded in the ledger.
+    pub refused: u64,
+    /// Of those, refusals for its own fault (every reason but `internal`, `late` and
+    /// `rate_limited`, which are the coordinator's or the clock's).
+    pub refused_at_fault: u64,
+    /// First and last round it contributed to.
+    pub first_round: Option<u64>,
+    /// Last round it contributed to.
+    pub last_round: Option<u64>,
+}
+
+/// Every trainer that appears in `ledger`, most work first (ties by key).
+pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
+    let mut by_trainer: BTreeMap<TrainerId, Credit> = BTreeMap::new();
+    let blank = |trainer: &TrainerId| Credit {
+        trainer: trainer.to_hex(),
+        accepted: 0,
+        rounds: 0,
+        work: 0,
+        share: 0.0,
+        refused: 0,
+        refused_at_fault: 0,
+        first_round: None,
+        last_round: None,
+    };
+    for entry in ledger {
+        let round = entry.round.0;
+        for delta in &entry.accepted {
+            let credit = by_trainer
+                .entry(delta.trainer)
+                .or_insert_with(|| blank(&delta.trainer));
+            credit.accepted += 1;
+            credit.work = credit.work.saturating_add(delta.weight);
+            if credit.last_round != Some(round) {
+                credit.rounds += 1;
+            }
+            credit.first_round.get_or_insert(round);
+            credit.last_round = Some(round);
+        }
+        for refused in &entry.rejected {
+            let Some(trainer) = refused.trainer else {
+                continue;
+            };
+            let credit = by_trainer.entry(trainer).or_insert_with(|| blank(&trainer));
+            credit.refused += 1;
+            if !matches!(
+                refused.reason,
+                RejectReason::Internal | RejectReason::Late | RejectReason::RateLimited
+            ) {
+                credit.refused_at_fault += 1;
+            }
+        }
+    }
+    let total: u64 = by_trainer.values().map(|c| c.work).sum();
+    let mut out: Vec<Credit> = by_trainer
+        .into_values()
+        .map(|mut credit| {
+            credit.share = if total == 0 {
+                0.0
+            } else {
+                credit.work as f64 / total as f64
+            };
+            credit
+        })
+        .collect();
+    out.sort_by(|a, b| b.work.cmp(&a.work).then_with(|| a.trainer.cmp(&b.trainer)));
+    out
+}
+
+/// The table as CSV, with a header line.
+pub fn to_csv(credits: &[Credit]) -> String {
+    let mut out = String::from(
+        "trainer,accepted,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
+    );
+    let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_default();
+    for c in credits {
+        out.push_str(&format!(
+            "{},{},{},{},{:.6},{},{},{},{}\n",
+            c.trainer,
+            c.accepted,
+            c.rounds,
+            c.work,
+            c.share,
+            c.refused,
+            c.refused_at_fault,
+            round(c.first_round),
+            round(c.last_round)
+        ));
+    }
+    out
+}
+
+/// The table as aligned text.
+pub fn to_table(credits: &[Credit]) -> String {
+    let mut out = format!(
+        "{:<16} {:>8} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
+        "trainer", "accepted", "rounds", "work", "share", "refused", "at fault"
+    );
+    for c in credits {
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
+            &c.trainer[..16.min(c.trainer.len())],
+            c.accepted,
+            c.rounds,
+            c.work,
+            100.0 * c.share,
+            c.refused,
+            c.refused_at_fault
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tributary_shared::ledger::{AcceptedDelta, RejectedSubmission};
+    use tributary_shared::{BlobHash, RoundId, TaskId};
+
+    fn accepted(trainer: u8, weight: u64) -> AcceptedDelta {
+        AcceptedDelta {
+            hash: BlobHash([trainer; 32]),
+            trainer: TrainerId([trainer; 32]),
+            weight,
+            claimed_samples: 1_000_000,
+            reported_train_loss: 1.0,
+            byte_len: 10,
+            task: TaskId(1),
+            reported_steps: 1,
+            reported_tokens: 0,
+            reported_train_ms: 0,
+            signature: vec![],
+        }
+    }
+
+    fn refused(trainer: u8, reason: RejectReason) -> RejectedSubmission {
+        RejectedSubmission {
+            trainer: Some(TrainerId([trainer; 32])),
+            hash: None,
+            reason,
+            detail: String::new(),
+        }
+    }
+
+    fn entry(
+        round: u64,
+        deltas: Vec<AcceptedDelta>,
+        rejected: Vec<RejectedSubmission>,
+    ) -> LedgerEntry {
+        let zero = BlobHash([0; 32]);
+        LedgerEntry {
+            experiment: tributary_shared::ExperimentId("credits".into()),
+            experiment_uid: tributary_shared::ExperimentUid([0; 32]),
+            coordinator: tributary_shared::CertificateHash([0; 32]),
+            config_hash: zero,
+            round: RoundId(round),
+            previous: None,
+            adapter_before: zero,
+            adapter_after: zero,
+            aggregate: zero,
+            optimizer_state: None,
+            accepted: deltas,
+            rejected,
+            metrics: Default::default(),
+            secret_commitment: zero,
+            secret: tributary_shared::selection::RoundSecret([0; 32]),
+            next_commitment: zero,
+            signer: TrainerId([0; 32]),
+            signature: vec![],
+        }
+    }
+
+    #[test]
+    fn work_counts_justified_weight_and_faults_are_told_apart() {
+        let ledger = vec![
+            entry(
+                0,
+                vec![accepted(1, 64), accepted(2, 64)],
+                vec![
+                    refused(3, RejectReason::Replay),
+                    refused(2, RejectReason::Late),
+                ],
+            ),
+            entry(1, vec![accepted(1, 64), accepted(3, 32)], vec![]),
+        ];
+        let table = credits(&ledger);
+        let ids: Vec<&str> = table.iter().map(|c| &c.trainer[..2]).collect();
+        assert_eq!(ids, vec!["01", "02", "03"], "most work first");
+        let first = &table[0];
+        assert_eq!((first.accepted, first.rounds, first.work), (2, 2, 128));
+        assert_eq!((first.first_round, first.last_round), (Some(0), Some(1)));
+        assert!((first.share - 128.0 / 224.0).abs() < 1e-12);
+        // A claim of a million samples bought nothing: the work is the justified weight.
+        assert_eq!(table[2].work, 32);
+        // Being late is not a fault; a replay is.
+        assert_eq!((table[1].refused, table[1].refused_at_fault), (1, 0));
+        assert_eq!((table[2].refused, table[2].refused_at_fault), (1, 1));
+        assert!((table.iter().map(|c| c.share).sum::<f64>() - 1.0).abs() < 1e-12);
+        let csv = to_csv(&table);
+        assert_eq!(csv.lines().count(), 4);
+        assert!(to_table(&table).lines().count() == 4);
+        assert!(credits(&[]).is_empty());
+    }
+}
