@@ -401,18 +401,7 @@ fn run_credits(
     json: bool,
     csv: bool,
 ) -> anyhow::Result<ExitCode> {
-    let db =
-        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
-    let experiments = db.experiments()?;
-    let stored = match experiment {
-        Some(name) => experiments
-            .iter()
-            .find(|e| e.id.0 == name)
-            .with_context(|| format!("no experiment {name:?} in {}", data_dir.display()))?,
-        None => experiments
-            .last()
-            .context("the data directory holds no experiment")?,
-    };
+    let (db, stored) = crate::publish::open_experiment(data_dir, experiment)?;
     let ledger: Vec<_> = db
         .ledger(&stored.id)?
         .into_iter()

@@ -47,21 +47,34 @@ pub fn publish(data_dir: &Path, experiment: Option<&str>, out: &Path) -> anyhow:
     Ok(folder.published)
 }
 
+/// Opens a data directory's database read-only (safe while a coordinator serves it) and finds
+/// `experiment`, or the latest experiment.
+pub fn open_experiment(
+    data_dir: &Path,
+    experiment: Option<&str>,
+) -> anyhow::Result<(Db, crate::store::db::StoredExperiment)> {
+    let db =
+        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let mut experiments = db.experiments()?;
+    let stored = match experiment {
+        Some(name) => {
+            let index = experiments
+                .iter()
+                .position(|e| e.id.0 == name)
+                .with_context(|| format!("no experiment {name:?} in {}", data_dir.display()))?;
+            experiments.swap_remove(index)
+        }
+        None => experiments
+            .pop()
+            .context("the data directory holds no experiment")?,
+    };
+    Ok((db, stored))
+}
+
 /// Builds the PEFT folder of the latest adapter of `experiment` (or the latest experiment),
 /// reading the data directory (safe while a coordinator serves it).
 pub fn build(data_dir: &Path, experiment: Option<&str>) -> anyhow::Result<PeftFolder> {
-    let db =
-        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
-    let experiments = db.experiments()?;
-    let stored = match experiment {
-        Some(name) => experiments
-            .iter()
-            .find(|e| e.id.0 == name)
-            .with_context(|| format!("no experiment {name:?} in {}", data_dir.display()))?,
-        None => experiments
-            .last()
-            .context("the data directory holds no experiment")?,
-    };
+    let (db, stored) = open_experiment(data_dir, experiment)?;
     let config: ExperimentConfig = serde_json::from_str(&stored.config_json)
         .context("the stored configuration does not parse")?;
     let adapter_config = AdapterConfig::from_spec(&config.adapter, config.model.hub_id())
