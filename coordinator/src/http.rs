@@ -360,28 +360,33 @@ async fn hub_blob(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let (visibility, auditor, exists) = read_data(&state, move |dir| {
+    // Some(exists) when the blob may not be served to this request; absent blobs stay 404s.
+    let refused = read_data(&state, move |dir| {
         let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
-        let visibility = db.blob_visibility(&hash)?;
-        let auditor = bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token));
+        if db.blob_visibility(&hash)? == crate::store::db::Visibility::Public
+            || bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token))
+        {
+            return Ok(None);
+        }
         let exists = crate::store::blobs::BlobStore::at(dir.join("blobs"))
             .path(&hash)
             .exists()
             || db.has_inline(&hash)?;
-        Ok((visibility, auditor, exists))
+        Ok(Some(exists))
     })
     .await?;
-    if !exists {
-        return Err((StatusCode::NOT_FOUND, format!("no blob {hash}\n")));
-    }
-    if visibility == crate::store::db::Visibility::Private && !auditor {
-        state.context.metrics.count_limit("private_blob");
-        return Err((
-            StatusCode::FORBIDDEN,
-            "individual deltas are private in this experiment: an auditor token is needed \
-             (merged adapters are public)\n"
-                .into(),
-        ));
+    match refused {
+        None => {}
+        Some(false) => return Err((StatusCode::NOT_FOUND, format!("no blob {hash}\n"))),
+        Some(true) => {
+            state.context.metrics.count_limit("private_blob");
+            return Err((
+                StatusCode::FORBIDDEN,
+                "individual deltas are private in this experiment: an auditor token is needed \
+                 (merged adapters are public)\n"
+                    .into(),
+            ));
+        }
     }
     let path = crate::store::blobs::BlobStore::at(state.context.data_dir.join("blobs")).path(&hash);
     match tokio::fs::File::open(&path).await {
