@@ -362,12 +362,6 @@ impl Hub {
             let storage_retry_at = self.storage_retry_at;
             let healthy = storage_retry_at.is_none();
             let timeout = self.engine.poll_timeout();
-            let sleep = async {
-                match timeout {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             let retry_at = self.derive_retry.as_ref().map(|(at, _)| *at);
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -385,7 +379,7 @@ impl Hub {
                         self.spawn_derive(*close);
                     }
                 }
-                _ = sleep, if healthy => {
+                _ = sleep_until(timeout), if healthy => {
                     let now = Instant::now();
                     self.engine.handle_timeout(now);
                     if let Err(error) = self.drain(now) {
