@@ -1,14 +1,16 @@
 //! Credit per trainer, derived from the ledger alone, so anyone holding it computes the same
 //! table: deltas that counted, the work they stand for (the weight their tasks justified: tokens
-//! trained, or samples of synthetic data), what was refused and why. Pure.
+//! trained, or samples of synthetic data), what spot re-execution verified or disputed, and what
+//! was refused and why. Pure.
 //!
-//! Verification of work (spot re-execution, loss checks) will add verified and flagged counts;
-//! until then "accepted" means passed the coordinator's checks and aggregated.
+//! Work is credited for deltas that were aggregated and for replicas that agreed with the task
+//! they repeated (checking is work for the experiment too); a delta withheld because its replica
+//! disagreed earns nothing until a referee clears it.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use tributary_shared::ledger::LedgerEntry;
+use tributary_shared::ledger::{CheckVerdict, LedgerEntry};
 use tributary_shared::wire::RejectReason;
 use tributary_shared::TrainerId;
 
@@ -17,8 +19,14 @@ use tributary_shared::TrainerId;
 pub struct Credit {
     /// The trainer's public key, hex.
     pub trainer: String,
-    /// Deltas aggregated into a round.
+    /// Deltas counted in a round (aggregated, or withheld by a disputed check).
     pub accepted: u64,
+    /// Tasks whose delta matched an independent re-execution of the same task (as the counted
+    /// delta or as the replica).
+    pub verified: u64,
+    /// Tasks in a replicated pair whose two deltas disagreed (its own or its partner's fault;
+    /// a referee decides).
+    pub disputed: u64,
     /// Rounds it contributed to.
     pub rounds: u64,
     /// The work those deltas stand for: the sum of their justified weights (tokens trained, or
@@ -43,6 +51,8 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
     let blank = |trainer: &TrainerId| Credit {
         trainer: trainer.to_hex(),
         accepted: 0,
+        verified: 0,
+        disputed: 0,
         rounds: 0,
         work: 0,
         share: 0.0,
@@ -53,17 +63,50 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
     };
     for entry in ledger {
         let round = entry.round.0;
-        for delta in &entry.accepted {
-            let credit = by_trainer
-                .entry(delta.trainer)
-                .or_insert_with(|| blank(&delta.trainer));
-            credit.accepted += 1;
-            credit.work = credit.work.saturating_add(delta.weight);
+        let checks = entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.checks);
+        let mut verdicts = BTreeMap::new();
+        for check in checks.clone() {
+            verdicts.insert(check.counted, check.verdict);
+        }
+        let credit_work = |trainer: &TrainerId, weight: u64, by_trainer: &mut BTreeMap<_, _>| {
+            let credit: &mut Credit = by_trainer.entry(*trainer).or_insert_with(|| blank(trainer));
+            credit.work = credit.work.saturating_add(weight);
             if credit.last_round != Some(round) {
                 credit.rounds += 1;
             }
             credit.first_round.get_or_insert(round);
             credit.last_round = Some(round);
+        };
+        for delta in &entry.accepted {
+            let verdict = verdicts.get(&delta.hash).copied();
+            if verdict != Some(CheckVerdict::Disagree) {
+                credit_work(&delta.trainer, delta.weight, &mut by_trainer);
+            }
+            let credit = by_trainer
+                .entry(delta.trainer)
+                .or_insert_with(|| blank(&delta.trainer));
+            credit.accepted += 1;
+            match verdict {
+                Some(CheckVerdict::Agree) => credit.verified += 1,
+                Some(CheckVerdict::Disagree) => credit.disputed += 1,
+                None => {}
+            }
+        }
+        for check in checks {
+            let replica = &check.replica;
+            if check.verdict == CheckVerdict::Agree {
+                credit_work(&replica.trainer, replica.weight, &mut by_trainer);
+            }
+            let credit = by_trainer
+                .entry(replica.trainer)
+                .or_insert_with(|| blank(&replica.trainer));
+            match check.verdict {
+                CheckVerdict::Agree => credit.verified += 1,
+                CheckVerdict::Disagree => credit.disputed += 1,
+            }
         }
         for refused in &entry.rejected {
             let Some(trainer) = refused.trainer else {
@@ -98,14 +141,16 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
 /// The table as CSV, with a header line.
 pub fn to_csv(credits: &[Credit]) -> String {
     let mut out = String::from(
-        "trainer,accepted,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
+        "trainer,accepted,verified,disputed,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
     );
     let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_default();
     for c in credits {
         out.push_str(&format!(
-            "{},{},{},{},{:.6},{},{},{},{}\n",
+            "{},{},{},{},{},{},{:.6},{},{},{},{}\n",
             c.trainer,
             c.accepted,
+            c.verified,
+            c.disputed,
             c.rounds,
             c.work,
             c.share,
@@ -121,14 +166,24 @@ pub fn to_csv(credits: &[Credit]) -> String {
 /// The table as aligned text.
 pub fn to_table(credits: &[Credit]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
-        "trainer", "accepted", "rounds", "work", "share", "refused", "at fault"
+        "{:<16} {:>8} {:>8} {:>8} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
+        "trainer",
+        "accepted",
+        "verified",
+        "disputed",
+        "rounds",
+        "work",
+        "share",
+        "refused",
+        "at fault"
     );
     for c in credits {
         out.push_str(&format!(
-            "{:<16} {:>8} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
+            "{:<16} {:>8} {:>8} {:>8} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
             &c.trainer[..16.min(c.trainer.len())],
             c.accepted,
+            c.verified,
+            c.disputed,
             c.rounds,
             c.work,
             100.0 * c.share,
@@ -195,6 +250,7 @@ mod tests {
             next_commitment: zero,
             signer: TrainerId([0; 32]),
             signature: vec![],
+            verification: None,
         }
     }
 
@@ -228,5 +284,46 @@ mod tests {
         assert_eq!(csv.lines().count(), 4);
         assert!(to_table(&table).lines().count() == 4);
         assert!(credits(&[]).is_empty());
+    }
+
+    #[test]
+    fn agreeing_replicas_verify_both_trainers_and_a_dispute_withholds_the_work() {
+        use tributary_shared::ledger::{ReplicaCheck, RoundVerification};
+        let check = |counted: u8, replica: u8, verdict| ReplicaCheck {
+            counted: BlobHash([counted; 32]),
+            replica: accepted(replica, 64),
+            distance: 0.0,
+            cosine: 1.0,
+            verdict,
+        };
+        let mut round = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
+        round.verification = Some(RoundVerification {
+            checks: vec![
+                check(1, 3, CheckVerdict::Agree),
+                check(2, 4, CheckVerdict::Disagree),
+            ],
+        });
+        let table = credits(&[round]);
+        let find = |n: u8| {
+            table
+                .iter()
+                .find(|c| c.trainer == TrainerId([n; 32]).to_hex())
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            (find(1).verified, find(1).work, find(1).accepted),
+            (1, 64, 1)
+        );
+        assert_eq!(
+            (find(3).verified, find(3).work, find(3).accepted),
+            (1, 64, 0)
+        );
+        assert_eq!(
+            (find(2).disputed, find(2).work, find(2).accepted),
+            (1, 0, 1)
+        );
+        assert_eq!((find(4).disputed, find(4).work), (1, 0));
+        assert_eq!(find(4).rounds, 0, "no credited work, no round");
     }
 }

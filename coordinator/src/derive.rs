@@ -1,14 +1,16 @@
 //! Deriving a round's result from its inputs: the one computation both `serve` (closing a round)
 //! and `verify` (re-checking it later) run, so they cannot disagree.
 //!
-//! The adapter before the round, the accepted deltas (sorted by hash, with their weights) and the
-//! server optimizer state determine the aggregate, the adapter after and the new optimizer state,
-//! bit for bit.
+//! The adapter before the round, the accepted deltas (sorted by hash, with their weights), the
+//! second deltas of replicated tasks and the server optimizer state determine the replica checks,
+//! the aggregate, the adapter after and the new optimizer state, bit for bit. A counted delta
+//! whose replica disagrees is withheld from the aggregate.
 
 use tributary_shared::aggregate::{aggregate, AggregateError, Contribution, OptimizerState};
 use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::ledger::AcceptedDelta;
+use tributary_shared::ledger::{AcceptedDelta, ReplicaCheck, RoundVerification};
+use tributary_shared::replica::compare;
 use tributary_shared::{BlobHash, Delta};
 
 use crate::store::blobs::BlobError;
@@ -64,7 +66,12 @@ pub struct Derived {
     pub adapter_after: Delta,
     /// The optimizer state after the step.
     pub state: OptimizerState,
+    /// The round's replica checks, and what they kept out of the aggregate.
+    pub verification: RoundVerification,
 }
+
+/// The second delta of a replicated task, beside the hash of the pair's counted delta.
+pub type Replica = (BlobHash, AcceptedDelta, Delta);
 
 /// Encodes an adapter or aggregate canonically (lossless f32): its hash is its id.
 pub fn encode_exact(delta: &Delta) -> Vec<u8> {
@@ -84,22 +91,60 @@ pub fn load_delta(
     })
 }
 
-/// Runs aggregation and the server step.
+/// Compares each replicated task's two deltas under the experiment's tolerance, in the order of
+/// the counted delta's hash. A replica whose counted delta is not among `deltas` is skipped.
+pub fn check_replicas(
+    config: &ExperimentConfig,
+    deltas: &[(AcceptedDelta, Delta)],
+    replicas: &[Replica],
+) -> RoundVerification {
+    let tolerance = config.verification().tolerance();
+    let mut sorted: Vec<&Replica> = replicas.iter().collect();
+    sorted.sort_by_key(|(counted, replica, _)| (*counted, replica.task));
+    let checks = sorted
+        .into_iter()
+        .filter_map(|(counted, replica, delta)| {
+            let (_, first) = deltas
+                .iter()
+                .find(|(accepted, _)| accepted.hash == *counted)?;
+            let comparison = compare(first, delta);
+            Some(ReplicaCheck {
+                counted: *counted,
+                replica: replica.clone(),
+                distance: comparison.distance,
+                cosine: comparison.cosine,
+                verdict: tolerance.verdict(&comparison),
+            })
+        })
+        .collect();
+    RoundVerification { checks }
+}
+
+/// Runs the replica checks, aggregation of the deltas they do not withhold, and the server
+/// step. With every delta withheld the aggregate is zero.
 pub fn derive_round(
     config: &ExperimentConfig,
     adapter_before: &Delta,
     deltas: &[(AcceptedDelta, Delta)],
+    replicas: &[Replica],
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
+    let verification = check_replicas(config, deltas, replicas);
+    let withheld: Vec<BlobHash> = verification.withheld().collect();
     let contributions: Vec<Contribution<'_>> = deltas
         .iter()
+        .filter(|(accepted, _)| !withheld.contains(&accepted.hash))
         .map(|(accepted, delta)| Contribution {
             hash: accepted.hash,
             weight: accepted.weight as f64,
             delta,
         })
         .collect();
-    let aggregated = aggregate(&config.aggregation(), &contributions)?;
+    let aggregated = if contributions.is_empty() && !deltas.is_empty() {
+        Delta::zeros(&adapter_before.layout()).expect("the adapter's layout is valid")
+    } else {
+        aggregate(&config.aggregation(), &contributions)?
+    };
     let mut adapter_after = adapter_before.clone();
     let mut state = state.clone();
     config
@@ -112,6 +157,7 @@ pub fn derive_round(
         aggregate: aggregated,
         adapter_after,
         state,
+        verification,
     })
 }
 
@@ -121,6 +167,7 @@ pub fn derive_from_store(
     blobs: &dyn BlobSource,
     adapter_before: &BlobHash,
     accepted: &[AcceptedDelta],
+    replicas: &[(BlobHash, AcceptedDelta)],
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
     let max_elements = config
@@ -129,20 +176,35 @@ pub fn derive_from_store(
         .map(|layout| layout.element_count())
         .unwrap_or(usize::MAX);
     let adapter = load_delta(blobs, adapter_before, max_elements)?;
-    let deltas = load_accepted(blobs, accepted, max_elements)?;
-    derive_round(config, &adapter, &deltas, state)
+    let mut unreadable = Vec::new();
+    let deltas = load_all(blobs, accepted, max_elements, &mut unreadable)?;
+    let replica_deltas = load_all(
+        blobs,
+        replicas.iter().map(|(_, replica)| replica),
+        max_elements,
+        &mut unreadable,
+    )?;
+    if !unreadable.is_empty() {
+        return Err(DeriveError::Unreadable { deltas: unreadable });
+    }
+    let replicas: Vec<Replica> = replicas
+        .iter()
+        .zip(replica_deltas)
+        .map(|((counted, _), (replica, delta))| (*counted, replica, delta))
+        .collect();
+    derive_round(config, &adapter, &deltas, &replicas, state)
 }
 
-/// Loads every accepted delta; [`DeriveError::Unreadable`] names all that are gone or damaged
-/// for good, any other error is one that may pass (i/o).
-fn load_accepted(
+/// Loads each delta; those gone or damaged for good are added to `unreadable` and left out, any
+/// other error is one that may pass (i/o).
+fn load_all<'a>(
     blobs: &dyn BlobSource,
-    accepted: &[AcceptedDelta],
+    items: impl IntoIterator<Item = &'a AcceptedDelta>,
     max_elements: usize,
+    unreadable: &mut Vec<(BlobHash, String)>,
 ) -> Result<Vec<(AcceptedDelta, Delta)>, DeriveError> {
-    let mut deltas = Vec::with_capacity(accepted.len());
-    let mut unreadable = Vec::new();
-    for item in accepted {
+    let mut deltas = Vec::new();
+    for item in items {
         match load_delta(blobs, &item.hash, max_elements) {
             Ok(delta) => deltas.push((item.clone(), delta)),
             Err(
@@ -152,11 +214,7 @@ fn load_accepted(
             Err(error) => return Err(error),
         }
     }
-    if unreadable.is_empty() {
-        Ok(deltas)
-    } else {
-        Err(DeriveError::Unreadable { deltas: unreadable })
-    }
+    Ok(deltas)
 }
 
 fn describe(deltas: &[(BlobHash, String)]) -> String {

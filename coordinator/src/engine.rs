@@ -19,6 +19,16 @@
 //! `trainers_per_round` deltas are accepted, or at its deadline with at least `quorum`; without a
 //! quorum the deadline is extended and replacement tasks go to idle trainers. When a task fails
 //! (trainer left, declined, upload rejected) a replacement is sent if an idle trainer exists.
+//!
+//! # Spot re-execution
+//! A share `replicate` of tasks, picked by a keyed hash of the task id under the round's
+//! unrevealed secret ([`RoundSecret::replicates`]), is also given to a second idle trainer in
+//! selection order: a replica task with its own id but the original's data and seed, so nothing
+//! in it tells its trainer that it is a check. Replicas are extra: they do not count towards
+//! `tasks_per_round`. Of a pair, the delta that arrives first counts like any other; the second
+//! is kept beside it for comparison ([`RoundClose::replicas`]), even when its bytes are
+//! identical. A round that has its deltas waits for the second delta of a pair whose first one
+//! counts, while that task is still live, but never past its deadline.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -90,6 +100,8 @@ pub struct EngineConfig {
     pub layout: Layout,
     /// Held-out evaluation of each adapter, when on.
     pub evaluation: Option<EvalConfig>,
+    /// Share of tasks also given to a second trainer (spot re-execution), 0 to 1.
+    pub replicate: f64,
 }
 
 impl EngineConfig {
@@ -129,6 +141,7 @@ impl EngineConfig {
                     timeout: Duration::from_secs_f64(config.evaluation.timeout_secs),
                     evaluators: config.evaluation.evaluators,
                 }),
+            replicate: config.verification().replicate,
         })
     }
 }
@@ -142,8 +155,12 @@ pub struct ResumeState {
     pub adapter: Option<(BlobHash, u64)>,
     /// Tasks already issued in this round: (task, trainer).
     pub tasks: Vec<(TaskId, TrainerId)>,
+    /// Replica tasks among them: (replica, the task it repeats).
+    pub repeats: Vec<(TaskId, TaskId)>,
     /// Deltas accepted in this round, with their tasks.
     pub accepted: Vec<(TaskId, AcceptedDelta)>,
+    /// Second deltas of replicated tasks in this round, with their tasks.
+    pub replicas: Vec<(TaskId, AcceptedDelta)>,
     /// Submissions refused in this round.
     pub rejected: Vec<RejectedSubmission>,
     /// Every delta hash ever accepted in this experiment (replay protection).
@@ -169,7 +186,9 @@ impl Default for ResumeState {
             round: RoundId::default(),
             adapter: None,
             tasks: Vec::new(),
+            repeats: Vec::new(),
             accepted: Vec::new(),
+            replicas: Vec::new(),
             rejected: Vec::new(),
             known_hashes: Vec::new(),
             next_task: TaskId::default(),
@@ -200,6 +219,8 @@ pub enum Action {
         task: TaskId,
         /// Its trainer.
         trainer: TrainerId,
+        /// For a replica task, the task whose data and seed it repeats.
+        repeats: Option<TaskId>,
     },
     /// Durably record an accepted delta (its blob is already stored); then call
     /// [`Engine::handle_submission_persisted`].
@@ -212,6 +233,9 @@ pub enum Action {
         accepted: AcceptedDelta,
         /// The signed header it came with, kept so anyone can re-check the signature.
         upload: Box<UploadHeader>,
+        /// For the second delta of a replicated task, the delta of the pair that counts: this
+        /// one is kept for comparison, not counted.
+        replica_of: Option<BlobHash>,
     },
     /// Count a refused submission, and record it when `recorded` (a flood of refusals is
     /// counted but not stored, so a peer cannot bloat the ledger).
@@ -265,6 +289,9 @@ pub struct RoundClose {
     pub adapter_before: BlobHash,
     /// Accepted deltas sorted by hash.
     pub accepted: Vec<AcceptedDelta>,
+    /// Replicated tasks whose two deltas arrived: (the counted delta, the other one), sorted by
+    /// the counted delta's hash.
+    pub replicas: Vec<(BlobHash, AcceptedDelta)>,
     /// Refused submissions in order.
     pub rejected: Vec<RejectedSubmission>,
     /// Time from the round's first task to its close.
@@ -371,6 +398,31 @@ struct TaskState {
     trainer: TrainerId,
     status: TaskStatus,
     header: Option<UploadHeader>,
+    /// For a replica task, the task it repeats (whose data and seed it carries).
+    repeats: Option<TaskId>,
+    /// For a replicated task, its replica.
+    replica: Option<TaskId>,
+    /// When its delta is its pair's second: the pair's counted delta, which it is kept beside
+    /// (it is not counted itself).
+    second: Option<BlobHash>,
+}
+
+impl TaskState {
+    fn new(trainer: TrainerId, repeats: Option<TaskId>) -> Self {
+        Self {
+            trainer,
+            status: TaskStatus::Working,
+            header: None,
+            repeats,
+            replica: None,
+            second: None,
+        }
+    }
+
+    /// The other task of its pair, when replicated.
+    fn partner(&self) -> Option<TaskId> {
+        self.repeats.or(self.replica)
+    }
 }
 
 /// A trainer's place in the current round's selection order.
@@ -409,6 +461,12 @@ pub struct Engine {
     /// Hashes of verified deltas waiting for the store.
     persisting: BTreeSet<BlobHash>,
     accepted: BTreeMap<BlobHash, AcceptedDelta>,
+    /// Second deltas of replicated tasks, by the hash of the pair's counted delta.
+    replicas: BTreeMap<BlobHash, AcceptedDelta>,
+    /// Replicated tasks of this round: (original, replica).
+    pairs: Vec<(TaskId, TaskId)>,
+    /// Tasks of this round picked for replication that wait for an idle trainer.
+    pending_replicas: VecDeque<TaskId>,
     rejected: Vec<RejectedSubmission>,
     /// Refusals made while the round is closing; they belong to the next round's entry.
     rejected_next: Vec<RejectedSubmission>,
@@ -438,14 +496,20 @@ impl Engine {
         let (adapter, adapter_len) = resume.adapter.unwrap_or((BlobHash([0; 32]), 0));
         let mut tasks = BTreeMap::new();
         for (task, trainer) in resume.tasks {
-            tasks.insert(
-                task,
-                TaskState {
-                    trainer,
-                    status: TaskStatus::Working,
-                    header: None,
-                },
-            );
+            tasks.insert(task, TaskState::new(trainer, None));
+        }
+        let mut pairs = Vec::new();
+        for (replica, original) in resume.repeats {
+            if !tasks.contains_key(&original) {
+                continue;
+            }
+            if let Some(state) = tasks.get_mut(&replica) {
+                state.repeats = Some(original);
+                pairs.push((original, replica));
+            }
+            if let Some(state) = tasks.get_mut(&original) {
+                state.replica = Some(replica);
+            }
         }
         let mut accepted = BTreeMap::new();
         for (task, mut delta) in resume.accepted {
@@ -458,6 +522,22 @@ impl Engine {
                 state.status = TaskStatus::Accepted(delta.hash);
             }
             accepted.insert(delta.hash, delta);
+        }
+        let mut replicas = BTreeMap::new();
+        for (task, delta) in resume.replicas {
+            let counted = tasks
+                .get(&task)
+                .and_then(TaskState::partner)
+                .and_then(|partner| tasks.get(&partner))
+                .and_then(|partner| match partner.status {
+                    TaskStatus::Accepted(hash) => Some(hash),
+                    _ => None,
+                });
+            if let (Some(counted), Some(state)) = (counted, tasks.get_mut(&task)) {
+                state.status = TaskStatus::Accepted(delta.hash);
+                state.second = Some(counted);
+                replicas.insert(counted, delta);
+            }
         }
         let mut engine = Self {
             phase: if resume.finished {
@@ -478,6 +558,9 @@ impl Engine {
             persisting: BTreeSet::new(),
             tasks,
             accepted,
+            replicas,
+            pairs,
+            pending_replicas: VecDeque::new(),
             rejected: resume.rejected,
             rejected_next: Vec::new(),
             refusal_counts: BTreeMap::new(),
@@ -499,6 +582,17 @@ impl Engine {
             .iter()
             .map(|(task, state)| (state.trainer, *task))
             .collect();
+        // Tasks picked for replication whose replica was not issued before the restart.
+        engine.pending_replicas = engine
+            .tasks
+            .iter()
+            .filter(|(task, state)| {
+                state.repeats.is_none()
+                    && state.replica.is_none()
+                    && engine.secret.replicates(**task, engine.config.replicate)
+            })
+            .map(|(task, _)| *task)
+            .collect();
         engine.probation_tasks = engine
             .tasks
             .values()
@@ -508,7 +602,7 @@ impl Engine {
         engine.live_tasks = engine
             .tasks
             .values()
-            .filter(|state| is_live(&state.status, false))
+            .filter(|state| state.repeats.is_none() && is_live(&state.status, false))
             .count();
         if engine.config.evaluation.is_some() {
             for target in resume.unevaluated {
@@ -658,6 +752,7 @@ impl Engine {
         // replacement is sent now so the round does not wait on it.
         if self.phase == Phase::Collecting {
             self.top_up(now);
+            self.close_when_complete(now);
         }
         let settled = self.evals.trainer_left(trainer);
         if !settled.failed.is_empty() {
@@ -681,6 +776,7 @@ impl Engine {
         if working {
             self.set_status(task, TaskStatus::Failed);
             self.top_up(now);
+            self.close_when_complete(now);
         }
     }
 
@@ -695,7 +791,6 @@ impl Engine {
         connection_trainer: TrainerId,
         upload: &UploadHeader,
     ) -> Result<UploadTicket, Refusal> {
-        let _ = now;
         match self.check_header(connection_trainer, upload) {
             Ok(ticket) => {
                 if let Some(state) = self.tasks.get_mut(&ticket.task) {
@@ -710,6 +805,20 @@ impl Engine {
                     Some(upload.header.hash),
                     refusal.clone(),
                 );
+                // A refused upload for the trainer's own open task of a replicated pair ends
+                // that task, as a refused body does: otherwise a trainer could keep the pair
+                // (and the round) waiting by sending only refusable uploads.
+                let task = upload.header.task;
+                let own_open_task = self.tasks.get(&task).is_some_and(|state| {
+                    state.trainer == connection_trainer
+                        && state.status == TaskStatus::Working
+                        && state.partner().is_some()
+                });
+                if own_open_task && !refusal.is_coordinator_fault() {
+                    self.set_status(task, TaskStatus::Failed);
+                    self.top_up(now);
+                    self.close_when_complete(now);
+                }
                 Err(refusal)
             }
         }
@@ -739,7 +848,9 @@ impl Engine {
         };
         let trainer = state.trainer;
         let header = state.header.clone();
-        let full = self.accepted.len() + self.persisting.len() >= self.target();
+        let replica_of = self.partner_delta(ticket.task);
+        let second_of_pair = replica_of.is_some();
+        let full = !second_of_pair && self.accepted.len() + self.persisting.len() >= self.target();
         let outcome = match result {
             Err(refusal) => Err(refusal),
             Ok(()) if ticket.round != self.round || self.phase != Phase::Collecting => Err(
@@ -750,8 +861,9 @@ impl Engine {
                 "the round already has all the deltas it needs",
             )),
             Ok(())
-                if self.accepted.contains_key(&ticket.hash)
-                    || self.persisting.contains(&ticket.hash) =>
+                if replica_of != Some(ticket.hash)
+                    && (self.accepted.contains_key(&ticket.hash)
+                        || self.persisting.contains(&ticket.hash)) =>
             {
                 Err(Refusal::new(
                     RejectReason::Replay,
@@ -762,12 +874,16 @@ impl Engine {
         };
         match (outcome, header) {
             (Ok(()), Some(upload)) => {
+                if let Some(state) = self.tasks.get_mut(&ticket.task) {
+                    state.second = replica_of;
+                }
                 self.set_status(ticket.task, TaskStatus::Persisting(ticket.hash));
                 self.actions.push_back(Action::PersistSubmission {
                     round: self.round,
                     task: ticket.task,
                     accepted: AcceptedDelta::from_upload(&upload, self.config.task_budget),
                     upload: Box::new(upload),
+                    replica_of,
                 });
             }
             (Ok(()), None) => {
@@ -788,6 +904,7 @@ impl Engine {
                 if !retryable && self.phase == Phase::Collecting {
                     self.top_up(now);
                 }
+                self.close_when_complete(now);
             }
         }
     }
@@ -845,6 +962,8 @@ impl Engine {
             return;
         }
         let trainer = state.trainer;
+        // A pair's second delta was stored beside the first (see `handle_upload_finished`).
+        let counted = state.second;
         self.set_status(task, TaskStatus::Accepted(delta.hash));
         self.known_hashes.insert(delta.hash);
         self.actions.push_back(Action::Send {
@@ -854,10 +973,15 @@ impl Engine {
                 hash: delta.hash,
             },
         });
-        self.accepted.insert(delta.hash, delta);
-        if self.phase == Phase::Collecting && self.accepted.len() >= self.target() {
-            self.close_round(Some(now));
+        match counted {
+            Some(counted) => {
+                self.replicas.insert(counted, delta);
+            }
+            None => {
+                self.accepted.insert(delta.hash, delta);
+            }
         }
+        self.close_when_complete(now);
     }
 
     /// The store failed to record a verified submission: refuse it (the trainer may retry).
@@ -872,6 +996,9 @@ impl Engine {
         let trainer = state.trainer;
         // Our fault: the task stays open for the trainer to upload again.
         self.set_status(task, TaskStatus::Working);
+        if let Some(state) = self.tasks.get_mut(&task) {
+            state.second = None;
+        }
         let refusal = Refusal::new(RejectReason::Internal, detail);
         self.reject(Some(trainer), Some(hash), refusal.clone());
         self.send_rejection(trainer, task, Some(hash), &refusal);
@@ -943,11 +1070,18 @@ impl Engine {
         self.secret = next_secret;
         self.adapter = adapter;
         self.adapter_len = adapter_len;
-        // Work in a committed round ends a trainer's probation.
-        self.veterans
-            .extend(self.accepted.values().map(|delta| delta.trainer));
+        // Work in a committed round ends a trainer's probation (a replica's too).
+        self.veterans.extend(
+            self.accepted
+                .values()
+                .chain(self.replicas.values())
+                .map(|delta| delta.trainer),
+        );
         self.probation_tasks = 0;
         self.accepted.clear();
+        self.replicas.clear();
+        self.pairs.clear();
+        self.pending_replicas.clear();
         self.rejected = std::mem::take(&mut self.rejected_next);
         self.refusal_counts.clear();
         self.tasks.clear();
@@ -1000,6 +1134,9 @@ impl Engine {
         // Back to collecting first, so the refusals land in this round's entry.
         self.phase = Phase::Collecting;
         for (hash, detail) in unreadable {
+            // A pair loses its check when either delta is gone; the counted one also leaves.
+            self.replicas
+                .retain(|counted, replica| *counted != hash && replica.hash != hash);
             let Some(delta) = self.accepted.remove(&hash) else {
                 continue;
             };
@@ -1227,13 +1364,14 @@ impl Engine {
             .task_of
             .get(&trainer)
             .and_then(|task| self.tasks.get(task))
-            .map(|state| state.status.clone());
+            .map(|state| (state.status.clone(), state.repeats.is_none()));
+        // Replica tasks are extra and never counted as live (see the module docs).
         let was_live = open_task
             .as_ref()
-            .is_some_and(|status| is_live(status, !connected));
+            .is_some_and(|(status, counts)| *counts && is_live(status, !connected));
         let now_live = open_task
             .as_ref()
-            .is_some_and(|status| is_live(status, connected));
+            .is_some_and(|(status, counts)| *counts && is_live(status, connected));
         let veteran = self.veterans.contains(&trainer);
         if connected {
             let key = self.selection_key(trainer);
@@ -1269,14 +1407,18 @@ impl Engine {
             return;
         };
         let connected = self.is_connected(&state.trainer);
-        let was_live = is_live(&state.status, connected);
-        if let TaskStatus::Persisting(hash) = state.status {
-            self.persisting.remove(&hash);
+        let counts = state.repeats.is_none();
+        let was_live = counts && is_live(&state.status, connected);
+        // Only deltas that will count are in `persisting`.
+        if state.second.is_none() {
+            if let TaskStatus::Persisting(hash) = state.status {
+                self.persisting.remove(&hash);
+            }
+            if let TaskStatus::Persisting(hash) = status {
+                self.persisting.insert(hash);
+            }
         }
-        if let TaskStatus::Persisting(hash) = status {
-            self.persisting.insert(hash);
-        }
-        let now_live = is_live(&status, connected);
+        let now_live = counts && is_live(&status, connected);
         if let Some(state) = self.tasks.get_mut(&task) {
             state.status = status;
         }
@@ -1344,6 +1486,12 @@ impl Engine {
         if self.phase != Phase::Collecting {
             return;
         }
+        self.issue_originals(now, retry_failed);
+        self.issue_pending_replicas(now);
+    }
+
+    /// The part of [`Engine::top_up_with`] that sends counted tasks.
+    fn issue_originals(&mut self, now: Instant, retry_failed: bool) {
         let wanted = (self.config.tasks_per_round as usize).saturating_sub(self.live_tasks);
         if wanted == 0 || (self.idle.is_empty() && !retry_failed) {
             return;
@@ -1398,36 +1546,118 @@ impl Engine {
             candidates.extend(failed.into_iter().take(room).map(|(_, t)| t));
         }
         for trainer in candidates {
-            if !self.veterans.contains(&trainer) {
-                self.probation_tasks += 1;
+            let task = self.issue_task(now, trainer, None);
+            if self.secret.replicates(task, self.config.replicate) {
+                self.pending_replicas.push_back(task);
             }
-            let task = self.next_task;
-            self.next_task = TaskId(task.0 + 1);
-            self.tasks.insert(
-                task,
-                TaskState {
-                    trainer,
-                    status: TaskStatus::Working,
-                    header: None,
-                },
-            );
-            self.task_of.insert(trainer, task);
-            if let Some(key) = self.connected.get(&trainer) {
-                self.idle.remove(key);
-                self.idle_veterans.remove(key);
+        }
+    }
+
+    /// Gives each replicated task that has no replica yet to the next idle trainer in
+    /// selection order (a veteran once the probation share is used), while its task may still
+    /// produce a delta. Replicas are extra trainers beyond `tasks_per_round`.
+    fn issue_pending_replicas(&mut self, now: Instant) {
+        let cap = ((self.config.probation_share * f64::from(self.config.tasks_per_round)).ceil()
+            as usize)
+            .max(1);
+        let capped = self.config.probation_share < 1.0 && self.veterans_connected > 0;
+        while let Some(&original) = self.pending_replicas.front() {
+            let live = self
+                .tasks
+                .get(&original)
+                .is_some_and(|state| state.replica.is_none() && is_live(&state.status, true));
+            if !live {
+                self.pending_replicas.pop_front();
+                continue;
             }
+            let room = !capped || self.probation_tasks < cap;
+            let next = if room {
+                self.idle.first()
+            } else {
+                self.idle_veterans.first()
+            };
+            let Some(&(_, trainer)) = next else {
+                return;
+            };
+            self.pending_replicas.pop_front();
+            let replica = self.issue_task(now, trainer, Some(original));
+            if let Some(state) = self.tasks.get_mut(&original) {
+                state.replica = Some(replica);
+            }
+            self.pairs.push((original, replica));
+        }
+    }
+
+    /// Gives `trainer` a new task of this round (a replica of `repeats`, when given).
+    fn issue_task(&mut self, now: Instant, trainer: TrainerId, repeats: Option<TaskId>) -> TaskId {
+        if !self.veterans.contains(&trainer) {
+            self.probation_tasks += 1;
+        }
+        let task = self.next_task;
+        self.next_task = TaskId(task.0 + 1);
+        self.tasks.insert(task, TaskState::new(trainer, repeats));
+        self.task_of.insert(trainer, task);
+        if let Some(key) = self.connected.get(&trainer) {
+            self.idle.remove(key);
+            self.idle_veterans.remove(key);
+        }
+        if repeats.is_none() {
             self.live_tasks += 1;
-            self.actions.push_back(Action::RecordTask {
-                round: self.round,
-                task,
-                trainer,
-            });
-            let message = self.task_message(now, task);
-            self.actions.push_back(Action::Send { trainer, message });
+        }
+        self.actions.push_back(Action::RecordTask {
+            round: self.round,
+            task,
+            trainer,
+            repeats,
+        });
+        let message = self.task_message(now, task);
+        self.actions.push_back(Action::Send { trainer, message });
+        task
+    }
+
+    /// The delta of `task`'s partner when it is being stored or counted: an upload of `task`
+    /// is then the pair's second delta.
+    fn partner_delta(&self, task: TaskId) -> Option<BlobHash> {
+        let partner = self.tasks.get(&task)?.partner()?;
+        match self.tasks.get(&partner)?.status {
+            TaskStatus::Persisting(hash) | TaskStatus::Accepted(hash) => Some(hash),
+            _ => None,
+        }
+    }
+
+    /// Whether a pair whose first delta counts still waits for its second, from a task that
+    /// may still deliver.
+    fn awaiting_replicas(&self) -> bool {
+        self.pairs.iter().any(|(original, replica)| {
+            let status = |task: &TaskId| self.tasks.get(task).map(|state| (&state.status, state));
+            match (status(original), status(replica)) {
+                (Some((TaskStatus::Accepted(_), _)), Some((other, state)))
+                | (Some((other, state)), Some((TaskStatus::Accepted(_), _))) => {
+                    !matches!(other, TaskStatus::Accepted(_))
+                        && is_live(other, self.is_connected(&state.trainer))
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// Closes the round when it has its deltas and no pair is waiting for its second.
+    fn close_when_complete(&mut self, now: Instant) {
+        if self.phase == Phase::Collecting
+            && self.accepted.len() >= self.target()
+            && !self.awaiting_replicas()
+        {
+            self.close_round(Some(now));
         }
     }
 
     fn task_message(&self, now: Instant, task: TaskId) -> ServerMessage {
+        // A replica carries the data and seed of the task it repeats, and nothing else of it.
+        let spec = self
+            .tasks
+            .get(&task)
+            .and_then(|state| state.repeats)
+            .unwrap_or(task);
         let deadline_ms = self
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now).as_millis() as u64)
@@ -1440,7 +1670,7 @@ impl Engine {
             dataset => {
                 let clients = &self.config.data.clients;
                 let per_task = self.config.data.clients_per_task.max(1) as usize;
-                let start = (task.0 as usize).wrapping_mul(per_task) % clients.len().max(1);
+                let start = (spec.0 as usize).wrapping_mul(per_task) % clients.len().max(1);
                 DataAssignment::Clients {
                     dataset: dataset.to_owned(),
                     clients: clients
@@ -1464,7 +1694,7 @@ impl Engine {
             adapter_len: self.adapter_len,
             data,
             plan: self.config.plan.clone(),
-            seed: self.secret.task_seed(task),
+            seed: self.secret.task_seed(spec),
             deadline_ms,
             max_upload_bytes: self.config.max_upload_bytes,
         }))
@@ -1520,7 +1750,12 @@ impl Engine {
                 format!("round {} is no longer collecting", self.round),
             ));
         }
-        if self.known_hashes.contains(&header.hash) || self.accepted.contains_key(&header.hash) {
+        // The second delta of a replicated task may be byte-identical to the first.
+        let seconds_its_pair = self.partner_delta(header.task) == Some(header.hash);
+        if !seconds_its_pair
+            && (self.known_hashes.contains(&header.hash)
+                || self.accepted.contains_key(&header.hash))
+        {
             return Err(Refusal::new(
                 RejectReason::Replay,
                 format!("delta {} was already submitted", header.hash.short()),
@@ -1661,6 +1896,12 @@ impl Engine {
             round: self.round,
             adapter_before: self.adapter,
             accepted: self.accepted.values().cloned().collect(),
+            replicas: self
+                .replicas
+                .iter()
+                .filter(|(counted, _)| self.accepted.contains_key(counted))
+                .map(|(counted, delta)| (*counted, delta.clone()))
+                .collect(),
             rejected: self.rejected.clone(),
             duration,
             secret: self.secret,
@@ -1706,12 +1947,13 @@ impl Engine {
         let live = self
             .tasks
             .values()
-            .filter(|s| is_live(&s.status, self.is_connected(&s.trainer)))
+            .filter(|s| s.repeats.is_none() && is_live(&s.status, self.is_connected(&s.trainer)))
             .count();
         assert_eq!(self.live_tasks, live, "live-task count");
         let persisting: BTreeSet<BlobHash> = self
             .tasks
             .values()
+            .filter(|s| s.second.is_none())
             .filter_map(|s| match s.status {
                 TaskStatus::Persisting(hash) => Some(hash),
                 _ => None,
@@ -1786,6 +2028,7 @@ mod tests {
             max_abs_value: 1e4,
             layout: Layout::new(vec![("w".into(), vec![4])]),
             evaluation: None,
+            replicate: 0.0,
         }
     }
 
@@ -1951,6 +2194,48 @@ mod tests {
                 .handle_upload_finished(self.now, &ticket, Ok(()));
             self.drain();
             Ok(())
+        }
+
+        /// Runs one trainer's whole upload of `body`; returns the refusal if any.
+        fn submit_body(&mut self, index: usize, body: &[u8]) -> Result<(), Refusal> {
+            let task = self.open_task(index).expect("trainer has a task");
+            let upload = self.header(index, &task, body);
+            let ticket = self
+                .engine
+                .handle_submission_header(self.now, self.id(index), &upload)?;
+            self.drain();
+            self.engine
+                .handle_upload_finished(self.now, &ticket, Ok(()));
+            self.drain();
+            match self.rejections.last() {
+                Some(rejected) if rejected.hash == Some(upload.header.hash) => {
+                    Err(Refusal::new(rejected.reason, rejected.detail.clone()))
+                }
+                _ => Ok(()),
+            }
+        }
+
+        /// The round's replicated pairs as (original, replica) trainer indexes: tasks with the
+        /// same seed and data, the lower task id first.
+        fn pairs(&self) -> Vec<(usize, usize)> {
+            let specs: Vec<(usize, TaskSpec)> = self
+                .tasked()
+                .into_iter()
+                .map(|index| (index, self.open_task(index).unwrap()))
+                .collect();
+            let mut pairs = Vec::new();
+            for (i, (a, first)) in specs.iter().enumerate() {
+                for (b, second) in &specs[i + 1..] {
+                    if first.seed == second.seed && first.data == second.data {
+                        if first.task < second.task {
+                            pairs.push((*a, *b));
+                        } else {
+                            pairs.push((*b, *a));
+                        }
+                    }
+                }
+            }
+            pairs
         }
 
         fn tasked(&self) -> Vec<usize> {
@@ -2676,6 +2961,193 @@ mod tests {
             assert_eq!(refused.reason, RejectReason::Stale, "{}", refused.detail);
         }
         assert!(harness.open_task(0).is_some(), "the task is still open");
+    }
+
+    #[test]
+    fn replicated_tasks_go_unannounced_to_a_second_trainer_and_the_round_waits_for_both() {
+        let mut config = config(3, 3, 3, 3, 2);
+        config.replicate = 1.0;
+        let mut harness = Harness::new(config, 8);
+        harness.join_all();
+        // Every task is replicated: six trainers, three pairs with the same seed and data.
+        assert_eq!(harness.tasked().len(), 6);
+        let pairs = harness.pairs();
+        assert_eq!(pairs.len(), 3);
+        let (a, b) = (
+            harness.open_task(pairs[0].0).unwrap(),
+            harness.open_task(pairs[0].1).unwrap(),
+        );
+        assert_ne!(a.task, b.task, "a replica has its own id");
+        assert_eq!((a.adapter, &a.plan, a.round), (b.adapter, &b.plan, b.round));
+        assert_ne!(
+            harness.open_task(pairs[0].0).unwrap().seed,
+            harness.open_task(pairs[1].0).unwrap().seed
+        );
+        // The three first deltas reach the target, but the round waits for the replicas.
+        for &(original, _) in &pairs {
+            harness.submit(original).unwrap();
+        }
+        assert!(harness.closes.is_empty());
+        assert_eq!(harness.engine.accepted_count(), 3);
+        // A byte-identical replica is not a replay; a different one is kept as well.
+        let (original, replica) = pairs[0];
+        let task = harness.open_task(original).unwrap();
+        let same = format!("delta {} {}", original, task.round);
+        harness.submit_body(replica, same.as_bytes()).unwrap();
+        harness.submit(pairs[1].1).unwrap();
+        assert!(harness.closes.is_empty());
+        // The second delta of a pair may also come first: the last replica's partner is
+        // already counted, so its delta is the kept one.
+        harness.submit(pairs[2].1).unwrap();
+        assert_eq!(
+            harness.closes.len(),
+            1,
+            "closed once every pair is complete"
+        );
+        let close = &harness.closes[0];
+        assert_eq!(close.accepted.len(), 3);
+        assert_eq!(close.replicas.len(), 3);
+        for (counted, replica) in &close.replicas {
+            assert!(close.accepted.iter().any(|a| a.hash == *counted));
+            assert!(!close.accepted.iter().any(|a| a.trainer == replica.trainer));
+        }
+        for index in [pairs[0].1, pairs[1].1, pairs[2].1] {
+            assert_eq!(harness.accepted_acks(index), 1, "replicas are acknowledged");
+        }
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
+    }
+
+    #[test]
+    fn a_replica_that_stalls_or_leaves_never_holds_the_round_past_its_deadline() {
+        let mut config = config(2, 2, 2, 2, 3);
+        config.replicate = 1.0;
+        let mut harness = Harness::new(config, 4);
+        harness.join_all();
+        let pairs = harness.pairs();
+        assert_eq!(pairs.len(), 2);
+        harness.submit(pairs[0].0).unwrap();
+        harness.submit(pairs[1].0).unwrap();
+        assert!(harness.closes.is_empty());
+        // One replica leaves: its pair no longer waits; the other stalls until the deadline.
+        harness
+            .engine
+            .handle_trainer_left(harness.now, harness.id(pairs[0].1));
+        harness.drain();
+        assert!(harness.closes.is_empty());
+        harness.advance_to_timeout();
+        assert_eq!(harness.closes.len(), 1);
+        assert!(harness.closes[0].replicas.is_empty());
+        assert_eq!(harness.closes[0].accepted.len(), 2);
+        harness.engine.assert_indexes_exact();
+    }
+
+    #[test]
+    fn about_the_configured_share_of_tasks_is_replicated_and_replicas_are_extra() {
+        let mut config = config(100, 100, 100, 100, 20);
+        config.replicate = 0.1;
+        let mut harness = Harness::new(config, 150);
+        harness.join_all();
+        let (mut tasks, mut replicas) = (0, 0);
+        for _ in 0..20 {
+            let tasked = harness.tasked();
+            let pairs = harness.pairs();
+            tasks += tasked.len();
+            replicas += pairs.len();
+            assert_eq!(tasked.len(), 100 + pairs.len(), "replicas come on top");
+            harness.engine.assert_indexes_exact();
+            let firsts: BTreeSet<usize> = pairs.iter().map(|p| p.1).collect();
+            for index in tasked {
+                if !firsts.contains(&index) {
+                    harness.submit(index).unwrap();
+                }
+            }
+            for &(_, replica) in &pairs {
+                harness.submit(replica).unwrap();
+            }
+        }
+        assert_eq!(harness.closes.len(), 20);
+        let share = replicas as f64 / (tasks - replicas) as f64;
+        assert!((0.06..0.14).contains(&share), "{share}");
+        let checked: usize = harness.closes.iter().map(|c| c.replicas.len()).sum();
+        assert_eq!(checked, replicas);
+    }
+
+    #[test]
+    fn a_resumed_round_keeps_its_pairs() {
+        let mut config = config(2, 2, 2, 2, 2);
+        config.replicate = 1.0;
+        let mut harness = Harness::new(config.clone(), 4);
+        harness.join_all();
+        let pairs = harness.pairs();
+        harness.submit(pairs[0].0).unwrap();
+        harness.submit(pairs[0].1).unwrap();
+        let task_of = |index: usize| harness.open_task(index).map(|t| t.task);
+        let replica_task = harness.inbox[&harness.id(pairs[1].1)]
+            .iter()
+            .find_map(|m| match m {
+                ServerMessage::Task(task) => Some(task.task),
+                _ => None,
+            })
+            .unwrap();
+        let original_task = task_of(pairs[1].0).unwrap();
+        let spec = harness.open_task(pairs[1].1).unwrap();
+        let first = harness.closes.is_empty();
+        assert!(first);
+        // What the store would hand back after a crash.
+        let engine = &harness.engine;
+        let resume = ResumeState {
+            round: engine.round(),
+            adapter: Some((engine.adapter(), 100)),
+            tasks: engine
+                .tasks
+                .iter()
+                .map(|(task, state)| (*task, state.trainer))
+                .collect(),
+            repeats: engine
+                .tasks
+                .iter()
+                .filter_map(|(task, state)| state.repeats.map(|of| (*task, of)))
+                .collect(),
+            accepted: engine
+                .tasks
+                .iter()
+                .filter_map(|(task, state)| match state.status {
+                    TaskStatus::Accepted(hash) => {
+                        engine.accepted.get(&hash).map(|d| (*task, d.clone()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            replicas: engine
+                .tasks
+                .iter()
+                .filter_map(|(task, state)| match state.status {
+                    TaskStatus::Accepted(hash) if !engine.accepted.contains_key(&hash) => engine
+                        .replicas
+                        .values()
+                        .find(|d| d.hash == hash)
+                        .map(|d| (*task, d.clone())),
+                    _ => None,
+                })
+                .collect(),
+            next_task: engine.next_task,
+            secret: engine.secret,
+            ..ResumeState::default()
+        };
+        assert_eq!(resume.replicas.len(), 1);
+        let mut resumed = Harness::resumed(config, 4, resume);
+        resumed.trainers = harness.trainers.clone();
+        resumed.join_all();
+        // The replica task comes back with the original's seed and data.
+        let again = resumed.open_task(pairs[1].1).unwrap();
+        assert_eq!(again.task, replica_task);
+        assert_eq!((again.seed, &again.data), (spec.seed, &spec.data));
+        assert_eq!(resumed.open_task(pairs[1].0).unwrap().task, original_task);
+        resumed.submit(pairs[1].0).unwrap();
+        resumed.submit(pairs[1].1).unwrap();
+        assert_eq!(resumed.closes.len(), 1);
+        assert_eq!(resumed.closes[0].replicas.len(), 2);
+        resumed.engine.assert_indexes_exact();
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Tasks issued.
     pub tasks_issued: AtomicU64,
+    /// Replica tasks among them: the training spent on spot re-execution.
+    pub replica_tasks: AtomicU64,
+    /// Replica checks whose two deltas agreed.
+    pub checks_agreed: AtomicU64,
+    /// Replica checks whose two deltas disagreed.
+    pub checks_disagreed: AtomicU64,
     /// Adapter evaluations recorded.
     pub evaluations: AtomicU64,
     /// The fleet's allowed duty cycle, in millionths (the pause button).
@@ -159,6 +165,24 @@ impl Metrics {
             "counter",
             load(&self.tasks_issued),
         );
+        gauge(
+            &mut out,
+            "tributary_replica_tasks_total",
+            "Tasks sent as unannounced replicas of another task (spot re-execution); over \
+             tributary_tasks_issued_total, the share of training spent on checking.",
+            "counter",
+            load(&self.replica_tasks),
+        );
+        let _ = writeln!(out, "# HELP tributary_replica_checks_total Replicated tasks whose two deltas were compared, by verdict.\n# TYPE tributary_replica_checks_total counter");
+        for (verdict, value) in [
+            ("agree", load(&self.checks_agreed)),
+            ("disagree", load(&self.checks_disagreed)),
+        ] {
+            let _ = writeln!(
+                out,
+                "tributary_replica_checks_total{{verdict=\"{verdict}\"}} {value}"
+            );
+        }
         gauge(
             &mut out,
             "tributary_submissions_accepted_total",

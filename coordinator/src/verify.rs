@@ -3,8 +3,8 @@
 //! For each experiment it checks that the round-0 adapter is the one the configuration and seed
 //! produce, that every stored ledger entry hashes to its recorded hash and links to the previous
 //! one, and that aggregating each round's accepted deltas (read back from the blob store and
-//! checked against their hashes) with the experiment's rules gives exactly the recorded
-//! aggregate, adapter and optimizer state.
+//! checked against their hashes) with the experiment's rules gives exactly the recorded replica
+//! checks, aggregate, adapter and optimizer state.
 
 use std::path::Path;
 
@@ -13,7 +13,9 @@ use tributary_shared::config::ExperimentConfig;
 use tributary_shared::frame::from_payload;
 use tributary_shared::identity::verify_submission;
 use tributary_shared::ledger::justified_weight;
-use tributary_shared::ledger::{check_chain, verify_signatures, LedgerEntry};
+use tributary_shared::ledger::{
+    check_chain, verify_signatures, AcceptedDelta, LedgerEntry, RoundVerification,
+};
 use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId};
 
@@ -91,6 +93,45 @@ fn check_submissions(
             return Err(format!(
                 "delta {}: the signed header differs from the ledger",
                 accepted.hash
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each replica the entry compares was acknowledged: stored with the header its
+/// trainer signed, for this round, with the weight the configuration justifies.
+fn check_replicas_stored(
+    db: &Db,
+    id: &ExperimentId,
+    entry: &LedgerEntry,
+    recorded: &RoundVerification,
+    task_budget: u64,
+) -> Result<(), String> {
+    let stored = db
+        .round_replicas(id, entry.round)
+        .map_err(|e| e.to_string())?;
+    for check in &recorded.checks {
+        let replica = &check.replica;
+        let expected = replica.upload(entry);
+        let found = stored.iter().any(|(hash, bytes)| {
+            *hash == replica.hash
+                && from_payload::<UploadHeader>(bytes).is_ok_and(|upload| upload == expected)
+        });
+        if !found {
+            return Err(format!(
+                "replica {} of task {} is not among the stored replicas with the header the ledger \
+                 records",
+                replica.hash, replica.task
+            ));
+        }
+        if replica.weight != justified_weight(replica.claimed_samples, task_budget) {
+            return Err(format!("replica {}: weight is not justified", replica.hash));
+        }
+        if !entry.accepted.iter().any(|a| a.hash == check.counted) {
+            return Err(format!(
+                "replica {} is compared with {}, which the round did not count",
+                replica.hash, check.counted
             ));
         }
     }
@@ -216,14 +257,29 @@ fn verify_experiment(
         if sorted != entry.accepted {
             return Err(fail(round, "accepted deltas are not in hash order".into()));
         }
+        let recorded = entry.verification.clone().unwrap_or_default();
+        check_replicas_stored(db, id, entry, &recorded, config.task_budget())
+            .map_err(|detail| fail(round, detail))?;
+        let replicas: Vec<(BlobHash, AcceptedDelta)> = recorded
+            .checks
+            .iter()
+            .map(|check| (check.counted, check.replica.clone()))
+            .collect();
         let derived = derive_from_store(
             &config,
             blobs,
             &entry.adapter_before,
             &entry.accepted,
+            &replicas,
             &state,
         )
         .map_err(|e| fail(round, e.to_string()))?;
+        if derived.verification != recorded {
+            return Err(fail(
+                round,
+                "the replica checks do not re-derive to what the ledger records".into(),
+            ));
+        }
         let aggregate = BlobHash::of(&encode_exact(&derived.aggregate));
         if aggregate != entry.aggregate {
             return Err(fail(

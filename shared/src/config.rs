@@ -46,6 +46,10 @@ pub struct ExperimentConfig {
     /// How merged adapters are scored on held-out data.
     #[serde(default)]
     pub evaluation: EvaluationSection,
+    /// How trainers' work is checked; unset, the default follows `admission.mode`
+    /// ([`ExperimentConfig::verification`]).
+    #[serde(default)]
+    pub verification: Option<VerificationSection>,
 }
 
 /// `[experiment]`.
@@ -421,6 +425,49 @@ impl EvaluationSection {
     }
 }
 
+/// `[verification]`: spot re-execution. A share of tasks is also given, unannounced, to a second
+/// trainer with the same start adapter, data, seed and hyper-parameters, and the two deltas are
+/// compared ([`crate::replica`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VerificationSection {
+    /// Share of tasks replicated, 0 to 1; 0 turns checking off. Each replica costs one more
+    /// task's training, so this is also the extra compute spent on checking.
+    pub replicate: f64,
+    /// Largest relative L2 distance `‖a − b‖ / max(‖a‖, ‖b‖)` between a task's two deltas that
+    /// still agrees.
+    pub max_distance: f64,
+    /// Smallest cosine similarity between them that still agrees.
+    pub min_cosine: f64,
+}
+
+impl Default for VerificationSection {
+    fn default() -> Self {
+        Self {
+            replicate: 0.1,
+            max_distance: 0.1,
+            min_cosine: 0.99,
+        }
+    }
+}
+
+impl VerificationSection {
+    /// Checking switched off.
+    pub const OFF: VerificationSection = VerificationSection {
+        replicate: 0.0,
+        max_distance: 0.1,
+        min_cosine: 0.99,
+    };
+
+    /// The tolerance two deltas of one task are judged by.
+    pub fn tolerance(&self) -> crate::replica::Tolerance {
+        crate::replica::Tolerance {
+            max_distance: self.max_distance,
+            min_cosine: self.min_cosine,
+        }
+    }
+}
+
 /// Who may join an experiment: `[admission]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -712,6 +759,32 @@ impl ExperimentConfig {
                 ));
             }
         }
+        if let Some(verification) = &self.verification {
+            if !(0.0..=1.0).contains(&verification.replicate) {
+                return Err(ConfigError::invalid(
+                    "verification.replicate",
+                    "must be a share of tasks between 0 and 1",
+                ));
+            }
+            if verification.replicate > 0.0 && self.data.dataset == "local" {
+                return Err(ConfigError::invalid(
+                    "verification.replicate",
+                    "must be 0 for `local` data: a volunteer's own data cannot be replicated",
+                ));
+            }
+            if !(verification.max_distance.is_finite() && verification.max_distance >= 0.0) {
+                return Err(ConfigError::invalid(
+                    "verification.max_distance",
+                    "must be a finite number at least 0",
+                ));
+            }
+            if !(-1.0..=1.0).contains(&verification.min_cosine) {
+                return Err(ConfigError::invalid(
+                    "verification.min_cosine",
+                    "must be between -1 and 1",
+                ));
+            }
+        }
         let evaluation = &self.evaluation;
         if evaluation.enabled == Some(true) && evaluation.assignment(&self.data).is_none() {
             return Err(ConfigError::invalid(
@@ -759,16 +832,34 @@ impl ExperimentConfig {
             })
     }
 
-    /// This configuration with the current default aggregation written in when it has none:
-    /// robust ([`AggregationConfig::robust`]) for an open experiment, plain FedAvg for a closed
-    /// fleet (token or allowlist admission). What a new experiment stores.
+    /// This configuration with the current defaults written in where it has none: for the
+    /// aggregation, robust ([`AggregationConfig::robust`]) for an open experiment and plain
+    /// FedAvg for a closed fleet (token or allowlist admission); for verification, 10 % of
+    /// tasks replicated in an open experiment on shared data, none for a closed fleet or on
+    /// `local` data (a volunteer's own data cannot be given to a second trainer). What a new
+    /// experiment stores.
     pub fn pinned(&self) -> ExperimentConfig {
         let mut pinned = self.clone();
         pinned.aggregation.get_or_insert(match self.admission.mode {
             AdmissionMode::Open => AggregationConfig::robust(),
             AdmissionMode::Token | AdmissionMode::Allowlist => AggregationConfig::default(),
         });
+        let open = self.admission.mode == AdmissionMode::Open;
         pinned
+            .verification
+            .get_or_insert(if open && self.data.dataset != "local" {
+                VerificationSection::default()
+            } else {
+                VerificationSection::OFF
+            });
+        pinned
+    }
+
+    /// How work is checked: the `[verification]` section when given. A coordinator pins the
+    /// default into a new experiment ([`ExperimentConfig::pinned`]); a stored configuration
+    /// without one predates checking and means none.
+    pub fn verification(&self) -> VerificationSection {
+        self.verification.unwrap_or(VerificationSection::OFF)
     }
 
     /// What one task is worth as a FedAvg weight, derived from what the task asks for: the
@@ -822,6 +913,7 @@ mod tests {
             server_optimizer: ServerOptimizer::default(),
             limits: LimitsSection::default(),
             evaluation: EvaluationSection::default(),
+            verification: None,
         }
     }
 
@@ -848,6 +940,62 @@ mod tests {
         };
         open.aggregation = Some(explicit);
         assert_eq!(open.pinned().aggregation, Some(explicit));
+    }
+
+    #[test]
+    fn verification_is_pinned_on_for_open_shared_data_and_off_otherwise() {
+        let mut open = synthetic(10);
+        open.verification = None;
+        assert_eq!(
+            open.verification().replicate,
+            0.0,
+            "stored before checking: none"
+        );
+        assert_eq!(
+            open.pinned().verification,
+            Some(VerificationSection::default())
+        );
+        assert!(open.pinned().verification().replicate > 0.0);
+        let mut closed = open.clone();
+        closed.admission.mode = AdmissionMode::Token;
+        assert_eq!(closed.pinned().verification().replicate, 0.0);
+        let mut local = open.clone();
+        local.data.dataset = "local".into();
+        assert_eq!(local.pinned().verification().replicate, 0.0);
+        local.verification = Some(VerificationSection::default());
+        assert_eq!(local.validate().unwrap_err().key, "verification.replicate");
+        for (key, section) in [
+            (
+                "verification.replicate",
+                VerificationSection {
+                    replicate: 1.5,
+                    ..Default::default()
+                },
+            ),
+            (
+                "verification.max_distance",
+                VerificationSection {
+                    max_distance: f64::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "verification.min_cosine",
+                VerificationSection {
+                    min_cosine: 2.0,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            open.verification = Some(section);
+            assert_eq!(open.validate().unwrap_err().key, key);
+        }
+        let parsed: VerificationSection = serde_json::from_str(r#"{"replicate": 0.25}"#).unwrap();
+        assert_eq!(parsed.replicate, 0.25);
+        assert_eq!(
+            parsed.max_distance,
+            VerificationSection::default().max_distance
+        );
     }
 
     #[test]

@@ -2,6 +2,14 @@
 //!
 //! An entry's hash is the blake3 of its canonical bytes ([`LedgerEntry::to_bytes`]); each entry
 //! names the previous entry's hash, so changing any past round changes every later hash.
+//!
+//! # Versions
+//! Version 1 entries are the bincode encoding of [`LedgerEntry`] without its `verification`.
+//! Version 2 entries, written when a round has a verification record, are
+//! [`ENTRY_V2_MAGIC`] followed by the encoding of the version 1 fields and then of the
+//! [`RoundVerification`]. A version 1 entry starts with the varint length of the experiment name,
+//! whose first byte is never `0xff`, so the two cannot be confused, and an entry stored before
+//! version 2 existed keeps its bytes and therefore its hash.
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +63,63 @@ pub struct LedgerEntry {
     pub signer: TrainerId,
     /// Its ed25519 signature over the entry without this field ([`LedgerEntry::signed_bytes`]).
     pub signature: Vec<u8>,
+    /// How the round's deltas were checked (version 2 entries; `None` in version 1 entries,
+    /// written before verification existed or for rounds with nothing to record).
+    #[serde(skip)]
+    pub verification: Option<RoundVerification>,
+}
+
+/// The first bytes of a version 2 entry (see the module docs).
+pub const ENTRY_V2_MAGIC: [u8; 4] = [0xff, b'T', b'L', 2];
+
+/// The verification record of one round: what was checked, the numbers, and the decisions.
+/// Everything in it is re-derived from the round's stored deltas by `verify`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundVerification {
+    /// Replicated tasks whose two deltas both arrived, in the order of the counted delta's hash.
+    pub checks: Vec<ReplicaCheck>,
+}
+
+impl RoundVerification {
+    /// Whether there is nothing to record.
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty()
+    }
+
+    /// Hashes of accepted deltas this record keeps out of the aggregate.
+    pub fn withheld(&self) -> impl Iterator<Item = BlobHash> + '_ {
+        self.checks
+            .iter()
+            .filter(|check| check.verdict != CheckVerdict::Agree)
+            .map(|check| check.counted)
+    }
+}
+
+/// One spot re-execution: a task was also given, unannounced, to a second trainer with the same
+/// start adapter, data, seed and hyper-parameters; the two deltas are compared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaCheck {
+    /// The delta that arrived first, listed in the entry's `accepted`.
+    pub counted: BlobHash,
+    /// The other delta of the pair, with what its trainer signed.
+    pub replica: AcceptedDelta,
+    /// Relative L2 distance `‖a − b‖ / max(‖a‖, ‖b‖)` (0 for two zero deltas).
+    pub distance: f64,
+    /// Cosine similarity of the two deltas (0 when either is zero).
+    pub cosine: f64,
+    /// The decision under the experiment's tolerance.
+    pub verdict: CheckVerdict,
+}
+
+/// What a replica check decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckVerdict {
+    /// Within tolerance: the counted delta counts, and both trainers' work is verified.
+    Agree,
+    /// Outside tolerance: one of the two did not do the task as specified. The counted delta is
+    /// withheld from the aggregate until a referee decides which.
+    Disagree,
 }
 
 /// One delta that counted, with everything its trainer signed, so anyone holding the ledger can
@@ -139,9 +204,14 @@ impl AcceptedDelta {
     }
 }
 
-/// Checks every accepted delta's signature in `entry`.
+/// Checks the signature of every accepted delta and every replica in `entry`.
 pub fn verify_signatures(entry: &LedgerEntry) -> Result<(), LedgerError> {
-    for accepted in &entry.accepted {
+    let replicas = entry
+        .verification
+        .iter()
+        .flat_map(|verification| &verification.checks)
+        .map(|check| &check.replica);
+    for accepted in entry.accepted.iter().chain(replicas) {
         verify_submission(&accepted.upload(entry)).map_err(|error| LedgerError::BadSignature {
             round: entry.round,
             hash: accepted.hash,
@@ -289,17 +359,36 @@ impl LedgerEntry {
         .map_err(|error: IdentityError| bad(error.to_string()))
     }
 
-    /// The canonical bytes that are hashed and stored.
+    /// The canonical bytes that are hashed and stored: version 1 without a verification
+    /// record, version 2 with one (see the module docs).
     pub fn to_bytes(&self) -> Vec<u8> {
-        to_payload(self).expect("ledger entries contain only serializable fields")
+        const SERIALIZABLE: &str = "ledger entries contain only serializable fields";
+        match &self.verification {
+            None => to_payload(self).expect(SERIALIZABLE),
+            Some(verification) => {
+                let mut bytes = ENTRY_V2_MAGIC.to_vec();
+                bytes.extend(to_payload(&(self, verification)).expect(SERIALIZABLE));
+                bytes
+            }
+        }
     }
 
-    /// Parses canonical bytes (from trusted storage: no size limit beyond the input's).
+    /// Parses canonical bytes of either version (from trusted storage: no size limit beyond
+    /// the input's).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
-        from_payload_unbounded(bytes).map_err(|error| LedgerError::Malformed {
+        let malformed = |error: crate::frame::FrameError| LedgerError::Malformed {
             round: 0,
             detail: error.to_string(),
-        })
+        };
+        match bytes.strip_prefix(&ENTRY_V2_MAGIC[..]) {
+            Some(rest) => {
+                let (mut entry, verification): (LedgerEntry, RoundVerification) =
+                    from_payload_unbounded(rest).map_err(malformed)?;
+                entry.verification = Some(verification);
+                Ok(entry)
+            }
+            None => from_payload_unbounded(bytes).map_err(malformed),
+        }
     }
 
     /// The entry's hash.
@@ -441,6 +530,7 @@ mod tests {
                 next_commitment: RoundSecret([round as u8 + 1; 32]).commitment(),
                 signer: TrainerId([0; 32]),
                 signature: Vec::new(),
+                verification: None,
             };
             entry.sign(&coordinator_key());
             entries.push(entry);
@@ -501,6 +591,74 @@ mod tests {
         let again = LedgerEntry::from_bytes(&entries[2].to_bytes()).unwrap();
         assert_eq!(again, entries[2]);
         assert_eq!(check_chain(&[]), Ok(None));
+    }
+
+    #[test]
+    fn a_verification_record_makes_a_version_2_entry_that_round_trips_and_is_signed() {
+        let mut entries = chain(2);
+        let version_1 = entries[1].to_bytes();
+        assert_ne!(version_1[0], ENTRY_V2_MAGIC[0]);
+        let mut replica = signed_delta(RoundId(1));
+        replica.task = TaskId(9);
+        replica.signature = signer()
+            .sign_submission(replica.upload(&entries[1]).header)
+            .unwrap()
+            .signature;
+        entries[1].verification = Some(RoundVerification {
+            checks: vec![ReplicaCheck {
+                counted: entries[1].accepted[0].hash,
+                replica,
+                distance: 0.25,
+                cosine: 0.5,
+                verdict: CheckVerdict::Disagree,
+            }],
+        });
+        entries[1].sign(&coordinator_key());
+        let version_2 = entries[1].to_bytes();
+        assert!(version_2.starts_with(&ENTRY_V2_MAGIC));
+        let again = LedgerEntry::from_bytes(&version_2).unwrap();
+        assert_eq!(again, entries[1]);
+        again
+            .verify_signature(Some(&coordinator_key().id()))
+            .unwrap();
+        verify_signatures(&again).unwrap();
+        assert_eq!(
+            again
+                .verification
+                .as_ref()
+                .unwrap()
+                .withheld()
+                .collect::<Vec<_>>(),
+            vec![again.accepted[0].hash]
+        );
+        // The coordinator's signature covers the record, and the replica's signature is checked.
+        let mut tampered = again.clone();
+        tampered.verification.as_mut().unwrap().checks[0].verdict = CheckVerdict::Agree;
+        assert!(tampered.verify_signature(None).is_err());
+        let mut forged = again;
+        forged.verification.as_mut().unwrap().checks[0]
+            .replica
+            .claimed_samples = 99;
+        assert!(matches!(
+            verify_signatures(&forged),
+            Err(LedgerError::BadSignature { .. })
+        ));
+        // Truncated or trailing bytes of either version do not parse.
+        assert!(LedgerEntry::from_bytes(&version_2[..version_2.len() - 1]).is_err());
+        let mut trailing = version_1;
+        trailing.push(0);
+        assert!(LedgerEntry::from_bytes(&trailing).is_err());
+    }
+
+    #[test]
+    fn version_1_bytes_are_unchanged_so_stored_hashes_still_hold() {
+        // Pinned from an entry written before version 2 existed: the same fields must keep
+        // encoding to the same bytes, or every stored ledger would fail `verify`.
+        let entries = chain(1);
+        assert_eq!(
+            entries[0].hash().to_string(),
+            "765a215ebea2b5a3049218804864d33c4725033c4b2d6a3951c9810f5d2da3eb"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod ids;
 pub mod ledger;
 pub mod peft;
+pub mod replica;
 pub mod selection;
 pub mod wire;
 

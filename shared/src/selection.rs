@@ -67,6 +67,20 @@ impl RoundSecret {
         u64::from_le_bytes(hash.0[..8].try_into().expect("32 bytes hold 8"))
     }
 
+    /// Whether `task` of this round is also given, unannounced, to a second trainer: true for
+    /// a fraction `rate` of tasks (clamped to 0..=1), decided by a keyed hash of the task id, so
+    /// nobody can tell before the round which tasks are checked, and anyone can confirm the
+    /// choice once the secret is revealed.
+    pub fn replicates(&self, task: TaskId, rate: f64) -> bool {
+        if rate <= 0.0 || rate.is_nan() {
+            return false;
+        }
+        let hash = self.derive("tributary replicated task v1", &task.0.to_le_bytes());
+        let draw = u64::from_le_bytes(hash.0[..8].try_into().expect("32 bytes hold 8"));
+        // A uniform draw in [0, 1) with 53 bits, compared in f64.
+        ((draw >> 11) as f64 / (1u64 << 53) as f64) < rate
+    }
+
     fn derive(&self, context: &str, input: &[u8]) -> BlobHash {
         let mut hasher = blake3::Hasher::new_derive_key(context);
         hasher.update(&self.0);
@@ -100,5 +114,19 @@ mod tests {
         assert_ne!(order(&a), order(&b));
         assert_ne!(a.task_seed(TaskId(1)), a.task_seed(TaskId(2)));
         assert_eq!(format!("{a:?}"), "RoundSecret(..)");
+    }
+
+    #[test]
+    fn about_the_configured_share_of_tasks_is_replicated() {
+        let secret = RoundSecret([7; 32]);
+        let replicated = (0..10_000u64)
+            .filter(|&task| secret.replicates(TaskId(task), 0.1))
+            .count();
+        assert!((900..1100).contains(&replicated), "{replicated}");
+        assert!((0..1000u64).all(|task| !secret.replicates(TaskId(task), 0.0)));
+        assert!((0..1000u64).all(|task| secret.replicates(TaskId(task), 1.0)));
+        let other = RoundSecret([8; 32]);
+        assert!((0..1000u64)
+            .any(|t| secret.replicates(TaskId(t), 0.5) != other.replicates(TaskId(t), 0.5)));
     }
 }

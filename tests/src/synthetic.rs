@@ -419,7 +419,7 @@ impl Trainer {
         let adapter_bytes = session.download(task.adapter).await?;
         let adapter =
             codec::decode(&adapter_bytes, usize::MAX >> 1).context("adapter does not decode")?;
-        let delta = self.make_delta(&adapter)?;
+        let delta = self.make_delta(&adapter, task.seed)?;
         let fault = if self.fault_pending {
             self.options.fault
         } else {
@@ -592,16 +592,18 @@ impl Trainer {
     }
 
     /// A small made-up update with the adapter's layout: noise, or with `descend` a step half
-    /// way to the objective's target plus a little noise.
-    fn make_delta(&mut self, adapter: &Delta) -> anyhow::Result<Delta> {
+    /// way to the objective's target plus a little noise. The noise comes from the task's seed,
+    /// so two honest trainers given the same task (a replicated one) compute the same update.
+    fn make_delta(&mut self, adapter: &Delta, seed: u64) -> anyhow::Result<Delta> {
         let descend = self.options.descend;
+        let mut rng = SplitMix64(seed);
         let tensors = adapter
             .tensors()
             .iter()
             .map(|tensor| {
                 let values = (0..tensor.values().len())
                     .map(|index| {
-                        let noise = (self.rng.next_unit() - 0.5) * 0.02;
+                        let noise = (rng.next_unit() - 0.5) * 0.02;
                         if descend {
                             let gap = target_value(tensor.name(), index) - tensor.values()[index];
                             0.5 * gap + 0.1 * noise

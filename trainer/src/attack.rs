@@ -67,6 +67,65 @@ impl Attack {
     }
 }
 
+/// One way of not doing a task as it was specified while claiming that it was: what spot
+/// re-execution must catch. Used by the verification tests and red-team runs of
+/// `join --cheat`; an honest trainer never sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cheat {
+    /// Upload a zero delta without training (a free rider).
+    FreeRide,
+    /// Upload the last merged change (the adapter minus the one before it), re-signed: a copier
+    /// that needs no accomplice, since merged adapters are public.
+    CopyAggregate,
+    /// Train on other data than assigned (the next client of the dataset).
+    OtherData,
+    /// Train half the steps asked (at least one).
+    FewerSteps,
+}
+
+impl Cheat {
+    /// Every cheat, in a fixed order.
+    pub const ALL: [Cheat; 4] = [
+        Cheat::FreeRide,
+        Cheat::CopyAggregate,
+        Cheat::OtherData,
+        Cheat::FewerSteps,
+    ];
+
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cheat::FreeRide => "free-ride",
+            Cheat::CopyAggregate => "copy-aggregate",
+            Cheat::OtherData => "other-data",
+            Cheat::FewerSteps => "fewer-steps",
+        }
+    }
+
+    /// The local steps actually run for a task asking `steps`.
+    pub fn steps(self, steps: u64) -> u64 {
+        match self {
+            Cheat::FreeRide | Cheat::CopyAggregate => 0,
+            Cheat::FewerSteps => (steps / 2).max(1),
+            Cheat::OtherData => steps,
+        }
+    }
+}
+
+impl std::str::FromStr for Cheat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Cheat::ALL
+            .into_iter()
+            .find(|cheat| cheat.name() == s)
+            .ok_or_else(|| {
+                format!("unknown cheat {s:?}: free-ride, copy-aggregate, other-data or fewer-steps")
+            })
+    }
+}
+
 impl std::str::FromStr for Attack {
     type Err = String;
 

@@ -210,6 +210,10 @@ struct JoinArgs {
     /// Give up after this many seconds without a connection.
     #[arg(long, default_value_t = 600)]
     reconnect_for: u64,
+    /// Red-team only: do every task differently than asked while claiming it was done
+    /// (free-ride, copy-aggregate, other-data, fewer-steps), to test an operator's checks.
+    #[arg(long, hide = true)]
+    cheat: Option<tributary_trainer::attack::Cheat>,
 }
 
 /// What every study shares: the model, the clients and the federated budget.
@@ -689,6 +693,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         machine_in_use: Arc::new(AtomicBool::new(args.only_idle)),
         busy_us: Arc::new(AtomicU64::new(0)),
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        cheat: args.cheat,
     };
     let in_use = options.machine_in_use.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()

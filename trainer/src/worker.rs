@@ -19,6 +19,7 @@ use tributary_shared::wire::{
 };
 use tributary_shared::{BlobHash, TaskId};
 
+use crate::attack::Cheat;
 use crate::data::{DataError, DataSpec, PackedData};
 use crate::lora::{LoraAdapter, LoraError, LoraMode, LoraSettings};
 use crate::model::{self, LoadedModel, ModelError, Target};
@@ -58,6 +59,9 @@ pub struct JoinOptions {
     pub busy_us: Arc<AtomicU64>,
     /// Print a live status line on stderr.
     pub status_line: bool,
+    /// Red-team only: do every task differently than asked while claiming it was done
+    /// ([`crate::attack::Cheat`]), to test the coordinator's checks. `None` for volunteers.
+    pub cheat: Option<crate::attack::Cheat>,
 }
 
 /// What a trainer did.
@@ -141,6 +145,7 @@ pub async fn run(
         upload_attempts: 0,
         jobs: Jobs::default(),
         eval_queue: VecDeque::new(),
+        previous_start: None,
         finish_by: None,
         report: JoinReport::default(),
     };
@@ -208,6 +213,8 @@ struct Worker {
     jobs: Jobs,
     /// Evaluation tasks received while another was running.
     eval_queue: VecDeque<EvalSpec>,
+    /// The adapter the previous training task started from (for the copy-aggregate cheat).
+    previous_start: Option<Delta>,
     /// Set once the experiment is over while an evaluation is in hand: leave when it is
     /// reported, or at this time (its deadline) without it.
     finish_by: Option<Instant>,
@@ -729,13 +736,19 @@ impl Worker {
         model: &std::path::Path,
     ) -> Result<RunningTask, WorkerError> {
         let (loaded, start, adapter) = self.prepare(&task.plan, &adapter_bytes, model)?;
-        let (docs, _) = self.documents(&task.data)?;
+        let cheat = self.options.cheat;
+        let data = match cheat {
+            Some(Cheat::OtherData) => other_data(&task.data),
+            _ => task.data.clone(),
+        };
+        let (docs, _) = self.documents(&data)?;
         let tokenizer = &loaded.tokenizer;
         let seq_len = task.plan.sequence_len.max(1) as usize;
         let data = PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?;
         let plan = task.plan.clone();
+        let asked = u64::from(plan.local_steps);
         let train_settings = TrainSettings {
-            steps: u64::from(plan.local_steps),
+            steps: cheat.map_or(asked, |cheat| cheat.steps(asked)),
             batch_size: plan.batch_size.max(1) as usize,
             grad_accum: 1,
             seed: task.seed,
@@ -805,9 +818,22 @@ impl Worker {
     ) -> Result<(UploadHeader, Vec<u8>), WorkerError> {
         let task = &running.task;
         let after = adapter.to_delta();
-        let delta = difference(&after, &running.start)?;
+        let previous_start = self.previous_start.replace(running.start.clone());
+        let delta = match (self.options.cheat, previous_start) {
+            (Some(Cheat::CopyAggregate), Some(previous)) => difference(&running.start, &previous)?,
+            _ => difference(&after, &running.start)?,
+        };
         let body = self.feedback.compress(&delta, task.plan.codec)?;
-        let tokens: u64 = reports.iter().map(|r| r.tokens).sum();
+        let mut tokens: u64 = reports.iter().map(|r| r.tokens).sum();
+        let mut steps = reports.len() as u32;
+        if self.options.cheat.is_some() {
+            // A cheat claims the whole task.
+            let plan = &task.plan;
+            steps = plan.local_steps;
+            tokens = u64::from(plan.local_steps)
+                * u64::from(plan.batch_size)
+                * u64::from(plan.sequence_len);
+        }
         let loss = if reports.is_empty() {
             0.0
         } else {
@@ -829,7 +855,7 @@ impl Worker {
             sample_count: sample_count(&task.data, tokens),
             metrics: TrainMetrics {
                 train_loss: loss as f32,
-                steps: reports.len() as u32,
+                steps,
                 tokens,
                 train_ms: running.started.elapsed().as_millis() as u64,
             },
@@ -947,6 +973,29 @@ fn throttle(duty: &AtomicU64, machine_in_use: &AtomicBool, busy_seconds: f64, st
 /// The FedAvg weight of a task: tokens trained, capped at the coordinator's default limit.
 fn sample_count(_data: &DataAssignment, tokens: u64) -> u64 {
     tokens.clamp(1, 1_000_000)
+}
+
+/// The data the other-data cheat trains on instead of `assigned`: the next client of a `tiny`
+/// dataset, or every other client of another dataset (all but the first when there is one).
+fn other_data(assigned: &DataAssignment) -> DataAssignment {
+    match assigned {
+        DataAssignment::Clients { dataset, clients } if dataset == "tiny" => {
+            DataAssignment::Clients {
+                dataset: dataset.clone(),
+                clients: clients
+                    .iter()
+                    .map(|id| format!("client-{}", tiny::client_index(id) + 1))
+                    .collect(),
+            }
+        }
+        DataAssignment::Clients { dataset, clients } if clients.len() > 1 => {
+            DataAssignment::Clients {
+                dataset: dataset.clone(),
+                clients: clients[1..].to_vec(),
+            }
+        }
+        other => other.clone(),
+    }
 }
 
 /// `after − before`, tensor by tensor (same layout).

@@ -23,6 +23,7 @@ use crate::net::connection::Outbox;
 use crate::store::blobs::BlobStore;
 use crate::store::db::Db;
 use crate::store::StoredBlobs;
+use tributary_shared::ledger::CheckVerdict;
 
 /// Most commands handled in one wake-up (and so in one transaction).
 const MAX_COMMANDS_PER_WAKE: usize = 1024;
@@ -690,10 +691,14 @@ impl Hub {
                         round,
                         task,
                         trainer,
+                        repeats,
                     } => {
                         Metrics::add(&self.metrics.tasks_issued, 1);
+                        if repeats.is_some() {
+                            Metrics::add(&self.metrics.replica_tasks, 1);
+                        }
                         self.db
-                            .record_task(&experiment, round, task, trainer, now_ms())
+                            .record_task(&experiment, round, task, trainer, repeats, now_ms())
                             .context("cannot record a task")?;
                     }
                     Action::PersistSubmission {
@@ -701,9 +706,17 @@ impl Hub {
                         task,
                         accepted,
                         upload,
+                        replica_of,
                     } => {
-                        match self.persist_submission(&experiment, round, task, &accepted, &upload)
-                        {
+                        let persisted_ok = self.persist_submission(
+                            &experiment,
+                            round,
+                            task,
+                            &accepted,
+                            &upload,
+                            replica_of.as_ref(),
+                        );
+                        match persisted_ok {
                             Ok(()) => persisted.push((round, task, accepted)),
                             Err(error) => {
                                 tracing::error!(%error, "cannot record a submission");
@@ -843,14 +856,32 @@ impl Hub {
         task: TaskId,
         accepted: &tributary_shared::ledger::AcceptedDelta,
         upload: &UploadHeader,
+        replica_of: Option<&BlobHash>,
     ) -> Result<(), crate::store::db::DbError> {
         if let Some(body) = self.inline_bodies.remove(&accepted.hash) {
             self.db.put_inline(&accepted.hash, &body)?;
         }
         let signed_header = tributary_shared::frame::to_payload(upload)
             .map_err(|error| crate::store::db::DbError::Corrupt(error.to_string()))?;
-        self.db
-            .record_submission(experiment, round, task, accepted, &signed_header, now_ms())
+        match replica_of {
+            Some(counted) => self.db.record_replica(
+                experiment,
+                round,
+                task,
+                accepted,
+                counted,
+                &signed_header,
+                now_ms(),
+            ),
+            None => self.db.record_submission(
+                experiment,
+                round,
+                task,
+                accepted,
+                &signed_header,
+                now_ms(),
+            ),
+        }
     }
 
     fn spawn_derive(&self, close: RoundClose) {
@@ -917,6 +948,29 @@ impl Hub {
         self.current_adapter = Some((derived.entry.adapter_after, derived.adapter_bytes));
         self.rounds_closed += 1;
         Metrics::add(&self.metrics.rounds_closed, 1);
+        for check in derived
+            .entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.checks)
+        {
+            let (counter, agree) = match check.verdict {
+                CheckVerdict::Agree => (&self.metrics.checks_agreed, true),
+                CheckVerdict::Disagree => (&self.metrics.checks_disagreed, false),
+            };
+            Metrics::add(counter, 1);
+            if !agree {
+                tracing::warn!(
+                    round = %round,
+                    counted = %check.counted.short(),
+                    replica = %check.replica.hash.short(),
+                    replica_trainer = %check.replica.trainer,
+                    distance = check.distance,
+                    cosine = check.cosine,
+                    "a replicated task's two deltas disagree; the counted one was withheld"
+                );
+            }
+        }
         tracing::info!(
             round = %round,
             adapter = %derived.entry.adapter_after.short(),
@@ -982,11 +1036,13 @@ fn derive_and_store(
         aggregate,
         adapter_after,
         state,
+        verification,
     } = derive_from_store(
         config,
         &stored,
         &close.adapter_before,
         &close.accepted,
+        &close.replicas,
         state,
     )
     .map_err(|error| match error {
@@ -1046,6 +1102,7 @@ fn derive_and_store(
         next_commitment: next_secret.commitment(),
         signer: signer.key.id(),
         signature: Vec::new(),
+        verification: (!verification.is_empty()).then_some(verification),
     };
     entry.sign(&signer.key);
     Ok(DerivedRound {

@@ -154,7 +154,7 @@ pub struct StoredEvaluation {
 
 /// The schema's version, kept in SQLite's `user_version`. A database of another version is
 /// refused rather than half-used.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS experiments (
@@ -181,7 +181,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     experiment TEXT NOT NULL,
     round INTEGER NOT NULL,
     trainer BLOB NOT NULL,
-    issued_ms INTEGER NOT NULL
+    issued_ms INTEGER NOT NULL,
+    repeats INTEGER
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    counted BLOB NOT NULL,
+    trainer BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    signed_header BLOB NOT NULL,
+    PRIMARY KEY (experiment, task)
 );
 CREATE TABLE IF NOT EXISTS submissions (
     hash BLOB NOT NULL,
@@ -288,6 +300,7 @@ impl Db {
             [],
             |row| row.get(0),
         )?;
+        let mut version = version;
         if tables > 0 && version == 2 {
             // Version 3 scores each adapter by several evaluators.
             conn.execute_batch(
@@ -299,7 +312,19 @@ impl Db {
                  PRAGMA user_version = 3;
                  COMMIT;",
             )?;
-        } else if tables > 0 && version != SCHEMA_VERSION {
+            version = 3;
+        }
+        if tables > 0 && version == 3 {
+            // Version 4 replicates tasks (the `replicas` table comes with the schema below).
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE tasks ADD COLUMN repeats INTEGER;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+            version = 4;
+        }
+        if tables > 0 && version != SCHEMA_VERSION {
             return Err(DbError::Corrupt(format!(
                 "the database has schema version {version}, this coordinator needs \
                  {SCHEMA_VERSION}; use a new data directory"
@@ -445,7 +470,11 @@ impl Db {
         let unevaluated = self.unevaluated(id)?;
         let eval_answers = self.unsettled_answers(id)?;
         let veterans = self.veterans(id)?;
-        let known_hashes = self.hashes("SELECT hash FROM submissions WHERE experiment = ?1", id)?;
+        let known_hashes = self.hashes(
+            "SELECT hash FROM submissions WHERE experiment = ?1
+             UNION SELECT hash FROM replicas WHERE experiment = ?1",
+            id,
+        )?;
         let Some((round, adapter, adapter_len, secret)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
             let last = self.ledger(id)?.pop();
@@ -480,25 +509,38 @@ impl Db {
             ..ResumeState::default()
         };
         let mut statement = self.conn.prepare(
-            "SELECT task, trainer FROM tasks WHERE experiment = ?1 AND round = ?2 ORDER BY task",
+            "SELECT task, trainer, repeats FROM tasks WHERE experiment = ?1 AND round = ?2
+             ORDER BY task",
         )?;
         let rows = statement.query_map(params![id.0, round], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Option<i64>>(2)?,
+            ))
         })?;
         for row in rows {
-            let (task, trainer) = row?;
-            state
-                .tasks
-                .push((TaskId(task as u64), TrainerId(hash_from(&trainer)?.0)));
+            let (task, trainer, repeats) = row?;
+            let task = TaskId(task as u64);
+            state.tasks.push((task, TrainerId(hash_from(&trainer)?.0)));
+            if let Some(repeats) = repeats {
+                state.repeats.push((task, TaskId(repeats as u64)));
+            }
         }
-        // Each accepted delta comes back from the header its trainer signed.
-        for (_, signed_header) in self.round_submissions(id, RoundId(round as u64))? {
-            let upload: UploadHeader = from_payload(&signed_header)
+        let parse = |signed_header: &[u8]| -> Result<(TaskId, AcceptedDelta), DbError> {
+            let upload: UploadHeader = from_payload(signed_header)
                 .map_err(|error| DbError::Corrupt(format!("stored header: {error}")))?;
-            state.accepted.push((
+            Ok((
                 upload.header.task,
                 AcceptedDelta::from_upload(&upload, u64::MAX),
-            ));
+            ))
+        };
+        // Each accepted delta comes back from the header its trainer signed.
+        for (_, signed_header) in self.round_submissions(id, RoundId(round as u64))? {
+            state.accepted.push(parse(&signed_header)?);
+        }
+        for (_, signed_header) in self.round_replicas(id, RoundId(round as u64))? {
+            state.replicas.push(parse(&signed_header)?);
         }
         state.rejected = self.rejections(id, RoundId(round as u64))?;
         Ok(state)
@@ -575,9 +617,13 @@ impl Db {
     /// Trainers with a delta accepted in a committed round of the experiment.
     fn veterans(&self, id: &ExperimentId) -> Result<Vec<TrainerId>, DbError> {
         let mut statement = self.conn.prepare(
-            "SELECT DISTINCT s.trainer FROM submissions s
+            "SELECT s.trainer FROM submissions s
              JOIN rounds r ON r.experiment = s.experiment AND r.round = s.round
-             WHERE s.experiment = ?1 AND r.closed = 1",
+             WHERE s.experiment = ?1 AND r.closed = 1
+             UNION
+             SELECT p.trainer FROM replicas p
+             JOIN rounds r ON r.experiment = p.experiment AND r.round = p.round
+             WHERE p.experiment = ?1 AND r.closed = 1",
         )?;
         let rows = statement.query_map(params![id.0], |row| row.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
@@ -706,20 +752,81 @@ impl Db {
         Ok(out)
     }
 
-    /// Records an issued task.
+    /// Records an issued task (a replica of `repeats`, when given).
     pub fn record_task(
         &self,
         id: &ExperimentId,
         round: RoundId,
         task: TaskId,
         trainer: TrainerId,
+        repeats: Option<TaskId>,
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![task.0 as i64, id.0, round.0 as i64, &trainer.0[..], now_ms],
+            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms, repeats)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                task.0 as i64,
+                id.0,
+                round.0 as i64,
+                &trainer.0[..],
+                now_ms,
+                repeats.map(|task| task.0 as i64)
+            ],
         )?;
         Ok(())
+    }
+
+    /// Records the second delta of a replicated task, kept beside the pair's counted delta
+    /// `counted` for comparison (its blob must already be durable).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_replica(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        task: TaskId,
+        delta: &AcceptedDelta,
+        counted: &BlobHash,
+        signed_header: &[u8],
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO replicas (experiment, round, task, hash, counted, trainer, received_ms, signed_header)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                id.0,
+                round.0 as i64,
+                task.0 as i64,
+                &delta.hash.0[..],
+                &counted.0[..],
+                &delta.trainer.0[..],
+                now_ms,
+                signed_header
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Second deltas of replicated tasks of one round: (delta hash, signed header bytes), by
+    /// task.
+    pub fn round_replicas(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT hash, signed_header FROM replicas WHERE experiment = ?1 AND round = ?2
+             ORDER BY task",
+        )?;
+        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, header) = row?;
+            out.push((hash_from(&hash)?, header));
+        }
+        Ok(out)
     }
 
     /// Records an accepted submission (its blob must already be durable).
@@ -761,6 +868,7 @@ impl Db {
             "SELECT initial_adapter FROM experiments",
             "SELECT adapter_before FROM rounds",
             "SELECT hash FROM submissions",
+            "SELECT hash FROM replicas",
             "SELECT hash FROM adapters",
         ] {
             let mut statement = self.conn.prepare(query)?;
@@ -776,6 +884,13 @@ impl Db {
                 out.insert(entry.aggregate);
                 out.extend(entry.optimizer_state);
                 out.extend(entry.accepted.iter().map(|accepted| accepted.hash));
+                out.extend(
+                    entry
+                        .verification
+                        .iter()
+                        .flat_map(|verification| &verification.checks)
+                        .map(|check| check.replica.hash),
+                );
             }
             let config: serde_json::Value =
                 serde_json::from_str(&experiment.config_json).unwrap_or_default();
@@ -1191,6 +1306,8 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
                 "DROP TABLE eval_answers;
+                 DROP TABLE replicas;
+                 ALTER TABLE tasks DROP COLUMN repeats;
                  ALTER TABLE evaluations DROP COLUMN evaluators;
                  ALTER TABLE evaluations DROP COLUMN agreeing;
                  ALTER TABLE evaluations DROP COLUMN wanted;

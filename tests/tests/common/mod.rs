@@ -287,6 +287,19 @@ pub fn spawn_burn_trainer(
     busy: Arc<std::sync::atomic::AtomicU64>,
 ) -> JoinHandle<Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>>
 {
+    spawn_cheating_trainer(running, model, seed, duty_ppm, busy, None)
+}
+
+/// [`spawn_burn_trainer`] that does every task differently than asked with `cheat`.
+pub fn spawn_cheating_trainer(
+    running: &Running,
+    model: &Path,
+    seed: u64,
+    duty_ppm: u32,
+    busy: Arc<std::sync::atomic::AtomicU64>,
+    cheat: Option<tributary_trainer::attack::Cheat>,
+) -> JoinHandle<Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>>
+{
     use std::sync::atomic::AtomicU64;
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
     let options = tributary_trainer::worker::JoinOptions {
@@ -303,6 +316,7 @@ pub fn spawn_burn_trainer(
         machine_in_use: Arc::default(),
         busy_us: busy,
         status_line: false,
+        cheat,
     };
     tokio::spawn(tributary_trainer::worker::run(
         endpoint,

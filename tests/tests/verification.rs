@@ -1,0 +1,200 @@
+//! Spot re-execution over real QUIC with real burn trainers on `experiments/ci-tiny.toml`: every
+//! task is replicated (`[verification] replicate = 1`), so each round holds three pairs of
+//! trainers given the same task. One trainer of six cheats in each run: it uploads a zero delta
+//! without training, re-signs the last merged change, trains on another client than assigned,
+//! or trains half the steps. Honest CPU trainers compute the same update for the same task; the
+//! cheater's deltas are far from its partner's.
+//!
+//! What must hold: every check that involves the cheater disagrees and keeps its delta out of
+//! the aggregate; every check between honest trainers agrees (the test prints their distances,
+//! the calibration figures); the credits show the cheater disputed and never verified; `verify`
+//! re-derives every check.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use common::*;
+use tributary_shared::ledger::{CheckVerdict, LedgerEntry};
+use tributary_shared::{ExperimentId, TrainerId};
+use tributary_trainer::attack::Cheat;
+
+const ROUNDS: u64 = 4;
+const TRAINERS: u64 = 6;
+
+/// What one run left in its ledger.
+struct Outcome {
+    ledger: Vec<LedgerEntry>,
+    cheater: TrainerId,
+    credits: Vec<tributary_coordinator::credits::Credit>,
+}
+
+async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tributary_trainer::tiny::write_gguf(&model, 11).unwrap();
+    let toml = include_str!("../../experiments/ci-tiny.toml")
+        .replace("name = \"ci-tiny\"", &format!("name = \"{name}\""))
+        .replace("rounds = 3", &format!("rounds = {ROUNDS}"))
+        .replace("min_trainers = 3", &format!("min_trainers = {TRAINERS}"))
+        + "\n[verification]\nreplicate = 1.0\n";
+    let data_dir = dir.path().join("coordinator");
+    let running = start(&data_dir, Some(parse(&toml)), vec![]).await;
+    let cheater_seed = 1000;
+    let cheater = identity(cheater_seed).id();
+    let honest: Vec<_> = (1..TRAINERS)
+        .map(|i| {
+            spawn_burn_trainer(
+                &running,
+                &model,
+                1000 + i,
+                tributary_trainer::worker::FULL_DUTY as u32,
+                Arc::default(),
+            )
+        })
+        .collect();
+    let cheating = spawn_cheating_trainer(
+        &running,
+        &model,
+        cheater_seed,
+        tributary_trainer::worker::FULL_DUTY as u32,
+        Arc::default(),
+        cheat,
+    );
+    finished_reports(honest).await;
+    // The cheater may see refusals (a free rider's zero delta repeats, a replay); it must end.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(300), cheating)
+        .await
+        .expect("the cheater ends too");
+    finish_and_verify(running, &data_dir).await;
+    let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db"))
+        .unwrap();
+    let ledger: Vec<LedgerEntry> = db
+        .ledger(&ExperimentId(name.into()))
+        .unwrap()
+        .into_iter()
+        .map(|(_, entry)| entry)
+        .collect();
+    assert_eq!(ledger.len() as u64, ROUNDS);
+    let credits = tributary_coordinator::credits::credits(&ledger);
+    Outcome {
+        ledger,
+        cheater,
+        credits,
+    }
+}
+
+/// Every check of a run: (counted trainer, replica trainer, distance, cosine, verdict).
+fn checks(outcome: &Outcome) -> Vec<(TrainerId, TrainerId, f64, f64, CheckVerdict)> {
+    let mut out = Vec::new();
+    for entry in &outcome.ledger {
+        for check in entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.checks)
+        {
+            let counted = entry
+                .accepted
+                .iter()
+                .find(|a| a.hash == check.counted)
+                .expect("a check compares a counted delta")
+                .trainer;
+            out.push((
+                counted,
+                check.replica.trainer,
+                check.distance,
+                check.cosine,
+                check.verdict,
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut honest_distances = Vec::new();
+    let mut honest_cosines = Vec::new();
+    for cheat in Cheat::ALL {
+        let outcome = run(&format!("verify-{}", cheat.name()), Some(cheat)).await;
+        let checks = checks(&outcome);
+        type Check = (TrainerId, TrainerId, f64, f64, CheckVerdict);
+        let (with_cheater, honest): (Vec<&Check>, Vec<&Check>) = checks
+            .iter()
+            .partition(|c| c.0 == outcome.cheater || c.1 == outcome.cheater);
+        eprintln!(
+            "{}: cheater's checks (distance, cosine): {:?}",
+            cheat.name(),
+            with_cheater.iter().map(|c| (c.2, c.3)).collect::<Vec<_>>()
+        );
+        assert!(
+            !with_cheater.is_empty(),
+            "{}: the cheater's work was checked at least once",
+            cheat.name()
+        );
+        for check in &with_cheater {
+            assert_eq!(
+                check.4,
+                CheckVerdict::Disagree,
+                "{}: caught ({check:?})",
+                cheat.name()
+            );
+        }
+        for check in &honest {
+            assert_eq!(check.4, CheckVerdict::Agree, "honest pair {check:?}");
+            honest_distances.push(check.2);
+            honest_cosines.push(check.3);
+        }
+        // The cheater's counted deltas are withheld: no verified task, and no work credited
+        // for a disputed one.
+        let cheater = outcome
+            .credits
+            .iter()
+            .find(|c| c.trainer == outcome.cheater.to_hex())
+            .expect("the cheater appears in the credits");
+        assert_eq!(cheater.verified, 0, "{}", cheat.name());
+        assert!(cheater.disputed >= 1, "{}", cheat.name());
+        let withheld: BTreeSet<_> = outcome
+            .ledger
+            .iter()
+            .flat_map(|e| e.verification.iter().flat_map(|v| v.withheld()))
+            .collect();
+        for entry in &outcome.ledger {
+            for delta in entry
+                .accepted
+                .iter()
+                .filter(|d| d.trainer == outcome.cheater)
+            {
+                let checked = entry
+                    .verification
+                    .iter()
+                    .flat_map(|v| &v.checks)
+                    .any(|c| c.counted == delta.hash);
+                if checked {
+                    assert!(withheld.contains(&delta.hash));
+                }
+            }
+        }
+    }
+    honest_distances.sort_by(f64::total_cmp);
+    honest_cosines.sort_by(f64::total_cmp);
+    eprintln!(
+        "honest CPU pairs: {} checks; relative L2 distance min {:.3e} median {:.3e} max {:.3e}; \
+         cosine min {:.6}",
+        honest_distances.len(),
+        honest_distances[0],
+        honest_distances[honest_distances.len() / 2],
+        honest_distances[honest_distances.len() - 1],
+        honest_cosines[0],
+    );
+    assert!(
+        honest_distances.len() >= 20,
+        "at least 20 honest checks, got {}",
+        honest_distances.len()
+    );
+}
