@@ -87,6 +87,12 @@ pub struct ExperimentStatus {
     pub evaluations: Vec<StoredEvaluation>,
     /// Each committed round's figures, from its ledger entry.
     pub rounds: Vec<RoundSummary>,
+    /// Training tasks issued, all rounds (replicas included).
+    pub tasks: u64,
+    /// Of them, replicas of another task (spot re-execution).
+    pub replica_tasks: u64,
+    /// The training spent on checking: replica tasks over the other tasks.
+    pub verification_share: f64,
 }
 
 /// One committed round, as `status` shows it.
@@ -112,6 +118,14 @@ pub struct RoundSummary {
     pub accepted: usize,
     /// Submissions refused (recorded ones).
     pub rejected: usize,
+    /// Training tasks issued in the round (replicas included).
+    pub tasks: u64,
+    /// Of them, replicas of another task.
+    pub replica_tasks: u64,
+    /// Replicated tasks whose two deltas were compared.
+    pub checks: usize,
+    /// Of those, the pairs that disagreed (the counted delta was withheld).
+    pub disagreements: usize,
     /// The adapter it produced, hex.
     pub adapter: String,
     /// Its ledger entry's hash, hex.
@@ -1201,11 +1215,31 @@ impl Db {
         let ledger = self.ledger(id)?;
         let finished = self.experiment(id)?.is_some_and(|e| e.finished);
         let evaluations = self.evaluations(id)?;
+        let mut statement = self.conn.prepare(
+            "SELECT round, COUNT(*), COUNT(repeats) FROM tasks WHERE experiment = ?1
+             GROUP BY round",
+        )?;
+        let task_counts: std::collections::BTreeMap<u64, (u64, u64)> = statement
+            .query_map(params![id.0], |row| {
+                Ok((
+                    row.get::<_, i64>(0)? as u64,
+                    (row.get::<_, i64>(1)? as u64, row.get::<_, i64>(2)? as u64),
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let tasks: u64 = task_counts.values().map(|(all, _)| all).sum();
+        let replica_tasks: u64 = task_counts.values().map(|(_, replicas)| replicas).sum();
         let rounds = ledger
             .iter()
             .map(|(hash, entry)| {
                 let adapter = entry.adapter_after.to_hex();
                 let evaluation = evaluations.iter().find(|e| e.adapter == adapter);
+                let (round_tasks, round_replicas) =
+                    task_counts.get(&entry.round.0).copied().unwrap_or_default();
+                let checks = entry
+                    .verification
+                    .as_ref()
+                    .map_or(&[][..], |verification| &verification.checks[..]);
                 RoundSummary {
                     round: entry.round.0,
                     reported_train_loss: entry.metrics.reported_train_loss,
@@ -1217,6 +1251,15 @@ impl Db {
                     raw_bytes: entry.metrics.raw_bytes,
                     accepted: entry.accepted.len(),
                     rejected: entry.rejected.len(),
+                    tasks: round_tasks,
+                    replica_tasks: round_replicas,
+                    checks: checks.len(),
+                    disagreements: checks
+                        .iter()
+                        .filter(|check| {
+                            check.verdict != tributary_shared::ledger::CheckVerdict::Agree
+                        })
+                        .count(),
                     adapter,
                     ledger_hash: hash.to_hex(),
                 }
@@ -1232,6 +1275,10 @@ impl Db {
             finished,
             evaluations,
             rounds,
+            tasks,
+            replica_tasks,
+            verification_share: replica_tasks as f64
+                / tasks.saturating_sub(replica_tasks).max(1) as f64,
         })
     }
 
