@@ -3017,6 +3017,81 @@ mod tests {
         assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
     }
 
+    /// A persistent cheater holds some task most rounds; it is caught whenever that task is in
+    /// a replicated pair: as an original that is replicated (probability `p`) or as a replica.
+    /// A share `p / (1 + p)` of all tasks are replicas, so a task is checked with probability
+    /// `q = p / (1 + p) + p / (1 + p) = 2p / (1 + p)`, and `n = ln(0.01) / ln(1 - q)` of its
+    /// tasks catch it with 99 % probability (0.182 and 23 tasks at `p = 0.1`). This runs
+    /// thousands of rounds on virtual time and compares.
+    #[test]
+    fn a_persistent_cheater_is_checked_at_the_rate_the_configuration_predicts() {
+        let p = 0.1;
+        let rounds = 4000;
+        let mut config = config(10, 10, 10, 20, rounds);
+        config.replicate = p;
+        let mut harness = Harness::new(config, 20);
+        harness.join_all();
+        let cheater = 0;
+        let (mut held, mut checked, mut since) = (0u64, 0u64, 0u64);
+        let mut gaps = Vec::new();
+        let (mut tasks, mut replicas) = (0usize, 0usize);
+        for _ in 0..rounds {
+            let tasked = harness.tasked();
+            let pairs = harness.pairs();
+            tasks += tasked.len();
+            replicas += pairs.len();
+            if tasked.contains(&cheater) {
+                held += 1;
+                since += 1;
+                if pairs.iter().any(|&(a, b)| a == cheater || b == cheater) {
+                    checked += 1;
+                    gaps.push(since);
+                    since = 0;
+                }
+            }
+            let seconds: BTreeSet<usize> = pairs.iter().map(|pair| pair.1).collect();
+            for &index in tasked.iter().filter(|i| !seconds.contains(i)) {
+                harness.submit(index).unwrap();
+            }
+            for &index in &seconds {
+                harness.submit(index).unwrap();
+            }
+            // Keep only this round's messages (the simulation would otherwise rescan them all).
+            for messages in harness.inbox.values_mut() {
+                if let Some(last) = messages
+                    .iter()
+                    .rposition(|m| matches!(m, ServerMessage::RoundClosed { .. }))
+                {
+                    messages.drain(..=last);
+                }
+            }
+        }
+        assert!(harness.finished);
+        let predicted = 2.0 * p / (1.0 + p);
+        let observed = checked as f64 / held as f64;
+        let replica_share = replicas as f64 / (tasks - replicas) as f64;
+        let predicted_tasks = (0.01f64.ln() / (1.0 - predicted).ln()).ceil();
+        gaps.sort_unstable();
+        let observed_tasks = gaps[(gaps.len() * 99) / 100];
+        eprintln!(
+            "replicate {p}: {replicas} replicas for {} tasks ({replica_share:.3}); the cheater \
+             held {held} tasks, {checked} checked ({observed:.3}, predicted {predicted:.3}); \
+             caught within {observed_tasks} of its tasks in 99 % of stretches (predicted \
+             {predicted_tasks})",
+            tasks - replicas
+        );
+        assert!(held > 1000, "{held}");
+        assert!((replica_share - p).abs() < 0.01, "{replica_share}");
+        assert!(
+            (observed - predicted).abs() < 0.03,
+            "{observed} against {predicted}"
+        );
+        assert!(
+            (observed_tasks as f64 - predicted_tasks).abs() <= 0.35 * predicted_tasks,
+            "{observed_tasks} against {predicted_tasks}"
+        );
+    }
+
     #[test]
     fn a_replica_that_stalls_or_leaves_never_holds_the_round_past_its_deadline() {
         let mut config = config(2, 2, 2, 2, 3);

@@ -89,6 +89,9 @@ fn wgpu_forward_and_training_match_the_cpu() {
             ..OptimSettings::default()
         },
     };
+    let initial = LoraAdapter::init(&lora, on_cpu.config(), 1, &cpu)
+        .unwrap()
+        .to_delta();
     let run = |model: &Llama, device: &Device| {
         let mut adapter = LoraAdapter::init(&lora, model.config(), 1, device).unwrap();
         let losses: Vec<f64> = train(model, &mut adapter, &data, &settings, |_| {})
@@ -117,4 +120,25 @@ fn wgpu_forward_and_training_match_the_cpu() {
     }
     eprintln!("adapter after training: max |cpu - gpu| = {worst:e}");
     assert!(worst < 1e-3, "adapters differ by {worst}");
+    // The same task trained on the two backends is an honest replicated pair: its two training
+    // deltas must agree under the default spot re-execution tolerance, with room to spare.
+    let training_delta = |after: &tributary_shared::Delta| {
+        let mut delta = after.clone();
+        delta.add_scaled(&initial, -1.0).unwrap();
+        delta
+    };
+    let comparison = tributary_shared::replica::compare(
+        &training_delta(&cpu_delta),
+        &training_delta(&gpu_delta),
+    );
+    eprintln!(
+        "training delta, cpu against gpu: relative L2 distance {:e}, cosine {}",
+        comparison.distance, comparison.cosine
+    );
+    let tolerance = tributary_shared::config::VerificationSection::default();
+    assert!(
+        comparison.distance < tolerance.max_distance / 2.0
+            && comparison.cosine > 1.0 - (1.0 - tolerance.min_cosine) / 2.0,
+        "a CPU and a GPU trainer would be near or past the replica tolerance: {comparison:?}"
+    );
 }

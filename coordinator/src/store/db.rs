@@ -126,6 +126,9 @@ pub struct RoundSummary {
     pub checks: usize,
     /// Of those, the pairs that disagreed (the counted delta was withheld).
     pub disagreements: usize,
+    /// The largest relative L2 distance among the agreeing pairs: how close honest pairs
+    /// come to the tolerance (for calibrating it).
+    pub agreeing_distance_max: Option<f64>,
     /// The adapter it produced, hex.
     pub adapter: String,
     /// Its ledger entry's hash, hex.
@@ -1260,6 +1263,13 @@ impl Db {
                             check.verdict != tributary_shared::ledger::CheckVerdict::Agree
                         })
                         .count(),
+                    agreeing_distance_max: checks
+                        .iter()
+                        .filter(|check| {
+                            check.verdict == tributary_shared::ledger::CheckVerdict::Agree
+                        })
+                        .map(|check| check.distance)
+                        .max_by(f64::total_cmp),
                     adapter,
                     ledger_hash: hash.to_hex(),
                 }
