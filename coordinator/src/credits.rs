@@ -3,9 +3,10 @@
 //! trained, or samples of synthetic data), what spot re-execution verified or disputed, and what
 //! was refused and why. Pure.
 //!
-//! Work is credited for deltas that were aggregated and for replicas that agreed with the task
-//! they repeated (checking is work for the experiment too); a delta withheld because its replica
-//! disagreed earns nothing until a referee clears it.
+//! Work is credited for deltas that were aggregated, for replicas that agreed with the task
+//! they repeated and for referees that settled a dispute (checking is work for the experiment
+//! too); a delta withheld because its replica disagreed earns nothing until a referee clears
+//! it, and then counts as verified. The trainer a referee finds at fault is flagged.
 
 use std::collections::BTreeMap;
 
@@ -24,9 +25,11 @@ pub struct Credit {
     /// Tasks whose delta matched an independent re-execution of the same task (as the counted
     /// delta or as the replica).
     pub verified: u64,
-    /// Tasks in a replicated pair whose two deltas disagreed (its own or its partner's fault;
-    /// a referee decides).
+    /// Tasks in a replicated pair whose two deltas disagreed and that no referee has cleared
+    /// yet (its own or its partner's fault).
     pub disputed: u64,
+    /// Disputes a referee settled against it.
+    pub flagged: u64,
     /// Rounds it contributed to.
     pub rounds: u64,
     /// The work those deltas stand for: the sum of their justified weights (tokens trained, or
@@ -53,6 +56,7 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         accepted: 0,
         verified: 0,
         disputed: 0,
+        flagged: 0,
         rounds: 0,
         work: 0,
         share: 0.0,
@@ -61,6 +65,10 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         first_round: None,
         last_round: None,
     };
+    // Disputed deltas by (round, counted hash): (counted trainer, weight, replica trainer,
+    // weight), to credit the side a referee clears.
+    let mut disputes: BTreeMap<(u64, tributary_shared::BlobHash), [(TrainerId, u64); 2]> =
+        BTreeMap::new();
     for entry in ledger {
         let round = entry.round.0;
         let checks = entry
@@ -95,10 +103,18 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
                 None => {}
             }
         }
-        for check in checks {
+        for check in checks.clone() {
             let replica = &check.replica;
             if check.verdict == CheckVerdict::Agree {
                 credit_work(&replica.trainer, replica.weight, &mut by_trainer);
+            } else if let Some(counted) = entry.accepted.iter().find(|a| a.hash == check.counted) {
+                disputes.insert(
+                    (round, check.counted),
+                    [
+                        (counted.trainer, counted.weight),
+                        (replica.trainer, replica.weight),
+                    ],
+                );
             }
             let credit = by_trainer
                 .entry(replica.trainer)
@@ -106,6 +122,38 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
             match check.verdict {
                 CheckVerdict::Agree => credit.verified += 1,
                 CheckVerdict::Disagree => credit.disputed += 1,
+            }
+        }
+        for check in entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.referees)
+        {
+            let Some(cleared) = check.cleared() else {
+                continue;
+            };
+            let referee = &check.referee;
+            credit_work(&referee.trainer, referee.weight, &mut by_trainer);
+            by_trainer
+                .get_mut(&referee.trainer)
+                .expect("credited above")
+                .verified += 1;
+            if let Some(flagged) = check.flagged() {
+                by_trainer
+                    .entry(flagged)
+                    .or_insert_with(|| blank(&flagged))
+                    .flagged += 1;
+            }
+            let Some(sides) = disputes.remove(&(check.round.0, check.counted)) else {
+                continue;
+            };
+            for (trainer, weight) in sides {
+                if trainer == cleared {
+                    credit_work(&trainer, weight, &mut by_trainer);
+                    let credit = by_trainer.get_mut(&trainer).expect("credited above");
+                    credit.disputed = credit.disputed.saturating_sub(1);
+                    credit.verified += 1;
+                }
             }
         }
         for refused in &entry.rejected {
@@ -141,16 +189,17 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
 /// The table as CSV, with a header line.
 pub fn to_csv(credits: &[Credit]) -> String {
     let mut out = String::from(
-        "trainer,accepted,verified,disputed,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
+        "trainer,accepted,verified,disputed,flagged,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
     );
     let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_default();
     for c in credits {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.6},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{:.6},{},{},{},{}\n",
             c.trainer,
             c.accepted,
             c.verified,
             c.disputed,
+            c.flagged,
             c.rounds,
             c.work,
             c.share,
@@ -166,11 +215,12 @@ pub fn to_csv(credits: &[Credit]) -> String {
 /// The table as aligned text.
 pub fn to_table(credits: &[Credit]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>8} {:>8} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
+        "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
         "trainer",
         "accepted",
         "verified",
         "disputed",
+        "flagged",
         "rounds",
         "work",
         "share",
@@ -179,11 +229,12 @@ pub fn to_table(credits: &[Credit]) -> String {
     );
     for c in credits {
         out.push_str(&format!(
-            "{:<16} {:>8} {:>8} {:>8} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
+            "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
             &c.trainer[..16.min(c.trainer.len())],
             c.accepted,
             c.verified,
             c.disputed,
+            c.flagged,
             c.rounds,
             c.work,
             100.0 * c.share,
@@ -302,6 +353,7 @@ mod tests {
                 check(1, 3, CheckVerdict::Agree),
                 check(2, 4, CheckVerdict::Disagree),
             ],
+            referees: Vec::new(),
         });
         let table = credits(&[round]);
         let find = |n: u8| {
@@ -325,5 +377,43 @@ mod tests {
         );
         assert_eq!((find(4).disputed, find(4).work), (1, 0));
         assert_eq!(find(4).rounds, 0, "no credited work, no round");
+
+        // A referee in the next round agrees with the replica: the counted side is flagged, the
+        // replica's trainer cleared and credited, the referee credited for the check.
+        let mut disputed = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
+        disputed.verification = Some(RoundVerification {
+            checks: vec![check(2, 4, CheckVerdict::Disagree)],
+            referees: Vec::new(),
+        });
+        let mut settled = entry(1, vec![accepted(1, 64)], vec![]);
+        settled.verification = Some(RoundVerification {
+            checks: Vec::new(),
+            referees: vec![tributary_shared::ledger::RefereeCheck {
+                round: RoundId(0),
+                counted: BlobHash([2; 32]),
+                counted_trainer: TrainerId([2; 32]),
+                replica: BlobHash([4; 32]),
+                replica_trainer: TrainerId([4; 32]),
+                referee: accepted(5, 64),
+                distance_to_counted: 1.0,
+                distance_to_replica: 0.0,
+                outcome: tributary_shared::ledger::RefereeOutcome::CountedFlagged,
+            }],
+        });
+        let table = credits(&[disputed, settled]);
+        let find = |n: u8| {
+            table
+                .iter()
+                .find(|c| c.trainer == TrainerId([n; 32]).to_hex())
+                .unwrap()
+                .clone()
+        };
+        assert_eq!((find(2).flagged, find(2).disputed, find(2).work), (1, 1, 0));
+        assert_eq!(
+            (find(4).flagged, find(4).disputed, find(4).verified),
+            (0, 0, 1)
+        );
+        assert_eq!(find(4).work, 64, "the cleared replica is credited");
+        assert_eq!((find(5).verified, find(5).work), (1, 64), "the referee");
     }
 }

@@ -9,9 +9,10 @@
 use tributary_shared::aggregate::{aggregate, AggregateError, Contribution, OptimizerState};
 use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::ledger::{AcceptedDelta, ReplicaCheck, RoundVerification};
-use tributary_shared::replica::compare;
+use tributary_shared::ledger::{AcceptedDelta, RefereeCheck, ReplicaCheck, RoundVerification};
+use tributary_shared::replica::{compare, referee};
 use tributary_shared::{BlobHash, Delta};
+use tributary_shared::{RoundId, TrainerId};
 
 use crate::store::blobs::BlobError;
 use crate::store::BlobSource;
@@ -73,6 +74,78 @@ pub struct Derived {
 /// The second delta of a replicated task, beside the hash of the pair's counted delta.
 pub type Replica = (BlobHash, AcceptedDelta, Delta);
 
+/// A referee's delta and the dispute it settles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefereeInput {
+    /// The disputed round.
+    pub round: RoundId,
+    /// The disputed counted delta.
+    pub counted: BlobHash,
+    /// Its trainer.
+    pub counted_trainer: TrainerId,
+    /// The disputed replica.
+    pub replica: BlobHash,
+    /// Its trainer.
+    pub replica_trainer: TrainerId,
+    /// The referee's delta, as its trainer signed it.
+    pub referee: AcceptedDelta,
+}
+
+impl From<&(crate::engine::Dispute, AcceptedDelta)> for RefereeInput {
+    fn from((dispute, referee): &(crate::engine::Dispute, AcceptedDelta)) -> Self {
+        Self {
+            round: dispute.round,
+            counted: dispute.counted,
+            counted_trainer: dispute.counted_trainer,
+            replica: dispute.replica,
+            replica_trainer: dispute.replica_trainer,
+            referee: referee.clone(),
+        }
+    }
+}
+
+impl From<&RefereeCheck> for RefereeInput {
+    fn from(check: &RefereeCheck) -> Self {
+        Self {
+            round: check.round,
+            counted: check.counted,
+            counted_trainer: check.counted_trainer,
+            replica: check.replica,
+            replica_trainer: check.replica_trainer,
+            referee: check.referee.clone(),
+        }
+    }
+}
+
+/// A referee's input with the three deltas loaded: referee, counted, replica.
+pub type Refereed = (RefereeInput, Delta, Delta, Delta);
+
+/// Settles each dispute: the referee's delta against both disputed ones, in the order of
+/// (disputed round, counted hash, referee task).
+pub fn settle_disputes(config: &ExperimentConfig, refereed: &[Refereed]) -> Vec<RefereeCheck> {
+    let tolerance = config.verification().tolerance();
+    let mut sorted: Vec<&Refereed> = refereed.iter().collect();
+    sorted.sort_by_key(|(input, ..)| (input.round, input.counted, input.referee.task));
+    sorted
+        .into_iter()
+        .map(|(input, by_referee, counted, replica)| {
+            let (to_counted, to_replica, outcome) =
+                referee(&tolerance, by_referee, counted, replica);
+            RefereeCheck {
+                round: input.round,
+                counted: input.counted,
+                counted_trainer: input.counted_trainer,
+                replica: input.replica,
+                replica_trainer: input.replica_trainer,
+                referee: input.referee.clone(),
+                distance_to_counted: to_counted.distance,
+                distance_to_replica: to_replica.distance,
+                outcome,
+            }
+        })
+        .collect()
+}
+
 /// Encodes an adapter or aggregate canonically (lossless f32): its hash is its id.
 pub fn encode_exact(delta: &Delta) -> Vec<u8> {
     codec::encode_to_vec(delta, Codec::F32).expect("f32 encoding accepts every delta")
@@ -117,7 +190,10 @@ pub fn check_replicas(
             })
         })
         .collect();
-    RoundVerification { checks }
+    RoundVerification {
+        checks,
+        referees: Vec::new(),
+    }
 }
 
 /// Runs the replica checks, aggregation of the deltas they do not withhold, and the server
@@ -127,9 +203,11 @@ pub fn derive_round(
     adapter_before: &Delta,
     deltas: &[(AcceptedDelta, Delta)],
     replicas: &[Replica],
+    refereed: &[Refereed],
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
-    let verification = check_replicas(config, deltas, replicas);
+    let mut verification = check_replicas(config, deltas, replicas);
+    verification.referees = settle_disputes(config, refereed);
     let withheld: Vec<BlobHash> = verification.withheld().collect();
     let contributions: Vec<Contribution<'_>> = deltas
         .iter()
@@ -168,6 +246,7 @@ pub fn derive_from_store(
     adapter_before: &BlobHash,
     accepted: &[AcceptedDelta],
     replicas: &[(BlobHash, AcceptedDelta)],
+    referees: &[RefereeInput],
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
     let max_elements = config
@@ -184,6 +263,27 @@ pub fn derive_from_store(
         max_elements,
         &mut unreadable,
     )?;
+    let referee_deltas = load_all(
+        blobs,
+        referees.iter().map(|input| &input.referee),
+        max_elements,
+        &mut unreadable,
+    )?;
+    // The disputed deltas were stored in earlier rounds; one that is gone leaves its dispute
+    // unsettled rather than stopping the round.
+    let mut refereed = Vec::new();
+    for (input, (_, by_referee)) in referees.iter().zip(referee_deltas) {
+        let counted = load_delta(blobs, &input.counted, max_elements);
+        let replica = load_delta(blobs, &input.replica, max_elements);
+        match (counted, replica) {
+            (Ok(counted), Ok(replica)) => {
+                refereed.push((input.clone(), by_referee, counted, replica))
+            }
+            (Err(error @ DeriveError::Blob(BlobError::Io { .. })), _)
+            | (_, Err(error @ DeriveError::Blob(BlobError::Io { .. }))) => return Err(error),
+            _ => {}
+        }
+    }
     if !unreadable.is_empty() {
         return Err(DeriveError::Unreadable { deltas: unreadable });
     }
@@ -192,7 +292,7 @@ pub fn derive_from_store(
         .zip(replica_deltas)
         .map(|((counted, _), (replica, delta))| (*counted, replica, delta))
         .collect();
-    derive_round(config, &adapter, &deltas, &replicas, state)
+    derive_round(config, &adapter, &deltas, &replicas, &refereed, state)
 }
 
 /// Loads each delta; those gone or damaged for good are added to `unreadable` and left out, any

@@ -29,6 +29,16 @@
 //! is kept beside it for comparison ([`RoundClose::replicas`]), even when its bytes are
 //! identical. A round that has its deltas waits for the second delta of a pair whose first one
 //! counts, while that task is still live, but never past its deadline.
+//!
+//! # Referees and flags
+//! A pair that disagreed is a [`Dispute`] ([`Engine::handle_verdicts`], from the committed
+//! entry). In a later round it goes to a third idle trainer (a veteran when one is idle, never
+//! one of the two, never a flagged trainer) as a referee task: the disputed round's start
+//! adapter, data and seed, under the current round's id. Its delta is kept beside the round
+//! ([`RoundClose::referees`]) and the derivation decides whom it agrees with. A round waits for
+//! its live referee tasks as for replicas; an unfinished one goes back to the queue, at most
+//! three times. A flagged trainer goes back on probation and checks nobody again; at
+//! `exclude_after` flags it gets no task and its joins are ignored.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -102,6 +112,8 @@ pub struct EngineConfig {
     pub evaluation: Option<EvalConfig>,
     /// Share of tasks also given to a second trainer (spot re-execution), 0 to 1.
     pub replicate: f64,
+    /// Flags after which a trainer gets no more tasks.
+    pub exclude_after: u32,
 }
 
 impl EngineConfig {
@@ -142,6 +154,7 @@ impl EngineConfig {
                     evaluators: config.evaluation.evaluators,
                 }),
             replicate: config.verification().replicate,
+            exclude_after: config.verification().exclude_after,
         })
     }
 }
@@ -161,6 +174,12 @@ pub struct ResumeState {
     pub accepted: Vec<(TaskId, AcceptedDelta)>,
     /// Second deltas of replicated tasks in this round, with their tasks.
     pub replicas: Vec<(TaskId, AcceptedDelta)>,
+    /// Disputes of committed rounds that no referee has settled, oldest first.
+    pub disputes: Vec<Dispute>,
+    /// Referee deltas stored in this round, with their disputes (which are then not queued).
+    pub referee_results: Vec<(Dispute, AcceptedDelta)>,
+    /// Flags per trainer, from the ledger.
+    pub flags: Vec<(TrainerId, u32)>,
     /// Submissions refused in this round.
     pub rejected: Vec<RejectedSubmission>,
     /// Every delta hash ever accepted in this experiment (replay protection).
@@ -189,6 +208,9 @@ impl Default for ResumeState {
             repeats: Vec::new(),
             accepted: Vec::new(),
             replicas: Vec::new(),
+            disputes: Vec::new(),
+            referee_results: Vec::new(),
+            flags: Vec::new(),
             rejected: Vec::new(),
             known_hashes: Vec::new(),
             next_task: TaskId::default(),
@@ -221,6 +243,8 @@ pub enum Action {
         trainer: TrainerId,
         /// For a replica task, the task whose data and seed it repeats.
         repeats: Option<TaskId>,
+        /// For a referee task, the round of the dispute it settles.
+        referee_of: Option<RoundId>,
     },
     /// Durably record an accepted delta (its blob is already stored); then call
     /// [`Engine::handle_submission_persisted`].
@@ -236,6 +260,8 @@ pub enum Action {
         /// For the second delta of a replicated task, the delta of the pair that counts: this
         /// one is kept for comparison, not counted.
         replica_of: Option<BlobHash>,
+        /// For a referee's delta, the dispute it settles (kept, not counted).
+        referee_of: Option<Box<Dispute>>,
     },
     /// Count a refused submission, and record it when `recorded` (a flood of refusals is
     /// counted but not stored, so a peer cannot bloat the ledger).
@@ -278,6 +304,14 @@ pub enum Action {
     RecordEvaluation(EvalOutcome),
     /// An evaluation was given up without any answer (log it).
     EvaluationAbandoned(EvalTarget),
+    /// A trainer was dropped from the experiment (flagged `exclude_after` times): close its
+    /// connection; the driver refuses its hellos from now on ([`Engine::is_excluded`]).
+    Dismiss {
+        /// The trainer.
+        trainer: TrainerId,
+        /// Why, for the trainer.
+        detail: String,
+    },
 }
 
 /// Everything the driver needs to close a round.
@@ -292,6 +326,8 @@ pub struct RoundClose {
     /// Replicated tasks whose two deltas arrived: (the counted delta, the other one), sorted by
     /// the counted delta's hash.
     pub replicas: Vec<(BlobHash, AcceptedDelta)>,
+    /// Referee deltas that arrived, with the disputes they settle.
+    pub referees: Vec<(Dispute, AcceptedDelta)>,
     /// Refused submissions in order.
     pub rejected: Vec<RejectedSubmission>,
     /// Time from the round's first task to its close.
@@ -299,6 +335,72 @@ pub struct RoundClose {
     /// The round's secret, to be revealed in its ledger entry.
     pub secret: RoundSecret,
 }
+
+/// A replicated task whose two deltas disagreed, waiting for a referee: what to run again and
+/// who disagreed. Everything in it comes from the disputed round's ledger entry
+/// ([`Dispute::from_entry`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dispute {
+    /// The disputed round.
+    pub round: RoundId,
+    /// Its start adapter and encoded length.
+    pub adapter: BlobHash,
+    /// The adapter's encoded length.
+    pub adapter_len: u64,
+    /// The task whose data the pair trained on (the original: the lower id of the two).
+    pub spec_task: TaskId,
+    /// Its seed under the disputed round's secret.
+    pub seed: u64,
+    /// The counted delta and its trainer.
+    pub counted: BlobHash,
+    /// Who sent it.
+    pub counted_trainer: TrainerId,
+    /// The replica and its trainer.
+    pub replica: BlobHash,
+    /// Who sent it.
+    pub replica_trainer: TrainerId,
+}
+
+impl Dispute {
+    /// The disputes a committed entry records (its disagreeing checks), with the length of its
+    /// start adapter.
+    pub fn from_entry(
+        entry: &tributary_shared::ledger::LedgerEntry,
+        adapter_len: u64,
+    ) -> Vec<Dispute> {
+        let Some(verification) = &entry.verification else {
+            return Vec::new();
+        };
+        verification
+            .checks
+            .iter()
+            .filter(|check| check.verdict != tributary_shared::ledger::CheckVerdict::Agree)
+            .filter_map(|check| {
+                let counted = entry.accepted.iter().find(|a| a.hash == check.counted)?;
+                let spec_task = counted.task.min(check.replica.task);
+                Some(Dispute {
+                    round: entry.round,
+                    adapter: entry.adapter_before,
+                    adapter_len,
+                    spec_task,
+                    seed: entry.secret.task_seed(spec_task),
+                    counted: counted.hash,
+                    counted_trainer: counted.trainer,
+                    replica: check.replica.hash,
+                    replica_trainer: check.replica.trainer,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `trainer` is one of the two in the dispute.
+    pub fn involves(&self, trainer: &TrainerId) -> bool {
+        self.counted_trainer == *trainer || self.replica_trainer == *trainer
+    }
+}
+
+/// Times a dispute is handed to a referee before it is given up (left unsettled).
+pub const MAX_REFEREE_ATTEMPTS: u32 = 3;
 
 /// Permission to receive an upload's body.
 #[derive(Clone, Debug, PartialEq)]
@@ -405,6 +507,10 @@ struct TaskState {
     /// When its delta is its pair's second: the pair's counted delta, which it is kept beside
     /// (it is not counted itself).
     second: Option<BlobHash>,
+    /// For a referee task, the dispute it settles.
+    referee: Option<Box<Dispute>>,
+    /// For a referee task, how many times its dispute has been handed out, this one included.
+    referee_attempts: u32,
 }
 
 impl TaskState {
@@ -416,12 +522,24 @@ impl TaskState {
             repeats,
             replica: None,
             second: None,
+            referee: None,
+            referee_attempts: 0,
         }
     }
 
     /// The other task of its pair, when replicated.
     fn partner(&self) -> Option<TaskId> {
         self.repeats.or(self.replica)
+    }
+
+    /// Whether it is one of the round's counted tasks (not a replica or a referee task).
+    fn counts(&self) -> bool {
+        self.repeats.is_none() && self.referee.is_none()
+    }
+
+    /// Whether a delta it delivers will count (not a pair's second, not a referee's).
+    fn delivers_counted(&self) -> bool {
+        self.second.is_none() && self.referee.is_none()
     }
 }
 
@@ -467,6 +585,14 @@ pub struct Engine {
     pairs: Vec<(TaskId, TaskId)>,
     /// Tasks of this round picked for replication that wait for an idle trainer.
     pending_replicas: VecDeque<TaskId>,
+    /// Disputes waiting for a referee, with the times each was handed out.
+    disputes: VecDeque<(Dispute, u32)>,
+    /// Referee deltas stored this round.
+    referee_results: Vec<(Dispute, AcceptedDelta)>,
+    /// Flags per trainer.
+    flags: BTreeMap<TrainerId, u32>,
+    /// Trainers with `exclude_after` flags: no tasks, joins ignored.
+    excluded: BTreeSet<TrainerId>,
     rejected: Vec<RejectedSubmission>,
     /// Refusals made while the round is closing; they belong to the next round's entry.
     rejected_next: Vec<RejectedSubmission>,
@@ -561,6 +687,10 @@ impl Engine {
             replicas,
             pairs,
             pending_replicas: VecDeque::new(),
+            disputes: resume.disputes.into_iter().map(|d| (d, 0)).collect(),
+            referee_results: resume.referee_results,
+            flags: resume.flags.into_iter().collect(),
+            excluded: BTreeSet::new(),
             rejected: resume.rejected,
             rejected_next: Vec::new(),
             refusal_counts: BTreeMap::new(),
@@ -577,6 +707,16 @@ impl Engine {
             secret: resume.secret,
             config,
         };
+        let exclude_after = engine.config.exclude_after.max(1);
+        engine.excluded = engine
+            .flags
+            .iter()
+            .filter(|(_, flags)| **flags >= exclude_after)
+            .map(|(trainer, _)| *trainer)
+            .collect();
+        for trainer in engine.flags.keys() {
+            engine.veterans.remove(trainer);
+        }
         engine.task_of = engine
             .tasks
             .iter()
@@ -602,7 +742,7 @@ impl Engine {
         engine.live_tasks = engine
             .tasks
             .values()
-            .filter(|state| state.repeats.is_none() && is_live(&state.status, false))
+            .filter(|state| state.counts() && is_live(&state.status, false))
             .count();
         if engine.config.evaluation.is_some() {
             for target in resume.unevaluated {
@@ -622,6 +762,11 @@ impl Engine {
     }
 
     // ---- getters ----
+
+    /// Whether `trainer` was dropped from the experiment (see [`Action::Dismiss`]).
+    pub fn is_excluded(&self, trainer: &TrainerId) -> bool {
+        self.excluded.contains(trainer)
+    }
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
@@ -701,6 +846,9 @@ impl Engine {
 
     /// A trainer completed the handshake.
     pub fn handle_trainer_joined(&mut self, now: Instant, trainer: TrainerId) {
+        if self.excluded.contains(&trainer) {
+            return;
+        }
         self.set_connected(trainer, true);
         // Evaluations first: even after the last round, a trainer that joins may still score
         // the final adapter before it hears that the experiment is over. One still assigned to
@@ -848,9 +996,11 @@ impl Engine {
         };
         let trainer = state.trainer;
         let header = state.header.clone();
+        let referee_of = state.referee.clone();
         let replica_of = self.partner_delta(ticket.task);
-        let second_of_pair = replica_of.is_some();
-        let full = !second_of_pair && self.accepted.len() + self.persisting.len() >= self.target();
+        let kept_beside = replica_of.is_some() || referee_of.is_some();
+        let may_repeat = self.may_repeat(ticket.task, &ticket.hash);
+        let full = !kept_beside && self.accepted.len() + self.persisting.len() >= self.target();
         let outcome = match result {
             Err(refusal) => Err(refusal),
             Ok(()) if ticket.round != self.round || self.phase != Phase::Collecting => Err(
@@ -861,7 +1011,7 @@ impl Engine {
                 "the round already has all the deltas it needs",
             )),
             Ok(())
-                if replica_of != Some(ticket.hash)
+                if !may_repeat
                     && (self.accepted.contains_key(&ticket.hash)
                         || self.persisting.contains(&ticket.hash)) =>
             {
@@ -884,6 +1034,7 @@ impl Engine {
                     accepted: AcceptedDelta::from_upload(&upload, self.config.task_budget),
                     upload: Box::new(upload),
                     replica_of,
+                    referee_of,
                 });
             }
             (Ok(()), None) => {
@@ -964,6 +1115,7 @@ impl Engine {
         let trainer = state.trainer;
         // A pair's second delta was stored beside the first (see `handle_upload_finished`).
         let counted = state.second;
+        let referee = state.referee.clone();
         self.set_status(task, TaskStatus::Accepted(delta.hash));
         self.known_hashes.insert(delta.hash);
         self.actions.push_back(Action::Send {
@@ -973,11 +1125,12 @@ impl Engine {
                 hash: delta.hash,
             },
         });
-        match counted {
-            Some(counted) => {
+        match (counted, referee) {
+            (_, Some(dispute)) => self.referee_results.push((*dispute, delta)),
+            (Some(counted), None) => {
                 self.replicas.insert(counted, delta);
             }
-            None => {
+            (None, None) => {
                 self.accepted.insert(delta.hash, delta);
             }
         }
@@ -1082,6 +1235,7 @@ impl Engine {
         self.replicas.clear();
         self.pairs.clear();
         self.pending_replicas.clear();
+        self.referee_results.clear();
         self.rejected = std::mem::take(&mut self.rejected_next);
         self.refusal_counts.clear();
         self.tasks.clear();
@@ -1115,6 +1269,53 @@ impl Engine {
             self.phase = Phase::Gathering;
             self.gather_started = Some(now);
             self.try_start(now, false);
+        }
+    }
+
+    /// The committed round's verdicts, before [`Engine::handle_round_committed`]: its
+    /// disputes wait for referees, and each flagged trainer goes back on probation, checks
+    /// nobody again, and at `exclude_after` flags is dropped from the fleet (no tasks, no
+    /// evaluations, joins ignored).
+    pub fn handle_verdicts(
+        &mut self,
+        now: Instant,
+        disputes: Vec<Dispute>,
+        flagged: Vec<TrainerId>,
+    ) {
+        self.disputes
+            .extend(disputes.into_iter().map(|dispute| (dispute, 0)));
+        for trainer in flagged {
+            let flags = {
+                let flags = self.flags.entry(trainer).or_default();
+                *flags += 1;
+                *flags
+            };
+            let excluded = flags >= self.config.exclude_after.max(1);
+            if self.veterans.contains(&trainer) {
+                // Re-registered below without veteran status.
+                let connected = self.is_connected(&trainer);
+                self.set_connected(trainer, false);
+                self.veterans.remove(&trainer);
+                if connected {
+                    self.set_connected(trainer, true);
+                }
+            }
+            if excluded && self.excluded.insert(trainer) {
+                self.set_connected(trainer, false);
+                self.actions.push_back(Action::Dismiss {
+                    trainer,
+                    detail: format!(
+                        "dropped from experiment {}: referees found {} of its tasks not done as \
+                         specified",
+                        self.config.experiment.0, flags
+                    ),
+                });
+                let settled = self.evals.trainer_left(trainer);
+                if !settled.failed.is_empty() {
+                    self.apply_settled(settled);
+                    self.dispatch_evaluations(now);
+                }
+            }
         }
     }
 
@@ -1364,7 +1565,7 @@ impl Engine {
             .task_of
             .get(&trainer)
             .and_then(|task| self.tasks.get(task))
-            .map(|state| (state.status.clone(), state.repeats.is_none()));
+            .map(|state| (state.status.clone(), state.counts()));
         // Replica tasks are extra and never counted as live (see the module docs).
         let was_live = open_task
             .as_ref()
@@ -1407,10 +1608,10 @@ impl Engine {
             return;
         };
         let connected = self.is_connected(&state.trainer);
-        let counts = state.repeats.is_none();
+        let counts = state.counts();
         let was_live = counts && is_live(&state.status, connected);
         // Only deltas that will count are in `persisting`.
-        if state.second.is_none() {
+        if state.delivers_counted() {
             if let TaskStatus::Persisting(hash) = state.status {
                 self.persisting.remove(&hash);
             }
@@ -1419,6 +1620,15 @@ impl Engine {
             }
         }
         let now_live = counts && is_live(&status, connected);
+        // A referee task given up hands its dispute back, a few times.
+        if status == TaskStatus::Failed && state.status != TaskStatus::Failed {
+            if let Some(dispute) = &state.referee {
+                if state.referee_attempts < MAX_REFEREE_ATTEMPTS {
+                    self.disputes
+                        .push_back(((**dispute).clone(), state.referee_attempts));
+                }
+            }
+        }
         if let Some(state) = self.tasks.get_mut(&task) {
             state.status = status;
         }
@@ -1488,6 +1698,30 @@ impl Engine {
         }
         self.issue_originals(now, retry_failed);
         self.issue_pending_replicas(now);
+        self.issue_referees(now);
+    }
+
+    /// Hands each queued dispute to an idle trainer that is neither of the two and has no flag
+    /// (a veteran when one is idle), in selection order.
+    fn issue_referees(&mut self, now: Instant) {
+        while let Some((dispute, attempts)) = self.disputes.pop_front() {
+            let eligible =
+                |key: &&SelectionKey| !dispute.involves(&key.1) && !self.flags.contains_key(&key.1);
+            let trainer = self
+                .idle_veterans
+                .iter()
+                .find(eligible)
+                .or_else(|| self.idle.iter().find(eligible))
+                .map(|key| key.1);
+            let Some(trainer) = trainer else {
+                self.disputes.push_front((dispute, attempts));
+                return;
+            };
+            let task = self.issue_task_of(now, trainer, None, Some(Box::new(dispute)));
+            if let Some(state) = self.tasks.get_mut(&task) {
+                state.referee_attempts = attempts + 1;
+            }
+        }
     }
 
     /// The part of [`Engine::top_up_with`] that sends counted tasks.
@@ -1590,18 +1824,33 @@ impl Engine {
 
     /// Gives `trainer` a new task of this round (a replica of `repeats`, when given).
     fn issue_task(&mut self, now: Instant, trainer: TrainerId, repeats: Option<TaskId>) -> TaskId {
+        self.issue_task_of(now, trainer, repeats, None)
+    }
+
+    /// [`Engine::issue_task`], or a referee task for `referee`.
+    fn issue_task_of(
+        &mut self,
+        now: Instant,
+        trainer: TrainerId,
+        repeats: Option<TaskId>,
+        referee: Option<Box<Dispute>>,
+    ) -> TaskId {
         if !self.veterans.contains(&trainer) {
             self.probation_tasks += 1;
         }
         let task = self.next_task;
         self.next_task = TaskId(task.0 + 1);
-        self.tasks.insert(task, TaskState::new(trainer, repeats));
+        let counts = repeats.is_none() && referee.is_none();
+        let referee_round = referee.as_ref().map(|dispute| dispute.round);
+        let mut state = TaskState::new(trainer, repeats);
+        state.referee = referee;
+        self.tasks.insert(task, state);
         self.task_of.insert(trainer, task);
         if let Some(key) = self.connected.get(&trainer) {
             self.idle.remove(key);
             self.idle_veterans.remove(key);
         }
-        if repeats.is_none() {
+        if counts {
             self.live_tasks += 1;
         }
         self.actions.push_back(Action::RecordTask {
@@ -1609,10 +1858,23 @@ impl Engine {
             task,
             trainer,
             repeats,
+            referee_of: referee_round,
         });
         let message = self.task_message(now, task);
         self.actions.push_back(Action::Send { trainer, message });
         task
+    }
+
+    /// Whether an upload of `task` may carry `hash` although it is known: a pair's second may
+    /// equal its first, a referee's delta either disputed one.
+    fn may_repeat(&self, task: TaskId, hash: &BlobHash) -> bool {
+        if self.partner_delta(task) == Some(*hash) {
+            return true;
+        }
+        self.tasks
+            .get(&task)
+            .and_then(|state| state.referee.as_ref())
+            .is_some_and(|dispute| dispute.counted == *hash || dispute.replica == *hash)
     }
 
     /// The delta of `task`'s partner when it is being stored or counted: an upload of `task`
@@ -1625,20 +1887,27 @@ impl Engine {
         }
     }
 
-    /// Whether a pair whose first delta counts still waits for its second, from a task that
-    /// may still deliver.
+    /// Whether a pair whose first delta counts still waits for its second, or a referee task
+    /// is still running, from a task that may still deliver.
     fn awaiting_replicas(&self) -> bool {
-        self.pairs.iter().any(|(original, replica)| {
-            let status = |task: &TaskId| self.tasks.get(task).map(|state| (&state.status, state));
-            match (status(original), status(replica)) {
-                (Some((TaskStatus::Accepted(_), _)), Some((other, state)))
-                | (Some((other, state)), Some((TaskStatus::Accepted(_), _))) => {
-                    !matches!(other, TaskStatus::Accepted(_))
-                        && is_live(other, self.is_connected(&state.trainer))
+        let referee_running = self.tasks.values().any(|state| {
+            state.referee.is_some()
+                && !matches!(state.status, TaskStatus::Accepted(_))
+                && is_live(&state.status, self.is_connected(&state.trainer))
+        });
+        referee_running
+            || self.pairs.iter().any(|(original, replica)| {
+                let status =
+                    |task: &TaskId| self.tasks.get(task).map(|state| (&state.status, state));
+                match (status(original), status(replica)) {
+                    (Some((TaskStatus::Accepted(_), _)), Some((other, state)))
+                    | (Some((other, state)), Some((TaskStatus::Accepted(_), _))) => {
+                        !matches!(other, TaskStatus::Accepted(_))
+                            && is_live(other, self.is_connected(&state.trainer))
+                    }
+                    _ => false,
                 }
-                _ => false,
-            }
-        })
+            })
     }
 
     /// Closes the round when it has its deltas and no pair is waiting for its second.
@@ -1653,11 +1922,17 @@ impl Engine {
 
     fn task_message(&self, now: Instant, task: TaskId) -> ServerMessage {
         // A replica carries the data and seed of the task it repeats, and nothing else of it.
-        let spec = self
-            .tasks
-            .get(&task)
-            .and_then(|state| state.repeats)
+        let state = self.tasks.get(&task);
+        let referee = state.and_then(|state| state.referee.as_deref());
+        let spec = referee
+            .map(|dispute| dispute.spec_task)
+            .or_else(|| state.and_then(|state| state.repeats))
             .unwrap_or(task);
+        // A referee task starts from the disputed round's adapter with that round's seed.
+        let (adapter, adapter_len, seed) = match referee {
+            Some(dispute) => (dispute.adapter, dispute.adapter_len, dispute.seed),
+            None => (self.adapter, self.adapter_len, self.secret.task_seed(spec)),
+        };
         let deadline_ms = self
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now).as_millis() as u64)
@@ -1690,11 +1965,11 @@ impl Engine {
             round: self.round,
             base_model: self.config.base_model.clone(),
             base_model_hash: self.config.base_model_hash,
-            adapter: self.adapter,
-            adapter_len: self.adapter_len,
+            adapter,
+            adapter_len,
             data,
             plan: self.config.plan.clone(),
-            seed: self.secret.task_seed(spec),
+            seed,
             deadline_ms,
             max_upload_bytes: self.config.max_upload_bytes,
         }))
@@ -1751,7 +2026,7 @@ impl Engine {
             ));
         }
         // The second delta of a replicated task may be byte-identical to the first.
-        let seconds_its_pair = self.partner_delta(header.task) == Some(header.hash);
+        let seconds_its_pair = self.may_repeat(header.task, &header.hash);
         if !seconds_its_pair
             && (self.known_hashes.contains(&header.hash)
                 || self.accepted.contains_key(&header.hash))
@@ -1902,10 +2177,24 @@ impl Engine {
                 .filter(|(counted, _)| self.accepted.contains_key(counted))
                 .map(|(counted, delta)| (*counted, delta.clone()))
                 .collect(),
+            referees: self.referee_results.clone(),
             rejected: self.rejected.clone(),
             duration,
             secret: self.secret,
         }));
+        // Referee tasks that did not deliver are given up, which hands their disputes back.
+        let unfinished: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, state)| {
+                state.referee.is_some()
+                    && matches!(state.status, TaskStatus::Working | TaskStatus::Uploading(_))
+            })
+            .map(|(task, _)| *task)
+            .collect();
+        for task in unfinished {
+            self.set_status(task, TaskStatus::Failed);
+        }
     }
 }
 
@@ -1947,13 +2236,13 @@ impl Engine {
         let live = self
             .tasks
             .values()
-            .filter(|s| s.repeats.is_none() && is_live(&s.status, self.is_connected(&s.trainer)))
+            .filter(|s| s.counts() && is_live(&s.status, self.is_connected(&s.trainer)))
             .count();
         assert_eq!(self.live_tasks, live, "live-task count");
         let persisting: BTreeSet<BlobHash> = self
             .tasks
             .values()
-            .filter(|s| s.second.is_none())
+            .filter(|s| s.delivers_counted())
             .filter_map(|s| match s.status {
                 TaskStatus::Persisting(hash) => Some(hash),
                 _ => None,
@@ -1987,6 +2276,10 @@ mod tests {
         unreadable: BTreeSet<BlobHash>,
         /// Submissions the engine asked to exclude.
         excluded: Vec<BlobHash>,
+        /// Verdicts to hand the engine when the next round commits.
+        verdicts: Option<(Vec<Dispute>, Vec<TrainerId>)>,
+        /// Trainers the engine dropped.
+        dismissed: Vec<TrainerId>,
     }
 
     fn config(
@@ -2029,6 +2322,7 @@ mod tests {
             layout: Layout::new(vec![("w".into(), vec![4])]),
             evaluation: None,
             replicate: 0.0,
+            exclude_after: 2,
         }
     }
 
@@ -2066,6 +2360,8 @@ mod tests {
                 evaluator_events: Vec::new(),
                 unreadable: BTreeSet::new(),
                 excluded: Vec::new(),
+                verdicts: None,
+                dismissed: Vec::new(),
             }
         }
 
@@ -2099,6 +2395,9 @@ mod tests {
                             continue;
                         }
                         self.closes.push(close);
+                        if let Some((disputes, flagged)) = self.verdicts.take() {
+                            self.engine.handle_verdicts(self.now, disputes, flagged);
+                        }
                         let adapter = BlobHash::of(format!("adapter-{}", round.0 + 1).as_bytes());
                         let next_secret = harness_secret(round.next());
                         self.engine.handle_round_committed(
@@ -2115,6 +2414,7 @@ mod tests {
                     Action::RecordEvalTask { .. } => {}
                     Action::EvaluationAbandoned(_) => {}
                     Action::ExcludeSubmission { hash, .. } => self.excluded.push(hash),
+                    Action::Dismiss { trainer, .. } => self.dismissed.push(trainer),
                 }
             }
         }
@@ -3090,6 +3390,125 @@ mod tests {
             (observed_tasks as f64 - predicted_tasks).abs() <= 0.35 * predicted_tasks,
             "{observed_tasks} against {predicted_tasks}"
         );
+    }
+
+    #[test]
+    fn a_dispute_goes_to_a_third_trainer_with_the_disputed_task_and_the_round_waits_for_it() {
+        let mut harness = Harness::new(config(2, 2, 2, 5, 3), 5);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b) = (tasked[0], tasked[1]);
+        let disputed = harness.open_task(a).unwrap();
+        let counted_body = format!("delta {} {}", a, disputed.round);
+        let dispute = Dispute {
+            round: RoundId(0),
+            adapter: disputed.adapter,
+            adapter_len: disputed.adapter_len,
+            spec_task: disputed.task,
+            seed: disputed.seed,
+            counted: BlobHash::of(counted_body.as_bytes()),
+            counted_trainer: harness.id(a),
+            replica: BlobHash::of(b"the other one"),
+            replica_trainer: harness.id(b),
+        };
+        harness.verdicts = Some((vec![dispute.clone()], Vec::new()));
+        harness.submit(a).unwrap();
+        harness.submit(b).unwrap();
+        assert_eq!(harness.engine.round(), RoundId(1));
+        // Round 1: two counted tasks and one referee task, to neither disputant.
+        let tasked = harness.tasked();
+        assert_eq!(tasked.len(), 3);
+        let referee = tasked
+            .iter()
+            .copied()
+            .find(|&i| harness.open_task(i).unwrap().adapter == dispute.adapter)
+            .expect("a referee task starts from the disputed round's adapter");
+        assert!(referee != a && referee != b);
+        let spec = harness.open_task(referee).unwrap();
+        assert_eq!((spec.seed, spec.round), (dispute.seed, RoundId(1)));
+        assert_eq!(spec.data, disputed.data);
+        // The counted tasks arrive; the round waits for the referee, whose delta may repeat
+        // a disputed one byte for byte.
+        for &index in tasked.iter().filter(|&&i| i != referee) {
+            harness.submit(index).unwrap();
+        }
+        assert_eq!(harness.closes.len(), 1, "waits for the referee");
+        harness
+            .submit_body(referee, counted_body.as_bytes())
+            .unwrap();
+        assert_eq!(harness.closes.len(), 2);
+        let close = &harness.closes[1];
+        assert_eq!(close.accepted.len(), 2);
+        assert_eq!(close.referees.len(), 1);
+        assert_eq!(close.referees[0].0, dispute);
+        assert_eq!(close.referees[0].1.trainer, harness.id(referee));
+        harness.engine.assert_indexes_exact();
+    }
+
+    #[test]
+    fn a_referee_that_fails_hands_the_dispute_on_and_a_twice_flagged_trainer_is_dropped() {
+        // Five trainers start a round, so the fleet goes on without the dropped one.
+        let mut harness = Harness::new(config(2, 2, 2, 5, 4), 6);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b) = (tasked[0], tasked[1]);
+        let dispute = Dispute {
+            round: RoundId(0),
+            adapter: BlobHash::of(b"adapter-0"),
+            adapter_len: 100,
+            spec_task: harness.open_task(a).unwrap().task,
+            seed: 1,
+            counted: BlobHash::of(b"c"),
+            counted_trainer: harness.id(a),
+            replica: BlobHash::of(b"r"),
+            replica_trainer: harness.id(b),
+        };
+        harness.verdicts = Some((vec![dispute.clone()], vec![harness.id(a)]));
+        harness.submit(a).unwrap();
+        harness.submit(b).unwrap();
+        let referee_of = |harness: &Harness| {
+            harness
+                .tasked()
+                .into_iter()
+                .find(|&i| harness.open_task(i).unwrap().adapter == dispute.adapter)
+        };
+        let first = referee_of(&harness).unwrap();
+        assert_ne!(first, a, "a flagged trainer referees nobody");
+        // The referee declines: another trainer gets the dispute in the same round.
+        let task = harness.open_task(first).unwrap().task;
+        harness
+            .engine
+            .handle_task_declined(harness.now, harness.id(first), task);
+        harness.drain();
+        let second = referee_of(&harness).expect("handed on");
+        assert!(second != first && second != a && second != b);
+        // A second flag drops the trainer: no task, and its joins are ignored.
+        harness.verdicts = Some((Vec::new(), vec![harness.id(a)]));
+        let round_1: Vec<usize> = harness
+            .tasked()
+            .into_iter()
+            .filter(|&i| i != first)
+            .collect();
+        for index in round_1 {
+            harness.submit(index).unwrap();
+        }
+        assert_eq!(harness.engine.round(), RoundId(2));
+        assert_eq!(harness.dismissed, vec![harness.id(a)]);
+        assert!(harness.engine.is_excluded(&harness.id(a)));
+        assert!(harness.open_task(a).is_none());
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(a));
+        harness.drain();
+        assert!(harness.open_task(a).is_none());
+        for _ in 0..2 {
+            for index in harness.tasked() {
+                harness.submit(index).unwrap();
+            }
+            assert!(harness.open_task(a).is_none());
+        }
+        assert!(harness.finished);
+        harness.engine.assert_indexes_exact();
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub tasks_issued: AtomicU64,
     /// Replica tasks among them: the training spent on spot re-execution.
     pub replica_tasks: AtomicU64,
+    /// Referee tasks: disputes handed to a third trainer.
+    pub referee_tasks: AtomicU64,
+    /// Trainers flagged by a referee.
+    pub flags: AtomicU64,
     /// Replica checks whose two deltas agreed.
     pub checks_agreed: AtomicU64,
     /// Replica checks whose two deltas disagreed.
@@ -172,6 +176,20 @@ impl Metrics {
              tributary_tasks_issued_total, the share of training spent on checking.",
             "counter",
             load(&self.replica_tasks),
+        );
+        gauge(
+            &mut out,
+            "tributary_referee_tasks_total",
+            "Disputes handed to a third trainer to settle.",
+            "counter",
+            load(&self.referee_tasks),
+        );
+        gauge(
+            &mut out,
+            "tributary_trainers_flagged_total",
+            "Flags: disputes a referee settled against a trainer.",
+            "counter",
+            load(&self.flags),
         );
         let _ = writeln!(out, "# HELP tributary_replica_checks_total Replicated tasks whose two deltas were compared, by verdict.\n# TYPE tributary_replica_checks_total counter");
         for (verdict, value) in [

@@ -14,12 +14,12 @@ use tributary_shared::frame::from_payload;
 use tributary_shared::identity::verify_submission;
 use tributary_shared::ledger::justified_weight;
 use tributary_shared::ledger::{
-    check_chain, verify_signatures, AcceptedDelta, LedgerEntry, RoundVerification,
+    check_chain, verify_signatures, AcceptedDelta, CheckVerdict, LedgerEntry, RoundVerification,
 };
 use tributary_shared::wire::UploadHeader;
-use tributary_shared::{BlobHash, ExperimentId, RoundId};
+use tributary_shared::{BlobHash, ExperimentId, RoundId, TrainerId};
 
-use crate::derive::{derive_from_store, encode_exact, encode_state};
+use crate::derive::{derive_from_store, encode_exact, encode_state, RefereeInput};
 use crate::store::db::Db;
 use crate::store::{BlobSource, StoredBlobs};
 
@@ -138,6 +138,68 @@ fn check_replicas_stored(
     Ok(())
 }
 
+/// Checks that each referee check settles a dispute an earlier entry recorded and nothing
+/// settled before, and that its delta is stored with the header the ledger records; then
+/// records this entry's disputes as open.
+fn check_referees(
+    db: &Db,
+    id: &ExperimentId,
+    entry: &LedgerEntry,
+    recorded: &RoundVerification,
+    open_disputes: &mut Vec<(RoundId, BlobHash, TrainerId, BlobHash, TrainerId)>,
+) -> Result<(), String> {
+    let stored = db
+        .round_referees(id, entry.round)
+        .map_err(|e| e.to_string())?;
+    for check in &recorded.referees {
+        let dispute = (
+            check.round,
+            check.counted,
+            check.counted_trainer,
+            check.replica,
+            check.replica_trainer,
+        );
+        let Some(position) = open_disputes.iter().position(|open| *open == dispute) else {
+            return Err(format!(
+                "a referee settles a dispute of round {} over {} that no earlier entry left open",
+                check.round, check.counted
+            ));
+        };
+        open_disputes.remove(position);
+        let expected = check.referee.upload(entry);
+        let found = stored.iter().any(|(round, counted, bytes)| {
+            *round == check.round
+                && *counted == check.counted
+                && from_payload::<UploadHeader>(bytes).is_ok_and(|upload| upload == expected)
+        });
+        if !found {
+            return Err(format!(
+                "referee delta {} is not stored with the header the ledger records",
+                check.referee.hash
+            ));
+        }
+    }
+    for check in recorded
+        .checks
+        .iter()
+        .filter(|check| check.verdict != CheckVerdict::Agree)
+    {
+        let counted = entry
+            .accepted
+            .iter()
+            .find(|a| a.hash == check.counted)
+            .ok_or_else(|| format!("disputed delta {} was not counted", check.counted))?;
+        open_disputes.push((
+            entry.round,
+            check.counted,
+            counted.trainer,
+            check.replica.hash,
+            check.replica.trainer,
+        ));
+    }
+    Ok(())
+}
+
 /// Verifies every experiment in the data directory.
 pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
     let setup = |detail: String| VerifyError {
@@ -223,6 +285,9 @@ fn verify_experiment(
     }
     let config_hash = BlobHash::of(config_json.as_bytes());
     let mut state = OptimizerState::default();
+    // Disputes recorded so far and not yet settled: (round, counted, counted trainer, replica,
+    // replica trainer).
+    let mut open_disputes = Vec::new();
     for entry in &entries {
         let round = Some(entry.round);
         entry
@@ -265,12 +330,17 @@ fn verify_experiment(
             .iter()
             .map(|check| (check.counted, check.replica.clone()))
             .collect();
+        check_referees(db, id, entry, &recorded, &mut open_disputes)
+            .map_err(|detail| fail(round, detail))?;
+        let referees: Vec<RefereeInput> =
+            recorded.referees.iter().map(RefereeInput::from).collect();
         let derived = derive_from_store(
             &config,
             blobs,
             &entry.adapter_before,
             &entry.accepted,
             &replicas,
+            &referees,
             &state,
         )
         .map_err(|e| fail(round, e.to_string()))?;

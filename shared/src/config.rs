@@ -439,6 +439,9 @@ pub struct VerificationSection {
     pub max_distance: f64,
     /// Smallest cosine similarity between them that still agrees.
     pub min_cosine: f64,
+    /// Flags (disputes a referee settled against a trainer) after which a trainer gets no more
+    /// tasks; a trainer with one flag is back on probation and never checks anyone.
+    pub exclude_after: u32,
 }
 
 impl Default for VerificationSection {
@@ -447,6 +450,7 @@ impl Default for VerificationSection {
             replicate: 0.1,
             max_distance: 0.1,
             min_cosine: 0.99,
+            exclude_after: 2,
         }
     }
 }
@@ -457,6 +461,7 @@ impl VerificationSection {
         replicate: 0.0,
         max_distance: 0.1,
         min_cosine: 0.99,
+        exclude_after: 2,
     };
 
     /// The tolerance two deltas of one task are judged by.
@@ -776,6 +781,12 @@ impl ExperimentConfig {
                 return Err(ConfigError::invalid(
                     "verification.max_distance",
                     "must be a finite number at least 0",
+                ));
+            }
+            if verification.exclude_after == 0 {
+                return Err(ConfigError::invalid(
+                    "verification.exclude_after",
+                    "must be at least 1",
                 ));
             }
             if !(-1.0..=1.0).contains(&verification.min_cosine) {

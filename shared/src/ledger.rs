@@ -78,12 +78,20 @@ pub const ENTRY_V2_MAGIC: [u8; 4] = [0xff, b'T', b'L', 2];
 pub struct RoundVerification {
     /// Replicated tasks whose two deltas both arrived, in the order of the counted delta's hash.
     pub checks: Vec<ReplicaCheck>,
+    /// Disputes of earlier rounds settled by a third trainer in this round, in the order of
+    /// (disputed round, counted delta's hash).
+    pub referees: Vec<RefereeCheck>,
 }
 
 impl RoundVerification {
     /// Whether there is nothing to record.
     pub fn is_empty(&self) -> bool {
-        self.checks.is_empty()
+        self.checks.is_empty() && self.referees.is_empty()
+    }
+
+    /// Trainers this round's referees found at fault.
+    pub fn flagged(&self) -> impl Iterator<Item = TrainerId> + '_ {
+        self.referees.iter().filter_map(RefereeCheck::flagged)
     }
 
     /// Hashes of accepted deltas this record keeps out of the aggregate.
@@ -109,6 +117,63 @@ pub struct ReplicaCheck {
     pub cosine: f64,
     /// The decision under the experiment's tolerance.
     pub verdict: CheckVerdict,
+}
+
+/// A dispute (a replica check that disagreed) settled by a third trainer: the referee ran the
+/// same task (the disputed round's start adapter, data, seed and hyper-parameters) in a later
+/// round, and its delta is compared with both.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefereeCheck {
+    /// The round of the dispute.
+    pub round: RoundId,
+    /// The disputed counted delta and its trainer.
+    pub counted: BlobHash,
+    /// Who sent it.
+    pub counted_trainer: TrainerId,
+    /// The disputed replica and its trainer.
+    pub replica: BlobHash,
+    /// Who sent it.
+    pub replica_trainer: TrainerId,
+    /// The referee's delta, with what its trainer signed (for this entry's round).
+    pub referee: AcceptedDelta,
+    /// Relative L2 distance from the referee's delta to the counted one.
+    pub distance_to_counted: f64,
+    /// Relative L2 distance from the referee's delta to the replica.
+    pub distance_to_replica: f64,
+    /// The decision.
+    pub outcome: RefereeOutcome,
+}
+
+impl RefereeCheck {
+    /// The trainer found at fault, if any.
+    pub fn flagged(&self) -> Option<TrainerId> {
+        match self.outcome {
+            RefereeOutcome::CountedFlagged => Some(self.counted_trainer),
+            RefereeOutcome::ReplicaFlagged => Some(self.replica_trainer),
+            RefereeOutcome::Inconclusive => None,
+        }
+    }
+
+    /// The trainer the referee agreed with, if any.
+    pub fn cleared(&self) -> Option<TrainerId> {
+        match self.outcome {
+            RefereeOutcome::CountedFlagged => Some(self.replica_trainer),
+            RefereeOutcome::ReplicaFlagged => Some(self.counted_trainer),
+            RefereeOutcome::Inconclusive => None,
+        }
+    }
+}
+
+/// What a referee decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefereeOutcome {
+    /// The referee agrees with the replica only: the counted delta's trainer is flagged.
+    CountedFlagged,
+    /// The referee agrees with the counted delta only: the replica's trainer is flagged.
+    ReplicaFlagged,
+    /// The referee agrees with both or neither: nobody is flagged.
+    Inconclusive,
 }
 
 /// What a replica check decided.
@@ -204,14 +269,19 @@ impl AcceptedDelta {
     }
 }
 
-/// Checks the signature of every accepted delta and every replica in `entry`.
+/// Checks the signature of every accepted delta, replica and referee delta in `entry`.
 pub fn verify_signatures(entry: &LedgerEntry) -> Result<(), LedgerError> {
     let replicas = entry
         .verification
         .iter()
         .flat_map(|verification| &verification.checks)
         .map(|check| &check.replica);
-    for accepted in entry.accepted.iter().chain(replicas) {
+    let referees = entry
+        .verification
+        .iter()
+        .flat_map(|verification| &verification.referees)
+        .map(|check| &check.referee);
+    for accepted in entry.accepted.iter().chain(replicas).chain(referees) {
         verify_submission(&accepted.upload(entry)).map_err(|error| LedgerError::BadSignature {
             round: entry.round,
             hash: accepted.hash,
@@ -612,6 +682,7 @@ mod tests {
                 cosine: 0.5,
                 verdict: CheckVerdict::Disagree,
             }],
+            referees: Vec::new(),
         });
         entries[1].sign(&coordinator_key());
         let version_2 = entries[1].to_bytes();

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::delta::Delta;
-use crate::ledger::CheckVerdict;
+use crate::ledger::{CheckVerdict, RefereeOutcome};
 
 /// How far two deltas of the same task may be apart and still agree.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,6 +46,25 @@ impl Tolerance {
             CheckVerdict::Disagree
         }
     }
+}
+
+/// Settles a dispute: the referee's delta for the same task is compared with both disputed
+/// deltas under `tolerance`; the side it agrees with alone is cleared and the other flagged.
+/// Returns the comparison with the counted delta, with the replica, and the outcome.
+pub fn referee(
+    tolerance: &Tolerance,
+    referee: &Delta,
+    counted: &Delta,
+    replica: &Delta,
+) -> (Comparison, Comparison, RefereeOutcome) {
+    let (to_counted, to_replica) = (compare(referee, counted), compare(referee, replica));
+    let agrees = |comparison: &Comparison| tolerance.verdict(comparison) == CheckVerdict::Agree;
+    let outcome = match (agrees(&to_counted), agrees(&to_replica)) {
+        (true, false) => RefereeOutcome::ReplicaFlagged,
+        (false, true) => RefereeOutcome::CountedFlagged,
+        _ => RefereeOutcome::Inconclusive,
+    };
+    (to_counted, to_replica, outcome)
 }
 
 /// Compares two deltas of the same task.
@@ -134,6 +153,29 @@ mod tests {
         let other_layout =
             Delta::new(vec![NamedTensor::new("b", vec![4], vec![1.0; 4]).unwrap()]).unwrap();
         assert_eq!(agree(&other_layout), CheckVerdict::Disagree);
+    }
+
+    #[test]
+    fn a_referee_flags_the_side_it_disagrees_with_and_nobody_when_unsure() {
+        let honest = delta(&[1.0, -2.0, 0.5, 3.0]);
+        let cheat = delta(&[0.0; 4]);
+        let settle = |referee: &Delta, counted: &Delta, replica: &Delta| {
+            super::referee(&TOLERANCE, referee, counted, replica).2
+        };
+        assert_eq!(
+            settle(&honest, &cheat, &honest),
+            RefereeOutcome::CountedFlagged
+        );
+        assert_eq!(
+            settle(&honest, &honest, &cheat),
+            RefereeOutcome::ReplicaFlagged
+        );
+        // A referee that matches neither (a third cheat) decides nothing.
+        let other = delta(&[-1.0, 2.0, -0.5, -3.0]);
+        assert_eq!(
+            settle(&other, &honest, &cheat),
+            RefereeOutcome::Inconclusive
+        );
     }
 
     proptest! {

@@ -1,14 +1,15 @@
 //! Spot re-execution over real QUIC with real burn trainers on `experiments/ci-tiny.toml`: every
 //! task is replicated (`[verification] replicate = 1`), so each round holds three pairs of
-//! trainers given the same task. One trainer of six cheats in each run: it uploads a zero delta
-//! without training, re-signs the last merged change, trains on another client than assigned,
-//! or trains half the steps. Honest CPU trainers compute the same update for the same task; the
-//! cheater's deltas are far from its partner's.
+//! trainers given the same task, and disputes go to a referee in the next round. One trainer of
+//! eight cheats in each run: it uploads a zero delta without training, re-signs the last merged
+//! change, trains on another client than assigned, or trains half the steps. Honest CPU trainers
+//! compute the same update for the same task; the cheater's deltas are far from its partner's.
 //!
 //! What must hold: every check that involves the cheater disagrees and keeps its delta out of
 //! the aggregate; every check between honest trainers agrees (the test prints their distances,
-//! the calibration figures); the credits show the cheater disputed and never verified; `verify`
-//! re-derives every check.
+//! the calibration figures); every referee flags the cheater and never an honest trainer, and
+//! after two flags the cheater gets no more work; the credits show it flagged and never
+//! verified; `verify` re-derives every check and every referee's decision.
 
 mod common;
 
@@ -21,7 +22,7 @@ use tributary_shared::{ExperimentId, TrainerId};
 use tributary_trainer::attack::Cheat;
 
 const ROUNDS: u64 = 4;
-const TRAINERS: u64 = 6;
+const TRAINERS: u64 = 8;
 
 /// What one run left in its ledger.
 struct Outcome {
@@ -37,7 +38,11 @@ async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
     let toml = include_str!("../../experiments/ci-tiny.toml")
         .replace("name = \"ci-tiny\"", &format!("name = \"{name}\""))
         .replace("rounds = 3", &format!("rounds = {ROUNDS}"))
-        .replace("min_trainers = 3", &format!("min_trainers = {TRAINERS}"))
+        // Rounds start with seven: after the cheater is dropped the rest go on at once.
+        .replace(
+            "min_trainers = 3",
+            &format!("min_trainers = {}", TRAINERS - 1),
+        )
         + "\n[verification]\nreplicate = 1.0\n";
     let data_dir = dir.path().join("coordinator");
     let running = start(&data_dir, Some(parse(&toml)), vec![]).await;
@@ -62,7 +67,21 @@ async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
         Arc::default(),
         cheat,
     );
-    finished_reports(honest).await;
+    // A cheater's refused upload gets a replacement task that may still be training when the
+    // round closes with enough deltas: "late" is the only refusal an honest trainer may see.
+    for handle in honest {
+        let report = tokio::time::timeout(std::time::Duration::from_secs(300), handle)
+            .await
+            .expect("trainer finished in time")
+            .expect("trainer task did not panic")
+            .expect("trainer ran without error");
+        assert!(report.finished);
+        assert!(
+            report.rejected.iter().all(|r| r.starts_with("late")),
+            "{:?}",
+            report.rejected
+        );
+    }
     // The cheater may see refusals (a free rider's zero delta repeats, a replay); it must end.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(300), cheating)
         .await
@@ -150,6 +169,61 @@ async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
             honest_distances.push(check.2);
             honest_cosines.push(check.3);
         }
+        // Referees flag the cheater and nobody else; two flags and it gets no more work.
+        let referees: Vec<_> = outcome
+            .ledger
+            .iter()
+            .flat_map(|e| e.verification.iter().flat_map(|v| &v.referees))
+            .collect();
+        let flagged: Vec<TrainerId> = referees.iter().filter_map(|r| r.flagged()).collect();
+        eprintln!(
+            "{}: referees (to counted, to replica, outcome): {:?}",
+            cheat.name(),
+            referees
+                .iter()
+                .map(|r| (r.distance_to_counted, r.distance_to_replica, r.outcome))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            !flagged.is_empty(),
+            "{}: a referee settled a dispute",
+            cheat.name()
+        );
+        assert!(
+            flagged.iter().all(|t| *t == outcome.cheater),
+            "{}: only the cheater is flagged",
+            cheat.name()
+        );
+        if let Some(second_flag) = outcome
+            .ledger
+            .iter()
+            .filter(|e| {
+                e.verification
+                    .iter()
+                    .flat_map(|v| v.flagged())
+                    .any(|t| t == outcome.cheater)
+            })
+            .nth(1)
+        {
+            for entry in outcome
+                .ledger
+                .iter()
+                .filter(|e| e.round > second_flag.round)
+            {
+                assert!(
+                    !entry.accepted.iter().any(|d| d.trainer == outcome.cheater),
+                    "{}: dropped after two flags",
+                    cheat.name()
+                );
+            }
+        }
+        for credit in &outcome.credits {
+            let expected = u64::from(credit.trainer == outcome.cheater.to_hex()) * credit.flagged;
+            assert_eq!(
+                credit.flagged, expected,
+                "honest trainers are never flagged"
+            );
+        }
         // The cheater's counted deltas are withheld: no verified task, and no work credited
         // for a disputed one.
         let cheater = outcome
@@ -158,7 +232,7 @@ async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
             .find(|c| c.trainer == outcome.cheater.to_hex())
             .expect("the cheater appears in the credits");
         assert_eq!(cheater.verified, 0, "{}", cheat.name());
-        assert!(cheater.disputed >= 1, "{}", cheat.name());
+        assert!(cheater.flagged >= 1, "{}", cheat.name());
         let withheld: BTreeSet<_> = outcome
             .ledger
             .iter()

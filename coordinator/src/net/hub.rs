@@ -511,7 +511,15 @@ impl Hub {
                 address,
                 reply,
             } => {
-                let decision = self.admission.admit(trainer, token.as_deref(), address);
+                let decision = if self.engine.is_excluded(&trainer) {
+                    Err(Refusal::new(
+                        RejectReason::NotSelected,
+                        "dropped from this experiment: referees found its work not done as \
+                         specified",
+                    ))
+                } else {
+                    self.admission.admit(trainer, token.as_deref(), address)
+                };
                 let decision = match decision {
                     Ok(Some(binding)) => self
                         .db
@@ -679,6 +687,7 @@ impl Hub {
         let experiment = self.engine.experiment().clone();
         loop {
             let mut outgoing = Vec::new();
+            let mut dismissed = Vec::new();
             let mut persisted = Vec::new();
             let mut closing = Vec::new();
             self.db
@@ -692,13 +701,25 @@ impl Hub {
                         task,
                         trainer,
                         repeats,
+                        referee_of,
                     } => {
                         Metrics::add(&self.metrics.tasks_issued, 1);
                         if repeats.is_some() {
                             Metrics::add(&self.metrics.replica_tasks, 1);
                         }
+                        if referee_of.is_some() {
+                            Metrics::add(&self.metrics.referee_tasks, 1);
+                        }
                         self.db
-                            .record_task(&experiment, round, task, trainer, repeats, now_ms())
+                            .record_task(
+                                &experiment,
+                                round,
+                                task,
+                                trainer,
+                                repeats,
+                                referee_of,
+                                now_ms(),
+                            )
                             .context("cannot record a task")?;
                     }
                     Action::PersistSubmission {
@@ -707,14 +728,20 @@ impl Hub {
                         accepted,
                         upload,
                         replica_of,
+                        referee_of,
                     } => {
+                        let kept_beside = match (&replica_of, &referee_of) {
+                            (_, Some(dispute)) => KeptBeside::Dispute(dispute),
+                            (Some(counted), None) => KeptBeside::Counted(counted),
+                            (None, None) => KeptBeside::Nothing,
+                        };
                         let persisted_ok = self.persist_submission(
                             &experiment,
                             round,
                             task,
                             &accepted,
                             &upload,
-                            replica_of.as_ref(),
+                            kept_beside,
                         );
                         match persisted_ok {
                             Ok(()) => persisted.push((round, task, accepted)),
@@ -798,6 +825,17 @@ impl Hub {
                             .record_evaluator(&experiment, &event, now_ms())
                             .context("cannot record an evaluator")?;
                     }
+                    Action::Dismiss { trainer, detail } => {
+                        tracing::warn!(%trainer, %detail, "trainer dropped from the experiment");
+                        outgoing.push((
+                            trainer,
+                            ServerMessage::Refused {
+                                reason: RejectReason::NotSelected,
+                                detail,
+                            },
+                        ));
+                        dismissed.push(trainer);
+                    }
                     Action::EvaluationAbandoned(target) => {
                         tracing::warn!(
                             adapter = %target.adapter.short(),
@@ -815,6 +853,12 @@ impl Hub {
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
                     registered.outbox.send(message);
+                }
+            }
+            // A dropped trainer's connection closes; its hellos are refused from now on.
+            for trainer in dismissed.drain(..) {
+                if let Some(registered) = self.registry.get(&trainer) {
+                    registered.outbox.close(b"dropped from the experiment");
                 }
             }
             for close in closing {
@@ -856,15 +900,24 @@ impl Hub {
         task: TaskId,
         accepted: &tributary_shared::ledger::AcceptedDelta,
         upload: &UploadHeader,
-        replica_of: Option<&BlobHash>,
+        kept_beside: KeptBeside<'_>,
     ) -> Result<(), crate::store::db::DbError> {
         if let Some(body) = self.inline_bodies.remove(&accepted.hash) {
             self.db.put_inline(&accepted.hash, &body)?;
         }
         let signed_header = tributary_shared::frame::to_payload(upload)
             .map_err(|error| crate::store::db::DbError::Corrupt(error.to_string()))?;
-        match replica_of {
-            Some(counted) => self.db.record_replica(
+        match kept_beside {
+            KeptBeside::Dispute(dispute) => self.db.record_referee(
+                experiment,
+                round,
+                task,
+                accepted,
+                dispute,
+                &signed_header,
+                now_ms(),
+            ),
+            KeptBeside::Counted(counted) => self.db.record_replica(
                 experiment,
                 round,
                 task,
@@ -873,7 +926,7 @@ impl Hub {
                 &signed_header,
                 now_ms(),
             ),
-            None => self.db.record_submission(
+            KeptBeside::Nothing => self.db.record_submission(
                 experiment,
                 round,
                 task,
@@ -978,6 +1031,39 @@ impl Hub {
             reported_train_loss = ?derived.entry.metrics.reported_train_loss,
             "round committed"
         );
+        // Disputes wait for referees; flagged trainers lose standing (before the next round's
+        // selection, which the commit starts).
+        let adapter_len = self
+            .db
+            .round_start(&self.engine.experiment().clone(), round)
+            .ok()
+            .flatten()
+            .map_or(0, |(_, len)| len);
+        let disputes = crate::engine::Dispute::from_entry(&derived.entry, adapter_len);
+        let flagged: Vec<_> = derived
+            .entry
+            .verification
+            .iter()
+            .flat_map(|verification| verification.flagged())
+            .collect();
+        for check in derived
+            .entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.referees)
+        {
+            tracing::warn!(
+                round = %round,
+                disputed_round = %check.round,
+                outcome = ?check.outcome,
+                flagged = ?check.flagged(),
+                to_counted = check.distance_to_counted,
+                to_replica = check.distance_to_replica,
+                "a referee settled a dispute"
+            );
+        }
+        Metrics::add(&self.metrics.flags, flagged.len() as u64);
+        self.engine.handle_verdicts(now, disputes, flagged);
         self.engine.handle_round_committed(
             now,
             round,
@@ -1019,6 +1105,16 @@ impl Hub {
     }
 }
 
+/// What a stored delta is kept beside, when it does not count itself.
+enum KeptBeside<'a> {
+    /// It counts.
+    Nothing,
+    /// A pair's second, beside the counted delta.
+    Counted(&'a BlobHash),
+    /// A referee's, settling the dispute.
+    Dispute(&'a crate::engine::Dispute),
+}
+
 /// Aggregates a round, writes the adapter, aggregate and optimizer state blobs, and builds the
 /// ledger entry. Runs on a blocking thread.
 fn derive_and_store(
@@ -1043,6 +1139,11 @@ fn derive_and_store(
         &close.adapter_before,
         &close.accepted,
         &close.replicas,
+        &close
+            .referees
+            .iter()
+            .map(crate::derive::RefereeInput::from)
+            .collect::<Vec<_>>(),
         state,
     )
     .map_err(|error| match error {

@@ -169,6 +169,9 @@ pub struct StoredEvaluation {
     pub spread: f64,
 }
 
+/// From the ledger: unsettled disputes, and flags per trainer.
+type Verdicts = (Vec<crate::engine::Dispute>, Vec<(TrainerId, u32)>);
+
 /// The schema's version, kept in SQLite's `user_version`. A database of another version is
 /// refused rather than half-used.
 const SCHEMA_VERSION: i64 = 4;
@@ -199,7 +202,20 @@ CREATE TABLE IF NOT EXISTS tasks (
     round INTEGER NOT NULL,
     trainer BLOB NOT NULL,
     issued_ms INTEGER NOT NULL,
-    repeats INTEGER
+    repeats INTEGER,
+    referee_of INTEGER
+);
+CREATE TABLE IF NOT EXISTS referees (
+    experiment TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    dispute_round INTEGER NOT NULL,
+    counted BLOB NOT NULL,
+    trainer BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    signed_header BLOB NOT NULL,
+    PRIMARY KEY (experiment, task)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     experiment TEXT NOT NULL,
@@ -332,10 +348,12 @@ impl Db {
             version = 3;
         }
         if tables > 0 && version == 3 {
-            // Version 4 replicates tasks (the `replicas` table comes with the schema below).
+            // Version 4 replicates tasks and referees disputes (the `replicas` and `referees`
+            // tables come with the schema below).
             conn.execute_batch(
                 "BEGIN;
                  ALTER TABLE tasks ADD COLUMN repeats INTEGER;
+                 ALTER TABLE tasks ADD COLUMN referee_of INTEGER;
                  PRAGMA user_version = 4;
                  COMMIT;",
             )?;
@@ -489,9 +507,11 @@ impl Db {
         let veterans = self.veterans(id)?;
         let known_hashes = self.hashes(
             "SELECT hash FROM submissions WHERE experiment = ?1
-             UNION SELECT hash FROM replicas WHERE experiment = ?1",
+             UNION SELECT hash FROM replicas WHERE experiment = ?1
+             UNION SELECT hash FROM referees WHERE experiment = ?1",
             id,
         )?;
+        let (disputes, flags) = self.verdicts(id)?;
         let Some((round, adapter, adapter_len, secret)) = open else {
             // Finished: the last adapter is the last ledger entry's output.
             let last = self.ledger(id)?.pop();
@@ -503,6 +523,7 @@ impl Db {
             return Ok(ResumeState {
                 round: RoundId(self.rounds_closed(id)?),
                 adapter: adapter.map(|hash| (hash, len)),
+                flags,
                 unevaluated,
                 eval_answers,
                 veterans,
@@ -523,10 +544,31 @@ impl Db {
             known_hashes,
             next_task: TaskId(next_task as u64),
             finished,
+            flags,
             ..ResumeState::default()
         };
+        // Referee tasks are not restored: their disputes, still unsettled in the ledger, are
+        // queued again, except those whose referee delta is already stored this round.
+        let mut disputes = disputes;
+        for (dispute_round, counted, signed_header) in
+            self.round_referees(id, RoundId(round as u64))?
+        {
+            let position = disputes
+                .iter()
+                .position(|d| d.round == dispute_round && d.counted == counted);
+            if let Some(position) = position {
+                let dispute = disputes.remove(position);
+                let upload: UploadHeader = from_payload(&signed_header)
+                    .map_err(|error| DbError::Corrupt(format!("stored header: {error}")))?;
+                state
+                    .referee_results
+                    .push((dispute, AcceptedDelta::from_upload(&upload, u64::MAX)));
+            }
+        }
+        state.disputes = disputes;
         let mut statement = self.conn.prepare(
-            "SELECT task, trainer, repeats FROM tasks WHERE experiment = ?1 AND round = ?2
+            "SELECT task, trainer, repeats FROM tasks
+             WHERE experiment = ?1 AND round = ?2 AND referee_of IS NULL
              ORDER BY task",
         )?;
         let rows = statement.query_map(params![id.0, round], |row| {
@@ -769,7 +811,9 @@ impl Db {
         Ok(out)
     }
 
-    /// Records an issued task (a replica of `repeats`, when given).
+    /// Records an issued task (a replica of `repeats`, or a referee task for a dispute of
+    /// round `referee_of`, when given).
+    #[allow(clippy::too_many_arguments)]
     pub fn record_task(
         &self,
         id: &ExperimentId,
@@ -777,21 +821,122 @@ impl Db {
         task: TaskId,
         trainer: TrainerId,
         repeats: Option<TaskId>,
+        referee_of: Option<RoundId>,
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms, repeats)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms, repeats, referee_of)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 task.0 as i64,
                 id.0,
                 round.0 as i64,
                 &trainer.0[..],
                 now_ms,
-                repeats.map(|task| task.0 as i64)
+                repeats.map(|task| task.0 as i64),
+                referee_of.map(|round| round.0 as i64)
             ],
         )?;
         Ok(())
+    }
+
+    /// Records a referee's delta for `dispute` (its blob must already be durable).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_referee(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+        task: TaskId,
+        delta: &AcceptedDelta,
+        dispute: &crate::engine::Dispute,
+        signed_header: &[u8],
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO referees (experiment, round, task, hash, dispute_round, counted, trainer, received_ms, signed_header)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                id.0,
+                round.0 as i64,
+                task.0 as i64,
+                &delta.hash.0[..],
+                dispute.round.0 as i64,
+                &dispute.counted.0[..],
+                &delta.trainer.0[..],
+                now_ms,
+                signed_header
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Referee deltas stored in one round: (disputed round, disputed counted hash, signed
+    /// header bytes), by task.
+    pub fn round_referees(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Vec<(RoundId, BlobHash, Vec<u8>)>, DbError> {
+        let mut statement = self.conn.prepare(
+            "SELECT dispute_round, counted, signed_header FROM referees
+             WHERE experiment = ?1 AND round = ?2 ORDER BY task",
+        )?;
+        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (dispute_round, counted, header) = row?;
+            out.push((RoundId(dispute_round as u64), hash_from(&counted)?, header));
+        }
+        Ok(out)
+    }
+
+    /// The start adapter of `round` and its encoded length.
+    pub fn round_start(
+        &self,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Option<(BlobHash, u64)>, DbError> {
+        let row: Option<(Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT adapter_before, adapter_len FROM rounds WHERE experiment = ?1 AND round = ?2",
+                params![id.0, round.0 as i64],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(hash, len)| Ok((hash_from(&hash)?, len as u64)))
+            .transpose()
+    }
+
+    /// From the ledger: the disputes no referee has settled, oldest first, and each flagged
+    /// trainer's flags.
+    fn verdicts(
+        &self,
+        id: &ExperimentId,
+    ) -> Result<Verdicts, DbError> {
+        let mut disputes: Vec<crate::engine::Dispute> = Vec::new();
+        let mut flags: std::collections::BTreeMap<TrainerId, u32> = Default::default();
+        for (_, entry) in self.ledger(id)? {
+            for check in entry
+                .verification
+                .iter()
+                .flat_map(|verification| &verification.referees)
+            {
+                disputes.retain(|d| !(d.round == check.round && d.counted == check.counted));
+                if let Some(trainer) = check.flagged() {
+                    *flags.entry(trainer).or_default() += 1;
+                }
+            }
+            let adapter_len = self.round_start(id, entry.round)?.map_or(0, |(_, len)| len);
+            disputes.extend(crate::engine::Dispute::from_entry(&entry, adapter_len));
+        }
+        Ok((disputes, flags.into_iter().collect()))
     }
 
     /// Records the second delta of a replicated task, kept beside the pair's counted delta
@@ -886,6 +1031,7 @@ impl Db {
             "SELECT adapter_before FROM rounds",
             "SELECT hash FROM submissions",
             "SELECT hash FROM replicas",
+            "SELECT hash FROM referees",
             "SELECT hash FROM adapters",
         ] {
             let mut statement = self.conn.prepare(query)?;
@@ -907,6 +1053,13 @@ impl Db {
                         .iter()
                         .flat_map(|verification| &verification.checks)
                         .map(|check| check.replica.hash),
+                );
+                out.extend(
+                    entry
+                        .verification
+                        .iter()
+                        .flat_map(|verification| &verification.referees)
+                        .map(|check| check.referee.hash),
                 );
             }
             let config: serde_json::Value =
@@ -1364,7 +1517,9 @@ mod tests {
             conn.execute_batch(
                 "DROP TABLE eval_answers;
                  DROP TABLE replicas;
+                 DROP TABLE referees;
                  ALTER TABLE tasks DROP COLUMN repeats;
+                 ALTER TABLE tasks DROP COLUMN referee_of;
                  ALTER TABLE evaluations DROP COLUMN evaluators;
                  ALTER TABLE evaluations DROP COLUMN agreeing;
                  ALTER TABLE evaluations DROP COLUMN wanted;
