@@ -180,18 +180,23 @@ fn model_card(
     let entries: Vec<tributary_shared::ledger::LedgerEntry> =
         ledger.iter().map(|(_, entry)| entry.clone()).collect();
     card.push_str(
-        "\n## Contributors\n\nBy the work their aggregated deltas stand for (the weight each task \
-         justified), from the ledger alone.\n\n| trainer | deltas | rounds | share of the work |\n\
-         |---|---|---|---|\n",
+        "\n## Contributors\n\nBy the work credited to them from the ledger alone: aggregated deltas \
+         and checks that agreed, each at the weight its task justified; a delta withheld by a \
+         disagreeing re-execution earns nothing unless a referee clears it. Verified: tasks an \
+         independent re-execution matched. Flagged: disputes a referee settled against them.\n\n\
+         | trainer | deltas | verified | flagged | rounds | share of the work |\n\
+         |---|---|---|---|---|---|\n",
     );
     for credit in crate::credits::credits(&entries)
         .iter()
-        .filter(|c| c.accepted > 0)
+        .filter(|c| c.work > 0 || c.flagged > 0)
     {
         card.push_str(&format!(
-            "| `{}` | {} | {} | {:.1} % |\n",
+            "| `{}` | {} | {} | {} | {} | {:.1} % |\n",
             credit.trainer,
             credit.accepted,
+            credit.verified,
+            credit.flagged,
             credit.rounds,
             100.0 * credit.share
         ));
