@@ -916,10 +916,7 @@ impl Db {
 
     /// From the ledger: the disputes no referee has settled, oldest first, and each flagged
     /// trainer's flags.
-    fn verdicts(
-        &self,
-        id: &ExperimentId,
-    ) -> Result<Verdicts, DbError> {
+    fn verdicts(&self, id: &ExperimentId) -> Result<Verdicts, DbError> {
         let mut disputes: Vec<crate::engine::Dispute> = Vec::new();
         let mut flags: std::collections::BTreeMap<TrainerId, u32> = Default::default();
         for (_, entry) in self.ledger(id)? {
@@ -1499,6 +1496,120 @@ fn hash_from(bytes: &[u8]) -> Result<BlobHash, DbError> {
 mod tests {
     use super::*;
     use crate::engine::{EvalAnswer, EvalOutcome, EvalTarget};
+
+    #[test]
+    fn a_restart_finds_the_open_disputes_and_the_flags_in_the_ledger() {
+        use tributary_shared::ledger::{
+            CheckVerdict, RefereeCheck, RefereeOutcome, ReplicaCheck, RoundMetrics,
+            RoundVerification,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("tributary.db")).unwrap();
+        let id = ExperimentId("disputes".into());
+        let secrets: Vec<RoundSecret> = (0..4u8).map(|n| RoundSecret([n; 32])).collect();
+        let adapter = |n: u8| BlobHash([100 + n; 32]);
+        db.create_experiment(&NewExperiment {
+            id: &id,
+            config_json: "{}",
+            initial_adapter: adapter(0),
+            adapter_len: 77,
+            first_secret: &secrets[0],
+            uid: ExperimentUid([1; 32]),
+            signer: TrainerId([2; 32]),
+            now_ms: 0,
+        })
+        .unwrap();
+        let delta = |n: u8, task: u64| AcceptedDelta {
+            hash: BlobHash([n; 32]),
+            trainer: TrainerId([n; 32]),
+            weight: 1,
+            claimed_samples: 1,
+            reported_train_loss: 1.0,
+            byte_len: 1,
+            task: TaskId(task),
+            reported_steps: 1,
+            reported_tokens: 1,
+            reported_train_ms: 1,
+            signature: Vec::new(),
+        };
+        let entry = |round: u8, verification: Option<RoundVerification>| LedgerEntry {
+            experiment: id.clone(),
+            experiment_uid: ExperimentUid([1; 32]),
+            coordinator: tributary_shared::CertificateHash([0; 32]),
+            config_hash: BlobHash([0; 32]),
+            round: RoundId(u64::from(round)),
+            previous: None,
+            adapter_before: adapter(round),
+            adapter_after: adapter(round + 1),
+            aggregate: BlobHash([9; 32]),
+            optimizer_state: None,
+            accepted: vec![delta(10, 5)],
+            rejected: Vec::new(),
+            metrics: RoundMetrics::default(),
+            secret_commitment: secrets[usize::from(round)].commitment(),
+            secret: secrets[usize::from(round)],
+            next_commitment: secrets[usize::from(round) + 1].commitment(),
+            signer: TrainerId([2; 32]),
+            signature: Vec::new(),
+            verification,
+        };
+        // Round 0: task 5 (trainer 10) counted, its replica (task 6, trainer 11) disagrees.
+        let disputed = RoundVerification {
+            checks: vec![ReplicaCheck {
+                counted: BlobHash([10; 32]),
+                replica: delta(11, 6),
+                distance: 1.0,
+                cosine: 0.0,
+                verdict: CheckVerdict::Disagree,
+            }],
+            referees: Vec::new(),
+        };
+        db.commit_round(&entry(0, Some(disputed)), 80, false, &secrets[1])
+            .unwrap();
+        db.commit_round(&entry(1, None), 80, false, &secrets[2])
+            .unwrap();
+        let resume = db.resume_state(&id).unwrap();
+        assert_eq!(resume.disputes.len(), 1);
+        let dispute = &resume.disputes[0];
+        assert_eq!(
+            (dispute.round, dispute.adapter, dispute.adapter_len),
+            (RoundId(0), adapter(0), 77)
+        );
+        assert_eq!(
+            dispute.spec_task,
+            TaskId(5),
+            "the original is the lower task id"
+        );
+        assert_eq!(dispute.seed, secrets[0].task_seed(TaskId(5)));
+        assert_eq!(
+            (dispute.counted_trainer, dispute.replica_trainer),
+            (TrainerId([10; 32]), TrainerId([11; 32]))
+        );
+        assert!(resume.flags.is_empty());
+        // Round 2 settles it against the counted side.
+        let settled = RoundVerification {
+            checks: Vec::new(),
+            referees: vec![RefereeCheck {
+                round: RoundId(0),
+                counted: BlobHash([10; 32]),
+                counted_trainer: TrainerId([10; 32]),
+                replica: BlobHash([11; 32]),
+                replica_trainer: TrainerId([11; 32]),
+                referee: delta(12, 20),
+                distance_to_counted: 1.0,
+                distance_to_replica: 0.0,
+                outcome: RefereeOutcome::CountedFlagged,
+            }],
+        };
+        db.commit_round(&entry(2, Some(settled)), 80, false, &secrets[3])
+            .unwrap();
+        let resume = db.resume_state(&id).unwrap();
+        assert!(resume.disputes.is_empty());
+        assert_eq!(resume.flags, vec![(TrainerId([10; 32]), 1)]);
+        // The ledger entries of version 2 come back whole.
+        let ledger = db.ledger(&id).unwrap();
+        assert_eq!(ledger[2].1.verification.as_ref().unwrap().referees.len(), 1);
+    }
 
     #[test]
     fn a_version_2_database_is_migrated_and_keeps_its_scores() {
