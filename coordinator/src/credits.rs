@@ -349,6 +349,7 @@ mod tests {
         };
         let mut round = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         round.verification = Some(RoundVerification {
+            screening: Vec::new(),
             checks: vec![
                 check(1, 3, CheckVerdict::Agree),
                 check(2, 4, CheckVerdict::Disagree),
@@ -382,11 +383,13 @@ mod tests {
         // replica's trainer cleared and credited, the referee credited for the check.
         let mut disputed = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         disputed.verification = Some(RoundVerification {
+            screening: Vec::new(),
             checks: vec![check(2, 4, CheckVerdict::Disagree)],
             referees: Vec::new(),
         });
         let mut settled = entry(1, vec![accepted(1, 64)], vec![]);
         settled.verification = Some(RoundVerification {
+            screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![tributary_shared::ledger::RefereeCheck {
                 round: RoundId(0),

@@ -6,7 +6,9 @@
 //! the aggregate, the adapter after and the new optimizer state, bit for bit. A counted delta
 //! whose replica disagrees is withheld from the aggregate.
 
-use tributary_shared::aggregate::{aggregate, AggregateError, Contribution, OptimizerState};
+use tributary_shared::aggregate::{
+    aggregate, screen, AggregateError, Contribution, OptimizerState,
+};
 use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{AcceptedDelta, RefereeCheck, ReplicaCheck, RoundVerification};
@@ -191,6 +193,7 @@ pub fn check_replicas(
         })
         .collect();
     RoundVerification {
+        screening: Vec::new(),
         checks,
         referees: Vec::new(),
     }
@@ -221,6 +224,7 @@ pub fn derive_round(
     let aggregated = if contributions.is_empty() && !deltas.is_empty() {
         Delta::zeros(&adapter_before.layout()).expect("the adapter's layout is valid")
     } else {
+        verification.screening = screen(&config.aggregation(), &contributions)?;
         aggregate(&config.aggregation(), &contributions)?
     };
     let mut adapter_after = adapter_before.clone();

@@ -216,7 +216,16 @@ pub fn aggregate(
     let sorted = sorted_and_checked(contributions)?;
     let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
     let (sorted, scales) = match config.min_agreement {
-        Some(fraction) => agreeing(sorted, scales, fraction),
+        Some(fraction) => {
+            let (_, kept) = agreement(&sorted, &scales, fraction);
+            sorted
+                .into_iter()
+                .zip(scales)
+                .zip(kept)
+                .filter(|(_, kept)| *kept)
+                .map(|(pair, _)| pair)
+                .unzip()
+        }
         None => (sorted, scales),
     };
     let layout = sorted[0].delta.layout();
@@ -658,25 +667,129 @@ fn clip_scales(
         .collect())
 }
 
-/// The contributions (and their scales) that agree with the majority's direction, in sorted
-/// order: with `n ≥ 3`, the coordinate-wise median `m` of the scaled contributions is taken as
-/// the median rule takes it; each contribution's cosine similarity is
+/// What screening found for one contribution: the numbers aggregation decided on, recorded in
+/// the round's ledger entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Screening {
+    /// The contribution's hash.
+    pub hash: BlobHash,
+    /// Its L2 norm, summed as clipping sums it.
+    pub norm: f64,
+    /// The clipping scale applied (1 when not clipped).
+    pub scale: f64,
+    /// Cosine similarity of the clipped contribution with the round's coordinate-wise median
+    /// (`None` below three contributions, where there is no majority to agree with).
+    pub cosine: Option<f64>,
+    /// The largest ratio of one of its tensors' norm to the median norm of that tensor over the
+    /// round (a delta that puts its weight in one layer stands out here).
+    pub max_tensor_ratio: f64,
+    /// Whether it was aggregated; `false` when the agreement filter left it out.
+    pub kept: bool,
+}
+
+/// Screens every contribution as [`aggregate`] would, in its sorted order: norm, clipping
+/// scale, cosine with the coordinate-wise median, per-tensor norm ratio, and whether the
+/// agreement filter keeps it. The same code decides in [`aggregate`], so the record cannot
+/// disagree with the aggregate.
+///
+/// # Errors
+///
+/// As [`aggregate`]: a bad config, no contributions, a bad weight, a layout mismatch, or a
+/// non-finite value.
+pub fn screen(
+    config: &AggregationConfig,
+    contributions: &[Contribution<'_>],
+) -> Result<Vec<Screening>, AggregateError> {
+    config.validate()?;
+    let sorted = sorted_and_checked(contributions)?;
+    let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
+    let norms: Vec<f64> = sorted.iter().map(|c| clipping_norm(c.delta)).collect();
+    let (similarities, kept) = match config.min_agreement {
+        Some(fraction) => {
+            let (similarities, kept) = agreement(&sorted, &scales, fraction);
+            (
+                similarities.map(|s| s.into_iter().map(Some).collect()),
+                kept,
+            )
+        }
+        None => (
+            agreement(&sorted, &scales, 1.0)
+                .0
+                .map(|s| s.into_iter().map(Some).collect()),
+            vec![true; sorted.len()],
+        ),
+    };
+    let similarities: Vec<Option<f64>> = similarities.unwrap_or(vec![None; sorted.len()]);
+    // Per tensor: each contribution's norm, and the round's median of it.
+    let tensor_norms: Vec<Vec<f64>> = sorted
+        .iter()
+        .map(|c| {
+            c.delta
+                .tensors()
+                .iter()
+                .map(|t| {
+                    t.values()
+                        .iter()
+                        .map(|&v| f64::from(v) * f64::from(v))
+                        .sum::<f64>()
+                        .sqrt()
+                })
+                .collect()
+        })
+        .collect();
+    let n_tensors = tensor_norms.first().map_or(0, Vec::len);
+    let medians: Vec<f64> = (0..n_tensors)
+        .map(|t| {
+            median(
+                &tensor_norms
+                    .iter()
+                    .map(|norms| norms[t])
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    Ok(sorted
+        .iter()
+        .enumerate()
+        .map(|(i, contribution)| Screening {
+            hash: contribution.hash,
+            norm: norms[i],
+            scale: scales[i],
+            cosine: similarities[i],
+            max_tensor_ratio: tensor_norms[i]
+                .iter()
+                .zip(&medians)
+                .map(|(&norm, &median)| match (norm > 0.0, median > 0.0) {
+                    (false, _) => 0.0,
+                    (true, true) => norm / median,
+                    (true, false) => f64::MAX,
+                })
+                .fold(0.0, f64::max),
+            kept: kept[i],
+        })
+        .collect())
+}
+
+/// Each contribution's cosine similarity with the majority's direction and whether it agrees
+/// with it, in sorted order: with `n ≥ 3`, the coordinate-wise median `m` of the scaled
+/// contributions is taken as the median rule takes it; each contribution's cosine similarity is
 /// `dot(scale_i * x_i, m) / (norm(scale_i * x_i) * norm(m))`, with the dot product and the norms
 /// summed in f64 over tensors in name order and values in index order (0 for a zero vector);
-/// those below `fraction × median(similarities)` are left out. Nothing is left out when `m` is
-/// zero or the median similarity is not positive (no direction to agree with).
-fn agreeing<'c, 'd>(
-    sorted: Vec<&'c Contribution<'d>>,
-    scales: Vec<f64>,
+/// those below `fraction × median(similarities)` disagree. All agree when `n < 3` (no
+/// similarities then), when `m` is zero or when the median similarity is not positive (no
+/// direction to agree with).
+fn agreement(
+    sorted: &[&Contribution<'_>],
+    scales: &[f64],
     fraction: f64,
-) -> (Vec<&'c Contribution<'d>>, Vec<f64>) {
+) -> (Option<Vec<f64>>, Vec<bool>) {
     let n = sorted.len();
     if n < 3 {
-        return (sorted, scales);
+        return (None, vec![true; n]);
     }
     let mut center = Delta::zeros(&sorted[0].delta.layout()).expect("a valid layout");
     // Non-finite inputs are reported by the rule that follows.
-    let _ = mean_of_ranks(&sorted, &scales, (n - 1) / 2..n / 2 + 1, &mut center);
+    let _ = mean_of_ranks(sorted, scales, (n - 1) / 2..n / 2 + 1, &mut center);
     let dot_and_norms = |contribution: &Contribution<'_>, scale: f64| {
         let (mut dot, mut own, mut other) = (0.0f64, 0.0f64, 0.0f64);
         for (mine, theirs) in contribution.delta.tensors().iter().zip(center.tensors()) {
@@ -691,7 +804,7 @@ fn agreeing<'c, 'd>(
     };
     let similarities: Vec<f64> = sorted
         .iter()
-        .zip(&scales)
+        .zip(scales)
         .map(|(contribution, &scale)| {
             let (dot, own, other) = dot_and_norms(contribution, scale);
             if own > 0.0 && other > 0.0 && dot.is_finite() {
@@ -703,16 +816,14 @@ fn agreeing<'c, 'd>(
         .collect();
     let typical = median(&similarities);
     if typical.is_nan() || typical <= 0.0 {
-        return (sorted, scales);
+        return (Some(similarities), vec![true; n]);
     }
     let threshold = fraction * typical;
-    sorted
-        .into_iter()
-        .zip(scales)
-        .zip(&similarities)
-        .filter(|(_, &similarity)| similarity >= threshold)
-        .map(|(kept, _)| kept)
-        .unzip()
+    let kept = similarities
+        .iter()
+        .map(|&similarity| similarity >= threshold)
+        .collect();
+    (Some(similarities), kept)
 }
 
 /// The median of `values` (not empty): the middle one in ascending `total_cmp` order, or the
@@ -1630,6 +1741,56 @@ mod tests {
             let actual = aggregate(&config, &shuffled).unwrap();
             prop_assert_eq!(expected.layout(), actual.layout());
             prop_assert_eq!(bits(&expected), bits(&actual));
+        }
+
+        #[test]
+        fn screening_records_exactly_what_aggregation_decided(
+            (inputs, order) in contributions_strategy().prop_flat_map(|inputs| {
+                let order: Vec<usize> = (0..inputs.len()).collect();
+                (Just(inputs), Just(order).prop_shuffle())
+            }),
+            fraction in 0.1f64..1.0,
+        ) {
+            let deltas: Vec<Delta> = inputs.iter().map(|(_, _, values)| two_tensor_delta(values)).collect();
+            let contributions: Vec<Contribution<'_>> = inputs
+                .iter()
+                .zip(&deltas)
+                .map(|((hash_byte, weight, _), delta)| Contribution {
+                    hash: BlobHash([*hash_byte; 32]),
+                    weight: *weight,
+                    delta,
+                })
+                .collect();
+            let filtered = AggregationConfig {
+                min_agreement: Some(fraction),
+                ..AggregationConfig::default()
+            };
+            let screened = screen(&filtered, &contributions).unwrap();
+            prop_assert_eq!(screened.len(), contributions.len());
+            // The same record whatever order the deltas came in.
+            let shuffled: Vec<Contribution<'_>> = order.iter().map(|&index| contributions[index]).collect();
+            prop_assert_eq!(&screen(&filtered, &shuffled).unwrap(), &screened);
+            // Aggregating only the deltas it kept, without the filter, gives the same bits.
+            let sorted = sorted_and_checked(&contributions).unwrap();
+            let kept: Vec<Contribution<'_>> = screened
+                .iter()
+                .zip(sorted)
+                .filter(|(s, _)| s.kept)
+                .map(|(s, c)| {
+                    assert_eq!(s.hash, c.hash);
+                    *c
+                })
+                .collect();
+            prop_assert!(!kept.is_empty());
+            let expected = aggregate(&filtered, &contributions).unwrap();
+            let actual = aggregate(&AggregationConfig::default(), &kept).unwrap();
+            prop_assert_eq!(bits(&expected), bits(&actual));
+            for s in &screened {
+                prop_assert!(s.norm.is_finite() && s.norm >= 0.0);
+                prop_assert_eq!(s.scale, 1.0);
+                prop_assert_eq!(s.cosine.is_some(), contributions.len() >= 3);
+                prop_assert!(s.max_tensor_ratio >= 0.0);
+            }
         }
 
         #[test]

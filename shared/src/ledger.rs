@@ -76,6 +76,9 @@ pub const ENTRY_V2_MAGIC: [u8; 4] = [0xff, b'T', b'L', 2];
 /// Everything in it is re-derived from the round's stored deltas by `verify`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundVerification {
+    /// Every aggregated delta's screening (norm, clipping, agreement with the majority,
+    /// per-tensor ratio, and whether it was kept), in aggregation order.
+    pub screening: Vec<crate::aggregate::Screening>,
     /// Replicated tasks whose two deltas both arrived, in the order of the counted delta's hash.
     pub checks: Vec<ReplicaCheck>,
     /// Disputes of earlier rounds settled by a third trainer in this round, in the order of
@@ -86,7 +89,7 @@ pub struct RoundVerification {
 impl RoundVerification {
     /// Whether there is nothing to record.
     pub fn is_empty(&self) -> bool {
-        self.checks.is_empty() && self.referees.is_empty()
+        self.screening.is_empty() && self.checks.is_empty() && self.referees.is_empty()
     }
 
     /// Trainers this round's referees found at fault.
@@ -675,6 +678,7 @@ mod tests {
             .unwrap()
             .signature;
         entries[1].verification = Some(RoundVerification {
+            screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: entries[1].accepted[0].hash,
                 replica,

@@ -1555,6 +1555,7 @@ mod tests {
         };
         // Round 0: task 5 (trainer 10) counted, its replica (task 6, trainer 11) disagrees.
         let disputed = RoundVerification {
+            screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: BlobHash([10; 32]),
                 replica: delta(11, 6),
@@ -1588,6 +1589,7 @@ mod tests {
         assert!(resume.flags.is_empty());
         // Round 2 settles it against the counted side.
         let settled = RoundVerification {
+            screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![RefereeCheck {
                 round: RoundId(0),
