@@ -1697,8 +1697,10 @@ impl Engine {
             return;
         }
         self.issue_originals(now, retry_failed);
-        self.issue_pending_replicas(now);
+        // A dispute holds back an honest volunteer's withheld delta until it is settled, so
+        // referees go before new checks when idle trainers are scarce.
         self.issue_referees(now);
+        self.issue_pending_replicas(now);
     }
 
     /// Hands each queued dispute to an idle trainer that is neither of the two and has no flag

@@ -165,7 +165,7 @@ async fn deltas_are_private_unless_the_experiment_publishes_them() {
     assert!((share - 1.0).abs() < 1e-9);
     let (_, card) = http_get_bytes(http, "/hub/latest/README.md").await;
     let card = String::from_utf8(card).unwrap();
-    assert_eq!(card.matches(" | 2 | 2 | ").count(), 3, "{card}");
+    assert_eq!(card.matches(" | 2 | 0 | 0 | 2 | ").count(), 3, "{card}");
     running.shutdown().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
