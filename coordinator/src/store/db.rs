@@ -973,10 +973,23 @@ impl Db {
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
-        let mut statement = self.conn.prepare(
+        self.signed_headers(
             "SELECT hash, signed_header FROM replicas WHERE experiment = ?1 AND round = ?2
              ORDER BY task",
-        )?;
+            id,
+            round,
+        )
+    }
+
+    /// (hash, signed header) rows of one round from `sql`, which takes the experiment and the
+    /// round as `?1` and `?2`.
+    fn signed_headers(
+        &self,
+        sql: &str,
+        id: &ExperimentId,
+        round: RoundId,
+    ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
+        let mut statement = self.conn.prepare(sql)?;
         let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
         })?;
@@ -1124,18 +1137,11 @@ impl Db {
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
-        let mut statement = self.conn.prepare(
+        self.signed_headers(
             "SELECT hash, signed_header FROM submissions WHERE experiment = ?1 AND round = ?2 ORDER BY hash",
-        )?;
-        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
-            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (hash, header) = row?;
-            out.push((hash_from(&hash)?, header));
-        }
-        Ok(out)
+            id,
+            round,
+        )
     }
 
     /// Stores a small blob in the database (idempotent).
