@@ -1338,6 +1338,14 @@ impl Engine {
             // A pair loses its check when either delta is gone; the counted one also leaves.
             self.replicas
                 .retain(|counted, replica| *counted != hash && replica.hash != hash);
+            // A referee's delta that is gone hands its dispute back.
+            let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.referee_results)
+                .into_iter()
+                .partition(|(_, referee)| referee.hash == hash);
+            self.referee_results = kept;
+            for (dispute, _) in lost {
+                self.disputes.push_back((dispute, 1));
+            }
             let Some(delta) = self.accepted.remove(&hash) else {
                 continue;
             };
@@ -2388,6 +2396,8 @@ mod tests {
                         let lost: Vec<(BlobHash, String)> = close
                             .accepted
                             .iter()
+                            .chain(close.replicas.iter().map(|(_, replica)| replica))
+                            .chain(close.referees.iter().map(|(_, referee)| referee))
                             .filter(|a| self.unreadable.contains(&a.hash))
                             .map(|a| (a.hash, "gone".to_string()))
                             .collect();
@@ -3444,6 +3454,50 @@ mod tests {
         assert_eq!(close.referees.len(), 1);
         assert_eq!(close.referees[0].0, dispute);
         assert_eq!(close.referees[0].1.trainer, harness.id(referee));
+        harness.engine.assert_indexes_exact();
+    }
+
+    #[test]
+    fn a_referee_delta_that_is_unreadable_hands_its_dispute_to_the_next_round() {
+        let mut harness = Harness::new(config(2, 2, 2, 5, 3), 5);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b) = (tasked[0], tasked[1]);
+        let dispute = Dispute {
+            round: RoundId(0),
+            adapter: BlobHash::of(b"adapter-0"),
+            adapter_len: 100,
+            spec_task: harness.open_task(a).unwrap().task,
+            seed: 1,
+            counted: BlobHash::of(b"c"),
+            counted_trainer: harness.id(a),
+            replica: BlobHash::of(b"r"),
+            replica_trainer: harness.id(b),
+        };
+        harness.verdicts = Some((vec![dispute.clone()], Vec::new()));
+        harness.submit(a).unwrap();
+        harness.submit(b).unwrap();
+        let referee = harness
+            .tasked()
+            .into_iter()
+            .find(|&i| harness.open_task(i).unwrap().adapter == dispute.adapter)
+            .unwrap();
+        harness
+            .unreadable
+            .insert(BlobHash::of(b"lost referee delta"));
+        for index in harness.tasked().into_iter().filter(|&i| i != referee) {
+            harness.submit(index).unwrap();
+        }
+        harness.submit_body(referee, b"lost referee delta").unwrap();
+        // Round 1 closed without the referee, and round 2 hands the dispute out again.
+        assert_eq!(harness.closes.len(), 2);
+        assert!(harness.closes[1].referees.is_empty());
+        assert_eq!(harness.closes[1].accepted.len(), 2);
+        let again = harness
+            .tasked()
+            .into_iter()
+            .find(|&i| harness.open_task(i).unwrap().adapter == dispute.adapter);
+        assert!(again.is_some(), "the dispute is handed out again");
         harness.engine.assert_indexes_exact();
     }
 
