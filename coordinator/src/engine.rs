@@ -583,6 +583,8 @@ pub struct Engine {
     replicas: BTreeMap<BlobHash, AcceptedDelta>,
     /// Replicated tasks of this round: (original, replica).
     pairs: Vec<(TaskId, TaskId)>,
+    /// Referee tasks of this round.
+    referee_tasks: Vec<TaskId>,
     /// Tasks of this round picked for replication that wait for an idle trainer.
     pending_replicas: VecDeque<TaskId>,
     /// Disputes waiting for a referee, with the times each was handed out.
@@ -686,6 +688,7 @@ impl Engine {
             accepted,
             replicas,
             pairs,
+            referee_tasks: Vec::new(),
             pending_replicas: VecDeque::new(),
             disputes: resume.disputes.into_iter().map(|d| (d, 0)).collect(),
             referee_results: resume.referee_results,
@@ -1234,6 +1237,7 @@ impl Engine {
         self.accepted.clear();
         self.replicas.clear();
         self.pairs.clear();
+        self.referee_tasks.clear();
         self.pending_replicas.clear();
         self.referee_results.clear();
         self.rejected = std::mem::take(&mut self.rejected_next);
@@ -1853,6 +1857,9 @@ impl Engine {
         let counts = repeats.is_none() && referee.is_none();
         let referee_round = referee.as_ref().map(|dispute| dispute.round);
         let mut state = TaskState::new(trainer, repeats);
+        if referee.is_some() {
+            self.referee_tasks.push(task);
+        }
         state.referee = referee;
         self.tasks.insert(task, state);
         self.task_of.insert(trainer, task);
@@ -1900,10 +1907,11 @@ impl Engine {
     /// Whether a pair whose first delta counts still waits for its second, or a referee task
     /// is still running, from a task that may still deliver.
     fn awaiting_replicas(&self) -> bool {
-        let referee_running = self.tasks.values().any(|state| {
-            state.referee.is_some()
-                && !matches!(state.status, TaskStatus::Accepted(_))
-                && is_live(&state.status, self.is_connected(&state.trainer))
+        let referee_running = self.referee_tasks.iter().any(|task| {
+            self.tasks.get(task).is_some_and(|state| {
+                !matches!(state.status, TaskStatus::Accepted(_))
+                    && is_live(&state.status, self.is_connected(&state.trainer))
+            })
         });
         referee_running
             || self.pairs.iter().any(|(original, replica)| {
@@ -2194,13 +2202,14 @@ impl Engine {
         }));
         // Referee tasks that did not deliver are given up, which hands their disputes back.
         let unfinished: Vec<TaskId> = self
-            .tasks
+            .referee_tasks
             .iter()
-            .filter(|(_, state)| {
-                state.referee.is_some()
-                    && matches!(state.status, TaskStatus::Working | TaskStatus::Uploading(_))
+            .copied()
+            .filter(|task| {
+                self.tasks.get(task).is_some_and(|state| {
+                    matches!(state.status, TaskStatus::Working | TaskStatus::Uploading(_))
+                })
             })
-            .map(|(task, _)| *task)
             .collect();
         for task in unfinished {
             self.set_status(task, TaskStatus::Failed);
