@@ -6,7 +6,8 @@
 //! Work is credited for deltas that were aggregated, for replicas that agreed with the task
 //! they repeated and for referees that settled a dispute (checking is work for the experiment
 //! too); a delta withheld because its replica disagreed earns nothing until a referee clears
-//! it, and then counts as verified. The trainer a referee finds at fault is flagged.
+//! it, and then counts as verified. The trainer a referee finds at fault is flagged, and its
+//! deltas accepted after that are barred: they earn nothing.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,8 @@ pub struct Credit {
     pub disputed: u64,
     /// Disputes a referee settled against it.
     pub flagged: u64,
+    /// Deltas accepted after it was flagged, which did not count.
+    pub barred: u64,
     /// Rounds it contributed to.
     pub rounds: u64,
     /// The work those deltas stand for: the sum of their justified weights (tokens trained, or
@@ -57,6 +60,7 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         verified: 0,
         disputed: 0,
         flagged: 0,
+        barred: 0,
         rounds: 0,
         work: 0,
         share: 0.0,
@@ -79,6 +83,12 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         for check in checks.clone() {
             verdicts.insert(check.counted, check.verdict);
         }
+        let barred: std::collections::BTreeSet<_> = entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.barred)
+            .map(|barred| barred.hash)
+            .collect();
         let credit_work = |trainer: &TrainerId, weight: u64, by_trainer: &mut BTreeMap<_, _>| {
             let credit: &mut Credit = by_trainer.entry(*trainer).or_insert_with(|| blank(trainer));
             credit.work = credit.work.saturating_add(weight);
@@ -90,13 +100,15 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         };
         for delta in &entry.accepted {
             let verdict = verdicts.get(&delta.hash).copied();
-            if verdict != Some(CheckVerdict::Disagree) {
+            let is_barred = barred.contains(&delta.hash);
+            if verdict != Some(CheckVerdict::Disagree) && !is_barred {
                 credit_work(&delta.trainer, delta.weight, &mut by_trainer);
             }
             let credit = by_trainer
                 .entry(delta.trainer)
                 .or_insert_with(|| blank(&delta.trainer));
             credit.accepted += 1;
+            credit.barred += u64::from(is_barred);
             match verdict {
                 Some(CheckVerdict::Agree) => credit.verified += 1,
                 Some(CheckVerdict::Disagree) => credit.disputed += 1,
@@ -189,17 +201,18 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
 /// The table as CSV, with a header line.
 pub fn to_csv(credits: &[Credit]) -> String {
     let mut out = String::from(
-        "trainer,accepted,verified,disputed,flagged,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
+        "trainer,accepted,verified,disputed,flagged,barred,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
     );
     let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_default();
     for c in credits {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{:.6},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{:.6},{},{},{},{}\n",
             c.trainer,
             c.accepted,
             c.verified,
             c.disputed,
             c.flagged,
+            c.barred,
             c.rounds,
             c.work,
             c.share,
@@ -215,12 +228,13 @@ pub fn to_csv(credits: &[Credit]) -> String {
 /// The table as aligned text.
 pub fn to_table(credits: &[Credit]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
+        "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
         "trainer",
         "accepted",
         "verified",
         "disputed",
         "flagged",
+        "barred",
         "rounds",
         "work",
         "share",
@@ -229,12 +243,13 @@ pub fn to_table(credits: &[Credit]) -> String {
     );
     for c in credits {
         out.push_str(&format!(
-            "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
+            "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
             &c.trainer[..16.min(c.trainer.len())],
             c.accepted,
             c.verified,
             c.disputed,
             c.flagged,
+            c.barred,
             c.rounds,
             c.work,
             100.0 * c.share,
@@ -349,6 +364,7 @@ mod tests {
         };
         let mut round = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         round.verification = Some(RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: vec![
                 check(1, 3, CheckVerdict::Agree),
@@ -383,12 +399,14 @@ mod tests {
         // replica's trainer cleared and credited, the referee credited for the check.
         let mut disputed = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         disputed.verification = Some(RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: vec![check(2, 4, CheckVerdict::Disagree)],
             referees: Vec::new(),
         });
         let mut settled = entry(1, vec![accepted(1, 64)], vec![]);
         settled.verification = Some(RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![tributary_shared::ledger::RefereeCheck {
@@ -403,7 +421,16 @@ mod tests {
                 outcome: tributary_shared::ledger::RefereeOutcome::CountedFlagged,
             }],
         });
-        let table = credits(&[disputed, settled]);
+        // Its next delta is barred: accepted, but no work credited.
+        let mut later = entry(2, vec![accepted(2, 64)], vec![]);
+        later.verification = Some(RoundVerification {
+            barred: vec![tributary_shared::ledger::BarredDelta {
+                hash: BlobHash([2; 32]),
+                trainer: TrainerId([2; 32]),
+            }],
+            ..RoundVerification::default()
+        });
+        let table = credits(&[disputed, settled, later]);
         let find = |n: u8| {
             table
                 .iter()
@@ -411,7 +438,16 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        assert_eq!((find(2).flagged, find(2).disputed, find(2).work), (1, 1, 0));
+        assert_eq!(
+            (
+                find(2).flagged,
+                find(2).disputed,
+                find(2).work,
+                find(2).barred
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(find(2).accepted, 2);
         assert_eq!(
             (find(4).flagged, find(4).disputed, find(4).verified),
             (0, 0, 1)

@@ -4,14 +4,19 @@
 //! The adapter before the round, the accepted deltas (sorted by hash, with their weights), the
 //! second deltas of replicated tasks and the server optimizer state determine the replica checks,
 //! the aggregate, the adapter after and the new optimizer state, bit for bit. A counted delta
-//! whose replica disagrees is withheld from the aggregate.
+//! whose replica disagrees is withheld from the aggregate, and so is every delta of a trainer a
+//! referee has flagged (in an earlier round or this one).
 
+use std::collections::BTreeSet;
 use tributary_shared::aggregate::{
     aggregate, screen, AggregateError, Contribution, OptimizerState,
 };
 use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::ledger::{AcceptedDelta, RefereeCheck, ReplicaCheck, RoundVerification};
+
+use tributary_shared::ledger::{
+    AcceptedDelta, BarredDelta, RefereeCheck, ReplicaCheck, RoundVerification,
+};
 use tributary_shared::replica::{compare, referee};
 use tributary_shared::{BlobHash, Delta};
 use tributary_shared::{RoundId, TrainerId};
@@ -196,22 +201,54 @@ pub fn check_replicas(
         screening: Vec::new(),
         checks,
         referees: Vec::new(),
+        barred: Vec::new(),
     }
 }
 
-/// Runs the replica checks, aggregation of the deltas they do not withhold, and the server
-/// step. With every delta withheld the aggregate is zero.
+/// Bars the accepted deltas of trainers flagged before this round (`flagged`) or by this
+/// round's referees, in hash order; a delta already withheld by its replica check is left to it.
+fn bar_flagged(
+    verification: &mut RoundVerification,
+    deltas: &[(AcceptedDelta, Delta)],
+    flagged: &BTreeSet<TrainerId>,
+) {
+    let flagged: BTreeSet<TrainerId> = flagged
+        .iter()
+        .copied()
+        .chain(verification.flagged())
+        .collect();
+    let disputed: BTreeSet<BlobHash> = verification.disputed().collect();
+    let mut barred: Vec<BarredDelta> = deltas
+        .iter()
+        .map(|(accepted, _)| accepted)
+        .filter(|accepted| {
+            flagged.contains(&accepted.trainer) && !disputed.contains(&accepted.hash)
+        })
+        .map(|accepted| BarredDelta {
+            hash: accepted.hash,
+            trainer: accepted.trainer,
+        })
+        .collect();
+    barred.sort_by_key(|barred| barred.hash);
+    verification.barred = barred;
+}
+
+/// Runs the replica checks and referees, bars flagged trainers' deltas, aggregates the rest and
+/// takes the server step. `flagged` holds the trainers flagged in earlier entries. With every
+/// delta withheld the aggregate is zero.
 pub fn derive_round(
     config: &ExperimentConfig,
     adapter_before: &Delta,
     deltas: &[(AcceptedDelta, Delta)],
     replicas: &[Replica],
     refereed: &[Refereed],
+    flagged: &BTreeSet<TrainerId>,
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
     let mut verification = check_replicas(config, deltas, replicas);
     verification.referees = settle_disputes(config, refereed);
-    let withheld: Vec<BlobHash> = verification.withheld().collect();
+    bar_flagged(&mut verification, deltas, flagged);
+    let withheld: BTreeSet<BlobHash> = verification.withheld().collect();
     let contributions: Vec<Contribution<'_>> = deltas
         .iter()
         .filter(|(accepted, _)| !withheld.contains(&accepted.hash))
@@ -243,16 +280,36 @@ pub fn derive_round(
     })
 }
 
+/// What a round's ledger entry (or the engine, at close) names as its inputs; the deltas
+/// themselves are loaded from the blob store.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundInputs<'a> {
+    /// The adapter the round started from.
+    pub adapter_before: &'a BlobHash,
+    /// Its accepted deltas, sorted by hash.
+    pub accepted: &'a [AcceptedDelta],
+    /// Second deltas of replicated tasks, beside the counted delta's hash.
+    pub replicas: &'a [(BlobHash, AcceptedDelta)],
+    /// Referee deltas and the disputes they settle.
+    pub referees: &'a [RefereeInput],
+    /// Trainers flagged in earlier entries.
+    pub flagged: &'a BTreeSet<TrainerId>,
+}
+
 /// Loads a round's inputs from the blob store and derives it.
 pub fn derive_from_store(
     config: &ExperimentConfig,
     blobs: &dyn BlobSource,
-    adapter_before: &BlobHash,
-    accepted: &[AcceptedDelta],
-    replicas: &[(BlobHash, AcceptedDelta)],
-    referees: &[RefereeInput],
+    inputs: RoundInputs<'_>,
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
+    let RoundInputs {
+        adapter_before,
+        accepted,
+        replicas,
+        referees,
+        flagged,
+    } = inputs;
     let max_elements = config
         .adapter
         .layout()
@@ -296,7 +353,9 @@ pub fn derive_from_store(
         .zip(replica_deltas)
         .map(|((counted, _), (replica, delta))| (*counted, replica, delta))
         .collect();
-    derive_round(config, &adapter, &deltas, &replicas, &refereed, state)
+    derive_round(
+        config, &adapter, &deltas, &replicas, &refereed, flagged, state,
+    )
 }
 
 /// Loads each delta; those gone or damaged for good are added to `unreadable` and left out, any
@@ -426,5 +485,83 @@ mod tests {
             assert_eq!(decode_state(hash, &bytes, 100).unwrap(), state);
             assert!(decode_state(hash, &bytes[..bytes.len() - 1], 100).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod barring {
+    use super::*;
+    use tributary_shared::config::{AdapterSpec, ExperimentConfig};
+    use tributary_shared::{NamedTensor, TaskId};
+
+    fn accepted(n: u8) -> AcceptedDelta {
+        AcceptedDelta {
+            hash: BlobHash([n; 32]),
+            trainer: TrainerId([n; 32]),
+            weight: 1,
+            claimed_samples: 1,
+            reported_train_loss: 1.0,
+            byte_len: 8,
+            task: TaskId(u64::from(n)),
+            reported_steps: 1,
+            reported_tokens: 1,
+            reported_train_ms: 1,
+            signature: Vec::new(),
+        }
+    }
+
+    fn delta(values: [f32; 2]) -> Delta {
+        Delta::new(vec![
+            NamedTensor::new("w", vec![2], values.to_vec()).unwrap()
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_flagged_trainers_deltas_are_barred_and_the_rest_aggregate_as_if_it_were_absent() {
+        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
+            include_str!("../../experiments/ci-tiny.toml"),
+            "ci-tiny",
+            Default::default(),
+            &[],
+        )
+        .unwrap()
+        .pinned();
+        config.adapter = AdapterSpec::Synthetic {
+            params: 2,
+            tensors: 1,
+        };
+        let before = delta([0.0, 0.0]);
+        let deltas: Vec<(AcceptedDelta, Delta)> = (1..=4u8)
+            .map(|n| (accepted(n), delta([f32::from(n), 1.0])))
+            .collect();
+        let state = OptimizerState::default();
+        let flagged: BTreeSet<TrainerId> = [TrainerId([3; 32])].into();
+        let with_flag =
+            derive_round(&config, &before, &deltas, &[], &[], &flagged, &state).unwrap();
+        assert_eq!(
+            with_flag.verification.barred,
+            vec![BarredDelta {
+                hash: BlobHash([3; 32]),
+                trainer: TrainerId([3; 32]),
+            }]
+        );
+        let without: Vec<_> = deltas
+            .iter()
+            .filter(|(a, _)| a.trainer.0[0] != 3)
+            .cloned()
+            .collect();
+        let absent = derive_round(
+            &config,
+            &before,
+            &without,
+            &[],
+            &[],
+            &BTreeSet::new(),
+            &state,
+        )
+        .unwrap();
+        assert_eq!(with_flag.aggregate, absent.aggregate);
+        assert!(absent.verification.barred.is_empty());
     }
 }

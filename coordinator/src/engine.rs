@@ -328,6 +328,8 @@ pub struct RoundClose {
     pub replicas: Vec<(BlobHash, AcceptedDelta)>,
     /// Referee deltas that arrived, with the disputes they settle.
     pub referees: Vec<(Dispute, AcceptedDelta)>,
+    /// Trainers flagged by referees in committed rounds: their deltas do not count.
+    pub flagged: BTreeSet<TrainerId>,
     /// Refused submissions in order.
     pub rejected: Vec<RejectedSubmission>,
     /// Time from the round's first task to its close.
@@ -2196,6 +2198,7 @@ impl Engine {
                 .map(|(counted, delta)| (*counted, delta.clone()))
                 .collect(),
             referees: self.referee_results.clone(),
+            flagged: self.flags.keys().copied().collect(),
             rejected: self.rejected.clone(),
             duration,
             secret: self.secret,

@@ -183,7 +183,8 @@ fn model_card(
         "\n## Contributors\n\nBy the work credited to them from the ledger alone: aggregated deltas \
          and checks that agreed, each at the weight its task justified; a delta withheld by a \
          disagreeing re-execution earns nothing unless a referee clears it. Verified: tasks an \
-         independent re-execution matched. Flagged: disputes a referee settled against them.\n\n\
+         independent re-execution matched. Flagged: disputes a referee settled against them; a \
+         flagged trainer's later deltas count for nothing.\n\n\
          | trainer | deltas | verified | flagged | rounds | share of the work |\n\
          |---|---|---|---|---|---|\n",
     );

@@ -19,7 +19,7 @@ use tributary_shared::ledger::{
 use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId, TrainerId};
 
-use crate::derive::{derive_from_store, encode_exact, encode_state, RefereeInput};
+use crate::derive::{derive_from_store, encode_exact, encode_state, RefereeInput, RoundInputs};
 use crate::store::db::Db;
 use crate::store::{BlobSource, StoredBlobs};
 
@@ -288,6 +288,8 @@ fn verify_experiment(
     // Disputes recorded so far and not yet settled: (round, counted, counted trainer, replica,
     // replica trainer).
     let mut open_disputes = Vec::new();
+    // Trainers flagged by referees in the entries so far: their later deltas must be barred.
+    let mut flagged = std::collections::BTreeSet::new();
     for entry in &entries {
         let round = Some(entry.round);
         entry
@@ -337,17 +339,21 @@ fn verify_experiment(
         let derived = derive_from_store(
             &config,
             blobs,
-            &entry.adapter_before,
-            &entry.accepted,
-            &replicas,
-            &referees,
+            RoundInputs {
+                adapter_before: &entry.adapter_before,
+                accepted: &entry.accepted,
+                replicas: &replicas,
+                referees: &referees,
+                flagged: &flagged,
+            },
             &state,
         )
         .map_err(|e| fail(round, e.to_string()))?;
+        flagged.extend(recorded.flagged());
         if derived.verification != recorded {
             return Err(fail(
                 round,
-                "the replica checks do not re-derive to what the ledger records".into(),
+                "the verification record (replica checks, referees, barred deltas, screening) does not re-derive to what the ledger records".into(),
             ));
         }
         let aggregate = BlobHash::of(&encode_exact(&derived.aggregate));

@@ -84,12 +84,28 @@ pub struct RoundVerification {
     /// Disputes of earlier rounds settled by a third trainer in this round, in the order of
     /// (disputed round, counted delta's hash).
     pub referees: Vec<RefereeCheck>,
+    /// Accepted deltas kept out of the aggregate because their trainer was flagged by a
+    /// referee, in an earlier entry or in this one's `referees`, in hash order. A flagged
+    /// trainer's later work does not count.
+    pub barred: Vec<BarredDelta>,
+}
+
+/// An accepted delta whose trainer had been flagged (see [`RoundVerification::barred`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarredDelta {
+    /// The delta.
+    pub hash: BlobHash,
+    /// Its trainer.
+    pub trainer: TrainerId,
 }
 
 impl RoundVerification {
     /// Whether there is nothing to record.
     pub fn is_empty(&self) -> bool {
-        self.screening.is_empty() && self.checks.is_empty() && self.referees.is_empty()
+        self.screening.is_empty()
+            && self.checks.is_empty()
+            && self.referees.is_empty()
+            && self.barred.is_empty()
     }
 
     /// Trainers this round's referees found at fault.
@@ -97,8 +113,15 @@ impl RoundVerification {
         self.referees.iter().filter_map(RefereeCheck::flagged)
     }
 
-    /// Hashes of accepted deltas this record keeps out of the aggregate.
+    /// Hashes of accepted deltas this record keeps out of the aggregate: those whose replica
+    /// disagreed, then those of flagged trainers (never both).
     pub fn withheld(&self) -> impl Iterator<Item = BlobHash> + '_ {
+        self.disputed()
+            .chain(self.barred.iter().map(|barred| barred.hash))
+    }
+
+    /// Hashes of counted deltas whose replica disagreed.
+    pub fn disputed(&self) -> impl Iterator<Item = BlobHash> + '_ {
         self.checks
             .iter()
             .filter(|check| check.verdict != CheckVerdict::Agree)
@@ -678,6 +701,7 @@ mod tests {
             .unwrap()
             .signature;
         entries[1].verification = Some(RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: entries[1].accepted[0].hash,

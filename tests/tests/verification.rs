@@ -266,6 +266,53 @@ async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
                 }
             }
         }
+        // Once flagged (in the entry of round f), the cheater's deltas from round f on are
+        // barred, and nobody else's ever are.
+        let first_flag = outcome
+            .ledger
+            .iter()
+            .find(|e| {
+                e.verification
+                    .iter()
+                    .flat_map(|v| v.flagged())
+                    .any(|t| t == outcome.cheater)
+            })
+            .map(|e| e.round);
+        for entry in &outcome.ledger {
+            let barred: BTreeSet<_> = entry
+                .verification
+                .iter()
+                .flat_map(|v| &v.barred)
+                .map(|b| b.hash)
+                .collect();
+            let disputed: BTreeSet<_> = entry
+                .verification
+                .iter()
+                .flat_map(|v| v.disputed())
+                .collect();
+            for delta in &entry.accepted {
+                let expected = delta.trainer == outcome.cheater
+                    && first_flag.is_some_and(|f| entry.round >= f)
+                    && !disputed.contains(&delta.hash);
+                assert_eq!(
+                    barred.contains(&delta.hash),
+                    expected,
+                    "{}: round {} delta of {}",
+                    cheat.name(),
+                    entry.round,
+                    delta.trainer
+                );
+            }
+        }
+        eprintln!(
+            "{}: first flagged in round {first_flag:?}; barred deltas: {}",
+            cheat.name(),
+            outcome
+                .ledger
+                .iter()
+                .flat_map(|e| e.verification.iter().flat_map(|v| &v.barred))
+                .count()
+        );
     }
     honest_distances.sort_by(f64::total_cmp);
     honest_cosines.sort_by(f64::total_cmp);

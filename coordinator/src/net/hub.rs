@@ -16,7 +16,9 @@ use tributary_shared::wire::{ClientMessage, RejectReason, ServerMessage, UploadH
 use tributary_shared::{BlobHash, RoundId, TaskId, TrainerId};
 
 use crate::admission::Admission;
-use crate::derive::{derive_from_store, encode_exact, encode_state, DeriveError, Derived};
+use crate::derive::{
+    derive_from_store, encode_exact, encode_state, DeriveError, Derived, RoundInputs,
+};
 use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::connection::Outbox;
@@ -1024,6 +1026,19 @@ impl Hub {
                 );
             }
         }
+        for barred in derived
+            .entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.barred)
+        {
+            tracing::info!(
+                round = %round,
+                delta = %barred.hash.short(),
+                trainer = %barred.trainer,
+                "a flagged trainer's delta was barred from the aggregate"
+            );
+        }
         tracing::info!(
             round = %round,
             adapter = %derived.entry.adapter_after.short(),
@@ -1136,14 +1151,17 @@ fn derive_and_store(
     } = derive_from_store(
         config,
         &stored,
-        &close.adapter_before,
-        &close.accepted,
-        &close.replicas,
-        &close
-            .referees
-            .iter()
-            .map(crate::derive::RefereeInput::from)
-            .collect::<Vec<_>>(),
+        RoundInputs {
+            adapter_before: &close.adapter_before,
+            accepted: &close.accepted,
+            replicas: &close.replicas,
+            referees: &close
+                .referees
+                .iter()
+                .map(crate::derive::RefereeInput::from)
+                .collect::<Vec<_>>(),
+            flagged: &close.flagged,
+        },
         state,
     )
     .map_err(|error| match error {

@@ -1561,6 +1561,7 @@ mod tests {
         };
         // Round 0: task 5 (trainer 10) counted, its replica (task 6, trainer 11) disagrees.
         let disputed = RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: BlobHash([10; 32]),
@@ -1595,6 +1596,7 @@ mod tests {
         assert!(resume.flags.is_empty());
         // Round 2 settles it against the counted side.
         let settled = RoundVerification {
+            barred: Vec::new(),
             screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![RefereeCheck {
