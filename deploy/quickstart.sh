@@ -99,22 +99,28 @@ rows = [{
     "replicas": r["replica_tasks"],
     "checks": r["checks"],
     "disagree": r["disagreements"],
+    "loss_checks": r["loss_checks"],
+    "loss_failed": r["loss_checks_failed"],
+    "loss_improvement_min": r["loss_improvement_min"],
 } for r in experiment["rounds"]]
 fmt = lambda v: f"{v:.4f}" if v is not None else "-"
 print("train loss: as the trainers reported it (self-reported); held-out: median of the evaluators drawn")
 print("at random, and how many of them agreed with it (within 1 %)")
 print("tasks: training tasks issued, of which replicas (unannounced re-executions of another task);")
-print("checks: replicated tasks whose two deltas were compared, and how many disagreed")
-print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'agree':>5} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8} {'tasks':>8} {'checks':>8}")
+print("checks: replicated tasks whose two deltas were compared, and how many disagreed;")
+print("loss: deltas whose loss on their own training data was checked, and how many did not lower it")
+print(f"{'round':>5} {'train loss':>10} {'held-out':>9} {'agree':>5} {'bytes up':>10} {'f32 bytes':>10} {'accepted':>8} {'rejected':>8} {'tasks':>8} {'checks':>8} {'loss':>6}")
 print(f"{'base':>5} {'':>10} {fmt(base_loss):>9} {base_agree:>5}")
 for row in rows:
     tasks = f"{row['tasks']}({row['replicas']})"
     checks = f"{row['checks']}/{row['disagree']}"
-    print(f"{row['round']:>5} {fmt(row['train_loss']):>10} {fmt(row['eval_loss']):>9} {row['agree']:>5} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8} {row['rejected']:>8} {tasks:>8} {checks:>8}")
+    loss = f"{row['loss_checks']}/{row['loss_failed']}"
+    print(f"{row['round']:>5} {fmt(row['train_loss']):>10} {fmt(row['eval_loss']):>9} {row['agree']:>5} {row['bytes_up']:>10} {row['raw_bytes']:>10} {row['accepted']:>8} {row['rejected']:>8} {tasks:>8} {checks:>8} {loss:>6}")
 replicas = sum(row["replicas"] for row in rows)
 tasks_all = sum(row["tasks"] for row in rows)
 print(f"verification: {replicas} of {tasks_all} tasks were replicas, {replicas / max(tasks_all - replicas, 1):.1%} extra training; "
-      f"{sum(row['checks'] for row in rows)} checks, {sum(row['disagree'] for row in rows)} disagreed")
+      f"{sum(row['checks'] for row in rows)} checks, {sum(row['disagree'] for row in rows)} disagreed; "
+      f"{sum(row['loss_checks'] for row in rows)} loss checks, {sum(row['loss_failed'] for row in rows)} failed")
 up = sum(row["bytes_up"] for row in rows)
 raw = sum(row["raw_bytes"] for row in rows)
 print(f"bytes up {up} (compressed) for {raw} as f32: {up / max(raw, 1):.3f}")

@@ -365,6 +365,7 @@ mod tests {
         let mut round = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         round.verification = Some(RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: vec![
                 check(1, 3, CheckVerdict::Agree),
@@ -400,6 +401,7 @@ mod tests {
         let mut disputed = entry(0, vec![accepted(1, 64), accepted(2, 64)], vec![]);
         disputed.verification = Some(RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: vec![check(2, 4, CheckVerdict::Disagree)],
             referees: Vec::new(),
@@ -407,6 +409,7 @@ mod tests {
         let mut settled = entry(1, vec![accepted(1, 64)], vec![]);
         settled.verification = Some(RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![tributary_shared::ledger::RefereeCheck {

@@ -15,8 +15,9 @@ use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
 
 use tributary_shared::ledger::{
-    AcceptedDelta, BarredDelta, RefereeCheck, ReplicaCheck, RoundVerification,
+    AcceptedDelta, BarredDelta, LossCheck, RefereeCheck, ReplicaCheck, RoundVerification,
 };
+use tributary_shared::loss_check::{judge, LossAnswer, LossOutcome};
 use tributary_shared::replica::{compare, referee};
 use tributary_shared::{BlobHash, Delta};
 use tributary_shared::{RoundId, TrainerId};
@@ -202,11 +203,73 @@ pub fn check_replicas(
         checks,
         referees: Vec::new(),
         barred: Vec::new(),
+        loss_checks: Vec::new(),
     }
 }
 
+/// A settled loss check: the delta, its trainer and the evaluators' answers, to be judged
+/// ([`tributary_shared::loss_check::judge`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossCheckInput {
+    /// The round the delta was counted in.
+    pub round: RoundId,
+    /// The delta.
+    pub delta: BlobHash,
+    /// Its trainer.
+    pub trainer: TrainerId,
+    /// The answers.
+    pub answers: Vec<LossAnswer>,
+    /// Evaluators asked for.
+    pub wanted: u32,
+}
+
+impl From<&LossCheck> for LossCheckInput {
+    fn from(check: &LossCheck) -> Self {
+        Self {
+            round: check.round,
+            delta: check.delta,
+            trainer: check.trainer,
+            answers: check.answers.clone(),
+            wanted: check.wanted,
+        }
+    }
+}
+
+/// Judges each loss check, in the order of (round, delta); one that fails on a delta among
+/// `deltas` (this round's) withholds it.
+pub fn judge_loss_checks(
+    inputs: &[LossCheckInput],
+    deltas: &[(AcceptedDelta, Delta)],
+) -> Vec<LossCheck> {
+    let mut sorted: Vec<&LossCheckInput> = inputs.iter().collect();
+    sorted.sort_by_key(|input| (input.round, input.delta));
+    sorted
+        .into_iter()
+        .map(|input| {
+            let mut answers = input.answers.clone();
+            answers.sort_by_key(|answer| answer.evaluator);
+            let (improvement, outcome) = judge(&answers, input.wanted);
+            let withheld = outcome == LossOutcome::NotLowered
+                && deltas
+                    .iter()
+                    .any(|(accepted, _)| accepted.hash == input.delta);
+            LossCheck {
+                round: input.round,
+                delta: input.delta,
+                trainer: input.trainer,
+                answers,
+                wanted: input.wanted,
+                improvement,
+                outcome,
+                withheld,
+            }
+        })
+        .collect()
+}
+
 /// Bars the accepted deltas of trainers flagged before this round (`flagged`) or by this
-/// round's referees, in hash order; a delta already withheld by its replica check is left to it.
+/// round's referees and loss checks, in hash order; a delta already withheld otherwise is left
+/// to that.
 fn bar_flagged(
     verification: &mut RoundVerification,
     deltas: &[(AcceptedDelta, Delta)],
@@ -217,7 +280,7 @@ fn bar_flagged(
         .copied()
         .chain(verification.flagged())
         .collect();
-    let disputed: BTreeSet<BlobHash> = verification.disputed().collect();
+    let disputed: BTreeSet<BlobHash> = verification.withheld().collect();
     let mut barred: Vec<BarredDelta> = deltas
         .iter()
         .map(|(accepted, _)| accepted)
@@ -233,21 +296,37 @@ fn bar_flagged(
     verification.barred = barred;
 }
 
-/// Runs the replica checks and referees, bars flagged trainers' deltas, aggregates the rest and
-/// takes the server step. `flagged` holds the trainers flagged in earlier entries. With every
-/// delta withheld the aggregate is zero.
+/// What a round's deltas are checked against, loaded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checks<'a> {
+    /// Second deltas of replicated tasks.
+    pub replicas: &'a [Replica],
+    /// Referee deltas with the disputes they settle.
+    pub refereed: &'a [Refereed],
+    /// Loss checks settled while the round was open.
+    pub loss_checks: &'a [LossCheckInput],
+    /// Trainers flagged in earlier entries.
+    pub flagged: Option<&'a BTreeSet<TrainerId>>,
+}
+
+/// Runs the replica checks, referees and loss checks, bars flagged trainers' deltas,
+/// aggregates the rest and takes the server step. With every delta withheld the aggregate is
+/// zero.
 pub fn derive_round(
     config: &ExperimentConfig,
     adapter_before: &Delta,
     deltas: &[(AcceptedDelta, Delta)],
-    replicas: &[Replica],
-    refereed: &[Refereed],
-    flagged: &BTreeSet<TrainerId>,
+    checks: Checks<'_>,
     state: &OptimizerState,
 ) -> Result<Derived, DeriveError> {
-    let mut verification = check_replicas(config, deltas, replicas);
-    verification.referees = settle_disputes(config, refereed);
-    bar_flagged(&mut verification, deltas, flagged);
+    let mut verification = check_replicas(config, deltas, checks.replicas);
+    verification.referees = settle_disputes(config, checks.refereed);
+    verification.loss_checks = judge_loss_checks(checks.loss_checks, deltas);
+    bar_flagged(
+        &mut verification,
+        deltas,
+        checks.flagged.unwrap_or(&BTreeSet::new()),
+    );
     let withheld: BTreeSet<BlobHash> = verification.withheld().collect();
     let contributions: Vec<Contribution<'_>> = deltas
         .iter()
@@ -292,6 +371,8 @@ pub struct RoundInputs<'a> {
     pub replicas: &'a [(BlobHash, AcceptedDelta)],
     /// Referee deltas and the disputes they settle.
     pub referees: &'a [RefereeInput],
+    /// Loss checks settled while the round was open.
+    pub loss_checks: &'a [LossCheckInput],
     /// Trainers flagged in earlier entries.
     pub flagged: &'a BTreeSet<TrainerId>,
 }
@@ -308,6 +389,7 @@ pub fn derive_from_store(
         accepted,
         replicas,
         referees,
+        loss_checks,
         flagged,
     } = inputs;
     let max_elements = config
@@ -354,7 +436,16 @@ pub fn derive_from_store(
         .map(|((counted, _), (replica, delta))| (*counted, replica, delta))
         .collect();
     derive_round(
-        config, &adapter, &deltas, &replicas, &refereed, flagged, state,
+        config,
+        &adapter,
+        &deltas,
+        Checks {
+            replicas: &replicas,
+            refereed: &refereed,
+            loss_checks,
+            flagged: Some(flagged),
+        },
+        state,
     )
 }
 
@@ -537,8 +628,11 @@ mod barring {
             .collect();
         let state = OptimizerState::default();
         let flagged: BTreeSet<TrainerId> = [TrainerId([3; 32])].into();
-        let with_flag =
-            derive_round(&config, &before, &deltas, &[], &[], &flagged, &state).unwrap();
+        let checks = |flagged| Checks {
+            flagged: Some(flagged),
+            ..Checks::default()
+        };
+        let with_flag = derive_round(&config, &before, &deltas, checks(&flagged), &state).unwrap();
         assert_eq!(
             with_flag.verification.barred,
             vec![BarredDelta {
@@ -551,17 +645,107 @@ mod barring {
             .filter(|(a, _)| a.trainer.0[0] != 3)
             .cloned()
             .collect();
-        let absent = derive_round(
+        let nobody = BTreeSet::new();
+        let absent = derive_round(&config, &before, &without, checks(&nobody), &state).unwrap();
+        assert_eq!(with_flag.aggregate, absent.aggregate);
+        assert!(absent.verification.barred.is_empty());
+    }
+
+    #[test]
+    fn a_failed_loss_check_withholds_a_delta_of_this_round_and_bars_its_trainer_later() {
+        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
+            include_str!("../../experiments/ci-tiny.toml"),
+            "ci-tiny",
+            Default::default(),
+            &[],
+        )
+        .unwrap()
+        .pinned();
+        config.adapter = AdapterSpec::Synthetic {
+            params: 2,
+            tensors: 1,
+        };
+        let before = delta([0.0, 0.0]);
+        let deltas: Vec<(AcceptedDelta, Delta)> = (1..=4u8)
+            .map(|n| (accepted(n), delta([f32::from(n), 1.0])))
+            .collect();
+        let answer = |evaluator: u8, baseline: f32, loss: f32| LossAnswer {
+            evaluator: TrainerId([evaluator; 32]),
+            baseline,
+            loss,
+            tokens: 64,
+        };
+        let check = |round: u64, hash: u8, n: u8, loss: f32| LossCheckInput {
+            round: RoundId(round),
+            delta: BlobHash([hash; 32]),
+            trainer: TrainerId([n; 32]),
+            // Out of evaluator order: the record sorts them.
+            answers: vec![
+                answer(9, 3.0, loss),
+                answer(8, 3.0, loss),
+                answer(7, 9.0, 0.0),
+            ],
+            wanted: 3,
+        };
+        // Delta 2 of this round did not lower the loss; delta 1 did; trainer 3's delta of an
+        // earlier round did not either.
+        let inputs = [
+            check(5, 2, 2, 3.0),
+            check(5, 1, 1, 2.5),
+            check(4, 30, 3, 3.1),
+        ];
+        let state = OptimizerState::default();
+        let nobody = BTreeSet::new();
+        let derived = derive_round(
             &config,
             &before,
-            &without,
-            &[],
-            &[],
-            &BTreeSet::new(),
+            &deltas,
+            Checks {
+                loss_checks: &inputs,
+                flagged: Some(&nobody),
+                ..Checks::default()
+            },
             &state,
         )
         .unwrap();
-        assert_eq!(with_flag.aggregate, absent.aggregate);
-        assert!(absent.verification.barred.is_empty());
+        let record = &derived.verification;
+        let outcomes: Vec<_> = record
+            .loss_checks
+            .iter()
+            .map(|c| (c.round.0, c.delta.0[0], c.outcome, c.withheld))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                (4, 30, LossOutcome::NotLowered, false),
+                (5, 1, LossOutcome::Lowered, false),
+                (5, 2, LossOutcome::NotLowered, true),
+            ]
+        );
+        assert!(record.loss_checks[0]
+            .answers
+            .windows(2)
+            .all(|w| w[0].evaluator < w[1].evaluator));
+        assert_eq!(record.loss_checks[1].improvement, 0.5);
+        let flagged: BTreeSet<TrainerId> = record.flagged().collect();
+        assert_eq!(flagged, [TrainerId([2; 32]), TrainerId([3; 32])].into());
+        // Trainer 3's delta here is barred; delta 2 is withheld by its check, not barred.
+        assert_eq!(
+            record
+                .barred
+                .iter()
+                .map(|b| b.hash.0[0])
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        let withheld: BTreeSet<BlobHash> = record.withheld().collect();
+        assert_eq!(withheld, [BlobHash([2; 32]), BlobHash([3; 32])].into());
+        let kept: Vec<_> = deltas
+            .iter()
+            .filter(|(a, _)| !withheld.contains(&a.hash))
+            .cloned()
+            .collect();
+        let plain = derive_round(&config, &before, &kept, Checks::default(), &state).unwrap();
+        assert_eq!(derived.aggregate, plain.aggregate);
     }
 }

@@ -47,14 +47,17 @@ use tributary_shared::config::ExperimentConfig;
 use tributary_shared::ledger::{AcceptedDelta, RejectedSubmission};
 use tributary_shared::selection::RoundSecret;
 use tributary_shared::wire::{
-    DataAssignment, EvalSpec, RejectReason, ServerMessage, TaskSpec, TrainingPlan, UploadHeader,
+    DataAssignment, EvalSpec, LossCheckSpec, RejectReason, ServerMessage, TaskSpec, TrainingPlan,
+    UploadHeader,
 };
 
+use crate::derive::LossCheckInput;
 use crate::evaluation::Evaluations;
 use crate::evaluation::Settled;
 pub use crate::evaluation::{
-    EvalAnswer, EvalConfig, EvalFailure, EvalOutcome, EvalTarget, EvaluatorEvent,
+    EvalAnswer, EvalConfig, EvalFailure, EvalOutcome, EvalTarget, EvaluatorEvent, LossCheckTarget,
 };
+use tributary_shared::loss_check::LossAnswer;
 use tributary_shared::{
     BlobHash, CertificateHash, ExperimentId, ExperimentUid, Layout, RoundId, TaskId, TrainerId,
 };
@@ -114,6 +117,9 @@ pub struct EngineConfig {
     pub replicate: f64,
     /// Flags after which a trainer gets no more tasks.
     pub exclude_after: u32,
+    /// Share of counted deltas whose loss on their training data evaluators check, 0 to 1
+    /// (0 without evaluation, or on synthetic or local data).
+    pub loss_check: f64,
 }
 
 impl EngineConfig {
@@ -155,6 +161,11 @@ impl EngineConfig {
                 }),
             replicate: config.verification().replicate,
             exclude_after: config.verification().exclude_after,
+            loss_check: match config.data.dataset.as_str() {
+                "synthetic" | "local" => 0.0,
+                _ if config.evaluation.assignment(&config.data).is_none() => 0.0,
+                _ => config.verification().loss_check,
+            },
         })
     }
 }
@@ -330,6 +341,8 @@ pub struct RoundClose {
     pub referees: Vec<(Dispute, AcceptedDelta)>,
     /// Trainers flagged by referees in committed rounds: their deltas do not count.
     pub flagged: BTreeSet<TrainerId>,
+    /// Loss checks settled since the last commit.
+    pub loss_checks: Vec<LossCheckInput>,
     /// Refused submissions in order.
     pub rejected: Vec<RejectedSubmission>,
     /// Time from the round's first task to its close.
@@ -593,6 +606,10 @@ pub struct Engine {
     disputes: VecDeque<(Dispute, u32)>,
     /// Referee deltas stored this round.
     referee_results: Vec<(Dispute, AcceptedDelta)>,
+    /// Loss checks settled and not yet in a committed entry, oldest first.
+    loss_results: Vec<LossCheckInput>,
+    /// How many of them the round being closed carries (dropped once it commits).
+    loss_results_closing: usize,
     /// Flags per trainer.
     flags: BTreeMap<TrainerId, u32>,
     /// Trainers with `exclude_after` flags: no tasks, joins ignored.
@@ -694,6 +711,8 @@ impl Engine {
             pending_replicas: VecDeque::new(),
             disputes: resume.disputes.into_iter().map(|d| (d, 0)).collect(),
             referee_results: resume.referee_results,
+            loss_results: Vec::new(),
+            loss_results_closing: 0,
             flags: resume.flags.into_iter().collect(),
             excluded: BTreeSet::new(),
             rejected: resume.rejected,
@@ -958,14 +977,13 @@ impl Engine {
                     Some(upload.header.hash),
                     refusal.clone(),
                 );
-                // A refused upload for the trainer's own open task of a replicated pair ends
-                // that task, as a refused body does: otherwise a trainer could keep the pair
-                // (and the round) waiting by sending only refusable uploads.
+                // A refused upload for the trainer's own open task ends that task, as a
+                // refused body does, and a replacement goes out: otherwise a trainer could keep
+                // the round (or a replicated pair) waiting until its deadline by sending only
+                // refusable uploads, such as a replay of an earlier delta.
                 let task = upload.header.task;
                 let own_open_task = self.tasks.get(&task).is_some_and(|state| {
-                    state.trainer == connection_trainer
-                        && state.status == TaskStatus::Working
-                        && state.partner().is_some()
+                    state.trainer == connection_trainer && state.status == TaskStatus::Working
                 });
                 if own_open_task && !refusal.is_coordinator_fault() {
                     self.set_status(task, TaskStatus::Failed);
@@ -1225,6 +1243,12 @@ impl Engine {
         if self.phase != Phase::Closing || round != self.round {
             return;
         }
+        // After the last round no entry could record a loss check.
+        let loss_checks = if round.0 + 1 >= self.config.rounds {
+            Vec::new()
+        } else {
+            self.loss_check_targets(round)
+        };
         self.secret = next_secret;
         self.adapter = adapter;
         self.adapter_len = adapter_len;
@@ -1242,6 +1266,9 @@ impl Engine {
         self.referee_tasks.clear();
         self.pending_replicas.clear();
         self.referee_results.clear();
+        self.loss_results
+            .drain(..self.loss_results_closing.min(self.loss_results.len()));
+        self.loss_results_closing = 0;
         self.rejected = std::mem::take(&mut self.rejected_next);
         self.refusal_counts.clear();
         self.tasks.clear();
@@ -1253,11 +1280,11 @@ impl Engine {
         self.round_started = None;
         self.deadline = None;
         if self.config.evaluation.is_some() {
-            self.evals.enqueue(EvalTarget {
-                after_round: Some(round),
-                adapter,
-                adapter_len,
-            });
+            self.evals
+                .enqueue(EvalTarget::held_out(Some(round), adapter, adapter_len));
+            for target in loss_checks {
+                self.evals.enqueue(target);
+            }
             self.dispatch_evaluations(now);
         }
         let connected: Vec<TrainerId> = self.connected_trainers().collect();
@@ -1269,6 +1296,19 @@ impl Engine {
         }
         if self.round.0 >= self.config.rounds {
             self.phase = Phase::Finished;
+            // No later entry could record them.
+            self.loss_results.clear();
+            for (task, trainer) in self.evals.drop_loss_checks() {
+                self.actions.push_back(Action::Send {
+                    trainer,
+                    message: ServerMessage::TaskCancelled {
+                        task,
+                        detail: "the experiment is over".into(),
+                    },
+                });
+            }
+            // The evaluators freed score the final adapter.
+            self.dispatch_evaluations(now);
             self.actions.push_back(Action::Finished { adapter });
             self.announce_finish_when_scored();
         } else {
@@ -1385,7 +1425,9 @@ impl Engine {
 
     // ---- inputs: evaluations ----
 
-    /// A trainer reported the score of an evaluation task.
+    /// A trainer reported the score of an evaluation task (the fields of
+    /// [`tributary_shared::wire::ClientMessage::EvalResult`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_eval_result(
         &mut self,
         now: Instant,
@@ -1394,18 +1436,36 @@ impl Engine {
         adapter: BlobHash,
         loss: f32,
         tokens: u64,
+        baseline: Option<f32>,
     ) {
-        match self.evals.answer(trainer, task, adapter, loss, tokens) {
+        match self
+            .evals
+            .answer(trainer, task, adapter, loss, tokens, baseline)
+        {
             Ok(answered) => {
-                self.actions
-                    .push_back(Action::RecordEvaluator(answered.event));
+                // A loss check's answers go to the next ledger entry, not to the scores.
+                if answered.event.target.check.is_none() {
+                    self.actions
+                        .push_back(Action::RecordEvaluator(answered.event));
+                }
                 if let Some(outcome) = answered.outcome {
-                    self.actions.push_back(Action::RecordEvaluation(outcome));
+                    self.record_outcome(outcome);
                 }
                 self.dispatch_evaluations(now);
                 self.announce_finish_when_scored();
             }
-            Err(refusal) => {
+            Err(mut refusal) => {
+                // An answer to an evaluation taken back a moment ago (settled, cancelled, the
+                // experiment over) is late, not a fault.
+                let issued = task < self.next_task
+                    && !self.tasks.contains_key(&task)
+                    && !self.evals.is_eval_task(task);
+                if refusal.reason == RejectReason::NotSelected && issued {
+                    refusal = Refusal::new(
+                        RejectReason::Late,
+                        format!("evaluation {} was taken back before this answer", task.0),
+                    );
+                }
                 // Counted, not recorded: the ledger lists refused deltas, and an evaluation is
                 // not one.
                 self.actions.push_back(Action::RecordRejection {
@@ -1472,7 +1532,7 @@ impl Engine {
             self.actions.push_back(Action::RecordEvalTask {
                 task,
                 trainer,
-                adapter: target.adapter,
+                adapter: target.key(),
             });
             let message = self.eval_message(&eval, task, &target, eval.timeout);
             self.actions.push_back(Action::Send { trainer, message });
@@ -1488,7 +1548,7 @@ impl Engine {
             outcomes,
             abandoned,
         } = settled;
-        for event in failed {
+        for event in failed.into_iter().filter(|e| e.target.check.is_none()) {
             self.actions.push_back(Action::RecordEvaluator(event));
         }
         for (task, trainer) in cancelled {
@@ -1503,12 +1563,39 @@ impl Engine {
             });
         }
         for outcome in outcomes {
-            self.actions.push_back(Action::RecordEvaluation(outcome));
+            self.record_outcome(outcome);
         }
         for target in abandoned {
             self.actions.push_back(Action::EvaluationAbandoned(target));
         }
         self.announce_finish_when_scored();
+    }
+
+    /// Records a settled score, or keeps a settled loss check for the next ledger entry.
+    fn record_outcome(&mut self, outcome: EvalOutcome) {
+        let Some(check) = &outcome.target.check else {
+            self.actions.push_back(Action::RecordEvaluation(outcome));
+            return;
+        };
+        let Some(round) = outcome.target.after_round else {
+            return;
+        };
+        self.loss_results.push(LossCheckInput {
+            round,
+            delta: check.delta,
+            trainer: check.trainer,
+            answers: outcome
+                .answers
+                .iter()
+                .map(|answer| LossAnswer {
+                    evaluator: answer.trainer,
+                    baseline: answer.baseline.unwrap_or(f32::NAN),
+                    loss: answer.loss,
+                    tokens: answer.tokens,
+                })
+                .collect(),
+            wanted: outcome.wanted,
+        });
     }
 
     /// After the last round, trainers hear that the experiment is over only once every adapter
@@ -1544,10 +1631,18 @@ impl Engine {
             base_model_hash: self.config.base_model_hash,
             adapter: target.adapter,
             adapter_len: target.adapter_len,
-            data: eval.data.clone(),
+            data: target
+                .check
+                .as_ref()
+                .map_or_else(|| eval.data.clone(), |check| check.data.clone()),
             plan: self.config.plan.clone(),
             max_sequences: eval.max_sequences,
             deadline_ms: due.as_millis() as u64,
+            check: target.check.as_ref().map(|check| LossCheckSpec {
+                delta: check.delta,
+                delta_len: check.delta_len,
+                seed: check.seed,
+            }),
         }))
     }
 
@@ -1957,7 +2052,65 @@ impl Engine {
             .deadline
             .map(|deadline| deadline.saturating_duration_since(now).as_millis() as u64)
             .unwrap_or(0);
-        let data = match self.config.data.dataset.as_str() {
+        let data = self.data_assignment(spec);
+        ServerMessage::Task(Box::new(TaskSpec {
+            task,
+            experiment: self.config.experiment.clone(),
+            experiment_uid: self.config.experiment_uid,
+            round: self.round,
+            base_model: self.config.base_model.clone(),
+            base_model_hash: self.config.base_model_hash,
+            adapter,
+            adapter_len,
+            data,
+            plan: self.config.plan.clone(),
+            seed,
+            deadline_ms,
+            max_upload_bytes: self.config.max_upload_bytes,
+        }))
+    }
+
+    /// Loss checks of the committed round's counted deltas drawn under its secret (before the
+    /// engine moves on to the next round). They go out only once the round is committed, so
+    /// no evaluator sees a delta while it could still submit a copy of it in the same round.
+    fn loss_check_targets(&self, round: RoundId) -> Vec<EvalTarget> {
+        if self.config.loss_check <= 0.0 || self.config.evaluation.is_none() {
+            return Vec::new();
+        }
+        self.accepted
+            .values()
+            .filter(|delta| self.secret.loss_checks(delta.task, self.config.loss_check))
+            .map(|delta| {
+                let spec = self
+                    .tasks
+                    .get(&delta.task)
+                    .and_then(|state| state.repeats)
+                    .unwrap_or(delta.task);
+                EvalTarget {
+                    after_round: Some(round),
+                    adapter: self.adapter,
+                    adapter_len: self.adapter_len,
+                    check: Some(LossCheckTarget {
+                        delta: delta.hash,
+                        delta_len: delta.byte_len,
+                        trainer: delta.trainer,
+                        data: self.data_assignment(spec),
+                        seed: self.secret.task_seed(spec),
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether `trainer` may download `hash` as the delta of a loss check it was given, and
+    /// its length. Deltas are otherwise never served.
+    pub fn loss_check_download(&self, trainer: TrainerId, hash: &BlobHash) -> Option<u64> {
+        self.evals.loss_check_assigned(trainer, hash)
+    }
+
+    /// The data task `spec` trains on.
+    fn data_assignment(&self, spec: TaskId) -> DataAssignment {
+        match self.config.data.dataset.as_str() {
             "synthetic" => DataAssignment::Synthetic {
                 samples: self.config.data.samples_per_task,
             },
@@ -1977,22 +2130,7 @@ impl Engine {
                         .collect(),
                 }
             }
-        };
-        ServerMessage::Task(Box::new(TaskSpec {
-            task,
-            experiment: self.config.experiment.clone(),
-            experiment_uid: self.config.experiment_uid,
-            round: self.round,
-            base_model: self.config.base_model.clone(),
-            base_model_hash: self.config.base_model_hash,
-            adapter,
-            adapter_len,
-            data,
-            plan: self.config.plan.clone(),
-            seed,
-            deadline_ms,
-            max_upload_bytes: self.config.max_upload_bytes,
-        }))
+        }
     }
 
     fn check_header(
@@ -2187,6 +2325,7 @@ impl Engine {
                 });
             }
         }
+        self.loss_results_closing = self.loss_results.len();
         self.actions.push_back(Action::CloseRound(RoundClose {
             round: self.round,
             adapter_before: self.adapter,
@@ -2199,6 +2338,7 @@ impl Engine {
                 .collect(),
             referees: self.referee_results.clone(),
             flagged: self.flags.keys().copied().collect(),
+            loss_checks: self.loss_results.clone(),
             rejected: self.rejected.clone(),
             duration,
             secret: self.secret,
@@ -2345,6 +2485,7 @@ mod tests {
             evaluation: None,
             replicate: 0.0,
             exclude_after: 2,
+            loss_check: 0.0,
         }
     }
 
@@ -2356,11 +2497,7 @@ mod tests {
                 ResumeState {
                     adapter: Some((BlobHash::of(b"adapter-0"), 100)),
                     next_task: TaskId(1),
-                    unevaluated: vec![EvalTarget {
-                        after_round: None,
-                        adapter: BlobHash::of(b"adapter-0"),
-                        adapter_len: 100,
-                    }],
+                    unevaluated: vec![EvalTarget::held_out(None, BlobHash::of(b"adapter-0"), 100)],
                     ..ResumeState::default()
                 },
             )
@@ -2623,6 +2760,7 @@ mod tests {
                         spec.adapter,
                         loss,
                         64,
+                        None,
                     );
                     self.drain();
                 }
@@ -2686,7 +2824,7 @@ mod tests {
         for ((index, spec), loss) in first.iter().zip([4.0, 0.5, 4.01]) {
             let trainer = h.id(*index);
             h.engine
-                .handle_eval_result(h.now, trainer, spec.task, spec.adapter, loss, 64);
+                .handle_eval_result(h.now, trainer, spec.task, spec.adapter, loss, 64, None);
             h.drain();
         }
         assert_eq!(h.evaluations.len(), 1);
@@ -2721,11 +2859,11 @@ mod tests {
         let other = 1 - index;
         let (who, stranger) = (h.id(index), h.id(other));
         h.engine
-            .handle_eval_result(h.now, stranger, spec.task, spec.adapter, 3.0, 64);
+            .handle_eval_result(h.now, stranger, spec.task, spec.adapter, 3.0, 64, None);
         h.engine
-            .handle_eval_result(h.now, who, spec.task, spec.adapter, f32::NAN, 64);
+            .handle_eval_result(h.now, who, spec.task, spec.adapter, f32::NAN, 64, None);
         h.engine
-            .handle_eval_result(h.now, who, spec.task, BlobHash::of(b"x"), 3.0, 64);
+            .handle_eval_result(h.now, who, spec.task, BlobHash::of(b"x"), 3.0, 64, None);
         h.drain();
         let reasons: Vec<RejectReason> = h.rejections.iter().map(|r| r.reason).collect();
         assert_eq!(
@@ -2738,7 +2876,7 @@ mod tests {
         );
         assert!(h.evaluations.is_empty());
         h.engine
-            .handle_eval_result(h.now, who, spec.task, spec.adapter, 3.0, 64);
+            .handle_eval_result(h.now, who, spec.task, spec.adapter, 3.0, 64, None);
         h.drain();
         assert_eq!(h.evaluations.len(), 1);
         for index in h.tasked() {
@@ -2773,8 +2911,15 @@ mod tests {
         assert!(third != first && third != second);
         assert_eq!(last.adapter, spec.adapter);
         // The stalled trainer's late answer no longer counts.
-        h.engine
-            .handle_eval_result(h.now, h.id(second), again.task, again.adapter, 3.0, 64);
+        h.engine.handle_eval_result(
+            h.now,
+            h.id(second),
+            again.task,
+            again.adapter,
+            3.0,
+            64,
+            None,
+        );
         h.drain();
         assert!(h.evaluations.is_empty());
         h.answer_evals(3.0);
@@ -2815,10 +2960,12 @@ mod tests {
     #[test]
     fn a_resumed_engine_scores_every_adapter_that_was_not_scored() {
         let targets: Vec<EvalTarget> = (0u64..3)
-            .map(|r| EvalTarget {
-                after_round: r.checked_sub(1).map(RoundId),
-                adapter: BlobHash::of(format!("adapter-{r}").as_bytes()),
-                adapter_len: 100,
+            .map(|r| {
+                EvalTarget::held_out(
+                    r.checked_sub(1).map(RoundId),
+                    BlobHash::of(format!("adapter-{r}").as_bytes()),
+                    100,
+                )
             })
             .collect();
         let resume = ResumeState {
@@ -2883,11 +3030,13 @@ mod tests {
 
     #[test]
     fn every_bad_submission_is_refused_with_its_reason() {
-        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 6);
+        // Spare trainers: each refusal of a trainer's own upload ends its task, and a
+        // replacement goes out.
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
         harness.join_all();
         let tasked = harness.tasked();
         assert_eq!(tasked.len(), 5);
-        let (a, b, c) = (tasked[0], tasked[1], tasked[2]);
+        let (a, b, c, d, e) = (tasked[0], tasked[1], tasked[2], tasked[3], tasked[4]);
         let task_a = harness.open_task(a).unwrap();
         let check =
             |harness: &mut Harness, index: usize, upload: UploadHeader, reason: RejectReason| {
@@ -2895,7 +3044,14 @@ mod tests {
                 let result = harness
                     .engine
                     .handle_submission_header(harness.now, id, &upload);
-                assert_eq!(result.map_err(|r| r.reason), Err(reason));
+                let refusal = result.expect_err("refused");
+                assert_eq!(refusal.reason, reason);
+                // The driver sends a header's refusal.
+                harness
+                    .inbox
+                    .entry(id)
+                    .or_default()
+                    .push(refusal.message(upload.header.task, Some(upload.header.hash)));
                 harness.drain();
                 assert_eq!(harness.rejections.last().unwrap().reason, reason);
             };
@@ -2910,14 +3066,17 @@ mod tests {
         future.round = RoundId(5);
         let upload = harness.header(a, &future, b"x");
         check(&mut harness, a, upload, RejectReason::Stale);
+        assert_eq!(harness.tasked().len(), 5, "the refused task was replaced");
         // Too large.
+        let task_d = harness.open_task(d).unwrap();
         let big = vec![0u8; 2000];
-        let upload = harness.header(a, &task_a, &big);
-        check(&mut harness, a, upload, RejectReason::TooLarge);
+        let upload = harness.header(d, &task_d, &big);
+        check(&mut harness, d, upload, RejectReason::TooLarge);
         // A failed byte-level check is recorded, sent, and the task replaced.
-        let upload = harness.header(a, &task_a, b"nan");
+        let task_e = harness.open_task(e).unwrap();
+        let upload = harness.header(e, &task_e, b"nan");
         harness.fail_upload(
-            a,
+            e,
             &upload,
             Refusal::new(RejectReason::NonFinite, "nan at 0"),
         );
@@ -2925,7 +3084,7 @@ mod tests {
             harness.rejections.last().unwrap().reason,
             RejectReason::NonFinite
         );
-        assert!(harness.inbox[&harness.id(a)].iter().any(|m| matches!(
+        assert!(harness.inbox[&harness.id(e)].iter().any(|m| matches!(
             m,
             ServerMessage::SubmissionRejected {
                 reason: RejectReason::NonFinite,
@@ -2939,19 +3098,21 @@ mod tests {
         let task_b = harness.open_task(b).unwrap();
         let upload = harness.header(b, &task_b, b"other bytes");
         check(&mut harness, b, upload, RejectReason::Replay);
-        // Same bytes as b's delta from another trainer: replay by hash.
+        // Same bytes as b's delta from another trainer: replay by hash, and that trainer's
+        // task is over (a copier cannot hold the round until its deadline).
         let task_c = harness.open_task(c).unwrap();
         let body = format!("delta {} {}", b, task_b.round);
         let upload = harness.header(c, &task_c, body.as_bytes());
         check(&mut harness, c, upload, RejectReason::Replay);
+        assert!(harness.open_task(c).is_none());
         // Close round 0, then a submission for it is stale.
-        harness.submit(c).unwrap();
         let remaining: Vec<usize> = harness
             .tasked()
             .into_iter()
             .filter(|&i| i != b && i != c)
             .collect();
         harness.submit(remaining[0]).unwrap();
+        harness.submit(remaining[1]).unwrap();
         assert_eq!(harness.engine.round(), RoundId(1));
         let upload = harness.header(b, &task_b, b"late");
         check(&mut harness, b, upload, RejectReason::Stale);
@@ -3818,7 +3979,11 @@ mod tests {
             .handle_submission_header(harness.now, id, &upload)
             .unwrap_err();
         assert_eq!(refusal.reason, RejectReason::Malformed);
-        header.sample_count = 10;
+        // That ended the task; the other trainer's upload claims a NaN loss.
+        let index = harness.tasked()[1];
+        let task = harness.open_task(index).unwrap();
+        let id = harness.id(index);
+        let mut header = harness.header(index, &task, b"y").header;
         header.metrics.train_loss = f32::NAN;
         let upload = harness.trainers[index].sign_submission(header).unwrap();
         let refusal = harness

@@ -51,12 +51,49 @@ pub struct EvalConfig {
 /// An adapter to be scored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalTarget {
-    /// The round that produced it (`None`: the initial adapter).
+    /// The round that produced it (`None`: the initial adapter); for a loss check, the round
+    /// it started.
     pub after_round: Option<RoundId>,
     /// The adapter.
     pub adapter: BlobHash,
     /// Its encoded length.
     pub adapter_len: u64,
+    /// Present for a loss check of a delta trained from `adapter`.
+    pub check: Option<LossCheckTarget>,
+}
+
+impl EvalTarget {
+    /// A held-out evaluation of `adapter`.
+    pub fn held_out(after_round: Option<RoundId>, adapter: BlobHash, adapter_len: u64) -> Self {
+        Self {
+            after_round,
+            adapter,
+            adapter_len,
+            check: None,
+        }
+    }
+
+    /// What identifies it among the pending ones: the adapter, or a loss check's delta.
+    pub fn key(&self) -> BlobHash {
+        self.check
+            .as_ref()
+            .map_or(self.adapter, |check| check.delta)
+    }
+}
+
+/// The delta a loss check scores, and the task that trained it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossCheckTarget {
+    /// The delta.
+    pub delta: BlobHash,
+    /// Its encoded length.
+    pub delta_len: u64,
+    /// Its trainer, who never evaluates it.
+    pub trainer: TrainerId,
+    /// The task's data.
+    pub data: DataAssignment,
+    /// The task's seed.
+    pub seed: u64,
 }
 
 /// One evaluator's answer.
@@ -68,6 +105,8 @@ pub struct EvalAnswer {
     pub loss: f32,
     /// Tokens it reported scoring.
     pub tokens: u64,
+    /// A loss check's loss of the adapter alone on the same tokens.
+    pub baseline: Option<f32>,
 }
 
 /// How an evaluator failed.
@@ -232,23 +271,44 @@ impl Evaluations {
         }
     }
 
-    /// Queues `target` unless it is already queued.
+    /// Queues `target` unless it is already queued. A loss check is never given to the
+    /// delta's own trainer.
     pub fn enqueue(&mut self, target: EvalTarget) {
-        if self
-            .pending
-            .iter()
-            .all(|p| p.target.adapter != target.adapter)
-        {
+        let key = target.key();
+        if self.pending.iter().all(|p| p.target.key() != key) {
+            let asked = target.check.iter().map(|check| check.trainer).collect();
             self.pending.push(Pending {
                 target,
                 assigned: Vec::new(),
                 answers: Vec::new(),
                 failures: 0,
-                asked: BTreeSet::new(),
+                asked,
                 failed: BTreeSet::new(),
                 starving_since: None,
             });
         }
+    }
+
+    /// The length of delta `hash` when `trainer` holds a loss check of it.
+    pub fn loss_check_assigned(&self, trainer: TrainerId, hash: &BlobHash) -> Option<u64> {
+        self.pending.iter().find_map(|p| {
+            let check = p.target.check.as_ref()?;
+            (check.delta == *hash && p.assigned.iter().any(|a| a.trainer == trainer))
+                .then_some(check.delta_len)
+        })
+    }
+
+    /// Drops every pending loss check (the experiment is over: no later ledger entry can
+    /// record them); returns the tasks to take back.
+    pub fn drop_loss_checks(&mut self) -> Vec<(TaskId, TrainerId)> {
+        let (checks, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.target.check.is_some());
+        self.pending = kept;
+        checks
+            .into_iter()
+            .flat_map(|p| p.assigned.into_iter().map(|a| (a.task, a.trainer)))
+            .collect()
     }
 
     /// Restores an answer recorded before a restart (its target must be queued).
@@ -256,7 +316,7 @@ impl Evaluations {
         if let Some(pending) = self
             .pending
             .iter_mut()
-            .find(|p| p.target.adapter == adapter)
+            .find(|p| p.target.check.is_none() && p.target.adapter == adapter)
         {
             if pending.asked.insert(answer.trainer) && pending.answers.len() < self.wanted as usize
             {
@@ -310,7 +370,7 @@ impl Evaluations {
                 pending.starving_since = None;
                 continue;
             }
-            let adapter = pending.target.adapter;
+            let adapter = pending.target.key();
             let never_asked =
                 |t: &&TrainerId| !pending.asked.contains(t) && !self.unable.contains(t);
             // Could anyone connected ever fill the slots? If not, the adapter is starving.
@@ -427,11 +487,17 @@ impl Evaluations {
         self.fail(trainer, None, EvalFailure::Left)
     }
 
-    /// `trainer` declined evaluation `task`: a failure of it, and it is not asked again until
-    /// it reconnects.
+    /// `trainer` declined evaluation `task`: a failure of it, and (for a held-out score) it is
+    /// not asked again until it reconnects.
     pub fn declined(&mut self, trainer: TrainerId, task: TaskId) -> Settled {
         let settled = self.fail(trainer, Some(task), EvalFailure::Declined);
-        if !settled.failed.is_empty() {
+        // A declined loss check (its delta or data could not be had) says nothing about the
+        // trainer's held-out scoring.
+        if settled
+            .failed
+            .iter()
+            .any(|event| event.target.check.is_none())
+        {
             self.unable.insert(trainer);
         }
         settled
@@ -445,6 +511,7 @@ impl Evaluations {
         adapter: BlobHash,
         loss: f32,
         tokens: u64,
+        baseline: Option<f32>,
     ) -> Result<Answered, Refusal> {
         let Some((index, slot)) = self.find_task(task) else {
             return Err(Refusal::new(
@@ -482,12 +549,42 @@ impl Evaluations {
                 "an evaluation must score at least one token",
             ));
         }
+        match (pending.target.check.is_some(), baseline) {
+            (true, Some(baseline))
+                if baseline.is_finite() && (0.0..MAX_EVAL_LOSS).contains(&baseline) => {}
+            (true, Some(baseline)) => {
+                return Err(Refusal::new(
+                    RejectReason::NonFinite,
+                    format!("loss check baseline {baseline} is not a loss"),
+                ))
+            }
+            (true, None) => {
+                return Err(Refusal::new(
+                    RejectReason::Malformed,
+                    format!(
+                        "evaluation {} is a loss check: the baseline is missing",
+                        task.0
+                    ),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Refusal::new(
+                    RejectReason::Malformed,
+                    format!(
+                        "evaluation {} is not a loss check: no baseline is wanted",
+                        task.0
+                    ),
+                ))
+            }
+            (false, None) => {}
+        }
         let pending = &mut self.pending[index];
         pending.assigned.swap_remove(slot);
         pending.answers.push(EvalAnswer {
             trainer,
             loss,
             tokens,
+            baseline,
         });
         let event = EvaluatorEvent {
             target: pending.target.clone(),
@@ -574,11 +671,7 @@ mod tests {
     }
 
     fn target(n: u8) -> EvalTarget {
-        EvalTarget {
-            after_round: Some(RoundId(u64::from(n))),
-            adapter: BlobHash([n; 32]),
-            adapter_len: 10,
-        }
+        EvalTarget::held_out(Some(RoundId(u64::from(n))), BlobHash([n; 32]), 10)
     }
 
     fn counter() -> impl FnMut() -> TaskId {
@@ -622,7 +715,7 @@ mod tests {
         let mut outcome = None;
         for ((task, trainer, target), loss) in sent.iter().zip(losses) {
             let answered = evals
-                .answer(*trainer, *task, target.adapter, loss, 640)
+                .answer(*trainer, *task, target.adapter, loss, 640, None)
                 .unwrap();
             assert_eq!(answered.event.result, Ok((loss, 640)));
             outcome = answered.outcome;
@@ -666,7 +759,7 @@ mod tests {
         let adapter = target(1).adapter;
         let refuse = |evals: &mut Evaluations, trainer, task, adapter, loss, tokens| {
             evals
-                .answer(trainer, task, adapter, loss, tokens)
+                .answer(trainer, task, adapter, loss, tokens, None)
                 .unwrap_err()
                 .reason
         };
@@ -692,7 +785,10 @@ mod tests {
             refuse(&mut evals, who, task, adapter, 2.0, 0),
             RejectReason::Malformed
         );
-        let outcome = evals.answer(who, task, adapter, 2.5, 640).unwrap().outcome;
+        let outcome = evals
+            .answer(who, task, adapter, 2.5, 640, None)
+            .unwrap()
+            .outcome;
         assert_eq!(
             outcome.map(|o| (o.loss, o.tokens, o.agreeing)),
             Some((2.5, 640, 1))
@@ -725,7 +821,7 @@ mod tests {
             "never the same trainer twice"
         );
         // The one that left may not answer after all.
-        assert!(evals.answer(a.1, a.0, a.2.adapter, 2.0, 1).is_err());
+        assert!(evals.answer(a.1, a.0, a.2.adapter, 2.0, 1, None).is_err());
 
         let declined = evals.declined(b.1, b.0);
         assert_eq!(declined.failed[0].result, Err(EvalFailure::Declined));
@@ -760,7 +856,7 @@ mod tests {
         assert_eq!(sent.len(), 2);
         for (task, trainer, target) in &sent {
             let answered = evals
-                .answer(*trainer, *task, target.adapter, 3.0, 64)
+                .answer(*trainer, *task, target.adapter, 3.0, 64, None)
                 .unwrap();
             assert_eq!(answered.outcome, None);
         }
@@ -849,6 +945,7 @@ mod tests {
                     trainer: trainer(n),
                     loss: 2.0,
                     tokens: 10,
+                    baseline: None,
                 },
             );
         }
@@ -856,8 +953,98 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert!(![trainer(1), trainer(2)].contains(&sent[0].1));
         let answered = evals
-            .answer(sent[0].1, sent[0].0, target(1).adapter, 2.0, 10)
+            .answer(sent[0].1, sent[0].0, target(1).adapter, 2.0, 10, None)
             .unwrap();
         assert_eq!(answered.outcome.map(|o| o.agreeing), Some(3));
+    }
+}
+
+#[cfg(test)]
+mod loss_checks {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(60);
+
+    fn check_target(delta: u8, trainer: u8) -> EvalTarget {
+        EvalTarget {
+            after_round: Some(RoundId(0)),
+            adapter: BlobHash([1; 32]),
+            adapter_len: 10,
+            check: Some(LossCheckTarget {
+                delta: BlobHash([delta; 32]),
+                delta_len: 8,
+                trainer: TrainerId([trainer; 32]),
+                data: DataAssignment::Local,
+                seed: 3,
+            }),
+        }
+    }
+
+    fn counter() -> impl FnMut() -> TaskId {
+        let mut next = 0;
+        move || {
+            next += 1;
+            TaskId(next)
+        }
+    }
+
+    #[test]
+    fn a_loss_check_never_goes_to_the_deltas_trainer_and_wants_a_baseline() {
+        let now = Instant::now();
+        let mut evals = Evaluations::new(2);
+        // Two checks of deltas trained from the same adapter, and the adapter's own score:
+        // three separate targets.
+        evals.enqueue(check_target(5, 1));
+        evals.enqueue(check_target(6, 2));
+        evals.enqueue(EvalTarget::held_out(
+            Some(RoundId(0)),
+            BlobHash([1; 32]),
+            10,
+        ));
+        evals.enqueue(check_target(5, 1));
+        assert_eq!(evals.len(), 3);
+        let fleet: Vec<TrainerId> = (1..=6).map(|n| TrainerId([n; 32])).collect();
+        let sent = evals.dispatch(now, T, &fleet, &[], |_, t| t.0, counter());
+        for (_, trainer, target) in &sent {
+            if let Some(check) = &target.check {
+                assert_ne!(*trainer, check.trainer, "nobody checks its own delta");
+            }
+        }
+        let (task, who, target) = sent
+            .iter()
+            .find(|(_, _, target)| target.key() == BlobHash([5; 32]))
+            .cloned()
+            .expect("the first check went out");
+        assert_ne!(who, TrainerId([1; 32]));
+        let refuse = |evals: &mut Evaluations, baseline| {
+            evals
+                .answer(who, task, target.adapter, 2.0, 64, baseline)
+                .unwrap_err()
+                .reason
+        };
+        assert_eq!(refuse(&mut evals, None), RejectReason::Malformed);
+        assert_eq!(refuse(&mut evals, Some(f32::NAN)), RejectReason::NonFinite);
+        let answered = evals
+            .answer(who, task, target.adapter, 2.0, 64, Some(2.5))
+            .unwrap();
+        assert_eq!(answered.outcome, None, "two answers wanted");
+        // A held-out score must not carry a baseline.
+        let (task, who, target) = sent
+            .iter()
+            .find(|(_, _, target)| target.check.is_none())
+            .cloned()
+            .expect("the held-out evaluation went out");
+        assert_eq!(
+            evals
+                .answer(who, task, target.adapter, 2.0, 64, Some(2.5))
+                .unwrap_err()
+                .reason,
+            RejectReason::Malformed
+        );
+        // The experiment ends: loss checks go, the held-out score stays.
+        let cancelled = evals.drop_loss_checks();
+        assert!(!cancelled.is_empty());
+        assert_eq!(evals.len(), 1);
+        assert!(evals.pending.iter().all(|p| p.target.check.is_none()));
     }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub checks_agreed: AtomicU64,
     /// Replica checks whose two deltas disagreed.
     pub checks_disagreed: AtomicU64,
+    /// Loss checks recorded, by outcome: lowered, not lowered (flagged), inconclusive.
+    pub loss_checks: [AtomicU64; 3],
     /// Adapter evaluations recorded.
     pub evaluations: AtomicU64,
     /// The fleet's allowed duty cycle, in millionths (the pause button).
@@ -187,7 +189,7 @@ impl Metrics {
         gauge(
             &mut out,
             "tributary_trainers_flagged_total",
-            "Flags: disputes a referee settled against a trainer.",
+            "Flags: disputes a referee settled against a trainer, and failed loss checks.",
             "counter",
             load(&self.flags),
         );
@@ -199,6 +201,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "tributary_replica_checks_total{{verdict=\"{verdict}\"}} {value}"
+            );
+        }
+        let _ = writeln!(out, "# HELP tributary_loss_checks_total Counted deltas whose loss on their own training data evaluators checked, by outcome.\n# TYPE tributary_loss_checks_total counter");
+        for (outcome, counter) in ["lowered", "not_lowered", "inconclusive"]
+            .into_iter()
+            .zip(&self.loss_checks)
+        {
+            let _ = writeln!(
+                out,
+                "tributary_loss_checks_total{{outcome=\"{outcome}\"}} {}",
+                load(counter)
             );
         }
         gauge(

@@ -19,7 +19,9 @@ use tributary_shared::ledger::{
 use tributary_shared::wire::UploadHeader;
 use tributary_shared::{BlobHash, ExperimentId, RoundId, TrainerId};
 
-use crate::derive::{derive_from_store, encode_exact, encode_state, RefereeInput, RoundInputs};
+use crate::derive::{
+    derive_from_store, encode_exact, encode_state, LossCheckInput, RefereeInput, RoundInputs,
+};
 use crate::store::db::Db;
 use crate::store::{BlobSource, StoredBlobs};
 
@@ -132,6 +134,35 @@ fn check_replicas_stored(
             return Err(format!(
                 "replica {} is compared with {}, which the round did not count",
                 replica.hash, check.counted
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each loss check names a delta counted in its round (this entry's or an earlier
+/// one) by the trainer it names, and that no delta is checked twice.
+fn check_loss_checks(
+    recorded: &RoundVerification,
+    counted_by: &std::collections::BTreeMap<BlobHash, (RoundId, TrainerId)>,
+    loss_checked: &mut std::collections::BTreeSet<BlobHash>,
+) -> Result<(), String> {
+    for check in &recorded.loss_checks {
+        match counted_by.get(&check.delta) {
+            Some((round, trainer)) if *round == check.round && *trainer == check.trainer => {}
+            _ => {
+                return Err(format!(
+                    "a loss check names delta {} of {} in round {}, which no entry counted",
+                    check.delta.short(),
+                    check.trainer,
+                    check.round
+                ))
+            }
+        }
+        if !loss_checked.insert(check.delta) {
+            return Err(format!(
+                "delta {} is loss-checked twice",
+                check.delta.short()
             ));
         }
     }
@@ -290,6 +321,9 @@ fn verify_experiment(
     let mut open_disputes = Vec::new();
     // Trainers flagged by referees in the entries so far: their later deltas must be barred.
     let mut flagged = std::collections::BTreeSet::new();
+    // Every counted delta so far, with its round and trainer; and the deltas loss-checked.
+    let mut counted_by = std::collections::BTreeMap::new();
+    let mut loss_checked = std::collections::BTreeSet::new();
     for entry in &entries {
         let round = Some(entry.round);
         entry
@@ -336,6 +370,19 @@ fn verify_experiment(
             .map_err(|detail| fail(round, detail))?;
         let referees: Vec<RefereeInput> =
             recorded.referees.iter().map(RefereeInput::from).collect();
+        counted_by.extend(
+            entry
+                .accepted
+                .iter()
+                .map(|delta| (delta.hash, (entry.round, delta.trainer))),
+        );
+        check_loss_checks(&recorded, &counted_by, &mut loss_checked)
+            .map_err(|detail| fail(round, detail))?;
+        let loss_checks: Vec<LossCheckInput> = recorded
+            .loss_checks
+            .iter()
+            .map(LossCheckInput::from)
+            .collect();
         let derived = derive_from_store(
             &config,
             blobs,
@@ -344,6 +391,7 @@ fn verify_experiment(
                 accepted: &entry.accepted,
                 replicas: &replicas,
                 referees: &referees,
+                loss_checks: &loss_checks,
                 flagged: &flagged,
             },
             &state,

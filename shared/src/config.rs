@@ -439,9 +439,16 @@ pub struct VerificationSection {
     pub max_distance: f64,
     /// Smallest cosine similarity between them that still agrees.
     pub min_cosine: f64,
-    /// Flags (disputes a referee settled against a trainer) after which a trainer gets no more
-    /// tasks; a trainer with one flag is back on probation and never checks anyone.
+    /// Flags (disputes a referee settled against a trainer, failed loss checks) after which a
+    /// trainer gets no more tasks; a trainer with one flag is back on probation, never checks
+    /// anyone, and its later deltas do not count.
     pub exclude_after: u32,
+    /// Share of counted deltas, 0 to 1, whose loss on their own training data is checked: the
+    /// experiment's evaluators score the start adapter and the start adapter plus the delta on
+    /// the sequences the task trained on, and a delta whose median improvement is not positive
+    /// is flagged as not trained. Needs evaluation on (a text dataset); two forward passes over
+    /// at most `[evaluation] max_sequences` sequences per evaluator.
+    pub loss_check: f64,
 }
 
 impl Default for VerificationSection {
@@ -451,6 +458,7 @@ impl Default for VerificationSection {
             max_distance: 0.1,
             min_cosine: 0.99,
             exclude_after: 2,
+            loss_check: 0.1,
         }
     }
 }
@@ -462,6 +470,7 @@ impl VerificationSection {
         max_distance: 0.1,
         min_cosine: 0.99,
         exclude_after: 2,
+        loss_check: 0.0,
     };
 
     /// The tolerance two deltas of one task are judged by.
@@ -771,6 +780,12 @@ impl ExperimentConfig {
                     "must be a share of tasks between 0 and 1",
                 ));
             }
+            if !(0.0..=1.0).contains(&verification.loss_check) {
+                return Err(ConfigError::invalid(
+                    "verification.loss_check",
+                    "must be a share of deltas between 0 and 1",
+                ));
+            }
             if verification.replicate > 0.0 && self.data.dataset == "local" {
                 return Err(ConfigError::invalid(
                     "verification.replicate",
@@ -1003,6 +1018,7 @@ mod tests {
         }
         let parsed: VerificationSection = serde_json::from_str(r#"{"replicate": 0.25}"#).unwrap();
         assert_eq!(parsed.replicate, 0.25);
+        assert_eq!(parsed.loss_check, 0.1, "unset keys take the defaults");
         assert_eq!(
             parsed.max_distance,
             VerificationSection::default().max_distance

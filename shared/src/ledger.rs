@@ -88,6 +88,38 @@ pub struct RoundVerification {
     /// referee, in an earlier entry or in this one's `referees`, in hash order. A flagged
     /// trainer's later work does not count.
     pub barred: Vec<BarredDelta>,
+    /// Loss checks settled while this round was open, in the order of (round, delta hash).
+    pub loss_checks: Vec<LossCheck>,
+}
+
+/// A loss check (see [`crate::loss_check`]): evaluators scored a counted delta's start adapter
+/// with and without it on the sequences its task trained on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossCheck {
+    /// The round the delta was counted in (this entry's or an earlier one).
+    pub round: RoundId,
+    /// The delta.
+    pub delta: BlobHash,
+    /// Its trainer.
+    pub trainer: TrainerId,
+    /// The answers, in evaluator order.
+    pub answers: Vec<crate::loss_check::LossAnswer>,
+    /// Evaluators asked for.
+    pub wanted: u32,
+    /// The median improvement (`baseline − loss`, nats per token).
+    pub improvement: f64,
+    /// The decision.
+    pub outcome: crate::loss_check::LossOutcome,
+    /// Whether it kept the delta out of this entry's aggregate (a delta of this round that
+    /// did not lower the loss).
+    pub withheld: bool,
+}
+
+impl LossCheck {
+    /// The trainer this check found at fault, if any.
+    pub fn flagged(&self) -> Option<TrainerId> {
+        (self.outcome == crate::loss_check::LossOutcome::NotLowered).then_some(self.trainer)
+    }
 }
 
 /// An accepted delta whose trainer had been flagged (see [`RoundVerification::barred`]).
@@ -106,17 +138,27 @@ impl RoundVerification {
             && self.checks.is_empty()
             && self.referees.is_empty()
             && self.barred.is_empty()
+            && self.loss_checks.is_empty()
     }
 
-    /// Trainers this round's referees found at fault.
+    /// Trainers this round's referees and loss checks found at fault.
     pub fn flagged(&self) -> impl Iterator<Item = TrainerId> + '_ {
-        self.referees.iter().filter_map(RefereeCheck::flagged)
+        self.referees
+            .iter()
+            .filter_map(RefereeCheck::flagged)
+            .chain(self.loss_checks.iter().filter_map(LossCheck::flagged))
     }
 
     /// Hashes of accepted deltas this record keeps out of the aggregate: those whose replica
-    /// disagreed, then those of flagged trainers (never both).
+    /// disagreed, those that failed a loss check, then those of flagged trainers (each once).
     pub fn withheld(&self) -> impl Iterator<Item = BlobHash> + '_ {
         self.disputed()
+            .chain(
+                self.loss_checks
+                    .iter()
+                    .filter(|check| check.withheld)
+                    .map(|check| check.delta),
+            )
             .chain(self.barred.iter().map(|barred| barred.hash))
     }
 
@@ -702,6 +744,7 @@ mod tests {
             .signature;
         entries[1].verification = Some(RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: entries[1].accepted[0].hash,

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod identity;
 pub mod ids;
 pub mod ledger;
+pub mod loss_check;
 pub mod peft;
 pub mod replica;
 pub mod selection;

@@ -72,10 +72,21 @@ impl RoundSecret {
     /// nobody can tell before the round which tasks are checked, and anyone can confirm the
     /// choice once the secret is revealed.
     pub fn replicates(&self, task: TaskId, rate: f64) -> bool {
+        self.draws("tributary replicated task v1", task, rate)
+    }
+
+    /// Whether the delta of counted task `task` gets a loss check, at rate `rate`: like
+    /// [`RoundSecret::replicates`], with an independent draw.
+    pub fn loss_checks(&self, task: TaskId, rate: f64) -> bool {
+        self.draws("tributary loss-checked task v1", task, rate)
+    }
+
+    /// A keyed uniform draw in `[0, 1)` for `task` under `context`, below `rate`.
+    fn draws(&self, context: &str, task: TaskId, rate: f64) -> bool {
         if rate <= 0.0 || rate.is_nan() {
             return false;
         }
-        let hash = self.derive("tributary replicated task v1", &task.0.to_le_bytes());
+        let hash = self.derive(context, &task.0.to_le_bytes());
         let draw = u64::from_le_bytes(hash.0[..8].try_into().expect("32 bytes hold 8"));
         // A uniform draw in [0, 1) with 53 bits, compared in f64.
         ((draw >> 11) as f64 / (1u64 << 53) as f64) < rate
@@ -128,5 +139,14 @@ mod tests {
         let other = RoundSecret([8; 32]);
         assert!((0..1000u64)
             .any(|t| secret.replicates(TaskId(t), 0.5) != other.replicates(TaskId(t), 0.5)));
+        // The loss-check draw is independent of the replica draw.
+        let checked = (0..10_000u64)
+            .filter(|&task| secret.loss_checks(TaskId(task), 0.1))
+            .count();
+        assert!((900..1100).contains(&checked), "{checked}");
+        let both = (0..10_000u64)
+            .filter(|&t| secret.loss_checks(TaskId(t), 0.5) && secret.replicates(TaskId(t), 0.5))
+            .count();
+        assert!((2300..2700).contains(&both), "{both}");
     }
 }

@@ -21,7 +21,7 @@ use crate::ids::{
 };
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The TLS ALPN token for this protocol version.
 pub const ALPN: &[u8] = b"tributary/1";
 
@@ -159,14 +159,19 @@ pub enum ClientMessage {
         task: TaskId,
         /// The adapter scored (must be the one the task named).
         adapter: BlobHash,
-        /// Mean next-token cross-entropy over the scored tokens, in nats.
+        /// Mean next-token cross-entropy over the scored tokens, in nats (for a loss check,
+        /// with the delta added to the adapter).
         loss: f32,
         /// Tokens scored.
         tokens: u64,
+        /// A loss check's loss of the adapter alone on the same tokens; `None` otherwise.
+        baseline: Option<f32>,
     },
 }
 
-/// An evaluation task: score `adapter` on the held-out split of `data`.
+/// An evaluation task: score `adapter` on the held-out split of `data`, or, for a loss check
+/// ([`EvalSpec::check`]), score `adapter` and `adapter` plus a delta on the training sequences
+/// a task trained on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalSpec {
     /// Unique task id (shared with training tasks).
@@ -191,6 +196,22 @@ pub struct EvalSpec {
     pub max_sequences: u32,
     /// Milliseconds from receipt until the result is due.
     pub deadline_ms: u64,
+    /// Present for a loss check: the delta to add, and which training sequences to score.
+    pub check: Option<LossCheckSpec>,
+}
+
+/// What a loss check scores: `data` (the task's assignment) is packed as for training, and
+/// the sequences that `local_steps` batches of `batch_size` drawn with `seed` visit (at most
+/// `max_sequences` of them, evenly spaced) are scored with the adapter alone and with the
+/// adapter plus `delta`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossCheckSpec {
+    /// The delta, downloadable by hash.
+    pub delta: BlobHash,
+    /// Its size in bytes.
+    pub delta_len: u64,
+    /// The task's seed, which chose its batches.
+    pub seed: u64,
 }
 
 /// Everything a trainer needs to do one round's local work.
@@ -528,6 +549,11 @@ mod tests {
                 plan: sample_task().plan,
                 max_sequences: 32,
                 deadline_ms: 1_000,
+                check: Some(LossCheckSpec {
+                    delta: BlobHash::of(b"delta"),
+                    delta_len: 12,
+                    seed: 5,
+                }),
             })),
             ServerMessage::SubmissionRejected {
                 task: TaskId(3),
@@ -562,6 +588,7 @@ mod tests {
                 adapter: BlobHash::of(b"adapter"),
                 loss: 3.25,
                 tokens: 2048,
+                baseline: Some(3.5),
             },
         ];
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);

@@ -391,6 +391,8 @@ impl Trainer {
                                 adapter: spec.adapter,
                                 loss,
                                 tokens: 64,
+                                // Synthetic experiments have no loss checks.
+                                baseline: None,
                             })
                             .await?;
                     }

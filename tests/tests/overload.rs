@@ -195,6 +195,7 @@ async fn hostile_peers_are_cut_off_and_honest_trainers_finish() {
                     adapter: BlobHash::of(b"nothing"),
                     loss: 1.0,
                     tokens: 1,
+                    baseline: None,
                 })
                 .await;
             if result.is_err() {

@@ -29,26 +29,43 @@ struct Outcome {
     ledger: Vec<LedgerEntry>,
     cheater: TrainerId,
     credits: Vec<tributary_coordinator::credits::Credit>,
+    /// Loss checks the honest trainers answered: (baseline, loss, milliseconds).
+    loss_checks: Vec<(f32, f32, u64)>,
 }
 
-async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
+/// Every task replicated.
+const REPLICATE_ALL: &str = "replicate = 1.0\nloss_check = 0.0\n";
+
+/// A fleet of `TRAINERS` over `ROUNDS` rounds.
+async fn run(name: &str, cheat: Option<Cheat>, verification: &str) -> Outcome {
+    run_sized(name, cheat, verification, TRAINERS, ROUNDS).await
+}
+
+async fn run_sized(
+    name: &str,
+    cheat: Option<Cheat>,
+    verification: &str,
+    trainers: u64,
+    rounds: u64,
+) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     tributary_trainer::tiny::write_gguf(&model, 11).unwrap();
     let toml = include_str!("../../experiments/ci-tiny.toml")
         .replace("name = \"ci-tiny\"", &format!("name = \"{name}\""))
-        .replace("rounds = 3", &format!("rounds = {ROUNDS}"))
+        .replace("rounds = 3", &format!("rounds = {rounds}"))
         // Rounds start with seven: after the cheater is dropped the rest go on at once.
         .replace(
             "min_trainers = 3",
-            &format!("min_trainers = {}", TRAINERS - 1),
+            &format!("min_trainers = {}", trainers - 1),
         )
-        + "\n[verification]\nreplicate = 1.0\n";
+        + "\n[verification]\n"
+        + verification;
     let data_dir = dir.path().join("coordinator");
     let running = start(&data_dir, Some(parse(&toml)), vec![]).await;
     let cheater_seed = 1000;
     let cheater = identity(cheater_seed).id();
-    let honest: Vec<_> = (1..TRAINERS)
+    let honest: Vec<_> = (1..trainers)
         .map(|i| {
             spawn_burn_trainer(
                 &running,
@@ -69,6 +86,7 @@ async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
     );
     // A cheater's refused upload gets a replacement task that may still be training when the
     // round closes with enough deltas: "late" is the only refusal an honest trainer may see.
+    let mut loss_checks = Vec::new();
     for handle in honest {
         let report = tokio::time::timeout(std::time::Duration::from_secs(300), handle)
             .await
@@ -76,6 +94,7 @@ async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
             .expect("trainer task did not panic")
             .expect("trainer ran without error");
         assert!(report.finished);
+        loss_checks.extend(report.loss_checks.iter().copied());
         assert!(
             report.rejected.iter().all(|r| r.starts_with("late")),
             "{:?}",
@@ -95,12 +114,13 @@ async fn run(name: &str, cheat: Option<Cheat>) -> Outcome {
         .into_iter()
         .map(|(_, entry)| entry)
         .collect();
-    assert_eq!(ledger.len() as u64, ROUNDS);
+    assert_eq!(ledger.len() as u64, rounds);
     let credits = tributary_coordinator::credits::credits(&ledger);
     Outcome {
         ledger,
         cheater,
         credits,
+        loss_checks,
     }
 }
 
@@ -141,7 +161,12 @@ async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
     let mut flags_total = 0;
     let mut honest_cosines = Vec::new();
     for cheat in Cheat::ALL {
-        let outcome = run(&format!("verify-{}", cheat.name()), Some(cheat)).await;
+        let outcome = run(
+            &format!("verify-{}", cheat.name()),
+            Some(cheat),
+            REPLICATE_ALL,
+        )
+        .await;
         let checks = checks(&outcome);
         type Check = (TrainerId, TrainerId, f64, f64, CheckVerdict);
         let (with_cheater, honest): (Vec<&Check>, Vec<&Check>) = checks
@@ -333,5 +358,108 @@ async fn every_cheat_is_caught_by_its_replica_and_honest_pairs_always_agree() {
         honest_distances.len() >= 20,
         "at least 20 honest checks, got {}",
         honest_distances.len()
+    );
+}
+
+/// The loss check alone (no replicas): every counted delta is scored by three evaluators with
+/// and without it on the sequences its task trained on. A free rider's delta does not lower
+/// that loss and its trainer is flagged, then barred and dropped; an honest delta always lowers
+/// it. Prints the improvements (the calibration figures) and the cost against training.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loss_check_flags_a_free_rider_and_never_an_honest_trainer() {
+    use tributary_shared::ledger::LossCheck;
+    use tributary_shared::loss_check::LossOutcome;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    // Four trainers, three tasks a round: the free rider works early, and each check has
+    // three evaluators besides the delta's trainer.
+    const CHECKED_ROUNDS: u64 = 10;
+    let outcome = run_sized(
+        "loss-check",
+        Some(Cheat::FreeRide),
+        "replicate = 0.0\nloss_check = 1.0\n",
+        4,
+        CHECKED_ROUNDS,
+    )
+    .await;
+    let checks: Vec<_> = outcome
+        .ledger
+        .iter()
+        .flat_map(|e| e.verification.iter().flat_map(|v| &v.loss_checks))
+        .collect();
+    let (cheater, honest): (Vec<&LossCheck>, Vec<&LossCheck>) =
+        checks.iter().partition(|c| c.trainer == outcome.cheater);
+    eprintln!(
+        "loss checks: honest improvements {:?}; free rider {:?}",
+        honest.iter().map(|c| c.improvement).collect::<Vec<_>>(),
+        cheater
+            .iter()
+            .map(|c| (c.improvement, c.outcome))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        honest.len() >= 4,
+        "honest deltas were checked: {}",
+        honest.len()
+    );
+    for check in &honest {
+        assert_ne!(
+            check.outcome,
+            LossOutcome::NotLowered,
+            "an honest delta is never flagged: {check:?}"
+        );
+        assert_eq!(check.answers.len(), 3, "three evaluators answered");
+        assert!(
+            check.answers.iter().all(|a| a.evaluator != check.trainer),
+            "nobody checks its own delta"
+        );
+    }
+    // Its first zero delta counts; the same zero delta is a replay after that. A check
+    // settles in a later round, so one of a round before the last few is always recorded.
+    let first_delta = outcome
+        .ledger
+        .iter()
+        .find(|e| e.accepted.iter().any(|d| d.trainer == outcome.cheater))
+        .map(|e| e.round.0);
+    eprintln!("the free rider's delta counted in round {first_delta:?}");
+    assert!(first_delta.is_some(), "the free rider worked");
+    if first_delta.is_some_and(|round| round + 4 <= CHECKED_ROUNDS) {
+        assert!(
+            cheater.iter().any(|c| c.outcome == LossOutcome::NotLowered),
+            "the free rider is caught"
+        );
+    }
+    for check in &cheater {
+        assert_ne!(check.outcome, LossOutcome::Lowered, "{check:?}");
+    }
+    for credit in &outcome.credits {
+        if credit.trainer != outcome.cheater.to_hex() {
+            assert_eq!(credit.flagged, 0, "honest trainers are never flagged");
+        }
+    }
+    // No replicas ran: the checks are the evaluators' forward passes only.
+    assert!(outcome
+        .ledger
+        .iter()
+        .all(|e| e.verification.iter().all(|v| v.checks.is_empty())));
+    // Cost: scoring both adapters against training the task.
+    let train_ms: Vec<u64> = outcome
+        .ledger
+        .iter()
+        .flat_map(|e| &e.accepted)
+        .filter(|d| d.trainer != outcome.cheater)
+        .map(|d| d.reported_train_ms)
+        .collect();
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    let check_ms: Vec<u64> = outcome.loss_checks.iter().map(|c| c.2).collect();
+    eprintln!(
+        "cost: a loss check's two scorings take {:.0} ms per evaluator against {:.0} ms to \
+         train the task ({} evaluators: {:.2}x a task's training per checked delta)",
+        mean(&check_ms),
+        mean(&train_ms),
+        3,
+        3.0 * mean(&check_ms) / mean(&train_ms).max(1.0)
     );
 }

@@ -244,6 +244,35 @@ impl PackedData {
         }
     }
 
+    /// The sequences that `steps` batches of `batch_size` drawn with `seed` visit (what
+    /// training with those settings trains on), each once, in their order here.
+    pub fn visited(&self, seed: u64, steps: u64, batch_size: usize) -> Self {
+        let mut batches = Batches::new(self, seed);
+        let mut seen = vec![false; self.sequences.len()];
+        let mut unseen = self.sequences.len();
+        for _ in 0..steps {
+            if unseen == 0 {
+                break;
+            }
+            for index in batches.next_indices(batch_size.max(1)) {
+                if !seen[index] {
+                    seen[index] = true;
+                    unseen -= 1;
+                }
+            }
+        }
+        Self {
+            sequences: self
+                .sequences
+                .iter()
+                .zip(&seen)
+                .filter(|(_, seen)| **seen)
+                .map(|(sequence, _)| sequence.clone())
+                .collect(),
+            seq_len: self.seq_len,
+        }
+    }
+
     /// Tokens that serve as targets.
     pub fn target_tokens(&self) -> usize {
         self.sequences.len() * self.seq_len
@@ -283,12 +312,23 @@ impl<'a> Batches<'a> {
 
     /// The next `size` sequences (wrapping into a new epoch when needed).
     pub fn next_batch(&mut self, size: usize) -> Vec<&'a [u32]> {
+        self.next_indices(size)
+            .into_iter()
+            .map(|index| self.data.sequences[index].as_slice())
+            .collect()
+    }
+
+    /// The indices of the next `size` sequences ([`Batches::next_batch`] without the data).
+    pub fn next_indices(&mut self, size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(size);
+        if self.order.is_empty() {
+            return out;
+        }
         while out.len() < size {
             if self.cursor == self.order.len() {
                 self.reshuffle();
             }
-            out.push(self.data.sequences[self.order[self.cursor]].as_slice());
+            out.push(self.order[self.cursor]);
             self.cursor += 1;
         }
         out
@@ -352,6 +392,28 @@ mod tests {
             .collect();
         assert_eq!(again, first);
         assert_ne!(again, other);
+    }
+
+    #[test]
+    fn visited_sequences_are_exactly_those_training_draws() {
+        let stream: Vec<u32> = (0..41).collect();
+        let packed = PackedData::from_stream(&stream, 4).unwrap();
+        let mut drawn: Vec<Vec<u32>> = {
+            let mut batches = Batches::new(&packed, 3);
+            (0..2)
+                .flat_map(|_| batches.next_batch(3))
+                .map(<[u32]>::to_vec)
+                .collect()
+        };
+        drawn.sort();
+        drawn.dedup();
+        let mut visited = packed.visited(3, 2, 3).sequences;
+        visited.sort();
+        assert_eq!(visited, drawn);
+        assert_eq!(visited.len(), 6);
+        // Enough steps visit everything; none visit nothing.
+        assert_eq!(packed.visited(3, 1000, 3).sequences, packed.sequences);
+        assert!(packed.visited(3, 0, 3).sequences.is_empty());
     }
 
     #[test]

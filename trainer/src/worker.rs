@@ -90,6 +90,9 @@ pub struct JoinReport {
     pub evaluations: Vec<(Option<u64>, f32)>,
     /// Compressed bytes of each task's upload, in order.
     pub upload_bytes: Vec<u64>,
+    /// Loss checks done: the start adapter's loss, the loss with the delta added, and the
+    /// milliseconds spent scoring both.
+    pub loss_checks: Vec<(f32, f32, u64)>,
 }
 
 /// A task that could not be done.
@@ -233,8 +236,16 @@ struct RunningEval {
     spec: EvalSpec,
     /// When it is due (its deadline counted from receipt).
     due: Instant,
-    handle: tokio::task::JoinHandle<train::EvalReport>,
+    handle: tokio::task::JoinHandle<Scores>,
     stop: Arc<AtomicBool>,
+}
+
+/// What an evaluation scored: the adapter (with the delta, for a loss check), and for a loss
+/// check the adapter alone on the same sequences; with the time it took.
+struct Scores {
+    report: train::EvalReport,
+    baseline: Option<f64>,
+    millis: u64,
 }
 
 impl Drop for RunningEval {
@@ -297,23 +308,38 @@ impl Worker {
                     let eval = jobs.eval.take().expect("checked by the guard");
                     let (task, adapter) = (eval.spec.task, eval.spec.adapter);
                     match outcome {
-                        Ok(report) if report.tokens > 0 && report.loss.is_finite() => {
+                        Ok(Scores { report, baseline, millis })
+                            if report.tokens > 0
+                                && report.loss.is_finite()
+                                && baseline.is_none_or(f64::is_finite) =>
+                        {
                             tracing::info!(
                                 task = task.0,
                                 after_round = ?eval.spec.after_round.map(|r| r.0),
                                 loss = report.loss,
+                                baseline = ?baseline,
                                 tokens = report.tokens,
+                                millis,
                                 "adapter evaluated"
                             );
-                            self.report
-                                .evaluations
-                                .push((eval.spec.after_round.map(|r| r.0), report.loss as f32));
+                            match baseline {
+                                Some(baseline) => self.report.loss_checks.push((
+                                    baseline as f32,
+                                    report.loss as f32,
+                                    millis,
+                                )),
+                                None => self.report.evaluations.push((
+                                    eval.spec.after_round.map(|r| r.0),
+                                    report.loss as f32,
+                                )),
+                            }
                             session
                                 .send(&ClientMessage::EvalResult {
                                     task,
                                     adapter,
                                     loss: report.loss as f32,
                                     tokens: report.tokens,
+                                    baseline: baseline.map(|b| b as f32),
                                 })
                                 .await?;
                         }
@@ -557,9 +583,18 @@ impl Worker {
                 }
                 Err(error) => Err(error),
             };
-            let started = match (model, session.download(spec.adapter).await) {
+            let downloaded = async {
+                let adapter = session.download(spec.adapter).await?;
+                let delta = match &spec.check {
+                    Some(check) => Some(session.download(check.delta).await?),
+                    None => None,
+                };
+                Ok::<_, NetError>((adapter, delta))
+            }
+            .await;
+            let started = match (model, downloaded) {
                 (Err(error), _) => Err(error),
-                (Ok(model), Ok(bytes)) => self.start_eval(spec, bytes, &model),
+                (Ok(model), Ok((bytes, delta))) => self.start_eval(spec, bytes, delta, &model),
                 (Ok(_), Err(NetError::Protocol(detail))) => Err(WorkerError::Task(detail)),
                 (Ok(_), Err(error)) => {
                     // The connection failed: keep the evaluation for the next session.
@@ -583,20 +618,51 @@ impl Worker {
         Ok(())
     }
 
-    /// Prepares an evaluation from the downloaded adapter and starts scoring on a blocking
-    /// thread, in small batches that obey the duty cycle like training steps do.
+    /// Prepares an evaluation from the downloaded adapter (and, for a loss check, delta) and
+    /// starts scoring on a blocking thread, in small batches that obey the duty cycle like
+    /// training steps do. A loss check scores the sequences the task's batches visit, with
+    /// the adapter alone and with the delta added, batch by batch on the same sequences.
     fn start_eval(
         &mut self,
         spec: EvalSpec,
         adapter_bytes: Vec<u8>,
+        delta_bytes: Option<Vec<u8>>,
         model: &std::path::Path,
     ) -> Result<RunningEval, WorkerError> {
-        let (loaded, _, adapter) = self.prepare(&spec.plan, &adapter_bytes, model)?;
-        let (_, held_out) = self.documents(&spec.data)?;
+        let (loaded, start, adapter) = self.prepare(&spec.plan, &adapter_bytes, model)?;
         let tokenizer = &loaded.tokenizer;
         let seq_len = spec.plan.sequence_len.max(1) as usize;
-        let data = PackedData::pack(&held_out, tokenizer, seq_len, tokenizer.eos)?
-            .evenly_spaced(spec.max_sequences as usize);
+        let (data, changed) = match (&spec.check, delta_bytes) {
+            (Some(check), Some(bytes)) => {
+                let delta = codec::decode(&bytes, 1 << 26)?;
+                let mut sum = start.clone();
+                sum.add_scaled(&delta, 1.0).map_err(|error| {
+                    WorkerError::Task(format!("the delta does not fit the adapter: {error}"))
+                })?;
+                let settings = lora_settings(&sum, &spec.plan)?;
+                let config = loaded.model.config().clone();
+                let changed =
+                    LoraAdapter::from_delta(&sum, &settings, &config, loaded.model.device())?;
+                let (docs, _) = self.documents(&spec.data)?;
+                let visited = PackedData::pack(&docs, tokenizer, seq_len, tokenizer.eos)?
+                    .visited(
+                        check.seed,
+                        u64::from(spec.plan.local_steps),
+                        spec.plan.batch_size.max(1) as usize,
+                    )
+                    .evenly_spaced(spec.max_sequences as usize);
+                (visited, Some(changed))
+            }
+            (Some(_), None) => {
+                return Err(WorkerError::Task("a loss check without its delta".into()))
+            }
+            (None, _) => {
+                let (_, held_out) = self.documents(&spec.data)?;
+                let data = PackedData::pack(&held_out, tokenizer, seq_len, tokenizer.eos)?
+                    .evenly_spaced(spec.max_sequences as usize);
+                (data, None)
+            }
+        };
         let duty = self.options.duty.clone();
         let in_use = self.options.machine_in_use.clone();
         let busy = self.options.busy_us.clone();
@@ -604,7 +670,9 @@ impl Worker {
         let stop_flag = stop.clone();
         let handle = tokio::task::spawn_blocking(move || {
             throttle(&duty, &in_use, 0.0, &stop_flag);
-            let (mut total, mut tokens) = (0.0f64, 0u64);
+            let mut millis = 0u64;
+            // (loss sum, of the changed adapter when there is one) and tokens.
+            let (mut total, mut total_base, mut tokens) = (0.0f64, 0.0f64, 0u64);
             for chunk in data.sequences.chunks(EVAL_BATCH) {
                 if stop_flag.load(Ordering::Relaxed) {
                     break;
@@ -614,23 +682,37 @@ impl Worker {
                     sequences: chunk.to_vec(),
                     seq_len: data.seq_len,
                 };
-                let report =
-                    train::evaluate(&loaded.model, Some(&adapter), &part, EVAL_BATCH, None);
-                total += report.loss * report.tokens as f64;
-                tokens += report.tokens;
+                let base = train::evaluate(&loaded.model, Some(&adapter), &part, EVAL_BATCH, None);
+                let scored = match &changed {
+                    Some(changed) => {
+                        total_base += base.loss * base.tokens as f64;
+                        train::evaluate(&loaded.model, Some(changed), &part, EVAL_BATCH, None)
+                    }
+                    None => base,
+                };
+                total += scored.loss * scored.tokens as f64;
+                tokens += scored.tokens;
                 let seconds = began.elapsed().as_secs_f64();
+                millis += (seconds * 1e3) as u64;
                 busy.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
                 throttle(&duty, &in_use, seconds, &stop_flag);
             }
-            let loss = if tokens == 0 {
-                f64::NAN
-            } else {
-                total / tokens as f64
+            let mean = |sum: f64| {
+                if tokens == 0 {
+                    f64::NAN
+                } else {
+                    sum / tokens as f64
+                }
             };
-            train::EvalReport {
-                loss,
-                perplexity: loss.exp(),
-                tokens,
+            let loss = mean(total);
+            Scores {
+                report: train::EvalReport {
+                    loss,
+                    perplexity: loss.exp(),
+                    tokens,
+                },
+                baseline: changed.is_some().then(|| mean(total_base)),
+                millis,
             }
         });
         let due = Instant::now() + Duration::from_millis(spec.deadline_ms);

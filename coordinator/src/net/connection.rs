@@ -329,7 +329,7 @@ async fn serve_connection(
                         let _ = send.reset(quinn::VarInt::from_u32(4));
                         continue;
                     };
-                    let download = serve_download(context.clone(), send, recv);
+                    let download = serve_download(context.clone(), trainer, send, recv);
                     tokio::spawn(
                         async move {
                             download.await;
@@ -636,6 +636,7 @@ async fn receive_body(
 
 async fn serve_download(
     context: Arc<ConnectionContext>,
+    trainer: TrainerId,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -656,6 +657,7 @@ async fn serve_download(
         .commands
         .send(Command::Downloadable {
             hash: request.hash,
+            trainer,
             reply,
         })
         .await;

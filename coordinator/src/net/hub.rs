@@ -104,10 +104,13 @@ pub enum Command {
         /// What.
         refusal: Refusal,
     },
-    /// Is `hash` a downloadable adapter? Replies with its length.
+    /// Is `hash` downloadable by `trainer` (an adapter, the base model, or the delta of a
+    /// loss check it holds)? Replies with where it is.
     Downloadable {
         /// The blob.
         hash: BlobHash,
+        /// Who asks.
+        trainer: TrainerId,
         /// Where to read it, if it is downloadable.
         reply: oneshot::Sender<Option<Download>>,
     },
@@ -576,9 +579,10 @@ impl Hub {
                     adapter,
                     loss,
                     tokens,
+                    baseline,
                 } => {
                     self.engine
-                        .handle_eval_result(now, trainer, task, adapter, loss, tokens);
+                        .handle_eval_result(now, trainer, task, adapter, loss, tokens, baseline);
                 }
                 ClientMessage::ThrottleApplied { duty_ppm } => {
                     tracing::debug!(%trainer, duty_ppm, "trainer applies the fleet duty");
@@ -635,13 +639,31 @@ impl Hub {
                 self.engine
                     .handle_protocol_violation(trainer, None, refusal);
             }
-            Command::Downloadable { hash, reply } => {
+            Command::Downloadable {
+                hash,
+                trainer,
+                reply,
+            } => {
                 let found = match &self.current_adapter {
                     Some((current, bytes)) if *current == hash => {
                         Some(Download::Memory(bytes.clone()))
                     }
                     _ if self.base_model.is_some_and(|(model, _)| model == hash) => {
                         self.base_model.map(|(_, len)| Download::File(len))
+                    }
+                    _ if self.engine.loss_check_download(trainer, &hash).is_some() => {
+                        // Small deltas are stored inline in the database.
+                        match self.db.inline_blob(&hash) {
+                            Ok(Some(bytes)) => Some(Download::Memory(Arc::new(bytes))),
+                            Ok(None) => self
+                                .engine
+                                .loss_check_download(trainer, &hash)
+                                .map(Download::File),
+                            Err(error) => {
+                                tracing::error!(%error, "cannot read an inline delta");
+                                None
+                            }
+                        }
                     }
                     _ => self
                         .db
@@ -1026,6 +1048,38 @@ impl Hub {
                 );
             }
         }
+        for check in derived
+            .entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.loss_checks)
+        {
+            use tributary_shared::loss_check::LossOutcome;
+            let index = match check.outcome {
+                LossOutcome::Lowered => 0,
+                LossOutcome::NotLowered => 1,
+                LossOutcome::Inconclusive => 2,
+            };
+            Metrics::add(&self.metrics.loss_checks[index], 1);
+            let log = |level_warn: bool| {
+                if level_warn {
+                    tracing::warn!(
+                        round = %round, checked_round = %check.round,
+                        delta = %check.delta.short(), trainer = %check.trainer,
+                        improvement = check.improvement, answers = check.answers.len(),
+                        "a delta did not lower the loss on its own training data; its trainer is flagged"
+                    );
+                } else {
+                    tracing::info!(
+                        round = %round, checked_round = %check.round,
+                        delta = %check.delta.short(), outcome = ?check.outcome,
+                        improvement = check.improvement, answers = check.answers.len(),
+                        "loss check recorded"
+                    );
+                }
+            };
+            log(check.outcome == LossOutcome::NotLowered);
+        }
         for barred in derived
             .entry
             .verification
@@ -1160,6 +1214,7 @@ fn derive_and_store(
                 .iter()
                 .map(crate::derive::RefereeInput::from)
                 .collect::<Vec<_>>(),
+            loss_checks: &close.loss_checks,
             flagged: &close.flagged,
         },
         state,

@@ -129,6 +129,12 @@ pub struct RoundSummary {
     /// The largest relative L2 distance among the agreeing pairs: how close honest pairs
     /// come to the tolerance (for calibrating it).
     pub agreeing_distance_max: Option<f64>,
+    /// Loss checks recorded in the round's entry (of its own deltas or earlier ones).
+    pub loss_checks: usize,
+    /// Of those, deltas that did not lower their loss (their trainers were flagged).
+    pub loss_checks_failed: usize,
+    /// The smallest median improvement among the checks that passed, nats per token.
+    pub loss_improvement_min: Option<f64>,
     /// The adapter it produced, hex.
     pub adapter: String,
     /// Its ledger entry's hash, hex.
@@ -720,6 +726,7 @@ impl Db {
                     trainer: TrainerId(hash_from(&trainer)?.0),
                     loss: loss as f32,
                     tokens: tokens.max(0) as u64,
+                    baseline: None,
                 },
             ));
         }
@@ -801,11 +808,11 @@ impl Db {
                 continue;
             }
             if let Some(adapter_len) = self.adapter_len(&adapter)? {
-                out.push(crate::engine::EvalTarget {
+                out.push(crate::engine::EvalTarget::held_out(
                     after_round,
                     adapter,
                     adapter_len,
-                });
+                ));
             }
         }
         Ok(out)
@@ -1399,6 +1406,10 @@ impl Db {
                     .verification
                     .as_ref()
                     .map_or(&[][..], |verification| &verification.checks[..]);
+                let loss_checks = entry
+                    .verification
+                    .as_ref()
+                    .map_or(&[][..], |verification| &verification.loss_checks[..]);
                 RoundSummary {
                     round: entry.round.0,
                     reported_train_loss: entry.metrics.reported_train_loss,
@@ -1426,6 +1437,18 @@ impl Db {
                         })
                         .map(|check| check.distance)
                         .max_by(f64::total_cmp),
+                    loss_checks: loss_checks.len(),
+                    loss_checks_failed: loss_checks
+                        .iter()
+                        .filter(|check| check.flagged().is_some())
+                        .count(),
+                    loss_improvement_min: loss_checks
+                        .iter()
+                        .filter(|check| {
+                            check.outcome == tributary_shared::loss_check::LossOutcome::Lowered
+                        })
+                        .map(|check| check.improvement)
+                        .min_by(f64::total_cmp),
                     adapter,
                     ledger_hash: hash.to_hex(),
                 }
@@ -1562,6 +1585,7 @@ mod tests {
         // Round 0: task 5 (trainer 10) counted, its replica (task 6, trainer 11) disagrees.
         let disputed = RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: vec![ReplicaCheck {
                 counted: BlobHash([10; 32]),
@@ -1597,6 +1621,7 @@ mod tests {
         // Round 2 settles it against the counted side.
         let settled = RoundVerification {
             barred: Vec::new(),
+            loss_checks: Vec::new(),
             screening: Vec::new(),
             checks: Vec::new(),
             referees: vec![RefereeCheck {
@@ -1626,11 +1651,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tributary.db");
         let id = ExperimentId("old".into());
-        let target = EvalTarget {
-            after_round: None,
-            adapter: BlobHash([1; 32]),
-            adapter_len: 10,
-        };
+        let target = EvalTarget::held_out(None, BlobHash([1; 32]), 10);
         drop(Db::open(&path).unwrap());
         {
             // What version 2 had: one evaluator per score, no answers table.
@@ -1670,6 +1691,7 @@ mod tests {
                 trainer: TrainerId([i as u8 + 1; 32]),
                 loss,
                 tokens: 64,
+                baseline: None,
             })
             .collect();
         let outcome = EvalOutcome {
