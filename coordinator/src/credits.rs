@@ -6,13 +6,16 @@
 //! Work is credited for deltas that were aggregated, for replicas that agreed with the task
 //! they repeated and for referees that settled a dispute (checking is work for the experiment
 //! too); a delta withheld because its replica disagreed earns nothing until a referee clears
-//! it, and then counts as verified. The trainer a referee finds at fault is flagged, and its
-//! deltas accepted after that are barred: they earn nothing.
+//! it, and then counts as verified. The trainer a referee finds at fault, or whose delta failed
+//! a loss check, is flagged, and its deltas accepted after that are barred: they earn nothing.
+//! Loss checks also measure usefulness: the mean improvement a trainer's checked deltas made
+//! on their own training sequences.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use tributary_shared::ledger::{CheckVerdict, LedgerEntry};
+use tributary_shared::loss_check::LossOutcome;
 use tributary_shared::wire::RejectReason;
 use tributary_shared::TrainerId;
 
@@ -29,10 +32,15 @@ pub struct Credit {
     /// Tasks in a replicated pair whose two deltas disagreed and that no referee has cleared
     /// yet (its own or its partner's fault).
     pub disputed: u64,
-    /// Disputes a referee settled against it.
+    /// Disputes a referee settled against it, and loss checks it failed.
     pub flagged: u64,
     /// Deltas accepted after it was flagged, which did not count.
     pub barred: u64,
+    /// Its deltas whose loss on their own training data was checked (conclusively).
+    pub loss_checked: u64,
+    /// How useful its work measured: the mean of those checks' median improvements (the
+    /// training loss its delta took off its task's sequences, nats per token).
+    pub improvement: Option<f64>,
     /// Rounds it contributed to.
     pub rounds: u64,
     /// The work those deltas stand for: the sum of their justified weights (tokens trained, or
@@ -61,6 +69,8 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         disputed: 0,
         flagged: 0,
         barred: 0,
+        loss_checked: 0,
+        improvement: None,
         rounds: 0,
         work: 0,
         share: 0.0,
@@ -86,8 +96,15 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
         let barred: std::collections::BTreeSet<_> = entry
             .verification
             .iter()
-            .flat_map(|verification| &verification.barred)
-            .map(|barred| barred.hash)
+            .flat_map(|verification| {
+                verification.barred.iter().map(|barred| barred.hash).chain(
+                    verification
+                        .loss_checks
+                        .iter()
+                        .filter(|check| check.withheld)
+                        .map(|check| check.delta),
+                )
+            })
             .collect();
         let credit_work = |trainer: &TrainerId, weight: u64, by_trainer: &mut BTreeMap<_, _>| {
             let credit: &mut Credit = by_trainer.entry(*trainer).or_insert_with(|| blank(trainer));
@@ -168,6 +185,22 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
                 }
             }
         }
+        for check in entry
+            .verification
+            .iter()
+            .flat_map(|verification| &verification.loss_checks)
+            .filter(|check| check.outcome != LossOutcome::Inconclusive)
+        {
+            let credit = by_trainer
+                .entry(check.trainer)
+                .or_insert_with(|| blank(&check.trainer));
+            credit.loss_checked += 1;
+            credit.flagged += u64::from(check.flagged().is_some());
+            // A running mean, in ledger order.
+            let mean = credit.improvement.unwrap_or(0.0);
+            credit.improvement =
+                Some(mean + (check.improvement - mean) / credit.loss_checked as f64);
+        }
         for refused in &entry.rejected {
             let Some(trainer) = refused.trainer else {
                 continue;
@@ -201,18 +234,20 @@ pub fn credits(ledger: &[LedgerEntry]) -> Vec<Credit> {
 /// The table as CSV, with a header line.
 pub fn to_csv(credits: &[Credit]) -> String {
     let mut out = String::from(
-        "trainer,accepted,verified,disputed,flagged,barred,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
+        "trainer,accepted,verified,disputed,flagged,barred,loss_checked,improvement,rounds,work,share,refused,refused_at_fault,first_round,last_round\n",
     );
     let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_default();
     for c in credits {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.6},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{:.6},{},{},{},{}\n",
             c.trainer,
             c.accepted,
             c.verified,
             c.disputed,
             c.flagged,
             c.barred,
+            c.loss_checked,
+            c.improvement.map(|i| format!("{i:.6}")).unwrap_or_default(),
             c.rounds,
             c.work,
             c.share,
@@ -228,13 +263,14 @@ pub fn to_csv(credits: &[Credit]) -> String {
 /// The table as aligned text.
 pub fn to_table(credits: &[Credit]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
+        "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>12} {:>7} {:>7} {:>9}\n",
         "trainer",
         "accepted",
         "verified",
         "disputed",
         "flagged",
         "barred",
+        "improves",
         "rounds",
         "work",
         "share",
@@ -243,13 +279,15 @@ pub fn to_table(credits: &[Credit]) -> String {
     );
     for c in credits {
         out.push_str(&format!(
-            "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
+            "{:<16} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>6} {:>12} {:>6.1}% {:>7} {:>9}\n",
             &c.trainer[..16.min(c.trainer.len())],
             c.accepted,
             c.verified,
             c.disputed,
             c.flagged,
             c.barred,
+            c.improvement
+                .map_or_else(|| "-".to_string(), |i| format!("{i:.4}")),
             c.rounds,
             c.work,
             100.0 * c.share,
@@ -433,6 +471,24 @@ mod tests {
             }],
             ..RoundVerification::default()
         });
+        // A loss check of trainer 1's delta: it lowered the loss by 0.25.
+        let answer = tributary_shared::loss_check::LossAnswer {
+            evaluator: TrainerId([9; 32]),
+            baseline: 3.0,
+            loss: 2.75,
+            tokens: 64,
+        };
+        later.verification.as_mut().unwrap().loss_checks =
+            vec![tributary_shared::ledger::LossCheck {
+                round: RoundId(1),
+                delta: BlobHash([1; 32]),
+                trainer: TrainerId([1; 32]),
+                answers: vec![answer],
+                wanted: 1,
+                improvement: 0.25,
+                outcome: LossOutcome::Lowered,
+                withheld: false,
+            }];
         let table = credits(&[disputed, settled, later]);
         let find = |n: u8| {
             table
@@ -451,6 +507,9 @@ mod tests {
             (1, 1, 0, 1)
         );
         assert_eq!(find(2).accepted, 2);
+        assert_eq!((find(1).loss_checked, find(1).improvement), (1, Some(0.25)));
+        assert_eq!(find(1).flagged, 0);
+        assert_eq!(find(4).improvement, None);
         assert_eq!(
             (find(4).flagged, find(4).disputed, find(4).verified),
             (0, 0, 1)

@@ -1454,17 +1454,15 @@ impl Engine {
                 self.dispatch_evaluations(now);
                 self.announce_finish_when_scored();
             }
-            Err(mut refusal) => {
+            Err(refusal) => {
                 // An answer to an evaluation taken back a moment ago (settled, cancelled, the
-                // experiment over) is late, not a fault.
+                // experiment over) crossed the cancellation its trainer was sent: dropped, not
+                // a fault.
                 let issued = task < self.next_task
                     && !self.tasks.contains_key(&task)
                     && !self.evals.is_eval_task(task);
                 if refusal.reason == RejectReason::NotSelected && issued {
-                    refusal = Refusal::new(
-                        RejectReason::Late,
-                        format!("evaluation {} was taken back before this answer", task.0),
-                    );
+                    return;
                 }
                 // Counted, not recorded: the ledger lists refused deltas, and an evaluation is
                 // not one.

@@ -38,15 +38,18 @@ const REPLICATE_ALL: &str = "replicate = 1.0\nloss_check = 0.0\n";
 
 /// A fleet of `TRAINERS` over `ROUNDS` rounds.
 async fn run(name: &str, cheat: Option<Cheat>, verification: &str) -> Outcome {
-    run_sized(name, cheat, verification, TRAINERS, ROUNDS).await
+    run_sized(name, cheat, verification, TRAINERS, ROUNDS, None).await
 }
 
+/// A run of `trainers` trainers over `rounds` rounds; the one that may cheat (`Outcome::cheater`)
+/// trains on `device` when given, else on the CPU like the rest.
 async fn run_sized(
     name: &str,
     cheat: Option<Cheat>,
     verification: &str,
     trainers: u64,
     rounds: u64,
+    device: Option<burn::tensor::Device>,
 ) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
@@ -76,13 +79,14 @@ async fn run_sized(
             )
         })
         .collect();
-    let cheating = spawn_cheating_trainer(
+    let cheating = spawn_trainer_on(
         &running,
         &model,
         cheater_seed,
         tributary_trainer::worker::FULL_DUTY as u32,
         Arc::default(),
         cheat,
+        device.unwrap_or_else(burn::tensor::Device::flex),
     );
     // A cheater's refused upload gets a replacement task that may still be training when the
     // round closes with enough deltas: "late" is the only refusal an honest trainer may see.
@@ -382,6 +386,7 @@ async fn the_loss_check_flags_a_free_rider_and_never_an_honest_trainer() {
         "replicate = 0.0\nloss_check = 1.0\n",
         4,
         CHECKED_ROUNDS,
+        None,
     )
     .await;
     let checks: Vec<_> = outcome
@@ -462,4 +467,48 @@ async fn the_loss_check_flags_a_free_rider_and_never_an_honest_trainer() {
         3,
         3.0 * mean(&check_ms) / mean(&train_ms).max(1.0)
     );
+}
+
+/// An honest trainer on burn's wgpu backend (Mesa's lavapipe in CI) among seven on the CPU, every
+/// task replicated: its deltas agree with the CPU trainers' deltas of the same tasks, and nobody
+/// is flagged. Built with `--features wgpu`, run when `TRIBUTARY_WGPU_TEST=1` (see `.ci/run`).
+#[cfg(feature = "wgpu")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_wgpu_trainer_agrees_with_its_cpu_replicas() {
+    if std::env::var_os("TRIBUTARY_WGPU_TEST").is_none() {
+        eprintln!("skipped: set TRIBUTARY_WGPU_TEST=1 to run on a Vulkan driver");
+        return;
+    }
+    let (device, name) =
+        tributary_trainer::device::select(tributary_trainer::device::BackendChoice::Gpu)
+            .expect("a Vulkan driver (lavapipe) is installed");
+    eprintln!("wgpu trainer on {name}");
+    let outcome = run_sized(
+        "verify-wgpu",
+        None,
+        REPLICATE_ALL,
+        TRAINERS,
+        ROUNDS,
+        Some(device),
+    )
+    .await;
+    let wgpu = outcome.cheater;
+    let all = checks(&outcome);
+    let with_wgpu: Vec<_> = all.iter().filter(|c| c.0 == wgpu || c.1 == wgpu).collect();
+    eprintln!(
+        "wgpu against CPU (distance, cosine): {:?}",
+        with_wgpu.iter().map(|c| (c.2, c.3)).collect::<Vec<_>>()
+    );
+    assert!(
+        !with_wgpu.is_empty(),
+        "the wgpu trainer's work was checked at least once"
+    );
+    // Three pairs a round; the CPU-only test checks more.
+    assert!(all.len() >= 10, "at least 10 checked tasks: {}", all.len());
+    for check in &all {
+        assert_eq!(check.4, CheckVerdict::Agree, "{check:?}");
+    }
+    for credit in &outcome.credits {
+        assert_eq!(credit.flagged, 0, "nobody is flagged");
+    }
 }

@@ -2,8 +2,8 @@
 //!
 //! The format is small enough that a focused reader is simpler than a dependency: a header, typed
 //! metadata, tensor descriptions, then aligned tensor data. We need the metadata (model shape,
-//! tokenizer) and f32 weights, so tensors of types F32, F16, Q8_0, Q4_0 and Q4_1 are dequantized
-//! here. Every length and offset read from the file is checked; a malformed file is an error,
+//! tokenizer) and f32 weights, so tensors are dequantized ([`crate::quant`]: F32, F16, BF16,
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K to Q8_K). Every length and offset read from the file is checked; a malformed file is an error,
 //! never a panic.
 //!
 //! Dimensions are reported as GGUF stores them: `dims[0]` varies fastest. A PyTorch `Linear`
@@ -115,64 +115,7 @@ impl Value {
     }
 }
 
-/// The GGML tensor types this reader handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum TensorType {
-    /// 32-bit floats.
-    F32,
-    /// 16-bit floats.
-    F16,
-    /// Blocks of 32: f16 scale, 16 bytes of 4-bit values offset by 8.
-    Q4_0,
-    /// Blocks of 32: f16 scale, f16 minimum, 16 bytes of 4-bit values.
-    Q4_1,
-    /// Blocks of 32: f16 scale, 32 signed bytes.
-    Q8_0,
-}
-
-impl TensorType {
-    fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            8 => Self::Q8_0,
-            _ => return None,
-        })
-    }
-
-    /// The GGML type id.
-    pub fn id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q8_0 => 8,
-        }
-    }
-
-    /// (elements per block, bytes per block).
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q8_0 => (32, 34),
-        }
-    }
-
-    /// Bytes holding `elements` values (which must be a whole number of blocks).
-    pub fn byte_len(self, elements: usize) -> Option<usize> {
-        let (per_block, bytes) = self.block();
-        if !elements.is_multiple_of(per_block) {
-            return None;
-        }
-        (elements / per_block).checked_mul(bytes)
-    }
-}
+pub use crate::quant::{dequantize, TensorType};
 
 /// One tensor's description.
 #[derive(Debug, Clone, PartialEq)]
@@ -358,55 +301,6 @@ impl Gguf {
         let data = &self.bytes[info.offset..info.offset + info.byte_len];
         Ok(dequantize(kind, data, info.element_count()))
     }
-}
-
-/// Dequantizes `elements` values of type `kind` from `data` (which must hold exactly them).
-///
-/// # Panics
-/// If `data` has another length than `kind.byte_len(elements)`; [`Gguf::dequantize`] checks it.
-pub fn dequantize(kind: TensorType, data: &[u8], elements: usize) -> Vec<f32> {
-    assert_eq!(
-        Some(data.len()),
-        kind.byte_len(elements),
-        "data must hold exactly the tensor"
-    );
-    let mut out = Vec::with_capacity(elements);
-    let half_at = |bytes: &[u8]| f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
-    match kind {
-        TensorType::F32 => out.extend(
-            data.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        TensorType::F16 => out.extend(data.chunks_exact(2).map(half_at)),
-        TensorType::Q8_0 => {
-            for block in data.chunks_exact(34) {
-                let scale = half_at(&block[..2]);
-                out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * scale));
-            }
-        }
-        TensorType::Q4_0 => {
-            for block in data.chunks_exact(18) {
-                let scale = half_at(&block[..2]);
-                let quants = &block[2..];
-                out.extend(quants.iter().map(|&q| (f32::from(q & 0x0F) - 8.0) * scale));
-                out.extend(quants.iter().map(|&q| (f32::from(q >> 4) - 8.0) * scale));
-            }
-        }
-        TensorType::Q4_1 => {
-            for block in data.chunks_exact(20) {
-                let scale = half_at(&block[..2]);
-                let minimum = half_at(&block[2..4]);
-                let quants = &block[4..];
-                out.extend(
-                    quants
-                        .iter()
-                        .map(|&q| f32::from(q & 0x0F) * scale + minimum),
-                );
-                out.extend(quants.iter().map(|&q| f32::from(q >> 4) * scale + minimum));
-            }
-        }
-    }
-    out
 }
 
 struct Reader<'a> {

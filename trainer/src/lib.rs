@@ -19,6 +19,7 @@ pub mod lora;
 pub mod model;
 pub mod net;
 pub mod optim;
+pub mod quant;
 pub mod robustness;
 pub mod shakespeare;
 pub mod study;

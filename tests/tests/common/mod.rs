@@ -300,6 +300,28 @@ pub fn spawn_cheating_trainer(
     cheat: Option<tributary_trainer::attack::Cheat>,
 ) -> JoinHandle<Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>>
 {
+    spawn_trainer_on(
+        running,
+        model,
+        seed,
+        duty_ppm,
+        busy,
+        cheat,
+        burn::tensor::Device::flex(),
+    )
+}
+
+/// [`spawn_cheating_trainer`] on `device`.
+pub fn spawn_trainer_on(
+    running: &Running,
+    model: &Path,
+    seed: u64,
+    duty_ppm: u32,
+    busy: Arc<std::sync::atomic::AtomicU64>,
+    cheat: Option<tributary_trainer::attack::Cheat>,
+    device: burn::tensor::Device,
+) -> JoinHandle<Result<tributary_trainer::worker::JoinReport, tributary_trainer::worker::WorkerError>>
+{
     use std::sync::atomic::AtomicU64;
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
     let options = tributary_trainer::worker::JoinOptions {
@@ -318,11 +340,7 @@ pub fn spawn_cheating_trainer(
         status_line: false,
         cheat,
     };
-    tokio::spawn(tributary_trainer::worker::run(
-        endpoint,
-        options,
-        burn::tensor::Device::flex(),
-    ))
+    tokio::spawn(tributary_trainer::worker::run(endpoint, options, device))
 }
 
 /// Starts four synthetic trainers (identities `first_seed..+4`) on an experiment of four deltas
