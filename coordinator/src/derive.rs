@@ -601,15 +601,9 @@ mod barring {
         }
     }
 
-    fn delta(values: [f32; 2]) -> Delta {
-        Delta::new(vec![
-            NamedTensor::new("w", vec![2], values.to_vec()).unwrap()
-        ])
-        .unwrap()
-    }
-
-    #[test]
-    fn a_flagged_trainers_deltas_are_barred_and_the_rest_aggregate_as_if_it_were_absent() {
+    /// ci-tiny's pinned configuration on a two-value adapter, a zero start adapter, and four
+    /// deltas from trainers 1 to 4.
+    fn round_of_four() -> (ExperimentConfig, Delta, Vec<(AcceptedDelta, Delta)>) {
         let mut config: ExperimentConfig = crate::settings::load_experiment_str(
             include_str!("../../experiments/ci-tiny.toml"),
             "ci-tiny",
@@ -622,10 +616,22 @@ mod barring {
             params: 2,
             tensors: 1,
         };
-        let before = delta([0.0, 0.0]);
-        let deltas: Vec<(AcceptedDelta, Delta)> = (1..=4u8)
+        let deltas = (1..=4u8)
             .map(|n| (accepted(n), delta([f32::from(n), 1.0])))
             .collect();
+        (config, delta([0.0, 0.0]), deltas)
+    }
+
+    fn delta(values: [f32; 2]) -> Delta {
+        Delta::new(vec![
+            NamedTensor::new("w", vec![2], values.to_vec()).unwrap()
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_flagged_trainers_deltas_are_barred_and_the_rest_aggregate_as_if_it_were_absent() {
+        let (config, before, deltas) = round_of_four();
         let state = OptimizerState::default();
         let flagged: BTreeSet<TrainerId> = [TrainerId([3; 32])].into();
         let checks = |flagged| Checks {
@@ -653,22 +659,7 @@ mod barring {
 
     #[test]
     fn a_failed_loss_check_withholds_a_delta_of_this_round_and_bars_its_trainer_later() {
-        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
-            include_str!("../../experiments/ci-tiny.toml"),
-            "ci-tiny",
-            Default::default(),
-            &[],
-        )
-        .unwrap()
-        .pinned();
-        config.adapter = AdapterSpec::Synthetic {
-            params: 2,
-            tensors: 1,
-        };
-        let before = delta([0.0, 0.0]);
-        let deltas: Vec<(AcceptedDelta, Delta)> = (1..=4u8)
-            .map(|n| (accepted(n), delta([f32::from(n), 1.0])))
-            .collect();
+        let (config, before, deltas) = round_of_four();
         let answer = |evaluator: u8, baseline: f32, loss: f32| LossAnswer {
             evaluator: TrainerId([evaluator; 32]),
             baseline,
