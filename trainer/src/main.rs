@@ -54,7 +54,8 @@ enum Command {
     /// What lying clients do to a federation, under plain FedAvg and the robust default;
     /// writes robustness.json, robustness.md and robustness.svg.
     Robustness(RobustnessArgs),
-    /// Print a GGUF model's metadata and tensor summary.
+    /// Print a GGUF model's metadata and tensor types, and whether everything in it is supported
+    /// (exits non-zero, naming each problem, when something is not).
     Inspect {
         /// The .gguf file.
         #[arg(long)]
@@ -943,7 +944,11 @@ fn inspect(path: &Path) -> anyhow::Result<()> {
     let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
     let mut elements = 0usize;
     for tensor in &file.tensors {
-        *by_type.entry(format!("{:?}", tensor.kind)).or_default() += 1;
+        let kind = match tensor.kind {
+            Ok(kind) => kind.to_string(),
+            Err(id) => format!("type {id} (unsupported)"),
+        };
+        *by_type.entry(kind).or_default() += 1;
         elements =
             elements.saturating_add(tensor.dims.iter().fold(1usize, |a, d| a.saturating_mul(*d)));
     }
@@ -951,5 +956,15 @@ fn inspect(path: &Path) -> anyhow::Result<()> {
         "{} tensors, {elements} values: {by_type:?}",
         file.tensors.len()
     );
-    Ok(())
+    let architecture = file.get_str("general.architecture").unwrap_or("(none)");
+    let problems = model::gguf_problems(&file);
+    if problems.is_empty() {
+        println!("architecture {architecture}: everything in this file is supported");
+        return Ok(());
+    }
+    println!("architecture {architecture}: not supported here:");
+    for problem in &problems {
+        println!("  - {problem}");
+    }
+    bail!("{} problems stop this file from training", problems.len())
 }

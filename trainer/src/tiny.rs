@@ -40,6 +40,7 @@ pub fn tiny_config() -> LlamaConfig {
         num_heads: 4,
         num_kv_heads: 2,
         rope_theta: 10_000.0,
+        rope_scaling: crate::model::RopeScaling::None,
         rms_norm_eps: 1e-5,
         max_position_embeddings: 512,
         tie_word_embeddings: true,

@@ -23,6 +23,8 @@ pub struct LlamaConfig {
     pub num_kv_heads: usize,
     /// Rotary embedding base.
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled for longer contexts.
+    pub rope_scaling: RopeScaling,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Longest context the model was trained for.
@@ -31,7 +33,140 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// How a checkpoint scales its rotary frequencies (`rope_scaling`/`rope_parameters` in a
+/// Hugging Face config; `rope.scaling.*` keys or a `rope_freqs.weight` tensor in GGUF).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    #[default]
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.x: wavelengths longer than `original / low_freq_factor` are divided by
+    /// `factor`, those shorter than `original / high_freq_factor` kept, and the ones between
+    /// blended smoothly.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Where the low band starts, as a divisor of the original context.
+        low_freq_factor: f64,
+        /// Where the high band starts, as a divisor of the original context.
+        high_freq_factor: f64,
+        /// The context length the model was first trained at.
+        original_max_position_embeddings: f64,
+    },
+    /// A divisor per frequency, as llama.cpp stores Llama 3's (`rope_freqs.weight`).
+    Divisors(Vec<f64>),
+}
+
+impl RopeScaling {
+    /// The divisor of frequency `inv_freq` (index `i`).
+    fn divisor(&self, i: usize, inv_freq: f64) -> f64 {
+        match self {
+            Self::None => 1.0,
+            Self::Linear { factor } => *factor,
+            Self::Divisors(divisors) => divisors.get(i).copied().unwrap_or(1.0),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            } => {
+                let wavelength = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelength < original / high_freq_factor {
+                    1.0
+                } else if wavelength > original / low_freq_factor {
+                    *factor
+                } else {
+                    let smooth = (original / wavelength - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            }
+        }
+    }
+
+    /// Reads a Hugging Face `rope_scaling` or `rope_parameters` object (`None` or `default`:
+    /// no scaling). Any other type is an error naming it.
+    fn from_hf(parameters: &serde_json::Value) -> Result<Self, ModelError> {
+        let kind = parameters
+            .get("rope_type")
+            .or_else(|| parameters.get("type"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("default");
+        let number = |key: &str| -> Result<f64, ModelError> {
+            parameters
+                .get(key)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| {
+                    ModelError::Config(format!("RoPE scaling {kind:?} needs a number {key:?}"))
+                })
+        };
+        let scaling = match kind {
+            "default" => Self::None,
+            "linear" => Self::Linear {
+                factor: number("factor")?,
+            },
+            "llama3" => Self::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: number("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(ModelError::Config(format!(
+                    "RoPE scaling type {other:?} is not supported (default, linear, llama3)"
+                )))
+            }
+        };
+        scaling.validate()?;
+        Ok(scaling)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let positive = |value: f64| value.is_finite() && value > 0.0;
+        let ok = match self {
+            Self::None => true,
+            Self::Linear { factor } => positive(*factor),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive(*factor)
+                    && positive(*low_freq_factor)
+                    && positive(*original_max_position_embeddings)
+                    && high_freq_factor > low_freq_factor
+                    && high_freq_factor.is_finite()
+            }
+            Self::Divisors(divisors) => divisors.iter().all(|d| positive(*d)),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::Config(format!(
+                "RoPE scaling parameters are not usable: {self:?}"
+            )))
+        }
+    }
+}
+
 impl LlamaConfig {
+    /// The rotary inverse frequencies, one per pair of head dimensions, scaling applied.
+    pub fn inv_freqs(&self) -> Vec<f64> {
+        let head_dim = self.head_dim();
+        (0..head_dim / 2)
+            .map(|i| {
+                let inv_freq = self.rope_theta.powf(-((2 * i) as f64) / head_dim as f64);
+                inv_freq / self.rope_scaling.divisor(i, inv_freq)
+            })
+            .collect()
+    }
+
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
@@ -69,7 +204,16 @@ impl LlamaConfig {
         if !(self.rope_theta > 0.0 && self.rms_norm_eps > 0.0) {
             return fail("rope base and norm epsilon must be positive".into());
         }
-        Ok(())
+        if let RopeScaling::Divisors(divisors) = &self.rope_scaling {
+            if divisors.len() != self.head_dim() / 2 {
+                return fail(format!(
+                    "{} RoPE frequency divisors for heads of size {}",
+                    divisors.len(),
+                    self.head_dim()
+                ));
+            }
+        }
+        self.rope_scaling.validate()
     }
 
     /// Reads the `llama.*` metadata of a GGUF file.
@@ -84,6 +228,41 @@ impl LlamaConfig {
             Ok(usize::try_from(file.get_u64(&format!("llama.{key}"))?).unwrap_or(usize::MAX))
         };
         let num_heads = int("attention.head_count")?;
+        // Options this decoder does not implement: refused by name, never ignored.
+        if file
+            .get_u64("llama.expert_count")
+            .is_ok_and(|experts| experts > 0)
+        {
+            return Err(ModelError::Config(
+                "llama.expert_count: mixture-of-experts models are not supported".into(),
+            ));
+        }
+        let rope_scaling = match file.get_str("llama.rope.scaling.type") {
+            Err(_) | Ok("none") => RopeScaling::None,
+            Ok("linear") => RopeScaling::Linear {
+                factor: file.get_f64("llama.rope.scaling.factor")?,
+            },
+            Ok(other) => {
+                return Err(ModelError::Config(format!(
+                    "llama.rope.scaling.type {other:?} is not supported (none, linear)"
+                )))
+            }
+        };
+        // Llama 3's scaling, as llama.cpp's converter stores it: a divisor per frequency.
+        let rope_scaling = match file.tensor("rope_freqs.weight") {
+            Ok(_) if rope_scaling != RopeScaling::None => {
+                return Err(ModelError::Config(
+                    "both llama.rope.scaling.type and rope_freqs.weight are set".into(),
+                ))
+            }
+            Ok(_) => RopeScaling::Divisors(
+                file.dequantize("rope_freqs.weight")?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+            ),
+            Err(_) => rope_scaling,
+        };
         let vocab_size = match file.get_u64("llama.vocab_size") {
             Ok(value) => value as usize,
             Err(_) => file
@@ -101,10 +280,20 @@ impl LlamaConfig {
             num_heads,
             num_kv_heads: int("attention.head_count_kv").unwrap_or(num_heads),
             rope_theta: file.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_scaling,
             rms_norm_eps: file.get_f64("llama.attention.layer_norm_rms_epsilon")?,
             max_position_embeddings: int("context_length").unwrap_or(2048),
             tie_word_embeddings: file.tensor("output.weight").is_err(),
         };
+        if let Ok(rotary) = file.get_u64("llama.rope.dimension_count") {
+            if rotary as usize != config.head_dim() {
+                return Err(ModelError::Config(format!(
+                    "llama.rope.dimension_count {rotary}: rotary embedding on part of a head \
+                     (size {}) is not supported",
+                    config.head_dim()
+                )));
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -121,6 +310,13 @@ impl LlamaConfig {
             num_attention_heads: usize,
             num_key_value_heads: Option<usize>,
             rope_theta: Option<f64>,
+            /// transformers 4's scaling.
+            rope_scaling: Option<serde_json::Value>,
+            /// transformers 5 keeps the base and the scaling here.
+            rope_parameters: Option<serde_json::Value>,
+            attention_bias: Option<bool>,
+            mlp_bias: Option<bool>,
+            hidden_act: Option<String>,
             rms_norm_eps: f64,
             max_position_embeddings: Option<usize>,
             tie_word_embeddings: Option<bool>,
@@ -135,6 +331,34 @@ impl LlamaConfig {
                 )));
             }
         }
+        if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
+            return Err(ModelError::Config(
+                "attention_bias/mlp_bias: biased projections are not supported".into(),
+            ));
+        }
+        if let Some(act) = hf.hidden_act.as_deref().filter(|act| *act != "silu") {
+            return Err(ModelError::Config(format!(
+                "hidden_act {act:?} is not supported (silu)"
+            )));
+        }
+        // transformers 5 writes `rope_parameters`; 4 writes `rope_theta` and `rope_scaling`.
+        let rope = hf.rope_parameters.as_ref().filter(|value| !value.is_null());
+        let rope_theta = rope
+            .and_then(|value| value.get("rope_theta"))
+            .and_then(serde_json::Value::as_f64)
+            .or(hf.rope_theta)
+            .unwrap_or(10_000.0);
+        let rope_scaling = match (rope, hf.rope_scaling.as_ref().filter(|v| !v.is_null())) {
+            (Some(_), Some(_)) => {
+                return Err(ModelError::Config(
+                    "both rope_parameters and rope_scaling are set".into(),
+                ))
+            }
+            (Some(parameters), None) | (None, Some(parameters)) => {
+                RopeScaling::from_hf(parameters)?
+            }
+            (None, None) => RopeScaling::None,
+        };
         let config = Self {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -142,7 +366,8 @@ impl LlamaConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
+            rope_scaling,
             rms_norm_eps: hf.rms_norm_eps,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
@@ -159,9 +384,29 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// The `config.json` Hugging Face would write for this model.
+    /// The `config.json` Hugging Face would write for this model (per-frequency divisors, which
+    /// only GGUF stores, are left out).
     pub fn to_hf_json(&self) -> serde_json::Value {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::None | RopeScaling::Divisors(_) => serde_json::Value::Null,
+        };
         serde_json::json!({
+            "rope_scaling": rope_scaling,
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": self.vocab_size,
@@ -194,12 +439,202 @@ mod tests {
             num_heads: 4,
             num_kv_heads: 2,
             rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
             rms_norm_eps: 1e-5,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
         };
         let text = config.to_hf_json().to_string();
         assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), config);
+    }
+
+    fn llama31_8b_rope() -> RopeScaling {
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        // Llama 3.1 8B: base 500,000, heads of 128.
+        let hf = r#"{"model_type":"llama","vocab_size":10,"hidden_size":4096,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":32,"num_key_value_heads":8,
+            "rms_norm_eps":1e-5,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3",
+            "factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":8192}}"#;
+        let config = LlamaConfig::from_hf_json(hf).unwrap();
+        assert_eq!(config.rope_scaling, llama31_8b_rope());
+        let plain = LlamaConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        };
+        let (scaled, base) = (config.inv_freqs(), plain.inv_freqs());
+        assert_eq!(scaled.len(), 64);
+        // Wavelength 2π: far shorter than 8192 / 4, unchanged.
+        assert_eq!(scaled[0], base[0]);
+        // Pair 40: wavelength 2π · 500000^(80/128) ≈ 22,900 > 8192: divided by 8.
+        assert_eq!(scaled[40], base[40] / 8.0);
+        // Pair 30: wavelength ≈ 2,950, between 2048 and 8192: smooth = (8192/λ − 1) / 3.
+        let wavelength = 2.0 * std::f64::consts::PI / base[30];
+        assert!((2048.0..8192.0).contains(&wavelength), "{wavelength}");
+        let smooth = (8192.0 / wavelength - 1.0) / 3.0;
+        let expected = base[30] * ((1.0 - smooth) / 8.0 + smooth);
+        assert!((scaled[30] - expected).abs() <= 1e-15 * expected);
+        // The GGUF form (a divisor per frequency) gives the same frequencies.
+        let divisors: Vec<f64> = base.iter().zip(&scaled).map(|(b, s)| b / s).collect();
+        let stored = LlamaConfig {
+            rope_scaling: RopeScaling::Divisors(divisors),
+            ..config.clone()
+        };
+        for (a, b) in stored.inv_freqs().iter().zip(&scaled) {
+            assert!((a - b).abs() <= 1e-15 * b);
+        }
+        // And it survives the config.json round trip.
+        let again = LlamaConfig::from_hf_json(&config.to_hf_json().to_string()).unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        // A small Llama saved by transformers 5: the base lives in `rope_parameters`.
+        let hf = r#"{"model_type":"llama","vocab_size":10,"hidden_size":32,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":4,"rms_norm_eps":1e-5,
+            "rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#;
+        let config = LlamaConfig::from_hf_json(hf).unwrap();
+        assert_eq!(config.rope_theta, 500_000.0);
+        assert_eq!(config.rope_scaling, RopeScaling::None);
+        let linear = hf.replace(
+            r#""rope_type":"default""#,
+            r#""rope_type":"linear","factor":2.0"#,
+        );
+        let config = LlamaConfig::from_hf_json(&linear).unwrap();
+        assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let base = LlamaConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        };
+        assert_eq!(config.inv_freqs()[3], base.inv_freqs()[3] / 2.0);
+    }
+
+    #[test]
+    fn options_this_decoder_lacks_are_named_errors() {
+        let base = r#"{"model_type":"llama","vocab_size":10,"hidden_size":32,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":4,"rms_norm_eps":1e-5"#;
+        for (extra, named) in [
+            (
+                r#","rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+                "\"yarn\"",
+            ),
+            (
+                r#","rope_scaling":{"type":"dynamic","factor":2.0}"#,
+                "\"dynamic\"",
+            ),
+            (
+                r#","rope_scaling":{"rope_type":"llama3","factor":8.0}"#,
+                "low_freq_factor",
+            ),
+            (r#","attention_bias":true"#, "attention_bias"),
+            (r#","mlp_bias":true"#, "mlp_bias"),
+            (r#","hidden_act":"gelu""#, "\"gelu\""),
+            (
+                r#","rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_theta":1.0}"#,
+                "both",
+            ),
+        ] {
+            let text = format!("{base}{extra}}}");
+            let error = LlamaConfig::from_hf_json(&text).unwrap_err().to_string();
+            assert!(error.contains(named), "{extra}: {error}");
+        }
+        // Explicit defaults are fine.
+        let text =
+            format!(r#"{base},"attention_bias":false,"hidden_act":"silu","rope_scaling":null}}"#);
+        assert!(LlamaConfig::from_hf_json(&text).is_ok());
+    }
+
+    /// A GGUF header of a Llama with heads of 8 (4 rotary pairs), changed by `edit`.
+    fn from_gguf_with(
+        edit: impl FnOnce(&mut crate::gguf::GgufWriter),
+    ) -> Result<LlamaConfig, ModelError> {
+        use crate::gguf::{GgufWriter, Value};
+        let mut writer = GgufWriter::new();
+        writer
+            .metadata("general.architecture", Value::String("llama".into()))
+            .metadata("llama.vocab_size", Value::Uint(10))
+            .metadata("llama.embedding_length", Value::Uint(32))
+            .metadata("llama.feed_forward_length", Value::Uint(8))
+            .metadata("llama.block_count", Value::Uint(1))
+            .metadata("llama.attention.head_count", Value::Uint(4))
+            .metadata("llama.rope.freq_base", Value::Float(10_000.0))
+            .metadata("llama.attention.layer_norm_rms_epsilon", Value::Float(1e-5));
+        edit(&mut writer);
+        let file = Gguf::parse(writer.to_bytes()).expect("a valid file");
+        LlamaConfig::from_gguf(&file)
+    }
+
+    #[test]
+    fn gguf_rope_options_are_read_or_refused_by_name() {
+        use crate::gguf::Value;
+        assert_eq!(
+            from_gguf_with(|_| {}).unwrap().rope_scaling,
+            RopeScaling::None
+        );
+        // Llama 3's divisors, as llama.cpp stores them.
+        let config = from_gguf_with(|w| {
+            w.tensor_f32("rope_freqs.weight", vec![4], &[1.0, 1.5, 4.0, 8.0]);
+        })
+        .unwrap();
+        assert_eq!(
+            config.rope_scaling,
+            RopeScaling::Divisors(vec![1.0, 1.5, 4.0, 8.0])
+        );
+        let plain = LlamaConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        };
+        assert_eq!(config.inv_freqs()[3], plain.inv_freqs()[3] / 8.0);
+        let linear = from_gguf_with(|w| {
+            w.metadata("llama.rope.scaling.type", Value::String("linear".into()))
+                .metadata("llama.rope.scaling.factor", Value::Float(4.0));
+        })
+        .unwrap();
+        assert_eq!(linear.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+        let refused = |edit: &dyn Fn(&mut crate::gguf::GgufWriter), named: &str| {
+            let error = from_gguf_with(edit).unwrap_err().to_string();
+            assert!(error.contains(named), "{error}");
+        };
+        refused(
+            &|w| {
+                w.metadata("llama.rope.scaling.type", Value::String("yarn".into()));
+            },
+            "\"yarn\"",
+        );
+        refused(
+            &|w| {
+                w.metadata("llama.expert_count", Value::Uint(8));
+            },
+            "expert_count",
+        );
+        refused(
+            &|w| {
+                w.metadata("llama.rope.dimension_count", Value::Uint(4));
+            },
+            "dimension_count",
+        );
+        refused(
+            &|w| {
+                w.tensor_f32("rope_freqs.weight", vec![2], &[1.0, 2.0]);
+            },
+            "divisors",
+        );
+        refused(
+            &|w| {
+                w.tensor_f32("rope_freqs.weight", vec![4], &[1.0, 0.0, 1.0, 1.0]);
+            },
+            "not usable",
+        );
     }
 
     #[test]

@@ -94,15 +94,13 @@ struct Rope {
 impl Rope {
     fn new(config: &LlamaConfig, positions: usize, device: &Device) -> Self {
         let head_dim = config.head_dim();
-        let half = head_dim / 2;
+        let inv_freqs = config.inv_freqs();
         let mut cos = Vec::with_capacity(positions * head_dim);
         let mut sin = Vec::with_capacity(positions * head_dim);
         for position in 0..positions {
-            let row: Vec<f64> = (0..half)
-                .map(|i| {
-                    let inv_freq = config.rope_theta.powf(-((2 * i) as f64) / head_dim as f64);
-                    position as f64 * inv_freq
-                })
+            let row: Vec<f64> = inv_freqs
+                .iter()
+                .map(|inv_freq| position as f64 * inv_freq)
                 .collect();
             for _ in 0..2 {
                 cos.extend(row.iter().map(|angle| angle.cos() as f32));

@@ -5,7 +5,7 @@ pub mod checkpoint;
 mod config;
 mod llama;
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use llama::{AdapterTensors, KvCache, Llama, LoraPair};
 
 use crate::gguf::GgufError;
@@ -175,5 +175,54 @@ pub fn load(
             tokenizer,
             description: checkpoint::Checkpoint::describe(&checkpoint),
         })
+    }
+}
+
+/// What would stop a GGUF file from training here, each named (empty: everything in it is
+/// supported): tensor types this reader cannot dequantize, an architecture or option the
+/// decoder lacks, a tokenizer it cannot build. `tributary-trainer inspect` prints them.
+pub fn gguf_problems(file: &crate::gguf::Gguf) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut unknown: std::collections::BTreeMap<u32, Vec<&str>> = Default::default();
+    for tensor in &file.tensors {
+        if let Err(id) = tensor.kind {
+            unknown.entry(id).or_default().push(&tensor.name);
+        }
+    }
+    for (id, names) in unknown {
+        problems.push(format!(
+            "{} tensors of GGML type {id}, which this reader cannot dequantize (first: {})",
+            names.len(),
+            names[0]
+        ));
+    }
+    if let Err(error) = LlamaConfig::from_gguf(file) {
+        problems.push(error.to_string());
+    }
+    if let Err(error) = crate::tokenizer::TextTokenizer::from_gguf(file) {
+        problems.push(format!("tokenizer: {error}"));
+    }
+    problems
+}
+
+#[cfg(test)]
+mod problems {
+    use crate::gguf::{Gguf, GgufWriter, Value};
+
+    #[test]
+    fn a_supported_file_has_no_problems_and_an_unsupported_one_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_gguf(&path, 1).unwrap();
+        let file = Gguf::open(&path).unwrap();
+        assert_eq!(super::gguf_problems(&file), Vec::<String>::new());
+        let mut writer = GgufWriter::new();
+        writer
+            .metadata("general.architecture", Value::String("qwen3".into()))
+            .metadata("tokenizer.ggml.model", Value::String("llama".into()));
+        let file = Gguf::parse(writer.to_bytes()).unwrap();
+        let problems = super::gguf_problems(&file).join("\n");
+        assert!(problems.contains("\"qwen3\""), "{problems}");
+        assert!(problems.contains("tokenizer model \"llama\""), "{problems}");
     }
 }
