@@ -39,14 +39,19 @@ pub fn select(choice: BackendChoice) -> Result<(Device, String), DeviceError> {
         BackendChoice::Cpu => Ok(cpu()),
         BackendChoice::Gpu => gpu(GpuKind::Any),
         BackendChoice::Auto => {
-            let mut why = Vec::new();
+            let mut why: Vec<String> = Vec::new();
             for kind in [GpuKind::Discrete, GpuKind::Integrated] {
                 match gpu(kind) {
                     Ok(found) => return Ok(found),
-                    Err(error) => why.push(error.to_string()),
+                    Err(error) => {
+                        let error = error.to_string();
+                        if !why.contains(&error) {
+                            why.push(error);
+                        }
+                    }
                 }
             }
-            tracing::info!("no hardware GPU ({}); using the CPU", why.join(", "));
+            tracing::info!("no hardware GPU ({}); using the CPU", why.join("; "));
             Ok(cpu())
         }
     }
