@@ -10,6 +10,11 @@
 //! [`RoundVerification`]. A version 1 entry starts with the varint length of the experiment name,
 //! whose first byte is never `0xff`, so the two cannot be confused, and an entry stored before
 //! version 2 existed keeps its bytes and therefore its hash.
+//! Version 3 entries ([`ENTRY_V3_MAGIC`]) hold the whole [`RoundVerification`], with its
+//! barred deltas and loss checks; version 2 holds only its screening, replica checks and
+//! referees. The encoding follows the content: a record whose barred deltas and loss checks
+//! are empty is written as version 2, so entries stored by a version 2 coordinator re-encode
+//! to the same bytes (and hashes, and signed bytes).
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +76,15 @@ pub struct LedgerEntry {
 
 /// The first bytes of a version 2 entry (see the module docs).
 pub const ENTRY_V2_MAGIC: [u8; 4] = [0xff, b'T', b'L', 2];
+/// The first bytes of a version 3 entry (see the module docs).
+pub const ENTRY_V3_MAGIC: [u8; 4] = [0xff, b'T', b'L', 3];
+
+/// The part of a [`RoundVerification`] a version 2 entry holds, in its field order.
+type VerificationV2 = (
+    Vec<crate::aggregate::Screening>,
+    Vec<ReplicaCheck>,
+    Vec<RefereeCheck>,
+);
 
 /// The verification record of one round: what was checked, the numbers, and the decisions.
 /// Everything in it is re-derived from the round's stored deltas by `verify`.
@@ -498,13 +512,26 @@ impl LedgerEntry {
     }
 
     /// The canonical bytes that are hashed and stored: version 1 without a verification
-    /// record, version 2 with one (see the module docs).
+    /// record, version 2 with one that has no barred deltas or loss checks, version 3 otherwise
+    /// (see the module docs).
     pub fn to_bytes(&self) -> Vec<u8> {
         const SERIALIZABLE: &str = "ledger entries contain only serializable fields";
         match &self.verification {
             None => to_payload(self).expect(SERIALIZABLE),
-            Some(verification) => {
+            Some(verification)
+                if verification.barred.is_empty() && verification.loss_checks.is_empty() =>
+            {
                 let mut bytes = ENTRY_V2_MAGIC.to_vec();
+                let fields = (
+                    &verification.screening,
+                    &verification.checks,
+                    &verification.referees,
+                );
+                bytes.extend(to_payload(&(self, fields)).expect(SERIALIZABLE));
+                bytes
+            }
+            Some(verification) => {
+                let mut bytes = ENTRY_V3_MAGIC.to_vec();
                 bytes.extend(to_payload(&(self, verification)).expect(SERIALIZABLE));
                 bytes
             }
@@ -518,11 +545,22 @@ impl LedgerEntry {
             round: 0,
             detail: error.to_string(),
         };
+        if let Some(rest) = bytes.strip_prefix(&ENTRY_V3_MAGIC[..]) {
+            let (mut entry, verification): (LedgerEntry, RoundVerification) =
+                from_payload_unbounded(rest).map_err(malformed)?;
+            entry.verification = Some(verification);
+            return Ok(entry);
+        }
         match bytes.strip_prefix(&ENTRY_V2_MAGIC[..]) {
             Some(rest) => {
-                let (mut entry, verification): (LedgerEntry, RoundVerification) =
+                let (mut entry, (screening, checks, referees)): (LedgerEntry, VerificationV2) =
                     from_payload_unbounded(rest).map_err(malformed)?;
-                entry.verification = Some(verification);
+                entry.verification = Some(RoundVerification {
+                    screening,
+                    checks,
+                    referees,
+                    ..RoundVerification::default()
+                });
                 Ok(entry)
             }
             None => from_payload_unbounded(bytes).map_err(malformed),
@@ -785,8 +823,40 @@ mod tests {
             verify_signatures(&forged),
             Err(LedgerError::BadSignature { .. })
         ));
-        // Truncated or trailing bytes of either version do not parse.
+        // A barred delta makes it a version 3 entry, which round-trips too; the version 2
+        // bytes of the same record without it are the layout a version 2 coordinator wrote
+        // (the record's first three fields, in order).
+        let mut barred = entries[1].clone();
+        barred.verification.as_mut().unwrap().barred = vec![BarredDelta {
+            hash: BlobHash([4; 32]),
+            trainer: TrainerId([5; 32]),
+        }];
+        let version_3 = barred.to_bytes();
+        assert!(version_3.starts_with(&ENTRY_V3_MAGIC));
+        assert_eq!(LedgerEntry::from_bytes(&version_3).unwrap(), barred);
+        #[derive(Serialize)]
+        struct WrittenByVersion2<'a> {
+            screening: &'a Vec<crate::aggregate::Screening>,
+            checks: &'a Vec<ReplicaCheck>,
+            referees: &'a Vec<RefereeCheck>,
+        }
+        let record = entries[1].verification.as_ref().unwrap();
+        let mut old = ENTRY_V2_MAGIC.to_vec();
+        old.extend(
+            to_payload(&(
+                &entries[1],
+                WrittenByVersion2 {
+                    screening: &record.screening,
+                    checks: &record.checks,
+                    referees: &record.referees,
+                },
+            ))
+            .unwrap(),
+        );
+        assert_eq!(old, version_2);
+        // Truncated or trailing bytes of any version do not parse.
         assert!(LedgerEntry::from_bytes(&version_2[..version_2.len() - 1]).is_err());
+        assert!(LedgerEntry::from_bytes(&version_3[..version_3.len() - 1]).is_err());
         let mut trailing = version_1;
         trailing.push(0);
         assert!(LedgerEntry::from_bytes(&trailing).is_err());
