@@ -644,6 +644,7 @@ impl Hub {
                 trainer,
                 reply,
             } => {
+                let loss_check_delta = self.engine.loss_check_download(trainer, &hash);
                 let found = match &self.current_adapter {
                     Some((current, bytes)) if *current == hash => {
                         Some(Download::Memory(bytes.clone()))
@@ -651,14 +652,11 @@ impl Hub {
                     _ if self.base_model.is_some_and(|(model, _)| model == hash) => {
                         self.base_model.map(|(_, len)| Download::File(len))
                     }
-                    _ if self.engine.loss_check_download(trainer, &hash).is_some() => {
+                    _ if loss_check_delta.is_some() => {
                         // Small deltas are stored inline in the database.
                         match self.db.inline_blob(&hash) {
                             Ok(Some(bytes)) => Some(Download::Memory(Arc::new(bytes))),
-                            Ok(None) => self
-                                .engine
-                                .loss_check_download(trainer, &hash)
-                                .map(Download::File),
+                            Ok(None) => loss_check_delta.map(Download::File),
                             Err(error) => {
                                 tracing::error!(%error, "cannot read an inline delta");
                                 None
@@ -1061,24 +1059,21 @@ impl Hub {
                 LossOutcome::Inconclusive => 2,
             };
             Metrics::add(&self.metrics.loss_checks[index], 1);
-            let log = |level_warn: bool| {
-                if level_warn {
-                    tracing::warn!(
-                        round = %round, checked_round = %check.round,
-                        delta = %check.delta.short(), trainer = %check.trainer,
-                        improvement = check.improvement, answers = check.answers.len(),
-                        "a delta did not lower the loss on its own training data; its trainer is flagged"
-                    );
-                } else {
-                    tracing::info!(
-                        round = %round, checked_round = %check.round,
-                        delta = %check.delta.short(), outcome = ?check.outcome,
-                        improvement = check.improvement, answers = check.answers.len(),
-                        "loss check recorded"
-                    );
-                }
-            };
-            log(check.outcome == LossOutcome::NotLowered);
+            if check.outcome == LossOutcome::NotLowered {
+                tracing::warn!(
+                    round = %round, checked_round = %check.round,
+                    delta = %check.delta.short(), trainer = %check.trainer,
+                    improvement = check.improvement, answers = check.answers.len(),
+                    "a delta did not lower the loss on its own training data; its trainer is flagged"
+                );
+            } else {
+                tracing::info!(
+                    round = %round, checked_round = %check.round,
+                    delta = %check.delta.short(), outcome = ?check.outcome,
+                    improvement = check.improvement, answers = check.answers.len(),
+                    "loss check recorded"
+                );
+            }
         }
         for barred in derived
             .entry
