@@ -123,6 +123,11 @@ pub enum AdapterSpec {
         hidden_size: u32,
         /// Width of the k and v projections (heads × head size of the KV heads).
         kv_size: u32,
+        /// Width of the q projection's output and the o projection's input (heads × head
+        /// size); absent when it equals `hidden_size`, as in Llama, Qwen2 and SmolLM2. Qwen3 and
+        /// some Mistral models have heads wider than `hidden_size / heads`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        q_size: Option<u32>,
         /// MLP width.
         intermediate_size: u32,
         /// LoRA rank.
@@ -167,6 +172,7 @@ impl AdapterSpec {
                 layers,
                 hidden_size,
                 kv_size,
+                q_size,
                 intermediate_size,
                 rank,
                 targets,
@@ -178,13 +184,14 @@ impl AdapterSpec {
                     *intermediate_size as usize,
                     *rank as usize,
                 );
+                let q = q_size.map_or(hidden, |q| q as usize);
                 let mut out = Vec::new();
                 for layer in 0..*layers {
                     for target in targets {
                         let (parent, d_in, d_out) = match target.as_str() {
-                            "q_proj" => ("self_attn", hidden, hidden),
+                            "q_proj" => ("self_attn", hidden, q),
                             "k_proj" | "v_proj" => ("self_attn", hidden, kv),
-                            "o_proj" => ("self_attn", hidden, hidden),
+                            "o_proj" => ("self_attn", q, hidden),
                             "gate_proj" | "up_proj" => ("mlp", hidden, inter),
                             "down_proj" => ("mlp", inter, hidden),
                             other => {
@@ -724,12 +731,14 @@ impl ExperimentConfig {
                 layers,
                 hidden_size,
                 kv_size,
+                q_size,
                 intermediate_size,
                 rank,
                 alpha,
                 targets,
             } => {
-                if [*layers, *hidden_size, *kv_size, *intermediate_size, *rank].contains(&0) {
+                let sizes = [*layers, *hidden_size, *kv_size, *intermediate_size, *rank];
+                if sizes.contains(&0) || *q_size == Some(0) {
                     return Err(ConfigError::invalid(
                         "adapter",
                         "layers, sizes and rank must be at least 1",
@@ -1078,6 +1087,7 @@ mod tests {
             layers: 2,
             hidden_size: 8,
             kv_size: 4,
+            q_size: None,
             intermediate_size: 16,
             rank: 2,
             alpha: 4.0,
@@ -1104,6 +1114,28 @@ mod tests {
         assert!(b_values.iter().all(|v| *v == 0.0));
         let a_values = adapter.get(&a.0).unwrap().values();
         assert!(a_values.iter().all(|v| v.abs() <= 1.0 / 8f32.sqrt()));
+        // Heads wider than hidden / heads (Qwen3): q's output and o's input follow q_size.
+        let wide = AdapterSpec::Lora {
+            layers: 2,
+            hidden_size: 8,
+            kv_size: 4,
+            q_size: Some(12),
+            intermediate_size: 16,
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "o_proj".into()],
+        };
+        let shapes: Vec<Vec<usize>> = wide.layout().unwrap().tensors[..4]
+            .iter()
+            .map(|(_, shape)| shape.clone())
+            .collect();
+        // Sorted by name: o_proj (in 12, out 8), then q_proj (in 8, out 12).
+        assert_eq!(shapes, [vec![2, 12], vec![8, 2], vec![2, 8], vec![12, 2]]);
+        // Absent q_size is not written, so existing experiment files keep their bytes.
+        assert!(!serde_json::to_string(&spec).unwrap().contains("q_size"));
+        assert!(serde_json::to_string(&wide)
+            .unwrap()
+            .contains("\"q_size\":12"));
         assert!(a_values.iter().any(|v| *v != 0.0));
     }
 
@@ -1121,6 +1153,7 @@ mod tests {
             layers: 1,
             hidden_size: 4,
             kv_size: 4,
+            q_size: None,
             intermediate_size: 4,
             rank: 1,
             alpha: 1.0,

@@ -11,7 +11,7 @@
 //! use tributary_shared::peft::{from_safetensors, to_safetensors, AdapterConfig};
 //!
 //! let spec = AdapterSpec::Lora {
-//!     layers: 1, hidden_size: 8, kv_size: 4, intermediate_size: 16, rank: 2, alpha: 4.0,
+//!     layers: 1, hidden_size: 8, kv_size: 4, q_size: None, intermediate_size: 16, rank: 2, alpha: 4.0,
 //!     targets: vec!["q_proj".into(), "v_proj".into()],
 //! };
 //! let adapter = spec.initial_adapter(7).unwrap();
@@ -116,32 +116,81 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<Delta, PeftError> {
 }
 
 /// PEFT's `adapter_config.json` for a LoRA adapter (the fields PEFT reads when loading).
+///
+/// Reading accepts what PEFT itself writes (`null` where a value is unset). Options that would
+/// make PEFT build a different adapter than the plain one Tributary trains are read too, so
+/// [`AdapterConfig::unsupported`] can name them; they are never written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
     /// Always `LORA`.
     pub peft_type: String,
     /// Always `CAUSAL_LM`.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub task_type: String,
     /// The base model, as a hub id or path.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub base_model_name_or_path: String,
     /// LoRA rank.
     pub r: u32,
     /// LoRA alpha; the scale is `lora_alpha / r`.
     pub lora_alpha: f32,
     /// Dropout used in training.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub lora_dropout: f32,
     /// Adapted modules.
     pub target_modules: Vec<String>,
     /// Bias handling (`none`).
+    #[serde(default = "no_bias", deserialize_with = "null_as_no_bias")]
     pub bias: String,
     /// Whether weights are stored transposed (`false` for Llama's `Linear`).
+    #[serde(default)]
     pub fan_in_fan_out: bool,
     /// Loaded for inference only.
+    #[serde(default)]
     pub inference_mode: bool,
     /// rsLoRA scaling (`false`: the scale is alpha / r).
+    #[serde(default)]
     pub use_rslora: bool,
     /// DoRA (`false`).
+    #[serde(default)]
     pub use_dora: bool,
+    /// Per-module ranks (must be empty here).
+    #[serde(default, skip_serializing, deserialize_with = "null_as_default")]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    /// Per-module alphas (must be empty here).
+    #[serde(default, skip_serializing, deserialize_with = "null_as_default")]
+    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    /// Only some layers adapted (must be unset here).
+    #[serde(default, skip_serializing)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    /// Whole modules trained and saved beside the adapter (must be unset here).
+    #[serde(default, skip_serializing)]
+    pub modules_to_save: Option<serde_json::Value>,
+    /// A bias on the LoRA B factor (must be `false` here).
+    #[serde(default, skip_serializing)]
+    pub lora_bias: bool,
+    /// Adapted parameters rather than modules (must be unset here).
+    #[serde(default, skip_serializing)]
+    pub target_parameters: Option<serde_json::Value>,
+    /// Embedding rows trained beside the adapter (must be unset here).
+    #[serde(default, skip_serializing)]
+    pub trainable_token_indices: Option<serde_json::Value>,
+}
+
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+fn no_bias() -> String {
+    "none".into()
+}
+
+fn null_as_no_bias<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(deserializer)?.unwrap_or_else(no_bias))
 }
 
 impl AdapterConfig {
@@ -169,7 +218,45 @@ impl AdapterConfig {
             inference_mode: true,
             use_rslora: false,
             use_dora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+            modules_to_save: None,
+            lora_bias: false,
+            target_parameters: None,
+            trainable_token_indices: None,
         })
+    }
+
+    /// The options set in this config that make PEFT build something other than plain LoRA
+    /// with one rank and one alpha on every target module of every layer, each named.
+    pub fn unsupported(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let set = |value: &Option<serde_json::Value>| value.as_ref().is_some_and(|v| !v.is_null());
+        for (name, on) in [
+            ("use_dora", self.use_dora),
+            ("use_rslora", self.use_rslora),
+            ("fan_in_fan_out", self.fan_in_fan_out),
+            ("bias", self.bias != "none"),
+            ("lora_bias", self.lora_bias),
+            ("rank_pattern", !self.rank_pattern.is_empty()),
+            ("alpha_pattern", !self.alpha_pattern.is_empty()),
+            ("layers_to_transform", set(&self.layers_to_transform)),
+            ("modules_to_save", set(&self.modules_to_save)),
+            ("target_parameters", set(&self.target_parameters)),
+            (
+                "trainable_token_indices",
+                set(&self.trainable_token_indices),
+            ),
+        ] {
+            if on {
+                out.push(name);
+            }
+        }
+        if self.peft_type != "LORA" {
+            out.push("peft_type");
+        }
+        out
     }
 
     /// Pretty JSON, as PEFT writes it.
@@ -192,6 +279,7 @@ mod tests {
             layers: 2,
             hidden_size: 8,
             kv_size: 4,
+            q_size: None,
             intermediate_size: 16,
             rank: 2,
             alpha: 16.0,
@@ -229,5 +317,39 @@ mod tests {
             AdapterConfig::from_spec(&synthetic, "x"),
             Err(PeftError::NotLora)
         ));
+        assert!(config.unsupported().is_empty());
+        assert!(!json.contains("rank_pattern"), "{json}");
+    }
+
+    #[test]
+    fn what_peft_writes_is_read_and_options_that_change_the_adapter_are_named() {
+        // PEFT 0.21 writes nulls for unset fields and many options Tributary does not use.
+        let written = r#"{"peft_type":"LORA","task_type":null,"base_model_name_or_path":null,
+            "r":4,"lora_alpha":8,"lora_dropout":0.0,"bias":"none","fan_in_fan_out":false,
+            "inference_mode":true,"use_rslora":false,"use_dora":false,"rank_pattern":{},
+            "alpha_pattern":{},"layers_to_transform":null,"modules_to_save":null,
+            "lora_bias":false,"target_parameters":null,"trainable_token_indices":null,
+            "loftq_config":{},"target_modules":["q_proj","v_proj"]}"#;
+        let config = AdapterConfig::from_json(written).unwrap();
+        assert_eq!((config.r, config.base_model_name_or_path.as_str()), (4, ""));
+        assert!(config.unsupported().is_empty());
+        for (change, named) in [
+            (r#""rank_pattern":{}"#, r#""rank_pattern":{"q_proj":8}"#),
+            (
+                r#""layers_to_transform":null"#,
+                r#""layers_to_transform":[0]"#,
+            ),
+            (
+                r#""modules_to_save":null"#,
+                r#""modules_to_save":["lm_head"]"#,
+            ),
+            (r#""bias":"none""#, r#""bias":"all""#),
+            (r#""use_dora":false"#, r#""use_dora":true"#),
+        ] {
+            let text = written.replace(change, named);
+            let config = AdapterConfig::from_json(&text).unwrap();
+            let key = named.split('"').nth(1).unwrap();
+            assert_eq!(config.unsupported(), [key], "{text}");
+        }
     }
 }

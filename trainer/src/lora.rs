@@ -95,6 +95,7 @@ impl LoraSettings {
             layers: model.num_layers as u32,
             hidden_size: model.hidden_size as u32,
             kv_size: model.kv_size() as u32,
+            q_size: (model.q_size() != model.hidden_size).then_some(model.q_size() as u32),
             intermediate_size: model.intermediate_size as u32,
             rank: self.rank as u32,
             alpha: self.alpha,
@@ -112,10 +113,12 @@ impl LoraSettings {
                     .ok_or_else(|| LoraError::Settings(format!("unknown target module {name:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if config.use_dora || config.use_rslora || config.fan_in_fan_out {
-            return Err(LoraError::Settings(
-                "DoRA, rsLoRA and fan_in_fan_out adapters are not supported".into(),
-            ));
+        let unsupported = config.unsupported();
+        if !unsupported.is_empty() {
+            return Err(LoraError::Settings(format!(
+                "adapter_config.json sets options this trainer does not implement: {}",
+                unsupported.join(", ")
+            )));
         }
         Ok(Self {
             rank: config.r as usize,

@@ -997,6 +997,9 @@ fn inspect(path: &Path) -> anyhow::Result<()> {
     let architecture = file.get_str("general.architecture").unwrap_or("(none)");
     let problems = model::gguf_problems(&file);
     if problems.is_empty() {
+        if let Ok(config) = model::LlamaConfig::from_gguf(&file) {
+            println!("decoder: {}", config.describe());
+        }
         println!("architecture {architecture}: everything in this file is supported");
         return Ok(());
     }

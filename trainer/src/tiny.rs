@@ -33,12 +33,18 @@ pub fn byte_to_char() -> [char; 256] {
 /// The tiny model's shape: 2 layers, width 32, 4 query heads sharing 2 key/value heads.
 pub fn tiny_config() -> LlamaConfig {
     LlamaConfig {
+        architecture: crate::model::Architecture::Llama,
         vocab_size: 0, // set from the vocabulary
         hidden_size: 32,
         intermediate_size: 64,
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
+        head_dim: 8,
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
+        sliding_window: None,
         rope_theta: 10_000.0,
         rope_scaling: crate::model::RopeScaling::None,
         rms_norm_eps: 1e-5,

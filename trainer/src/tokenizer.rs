@@ -1,14 +1,39 @@
-//! Tokenizers, through the `tokenizers` crate: built from a GGUF file's GPT-2-style byte-level BPE
-//! metadata (tokens + merges), or read from a Hugging Face `tokenizer.json`.
+//! Tokenizers, through the `tokenizers` crate: built from a GGUF file's metadata, or read from a
+//! Hugging Face `tokenizer.json`.
+//!
+//! GGUF files describe two kinds, and each is rebuilt as the model's published `tokenizer.json`
+//! configures it, so token ids equal the `tokenizers`/`sentencepiece` reference:
+//! - `gpt2`: byte-level BPE from tokens and merges, split first by the pre-tokenizer
+//!   `tokenizer.ggml.pre` names (GPT-2's, Llama 3's `llama-bpe`, Qwen2's `qwen2` with NFC, or
+//!   single digits first for `smollm` and its kin). An unknown pre-tokenizer is an error.
+//! - `llama`: SentencePiece BPE (Llama 2, Mistral) from pieces and scores, with byte fallback;
+//!   merges are ordered by the score of the piece they make, as SentencePiece merges.
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// Llama 3's split pattern (`tokenizer.ggml.pre = llama-bpe`): digits in groups of up to three.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split pattern (`tokenizer.ggml.pre = qwen2`): single digits.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// SentencePiece's word-boundary mark.
+const SPACE_MARK: &str = "\u{2581}";
 
 use crate::gguf::{Gguf, Value};
 
@@ -57,25 +82,55 @@ fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, TokenizerError> {
     }
 }
 
+fn library(error: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::Library(error.to_string())
+}
+
+/// Per-token GGUF types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+fn token_types(file: &Gguf, count: usize) -> Vec<u64> {
+    match file.get("tokenizer.ggml.token_type") {
+        Ok(Value::Array(items)) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+        _ => vec![1; count],
+    }
+}
+
+/// Control tokens (type 3) are special: matched whole in text, never split.
+fn add_control_tokens(inner: &mut Tokenizer, tokens: &[String], types: &[u64]) {
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .filter(|(_, kind)| **kind == 3)
+        .map(|(token, _)| AddedToken::from(token.clone(), true))
+        .collect();
+    inner.add_special_tokens(&specials);
+}
+
 impl TextTokenizer {
-    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`).
-    ///
-    /// Pre-tokenization follows the file's `tokenizer.ggml.pre`: single digits are split off
-    /// first for the pre-tokenizers that do so in llama.cpp (`smollm`, `starcoder`, …), then
-    /// GPT-2's byte-level split.
+    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model` `gpt2` or `llama`).
     pub fn from_gguf(file: &Gguf) -> Result<Self, TokenizerError> {
         let model = file.get_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(format!(
-                "tokenizer model {model:?} (only GPT-2-style byte-level BPE, \"gpt2\")"
-            )));
-        }
+        let inner = match model {
+            "gpt2" => Self::byte_level_bpe(file)?,
+            "llama" => Self::sentencepiece_bpe(file)?,
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "tokenizer model {other:?} (byte-level BPE \"gpt2\" or SentencePiece \"llama\")"
+                )))
+            }
+        };
+        let id = |key: &str| file.get_u64(key).ok().and_then(|v| u32::try_from(v).ok());
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+        })
+    }
+
+    /// GPT-2-style byte-level BPE, pre-tokenized as `tokenizer.ggml.pre` says.
+    fn byte_level_bpe(file: &Gguf) -> Result<Tokenizer, TokenizerError> {
         let tokens = strings(file, "tokenizer.ggml.tokens")?;
         let merges = strings(file, "tokenizer.ggml.merges")?;
-        let types: Vec<u64> = match file.get("tokenizer.ggml.token_type") {
-            Ok(Value::Array(items)) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
-        };
+        let types = token_types(file, tokens.len());
         let mut vocab = Vocab::default();
         for (id, token) in tokens.iter().enumerate() {
             vocab.insert(token.clone(), id as u32);
@@ -89,40 +144,154 @@ impl TextTokenizer {
                     .ok_or_else(|| TokenizerError::Unsupported(format!("merge {merge:?}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // Llama 3 takes a pre-token found whole in the vocabulary as it is.
+            .ignore_merges(pre == "llama-bpe")
             .build()
-            .map_err(|e| TokenizerError::Library(e.to_string()))?;
+            .map_err(library)?;
         let mut inner = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let splits_digits = matches!(
-            pre,
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva"
-        );
-        if splits_digits {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])));
-        } else {
-            inner.with_pre_tokenizer(Some(byte_level));
+        let split = |pattern: &str| {
+            Split::new(
+                SplitPattern::Regex(pattern.to_owned()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(library)
+        };
+        // Bytes to GPT-2's printable alphabet, after a split of its own or someone else's.
+        let own_split = ByteLevel::new(false, true, true);
+        let bytes_only = ByteLevel::new(false, true, false);
+        match pre {
+            "default" | "gpt2" | "gpt-2" => {
+                inner.with_pre_tokenizer(Some(own_split));
+            }
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva" => {
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    own_split.into(),
+                ])));
+            }
+            "llama-bpe" | "llama3" => {
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split(LLAMA3_PATTERN)?.into(),
+                    bytes_only.into(),
+                ])));
+            }
+            "qwen2" => {
+                inner.with_normalizer(Some(NFC));
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split(QWEN2_PATTERN)?.into(),
+                    bytes_only.into(),
+                ])));
+            }
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "pre-tokenizer {other:?} (tokenizer.ggml.pre; known: default, llama-bpe, \
+                     qwen2, smollm, starcoder, refact, command-r, codeshell, exaone, minerva)"
+                )))
+            }
         }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens (type 3) are special: matched whole, never split by BPE.
-        let specials: Vec<AddedToken> = tokens
+        add_control_tokens(&mut inner, &tokens, &types);
+        Ok(inner)
+    }
+
+    /// SentencePiece BPE (Llama 2, Mistral): pieces with scores, byte fallback, a word-boundary
+    /// mark for spaces and one in front of the text (`tokenizer.ggml.add_space_prefix`, on by
+    /// default).
+    fn sentencepiece_bpe(file: &Gguf) -> Result<Tokenizer, TokenizerError> {
+        let tokens = strings(file, "tokenizer.ggml.tokens")?;
+        let scores: Vec<f64> = match file.get("tokenizer.ggml.scores") {
+            Ok(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_f64().ok_or_else(|| {
+                        TokenizerError::Unsupported(
+                            "tokenizer.ggml.scores holds a non-number".into(),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(TokenizerError::Unsupported(
+                    "tokenizer.ggml.scores is missing".into(),
+                ))
+            }
+        };
+        if scores.len() != tokens.len() {
+            return Err(TokenizerError::Unsupported(format!(
+                "{} scores for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        let types = token_types(file, tokens.len());
+        let ids: HashMap<&str, u32> = tokens
             .iter()
-            .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(|(_, kind)| **kind == 3)
-            .map(|(token, _)| AddedToken::from(token.clone(), true))
+            .enumerate()
+            .map(|(id, token)| (token.as_str(), id as u32))
             .collect();
-        inner.add_special_tokens(&specials);
-        let id = |key: &str| file.get_u64(key).ok().and_then(|v| u32::try_from(v).ok());
-        Ok(Self {
-            inner,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
-        })
+        // Every way a normal piece splits into two pieces is a merge; SentencePiece merges the
+        // pair whose piece scores highest first.
+        let mut candidates: Vec<(f64, u32, u32, u32)> = Vec::new();
+        for (id, token) in tokens.iter().enumerate() {
+            if types.get(id).copied().unwrap_or(1) != 1 {
+                continue;
+            }
+            for (at, _) in token.char_indices().skip(1) {
+                let (left, right) = token.split_at(at);
+                if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
+                    candidates.push((scores[id], id as u32, l, r));
+                }
+            }
+        }
+        candidates.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.cmp(&b.1))
+                .then(a.2.cmp(&b.2))
+                .then(a.3.cmp(&b.3))
+        });
+        let merges = candidates
+            .iter()
+            .map(|&(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+            .collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.clone(), id as u32))
+            .collect();
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = types.iter().position(|kind| *kind == 2) {
+            builder = builder.unk_token(tokens[unk].clone());
+        }
+        let mut inner = Tokenizer::new(builder.build().map_err(library)?);
+        let space_prefix = !matches!(
+            file.get("tokenizer.ggml.add_space_prefix"),
+            Ok(Value::Bool(false))
+        );
+        let spaces = Replace::new(" ", SPACE_MARK).map_err(library)?;
+        if space_prefix {
+            inner.with_normalizer(Some(NormalizerSequence::new(vec![
+                Prepend::new(SPACE_MARK.to_owned()).into(),
+                spaces.into(),
+            ])));
+        } else {
+            inner.with_normalizer(Some(spaces));
+        }
+        inner.with_decoder(Some(DecoderSequence::new(vec![
+            Replace::new(SPACE_MARK, " ").map_err(library)?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+            Strip::new(' ', usize::from(space_prefix), 0).into(),
+        ])));
+        add_control_tokens(&mut inner, &tokens, &types);
+        Ok(inner)
     }
 
     /// Reads a Hugging Face `tokenizer.json`; `bos`/`eos` are looked up by the usual names.

@@ -1,10 +1,13 @@
 //! Reading base-model weights from GGUF files and Hugging Face folders.
 //!
 //! Every weight is handed out under its Hugging Face name (`model.layers.3.self_attn.q_proj.weight`)
-//! and in Hugging Face layout (row-major `[out, in]`), whatever the file. GGUF files written by
-//! llama.cpp's converter store the rows of the query and key projections permuted (pairs of
-//! rotary halves interleaved); [`GgufCheckpoint`] undoes that, so the model and its LoRA adapters
-//! live in the layout PEFT expects.
+//! and in Hugging Face layout (row-major `[out, in]`), whatever the file. GGUF files of llama.cpp's
+//! `llama` architecture store the rows of the query and key projections permuted (pairs of rotary
+//! halves interleaved); [`GgufCheckpoint`] undoes that, so the model and its LoRA adapters live in
+//! the layout PEFT expects. Qwen's GGUF files keep Hugging Face's order.
+//!
+//! A checkpoint holding a weight the decoder would not use is refused, naming it: an extra tensor
+//! means a model this decoder does not compute.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,6 +64,7 @@ impl GgufCheckpoint {
     /// Wraps a parsed file.
     pub fn from_gguf(file: Gguf, path: PathBuf) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(&file)?;
+        refuse_unused_tensors(&file, &config)?;
         Ok(Self { file, config, path })
     }
 
@@ -68,6 +72,69 @@ impl GgufCheckpoint {
     pub fn gguf(&self) -> &Gguf {
         &self.file
     }
+}
+
+/// An error naming the tensors of `file` that `config`'s decoder would not read.
+pub fn refuse_unused_tensors(file: &Gguf, config: &LlamaConfig) -> Result<(), ModelError> {
+    let used = used_weights(config);
+    let unused: Vec<&str> = file
+        .tensors
+        .iter()
+        .map(|tensor| tensor.name.as_str())
+        .filter(|name| *name != "rope_freqs.weight")
+        .filter(|name| {
+            !used
+                .iter()
+                .any(|hf| gguf_name(hf).as_deref() == Some(*name))
+        })
+        .collect();
+    match unused.first() {
+        Some(first) => Err(ModelError::Config(format!(
+            "{} tensors this decoder would not use, so it would compute a different model \
+             (first: {first})",
+            unused.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The Hugging Face names of every weight `config`'s decoder reads.
+pub fn used_weights(config: &LlamaConfig) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !config.tie_word_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    for i in 0..config.num_layers {
+        let mut leaves = vec![
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ];
+        if config.qkv_bias {
+            leaves.extend([
+                "self_attn.q_proj.bias",
+                "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias",
+            ]);
+        }
+        if config.o_bias {
+            leaves.push("self_attn.o_proj.bias");
+        }
+        if config.qk_norm {
+            leaves.extend(["self_attn.q_norm.weight", "self_attn.k_norm.weight"]);
+        }
+        names.extend(leaves.iter().map(|leaf| format!("model.layers.{i}.{leaf}")));
+    }
+    names
 }
 
 /// The GGUF name of a Hugging Face weight name.
@@ -81,22 +148,29 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let short = match leaf {
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
+    let (module, kind) = leaf.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
         _ => return None,
     };
-    Some(format!("blk.{layer}.{short}.weight"))
+    Some(format!("blk.{layer}.{short}.{kind}"))
 }
 
-/// Undoes llama.cpp's row permutation of a query or key projection (`[heads * head_dim, in]`).
+/// Undoes llama.cpp's row permutation of a query or key projection (`[heads * head_dim, in]`;
+/// a bias is one column).
 ///
 /// llama.cpp's converter reorders each head's rows from `[2, head_dim / 2]` (Hugging Face's
 /// rotate-half pairs) to `[head_dim / 2, 2]` (interleaved pairs), so GGUF row `2 i + j` of a head
@@ -142,10 +216,11 @@ impl Checkpoint for GgufCheckpoint {
             .map_err(|_| ModelError::MissingWeight(format!("{name} ({gguf})")))?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
         let values = self.file.dequantize(&gguf)?;
-        let cols = shape.last().copied().unwrap_or(1);
-        let values = if name.ends_with("self_attn.q_proj.weight") {
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let permuted = self.config.architecture.gguf_permutes_qk();
+        let values = if permuted && name.contains("self_attn.q_proj.") {
             unpermute_rows(&values, self.config.num_heads, cols)
-        } else if name.ends_with("self_attn.k_proj.weight") {
+        } else if permuted && name.contains("self_attn.k_proj.") {
             unpermute_rows(&values, self.config.num_kv_heads, cols)
         } else {
             values

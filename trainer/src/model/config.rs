@@ -1,4 +1,9 @@
 //! The shape of a Llama-family decoder, read from a checkpoint's metadata.
+//!
+//! One decoder runs Llama 2/3.x, Mistral, Qwen2/2.5 and Qwen3: they differ only in options this
+//! config names (biases, per-head query/key norms, head size, sliding window, RoPE scaling).
+//! Every option a checkpoint sets is either read into a field here or refused by name; nothing is
+//! silently dropped, so a loaded model computes what its authors' code computes.
 
 use serde::Deserialize;
 
@@ -6,9 +11,58 @@ use crate::gguf::Gguf;
 
 use super::ModelError;
 
+/// A decoder family (Hugging Face `model_type`; GGUF `general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2 and 3.x, SmolLM2 (GGUF `llama`).
+    Llama,
+    /// Mistral (GGUF files store it as `llama`).
+    Mistral,
+    /// Qwen2 and Qwen2.5 (GGUF `qwen2`).
+    Qwen2,
+    /// Qwen3 dense models (GGUF `qwen3`).
+    Qwen3,
+}
+
+impl Architecture {
+    /// Hugging Face's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+
+    /// Hugging Face's model class (`architectures` in `config.json`).
+    pub fn class(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    fn from_model_type(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Mistral, Self::Qwen2, Self::Qwen3]
+            .into_iter()
+            .find(|arch| arch.model_type() == name)
+    }
+
+    /// Whether llama.cpp stores this family's query and key rows permuted to interleaved rotary
+    /// pairs (its `llama` architecture); Qwen's GGUF files keep Hugging Face's rotate-half order.
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Self::Llama | Self::Mistral)
+    }
+}
+
 /// Hyper-parameters that fix a Llama-family decoder's shape and numerics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The family the checkpoint names.
+    pub architecture: Architecture,
     /// Vocabulary size (rows of the embedding).
     pub vocab_size: usize,
     /// Model width.
@@ -21,6 +75,17 @@ pub struct LlamaConfig {
     pub num_heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `num_heads`).
     pub num_kv_heads: usize,
+    /// Size of one attention head (usually `hidden_size / num_heads`; Qwen3 and some Mistral
+    /// models set it wider).
+    pub head_dim: usize,
+    /// Biases on the query, key and value projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Each position attends only to the last this many positions, itself included (Mistral).
+    pub sliding_window: Option<usize>,
     /// Rotary embedding base.
     pub rope_theta: f64,
     /// How the rotary frequencies are scaled for longer contexts.
@@ -167,14 +232,57 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// One line naming the family, the shape and every option that is on.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "{} — {} layers, width {}, {} heads of {} sharing {} key/value heads, MLP {}, \
+             vocabulary {}, RoPE base {}",
+            self.architecture.model_type(),
+            self.num_layers,
+            self.hidden_size,
+            self.num_heads,
+            self.head_dim,
+            self.num_kv_heads,
+            self.intermediate_size,
+            self.vocab_size,
+            self.rope_theta
+        );
+        let scaling = match &self.rope_scaling {
+            RopeScaling::None => None,
+            RopeScaling::Linear { factor } => Some(format!("linear RoPE scaling ×{factor}")),
+            RopeScaling::Llama3 { factor, .. } => Some(format!("llama3 RoPE scaling ×{factor}")),
+            RopeScaling::Divisors(_) => Some("RoPE frequency divisors".to_string()),
+        };
+        let options = [
+            scaling,
+            self.qkv_bias.then(|| "q/k/v biases".to_string()),
+            self.o_bias.then(|| "output bias".to_string()),
+            self.qk_norm.then(|| "q/k norms".to_string()),
+            self.sliding_window
+                .map(|window| format!("sliding window {window}")),
+            self.tie_word_embeddings
+                .then(|| "tied embeddings".to_string()),
+        ];
+        for option in options.into_iter().flatten() {
+            line.push_str(", ");
+            line.push_str(&option);
+        }
+        line
+    }
+
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
+        self.head_dim
+    }
+
+    /// Width of the query projection's output (and the output projection's input).
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
     }
 
     /// Width of the key and value projections.
     pub fn kv_size(&self) -> usize {
-        self.num_kv_heads * self.head_dim()
+        self.num_kv_heads * self.head_dim
     }
 
     /// Checks that the numbers describe a buildable model.
@@ -183,11 +291,31 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return fail("vocab size, width and layer count must be positive".into());
         }
-        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+        if self.num_heads == 0 || self.head_dim == 0 {
+            return fail("head count and head size must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return fail("a sliding window must hold at least one position".into());
+        }
+        // Each family's own code fixes which options combine; anything else is a model its
+        // authors' code would not build.
+        let arch = self.architecture;
+        let biases_fit = match arch {
+            Architecture::Qwen2 => self.qkv_bias && !self.o_bias,
+            Architecture::Mistral => !self.qkv_bias && !self.o_bias,
+            Architecture::Llama | Architecture::Qwen3 => self.qkv_bias == self.o_bias,
+        };
+        if !biases_fit {
             return fail(format!(
-                "width {} is not a multiple of {} heads",
-                self.hidden_size, self.num_heads
+                "{arch:?} with q/k/v biases {} and an output bias {}",
+                self.qkv_bias, self.o_bias
             ));
+        }
+        if self.qk_norm != (arch == Architecture::Qwen3) {
+            return fail(format!("{arch:?} with query/key norms {}", self.qk_norm));
+        }
+        if self.sliding_window.is_some() && arch != Architecture::Mistral {
+            return fail(format!("{arch:?} with a sliding window"));
         }
         if !self.head_dim().is_multiple_of(2) {
             return fail(format!(
@@ -216,44 +344,63 @@ impl LlamaConfig {
         self.rope_scaling.validate()
     }
 
-    /// Reads the `llama.*` metadata of a GGUF file.
+    /// Reads a GGUF file's `{arch}.*` metadata (`llama`, `qwen2` or `qwen3`) and which
+    /// optional tensors it holds (biases, query/key norms, RoPE divisors).
     pub fn from_gguf(file: &Gguf) -> Result<Self, ModelError> {
-        let arch = file.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::Config(format!(
-                "architecture {arch:?} is not supported (only llama)"
-            )));
-        }
-        let int = |key: &str| -> Result<usize, ModelError> {
-            Ok(usize::try_from(file.get_u64(&format!("llama.{key}"))?).unwrap_or(usize::MAX))
+        let name = file.get_str("general.architecture")?;
+        let architecture = match name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "architecture {other:?} is not supported (llama, qwen2, qwen3)"
+                )))
+            }
+        };
+        let key = |leaf: &str| format!("{name}.{leaf}");
+        let int = |leaf: &str| -> Result<usize, ModelError> {
+            Ok(usize::try_from(file.get_u64(&key(leaf))?).unwrap_or(usize::MAX))
         };
         let num_heads = int("attention.head_count")?;
+        let hidden_size = int("embedding_length")?;
         // Options this decoder does not implement: refused by name, never ignored.
         if file
-            .get_u64("llama.expert_count")
+            .get_u64(&key("expert_count"))
             .is_ok_and(|experts| experts > 0)
         {
-            return Err(ModelError::Config(
-                "llama.expert_count: mixture-of-experts models are not supported".into(),
-            ));
+            return Err(ModelError::Config(format!(
+                "{}: mixture-of-experts models are not supported",
+                key("expert_count")
+            )));
         }
-        let rope_scaling = match file.get_str("llama.rope.scaling.type") {
+        for leaf in ["attention.sliding_window", "attention.logit_softcapping"] {
+            if file.get_u64(&key(leaf)).is_ok() || file.get_f64(&key(leaf)).is_ok() {
+                return Err(ModelError::Config(format!(
+                    "{} is set; this decoder has no such option",
+                    key(leaf)
+                )));
+            }
+        }
+        let rope_scaling = match file.get_str(&key("rope.scaling.type")) {
             Err(_) | Ok("none") => RopeScaling::None,
             Ok("linear") => RopeScaling::Linear {
-                factor: file.get_f64("llama.rope.scaling.factor")?,
+                factor: file.get_f64(&key("rope.scaling.factor"))?,
             },
             Ok(other) => {
                 return Err(ModelError::Config(format!(
-                    "llama.rope.scaling.type {other:?} is not supported (none, linear)"
+                    "{} {other:?} is not supported (none, linear)",
+                    key("rope.scaling.type")
                 )))
             }
         };
         // Llama 3's scaling, as llama.cpp's converter stores it: a divisor per frequency.
         let rope_scaling = match file.tensor("rope_freqs.weight") {
             Ok(_) if rope_scaling != RopeScaling::None => {
-                return Err(ModelError::Config(
-                    "both llama.rope.scaling.type and rope_freqs.weight are set".into(),
-                ))
+                return Err(ModelError::Config(format!(
+                    "both {} and rope_freqs.weight are set",
+                    key("rope.scaling.type")
+                )))
             }
             Ok(_) => RopeScaling::Divisors(
                 file.dequantize("rope_freqs.weight")?
@@ -263,7 +410,7 @@ impl LlamaConfig {
             ),
             Err(_) => rope_scaling,
         };
-        let vocab_size = match file.get_u64("llama.vocab_size") {
+        let vocab_size = match file.get_u64(&key("vocab_size")) {
             Ok(value) => value as usize,
             Err(_) => file
                 .tensor("token_embd.weight")?
@@ -272,24 +419,50 @@ impl LlamaConfig {
                 .copied()
                 .unwrap_or(0),
         };
+        let has = |tensor: &str| file.tensor(tensor).is_ok();
+        let head_dim = match int("attention.key_length") {
+            Ok(size) => size,
+            Err(_) if num_heads > 0 && hidden_size.is_multiple_of(num_heads) => {
+                hidden_size / num_heads
+            }
+            Err(_) => {
+                return Err(ModelError::Config(format!(
+                    "width {hidden_size} is not a multiple of {num_heads} heads"
+                )))
+            }
+        };
+        if let Ok(value_size) = int("attention.value_length") {
+            if value_size != head_dim {
+                return Err(ModelError::Config(format!(
+                    "{} {value_size} differs from the key size {head_dim}",
+                    key("attention.value_length")
+                )));
+            }
+        }
         let config = Self {
+            architecture,
             vocab_size,
-            hidden_size: int("embedding_length")?,
+            hidden_size,
             intermediate_size: int("feed_forward_length")?,
             num_layers: int("block_count")?,
             num_heads,
             num_kv_heads: int("attention.head_count_kv").unwrap_or(num_heads),
-            rope_theta: file.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            head_dim,
+            qkv_bias: architecture == Architecture::Qwen2 || has("blk.0.attn_q.bias"),
+            o_bias: has("blk.0.attn_output.bias"),
+            qk_norm: architecture == Architecture::Qwen3 || has("blk.0.attn_q_norm.weight"),
+            sliding_window: None,
+            rope_theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
             rope_scaling,
-            rms_norm_eps: file.get_f64("llama.attention.layer_norm_rms_epsilon")?,
+            rms_norm_eps: file.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
             max_position_embeddings: int("context_length").unwrap_or(2048),
             tie_word_embeddings: file.tensor("output.weight").is_err(),
         };
-        if let Ok(rotary) = file.get_u64("llama.rope.dimension_count") {
+        if let Ok(rotary) = file.get_u64(&key("rope.dimension_count")) {
             if rotary as usize != config.head_dim() {
                 return Err(ModelError::Config(format!(
-                    "llama.rope.dimension_count {rotary}: rotary embedding on part of a head \
-                     (size {}) is not supported",
+                    "{} {rotary}: rotary embedding on part of a head (size {}) is not supported",
+                    key("rope.dimension_count"),
                     config.head_dim()
                 )));
             }
@@ -298,7 +471,8 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// Parses a Hugging Face `config.json`.
+    /// Parses a Hugging Face `config.json` (`model_type` `llama`, `mistral`, `qwen2` or
+    /// `qwen3`; transformers 4 and 5 layouts).
     pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
         #[derive(Deserialize)]
         struct HfConfig {
@@ -321,24 +495,58 @@ impl LlamaConfig {
             max_position_embeddings: Option<usize>,
             tie_word_embeddings: Option<bool>,
             head_dim: Option<usize>,
+            sliding_window: Option<usize>,
+            use_sliding_window: Option<bool>,
+            layer_types: Option<Vec<String>>,
+            partial_rotary_factor: Option<f64>,
         }
         let hf: HfConfig = serde_json::from_str(text)
             .map_err(|error| ModelError::Config(format!("config.json: {error}")))?;
-        if let Some(kind) = hf.model_type.as_deref() {
-            if kind != "llama" {
-                return Err(ModelError::Config(format!(
-                    "model_type {kind:?} is not supported (only llama)"
-                )));
-            }
-        }
-        if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
+        let model_type = hf.model_type.as_deref().unwrap_or("llama");
+        let architecture = Architecture::from_model_type(model_type).ok_or_else(|| {
+            ModelError::Config(format!(
+                "model_type {model_type:?} is not supported (llama, mistral, qwen2, qwen3)"
+            ))
+        })?;
+        if hf.mlp_bias == Some(true) {
             return Err(ModelError::Config(
-                "attention_bias/mlp_bias: biased projections are not supported".into(),
+                "mlp_bias: biased MLP projections are not supported".into(),
+            ));
+        }
+        if architecture == Architecture::Qwen2 && hf.attention_bias == Some(false) {
+            return Err(ModelError::Config(
+                "attention_bias false: Qwen2 always has q/k/v biases".into(),
             ));
         }
         if let Some(act) = hf.hidden_act.as_deref().filter(|act| *act != "silu") {
             return Err(ModelError::Config(format!(
                 "hidden_act {act:?} is not supported (silu)"
+            )));
+        }
+        if hf.partial_rotary_factor.is_some_and(|factor| factor != 1.0) {
+            return Err(ModelError::Config(
+                "partial_rotary_factor: rotary embedding on part of a head is not supported".into(),
+            ));
+        }
+        // Qwen's sliding window applies only to some layers when switched on; Mistral's to all.
+        let sliding_window = match architecture {
+            Architecture::Mistral => hf.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if hf.use_sliding_window == Some(true) => {
+                return Err(ModelError::Config(
+                    "use_sliding_window: per-layer sliding-window attention is not supported"
+                        .into(),
+                ))
+            }
+            _ => None,
+        };
+        if let Some(kind) = hf
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|kind| *kind != "full_attention")
+        {
+            return Err(ModelError::Config(format!(
+                "layer_types {kind:?}: only full attention in every layer is supported"
             )));
         }
         // transformers 5 writes `rope_parameters`; 4 writes `rope_theta` and `rope_scaling`.
@@ -359,27 +567,44 @@ impl LlamaConfig {
             }
             (None, None) => RopeScaling::None,
         };
+        let heads = hf.num_attention_heads;
+        let head_dim = match hf.head_dim {
+            Some(size) => size,
+            None if heads > 0 && hf.hidden_size.is_multiple_of(heads) => hf.hidden_size / heads,
+            None => {
+                return Err(ModelError::Config(format!(
+                    "width {} is not a multiple of {heads} heads",
+                    hf.hidden_size
+                )))
+            }
+        };
+        let attention_bias = hf.attention_bias.unwrap_or(false);
         let config = Self {
+            architecture,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
             num_layers: hf.num_hidden_layers,
-            num_heads: hf.num_attention_heads,
-            num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            num_heads: heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(heads),
+            head_dim,
+            // Qwen2 biases q, k and v whatever the config says; Llama and Qwen3's
+            // `attention_bias` biases all four projections; Mistral has none.
+            qkv_bias: match architecture {
+                Architecture::Qwen2 => true,
+                Architecture::Mistral => false,
+                Architecture::Llama | Architecture::Qwen3 => attention_bias,
+            },
+            o_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3)
+                && attention_bias,
+            qk_norm: architecture == Architecture::Qwen3,
+            sliding_window,
             rope_theta,
             rope_scaling,
             rms_norm_eps: hf.rms_norm_eps,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         };
-        if let Some(head_dim) = hf.head_dim {
-            if head_dim != config.head_dim() {
-                return Err(ModelError::Config(format!(
-                    "head_dim {head_dim} differs from hidden_size / heads = {}",
-                    config.head_dim()
-                )));
-            }
-        }
         config.validate()?;
         Ok(config)
     }
@@ -405,23 +630,37 @@ impl LlamaConfig {
             }),
             RopeScaling::None | RopeScaling::Divisors(_) => serde_json::Value::Null,
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "rope_scaling": rope_scaling,
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.architecture.class()],
+            "model_type": self.architecture.model_type(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "torch_dtype": "float32",
-        })
+        });
+        let fields = json.as_object_mut().expect("an object literal");
+        match self.architecture {
+            Architecture::Llama | Architecture::Qwen3 => {
+                fields.insert("attention_bias".into(), self.o_bias.into());
+            }
+            Architecture::Mistral => {
+                fields.insert("sliding_window".into(), self.sliding_window.into());
+            }
+            Architecture::Qwen2 => {
+                fields.insert("use_sliding_window".into(), false.into());
+            }
+        }
+        json
     }
 }
 
@@ -429,23 +668,102 @@ impl LlamaConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hf_config_round_trips() {
-        let config = LlamaConfig {
+    fn small(architecture: Architecture) -> LlamaConfig {
+        LlamaConfig {
+            architecture,
             vocab_size: 100,
             hidden_size: 32,
             intermediate_size: 64,
             num_layers: 2,
             num_heads: 4,
             num_kv_heads: 2,
+            head_dim: 8,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            sliding_window: None,
             rope_theta: 10_000.0,
             rope_scaling: RopeScaling::None,
             rms_norm_eps: 1e-5,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
-        };
-        let text = config.to_hf_json().to_string();
-        assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), config);
+        }
+    }
+
+    #[test]
+    fn hf_config_round_trips_for_every_family() {
+        let configs = [
+            small(Architecture::Llama),
+            LlamaConfig {
+                qkv_bias: true,
+                o_bias: true,
+                ..small(Architecture::Llama)
+            },
+            LlamaConfig {
+                head_dim: 12,
+                sliding_window: Some(4096),
+                ..small(Architecture::Mistral)
+            },
+            LlamaConfig {
+                qkv_bias: true,
+                ..small(Architecture::Qwen2)
+            },
+            LlamaConfig {
+                head_dim: 16,
+                qk_norm: true,
+                ..small(Architecture::Qwen3)
+            },
+        ];
+        for config in configs {
+            config.validate().unwrap();
+            let text = config.to_hf_json().to_string();
+            assert_eq!(LlamaConfig::from_hf_json(&text).unwrap(), config, "{text}");
+        }
+    }
+
+    #[test]
+    fn each_family_reads_its_own_options() {
+        let base = r#""vocab_size":10,"hidden_size":32,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":2,
+            "rms_norm_eps":1e-6"#;
+        let read = |extra: &str| LlamaConfig::from_hf_json(&format!("{{{base}{extra}}}"));
+        // Qwen2's biases come with the family, not from a key.
+        let qwen2 =
+            read(r#","model_type":"qwen2","use_sliding_window":false,"sliding_window":4096"#)
+                .unwrap();
+        assert!(qwen2.qkv_bias && !qwen2.o_bias && qwen2.sliding_window.is_none());
+        // Qwen3: norms on, heads wider than width / heads.
+        let qwen3 = read(r#","model_type":"qwen3","head_dim":16,"layer_types":["full_attention"]"#)
+            .unwrap();
+        assert!(qwen3.qk_norm && !qwen3.qkv_bias);
+        assert_eq!((qwen3.q_size(), qwen3.kv_size()), (64, 32));
+        // Mistral: the window is read; a null window is none.
+        let mistral = read(r#","model_type":"mistral","sliding_window":4096"#).unwrap();
+        assert_eq!(mistral.sliding_window, Some(4096));
+        let mistral = read(r#","model_type":"mistral","sliding_window":null"#).unwrap();
+        assert_eq!(mistral.sliding_window, None);
+        // Llama's attention_bias biases all four projections.
+        let llama = read(r#","model_type":"llama","attention_bias":true"#).unwrap();
+        assert!(llama.qkv_bias && llama.o_bias);
+        for (extra, named) in [
+            (
+                r#","model_type":"qwen2","use_sliding_window":true"#,
+                "use_sliding_window",
+            ),
+            (
+                r#","model_type":"qwen2","attention_bias":false"#,
+                "attention_bias",
+            ),
+            (
+                r#","model_type":"qwen3","layer_types":["sliding_attention"]"#,
+                "sliding_attention",
+            ),
+            (r#","model_type":"phi3""#, "\"phi3\""),
+            (r#","partial_rotary_factor":0.5"#, "partial_rotary_factor"),
+        ] {
+            let error = read(extra).unwrap_err().to_string();
+            assert!(error.contains(named), "{extra}: {error}");
+        }
     }
 
     fn llama31_8b_rope() -> RopeScaling {
@@ -536,7 +854,6 @@ mod tests {
                 r#","rope_scaling":{"rope_type":"llama3","factor":8.0}"#,
                 "low_freq_factor",
             ),
-            (r#","attention_bias":true"#, "attention_bias"),
             (r#","mlp_bias":true"#, "mlp_bias"),
             (r#","hidden_act":"gelu""#, "\"gelu\""),
             (

@@ -1,5 +1,7 @@
 //! The Llama-family decoder in burn: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU
-//! MLP, tied or untied output head, and a KV cache for generation.
+//! MLP, tied or untied output head, and a KV cache for generation. The options that make it
+//! Mistral (sliding window), Qwen2 (q/k/v biases) or Qwen3 (per-head query/key RMSNorm, wide
+//! heads) come from [`LlamaConfig`].
 //!
 //! The base weights are plain (non-autodiff) tensors: autodiff treats them as constants, so they
 //! get no gradients and no optimizer state. LoRA factors come in per call through
@@ -40,6 +42,11 @@ struct Layer {
     gate: Tensor<2>,
     up: Tensor<2>,
     down: Tensor<2>,
+    /// Per-target biases ([`Target::index`]; only q, k, v and o ever have one).
+    biases: [Option<Tensor<1>>; 7],
+    /// Per-head RMSNorm weights of queries and keys (`[head_dim]`, Qwen3).
+    q_norm: Option<Tensor<1>>,
+    k_norm: Option<Tensor<1>>,
 }
 
 /// One LoRA pair on the device: `a` is `[in, rank]`, `b` is `[rank, out]`.
@@ -197,8 +204,9 @@ impl Llama {
     ) -> Result<Self, ModelError> {
         let config = checkpoint.config().clone();
         config.validate()?;
-        let (d, kv, ffn, vocab) = (
+        let (d, q_size, kv, ffn, vocab) = (
             config.hidden_size,
+            config.q_size(),
             config.kv_size(),
             config.intermediate_size,
             config.vocab_size,
@@ -220,16 +228,40 @@ impl Llama {
             let proj = |leaf: &str, out: usize, inp: usize| {
                 load_projection(checkpoint, &name(leaf), out, inp, device)
             };
+            let mut biases: [Option<Tensor<1>>; 7] = Default::default();
+            for (target, on) in [
+                (Target::Q, config.qkv_bias),
+                (Target::K, config.qkv_bias),
+                (Target::V, config.qkv_bias),
+                (Target::O, config.o_bias),
+            ] {
+                if on {
+                    let bias = format!("model.layers.{i}.self_attn.{}.bias", target.peft_name());
+                    let (_, out) = target.dims(&config);
+                    biases[target.index()] = Some(load_vector(checkpoint, &bias, out, device)?);
+                }
+            }
+            let head_norm =
+                |leaf: &str| load_vector(checkpoint, &name(leaf), config.head_dim(), device);
             layers.push(Layer {
                 attn_norm: load_vector(checkpoint, &name("input_layernorm"), d, device)?,
-                q: proj("self_attn.q_proj", d, d)?,
+                q: proj("self_attn.q_proj", q_size, d)?,
                 k: proj("self_attn.k_proj", kv, d)?,
                 v: proj("self_attn.v_proj", kv, d)?,
-                o: proj("self_attn.o_proj", d, d)?,
+                o: proj("self_attn.o_proj", d, q_size)?,
                 ffn_norm: load_vector(checkpoint, &name("post_attention_layernorm"), d, device)?,
                 gate: proj("mlp.gate_proj", ffn, d)?,
                 up: proj("mlp.up_proj", ffn, d)?,
                 down: proj("mlp.down_proj", d, ffn)?,
+                biases,
+                q_norm: config
+                    .qk_norm
+                    .then(|| head_norm("self_attn.q_norm"))
+                    .transpose()?,
+                k_norm: config
+                    .qk_norm
+                    .then(|| head_norm("self_attn.k_norm"))
+                    .transpose()?,
             });
         }
         let norm = load_vector(checkpoint, "model.norm.weight", d, device)?;
@@ -279,6 +311,14 @@ impl Llama {
         for layer in &self.layers {
             out.push(read1(&layer.attn_norm));
             out.push(read1(&layer.ffn_norm));
+            for vector in layer
+                .biases
+                .iter()
+                .chain([&layer.q_norm, &layer.k_norm])
+                .flatten()
+            {
+                out.push(read1(vector));
+            }
             for w in [
                 &layer.q,
                 &layer.k,
@@ -340,10 +380,10 @@ impl Llama {
             let attn = self.attention(layer, normed, lora, slot, batch, len, start);
             x = x + attn;
             let normed = rms_norm(x.clone(), &layer.ffn_norm, self.config.rms_norm_eps);
-            let gate = project(normed.clone(), &layer.gate, lora, Target::Gate);
-            let up = project(normed, &layer.up, lora, Target::Up);
+            let gate = project(normed.clone(), &layer.gate, None, lora, Target::Gate);
+            let up = project(normed, &layer.up, None, lora, Target::Up);
             let act = activation::silu(gate) * up;
-            x = x + project(act, &layer.down, lora, Target::Down);
+            x = x + project(act, &layer.down, None, lora, Target::Down);
         }
         if let Some(cache) = cache {
             cache.seen = start + len;
@@ -365,12 +405,22 @@ impl Llama {
         let heads = self.config.num_heads;
         let kv_heads = self.config.num_kv_heads;
         let head_dim = self.config.head_dim();
-        let split = |t: Tensor<2>, n: usize| -> Tensor<4> {
+        let eps = self.config.rms_norm_eps;
+        // Heads split off, each normalised on its own when the model has query/key norms.
+        let split = |t: Tensor<2>, n: usize, norm: Option<&Tensor<1>>| -> Tensor<4> {
+            let t = match norm {
+                Some(weight) => rms_norm(t.reshape([batch * len * n, head_dim]), weight, eps),
+                None => t,
+            };
             t.reshape([batch, len, n, head_dim]).swap_dims(1, 2)
         };
-        let q = split(project(x.clone(), &layer.q, lora, Target::Q), heads);
-        let k = split(project(x.clone(), &layer.k, lora, Target::K), kv_heads);
-        let v = split(project(x, &layer.v, lora, Target::V), kv_heads);
+        let bias = |target: Target| layer.biases[target.index()].as_ref();
+        let q = project(x.clone(), &layer.q, bias(Target::Q), lora, Target::Q);
+        let k = project(x.clone(), &layer.k, bias(Target::K), lora, Target::K);
+        let v = project(x, &layer.v, bias(Target::V), lora, Target::V);
+        let q = split(q, heads, layer.q_norm.as_ref());
+        let k = split(k, kv_heads, layer.k_norm.as_ref());
+        let v = split(v, kv_heads, None);
         let q = self.rope.apply(q, start);
         let mut k = self.rope.apply(k, start);
         let mut v = v;
@@ -393,15 +443,14 @@ impl Llama {
             }
         };
         let (k, v) = (widen(k), widen(v));
-        let (mask, is_causal) = if len == 1 {
-            (None, false)
-        } else if start == 0 {
-            (None, true)
-        } else {
+        let window = self.config.sliding_window.filter(|window| *window < total);
+        let (mask, is_causal) = if window.is_some() || (start > 0 && len > 1) {
             (
-                Some(offset_causal_mask(batch, heads, len, start, &self.device)),
+                Some(causal_mask(batch, heads, len, start, window, &self.device)),
                 false,
             )
+        } else {
+            (None, len > 1)
         };
         let options = AttentionModuleOptions {
             scale: None,
@@ -410,23 +459,27 @@ impl Llama {
         };
         let out = attention(q, k, v, mask, None, options);
         let merged = out.swap_dims(1, 2).reshape([batch * len, heads * head_dim]);
-        project(merged, &layer.o, lora, Target::O)
+        project(merged, &layer.o, bias(Target::O), lora, Target::O)
     }
 }
 
-/// `true` where query `i` (at position `start + i`) must not see key `j`.
-fn offset_causal_mask(
+/// `true` where query `i` (at position `start + i`) must not see key `j`: keys after it, and
+/// with a sliding `window` keys `window` or more positions before it.
+fn causal_mask(
     batch: usize,
     heads: usize,
     len: usize,
     start: usize,
+    window: Option<usize>,
     device: &Device,
 ) -> Tensor<4, Bool> {
     let total = start + len;
     let mut values = Vec::with_capacity(len * total);
     for i in 0..len {
+        let position = start + i;
         for j in 0..total {
-            values.push(j > start + i);
+            let too_old = window.is_some_and(|window| position >= j + window);
+            values.push(j > position || too_old);
         }
     }
     Tensor::<2, Bool>::from_data(TensorData::new(values, [len, total]), device)
@@ -440,14 +493,22 @@ fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
     x * scale * weight.clone().reshape([1, d])
 }
 
-/// `x @ w`, plus the LoRA branch for `target` when the adapter has one.
+/// `x @ w + bias`, plus the LoRA branch for `target` when the adapter has one.
 fn project(
     x: Tensor<2>,
     w: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
     lora: Option<(&AdapterTensors, &[Option<LoraPair>; 7])>,
     target: Target,
 ) -> Tensor<2> {
     let base = x.clone().matmul(w.clone());
+    let base = match bias {
+        Some(bias) => {
+            let out = bias.dims()[0];
+            base + bias.clone().reshape([1, out])
+        }
+        None => base,
+    };
     let Some((adapter, pairs)) = lora else {
         return base;
     };

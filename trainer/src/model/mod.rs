@@ -5,7 +5,7 @@ pub mod checkpoint;
 mod config;
 mod llama;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use llama::{AdapterTensors, KvCache, Llama, LoraPair};
 
 use crate::gguf::GgufError;
@@ -125,13 +125,15 @@ impl Target {
 
     /// `(in, out)` features of this projection in `config`'s model.
     pub fn dims(self, config: &LlamaConfig) -> (usize, usize) {
-        let (d, kv, ffn) = (
+        let (d, q, kv, ffn) = (
             config.hidden_size,
+            config.q_size(),
             config.kv_size(),
             config.intermediate_size,
         );
         match self {
-            Target::Q | Target::O => (d, d),
+            Target::Q => (d, q),
+            Target::O => (q, d),
             Target::K | Target::V => (d, kv),
             Target::Gate | Target::Up => (d, ffn),
             Target::Down => (ffn, d),
@@ -196,11 +198,16 @@ pub fn gguf_problems(file: &crate::gguf::Gguf) -> Vec<String> {
             names[0]
         ));
     }
-    if let Err(error) = LlamaConfig::from_gguf(file) {
-        problems.push(error.to_string());
+    match LlamaConfig::from_gguf(file) {
+        Ok(config) => {
+            if let Err(error) = checkpoint::refuse_unused_tensors(file, &config) {
+                problems.push(error.to_string());
+            }
+        }
+        Err(error) => problems.push(error.to_string()),
     }
     if let Err(error) = crate::tokenizer::TextTokenizer::from_gguf(file) {
-        problems.push(format!("tokenizer: {error}"));
+        problems.push(error.to_string());
     }
     problems
 }
@@ -218,11 +225,11 @@ mod problems {
         assert_eq!(super::gguf_problems(&file), Vec::<String>::new());
         let mut writer = GgufWriter::new();
         writer
-            .metadata("general.architecture", Value::String("qwen3".into()))
-            .metadata("tokenizer.ggml.model", Value::String("llama".into()));
+            .metadata("general.architecture", Value::String("phi3".into()))
+            .metadata("tokenizer.ggml.model", Value::String("rwkv".into()));
         let file = Gguf::parse(writer.to_bytes()).unwrap();
         let problems = super::gguf_problems(&file).join("\n");
-        assert!(problems.contains("\"qwen3\""), "{problems}");
-        assert!(problems.contains("tokenizer model \"llama\""), "{problems}");
+        assert!(problems.contains("\"phi3\""), "{problems}");
+        assert!(problems.contains("tokenizer model \"rwkv\""), "{problems}");
     }
 }
