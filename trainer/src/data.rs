@@ -1,13 +1,123 @@
 //! Training data: where text comes from ([`DataSpec`]), and how it becomes fixed-length token
 //! sequences ([`PackedData`]). A volunteer's own files are read locally and never leave the
 //! machine; only adapter deltas do.
+//!
+//! A document is plain text (every token is a target) or a chat conversation (rendered with the
+//! model's chat template; only the assistant's tokens are targets, see [`crate::chat`]).
 
 use std::path::{Path, PathBuf};
 
 use tributary_shared::config::SplitMix64;
 
+use crate::chat::{ChatError, Message};
 use crate::shakespeare::{load_clients, SplitConfig};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
+
+/// One training document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Document {
+    /// Plain text: every token carries loss.
+    Text(String),
+    /// A conversation: only the assistant's tokens carry loss.
+    Chat {
+        /// The turns, in order.
+        messages: Vec<Message>,
+        /// Where it was read (`file:line`), for errors.
+        origin: String,
+    },
+}
+
+impl From<String> for Document {
+    fn from(text: String) -> Self {
+        Document::Text(text)
+    }
+}
+
+impl From<&str> for Document {
+    fn from(text: &str) -> Self {
+        Document::Text(text.to_owned())
+    }
+}
+
+/// Reads one `.jsonl` record: `{"text": …}`, `{"messages": [{"role", "content"}, …]}`, or
+/// `{"instruction", "input"?, "output", "system"?}` (an instruction becomes a user turn, with the
+/// input after a blank line, and the output the assistant's reply). The error says what is wrong.
+pub fn parse_record(value: &serde_json::Value, origin: String) -> Result<Document, String> {
+    let object = value
+        .as_object()
+        .ok_or("expected a JSON object with \"text\", \"messages\" or \"instruction\"")?;
+    let string = |key: &str| -> Result<Option<String>, String> {
+        match object.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(text)) => Ok(Some(text.clone())),
+            Some(_) => Err(format!("\"{key}\" must be a string")),
+        }
+    };
+    let kinds = ["text", "messages", "instruction"]
+        .into_iter()
+        .filter(|key| object.contains_key(*key))
+        .collect::<Vec<_>>();
+    let messages = match kinds.as_slice() {
+        ["text"] => return Ok(Document::Text(string("text")?.unwrap_or_default())),
+        ["messages"] => {
+            let items = object["messages"]
+                .as_array()
+                .ok_or("\"messages\" must be an array")?;
+            let mut messages = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let field = |key: &str| {
+                    item.get(key)
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("messages[{index}].{key} must be a string"))
+                };
+                let role = field("role")?;
+                if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                    return Err(format!(
+                        "messages[{index}].role {role:?} is not system, user or assistant"
+                    ));
+                }
+                messages.push(Message {
+                    role,
+                    content: field("content")?,
+                });
+            }
+            messages
+        }
+        ["instruction"] => {
+            let instruction = string("instruction")?.unwrap_or_default();
+            let output = string("output")?.ok_or("an instruction record needs \"output\"")?;
+            let prompt = match string("input")?.filter(|input| !input.trim().is_empty()) {
+                Some(input) => format!("{instruction}\n\n{input}"),
+                None => instruction,
+            };
+            let mut messages = Vec::new();
+            if let Some(system) = string("system")? {
+                messages.push(Message {
+                    role: "system".into(),
+                    content: system,
+                });
+            }
+            messages.push(Message {
+                role: "user".into(),
+                content: prompt,
+            });
+            messages.push(Message {
+                role: "assistant".into(),
+                content: output,
+            });
+            messages
+        }
+        [] => {
+            return Err("expected \"text\", \"messages\" or \"instruction\" and \"output\"".into())
+        }
+        _ => return Err(format!("holds more than one of {kinds:?}")),
+    };
+    if !messages.iter().any(|message| message.role == "assistant") {
+        return Err("a conversation needs at least one assistant message to train on".into());
+    }
+    Ok(Document::Chat { messages, origin })
+}
 
 /// Where the text comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,13 +145,23 @@ pub enum DataError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A `.jsonl` line is not an object with a string `text`.
-    #[error("{path}:{line}: expected {{\"text\": \"…\"}}")]
+    /// A `.jsonl` line is not a record this reader knows.
+    #[error("{path}:{line}: {what}")]
     Jsonl {
         /// The file.
         path: String,
         /// 1-based line number.
         line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// A conversation could not be rendered with the model's chat template.
+    #[error("{origin}: {source}")]
+    Chat {
+        /// Where the conversation was read.
+        origin: String,
+        /// The cause.
+        source: ChatError,
     },
     /// The spec names something that does not exist.
     #[error("{0}")]
@@ -74,24 +194,9 @@ impl DataSpec {
     /// Reads the documents: `(train, held_out)`. Shakespeare uses each role's own split; a folder
     /// holds out every tenth document (or, with fewer than ten, none: evaluation then uses the
     /// training text).
-    pub fn documents(&self) -> Result<(Vec<String>, Vec<String>), DataError> {
+    pub fn documents(&self) -> Result<(Vec<Document>, Vec<Document>), DataError> {
         match self {
-            DataSpec::Folder(dir) => {
-                let docs = read_folder(dir)?;
-                if docs.len() < 10 {
-                    return Ok((docs.clone(), docs));
-                }
-                let mut train = Vec::new();
-                let mut test = Vec::new();
-                for (index, doc) in docs.into_iter().enumerate() {
-                    if index % 10 == 9 {
-                        test.push(doc);
-                    } else {
-                        train.push(doc);
-                    }
-                }
-                Ok((train, test))
-            }
+            DataSpec::Folder(dir) => Ok(hold_out(read_folder(dir)?)),
             DataSpec::Shakespeare { texts, clients } => {
                 let all = load_clients(texts, &SplitConfig::default())
                     .map_err(|e| DataError::Spec(e.to_string()))?;
@@ -112,15 +217,131 @@ impl DataSpec {
                     }
                     chosen
                 };
-                let train = chosen.iter().map(|c| c.train.join("\n")).collect();
-                let test = chosen.iter().map(|c| c.test.join("\n")).collect();
+                let train = chosen
+                    .iter()
+                    .map(|c| Document::Text(c.train.join("\n")))
+                    .collect();
+                let test = chosen
+                    .iter()
+                    .map(|c| Document::Text(c.test.join("\n")))
+                    .collect();
                 Ok((train, test))
             }
         }
     }
 }
 
-fn read_folder(dir: &Path) -> Result<Vec<String>, DataError> {
+/// Splits `docs` into training and held-out documents: every tenth is held out, or with fewer
+/// than ten none is (evaluation then uses the training documents).
+fn hold_out(docs: Vec<Document>) -> (Vec<Document>, Vec<Document>) {
+    if docs.len() < 10 {
+        return (docs.clone(), docs);
+    }
+    let mut train = Vec::new();
+    let mut test = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        if index % 10 == 9 {
+            test.push(doc);
+        } else {
+            train.push(doc);
+        }
+    }
+    (train, test)
+}
+
+/// Whether `name` can name a dataset or client on disk: letters, digits, `-`, `_` and inner
+/// dots only, so a coordinator's task can never point a trainer at another path.
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The documents of a named dataset's clients, as a task assigns them: under `root`, dataset
+/// `name` is a folder holding one `CLIENT.jsonl` or `CLIENT.txt` file, or `CLIENT/` folder,
+/// per client. Each client's records are split as [`DataSpec::Folder`] splits a folder, and the
+/// clients joined in the order given. Names with anything but letters, digits, `-`, `_` and
+/// inner dots are refused, whoever sent them.
+pub fn named_dataset(
+    root: &Path,
+    name: &str,
+    clients: &[String],
+) -> Result<(Vec<Document>, Vec<Document>), DataError> {
+    if !safe_name(name) {
+        return Err(DataError::Spec(format!(
+            "dataset name {name:?} is not a plain name"
+        )));
+    }
+    let folder = root.join(name);
+    if !folder.is_dir() {
+        return Err(DataError::Spec(format!(
+            "no dataset {name:?} in {} (pass --datasets, or fetch it there)",
+            root.display()
+        )));
+    }
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for client in clients {
+        if !safe_name(client) {
+            return Err(DataError::Spec(format!(
+                "client id {client:?} is not a plain name"
+            )));
+        }
+        let candidates = [
+            folder.join(format!("{client}.jsonl")),
+            folder.join(format!("{client}.txt")),
+            folder.join(client),
+        ];
+        let Some(path) = candidates.iter().find(|path| path.exists()) else {
+            return Err(DataError::Spec(format!(
+                "dataset {name:?} has no client {client:?} ({client}.jsonl, {client}.txt or \
+                 {client}/ in {})",
+                folder.display()
+            )));
+        };
+        let docs = if path.is_dir() {
+            read_folder(path)?
+        } else {
+            read_file(path)?
+        };
+        let (client_train, client_test) = hold_out(docs);
+        train.extend(client_train);
+        test.extend(client_test);
+    }
+    Ok((train, test))
+}
+
+/// The documents of one `.txt` (one document) or `.jsonl` (one record per line) file.
+fn read_file(path: &Path) -> Result<Vec<Document>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+        return Ok(vec![Document::Text(text)]);
+    }
+    let mut docs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |what: String| DataError::Jsonl {
+            path: path.display().to_string(),
+            line: index + 1,
+            what,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|error| fail(format!("not JSON: {error}")))?;
+        let origin = format!("{}:{}", path.display(), index + 1);
+        docs.push(parse_record(&value, origin).map_err(fail)?);
+    }
+    Ok(docs)
+}
+
+fn read_folder(dir: &Path) -> Result<Vec<Document>, DataError> {
     let io = |path: &Path, source| DataError::Io {
         path: path.display().to_string(),
         source,
@@ -143,30 +364,7 @@ fn read_folder(dir: &Path) -> Result<Vec<String>, DataError> {
     paths.sort();
     let mut docs = Vec::new();
     for path in paths {
-        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-        if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
-            for (index, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let value: serde_json::Value =
-                    serde_json::from_str(line).map_err(|_| DataError::Jsonl {
-                        path: path.display().to_string(),
-                        line: index + 1,
-                    })?;
-                let doc =
-                    value
-                        .get("text")
-                        .and_then(|t| t.as_str())
-                        .ok_or_else(|| DataError::Jsonl {
-                            path: path.display().to_string(),
-                            line: index + 1,
-                        })?;
-                docs.push(doc.to_string());
-            }
-        } else {
-            docs.push(text);
-        }
+        docs.extend(read_file(&path)?);
     }
     if docs.is_empty() {
         return Err(DataError::Spec(format!(
@@ -184,32 +382,90 @@ pub struct PackedData {
     pub sequences: Vec<Vec<u32>>,
     /// Input length.
     pub seq_len: usize,
+    /// Which targets carry loss: empty when all do, else `seq_len` flags per sequence (for
+    /// targets `1..=seq_len`).
+    pub masks: Vec<Vec<bool>>,
+}
+
+/// Some sequences of a [`PackedData`], borrowed, with their loss masks when there are any.
+#[derive(Debug, Clone)]
+pub struct Batch<'a> {
+    /// Each holds `seq_len + 1` tokens.
+    pub sequences: Vec<&'a [u32]>,
+    /// One per sequence, or none when every target carries loss.
+    pub masks: Option<Vec<&'a [bool]>>,
+}
+
+impl Batch<'_> {
+    /// Targets that carry loss.
+    pub fn target_tokens(&self) -> usize {
+        match &self.masks {
+            Some(masks) => masks
+                .iter()
+                .map(|m| m.iter().filter(|on| **on).count())
+                .sum(),
+            None => self
+                .sequences
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .sum(),
+        }
+    }
 }
 
 impl PackedData {
-    /// Tokenizes `docs`, joins them with `separator`, and cuts the stream into sequences of
-    /// `seq_len + 1` tokens that overlap by one (so every token but the first is a target once).
-    /// A trailing piece shorter than a sequence is dropped unless it is all there is (then it is
-    /// padded by repeating the stream).
+    /// Tokenizes `docs` and cuts the stream into sequences of `seq_len + 1` tokens that overlap
+    /// by one (so every token but the first is a target once). Text documents are followed by
+    /// `separator`; conversations are rendered with the tokenizer's chat template, which marks
+    /// their own turns' ends, and only their assistant tokens carry loss. A trailing piece
+    /// shorter than a sequence is dropped unless it is all there is (then it is padded by
+    /// repeating the stream).
     pub fn pack(
-        docs: &[String],
+        docs: &[Document],
         tokenizer: &TextTokenizer,
         seq_len: usize,
         separator: Option<u32>,
     ) -> Result<Self, DataError> {
         let mut stream = Vec::new();
+        let mut trained = Vec::new();
+        let mut chat = None;
         for doc in docs {
-            if doc.trim().is_empty() {
-                continue;
+            match doc {
+                Document::Text(text) => {
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    stream.extend(tokenizer.encode(text)?);
+                    stream.extend(separator);
+                    trained.resize(stream.len(), true);
+                }
+                Document::Chat { messages, origin } => {
+                    let fail = |source| DataError::Chat {
+                        origin: origin.clone(),
+                        source,
+                    };
+                    if chat.is_none() {
+                        chat = Some(tokenizer.chat_template().map_err(fail)?);
+                    }
+                    let template = chat.as_ref().expect("set just above");
+                    for segment in template.segments(messages).map_err(fail)? {
+                        stream.extend(tokenizer.encode(&segment.text)?);
+                        trained.resize(stream.len(), segment.trained);
+                    }
+                }
             }
-            stream.extend(tokenizer.encode(doc)?);
-            stream.extend(separator);
         }
-        Self::from_stream(&stream, seq_len)
+        let masked = chat.is_some();
+        Self::cut(&stream, masked.then_some(trained.as_slice()), seq_len)
     }
 
-    /// Cuts a token stream into sequences (see [`PackedData::pack`]).
+    /// Cuts a token stream into sequences (see [`PackedData::pack`]); every target carries loss.
     pub fn from_stream(stream: &[u32], seq_len: usize) -> Result<Self, DataError> {
+        Self::cut(stream, None, seq_len)
+    }
+
+    /// Cuts `stream` (and `trained`, one flag per token, when given) into sequences.
+    fn cut(stream: &[u32], trained: Option<&[bool]>, seq_len: usize) -> Result<Self, DataError> {
         if stream.len() < 2 || seq_len == 0 {
             return Err(DataError::TooSmall(format!(
                 "{} tokens cannot make a sequence",
@@ -217,16 +473,78 @@ impl PackedData {
             )));
         }
         let mut sequences = Vec::new();
+        let mut masks = Vec::new();
         let mut start = 0;
         while start + seq_len < stream.len() {
             sequences.push(stream[start..start + seq_len + 1].to_vec());
+            if let Some(trained) = trained {
+                masks.push(trained[start + 1..start + seq_len + 1].to_vec());
+            }
             start += seq_len;
         }
         if sequences.is_empty() {
             let cycled: Vec<u32> = stream.iter().copied().cycle().take(seq_len + 1).collect();
             sequences.push(cycled);
+            if let Some(trained) = trained {
+                let cycled: Vec<bool> = trained.iter().copied().cycle().take(seq_len + 1).collect();
+                masks.push(cycled[1..].to_vec());
+            }
         }
-        Ok(Self { sequences, seq_len })
+        Ok(Self {
+            sequences,
+            seq_len,
+            masks,
+        })
+    }
+
+    /// The sequences at `indices`, with their masks.
+    pub fn batch(&self, indices: &[usize]) -> Batch<'_> {
+        Batch {
+            sequences: indices
+                .iter()
+                .map(|&i| self.sequences[i].as_slice())
+                .collect(),
+            masks: (!self.masks.is_empty())
+                .then(|| indices.iter().map(|&i| self.masks[i].as_slice()).collect()),
+        }
+    }
+
+    /// The sequences at `indices` (in that order), as a set of their own.
+    pub fn select(&self, indices: &[usize]) -> Self {
+        Self {
+            sequences: indices.iter().map(|&i| self.sequences[i].clone()).collect(),
+            seq_len: self.seq_len,
+            masks: if self.masks.is_empty() {
+                Vec::new()
+            } else {
+                indices.iter().map(|&i| self.masks[i].clone()).collect()
+            },
+        }
+    }
+
+    /// Consecutive parts of at most `size` sequences.
+    pub fn parts(&self, size: usize) -> Vec<Self> {
+        let indices: Vec<usize> = (0..self.sequences.len()).collect();
+        indices
+            .chunks(size.max(1))
+            .map(|chunk| self.select(chunk))
+            .collect()
+    }
+
+    /// Several sets joined in order (all must share `seq_len`; masks are kept only when every
+    /// set has them).
+    pub fn concat(parts: &[&Self]) -> Self {
+        let seq_len = parts.first().map_or(0, |p| p.seq_len);
+        let masked = !parts.is_empty() && parts.iter().all(|p| !p.masks.is_empty());
+        Self {
+            sequences: parts.iter().flat_map(|p| p.sequences.clone()).collect(),
+            seq_len,
+            masks: if masked {
+                parts.iter().flat_map(|p| p.masks.clone()).collect()
+            } else {
+                Vec::new()
+            },
+        }
     }
 
     /// At most `n` sequences, evenly spaced over the whole set, so that every part of it (every
@@ -236,12 +554,8 @@ impl PackedData {
         if n >= len {
             return self.clone();
         }
-        Self {
-            sequences: (0..n)
-                .map(|i| self.sequences[i * len / n].clone())
-                .collect(),
-            seq_len: self.seq_len,
-        }
+        let indices: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        self.select(&indices)
     }
 
     /// The sequences that `steps` batches of `batch_size` drawn with `seed` visit (what
@@ -261,21 +575,20 @@ impl PackedData {
                 }
             }
         }
-        Self {
-            sequences: self
-                .sequences
-                .iter()
-                .zip(&seen)
-                .filter(|(_, seen)| **seen)
-                .map(|(sequence, _)| sequence.clone())
-                .collect(),
-            seq_len: self.seq_len,
-        }
+        let indices: Vec<usize> = (0..self.sequences.len()).filter(|&i| seen[i]).collect();
+        self.select(&indices)
     }
 
-    /// Tokens that serve as targets.
+    /// Tokens that serve as targets (that carry loss).
     pub fn target_tokens(&self) -> usize {
-        self.sequences.len() * self.seq_len
+        if self.masks.is_empty() {
+            self.sequences.len() * self.seq_len
+        } else {
+            self.masks
+                .iter()
+                .map(|m| m.iter().filter(|on| **on).count())
+                .sum()
+        }
     }
 }
 
@@ -311,11 +624,9 @@ impl<'a> Batches<'a> {
     }
 
     /// The next `size` sequences (wrapping into a new epoch when needed).
-    pub fn next_batch(&mut self, size: usize) -> Vec<&'a [u32]> {
-        self.next_indices(size)
-            .into_iter()
-            .map(|index| self.data.sequences[index].as_slice())
-            .collect()
+    pub fn next_batch(&mut self, size: usize) -> Batch<'a> {
+        let indices = self.next_indices(size);
+        self.data.batch(&indices)
     }
 
     /// The indices of the next `size` sequences ([`Batches::next_batch`] without the data).
@@ -370,23 +681,26 @@ mod tests {
         assert_eq!(packed.sequences.len(), 10);
         let mut batches = Batches::new(&packed, 7);
         let mut firsts: Vec<u32> = (0..5)
-            .flat_map(|_| batches.next_batch(2))
+            .flat_map(|_| batches.next_batch(2).sequences)
             .map(|s| s[0])
             .collect();
         firsts.sort();
         assert_eq!(firsts, (0..10).map(|i| i * 4).collect::<Vec<_>>());
         let again: Vec<u32> = Batches::new(&packed, 7)
             .next_batch(3)
+            .sequences
             .iter()
             .map(|s| s[0])
             .collect();
         let other: Vec<u32> = Batches::new(&packed, 8)
             .next_batch(3)
+            .sequences
             .iter()
             .map(|s| s[0])
             .collect();
         let first: Vec<u32> = Batches::new(&packed, 7)
             .next_batch(3)
+            .sequences
             .iter()
             .map(|s| s[0])
             .collect();
@@ -401,7 +715,7 @@ mod tests {
         let mut drawn: Vec<Vec<u32>> = {
             let mut batches = Batches::new(&packed, 3);
             (0..2)
-                .flat_map(|_| batches.next_batch(3))
+                .flat_map(|_| batches.next_batch(3).sequences)
                 .map(<[u32]>::to_vec)
                 .collect()
         };
@@ -417,6 +731,132 @@ mod tests {
     }
 
     #[test]
+    fn instruction_records_become_conversations_and_malformed_ones_say_what_is_wrong() {
+        let parse = |text: &str| {
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            parse_record(&value, "f.jsonl:3".into())
+        };
+        let Document::Chat { messages, origin } = parse(
+            r#"{"instruction": "Sum", "input": "1 2", "output": "3", "system": "Be brief."}"#,
+        )
+        .unwrap() else {
+            panic!("not a conversation");
+        };
+        assert_eq!(origin, "f.jsonl:3");
+        let turns: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                ("system", "Be brief."),
+                ("user", "Sum\n\n1 2"),
+                ("assistant", "3")
+            ]
+        );
+        let chat = parse(
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#,
+        );
+        assert!(matches!(chat, Ok(Document::Chat { .. })));
+        for (record, named) in [
+            (
+                r#"{"messages": [{"role": "user", "content": "Hi"}]}"#,
+                "assistant message",
+            ),
+            (
+                r#"{"messages": [{"role": "robot", "content": "Hi"}]}"#,
+                "\"robot\"",
+            ),
+            (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
+            (r#"{"messages": "Hi"}"#, "must be an array"),
+            (r#"{"instruction": "Sum"}"#, "\"output\""),
+            (
+                r#"{"instruction": "Sum", "output": 3}"#,
+                "\"output\" must be a string",
+            ),
+            (r#"{"text": "a", "messages": []}"#, "more than one"),
+            (r#"{"prompt": "a"}"#, "expected"),
+            (r#"[1, 2]"#, "JSON object"),
+        ] {
+            let error = parse(record).unwrap_err();
+            assert!(error.contains(named), "{record}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_record_in_a_folder_is_an_error_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("chat.jsonl"),
+            "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\"}\n",
+        )
+        .unwrap();
+        let error = read_folder(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("chat.jsonl:2"), "{error}");
+        assert!(error.contains("\"output\""), "{error}");
+    }
+
+    #[test]
+    fn named_datasets_resolve_clients_and_refuse_paths() {
+        let root = tempfile::tempdir().unwrap();
+        let chat = root.path().join("chat");
+        std::fs::create_dir_all(chat.join("c")).unwrap();
+        std::fs::write(chat.join("a.jsonl"), "{\"text\": \"one\"}\n").unwrap();
+        std::fs::write(chat.join("b.txt"), "two").unwrap();
+        std::fs::write(chat.join("c").join("x.txt"), "three").unwrap();
+        let clients: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let (train, _) = named_dataset(root.path(), "chat", &clients).unwrap();
+        let want: Vec<Document> = vec!["one".into(), "two".into(), "three".into()];
+        assert_eq!(train, want);
+        std::fs::write(root.path().join("secret.txt"), "private").unwrap();
+        for (name, client) in [
+            ("chat", "../secret"),
+            ("..", "secret"),
+            ("chat", "/etc/passwd"),
+            ("chat/..", "secret"),
+            ("chat", ".hidden"),
+        ] {
+            let error = named_dataset(root.path(), name, &[client.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("not a plain name"),
+                "{name} {client}: {error}"
+            );
+        }
+        let error = named_dataset(root.path(), "chat", &["d".to_string()]).unwrap_err();
+        assert!(error.to_string().contains("no client \"d\""), "{error}");
+        let error = named_dataset(root.path(), "other", &clients).unwrap_err();
+        assert!(
+            error.to_string().contains("no dataset \"other\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn masks_follow_the_targets_through_cutting_and_selection() {
+        let stream: Vec<u32> = (0..10).collect();
+        let trained: Vec<bool> = (0..10).map(|t| t % 3 == 0).collect();
+        let packed = PackedData::cut(&stream, Some(&trained), 3).unwrap();
+        assert_eq!(packed.sequences[1], vec![3, 4, 5, 6]);
+        // Targets 4, 5, 6: only 6 is trained.
+        assert_eq!(packed.masks[1], vec![false, false, true]);
+        assert_eq!(packed.target_tokens(), 3);
+        let picked = packed.select(&[2, 0]);
+        assert_eq!(
+            picked.masks,
+            vec![packed.masks[2].clone(), packed.masks[0].clone()]
+        );
+        let batch = packed.batch(&[1]);
+        assert_eq!(batch.target_tokens(), 1);
+        assert_eq!(
+            PackedData::from_stream(&stream, 3).unwrap().target_tokens(),
+            9
+        );
+    }
+
+    #[test]
     fn folders_read_txt_and_jsonl_in_order() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("b.txt"), "second").unwrap();
@@ -427,7 +867,8 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("skip.bin"), "x").unwrap();
         let docs = read_folder(dir.path()).unwrap();
-        assert_eq!(docs, vec!["first", "also first", "second"]);
+        let want: Vec<Document> = vec!["first".into(), "also first".into(), "second".into()];
+        assert_eq!(docs, want);
         std::fs::write(dir.path().join("c.jsonl"), "{\"body\": 1}\n").unwrap();
         let error = read_folder(dir.path()).unwrap_err().to_string();
         assert!(error.contains("c.jsonl:1"), "{error}");

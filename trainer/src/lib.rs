@@ -11,6 +11,7 @@
 
 pub mod assets;
 pub mod attack;
+pub mod chat;
 pub mod data;
 pub mod device;
 pub mod gguf;

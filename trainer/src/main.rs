@@ -209,6 +209,10 @@ struct JoinArgs {
     /// The Shakespeare plays (default: the asset cache).
     #[arg(long)]
     shakespeare: Option<PathBuf>,
+    /// Where named datasets live, for experiments that train on one: a folder per dataset, a
+    /// `CLIENT.jsonl`/`CLIENT.txt` file per client (default: `datasets` in the asset cache).
+    #[arg(long)]
+    datasets: Option<PathBuf>,
     /// Fraction of wall time spent computing (0 < duty <= 1).
     #[arg(long, default_value_t = 1.0)]
     max_duty: f64,
@@ -725,6 +729,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(assets::shakespeare_texts),
         local_data: args.data.clone(),
+        datasets: args.datasets.clone().unwrap_or_else(assets::datasets_dir),
         model_cache: assets::model_cache_dir(),
         reconnect_for: Duration::from_secs(args.reconnect_for),
         max_duty_ppm: (args.max_duty * FULL_DUTY as f64) as u32,

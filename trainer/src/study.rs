@@ -174,13 +174,7 @@ pub fn run(
         }
     }
 
-    let pooled = PackedData {
-        sequences: clients
-            .iter()
-            .flat_map(|c| c.train.sequences.iter().cloned())
-            .collect(),
-        seq_len: clients[0].train.seq_len,
-    };
+    let pooled = PackedData::concat(&clients.iter().map(|c| &c.train).collect::<Vec<_>>());
     let mut adapter = LoraAdapter::from_delta(&initial_delta, &settings.lora, config, device)?;
     let steps = budget * clients.len() as u64;
     train::train(

@@ -30,6 +30,9 @@ pub fn byte_to_char() -> [char; 256] {
     table
 }
 
+/// The tiny model's chat template: ChatML, as SmolLM2 and Qwen write conversations.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
 /// The tiny model's shape: 2 layers, width 32, 4 query heads sharing 2 key/value heads.
 pub fn tiny_config() -> LlamaConfig {
     LlamaConfig {
@@ -158,6 +161,10 @@ pub fn write_gguf(path: &Path, seed: u64) -> std::io::Result<LlamaConfig> {
         .metadata(
             "tokenizer.ggml.merges",
             Value::Array(merges.into_iter().map(Value::String).collect()),
+        )
+        .metadata(
+            "tokenizer.chat_template",
+            Value::String(CHAT_TEMPLATE.into()),
         )
         .metadata("tokenizer.ggml.bos_token_id", uint(tokens.len() - 2))
         .metadata("tokenizer.ggml.eos_token_id", uint(tokens.len() - 1));

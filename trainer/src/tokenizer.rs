@@ -56,6 +56,9 @@ pub struct TextTokenizer {
     pub bos: Option<u32>,
     /// End-of-sequence token, if the model has one.
     pub eos: Option<u32>,
+    /// The model's chat template (Jinja), if it has one: GGUF `tokenizer.chat_template`, or
+    /// `chat_template` in a Hugging Face folder's `tokenizer_config.json`.
+    pub chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -123,6 +126,10 @@ impl TextTokenizer {
             inner,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
+            chat_template: file
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_owned),
         })
     }
 
@@ -303,7 +310,52 @@ impl TextTokenizer {
             bos: find(&["<|im_start|>", "<s>", "<|begin_of_text|>", "<|endoftext|>"]),
             eos: find(&["<|im_end|>", "</s>", "<|end_of_text|>", "<|endoftext|>"]),
             inner,
+            chat_template: None,
         })
+    }
+
+    /// Reads the chat template of a Hugging Face folder: `chat_template.jinja`, or
+    /// `chat_template` in `tokenizer_config.json` (a string, or a list of named templates of
+    /// which `default` is taken). `None` when the folder has none.
+    pub fn read_chat_template(dir: &Path) -> Result<Option<String>, TokenizerError> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.exists() {
+            return std::fs::read_to_string(&jinja)
+                .map(Some)
+                .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", jinja.display())));
+        }
+        let config = dir.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&config) else {
+            return Ok(None);
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", config.display())))?;
+        Ok(match parsed.get("chat_template") {
+            Some(serde_json::Value::String(template)) => Some(template.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|entry| entry.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|entry| entry.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            _ => None,
+        })
+    }
+
+    /// The token string of `id` (special tokens included).
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The model's chat template, compiled, with its BOS and EOS tokens.
+    pub fn chat_template(&self) -> Result<crate::chat::ChatTemplate, crate::chat::ChatError> {
+        let source = self.chat_template.as_deref().ok_or_else(|| {
+            crate::chat::ChatError::Template(
+                "the model has no chat template, which conversations need".into(),
+            )
+        })?;
+        let token = |id: Option<u32>| id.and_then(|id| self.token(id)).unwrap_or_default();
+        crate::chat::ChatTemplate::new(source, &token(self.bos), &token(self.eos))
     }
 
     /// Token ids of `text` (no special tokens added).

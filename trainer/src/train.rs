@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batches, PackedData};
+use crate::data::{Batch, Batches, PackedData};
 use crate::lora::LoraAdapter;
 use crate::model::{AdapterTensors, Llama};
 use crate::optim::{AdamW, OptimSettings};
@@ -65,6 +65,24 @@ pub fn lm_loss(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     (log_sum_exp - picked).mean()
 }
 
+/// Mean next-token negative log-likelihood `[1]` over the targets whose `weights` (`[n]`, 1 or
+/// 0) are 1: the loss of instruction data, where only the assistant's tokens count. A batch
+/// without any counted target has loss 0.
+pub fn masked_lm_loss(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Tensor<1>,
+    counted: usize,
+) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let max = logits.clone().detach().max_dim(1);
+    let log_sum_exp = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.gather(1, targets.reshape([n, 1]));
+    ((log_sum_exp - picked).reshape([n]) * weights)
+        .sum()
+        .div_scalar(counted.max(1) as f64)
+}
+
 /// Splits `batch` into input tokens `[b, len]` and targets `[b * len]` on the model's device.
 fn batch_tensors(model: &Llama, batch: &[&[u32]]) -> (Tensor<2, Int>, Tensor<1, Int>) {
     let len = batch[0].len() - 1;
@@ -82,10 +100,23 @@ fn batch_tensors(model: &Llama, batch: &[&[u32]]) -> (Tensor<2, Int>, Tensor<1, 
     )
 }
 
-fn loss_of(model: &Llama, adapter: Option<&AdapterTensors>, batch: &[&[u32]]) -> Tensor<1> {
-    let (inputs, targets) = batch_tensors(model, batch);
+/// The batch's loss: every target's when it has no masks, else only the counted ones'.
+fn loss_of(model: &Llama, adapter: Option<&AdapterTensors>, batch: &Batch<'_>) -> Tensor<1> {
+    let (inputs, targets) = batch_tensors(model, &batch.sequences);
     let hidden = model.hidden_states(inputs, adapter, None);
-    lm_loss(model.lm_head(hidden), targets)
+    let logits = model.lm_head(hidden);
+    match &batch.masks {
+        None => lm_loss(logits, targets),
+        Some(masks) => {
+            let weights: Vec<f32> = masks
+                .iter()
+                .flat_map(|mask| mask.iter().map(|&on| if on { 1.0 } else { 0.0 }))
+                .collect();
+            let n = weights.len();
+            let weights = Tensor::from_data(TensorData::new(weights, [n]), model.device());
+            masked_lm_loss(logits, targets, weights, batch.target_tokens())
+        }
+    }
 }
 
 /// Trains `adapter` on `data` for `settings.steps` optimizer steps, calling `on_step` after each.
@@ -132,7 +163,7 @@ pub fn train_until(
         let mut tokens = 0u64;
         for micro_step in 0..accum {
             let batch = batches.next_batch(settings.batch_size.max(1));
-            tokens += (batch.len() * data.seq_len) as u64;
+            tokens += batch.target_tokens() as u64;
             let leaves: Vec<Tensor<2>> = params
                 .iter()
                 .map(|p| p.clone().autodiff().require_grad())
@@ -202,10 +233,11 @@ pub fn evaluate(
         .min(data.sequences.len());
     let mut total = 0.0f64;
     let mut tokens = 0u64;
-    for chunk in data.sequences[..take].chunks(batch_size.max(1)) {
-        let batch: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+    let indices: Vec<usize> = (0..take).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let batch = data.batch(chunk);
         let loss: f32 = loss_of(model, tensors.as_ref(), &batch).into_scalar();
-        let n = (batch.len() * data.seq_len) as u64;
+        let n = batch.target_tokens() as u64;
         total += f64::from(loss) * n as f64;
         tokens += n;
     }
@@ -294,5 +326,61 @@ pub fn format_eta(duration: Duration) -> String {
         format!("{}m{:02}s", secs / 60, secs % 60)
     } else {
         format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn masked_loss_counts_only_the_kept_targets_and_gives_the_others_no_gradient() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..12).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.5).collect();
+        let logits = || {
+            Tensor::<2>::from_data(TensorData::new(values.clone(), [4, 3]), &device)
+                .autodiff()
+                .require_grad()
+        };
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 1, 1], [4]), &device);
+        let weights =
+            Tensor::<1>::from_data(TensorData::new(vec![0.0f32, 1.0, 0.0, 1.0], [4]), &device);
+        let leaf = logits();
+        let masked = masked_lm_loss(leaf.clone(), targets.clone(), weights, 2);
+        // The same as the plain loss over rows 1 and 3 alone.
+        let kept = |t: Tensor<2>| {
+            Tensor::cat(
+                vec![t.clone().slice([1..2, 0..3]), t.slice([3..4, 0..3])],
+                0,
+            )
+        };
+        let kept_targets =
+            Tensor::<1, Int>::from_data(TensorData::new(vec![2i64, 1], [2]), &device);
+        let plain = lm_loss(kept(logits()), kept_targets);
+        let (a, b): (f32, f32) = (
+            masked.clone().detach().into_scalar(),
+            plain.detach().into_scalar(),
+        );
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        let gradients = masked.backward();
+        let grad = leaf
+            .grad(&gradients)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert!(
+            grad[0..3].iter().chain(&grad[6..9]).all(|g| *g == 0.0),
+            "{grad:?}"
+        );
+        assert!(grad[3..6].iter().any(|g| *g != 0.0));
+        // Nothing counted: zero, not NaN.
+        let none = Tensor::<1>::zeros([4], &device);
+        let zero: f32 = masked_lm_loss(logits(), targets, none, 0)
+            .detach()
+            .into_scalar();
+        assert_eq!(zero, 0.0);
     }
 }

@@ -20,7 +20,7 @@ use tributary_shared::wire::{
 use tributary_shared::{BlobHash, TaskId};
 
 use crate::attack::Cheat;
-use crate::data::{DataError, DataSpec, PackedData};
+use crate::data::{DataError, DataSpec, Document, PackedData};
 use crate::lora::{LoraAdapter, LoraError, LoraMode, LoraSettings};
 use crate::model::{self, LoadedModel, ModelError, Target};
 use crate::net::client::Session;
@@ -44,6 +44,8 @@ pub struct JoinOptions {
     pub shakespeare: PathBuf,
     /// The volunteer's own data folder, for `local` tasks.
     pub local_data: Option<PathBuf>,
+    /// Where named datasets live (`NAME/CLIENT.jsonl`…), for tasks naming one.
+    pub datasets: PathBuf,
     /// Where base models downloaded from the coordinator are kept (`<blake3 hex>.gguf`).
     pub model_cache: PathBuf,
     /// Give up after this long without a connection.
@@ -673,15 +675,11 @@ impl Worker {
             let mut millis = 0u64;
             // (loss sum, of the changed adapter when there is one) and tokens.
             let (mut total, mut total_base, mut tokens) = (0.0f64, 0.0f64, 0u64);
-            for chunk in data.sequences.chunks(EVAL_BATCH) {
+            for part in data.parts(EVAL_BATCH) {
                 if stop_flag.load(Ordering::Relaxed) {
                     break;
                 }
                 let began = Instant::now();
-                let part = PackedData {
-                    sequences: chunk.to_vec(),
-                    seq_len: data.seq_len,
-                };
                 let base = train::evaluate(&loaded.model, Some(&adapter), &part, EVAL_BATCH, None);
                 let scored = match &changed {
                     Some(changed) => {
@@ -951,7 +949,10 @@ impl Worker {
     }
 
     /// The training and held-out texts of a data assignment.
-    fn documents(&self, data: &DataAssignment) -> Result<(Vec<String>, Vec<String>), WorkerError> {
+    fn documents(
+        &self,
+        data: &DataAssignment,
+    ) -> Result<(Vec<Document>, Vec<Document>), WorkerError> {
         let (docs, held_out) = match data {
             DataAssignment::Clients { dataset, clients } if dataset == "shakespeare" => {
                 DataSpec::Shakespeare {
@@ -964,7 +965,7 @@ impl Worker {
                 let text = |lines| {
                     clients
                         .iter()
-                        .map(|id| tiny::client_text(tiny::client_index(id), lines))
+                        .map(|id| Document::Text(tiny::client_text(tiny::client_index(id), lines)))
                         .collect::<Vec<_>>()
                 };
                 (text(60), text(20))
@@ -977,6 +978,9 @@ impl Worker {
                     ))
                 }
             },
+            DataAssignment::Clients { dataset, clients } => {
+                crate::data::named_dataset(&self.options.datasets, dataset, clients)?
+            }
             other => {
                 return Err(WorkerError::Task(format!(
                     "this trainer cannot train on {other:?}"

@@ -57,7 +57,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn data(f: &Fixture, client: usize) -> PackedData {
     let text = tiny::client_text(client, 60);
-    PackedData::pack(&[text], &f.tokenizer, 32, f.tokenizer.eos).unwrap()
+    PackedData::pack(&[text.into()], &f.tokenizer, 32, f.tokenizer.eos).unwrap()
 }
 
 #[test]
@@ -359,7 +359,7 @@ fn the_study_runs_every_arm_and_federation_beats_the_base_model() {
             id: format!("client-{c}"),
             train: data(&f, c),
             held_out: PackedData::pack(
-                &[tiny::client_text(c, 20)],
+                &[tiny::client_text(c, 20).into()],
                 &f.tokenizer,
                 32,
                 f.tokenizer.eos,
@@ -404,4 +404,82 @@ fn the_study_runs_every_arm_and_federation_beats_the_base_model() {
     let markdown = results.markdown();
     assert!(markdown.contains("| federated (FedAvg) |"), "{markdown}");
     assert!(results.svg().starts_with("<svg"));
+}
+
+#[test]
+fn instruction_tuning_trains_only_the_assistant_tokens_and_lowers_their_loss() {
+    use tributary_trainer::data::{DataSpec, Document};
+    let f = fixture();
+    let device = Device::flex();
+    let folder =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/datasets/chat-tiny");
+    let (train_docs, _) = DataSpec::Folder(folder).documents().unwrap();
+    assert!(train_docs
+        .iter()
+        .all(|doc| matches!(doc, Document::Chat { .. })));
+    let data = PackedData::pack(&train_docs, &f.tokenizer, 32, f.tokenizer.eos).unwrap();
+    assert_eq!(data.masks.len(), data.sequences.len());
+
+    // The targets that carry loss are exactly the assistant replies with their end of turn,
+    // in order: each reply is tokenized as the template renders it.
+    let mut expected = Vec::new();
+    for doc in &train_docs {
+        let Document::Chat { messages, .. } = doc else {
+            unreachable!()
+        };
+        for message in messages.iter().filter(|m| m.role == "assistant") {
+            let turn = format!("{}<|im_end|>\n", message.content);
+            expected.extend(f.tokenizer.encode(&turn).unwrap());
+        }
+    }
+    let trained: Vec<u32> = data
+        .sequences
+        .iter()
+        .zip(&data.masks)
+        .flat_map(|(sequence, mask)| {
+            sequence[1..]
+                .iter()
+                .zip(mask)
+                .filter(|(_, on)| **on)
+                .map(|(token, _)| *token)
+        })
+        .collect();
+    // Packing drops the stream's last partial sequence, so the trained ids are a prefix.
+    assert!(
+        trained.len() * 10 >= expected.len() * 8,
+        "{} of {}",
+        trained.len(),
+        expected.len()
+    );
+    assert_eq!(trained[..], expected[..trained.len()]);
+    let prompt_tokens = data.sequences.len() * data.seq_len - data.target_tokens();
+    assert!(
+        prompt_tokens > data.target_tokens(),
+        "the prompts are the larger part"
+    );
+
+    // Training lowers the assistant tokens' loss.
+    let settings = LoraSettings {
+        rank: 4,
+        targets: vec![Target::Q, Target::K, Target::V, Target::O, Target::Up],
+        ..LoraSettings::default()
+    };
+    let mut adapter = LoraAdapter::init(&settings, f.model.config(), 3, &device).unwrap();
+    let before = evaluate(&f.model, Some(&adapter), &data, 8, None);
+    assert_eq!(before.tokens as usize, data.target_tokens());
+    let reports = train(&f.model, &mut adapter, &data, &quick_settings(40), |_| {});
+    // A batch may fall wholly inside prompts: it counts no tokens and has loss 0, never NaN.
+    assert!(reports.iter().all(|r| r.loss.is_finite()));
+    assert!(reports.iter().map(|r| r.tokens).sum::<u64>() > 0);
+    let after = evaluate(&f.model, Some(&adapter), &data, 8, None);
+    eprintln!(
+        "assistant-token loss {:.3} -> {:.3} over {} tokens ({} prompt tokens carry none)",
+        before.loss, after.loss, before.tokens, prompt_tokens
+    );
+    assert!(
+        after.loss < before.loss * 0.7,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
 }

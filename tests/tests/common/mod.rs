@@ -331,6 +331,7 @@ pub fn spawn_trainer_on(
         model: model.to_owned(),
         shakespeare: model.with_file_name("no-shakespeare"),
         local_data: None,
+        datasets: Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/datasets"),
         model_cache: model.with_file_name(format!("model-cache-{seed}")),
         reconnect_for: Duration::from_secs(20),
         max_duty_ppm: duty_ppm,
