@@ -147,64 +147,87 @@ impl ChatTemplate {
 }
 
 /// `tojson` as transformers defines it for chat templates: Python's `json.dumps` with
-/// `ensure_ascii=False` (", " and ": " between items; `indent` for pretty output).
+/// `ensure_ascii=False` (", " and ": " between items, keys in their order; `indent` for pretty
+/// output).
 fn python_json(value: Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
-    let json: serde_json::Value = serde_json::to_value(&value)
-        .map_err(|error| JinjaError::new(ErrorKind::BadSerialization, error.to_string()))?;
     let mut out = String::new();
-    write_python_json(&json, indent, 0, &mut out);
+    write_python_json(&value, indent, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
 }
 
 fn write_python_json(
-    value: &serde_json::Value,
+    value: &Value,
     indent: Option<usize>,
     depth: usize,
     out: &mut String,
-) {
-    use serde_json::Value as Json;
+) -> Result<(), JinjaError> {
+    use minijinja::value::ValueKind;
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
             out.push('\n');
             out.extend(std::iter::repeat_n(' ', width * depth));
         }
     };
-    let (comma, colon) = if indent.is_some() {
-        (",", ": ")
-    } else {
-        (", ", ": ")
-    };
-    match value {
-        Json::Array(items) if !items.is_empty() => {
+    let comma = if indent.is_some() { "," } else { ", " };
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::String => {
+            out.push_str(&serde_json::Value::from(value.as_str().unwrap_or_default()).to_string())
+        }
+        ValueKind::Number => match i64::try_from(value.clone()) {
+            Ok(int) if !value.to_string().contains('.') => out.push_str(&int.to_string()),
+            _ => {
+                let float = f64::try_from(value.clone())?;
+                if float.is_finite() && float.fract() == 0.0 && float.abs() < 1e16 {
+                    out.push_str(&format!("{float:.1}"));
+                } else {
+                    out.push_str(&float.to_string());
+                }
+            }
+        },
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
             out.push('[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push_str(comma);
                 }
                 newline(out, depth + 1);
-                write_python_json(item, indent, depth + 1, out);
+                write_python_json(item, indent, depth + 1, out)?;
             }
-            newline(out, depth);
+            if !items.is_empty() {
+                newline(out, depth);
+            }
             out.push(']');
         }
-        Json::Object(fields) if !fields.is_empty() => {
+        ValueKind::Map => {
+            let keys: Vec<Value> = value.try_iter()?.collect();
             out.push('{');
-            for (i, (key, item)) in fields.iter().enumerate() {
+            for (i, key) in keys.iter().enumerate() {
                 if i > 0 {
                     out.push_str(comma);
                 }
                 newline(out, depth + 1);
-                out.push_str(&Json::String(key.clone()).to_string());
-                out.push_str(colon);
-                write_python_json(item, indent, depth + 1, out);
+                out.push_str(&serde_json::Value::from(key.to_string()).to_string());
+                out.push_str(": ");
+                write_python_json(&value.get_item(key)?, indent, depth + 1, out)?;
             }
-            newline(out, depth);
+            if !keys.is_empty() {
+                newline(out, depth);
+            }
             out.push('}');
         }
-        other => out.push_str(&other.to_string()),
+        _ => {
+            return Err(JinjaError::new(
+                ErrorKind::BadSerialization,
+                format!("tojson cannot write a {}", value.kind()),
+            ))
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
