@@ -227,3 +227,38 @@ fn a_gguf_tensor_the_decoder_would_not_use_is_refused_by_name() {
         .to_string();
     assert!(error.contains("blk.0.ffn_gate_inp.weight"), "{error}");
 }
+
+#[test]
+fn dynamic_rope_scaling_runs_within_its_original_context_and_refuses_beyond() {
+    let device = Device::flex();
+    let reference = reference("mistral");
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("mistral");
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["rope_parameters"] = serde_json::json!({
+        "rope_type": "dynamic", "rope_theta": 1000000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let checkpoint = HfCheckpoint::open(dir.path()).unwrap();
+    // Within 16 positions, dynamic scaling is plain RoPE: transformers' logits still hold.
+    let model = Llama::load(&checkpoint, &device, 16).unwrap();
+    let logits = read(model.forward(tokens(&reference, &device), None, None));
+    let worst = compare(
+        "mistral (dynamic)",
+        &logits,
+        &reference.logits,
+        reference.vocab,
+    );
+    assert!(worst <= TOLERANCE, "{worst}");
+    let error = Llama::load(&checkpoint, &device, 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("dynamic RoPE scaling"), "{error}");
+}

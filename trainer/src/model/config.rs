@@ -125,13 +125,22 @@ pub enum RopeScaling {
     },
     /// A divisor per frequency, as llama.cpp stores Llama 3's (`rope_freqs.weight`).
     Divisors(Vec<f64>),
+    /// Dynamic NTK scaling: plain RoPE up to `original_max_position_embeddings`, a larger base
+    /// computed from the sequence length beyond it. The decoder runs such a model within that
+    /// context only (where it is exactly plain RoPE) and refuses longer sequences.
+    Dynamic {
+        /// How far the context stretches.
+        factor: f64,
+        /// Positions up to which nothing changes.
+        original_max_position_embeddings: f64,
+    },
 }
 
 impl RopeScaling {
     /// The divisor of frequency `inv_freq` (index `i`).
     fn divisor(&self, i: usize, inv_freq: f64) -> f64 {
         match self {
-            Self::None => 1.0,
+            Self::None | Self::Dynamic { .. } => 1.0,
             Self::Linear { factor } => *factor,
             Self::Divisors(divisors) => divisors.get(i).copied().unwrap_or(1.0),
             Self::Llama3 {
@@ -155,8 +164,9 @@ impl RopeScaling {
     }
 
     /// Reads a Hugging Face `rope_scaling` or `rope_parameters` object (`None` or `default`:
-    /// no scaling). Any other type is an error naming it.
-    fn from_hf(parameters: &serde_json::Value) -> Result<Self, ModelError> {
+    /// no scaling); `context` is the config's `max_position_embeddings`. Any other type is an
+    /// error naming it.
+    fn from_hf(parameters: &serde_json::Value, context: f64) -> Result<Self, ModelError> {
         let kind = parameters
             .get("rope_type")
             .or_else(|| parameters.get("type"))
@@ -181,9 +191,15 @@ impl RopeScaling {
                 high_freq_factor: number("high_freq_factor")?,
                 original_max_position_embeddings: number("original_max_position_embeddings")?,
             },
+            "dynamic" => Self::Dynamic {
+                factor: number("factor")?,
+                original_max_position_embeddings: number("original_max_position_embeddings")
+                    .unwrap_or(context),
+            },
             other => {
                 return Err(ModelError::Config(format!(
-                    "RoPE scaling type {other:?} is not supported (default, linear, llama3)"
+                    "RoPE scaling type {other:?} is not supported (default, linear, llama3, \
+                     dynamic)"
                 )))
             }
         };
@@ -209,6 +225,10 @@ impl RopeScaling {
                     && high_freq_factor.is_finite()
             }
             Self::Divisors(divisors) => divisors.iter().all(|d| positive(*d)),
+            Self::Dynamic {
+                factor,
+                original_max_position_embeddings,
+            } => positive(*factor) && positive(*original_max_position_embeddings),
         };
         if ok {
             Ok(())
@@ -252,6 +272,12 @@ impl LlamaConfig {
             RopeScaling::Linear { factor } => Some(format!("linear RoPE scaling ×{factor}")),
             RopeScaling::Llama3 { factor, .. } => Some(format!("llama3 RoPE scaling ×{factor}")),
             RopeScaling::Divisors(_) => Some("RoPE frequency divisors".to_string()),
+            RopeScaling::Dynamic {
+                factor,
+                original_max_position_embeddings,
+            } => Some(format!(
+                "dynamic RoPE scaling ×{factor} past {original_max_position_embeddings}"
+            )),
         };
         let options = [
             scaling,
@@ -562,9 +588,10 @@ impl LlamaConfig {
                     "both rope_parameters and rope_scaling are set".into(),
                 ))
             }
-            (Some(parameters), None) | (None, Some(parameters)) => {
-                RopeScaling::from_hf(parameters)?
-            }
+            (Some(parameters), None) | (None, Some(parameters)) => RopeScaling::from_hf(
+                parameters,
+                hf.max_position_embeddings.unwrap_or(2048) as f64,
+            )?,
             (None, None) => RopeScaling::None,
         };
         let heads = hf.num_attention_heads;
@@ -626,6 +653,14 @@ impl LlamaConfig {
                 "factor": factor,
                 "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::Dynamic {
+                factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "dynamic",
+                "factor": factor,
                 "original_max_position_embeddings": original_max_position_embeddings,
             }),
             RopeScaling::None | RopeScaling::Divisors(_) => serde_json::Value::Null,
@@ -838,6 +873,28 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_rope_scaling_is_plain_rope_within_the_original_context() {
+        let hf = r#"{"model_type":"llama","vocab_size":10,"hidden_size":32,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":4,"rms_norm_eps":1e-5,
+            "max_position_embeddings":4096,"rope_scaling":{"type":"dynamic","factor":2.0}}"#;
+        let config = LlamaConfig::from_hf_json(hf).unwrap();
+        assert_eq!(
+            config.rope_scaling,
+            RopeScaling::Dynamic {
+                factor: 2.0,
+                original_max_position_embeddings: 4096.0
+            }
+        );
+        let plain = LlamaConfig {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        };
+        assert_eq!(config.inv_freqs(), plain.inv_freqs());
+        let again = LlamaConfig::from_hf_json(&config.to_hf_json().to_string()).unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
     fn options_this_decoder_lacks_are_named_errors() {
         let base = r#"{"model_type":"llama","vocab_size":10,"hidden_size":32,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":4,"rms_norm_eps":1e-5"#;
@@ -847,8 +904,8 @@ mod tests {
                 "\"yarn\"",
             ),
             (
-                r#","rope_scaling":{"type":"dynamic","factor":2.0}"#,
-                "\"dynamic\"",
+                r#","rope_scaling":{"type":"longrope","factor":2.0}"#,
+                "\"longrope\"",
             ),
             (
                 r#","rope_scaling":{"rope_type":"llama3","factor":8.0}"#,

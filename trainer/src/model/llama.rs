@@ -204,6 +204,18 @@ impl Llama {
     ) -> Result<Self, ModelError> {
         let config = checkpoint.config().clone();
         config.validate()?;
+        if let crate::model::RopeScaling::Dynamic {
+            original_max_position_embeddings: context,
+            ..
+        } = config.rope_scaling
+        {
+            if max_positions as f64 > context {
+                return Err(ModelError::Config(format!(
+                    "dynamic RoPE scaling changes positions past {context}; sequences here are \
+                     limited to that context, and {max_positions} positions were asked for"
+                )));
+            }
+        }
         let (d, q_size, kv, ffn, vocab) = (
             config.hidden_size,
             config.q_size(),
