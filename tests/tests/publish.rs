@@ -143,6 +143,24 @@ async fn deltas_are_private_unless_the_experiment_publishes_them() {
     assert!(status.contains("200"), "an auditor reads it: {status}");
     assert_eq!(tributary_shared::BlobHash::of(&body), delta);
     assert!(running.metrics.limited("private_blob") >= 2);
+    // Over QUIC too: a trainer holding no loss check of the delta (here a stranger who read its
+    // hash in the public ledger) is told it does not exist; the merged adapter it may fetch.
+    let stranger = identity(699);
+    let endpoint = endpoint_for(&running.fingerprint, 699);
+    let session =
+        tributary_trainer::net::client::Session::connect(&endpoint, running.addr, &stranger, None)
+            .await
+            .expect("the stranger is welcomed");
+    let refused = session.download(delta).await;
+    assert!(
+        refused.is_err(),
+        "a delta is served to its loss checkers only"
+    );
+    let merged = session
+        .download(adapter)
+        .await
+        .expect("the merged adapter is served");
+    assert_eq!(tributary_shared::BlobHash::of(&merged), adapter);
     // Credit, from the ledger alone: three trainers, two deltas each; the work is what their
     // tasks justified (these trainers claim 15, 16 and 10 samples, under the task's 64).
     let (status, body) = http_get_bytes(http, "/hub/contributors").await;
