@@ -291,6 +291,14 @@ pub enum Action {
     Finished {
         /// The final adapter.
         adapter: BlobHash,
+        /// Loss checks left unsettled or unrecorded: no later ledger entry could hold them.
+        abandoned_loss_checks: usize,
+    },
+    /// An evaluation answer crossed the cancellation its trainer was sent and was dropped (not
+    /// a fault; counted so an operator sees how often it happens).
+    LateAnswer {
+        /// Who answered.
+        trainer: TrainerId,
     },
     /// Remove an accepted submission whose stored delta turned out unreadable, so that the
     /// round's record counts exactly what it aggregates (its refusal is recorded alongside).
@@ -1297,8 +1305,10 @@ impl Engine {
         if self.round.0 >= self.config.rounds {
             self.phase = Phase::Finished;
             // No later entry could record them.
-            self.loss_results.clear();
-            for (task, trainer) in self.evals.drop_loss_checks() {
+            let mut abandoned_loss_checks = std::mem::take(&mut self.loss_results).len();
+            let (unsettled, assignments) = self.evals.drop_loss_checks();
+            abandoned_loss_checks += unsettled;
+            for (task, trainer) in assignments {
                 self.actions.push_back(Action::Send {
                     trainer,
                     message: ServerMessage::TaskCancelled {
@@ -1309,7 +1319,10 @@ impl Engine {
             }
             // The evaluators freed score the final adapter.
             self.dispatch_evaluations(now);
-            self.actions.push_back(Action::Finished { adapter });
+            self.actions.push_back(Action::Finished {
+                adapter,
+                abandoned_loss_checks,
+            });
             self.announce_finish_when_scored();
         } else {
             self.phase = Phase::Gathering;
@@ -1462,6 +1475,7 @@ impl Engine {
                     && !self.tasks.contains_key(&task)
                     && !self.evals.is_eval_task(task);
                 if refusal.reason == RejectReason::NotSelected && issued {
+                    self.actions.push_back(Action::LateAnswer { trainer });
                     return;
                 }
                 // Counted, not recorded: the ledger lists refused deltas, and an evaluation is
@@ -2440,6 +2454,8 @@ mod tests {
         verdicts: Option<(Vec<Dispute>, Vec<TrainerId>)>,
         /// Trainers the engine dropped.
         dismissed: Vec<TrainerId>,
+        /// Evaluation answers dropped because they crossed their cancellation.
+        late_answers: Vec<TrainerId>,
     }
 
     fn config(
@@ -2519,6 +2535,7 @@ mod tests {
                 excluded: Vec::new(),
                 verdicts: None,
                 dismissed: Vec::new(),
+                late_answers: Vec::new(),
             }
         }
 
@@ -2572,6 +2589,7 @@ mod tests {
                     Action::RecordEvaluator(event) => self.evaluator_events.push(event),
                     Action::RecordEvalTask { .. } => {}
                     Action::EvaluationAbandoned(_) => {}
+                    Action::LateAnswer { trainer } => self.late_answers.push(trainer),
                     Action::ExcludeSubmission { hash, .. } => self.excluded.push(hash),
                     Action::Dismiss { trainer, .. } => self.dismissed.push(trainer),
                 }
@@ -2908,7 +2926,7 @@ mod tests {
         let (third, last) = h.eval_tasks().pop().unwrap();
         assert!(third != first && third != second);
         assert_eq!(last.adapter, spec.adapter);
-        // The stalled trainer's late answer no longer counts.
+        // The stalled trainer's late answer no longer counts, and is counted as late.
         h.engine.handle_eval_result(
             h.now,
             h.id(second),
@@ -2919,6 +2937,7 @@ mod tests {
             None,
         );
         h.drain();
+        assert_eq!(h.late_answers, [h.id(second)]);
         assert!(h.evaluations.is_empty());
         h.answer_evals(3.0);
         assert_eq!(h.evaluations.len(), 1);

@@ -300,15 +300,17 @@ impl Evaluations {
 
     /// Drops every pending loss check (the experiment is over: no later ledger entry can
     /// record them); returns the tasks to take back.
-    pub fn drop_loss_checks(&mut self) -> Vec<(TaskId, TrainerId)> {
+    pub fn drop_loss_checks(&mut self) -> (usize, Vec<(TaskId, TrainerId)>) {
         let (checks, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| p.target.check.is_some());
         self.pending = kept;
-        checks
+        let count = checks.len();
+        let assignments = checks
             .into_iter()
             .flat_map(|p| p.assigned.into_iter().map(|a| (a.task, a.trainer)))
-            .collect()
+            .collect();
+        (count, assignments)
     }
 
     /// Restores an answer recorded before a restart (its target must be queued).
@@ -1042,8 +1044,8 @@ mod loss_checks {
             RejectReason::Malformed
         );
         // The experiment ends: loss checks go, the held-out score stays.
-        let cancelled = evals.drop_loss_checks();
-        assert!(!cancelled.is_empty());
+        let (dropped, cancelled) = evals.drop_loss_checks();
+        assert!(dropped >= 1 && !cancelled.is_empty());
         assert_eq!(evals.len(), 1);
         assert!(evals.pending.iter().all(|p| p.target.check.is_none()));
     }

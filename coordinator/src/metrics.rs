@@ -40,6 +40,10 @@ pub struct Metrics {
     pub checks_disagreed: AtomicU64,
     /// Loss checks recorded, by outcome: lowered, not lowered (flagged), inconclusive.
     pub loss_checks: [AtomicU64; 3],
+    /// Loss checks the experiment's end left unsettled or unrecorded.
+    pub loss_checks_abandoned: AtomicU64,
+    /// Evaluation answers that crossed their cancellation and were dropped.
+    pub late_answers: AtomicU64,
     /// Adapter evaluations recorded.
     pub evaluations: AtomicU64,
     /// The fleet's allowed duty cycle, in millionths (the pause button).
@@ -214,6 +218,20 @@ impl Metrics {
                 load(counter)
             );
         }
+        gauge(
+            &mut out,
+            "tributary_loss_checks_abandoned_total",
+            "Loss checks the experiment's end left unsettled or unrecorded (no later ledger entry could hold them).",
+            "counter",
+            load(&self.loss_checks_abandoned),
+        );
+        gauge(
+            &mut out,
+            "tributary_evaluation_answers_late_total",
+            "Evaluation answers that crossed their cancellation and were dropped.",
+            "counter",
+            load(&self.late_answers),
+        );
         gauge(
             &mut out,
             "tributary_submissions_accepted_total",

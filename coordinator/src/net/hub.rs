@@ -795,8 +795,19 @@ impl Hub {
                             .context("cannot record a rejection")?;
                     }
                     Action::CloseRound(close) => closing.push(close),
-                    Action::Finished { adapter } => {
-                        tracing::info!(adapter = %adapter, "experiment finished");
+                    Action::Finished {
+                        adapter,
+                        abandoned_loss_checks,
+                    } => {
+                        tracing::info!(adapter = %adapter, abandoned_loss_checks, "experiment finished");
+                        Metrics::add(
+                            &self.metrics.loss_checks_abandoned,
+                            abandoned_loss_checks as u64,
+                        );
+                    }
+                    Action::LateAnswer { trainer } => {
+                        tracing::debug!(%trainer, "an evaluation answer crossed its cancellation");
+                        Metrics::add(&self.metrics.late_answers, 1);
                     }
                     Action::ExcludeSubmission { round, hash } => {
                         self.db
