@@ -9,6 +9,7 @@
 //!
 //! The trainer never depends on the coordinator; both share `tributary-shared`.
 
+pub mod alloc;
 pub mod assets;
 pub mod attack;
 pub mod chat;

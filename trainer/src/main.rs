@@ -358,6 +358,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    tributary_trainer::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

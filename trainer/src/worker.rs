@@ -878,6 +878,9 @@ impl Worker {
                     throttle(&duty, &in_use, r.seconds, stop);
                 },
             );
+            // The steps' buffers were kept for reuse (see `alloc`); the machine gets them back
+            // while the trainer waits for its next task.
+            crate::alloc::release_free_memory();
             (adapter, reports)
         });
         Ok(RunningTask {
