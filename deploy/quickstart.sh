@@ -6,7 +6,18 @@
 # tasks the coordinator hands to a trainer), and one generation from base and base + adapter. The run folder's path is printed last.
 #
 #   deploy/quickstart.sh [--experiment FILE] [--out DIR] [--trainers N]
+#
+# The trainer is built with its GPU backend (the default) when this machine seems to have a GPU,
+# and CPU-only otherwise, which keeps the first build short where the GPU backend would go
+# unused. TRIBUTARY_GPU=1 or TRIBUTARY_GPU=0 overrides the guess.
 set -euo pipefail
+
+# A GPU the wgpu backend could use: a DRM render node (Linux), NVIDIA's driver, or a Mac (Metal).
+has_gpu() {
+    ls /dev/dri/renderD* >/dev/null 2>&1 \
+        || command -v nvidia-smi >/dev/null 2>&1 \
+        || [ "$(uname -s)" = Darwin ]
+}
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 experiment="$root/experiments/quickstart.toml"
@@ -26,8 +37,19 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 "$root/deploy/fetch-assets.sh"
-echo "building (release)..."
-(cd "$root" && cargo build --release --locked -q -p tributary-coordinator -p tributary-trainer)
+trainer_features=()
+case "${TRIBUTARY_GPU:-auto}" in
+    1) ;;
+    0) trainer_features=(--no-default-features) ;;
+    *) has_gpu || trainer_features=(--no-default-features) ;;
+esac
+if [ ${#trainer_features[@]} -eq 0 ]; then
+    echo "building (release, trainer with its GPU backend)..."
+else
+    echo "building (release; no GPU found, so a CPU-only trainer: TRIBUTARY_GPU=1 builds the GPU backend)..."
+fi
+(cd "$root" && cargo build --release --locked -q -p tributary-coordinator)
+(cd "$root" && cargo build --release --locked -q -p tributary-trainer ${trainer_features[@]+"${trainer_features[@]}"})
 bin="$root/target/release"
 
 ready="$out/ready.json"

@@ -22,7 +22,9 @@ pub enum BackendChoice {
 #[non_exhaustive]
 pub enum DeviceError {
     /// The GPU backend is not compiled in.
-    #[error("this build has no GPU backend (rebuild with `--features wgpu`)")]
+    #[error(
+        "this build has no GPU backend (built with --no-default-features; rebuild without it)"
+    )]
     NoGpuBackend,
     /// The GPU backend found no working device.
     #[error("no working GPU: {0}")]

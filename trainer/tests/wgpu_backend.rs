@@ -1,7 +1,7 @@
 //! The wgpu backend against the CPU backend on the tiny model: the same forward pass and the same
 //! short training run must agree within float tolerance.
 //!
-//! Compiled only with `--features wgpu` and run only when `TRIBUTARY_WGPU_TEST=1`: a broken Vulkan
+//! Compiled only with the `wgpu` feature (the default) and run only when `TRIBUTARY_WGPU_TEST=1`: a broken Vulkan
 //! driver can kill the process (a segfault is not a panic), so CI cannot just try it. Run it with
 //! `TRIBUTARY_WGPU_TEST=1 cargo test -p tributary-trainer --features wgpu --test wgpu_backend`.
 #![cfg(feature = "wgpu")]
@@ -70,8 +70,13 @@ fn wgpu_forward_and_training_match_the_cpu() {
     eprintln!("forward: max |cpu - gpu| = {forward_diff:e}");
     assert!(forward_diff < 1e-3, "forward differs by {forward_diff}");
 
-    let data =
-        PackedData::pack(&[tiny::client_text(0, 60)], &tokenizer, 32, tokenizer.eos).unwrap();
+    let data = PackedData::pack(
+        &[tiny::client_text(0, 60).into()],
+        &tokenizer,
+        32,
+        tokenizer.eos,
+    )
+    .unwrap();
     let lora = LoraSettings {
         rank: 4,
         dropout: 0.1,
