@@ -46,7 +46,7 @@ esac
 if [ ${#trainer_features[@]} -eq 0 ]; then
     echo "building (release, trainer with its GPU backend)..."
 else
-    echo "building (release; no GPU found, so a CPU-only trainer: TRIBUTARY_GPU=1 builds the GPU backend)..."
+    echo "building (release; CPU-only trainer, as no GPU was found or TRIBUTARY_GPU=0 asked; TRIBUTARY_GPU=1 builds the GPU backend)..."
 fi
 (cd "$root" && cargo build --release --locked -q -p tributary-coordinator)
 (cd "$root" && cargo build --release --locked -q -p tributary-trainer ${trainer_features[@]+"${trainer_features[@]}"})

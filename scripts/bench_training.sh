@@ -14,7 +14,8 @@ if [[ "${1:-}" == "--steps" ]]; then steps="$2"; fi
 threads="${THREADS:-2}"
 
 "$root/deploy/fetch-assets.sh" >&2
-cargo build --release --manifest-path "$root/Cargo.toml" -p tributary-trainer >&2
+# The CPU comparison needs no GPU backend (and skips its long build).
+cargo build --release --manifest-path "$root/Cargo.toml" -p tributary-trainer --no-default-features >&2
 
 echo "[bench] tributary (burn flex, $threads threads)" >&2
 ours=$(RAYON_NUM_THREADS="$threads" "$root/target/release/tributary-trainer" bench --backend cpu --steps "$steps" | tail -n 1)

