@@ -58,11 +58,16 @@ pub struct StepReport {
 /// Mean next-token negative log-likelihood `[1]` of `logits` (`[n, vocab]`) against `targets`
 /// (`[n]`).
 pub fn lm_loss(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    token_nll(logits, targets).mean()
+}
+
+/// Each target's negative log-likelihood, `[n, 1]`.
+fn token_nll(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<2> {
     let [n, _] = logits.dims();
     let max = logits.clone().detach().max_dim(1);
     let log_sum_exp = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
     let picked = logits.gather(1, targets.reshape([n, 1]));
-    (log_sum_exp - picked).mean()
+    log_sum_exp - picked
 }
 
 /// Mean next-token negative log-likelihood `[1]` over the targets whose `weights` (`[n]`, 1 or
@@ -75,10 +80,7 @@ pub fn masked_lm_loss(
     counted: usize,
 ) -> Tensor<1> {
     let [n, _] = logits.dims();
-    let max = logits.clone().detach().max_dim(1);
-    let log_sum_exp = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-    let picked = logits.gather(1, targets.reshape([n, 1]));
-    ((log_sum_exp - picked).reshape([n]) * weights)
+    (token_nll(logits, targets).reshape([n]) * weights)
         .sum()
         .div_scalar(counted.max(1) as f64)
 }

@@ -76,17 +76,15 @@ impl GgufCheckpoint {
 
 /// An error naming the tensors of `file` that `config`'s decoder would not read.
 pub fn refuse_unused_tensors(file: &Gguf, config: &LlamaConfig) -> Result<(), ModelError> {
-    let used = used_weights(config);
+    let used: std::collections::HashSet<String> = used_weights(config)
+        .iter()
+        .filter_map(|hf| gguf_name(hf))
+        .collect();
     let unused: Vec<&str> = file
         .tensors
         .iter()
         .map(|tensor| tensor.name.as_str())
-        .filter(|name| *name != "rope_freqs.weight")
-        .filter(|name| {
-            !used
-                .iter()
-                .any(|hf| gguf_name(hf).as_deref() == Some(*name))
-        })
+        .filter(|name| *name != "rope_freqs.weight" && !used.contains(*name))
         .collect();
     match unused.first() {
         Some(first) => Err(ModelError::Config(format!(
