@@ -138,6 +138,11 @@ struct ServeArgs {
     /// The data directory (database, blobs, TLS identity).
     #[arg(long, env = "TRIBUTARY_DATA_DIR")]
     data_dir: PathBuf,
+    /// Keep the metadata in PostgreSQL instead of the data directory's SQLite file:
+    /// `postgres://user@host:port/database` (the password may come from `PGPASSWORD`). The
+    /// data directory remembers it, so `verify`, `status` and `publish` find it.
+    #[arg(long, env = "TRIBUTARY_DATABASE", value_name = "URL")]
+    database: Option<String>,
     /// QUIC listen address.
     #[arg(long, env = "TRIBUTARY_LISTEN", default_value = "0.0.0.0:7878")]
     listen: SocketAddr,
@@ -265,6 +270,17 @@ pub fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.database {
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            anyhow::bail!("--database takes a postgres:// URL (SQLite is the default)");
+        }
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+        crate::store::db::bind_data_dir(
+            &args.data_dir,
+            &crate::store::db::Location::Postgres(url.clone()),
+        )?;
+    }
     let experiment = match &args.experiment {
         Some(path) => Some(load_experiment(
             path,
@@ -431,8 +447,7 @@ fn run_auditor_token(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn run_status(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let db =
-        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let db = Db::open_read_only_in(data_dir).context("cannot open the database")?;
     let mut out = Vec::new();
     for experiment in db.experiments()? {
         let status = db.status(&experiment.id)?;

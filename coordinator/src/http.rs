@@ -261,7 +261,7 @@ async fn read_data<T: Send + 'static>(
 
 async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
     let list = read_data(&state, |dir| {
-        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let db = crate::store::db::Db::open_read_only_in(dir)?;
         Ok(db
             .experiments()?
             .into_iter()
@@ -292,7 +292,7 @@ type RowReader =
 /// Every experiment's rows, each tagged with its experiment's id, as a JSON list.
 async fn rows_per_experiment(state: &AppState, rows: RowReader) -> HubResponse {
     let list = read_data(state, move |dir| {
-        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let db = crate::store::db::Db::open_read_only_in(dir)?;
         let mut out = Vec::new();
         for experiment in db.experiments()? {
             for mut row in rows(&db, &experiment.id)? {
@@ -362,7 +362,7 @@ async fn hub_blob(
         .map(str::to_owned);
     // Some(exists) when the blob may not be served to this request; absent blobs stay 404s.
     let refused = read_data(&state, move |dir| {
-        let db = crate::store::db::Db::open_read_only(&dir.join("tributary.db"))?;
+        let db = crate::store::db::Db::open_read_only_in(dir)?;
         if db.blob_visibility(&hash)? == crate::store::db::Visibility::Public
             || bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token))
         {

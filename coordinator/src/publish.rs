@@ -53,8 +53,7 @@ pub fn open_experiment(
     data_dir: &Path,
     experiment: Option<&str>,
 ) -> anyhow::Result<(Db, crate::store::db::StoredExperiment)> {
-    let db =
-        Db::open_read_only(&data_dir.join("tributary.db")).context("cannot open the database")?;
+    let db = Db::open_read_only_in(data_dir).context("cannot open the database")?;
     let mut experiments = db.experiments()?;
     let stored = match experiment {
         Some(name) => {

@@ -170,8 +170,9 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let lock = crate::durable::lock_data_dir(&options.data_dir)?;
     let blobs =
         BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
-    let mut db =
-        Db::open(&options.data_dir.join("tributary.db")).context("cannot open the database")?;
+    let location = crate::store::db::location_of(&options.data_dir)?;
+    let mut db = Db::open_at(&location)
+        .with_context(|| format!("cannot open the database at {location}"))?;
     let served_model = match options.base_model.clone() {
         Some(path) => {
             let blobs = blobs.clone();

@@ -238,11 +238,13 @@ pub fn verify_data_dir(data_dir: &Path) -> Result<Vec<Verified>, VerifyError> {
         round: None,
         detail,
     };
-    let db_path = data_dir.join("tributary.db");
-    if !db_path.is_file() {
-        return Err(setup(format!("no database at {}", db_path.display())));
+    let location = crate::store::db::location_of(data_dir).map_err(|e| setup(e.to_string()))?;
+    if let crate::store::db::Location::Sqlite(path) = &location {
+        if !path.is_file() {
+            return Err(setup(format!("no database at {}", path.display())));
+        }
     }
-    let db = Db::open_read_only(&db_path).map_err(|e| setup(e.to_string()))?;
+    let db = Db::open_read_only_at(&location).map_err(|e| setup(e.to_string()))?;
     let blobs = StoredBlobs::open(data_dir).map_err(|e| setup(e.to_string()))?;
     let experiments = db.experiments().map_err(|e| setup(e.to_string()))?;
     let mut out = Vec::new();

@@ -24,12 +24,18 @@ async fn spawn_coordinator(
     data_dir: &Path,
     experiment: &Path,
     listen: &str,
+    database: Option<&str>,
 ) -> (Child, SocketAddr, String) {
-    let mut child = Command::new(BINARY)
+    let mut command = Command::new(BINARY);
+    command
         .args(["serve", "--data-dir"])
         .arg(data_dir)
         .args(["--listen", listen, "--experiment"])
-        .arg(experiment)
+        .arg(experiment);
+    if let Some(url) = database {
+        command.args(["--database", url]);
+    }
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -57,6 +63,18 @@ async fn spawn_coordinator(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_round_loses_no_acknowledged_delta() {
+    sigkill_mid_round(None).await;
+}
+
+/// The same crash with the metadata in PostgreSQL (a real server, started here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_round_loses_no_acknowledged_delta_in_postgres() {
+    let server = tributary_coordinator::store::test_postgres::TestPostgres::start().unwrap();
+    let url = server.create_database("crash").unwrap();
+    sigkill_mid_round(Some(&url)).await;
+}
+
+async fn sigkill_mid_round(database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let experiment = dir.path().join("crash.toml");
@@ -64,7 +82,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
     std::fs::write(&experiment, experiment_toml("crash", 3, 4096, 4, 4, 4, 4)).unwrap();
     let started = std::time::Instant::now();
     let (mut child, addr, fingerprint) =
-        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0").await;
+        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", database).await;
 
     // Trainer 0 holds its round-1 upload until the gate opens; the others upload at once.
     let gate = Gate::new(1);
@@ -108,7 +126,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
     let status = child.wait().await.unwrap();
     assert!(!status.success());
     let (mut child, _, fingerprint_again) =
-        spawn_coordinator(&data_dir, &experiment, &addr.to_string()).await;
+        spawn_coordinator(&data_dir, &experiment, &addr.to_string(), None).await;
     assert_eq!(
         fingerprint_again, fingerprint,
         "the certificate survives restarts"
@@ -133,8 +151,8 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
-    let db = tributary_coordinator::store::db::Db::open_read_only(&data_dir.join("tributary.db"))
-        .unwrap();
+    // The data directory remembers where its metadata went.
+    let db = tributary_coordinator::store::db::Db::open_read_only_in(&data_dir).unwrap();
     let ledger = db.ledger(&ExperimentId("crash".into())).unwrap();
     assert_eq!(ledger.len(), 3, "all rounds closed");
     let round1: BTreeSet<BlobHash> = ledger[1].1.accepted.iter().map(|a| a.hash).collect();

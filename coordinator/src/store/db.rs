@@ -1,11 +1,15 @@
-//! The SQLite metadata store: experiments, rounds, tasks, trainers, submissions and the ledger.
+//! The metadata store: experiments, rounds, tasks, trainers, submissions and the ledger.
 //!
-//! One file in WAL mode with `synchronous = FULL`: a transaction that returned is on disk, so
-//! whatever the coordinator acknowledged survives a crash. Only this module speaks SQL.
+//! SQLite by default: one file in WAL mode with `synchronous = FULL`. Past one machine,
+//! PostgreSQL with `synchronous_commit = on`. Either way a transaction that returned is on
+//! disk, so whatever the coordinator acknowledged survives a crash. The same statements run on
+//! both ([`super::sql`]); only this module speaks SQL.
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::postgres::PgConnection;
+pub use super::sql::Location;
+use super::sql::{values, Connection, Row};
 use tributary_shared::frame::from_payload;
 use tributary_shared::ledger::{AcceptedDelta, LedgerEntry, RejectedSubmission};
 use tributary_shared::selection::RoundSecret;
@@ -21,9 +25,45 @@ pub enum DbError {
     /// SQLite reported an error.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error, or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The connection to PostgreSQL dropped; an open transaction went with it.
+    #[error("postgres: the connection was lost (an open transaction was rolled back)")]
+    Lost,
+    /// A transaction failed earlier, so its commit was refused (and it was rolled back).
+    #[error(
+        "postgres: the transaction was aborted by an earlier error ({0}); nothing of it was kept"
+    )]
+    Aborted(String),
+    /// A statement got no answer in time; the connection was dropped.
+    #[error("postgres: no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The database location or its settings are unusable.
+    #[error("database: {0}")]
+    Config(String),
     /// A stored value does not parse.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    /// Keeps the server's own message (the error's `Display` alone says only "db error").
+    fn from(error: tokio_postgres::Error) -> Self {
+        let text = match error.as_db_error() {
+            Some(db) => format!("{} [{}]", db.message(), db.code().code()),
+            None => {
+                let mut text = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                text
+            }
+        };
+        Self::Postgres(text)
+    }
 }
 
 /// An experiment as stored.
@@ -318,108 +358,176 @@ CREATE TABLE IF NOT EXISTS trainers (
 );
 ";
 
-/// The metadata database.
+/// The metadata database: a SQLite file (the embedded default) or a PostgreSQL database.
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
     in_batch: bool,
 }
 
+/// The name of the file in a data directory that points its metadata at PostgreSQL.
+pub const DATABASE_FILE: &str = "database.url";
+
+/// Where a data directory's metadata lives: the URL in its [`DATABASE_FILE`], else its
+/// `tributary.db`.
+pub fn location_of(data_dir: &Path) -> Result<Location, DbError> {
+    let pointer = data_dir.join(DATABASE_FILE);
+    match std::fs::read_to_string(&pointer) {
+        Ok(url) => Ok(Location::Postgres(url.trim().to_owned())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Location::Sqlite(data_dir.join("tributary.db")))
+        }
+        Err(error) => Err(DbError::Config(format!(
+            "cannot read {}: {error}",
+            pointer.display()
+        ))),
+    }
+}
+
+/// Points a data directory at `location` for good (so `verify`, `status`, `publish` and the
+/// hub find it), or checks that it already points there. A directory that holds a SQLite
+/// database, or points at another PostgreSQL database, is refused: its state lives elsewhere.
+pub fn bind_data_dir(data_dir: &Path, location: &Location) -> Result<(), DbError> {
+    let current = location_of(data_dir)?;
+    match (location, &current) {
+        (Location::Sqlite(_), Location::Sqlite(_)) => Ok(()),
+        (Location::Postgres(url), Location::Postgres(bound)) if url == bound => Ok(()),
+        (Location::Postgres(url), Location::Sqlite(path)) if !path.exists() => {
+            crate::durable::write_atomically(
+                &data_dir.join(DATABASE_FILE),
+                format!("{url}\n").as_bytes(),
+                true,
+            )
+            .map_err(|error| DbError::Config(format!("cannot write {DATABASE_FILE}: {error}")))
+        }
+        _ => Err(DbError::Config(format!(
+            "the data directory {} keeps its metadata in {current}, not {location}; use \
+             another data directory",
+            data_dir.display()
+        ))),
+    }
+}
+
 impl Db {
     /// Opens (creating) the database file.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        let tables: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
-            [],
-            |row| row.get(0),
-        )?;
-        let mut version = version;
-        if tables > 0 && version == 2 {
-            // Version 3 scores each adapter by several evaluators.
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE evaluations ADD COLUMN evaluators INTEGER NOT NULL DEFAULT 1;
-                 ALTER TABLE evaluations ADD COLUMN agreeing INTEGER NOT NULL DEFAULT 1;
-                 ALTER TABLE evaluations ADD COLUMN wanted INTEGER NOT NULL DEFAULT 1;
-                 ALTER TABLE evaluations ADD COLUMN spread REAL NOT NULL DEFAULT 0;
-                 PRAGMA user_version = 3;
-                 COMMIT;",
-            )?;
-            version = 3;
-        }
-        if tables > 0 && version == 3 {
-            // Version 4 replicates tasks and referees disputes (the `replicas` and `referees`
-            // tables come with the schema below).
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE tasks ADD COLUMN repeats INTEGER;
-                 ALTER TABLE tasks ADD COLUMN referee_of INTEGER;
-                 PRAGMA user_version = 4;
-                 COMMIT;",
-            )?;
-            version = 4;
-        }
-        if tables > 0 && version != SCHEMA_VERSION {
-            return Err(DbError::Corrupt(format!(
-                "the database has schema version {version}, this coordinator needs \
-                 {SCHEMA_VERSION}; use a new data directory"
-            )));
-        }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Self::open_at(&Location::Sqlite(path.to_owned()))
+    }
+
+    /// Opens (creating the schema in) the database at `location`.
+    pub fn open_at(location: &Location) -> Result<Self, DbError> {
+        let conn = match location {
+            Location::Sqlite(path) => {
+                let conn = Connection::sqlite(path, false)?;
+                migrate_sqlite(&conn)?;
+                conn
+            }
+            Location::Postgres(url) => {
+                let conn = Connection::Postgres(PgConnection::connect(url, false)?);
+                create_postgres_schema(&conn)?;
+                conn
+            }
+        };
         Ok(Self {
             conn,
             in_batch: false,
         })
     }
 
+    /// Opens a data directory's database (see [`location_of`]).
+    pub fn open_in(data_dir: &Path) -> Result<Self, DbError> {
+        Self::open_at(&location_of(data_dir)?)
+    }
+
     /// Opens an existing database read-only (for `verify` and `status` beside a running server).
     pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Self::open_read_only_at(&Location::Sqlite(path.to_owned()))
+    }
+
+    /// Opens the database at `location` read-only.
+    pub fn open_read_only_at(location: &Location) -> Result<Self, DbError> {
+        let conn = match location {
+            Location::Sqlite(path) => Connection::sqlite(path, true)?,
+            Location::Postgres(url) => Connection::Postgres(PgConnection::connect(url, true)?),
+        };
         Ok(Self {
             conn,
             in_batch: false,
         })
+    }
+
+    /// Opens a data directory's database read-only (see [`location_of`]).
+    pub fn open_read_only_in(data_dir: &Path) -> Result<Self, DbError> {
+        Self::open_read_only_at(&location_of(data_dir)?)
+    }
+
+    fn begin_statement(&self) -> &'static str {
+        if self.conn.is_postgres() {
+            "BEGIN"
+        } else {
+            // Take the write lock now, not at the first write.
+            "BEGIN IMMEDIATE"
+        }
     }
 
     /// Opens a write batch (a transaction) unless one is open; writes until
     /// [`Db::commit_batch`] become durable together.
     pub fn begin_batch(&mut self) -> Result<(), DbError> {
         if !self.in_batch {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.conn.batch(self.begin_statement())?;
             self.in_batch = true;
         }
         Ok(())
     }
 
-    /// Commits the open batch, if any. When the commit fails the batch stays open (or SQLite
-    /// has already rolled it back); [`Db::rollback_batch`] ends it either way.
+    /// Commits the open batch, if any. When the commit fails the batch stays open (or the
+    /// engine has already rolled it back); [`Db::rollback_batch`] ends it either way.
     pub fn commit_batch(&mut self) -> Result<(), DbError> {
         if self.in_batch {
-            self.conn.execute_batch("COMMIT")?;
+            self.conn.batch("COMMIT")?;
             self.in_batch = false;
         }
         Ok(())
     }
 
-    /// Discards every write since [`Db::begin_batch`], whether or not SQLite already rolled the
-    /// transaction back after an error.
+    /// Discards every write since [`Db::begin_batch`], whether or not the engine already rolled
+    /// the transaction back after an error.
     pub fn rollback_batch(&mut self) -> Result<(), DbError> {
         self.in_batch = false;
-        if !self.conn.is_autocommit() {
-            self.conn.execute_batch("ROLLBACK")?;
+        match &self.conn {
+            Connection::Sqlite(conn) if conn.is_autocommit() => Ok(()),
+            conn => conn.batch("ROLLBACK"),
         }
-        Ok(())
+    }
+
+    /// Runs `writes` all or nothing: in a transaction of its own, or under a savepoint of the
+    /// open batch.
+    fn atomically<T>(
+        &mut self,
+        writes: impl FnOnce(&Connection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let (begin, commit, undo) = if self.in_batch {
+            (
+                "SAVEPOINT atomic",
+                "RELEASE SAVEPOINT atomic",
+                "ROLLBACK TO SAVEPOINT atomic; RELEASE SAVEPOINT atomic",
+            )
+        } else {
+            (self.begin_statement(), "COMMIT", "ROLLBACK")
+        };
+        self.conn.batch(begin)?;
+        match writes(&self.conn) {
+            Ok(value) => {
+                self.conn.batch(commit)?;
+                Ok(value)
+            }
+            Err(error) => {
+                if let Err(undo_error) = self.conn.batch(undo) {
+                    tracing::warn!(error = %undo_error, "cannot undo a failed write");
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Creates an experiment with its round 0 open on its initial adapter.
@@ -434,91 +542,91 @@ impl Db {
             signer,
             now_ms,
         } = *new;
-        let tx = self.conn.savepoint()?;
-        tx.execute(
-            "INSERT INTO experiments (id, config_json, initial_adapter, first_commitment, uid, signer, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                id.0,
-                config_json,
-                &initial_adapter.0[..],
-                &first_secret.commitment().0[..],
-                &uid.0[..],
-                &signer.0[..],
-                now_ms
-            ],
-        )?;
-        tx.execute(
-            "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES (?1, 0, ?2, ?3, ?4)",
-            params![id.0, &initial_adapter.0[..], adapter_len as i64, &first_secret.0[..]],
-        )?;
-        tx.execute(
-            "INSERT OR IGNORE INTO adapters (hash, experiment, round, byte_len) VALUES (?1, ?2, -1, ?3)",
-            params![&initial_adapter.0[..], id.0, adapter_len as i64],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.atomically(|conn| {
+            conn.execute(
+                "INSERT INTO experiments (id, config_json, initial_adapter, first_commitment, uid, signer, created_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                values![
+                    &id.0,
+                    config_json,
+                    &initial_adapter.0,
+                    &first_secret.commitment().0,
+                    &uid.0,
+                    &signer.0,
+                    now_ms
+                ],
+            )?;
+            conn.execute(
+                "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES ($1, 0, $2, $3, $4)",
+                values![&id.0, &initial_adapter.0, adapter_len as i64, &first_secret.0],
+            )?;
+            conn.execute(
+                "INSERT INTO adapters (hash, experiment, round, byte_len) VALUES ($1, $2, -1, $3)
+                 ON CONFLICT DO NOTHING",
+                values![&initial_adapter.0, &id.0, adapter_len as i64],
+            )?;
+            Ok(())
+        })
     }
 
     /// Looks an experiment up.
     pub fn experiment(&self, id: &ExperimentId) -> Result<Option<StoredExperiment>, DbError> {
         self.conn
-            .query_row(
-                "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments WHERE id = ?1",
-                params![id.0],
-                row_to_experiment,
-            )
-            .optional()?
+            .query_opt(
+                "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments WHERE id = $1",
+                values![&id.0],
+            )?
+            .map(|row| row_to_experiment(&row))
             .transpose()
     }
 
     /// Every experiment, oldest first.
     pub fn experiments(&self) -> Result<Vec<StoredExperiment>, DbError> {
-        let mut statement = self.conn.prepare(
-            "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments ORDER BY created_ms, id",
-        )?;
-        let rows = statement.query_map([], row_to_experiment)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
-        }
-        Ok(out)
+        self.conn
+            .query(
+                "SELECT id, config_json, initial_adapter, finished, first_commitment, uid, signer FROM experiments ORDER BY created_ms, id",
+                values![],
+            )?
+            .iter()
+            .map(row_to_experiment)
+            .collect()
     }
 
     /// Where a (re)started engine picks up this experiment.
     pub fn resume_state(&self, id: &ExperimentId) -> Result<ResumeState, DbError> {
-        let finished: bool = self.conn.query_row(
-            "SELECT finished FROM experiments WHERE id = ?1",
-            params![id.0],
-            |row| row.get(0),
-        )?;
-        let open: Option<(i64, Vec<u8>, i64, Vec<u8>)> = self
+        let finished = self
             .conn
-            .query_row(
-                "SELECT round, adapter_before, adapter_len, secret FROM rounds
-                 WHERE experiment = ?1 AND closed = 0 ORDER BY round LIMIT 1",
-                params![id.0],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-            )
-            .optional()?;
-        // Training and evaluation tasks share one id space.
-        let next_task: i64 = self.conn.query_row(
-            "SELECT MAX(COALESCE((SELECT MAX(task) FROM tasks), 0),
-                        COALESCE((SELECT MAX(task) FROM eval_tasks), 0)) + 1",
-            [],
-            |row| row.get(0),
+            .query_one(
+                "SELECT finished FROM experiments WHERE id = $1",
+                values![&id.0],
+            )?
+            .int(0)?
+            != 0;
+        let open = self.conn.query_opt(
+            "SELECT round, adapter_before, adapter_len, secret FROM rounds
+             WHERE experiment = $1 AND closed = 0 ORDER BY round LIMIT 1",
+            values![&id.0],
         )?;
+        // Training and evaluation tasks share one id space.
+        let next_task = self
+            .conn
+            .query_one(
+                "SELECT COALESCE(MAX(task), 0) + 1 FROM
+                 (SELECT task FROM tasks UNION ALL SELECT task FROM eval_tasks) AS issued",
+                values![],
+            )?
+            .int(0)?;
         let unevaluated = self.unevaluated(id)?;
         let eval_answers = self.unsettled_answers(id)?;
         let veterans = self.veterans(id)?;
         let known_hashes = self.hashes(
-            "SELECT hash FROM submissions WHERE experiment = ?1
-             UNION SELECT hash FROM replicas WHERE experiment = ?1
-             UNION SELECT hash FROM referees WHERE experiment = ?1",
+            "SELECT hash FROM submissions WHERE experiment = $1
+             UNION SELECT hash FROM replicas WHERE experiment = $1
+             UNION SELECT hash FROM referees WHERE experiment = $1",
             id,
         )?;
         let (disputes, flags) = self.verdicts(id)?;
-        let Some((round, adapter, adapter_len, secret)) = open else {
+        let Some(open) = open else {
             // Finished: the last adapter is the last ledger entry's output.
             let last = self.ledger(id)?.pop();
             let adapter = last.map(|(_, entry)| entry.adapter_after);
@@ -539,7 +647,10 @@ impl Db {
                 ..ResumeState::default()
             });
         };
-        let adapter = hash_from(&adapter)?;
+        let round = open.int(0)?;
+        let adapter = hash_from(&open.bytes(1)?)?;
+        let adapter_len = open.int(2)?;
+        let secret = open.bytes(3)?;
         let mut state = ResumeState {
             round: RoundId(round as u64),
             adapter: Some((adapter, adapter_len as u64)),
@@ -572,23 +683,17 @@ impl Db {
             }
         }
         state.disputes = disputes;
-        let mut statement = self.conn.prepare(
+        for row in self.conn.query(
             "SELECT task, trainer, repeats FROM tasks
-             WHERE experiment = ?1 AND round = ?2 AND referee_of IS NULL
+             WHERE experiment = $1 AND round = $2 AND referee_of IS NULL
              ORDER BY task",
-        )?;
-        let rows = statement.query_map(params![id.0, round], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Vec<u8>>(1)?,
-                row.get::<_, Option<i64>>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (task, trainer, repeats) = row?;
-            let task = TaskId(task as u64);
-            state.tasks.push((task, TrainerId(hash_from(&trainer)?.0)));
-            if let Some(repeats) = repeats {
+            values![&id.0, round],
+        )? {
+            let task = TaskId(row.int(0)? as u64);
+            state
+                .tasks
+                .push((task, TrainerId(hash_from(&row.bytes(1)?)?.0)));
+            if let Some(repeats) = row.opt_int(2)? {
                 state.repeats.push((task, TaskId(repeats as u64)));
             }
         }
@@ -630,15 +735,20 @@ impl Db {
             })
             .map_or([0u8; 32], |answer| answer.trainer.0);
         self.conn.execute(
-            "INSERT OR REPLACE INTO evaluations
+            "INSERT INTO evaluations
                  (experiment, adapter, after_round, trainer, loss, tokens, at_ms,
                   evaluators, agreeing, wanted, spread)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                id.0,
-                &outcome.target.adapter.0[..],
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (experiment, adapter) DO UPDATE SET
+                 after_round = excluded.after_round, trainer = excluded.trainer,
+                 loss = excluded.loss, tokens = excluded.tokens, at_ms = excluded.at_ms,
+                 evaluators = excluded.evaluators, agreeing = excluded.agreeing,
+                 wanted = excluded.wanted, spread = excluded.spread",
+            values![
+                &id.0,
+                &outcome.target.adapter.0,
                 outcome.target.after_round.map(|r| r.0 as i64),
-                &nearest[..],
+                &nearest,
                 f64::from(outcome.loss),
                 outcome.tokens as i64,
                 now_ms,
@@ -663,13 +773,16 @@ impl Db {
             Err(failure) => (None, None, Some(failure.as_str())),
         };
         self.conn.execute(
-            "INSERT OR REPLACE INTO eval_answers
+            "INSERT INTO eval_answers
                  (experiment, adapter, trainer, loss, tokens, failure, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                id.0,
-                &event.target.adapter.0[..],
-                &event.trainer.0[..],
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (experiment, adapter, trainer) DO UPDATE SET
+                 loss = excluded.loss, tokens = excluded.tokens,
+                 failure = excluded.failure, at_ms = excluded.at_ms",
+            values![
+                &id.0,
+                &event.target.adapter.0,
+                &event.trainer.0,
                 loss,
                 tokens,
                 failure,
@@ -681,21 +794,17 @@ impl Db {
 
     /// Trainers with a delta accepted in a committed round of the experiment.
     fn veterans(&self, id: &ExperimentId) -> Result<Vec<TrainerId>, DbError> {
-        let mut statement = self.conn.prepare(
+        self.hashes(
             "SELECT s.trainer FROM submissions s
              JOIN rounds r ON r.experiment = s.experiment AND r.round = s.round
-             WHERE s.experiment = ?1 AND r.closed = 1
+             WHERE s.experiment = $1 AND r.closed = 1
              UNION
              SELECT p.trainer FROM replicas p
              JOIN rounds r ON r.experiment = p.experiment AND r.round = p.round
-             WHERE p.experiment = ?1 AND r.closed = 1",
-        )?;
-        let rows = statement.query_map(params![id.0], |row| row.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(TrainerId(hash_from(&row?)?.0));
-        }
-        Ok(out)
+             WHERE p.experiment = $1 AND r.closed = 1",
+            id,
+        )
+        .map(|hashes| hashes.into_iter().map(|h| TrainerId(h.0)).collect())
     }
 
     /// Answers recorded for adapters that have no settled score yet.
@@ -703,71 +812,68 @@ impl Db {
         &self,
         id: &ExperimentId,
     ) -> Result<Vec<(BlobHash, crate::engine::EvalAnswer)>, DbError> {
-        let mut statement = self.conn.prepare(
-            "SELECT adapter, trainer, loss, tokens FROM eval_answers
-             WHERE experiment = ?1 AND failure IS NULL AND loss IS NOT NULL
-               AND adapter NOT IN (SELECT adapter FROM evaluations WHERE experiment = ?1)
-             ORDER BY at_ms, trainer",
-        )?;
-        let rows = statement.query_map(params![id.0], |row| {
-            Ok((
-                row.get::<_, Vec<u8>>(0)?,
-                row.get::<_, Vec<u8>>(1)?,
-                row.get::<_, f64>(2)?,
-                row.get::<_, i64>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (adapter, trainer, loss, tokens) = row?;
-            out.push((
-                hash_from(&adapter)?,
-                crate::engine::EvalAnswer {
-                    trainer: TrainerId(hash_from(&trainer)?.0),
-                    loss: loss as f32,
-                    tokens: tokens.max(0) as u64,
-                    baseline: None,
-                },
-            ));
-        }
-        Ok(out)
+        self.conn
+            .query(
+                "SELECT adapter, trainer, loss, tokens FROM eval_answers
+                 WHERE experiment = $1 AND failure IS NULL AND loss IS NOT NULL
+                   AND adapter NOT IN (SELECT adapter FROM evaluations WHERE experiment = $1)
+                 ORDER BY at_ms, trainer",
+                values![&id.0],
+            )?
+            .iter()
+            .map(|row| {
+                Ok((
+                    hash_from(&row.bytes(0)?)?,
+                    crate::engine::EvalAnswer {
+                        trainer: TrainerId(hash_from(&row.bytes(1)?)?.0),
+                        loss: row.real(2)? as f32,
+                        tokens: row.int(3)?.max(0) as u64,
+                        baseline: None,
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// Every recorded evaluation of an experiment, oldest adapter first.
     pub fn evaluations(&self, id: &ExperimentId) -> Result<Vec<StoredEvaluation>, DbError> {
-        // A data directory last written by a version without evaluations, opened read-only,
-        // has no such table: it has no evaluations either.
-        let table: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evaluations'",
-                [],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if table.is_none() {
+        // A SQLite data directory last written by a version without evaluations, opened
+        // read-only, has no such table: it has no evaluations either.
+        if !self.conn.is_postgres()
+            && self
+                .conn
+                .query_opt(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evaluations'",
+                    values![],
+                )?
+                .is_none()
+        {
             return Ok(Vec::new());
         }
-        let mut statement = self.conn.prepare(
-            "SELECT after_round, adapter, trainer, loss, tokens, at_ms,
-                    evaluators, agreeing, wanted, spread FROM evaluations
-             WHERE experiment = ?1 ORDER BY COALESCE(after_round, -1)",
-        )?;
-        let rows = statement.query_map(params![id.0], |row| {
-            Ok(StoredEvaluation {
-                after_round: row.get::<_, Option<i64>>(0)?.map(|r| r as u64),
-                adapter: hex::encode(row.get::<_, Vec<u8>>(1)?),
-                trainer: hex::encode(row.get::<_, Vec<u8>>(2)?),
-                loss: row.get(3)?,
-                tokens: row.get::<_, i64>(4)? as u64,
-                at_ms: row.get(5)?,
-                evaluators: row.get::<_, i64>(6)?.clamp(0, i64::from(u32::MAX)) as u32,
-                agreeing: row.get::<_, i64>(7)?.clamp(0, i64::from(u32::MAX)) as u32,
-                wanted: row.get::<_, i64>(8)?.clamp(0, i64::from(u32::MAX)) as u32,
-                spread: row.get(9)?,
+        let count = |value: i64| value.clamp(0, i64::from(u32::MAX)) as u32;
+        self.conn
+            .query(
+                "SELECT after_round, adapter, trainer, loss, tokens, at_ms,
+                        evaluators, agreeing, wanted, spread FROM evaluations
+                 WHERE experiment = $1 ORDER BY COALESCE(after_round, -1)",
+                values![&id.0],
+            )?
+            .iter()
+            .map(|row| {
+                Ok(StoredEvaluation {
+                    after_round: row.opt_int(0)?.map(|r| r as u64),
+                    adapter: hex::encode(row.bytes(1)?),
+                    trainer: hex::encode(row.bytes(2)?),
+                    loss: row.real(3)?,
+                    tokens: row.int(4)? as u64,
+                    at_ms: row.int(5)?,
+                    evaluators: count(row.int(6)?),
+                    agreeing: count(row.int(7)?),
+                    wanted: count(row.int(8)?),
+                    spread: row.real(9)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            .collect()
     }
 
     /// Records an issued evaluation task.
@@ -780,9 +886,12 @@ impl Db {
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO eval_tasks (task, experiment, adapter, trainer, issued_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![task.0 as i64, id.0, &adapter.0[..], &trainer.0[..], now_ms],
+            "INSERT INTO eval_tasks (task, experiment, adapter, trainer, issued_ms)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (task) DO UPDATE SET experiment = excluded.experiment,
+                 adapter = excluded.adapter, trainer = excluded.trainer,
+                 issued_ms = excluded.issued_ms",
+            values![task.0 as i64, &id.0, &adapter.0, &trainer.0, now_ms],
         )?;
         Ok(())
     }
@@ -832,13 +941,17 @@ impl Db {
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO tasks (task, experiment, round, trainer, issued_ms, repeats, referee_of)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
+            "INSERT INTO tasks (task, experiment, round, trainer, issued_ms, repeats, referee_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (task) DO UPDATE SET experiment = excluded.experiment,
+                 round = excluded.round, trainer = excluded.trainer,
+                 issued_ms = excluded.issued_ms, repeats = excluded.repeats,
+                 referee_of = excluded.referee_of",
+            values![
                 task.0 as i64,
-                id.0,
+                &id.0,
                 round.0 as i64,
-                &trainer.0[..],
+                &trainer.0,
                 now_ms,
                 repeats.map(|task| task.0 as i64),
                 referee_of.map(|round| round.0 as i64)
@@ -861,15 +974,15 @@ impl Db {
     ) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO referees (experiment, round, task, hash, dispute_round, counted, trainer, received_ms, signed_header)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                id.0,
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            values![
+                &id.0,
                 round.0 as i64,
                 task.0 as i64,
-                &delta.hash.0[..],
+                &delta.hash.0,
                 dispute.round.0 as i64,
-                &dispute.counted.0[..],
-                &delta.trainer.0[..],
+                &dispute.counted.0,
+                &delta.trainer.0,
                 now_ms,
                 signed_header
             ],
@@ -884,23 +997,21 @@ impl Db {
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Vec<(RoundId, BlobHash, Vec<u8>)>, DbError> {
-        let mut statement = self.conn.prepare(
-            "SELECT dispute_round, counted, signed_header FROM referees
-             WHERE experiment = ?1 AND round = ?2 ORDER BY task",
-        )?;
-        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, Vec<u8>>(1)?,
-                row.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (dispute_round, counted, header) = row?;
-            out.push((RoundId(dispute_round as u64), hash_from(&counted)?, header));
-        }
-        Ok(out)
+        self.conn
+            .query(
+                "SELECT dispute_round, counted, signed_header FROM referees
+                 WHERE experiment = $1 AND round = $2 ORDER BY task",
+                values![&id.0, round.0 as i64],
+            )?
+            .iter()
+            .map(|row| {
+                Ok((
+                    RoundId(row.int(0)? as u64),
+                    hash_from(&row.bytes(1)?)?,
+                    row.bytes(2)?,
+                ))
+            })
+            .collect()
     }
 
     /// The start adapter of `round` and its encoded length.
@@ -909,15 +1020,12 @@ impl Db {
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Option<(BlobHash, u64)>, DbError> {
-        let row: Option<(Vec<u8>, i64)> = self
-            .conn
-            .query_row(
-                "SELECT adapter_before, adapter_len FROM rounds WHERE experiment = ?1 AND round = ?2",
-                params![id.0, round.0 as i64],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(hash, len)| Ok((hash_from(&hash)?, len as u64)))
+        self.conn
+            .query_opt(
+                "SELECT adapter_before, adapter_len FROM rounds WHERE experiment = $1 AND round = $2",
+                values![&id.0, round.0 as i64],
+            )?
+            .map(|row| Ok((hash_from(&row.bytes(0)?)?, row.int(1)? as u64)))
             .transpose()
     }
 
@@ -958,14 +1066,14 @@ impl Db {
     ) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO replicas (experiment, round, task, hash, counted, trainer, received_ms, signed_header)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                id.0,
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            values![
+                &id.0,
                 round.0 as i64,
                 task.0 as i64,
-                &delta.hash.0[..],
-                &counted.0[..],
-                &delta.trainer.0[..],
+                &delta.hash.0,
+                &counted.0,
+                &delta.trainer.0,
                 now_ms,
                 signed_header
             ],
@@ -981,7 +1089,7 @@ impl Db {
         round: RoundId,
     ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
         self.signed_headers(
-            "SELECT hash, signed_header FROM replicas WHERE experiment = ?1 AND round = ?2
+            "SELECT hash, signed_header FROM replicas WHERE experiment = $1 AND round = $2
              ORDER BY task",
             id,
             round,
@@ -989,23 +1097,18 @@ impl Db {
     }
 
     /// (hash, signed header) rows of one round from `sql`, which takes the experiment and the
-    /// round as `?1` and `?2`.
+    /// round as `$1` and `$2`.
     fn signed_headers(
         &self,
         sql: &str,
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
-        let mut statement = self.conn.prepare(sql)?;
-        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
-            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (hash, header) = row?;
-            out.push((hash_from(&hash)?, header));
-        }
-        Ok(out)
+        self.conn
+            .query(sql, values![&id.0, round.0 as i64])?
+            .iter()
+            .map(|row| Ok((hash_from(&row.bytes(0)?)?, row.bytes(1)?)))
+            .collect()
     }
 
     /// Records an accepted submission (its blob must already be durable).
@@ -1020,13 +1123,13 @@ impl Db {
     ) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO submissions (hash, experiment, round, task, trainer, weight, train_loss, byte_len, received_ms, signed_header)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                &delta.hash.0[..],
-                id.0,
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            values![
+                &delta.hash.0,
+                &id.0,
                 round.0 as i64,
                 task.0 as i64,
-                &delta.trainer.0[..],
+                &delta.trainer.0,
                 delta.weight as i64,
                 f64::from(delta.reported_train_loss),
                 delta.byte_len as i64,
@@ -1051,10 +1154,8 @@ impl Db {
             "SELECT hash FROM referees",
             "SELECT hash FROM adapters",
         ] {
-            let mut statement = self.conn.prepare(query)?;
-            let rows = statement.query_map([], |row| row.get::<_, Vec<u8>>(0))?;
-            for row in rows {
-                out.insert(hash_from(&row?)?);
+            for row in self.conn.query(query, values![])? {
+                out.insert(hash_from(&row.bytes(0)?)?);
             }
         }
         for experiment in self.experiments()? {
@@ -1098,29 +1199,24 @@ impl Db {
         binding: &crate::admission::TokenBinding,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO token_bindings (token, trainer) VALUES (?1, ?2)",
-            params![&binding.token[..], &binding.trainer.0[..]],
+            "INSERT INTO token_bindings (token, trainer) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            values![&binding.token, &binding.trainer.0],
         )?;
         Ok(())
     }
 
     /// Every identity each enrollment token admitted.
     pub fn token_bindings(&self) -> Result<Vec<crate::admission::TokenBinding>, DbError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT token, trainer FROM token_bindings")?;
-        let rows = statement.query_map([], |row| {
-            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (token, trainer) = row?;
-            out.push(crate::admission::TokenBinding {
-                token: hash_from(&token)?.0,
-                trainer: TrainerId(hash_from(&trainer)?.0),
-            });
-        }
-        Ok(out)
+        self.conn
+            .query("SELECT token, trainer FROM token_bindings", values![])?
+            .iter()
+            .map(|row| {
+                Ok(crate::admission::TokenBinding {
+                    token: hash_from(&row.bytes(0)?)?.0,
+                    trainer: TrainerId(hash_from(&row.bytes(1)?)?.0),
+                })
+            })
+            .collect()
     }
 
     /// Removes an accepted submission from its round (its stored delta was found unreadable;
@@ -1132,8 +1228,8 @@ impl Db {
         hash: &BlobHash,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "DELETE FROM submissions WHERE experiment = ?1 AND round = ?2 AND hash = ?3",
-            params![id.0, round.0 as i64, &hash.0[..]],
+            "DELETE FROM submissions WHERE experiment = $1 AND round = $2 AND hash = $3",
+            values![&id.0, round.0 as i64, &hash.0],
         )?;
         Ok(())
     }
@@ -1145,7 +1241,7 @@ impl Db {
         round: RoundId,
     ) -> Result<Vec<(BlobHash, Vec<u8>)>, DbError> {
         self.signed_headers(
-            "SELECT hash, signed_header FROM submissions WHERE experiment = ?1 AND round = ?2 ORDER BY hash",
+            "SELECT hash, signed_header FROM submissions WHERE experiment = $1 AND round = $2 ORDER BY hash",
             id,
             round,
         )
@@ -1154,8 +1250,8 @@ impl Db {
     /// Stores a small blob in the database (idempotent).
     pub fn put_inline(&self, hash: &BlobHash, data: &[u8]) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO inline_blobs (hash, data) VALUES (?1, ?2)",
-            params![&hash.0[..], data],
+            "INSERT INTO inline_blobs (hash, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            values![&hash.0, data],
         )?;
         Ok(())
     }
@@ -1164,25 +1260,22 @@ impl Db {
     pub fn has_inline(&self, hash: &BlobHash) -> Result<bool, DbError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT 1 FROM inline_blobs WHERE hash = ?1",
-                params![&hash.0[..]],
-                |_| Ok(()),
-            )
-            .optional()?
+            .query_opt(
+                "SELECT 1 FROM inline_blobs WHERE hash = $1",
+                values![&hash.0],
+            )?
             .is_some())
     }
 
     /// A blob stored in the database, unverified.
     pub fn inline_blob(&self, hash: &BlobHash) -> Result<Option<Vec<u8>>, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT data FROM inline_blobs WHERE hash = ?1",
-                params![&hash.0[..]],
-                |row| row.get(0),
-            )
-            .optional()?)
+        self.conn
+            .query_opt(
+                "SELECT data FROM inline_blobs WHERE hash = $1",
+                values![&hash.0],
+            )?
+            .map(|row| row.bytes(0))
+            .transpose()
     }
 
     /// Records a refused submission.
@@ -1194,14 +1287,14 @@ impl Db {
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT INTO rejections (experiment, round, trainer, hash, reason, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                id.0,
+            "INSERT INTO rejections (experiment, round, trainer, hash, reason, detail, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            values![
+                &id.0,
                 round.0 as i64,
-                rejected.trainer.map(|t| t.0.to_vec()),
-                rejected.hash.map(|h| h.0.to_vec()),
+                rejected.trainer.as_ref().map(|t| &t.0),
+                rejected.hash.as_ref().map(|h| &h.0),
                 rejected.reason.as_str(),
-                rejected.detail,
+                &rejected.detail,
                 now_ms
             ],
         )?;
@@ -1216,9 +1309,9 @@ impl Db {
         now_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
-            "INSERT INTO trainers (id, agent, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?3)
+            "INSERT INTO trainers (id, agent, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $3)
              ON CONFLICT(id) DO UPDATE SET agent = excluded.agent, last_seen_ms = excluded.last_seen_ms",
-            params![&trainer.0[..], agent, now_ms],
+            values![&trainer.0, agent, now_ms],
         )?;
         Ok(())
     }
@@ -1235,57 +1328,57 @@ impl Db {
         let id = &entry.experiment;
         let round = entry.round.0 as i64;
         let entry_hash = entry.hash();
-        // A savepoint: its own transaction, or nested in an open batch.
-        let tx = self.conn.savepoint()?;
-        tx.execute(
-            "INSERT INTO ledger (experiment, round, hash, entry) VALUES (?1, ?2, ?3, ?4)",
-            params![id.0, round, &entry_hash.0[..], entry.to_bytes()],
-        )?;
-        tx.execute(
-            "UPDATE rounds SET closed = 1 WHERE experiment = ?1 AND round = ?2",
-            params![id.0, round],
-        )?;
-        tx.execute(
-            "INSERT OR IGNORE INTO adapters (hash, experiment, round, byte_len) VALUES (?1, ?2, ?3, ?4)",
-            params![&entry.adapter_after.0[..], id.0, round, adapter_len as i64],
-        )?;
-        if finished {
-            tx.execute(
-                "UPDATE experiments SET finished = 1 WHERE id = ?1",
-                params![id.0],
+        // Its own transaction, or a savepoint nested in an open batch.
+        self.atomically(|conn| {
+            conn.execute(
+                "INSERT INTO ledger (experiment, round, hash, entry) VALUES ($1, $2, $3, $4)",
+                values![&id.0, round, &entry_hash.0, &entry.to_bytes()[..]],
             )?;
-        } else {
-            tx.execute(
-                "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    id.0,
-                    round + 1,
-                    &entry.adapter_after.0[..],
-                    adapter_len as i64,
-                    &next_secret.0[..]
-                ],
+            conn.execute(
+                "UPDATE rounds SET closed = 1 WHERE experiment = $1 AND round = $2",
+                values![&id.0, round],
             )?;
-        }
-        tx.commit()?;
+            conn.execute(
+                "INSERT INTO adapters (hash, experiment, round, byte_len) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                values![&entry.adapter_after.0, &id.0, round, adapter_len as i64],
+            )?;
+            if finished {
+                conn.execute(
+                    "UPDATE experiments SET finished = 1 WHERE id = $1",
+                    values![&id.0],
+                )?;
+            } else {
+                conn.execute(
+                    "INSERT INTO rounds (experiment, round, adapter_before, adapter_len, secret) VALUES ($1, $2, $3, $4, $5)",
+                    values![
+                        &id.0,
+                        round + 1,
+                        &entry.adapter_after.0,
+                        adapter_len as i64,
+                        &next_secret.0
+                    ],
+                )?;
+            }
+            Ok(())
+        })?;
         Ok(entry_hash)
     }
 
     /// The ledger, first round first: (stored hash, parsed entry).
     pub fn ledger(&self, id: &ExperimentId) -> Result<Vec<(BlobHash, LedgerEntry)>, DbError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT hash, entry FROM ledger WHERE experiment = ?1 ORDER BY round")?;
-        let rows = statement.query_map(params![id.0], |row| {
-            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (hash, bytes) = row?;
-            let entry = LedgerEntry::from_bytes(&bytes)
-                .map_err(|error| DbError::Corrupt(error.to_string()))?;
-            out.push((hash_from(&hash)?, entry));
-        }
-        Ok(out)
+        self.conn
+            .query(
+                "SELECT hash, entry FROM ledger WHERE experiment = $1 ORDER BY round",
+                values![&id.0],
+            )?
+            .iter()
+            .map(|row| {
+                let entry = LedgerEntry::from_bytes(&row.bytes(1)?)
+                    .map_err(|error| DbError::Corrupt(error.to_string()))?;
+                Ok((hash_from(&row.bytes(0)?)?, entry))
+            })
+            .collect()
     }
 
     /// Who may read blob `hash` from the hub: merged adapters are public; an accepted delta is
@@ -1295,18 +1388,17 @@ impl Db {
         if self.adapter_len(hash)?.is_some() {
             return Ok(Visibility::Public);
         }
-        let configs: Vec<String> = self
-            .conn
-            .prepare(
-                "SELECT e.config_json FROM submissions s JOIN experiments e ON e.id = s.experiment
-                 WHERE s.hash = ?1",
-            )?
-            .query_map(params![&hash.0[..]], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        let published = configs.iter().any(|json| {
-            serde_json::from_str::<tributary_shared::config::ExperimentConfig>(json)
-                .is_ok_and(|config| config.experiment.publish_deltas)
-        });
+        let configs = self.conn.query(
+            "SELECT e.config_json FROM submissions s JOIN experiments e ON e.id = s.experiment
+             WHERE s.hash = $1",
+            values![&hash.0],
+        )?;
+        let mut published = false;
+        for row in configs {
+            published |=
+                serde_json::from_str::<tributary_shared::config::ExperimentConfig>(&row.text(0)?)
+                    .is_ok_and(|config| config.experiment.publish_deltas);
+        }
         Ok(if published {
             Visibility::Public
         } else {
@@ -1316,15 +1408,13 @@ impl Db {
 
     /// The stored length of an adapter blob, if it is a known adapter.
     pub fn adapter_len(&self, hash: &BlobHash) -> Result<Option<u64>, DbError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT byte_len FROM adapters WHERE hash = ?1",
-                params![&hash.0[..]],
-                |row| row.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|len| len as u64))
+        self.conn
+            .query_opt(
+                "SELECT byte_len FROM adapters WHERE hash = $1",
+                values![&hash.0],
+            )?
+            .map(|row| row.int(0).map(|len| len as u64))
+            .transpose()
     }
 
     /// Refused submissions of one round, in order.
@@ -1333,66 +1423,63 @@ impl Db {
         id: &ExperimentId,
         round: RoundId,
     ) -> Result<Vec<RejectedSubmission>, DbError> {
-        let mut statement = self.conn.prepare(
-            "SELECT trainer, hash, reason, detail FROM rejections WHERE experiment = ?1 AND round = ?2 ORDER BY id",
-        )?;
-        let rows = statement.query_map(params![id.0, round.0 as i64], |row| {
-            Ok((
-                row.get::<_, Option<Vec<u8>>>(0)?,
-                row.get::<_, Option<Vec<u8>>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (trainer, hash, reason, detail) = row?;
-            out.push(RejectedSubmission {
-                trainer: trainer
-                    .map(|t| hash_from(&t).map(|h| TrainerId(h.0)))
-                    .transpose()?,
-                hash: hash.map(|h| hash_from(&h)).transpose()?,
-                reason: RejectReason::from_name(&reason)
-                    .ok_or_else(|| DbError::Corrupt(format!("unknown reason {reason:?}")))?,
-                detail,
-            });
-        }
-        Ok(out)
+        self.conn
+            .query(
+                "SELECT trainer, hash, reason, detail FROM rejections WHERE experiment = $1 AND round = $2 ORDER BY id",
+                values![&id.0, round.0 as i64],
+            )?
+            .iter()
+            .map(|row| {
+                let reason = row.text(2)?;
+                Ok(RejectedSubmission {
+                    trainer: row
+                        .opt_bytes(0)?
+                        .map(|t| hash_from(&t).map(|h| TrainerId(h.0)))
+                        .transpose()?,
+                    hash: row.opt_bytes(1)?.map(|h| hash_from(&h)).transpose()?,
+                    reason: RejectReason::from_name(&reason)
+                        .ok_or_else(|| DbError::Corrupt(format!("unknown reason {reason:?}")))?,
+                    detail: row.text(3)?,
+                })
+            })
+            .collect()
     }
 
     /// Counts for `status`.
     pub fn status(&self, id: &ExperimentId) -> Result<ExperimentStatus, DbError> {
-        let accepted: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM submissions WHERE experiment = ?1",
-            params![id.0],
-            |row| row.get(0),
-        )?;
-        let mut statement = self.conn.prepare(
-            "SELECT reason, COUNT(*) FROM rejections WHERE experiment = ?1 GROUP BY reason ORDER BY reason",
-        )?;
-        let rejected = statement
-            .query_map(params![id.0], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let trainers: i64 = self
+        let accepted = self
             .conn
-            .query_row("SELECT COUNT(*) FROM trainers", [], |row| row.get(0))?;
+            .query_one(
+                "SELECT COUNT(*) FROM submissions WHERE experiment = $1",
+                values![&id.0],
+            )?
+            .int(0)?;
+        let rejected = self
+            .conn
+            .query(
+                "SELECT reason, COUNT(*) FROM rejections WHERE experiment = $1 GROUP BY reason ORDER BY reason",
+                values![&id.0],
+            )?
+            .iter()
+            .map(|row| Ok((row.text(0)?, row.int(1)? as u64)))
+            .collect::<Result<Vec<_>, DbError>>()?;
+        let trainers = self
+            .conn
+            .query_one("SELECT COUNT(*) FROM trainers", values![])?
+            .int(0)?;
         let ledger = self.ledger(id)?;
         let finished = self.experiment(id)?.is_some_and(|e| e.finished);
         let evaluations = self.evaluations(id)?;
-        let mut statement = self.conn.prepare(
-            "SELECT round, COUNT(*), COUNT(repeats) FROM tasks WHERE experiment = ?1
-             GROUP BY round",
-        )?;
-        let task_counts: std::collections::BTreeMap<u64, (u64, u64)> = statement
-            .query_map(params![id.0], |row| {
-                Ok((
-                    row.get::<_, i64>(0)? as u64,
-                    (row.get::<_, i64>(1)? as u64, row.get::<_, i64>(2)? as u64),
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
+        let task_counts: std::collections::BTreeMap<u64, (u64, u64)> = self
+            .conn
+            .query(
+                "SELECT round, COUNT(*), COUNT(repeats) FROM tasks WHERE experiment = $1
+                 GROUP BY round",
+                values![&id.0],
+            )?
+            .iter()
+            .map(|row| Ok((row.int(0)? as u64, (row.int(1)? as u64, row.int(2)? as u64))))
+            .collect::<Result<_, DbError>>()?;
         let tasks: u64 = task_counts.values().map(|(all, _)| all).sum();
         let replica_tasks: u64 = task_counts.values().map(|(_, replicas)| replicas).sum();
         let rounds = ledger
@@ -1472,46 +1559,132 @@ impl Db {
     }
 
     fn rounds_closed(&self, id: &ExperimentId) -> Result<u64, DbError> {
-        let count: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM ledger WHERE experiment = ?1",
-            params![id.0],
-            |row| row.get(0),
-        )?;
+        let count = self
+            .conn
+            .query_one(
+                "SELECT COUNT(*) FROM ledger WHERE experiment = $1",
+                values![&id.0],
+            )?
+            .int(0)?;
         Ok(count as u64)
     }
 
+    /// The 32-byte values in the first column of `sql`, which takes the experiment as `$1`.
     fn hashes(&self, sql: &str, id: &ExperimentId) -> Result<Vec<BlobHash>, DbError> {
-        let mut statement = self.conn.prepare(sql)?;
-        let rows = statement.query_map(params![id.0], |row| row.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(hash_from(&row?)?);
-        }
-        Ok(out)
+        self.conn
+            .query(sql, values![&id.0])?
+            .iter()
+            .map(|row| hash_from(&row.bytes(0)?))
+            .collect()
     }
 }
 
-fn row_to_experiment(
-    row: &rusqlite::Row<'_>,
-) -> rusqlite::Result<Result<StoredExperiment, DbError>> {
-    let id: String = row.get(0)?;
-    let config_json: String = row.get(1)?;
-    let initial: Vec<u8> = row.get(2)?;
-    let finished: bool = row.get(3)?;
-    let commitment: Vec<u8> = row.get(4)?;
-    let uid: Vec<u8> = row.get(5)?;
-    let signer: Vec<u8> = row.get(6)?;
-    Ok(hash_from(&initial).and_then(|initial_adapter| {
-        Ok(StoredExperiment {
-            id: ExperimentId(id),
-            config_json,
-            initial_adapter,
-            first_commitment: hash_from(&commitment)?,
-            uid: ExperimentUid(hash_from(&uid)?.0),
-            signer: TrainerId(hash_from(&signer)?.0),
-            finished,
-        })
-    }))
+/// Brings a SQLite database to [`SCHEMA_VERSION`] (kept in its `user_version`), creating it
+/// when empty. A database of another version is refused rather than half-used.
+fn migrate_sqlite(conn: &Connection) -> Result<(), DbError> {
+    let mut version = conn.query_one("PRAGMA user_version", values![])?.int(0)?;
+    let tables = conn
+        .query_one(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+            values![],
+        )?
+        .int(0)?;
+    if tables > 0 && version == 2 {
+        // Version 3 scores each adapter by several evaluators.
+        conn.batch(
+            "BEGIN;
+             ALTER TABLE evaluations ADD COLUMN evaluators INTEGER NOT NULL DEFAULT 1;
+             ALTER TABLE evaluations ADD COLUMN agreeing INTEGER NOT NULL DEFAULT 1;
+             ALTER TABLE evaluations ADD COLUMN wanted INTEGER NOT NULL DEFAULT 1;
+             ALTER TABLE evaluations ADD COLUMN spread REAL NOT NULL DEFAULT 0;
+             PRAGMA user_version = 3;
+             COMMIT;",
+        )?;
+        version = 3;
+    }
+    if tables > 0 && version == 3 {
+        // Version 4 replicates tasks and referees disputes (the `replicas` and `referees`
+        // tables come with the schema below).
+        conn.batch(
+            "BEGIN;
+             ALTER TABLE tasks ADD COLUMN repeats INTEGER;
+             ALTER TABLE tasks ADD COLUMN referee_of INTEGER;
+             PRAGMA user_version = 4;
+             COMMIT;",
+        )?;
+        version = 4;
+    }
+    if tables > 0 && version != SCHEMA_VERSION {
+        return Err(DbError::Corrupt(format!(
+            "the database has schema version {version}, this coordinator needs \
+             {SCHEMA_VERSION}; use a new data directory"
+        )));
+    }
+    conn.batch(SCHEMA)?;
+    conn.batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+}
+
+/// [`SCHEMA`] in PostgreSQL's types: 64-bit integers, double floats, `bytea` for bytes, and an
+/// identity column where SQLite numbers rows itself.
+fn postgres_schema() -> String {
+    SCHEMA
+        .replace(
+            "INTEGER PRIMARY KEY AUTOINCREMENT",
+            "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        )
+        .replace("INTEGER", "BIGINT")
+        .replace("REAL", "DOUBLE PRECISION")
+        .replace("BLOB", "BYTEA")
+}
+
+/// Creates the schema in a PostgreSQL database, or checks the version of the one there.
+/// Nodes starting together take turns (a transaction-scoped advisory lock).
+fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
+    conn.batch(
+        "BEGIN;
+         SELECT pg_advisory_xact_lock(7340189);
+         CREATE TABLE IF NOT EXISTS tributary_schema (version BIGINT NOT NULL);",
+    )?;
+    let created = (|| {
+        let version = conn.query_opt("SELECT version FROM tributary_schema", values![])?;
+        match version {
+            None => {
+                conn.batch(&postgres_schema())?;
+                conn.execute(
+                    "INSERT INTO tributary_schema (version) VALUES ($1)",
+                    values![SCHEMA_VERSION],
+                )?;
+            }
+            Some(row) if row.int(0)? == SCHEMA_VERSION => {}
+            Some(row) => {
+                return Err(DbError::Corrupt(format!(
+                    "the database has schema version {}, this coordinator needs \
+                     {SCHEMA_VERSION}; use a new database",
+                    row.int(0)?
+                )))
+            }
+        }
+        Ok(())
+    })();
+    match created {
+        Ok(()) => conn.batch("COMMIT"),
+        Err(error) => {
+            let _ = conn.batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+fn row_to_experiment(row: &Row) -> Result<StoredExperiment, DbError> {
+    Ok(StoredExperiment {
+        id: ExperimentId(row.text(0)?),
+        config_json: row.text(1)?,
+        initial_adapter: hash_from(&row.bytes(2)?)?,
+        finished: row.int(3)? != 0,
+        first_commitment: hash_from(&row.bytes(4)?)?,
+        uid: ExperimentUid(hash_from(&row.bytes(5)?)?.0),
+        signer: TrainerId(hash_from(&row.bytes(6)?)?.0),
+    })
 }
 
 fn hash_from(bytes: &[u8]) -> Result<BlobHash, DbError> {
@@ -1528,12 +1701,22 @@ mod tests {
 
     #[test]
     fn a_restart_finds_the_open_disputes_and_the_flags_in_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        restart_finds_disputes_and_flags(&mut Db::open(&dir.path().join("tributary.db")).unwrap());
+    }
+
+    #[test]
+    fn a_restart_finds_the_open_disputes_and_the_flags_in_postgres() {
+        let server = crate::store::test_postgres::TestPostgres::start().unwrap();
+        let url = server.create_database("disputes").unwrap();
+        restart_finds_disputes_and_flags(&mut Db::open_at(&Location::Postgres(url)).unwrap());
+    }
+
+    fn restart_finds_disputes_and_flags(db: &mut Db) {
         use tributary_shared::ledger::{
             CheckVerdict, RefereeCheck, RefereeOutcome, ReplicaCheck, RoundMetrics,
             RoundVerification,
         };
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(&dir.path().join("tributary.db")).unwrap();
         let id = ExperimentId("disputes".into());
         let secrets: Vec<RoundSecret> = (0..4u8).map(|n| RoundSecret([n; 32])).collect();
         let adapter = |n: u8| BlobHash([100 + n; 32]);
@@ -1655,7 +1838,7 @@ mod tests {
         drop(Db::open(&path).unwrap());
         {
             // What version 2 had: one evaluator per score, no answers table.
-            let conn = Connection::open(&path).unwrap();
+            let conn = rusqlite::Connection::open(&path).unwrap();
             conn.execute_batch(
                 "DROP TABLE eval_answers;
                  DROP TABLE replicas;
@@ -1672,7 +1855,7 @@ mod tests {
             conn.execute(
                 "INSERT INTO evaluations (experiment, adapter, after_round, trainer, loss, tokens, at_ms)
                  VALUES ('old', ?1, NULL, ?2, 4.5, 64, 1)",
-                params![&target.adapter.0[..], &[7u8; 32][..]],
+                rusqlite::params![&target.adapter.0[..], &[7u8; 32][..]],
             )
             .unwrap();
         }
@@ -1720,7 +1903,7 @@ mod tests {
             "the answer at the median"
         );
         drop(db);
-        let version: i64 = Connection::open(&path)
+        let version: i64 = rusqlite::Connection::open(&path)
             .unwrap()
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();

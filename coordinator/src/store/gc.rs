@@ -88,7 +88,7 @@ pub fn collect(
     grace: Duration,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
-    let db = Db::open_read_only(&data_dir.join("tributary.db"))?;
+    let db = Db::open_read_only_in(data_dir)?;
     // The referenced set is read before the directory is listed: a blob written after this
     // point is younger than the grace period when it is listed.
     let mut referenced = db.referenced_blobs()?;

@@ -1,5 +1,5 @@
-//! Durable state: SQLite metadata ([`db`]) and content-addressed blobs.
-//! Only this module touches SQLite or the blob layout.
+//! Durable state: metadata in SQLite or PostgreSQL ([`db`]) and content-addressed blobs.
+//! Only this module touches the database or the blob layout.
 //!
 //! Blobs live in two tiers, both named by their blake3 hash: small deltas (up to
 //! [`INLINE_BLOB_MAX`] bytes) are rows of the database, written in the same transaction as the
@@ -10,6 +10,9 @@
 pub mod blobs;
 pub mod db;
 pub mod gc;
+pub mod postgres;
+mod sql;
+pub mod test_postgres;
 
 use std::path::Path;
 
@@ -44,9 +47,8 @@ impl StoredBlobs {
     /// Opens a data directory's blobs for reading.
     pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
         let files = BlobStore::at(data_dir.join("blobs"));
-        let db_path = data_dir.join("tributary.db");
-        let db = Db::open_read_only(&db_path).map_err(|error| BlobError::Io {
-            path: db_path,
+        let db = Db::open_read_only_in(data_dir).map_err(|error| BlobError::Io {
+            path: data_dir.join(db::DATABASE_FILE),
             source: std::io::Error::other(error.to_string()),
         })?;
         Ok(Self { files, db })
@@ -68,7 +70,7 @@ impl BlobSource for StoredBlobs {
             .db
             .inline_blob(hash)
             .map_err(|error| BlobError::Io {
-                path: "tributary.db".into(),
+                path: "the database".into(),
                 source: std::io::Error::other(error.to_string()),
             })?
             .ok_or(BlobError::NotFound { hash: *hash })?;

@@ -1,0 +1,255 @@
+//! A throwaway PostgreSQL server for tests and the one-machine cluster: `initdb` on a fresh
+//! directory, then the server on a free loopback port, stopped and deleted on drop.
+//!
+//! It runs the machine's own PostgreSQL (Debian's `postgresql` package puts it under
+//! `/usr/lib/postgresql/<version>/bin`; `TRIBUTARY_PG_BIN` names another directory). PostgreSQL
+//! refuses to run as root, so under root it runs as the `postgres` user the package creates.
+//! The server dies with the process that started it, even when that process is killed.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server.
+#[derive(Debug)]
+pub struct TestPostgres {
+    dir: PathBuf,
+    port: u16,
+    server: Option<Child>,
+}
+
+/// The directory holding `initdb` and `postgres`.
+fn bin_dir() -> io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("TRIBUTARY_PG_BIN") {
+        return Ok(dir.into());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql); \
+             install Debian's `postgresql` package or set TRIBUTARY_PG_BIN",
+        )
+    })
+}
+
+/// The uid and gid of `postgres` when this process runs as root (PostgreSQL refuses root).
+fn run_as() -> io::Result<Option<(u32, u32)>> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self")?.uid() != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&"postgres") && fields.len() > 3)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+                .flatten()
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "running as root, and there is no `postgres` user to run PostgreSQL as",
+            )
+        })
+}
+
+/// `program args…`, as `postgres` when under root, killed when this process dies.
+fn command(program: &Path, user: Option<(u32, u32)>) -> Command {
+    let mut command = Command::new("setpriv");
+    if let Some((uid, gid)) = user {
+        command.args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+        ]);
+    }
+    command.arg("--pdeathsig=KILL").arg(program);
+    command
+}
+
+/// Deletes the directories of servers whose test process was killed before it could.
+fn remove_abandoned() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("tributary-pg-"))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl TestPostgres {
+    /// Creates and starts a server; returns once it accepts connections.
+    pub fn start() -> io::Result<Self> {
+        remove_abandoned();
+        let bin = bin_dir()?;
+        let user = run_as()?;
+        let dir = std::env::temp_dir().join(format!(
+            "tributary-pg-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        std::fs::create_dir_all(&dir)?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        let mut this = Self {
+            dir,
+            port: 0,
+            server: None,
+        };
+        let data = this.dir.join("data");
+        let output = command(&bin.join("initdb"), user)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "tributary",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        this.port = free_port()?;
+        let log = std::fs::File::create(this.dir.join("server.log"))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(this.dir.join("server.log"), Some(uid), Some(gid))?;
+        }
+        this.server = Some(
+            command(&bin.join("postgres"), user)
+                .arg("-D")
+                .arg(&data)
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-c", &format!("port={}", this.port)])
+                .args([
+                    "-c",
+                    &format!("unix_socket_directories={}", this.dir.display()),
+                ])
+                .args(["-c", "max_connections=200"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        );
+        this.wait_ready()?;
+        Ok(this)
+    }
+
+    fn wait_ready(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(server) = &mut self.server {
+                if let Some(status) = server.try_wait()? {
+                    return Err(io::Error::other(format!(
+                        "postgres exited ({status}): {}",
+                        self.log()
+                    )));
+                }
+            }
+            if super::postgres::PgConnection::connect(&self.url("postgres"), true).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "postgres did not start: {}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection string for `database` (which [`TestPostgres::create_database`] makes).
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://tributary@127.0.0.1:{}/{database}?connect_timeout=10",
+            self.port
+        )
+    }
+
+    /// Creates an empty database and returns its connection string.
+    pub fn create_database(&self, name: &str) -> Result<String, crate::store::db::DbError> {
+        self.run_sql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
+        Ok(self.url(name))
+    }
+
+    /// Runs statements (no parameters, results dropped) in `database` as the superuser.
+    pub fn run_sql(&self, database: &str, sql: &str) -> Result<(), crate::store::db::DbError> {
+        super::postgres::PgConnection::connect(&self.url(database), false)?.batch(sql)
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            // SIGINT: a fast shutdown, then the process is gone.
+            let _ = Command::new("kill")
+                .args(["-INT", &server.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
