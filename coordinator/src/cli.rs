@@ -143,6 +143,12 @@ struct ServeArgs {
     /// data directory remembers it, so `verify`, `status` and `publish` find it.
     #[arg(long, env = "TRIBUTARY_DATABASE", value_name = "URL")]
     database: Option<String>,
+    /// Keep the blobs in S3-compatible object storage instead of the data directory:
+    /// `s3://bucket/prefix`, with credentials, region and endpoint from the usual AWS
+    /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`,
+    /// `AWS_ALLOW_HTTP`). The data directory remembers it.
+    #[arg(long, env = "TRIBUTARY_BLOBS", value_name = "URL")]
+    blobs: Option<String>,
     /// QUIC listen address.
     #[arg(long, env = "TRIBUTARY_LISTEN", default_value = "0.0.0.0:7878")]
     listen: SocketAddr,
@@ -270,6 +276,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.blobs {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+        crate::store::blobs::bind_blobs(&args.data_dir, url)?;
+    }
     if let Some(url) = &args.database {
         if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
             anyhow::bail!("--database takes a postgres:// URL (SQLite is the default)");

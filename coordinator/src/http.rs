@@ -79,6 +79,8 @@ pub struct HttpContext {
     pub data_dir: std::path::PathBuf,
     /// Limits.
     pub limits: HttpLimits,
+    /// The blobs (a directory or object storage).
+    pub blobs: crate::store::blobs::BlobStore,
 }
 
 /// A PEFT folder and the ledger head it was built at.
@@ -361,6 +363,7 @@ async fn hub_blob(
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::to_owned);
     // Some(exists) when the blob may not be served to this request; absent blobs stay 404s.
+    let blobs = state.context.blobs.clone();
     let refused = read_data(&state, move |dir| {
         let db = crate::store::db::Db::open_read_only_in(dir)?;
         if db.blob_visibility(&hash)? == crate::store::db::Visibility::Public
@@ -368,10 +371,7 @@ async fn hub_blob(
         {
             return Ok(None);
         }
-        let exists = crate::store::blobs::BlobStore::at(dir.join("blobs"))
-            .path(&hash)
-            .exists()
-            || db.has_inline(&hash)?;
+        let exists = blobs.stored_len(&hash)?.is_some() || db.has_inline(&hash)?;
         Ok(Some(exists))
     })
     .await?;
@@ -388,15 +388,9 @@ async fn hub_blob(
             ));
         }
     }
-    let path = crate::store::blobs::BlobStore::at(state.context.data_dir.join("blobs")).path(&hash);
-    match tokio::fs::File::open(&path).await {
-        Ok(file) => {
-            let len = file
-                .metadata()
-                .await
-                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                .len();
-            let body = axum::body::Body::from_stream(verified_stream(file, hash, len));
+    match state.context.blobs.reader(&hash).await {
+        Ok((len, reader)) => {
+            let body = axum::body::Body::from_stream(verified_stream(reader, hash, len));
             Ok((
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -407,7 +401,7 @@ async fn hub_blob(
                 .into_response())
         }
         // Small deltas live in the database.
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+        Err(crate::store::blobs::BlobError::NotFound { .. }) => {
             let bytes = read_data(&state, move |dir| {
                 use crate::store::BlobSource as _;
                 Ok(crate::store::StoredBlobs::open(dir)?.get(&hash)?)
@@ -424,23 +418,21 @@ async fn hub_blob(
 /// error before it is complete: a client never receives it as whole. The stream also ends at a
 /// deadline that grows with the length, so a slow reader cannot hold the file open forever.
 fn verified_stream(
-    file: tokio::fs::File,
+    reader: crate::store::blobs::BlobReader,
     hash: tributary_shared::BlobHash,
     len: u64,
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
-    use tokio::io::AsyncReadExt as _;
-    const CHUNK: usize = 64 * 1024;
     let deadline = tokio::time::Instant::now()
         + Duration::from_secs(600).max(Duration::from_secs(len / (128 * 1024)));
     struct Reading {
-        file: tokio::fs::File,
+        reader: crate::store::blobs::BlobReader,
         hasher: blake3::Hasher,
         read: u64,
         held: Option<bytes::Bytes>,
         done: bool,
     }
     let state = Reading {
-        file,
+        reader,
         hasher: blake3::Hasher::new(),
         read: 0,
         held: None,
@@ -456,9 +448,8 @@ fn verified_stream(
                 let error = std::io::Error::new(std::io::ErrorKind::TimedOut, "download too slow");
                 return Some((Err(error), state));
             }
-            let mut buffer = vec![0u8; CHUNK];
-            match state.file.read(&mut buffer).await {
-                Ok(0) => {
+            match state.reader.next_chunk().await {
+                Ok(None) => {
                     state.done = true;
                     let actual = tributary_shared::BlobHash::from(state.hasher.finalize());
                     if actual != hash || state.read != len {
@@ -469,17 +460,16 @@ fn verified_stream(
                     let last = state.held.take()?;
                     return Some((Ok(last), state));
                 }
-                Ok(n) => {
-                    buffer.truncate(n);
-                    state.hasher.update(&buffer);
-                    state.read += n as u64;
-                    if let Some(previous) = state.held.replace(bytes::Bytes::from(buffer)) {
+                Ok(Some(chunk)) => {
+                    state.hasher.update(&chunk);
+                    state.read += chunk.len() as u64;
+                    if let Some(previous) = state.held.replace(chunk) {
                         return Some((Ok(previous), state));
                     }
                 }
                 Err(error) => {
                     state.done = true;
-                    return Some((Err(error), state));
+                    return Some((Err(std::io::Error::other(error.to_string())), state));
                 }
             }
         }

@@ -168,8 +168,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
     let lock = crate::durable::lock_data_dir(&options.data_dir)?;
-    let blobs =
-        BlobStore::open(options.data_dir.join("blobs")).context("cannot open the blob store")?;
+    let blobs = BlobStore::open_in(&options.data_dir).context("cannot open the blob store")?;
     let location = crate::store::db::location_of(&options.data_dir)?;
     let mut db = Db::open_at(&location)
         .with_context(|| format!("cannot open the database at {location}"))?;
@@ -296,7 +295,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let http_commands = commands.clone();
     let context = Arc::new(ConnectionContext {
         commands,
-        blobs,
+        blobs: blobs.clone(),
         metrics: metrics.clone(),
         limits: options.limits.connection.clone(),
         transport: options.limits.transport.clone(),
@@ -332,6 +331,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                     operator: operator.id(),
                     data_dir: options.data_dir.clone(),
                     limits: options.limits.http.clone(),
+                    blobs: blobs.clone(),
                 },
                 wait_for(shutdown_rx),
             )
@@ -436,7 +436,7 @@ fn serve_base_model(blobs: &BlobStore, path: &std::path::Path) -> anyhow::Result
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read the base model {}", path.display()))?;
     let hash = BlobHash::of(&bytes);
-    if !blobs.path(&hash).exists() {
+    if blobs.stored_len(&hash)?.is_none() {
         blobs
             .put_hashed(hash, &bytes)
             .context("cannot store the base model")?;

@@ -24,18 +24,15 @@ async fn spawn_coordinator(
     data_dir: &Path,
     experiment: &Path,
     listen: &str,
-    database: Option<&str>,
+    storage: &Storage,
 ) -> (Child, SocketAddr, String) {
-    let mut command = Command::new(BINARY);
-    command
+    let mut child = Command::new(BINARY)
         .args(["serve", "--data-dir"])
         .arg(data_dir)
         .args(["--listen", listen, "--experiment"])
-        .arg(experiment);
-    if let Some(url) = database {
-        command.args(["--database", url]);
-    }
-    let mut child = command
+        .arg(experiment)
+        .args(&storage.args)
+        .envs(storage.env.iter().cloned())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -61,20 +58,39 @@ async fn spawn_coordinator(
     (child, addr.unwrap(), fingerprint.unwrap())
 }
 
+/// Where the coordinator keeps its state: extra `serve` arguments and environment.
+#[derive(Default)]
+struct Storage {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_round_loses_no_acknowledged_delta() {
-    sigkill_mid_round(None).await;
+    sigkill_mid_round(Storage::default()).await;
 }
 
-/// The same crash with the metadata in PostgreSQL (a real server, started here).
+/// The same crash with the metadata in PostgreSQL and the blobs in S3-compatible storage
+/// (real servers, started here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_round_loses_no_acknowledged_delta_in_postgres() {
-    let server = tributary_coordinator::store::test_postgres::TestPostgres::start().unwrap();
-    let url = server.create_database("crash").unwrap();
-    sigkill_mid_round(Some(&url)).await;
+async fn sigkill_mid_round_loses_no_acknowledged_delta_in_postgres_and_s3() {
+    use tributary_coordinator::store::{test_garage::TestGarage, test_postgres::TestPostgres};
+    let postgres = TestPostgres::start().unwrap();
+    let objects = TestGarage::start().unwrap();
+    let url = postgres.create_database("crash").unwrap();
+    sigkill_mid_round(Storage {
+        args: vec![
+            "--database".into(),
+            url,
+            "--blobs".into(),
+            objects.url("crash"),
+        ],
+        env: objects.env(),
+    })
+    .await;
 }
 
-async fn sigkill_mid_round(database: Option<&str>) {
+async fn sigkill_mid_round(storage: Storage) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let experiment = dir.path().join("crash.toml");
@@ -82,7 +98,7 @@ async fn sigkill_mid_round(database: Option<&str>) {
     std::fs::write(&experiment, experiment_toml("crash", 3, 4096, 4, 4, 4, 4)).unwrap();
     let started = std::time::Instant::now();
     let (mut child, addr, fingerprint) =
-        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", database).await;
+        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
 
     // Trainer 0 holds its round-1 upload until the gate opens; the others upload at once.
     let gate = Gate::new(1);
@@ -125,8 +141,13 @@ async fn sigkill_mid_round(database: Option<&str>) {
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert!(!status.success());
+    // Restarted without the storage arguments: the data directory remembers them.
+    let restart = Storage {
+        env: storage.env.clone(),
+        ..Storage::default()
+    };
     let (mut child, _, fingerprint_again) =
-        spawn_coordinator(&data_dir, &experiment, &addr.to_string(), None).await;
+        spawn_coordinator(&data_dir, &experiment, &addr.to_string(), &restart).await;
     assert_eq!(
         fingerprint_again, fingerprint,
         "the certificate survives restarts"
@@ -151,6 +172,15 @@ async fn sigkill_mid_round(database: Option<&str>) {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
+    if storage.args.iter().any(|arg| arg == "--blobs") {
+        let files = tributary_coordinator::store::blobs::BlobStore::at(data_dir.join("blobs"))
+            .list()
+            .unwrap();
+        assert!(
+            files.is_empty(),
+            "blobs went to the data directory: {files:?}"
+        );
+    }
     // The data directory remembers where its metadata went.
     let db = tributary_coordinator::store::db::Db::open_read_only_in(&data_dir).unwrap();
     let ledger = db.ledger(&ExperimentId("crash".into())).unwrap();
@@ -164,6 +194,7 @@ async fn sigkill_mid_round(database: Option<&str>) {
     let output = std::process::Command::new(BINARY)
         .args(["verify", "--data-dir"])
         .arg(&data_dir)
+        .envs(storage.env.iter().cloned())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

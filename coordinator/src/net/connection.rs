@@ -7,7 +7,6 @@ use std::time::Duration;
 use quinn::{RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
@@ -706,8 +705,8 @@ async fn serve_download(
         let _ = send.reset(quinn::VarInt::from_u32(4));
         return;
     };
-    let file = match tokio::fs::File::open(context.blobs.path(&request.hash)).await {
-        Ok(file) => file,
+    let mut reader = match context.blobs.reader(&request.hash).await {
+        Ok((_, reader)) => reader,
         Err(error) => {
             tracing::error!(%error, hash = %request.hash, "a known adapter's blob is missing");
             let _ = write_message(&mut send, &DownloadResponse::NotFound, max_frame).await;
@@ -722,19 +721,23 @@ async fn serve_download(
     {
         return;
     }
-    let mut file = file.take(len);
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buffer).await {
-            Ok(0) => break,
-            Ok(n) => match tokio::time::timeout_at(deadline, send.write_all(&buffer[..n])).await {
-                Ok(Ok(())) => Metrics::add(&context.metrics.bytes_out, n as u64),
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let _ = send.reset(quinn::VarInt::from_u32(3));
-                    return;
+    let mut left = len;
+    while left > 0 {
+        match reader.next_chunk().await {
+            Ok(None) => break,
+            Ok(Some(mut chunk)) => {
+                chunk.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = chunk.len() as u64;
+                left -= n;
+                match tokio::time::timeout_at(deadline, send.write_all(&chunk)).await {
+                    Ok(Ok(())) => Metrics::add(&context.metrics.bytes_out, n),
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let _ = send.reset(quinn::VarInt::from_u32(3));
+                        return;
+                    }
                 }
-            },
+            }
             Err(error) => {
                 tracing::error!(%error, "cannot read a blob for download");
                 let _ = send.reset(quinn::VarInt::from_u32(2));

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tributary_shared::BlobHash;
 
+use crate::store::blobs::{BlobError, BlobFile, BlobStore};
 use crate::store::db::{Db, DbError};
 
 /// How old an unreferenced blob must be before it is removed, by default.
@@ -40,25 +41,9 @@ pub enum GcError {
     /// The database could not be read.
     #[error("cannot read the database: {0}")]
     Db(#[from] DbError),
-    /// The blob directory could not be listed or a file removed.
-    #[error("blob directory i/o at {path}: {source}")]
-    Io {
-        /// Where.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-}
-
-/// A blob file found on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobFile {
-    /// Its name.
-    pub hash: BlobHash,
-    /// Its length.
-    pub len: u64,
-    /// When it was last written.
-    pub modified: SystemTime,
+    /// The blobs could not be listed or one removed.
+    #[error("blob store: {0}")]
+    Blobs(#[from] BlobError),
 }
 
 /// The decision, pure: which `files` to remove given what is `referenced`.
@@ -93,72 +78,22 @@ pub fn collect(
     // point is younger than the grace period when it is listed.
     let mut referenced = db.referenced_blobs()?;
     referenced.extend(roots.iter().copied());
-    let files = list_blob_files(&data_dir.join("blobs"))?;
+    let store = BlobStore::at_data_dir(data_dir)?;
+    let files = store.list()?;
     let (remove, kept_young) = unreferenced(&files, &referenced, grace, SystemTime::now());
     let mut report = GcReport {
         scanned: files.len() as u64,
         kept_young,
         ..GcReport::default()
     };
-    let store = crate::store::blobs::BlobStore::at(data_dir.join("blobs"));
     for file in remove {
         if !dry_run {
-            let path = store.path(&file.hash);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(GcError::Io {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-            }
+            store.remove(&file.hash)?;
         }
         report.removed += 1;
         report.bytes_freed += file.len;
     }
     Ok(report)
-}
-
-/// Every file under `blobs/xx/` named by a blob hash (temporary files and strays are skipped).
-fn list_blob_files(root: &Path) -> Result<Vec<BlobFile>, GcError> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| GcError::Io { path, source }
-    };
-    let mut files = Vec::new();
-    let entries = match std::fs::read_dir(root) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(files),
-        Err(error) => return Err(io(root)(error)),
-    };
-    for entry in entries {
-        let dir = entry.map_err(io(root))?.path();
-        if !dir.is_dir() {
-            continue;
-        }
-        for file in std::fs::read_dir(&dir).map_err(io(&dir))? {
-            let file = file.map_err(io(&dir))?;
-            let Some(hash) = file
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<BlobHash>().ok())
-            else {
-                continue;
-            };
-            let metadata = file.metadata().map_err(io(&file.path()))?;
-            if !metadata.is_file() {
-                continue;
-            }
-            files.push(BlobFile {
-                hash,
-                len: metadata.len(),
-                modified: metadata.modified().map_err(io(&file.path()))?,
-            });
-        }
-    }
-    Ok(files)
 }
 
 #[cfg(test)]

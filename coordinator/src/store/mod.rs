@@ -10,8 +10,10 @@
 pub mod blobs;
 pub mod db;
 pub mod gc;
+pub mod objects;
 pub mod postgres;
 mod sql;
+pub mod test_garage;
 pub mod test_postgres;
 
 use std::path::Path;
@@ -46,7 +48,7 @@ pub struct StoredBlobs {
 impl StoredBlobs {
     /// Opens a data directory's blobs for reading.
     pub fn open(data_dir: &Path) -> Result<Self, BlobError> {
-        let files = BlobStore::at(data_dir.join("blobs"));
+        let files = BlobStore::at_data_dir(data_dir)?;
         let db = Db::open_read_only_in(data_dir).map_err(|error| BlobError::Io {
             path: data_dir.join(db::DATABASE_FILE),
             source: std::io::Error::other(error.to_string()),
