@@ -33,6 +33,13 @@ async fn spawn_coordinator(
         .arg(experiment)
         .args(&storage.args)
         .envs(storage.env.iter().cloned())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data_dir.with_extension("log"))
+                .unwrap(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -74,20 +81,8 @@ async fn sigkill_mid_round_loses_no_acknowledged_delta() {
 /// (real servers, started here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_round_loses_no_acknowledged_delta_in_postgres_and_s3() {
-    use tributary_coordinator::store::{test_garage::TestGarage, test_postgres::TestPostgres};
-    let postgres = TestPostgres::start().unwrap();
-    let objects = TestGarage::start().unwrap();
-    let url = postgres.create_database("crash").unwrap();
-    sigkill_mid_round(Storage {
-        args: vec![
-            "--database".into(),
-            url,
-            "--blobs".into(),
-            objects.url("crash"),
-        ],
-        env: objects.env(),
-    })
-    .await;
+    let (_postgres, _objects, storage) = external_storage("crash");
+    sigkill_mid_round(storage).await;
 }
 
 async fn sigkill_mid_round(storage: Storage) {
@@ -200,4 +195,156 @@ async fn sigkill_mid_round(storage: Storage) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "verify failed: {stdout}");
     assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
+}
+
+/// A store the coordinator depends on, taken away and brought back.
+enum Outage<'a> {
+    Database(&'a mut tributary_coordinator::store::test_postgres::TestPostgres),
+    Objects(&'a mut tributary_coordinator::store::test_garage::TestGarage),
+}
+
+impl Outage<'_> {
+    fn stop(&mut self) {
+        match self {
+            Self::Database(server) => server.stop(),
+            Self::Objects(server) => server.stop(),
+        }
+    }
+
+    fn start(&mut self) {
+        match self {
+            Self::Database(server) => server.start_again().unwrap(),
+            Self::Objects(server) => drop(server.start_again().unwrap()),
+        }
+    }
+}
+
+/// PostgreSQL and Garage, started here, and the `serve` arguments that use them.
+fn external_storage(
+    name: &str,
+) -> (
+    tributary_coordinator::store::test_postgres::TestPostgres,
+    tributary_coordinator::store::test_garage::TestGarage,
+    Storage,
+) {
+    use tributary_coordinator::store::{test_garage::TestGarage, test_postgres::TestPostgres};
+    let postgres = TestPostgres::start().unwrap();
+    let objects = TestGarage::start().unwrap();
+    let storage = Storage {
+        args: vec![
+            "--database".into(),
+            postgres.create_database(name).unwrap(),
+            "--blobs".into(),
+            objects.url(name),
+        ],
+        env: objects.env(),
+    };
+    (postgres, objects, storage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_away_for_ten_seconds_mid_round_loses_nothing() {
+    let (mut postgres, _objects, storage) = external_storage("db_away");
+    store_away_mid_round(storage, Outage::Database(&mut postgres)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_object_store_away_for_ten_seconds_at_round_close_loses_nothing() {
+    let (_postgres, mut objects, storage) = external_storage("objects_away");
+    store_away_mid_round(storage, Outage::Objects(&mut objects)).await;
+}
+
+/// Three deltas of round 1 acknowledged, then the store goes away for 10 s while the fourth is
+/// uploaded and the round closes (the database records the upload and the round; the object
+/// store takes the round's aggregate and adapter). Nothing acknowledged may be lost, and the run
+/// must finish and verify once the store is back.
+async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let experiment = dir.path().join("outage.toml");
+    std::fs::write(&experiment, experiment_toml("outage", 3, 4096, 4, 4, 4, 4)).unwrap();
+    let (mut child, addr, fingerprint) =
+        spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
+    let gate = Gate::new(1);
+    let (events, mut received) = mpsc::unbounded_channel();
+    let mut handles = Vec::new();
+    for seed in 0..4u64 {
+        let mut options = options(addr, 400 + seed, Fault::None, None);
+        options.reconnect_for = Duration::from_secs(90);
+        options.events = Some(events.clone());
+        if seed == 0 {
+            options.gate = Some(gate.clone());
+            options.hold_round = RoundId(1);
+        }
+        handles.push(spawn_trainer(&fingerprint, options));
+    }
+    let mut round_of_task = std::collections::BTreeMap::new();
+    let mut acknowledged: BTreeSet<BlobHash> = BTreeSet::new();
+    let mut acknowledged_in_round_1 = 0;
+    while acknowledged_in_round_1 < 3 {
+        let (_, message) = tokio::time::timeout(Duration::from_secs(60), received.recv())
+            .await
+            .expect("round 1 progresses")
+            .unwrap();
+        match message {
+            ServerMessage::Task(task) => {
+                round_of_task.insert(task.task, task.round);
+            }
+            ServerMessage::SubmissionAccepted { task, hash } => {
+                acknowledged.insert(hash);
+                if round_of_task.get(&task) == Some(&RoundId(1)) {
+                    acknowledged_in_round_1 += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    outage.stop();
+    gate.arrive();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    outage.start();
+    let back = std::time::Instant::now();
+    for handle in handles {
+        let report = tokio::time::timeout(Duration::from_secs(120), handle)
+            .await
+            .expect("trainers finish once the store is back")
+            .unwrap()
+            .expect("trainer ran to the end");
+        assert!(report.finished);
+    }
+    eprintln!("finished {:?} after the store came back", back.elapsed());
+    let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap();
+    let noticed = match outage {
+        Outage::Database(_) => "a database batch failed",
+        Outage::Objects(_) => "cannot close the round",
+    };
+    assert!(log.contains(noticed), "the outage went unnoticed:\n{log}");
+    // Acknowledgements that arrived after the outage count too.
+    while let Ok((_, message)) = received.try_recv() {
+        if let ServerMessage::SubmissionAccepted { hash, .. } = message {
+            acknowledged.insert(hash);
+        }
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let db = tributary_coordinator::store::db::Db::open_read_only_in(&data_dir).unwrap();
+    let ledger = db.ledger(&ExperimentId("outage".into())).unwrap();
+    assert_eq!(ledger.len(), 3, "all rounds closed");
+    let accepted: BTreeSet<BlobHash> = ledger
+        .iter()
+        .flat_map(|(_, entry)| entry.accepted.iter().map(|a| a.hash))
+        .collect();
+    assert!(ledger.iter().all(|(_, entry)| entry.accepted.len() == 4));
+    assert!(
+        acknowledged.is_subset(&accepted),
+        "an acknowledged delta is missing from the ledger"
+    );
+    let output = std::process::Command::new(BINARY)
+        .args(["verify", "--data-dir"])
+        .arg(&data_dir)
+        .envs(storage.env.iter().cloned())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "verify failed: {stdout}");
 }

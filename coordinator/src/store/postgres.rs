@@ -213,13 +213,14 @@ impl Session {
             || keyword.starts_with("COMMIT");
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
+            if keyword.starts_with("ROLLBACK") && ends_transaction {
+                // Whatever was open went with the connection: nothing to roll back.
+                self.in_transaction = false;
+                self.aborted = None;
+                return Ok(Answer::Done);
+            }
             if self.in_transaction {
                 // The server rolled the transaction back with the connection.
-                if keyword.starts_with("ROLLBACK") && ends_transaction {
-                    self.in_transaction = false;
-                    self.aborted = None;
-                    return Ok(Answer::Done);
-                }
                 return Err(DbError::Lost);
             }
             self.connect().await?;

@@ -97,21 +97,7 @@ impl TestGarage {
             secret: random_hex(32),
             server: None,
         };
-        let log = std::fs::File::create(this.dir.join("server.log"))?;
-        this.server = Some(
-            Command::new("setpriv")
-                .arg("--pdeathsig=KILL")
-                .arg(&this.binary)
-                .arg("-c")
-                .arg(this.dir.join("garage.toml"))
-                .arg("server")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?,
-        );
-        let node = this.wait_for_node()?;
+        let node = this.start_again()?;
         this.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
         this.cli(&["layout", "apply", "--version", "1"])?;
         let (key_id, secret) = (this.key_id.clone(), this.secret.clone());
@@ -129,6 +115,29 @@ impl TestGarage {
             "bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", &key_id,
         ])?;
         Ok(this)
+    }
+
+    /// Starts the server (again, after [`TestGarage::stop`]: same ports, same data); returns
+    /// the node's id once it answers.
+    pub fn start_again(&mut self) -> io::Result<String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
+        self.server = Some(
+            Command::new("setpriv")
+                .arg("--pdeathsig=KILL")
+                .arg(&self.binary)
+                .arg("-c")
+                .arg(self.dir.join("garage.toml"))
+                .arg("server")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        );
+        self.wait_for_node()
     }
 
     /// Runs `garage <args>` against this server; fails with its output when it fails.
@@ -161,7 +170,12 @@ impl TestGarage {
                     )));
                 }
             }
-            if let Ok(output) = self.cli(&["node", "id", "-q"]) {
+            // `node id` reads a local file; `status` needs the running server.
+            let answering = self.cli(&["status"]).is_ok();
+            if let Some(output) = answering
+                .then(|| self.cli(&["node", "id", "-q"]).ok())
+                .flatten()
+            {
                 let id = String::from_utf8_lossy(&output.stdout);
                 if let Some(id) = id.trim().split('@').next().filter(|id| !id.is_empty()) {
                     return Ok(id.to_owned());

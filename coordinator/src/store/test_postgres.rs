@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 pub struct TestPostgres {
     dir: PathBuf,
     port: u16,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
     server: Option<Child>,
 }
 
@@ -133,6 +135,8 @@ impl TestPostgres {
         let mut this = Self {
             dir,
             port: 0,
+            bin: bin.clone(),
+            user,
             server: None,
         };
         let data = this.dir.join("data");
@@ -155,19 +159,28 @@ impl TestPostgres {
             )));
         }
         this.port = free_port()?;
-        let log = std::fs::File::create(this.dir.join("server.log"))?;
-        if let Some((uid, gid)) = user {
-            std::os::unix::fs::chown(this.dir.join("server.log"), Some(uid), Some(gid))?;
+        this.start_again()?;
+        Ok(this)
+    }
+
+    /// Starts the server again after [`TestPostgres::stop`], on the same port and data.
+    pub fn start_again(&mut self) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(self.dir.join("server.log"), Some(uid), Some(gid))?;
         }
-        this.server = Some(
-            command(&bin.join("postgres"), user)
+        self.server = Some(
+            command(&self.bin.join("postgres"), self.user)
                 .arg("-D")
-                .arg(&data)
+                .arg(self.dir.join("data"))
                 .args(["-c", "listen_addresses=127.0.0.1"])
-                .args(["-c", &format!("port={}", this.port)])
+                .args(["-c", &format!("port={}", self.port)])
                 .args([
                     "-c",
-                    &format!("unix_socket_directories={}", this.dir.display()),
+                    &format!("unix_socket_directories={}", self.dir.display()),
                 ])
                 .args(["-c", "max_connections=200"])
                 .stdin(Stdio::null())
@@ -175,8 +188,25 @@ impl TestPostgres {
                 .stderr(log)
                 .spawn()?,
         );
-        this.wait_ready()?;
-        Ok(this)
+        self.wait_ready()
+    }
+
+    /// Stops the server (a fast shutdown: open sessions are cut, committed data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &server.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = server.kill();
+            let _ = server.wait();
+        }
     }
 
     fn wait_ready(&mut self) -> io::Result<()> {
@@ -235,21 +265,7 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            // SIGINT: a fast shutdown, then the process is gone.
-            let _ = Command::new("kill")
-                .args(["-INT", &server.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = server.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = server.kill();
-            let _ = server.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
