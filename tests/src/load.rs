@@ -15,6 +15,16 @@ use crate::client::client_endpoint_at;
 use crate::synthetic::{self, Fault, Report, SyntheticOptions};
 use crate::tls::ServerTrust;
 
+/// Where an in-process coordinator keeps its state: PostgreSQL and a bucket prefix, or (when
+/// `None`) its data directory.
+#[derive(Debug, Clone, Default)]
+pub struct Storage {
+    /// A `postgres://` URL.
+    pub database: Option<String>,
+    /// An `s3://bucket/prefix` URL (the `AWS_*` settings come from the environment).
+    pub blobs: Option<String>,
+}
+
 /// A coordinator started in this process on a temporary data directory.
 #[derive(Debug)]
 pub struct LocalCoordinator {
@@ -45,6 +55,26 @@ impl LocalCoordinator {
         params: u64,
         codec: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_stored(
+            connected,
+            per_round,
+            rounds,
+            params,
+            codec,
+            &Storage::default(),
+        )
+        .await
+    }
+
+    /// [`LocalCoordinator::start_selecting`] with its metadata and blobs where `storage` says.
+    pub async fn start_stored(
+        connected: u32,
+        per_round: u32,
+        rounds: u64,
+        params: u64,
+        codec: &str,
+        storage: &Storage,
+    ) -> anyhow::Result<Self> {
         let toml = experiment_toml(connected, per_round, rounds, params, codec)?;
         let config = load_experiment_str(&toml, "load", Default::default(), &[])?;
         let data_dir = std::env::temp_dir().join(format!(
@@ -53,6 +83,15 @@ impl LocalCoordinator {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&data_dir)?;
+        if let Some(url) = &storage.database {
+            tributary_coordinator::store::db::bind_data_dir(
+                &data_dir,
+                &tributary_coordinator::store::db::Location::Postgres(url.clone()),
+            )?;
+        }
+        if let Some(url) = &storage.blobs {
+            tributary_coordinator::store::blobs::bind_blobs(&data_dir, url)?;
+        }
         let running = service::start(ServeOptions {
             data_dir: data_dir.clone(),
             listen: "127.0.0.1:0".parse()?,

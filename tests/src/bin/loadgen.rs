@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 
 use anyhow::bail;
 use clap::Parser;
-use tributary_tests::load::{quantile, run_trainers_from, summarize, LocalCoordinator};
+use tributary_coordinator::store::{test_garage::TestGarage, test_postgres::TestPostgres};
+use tributary_tests::load::{quantile, run_trainers_from, summarize, LocalCoordinator, Storage};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +43,11 @@ struct Args {
     /// Delta codec (in-process coordinator): f32, f16, int8, int4.
     #[arg(long, default_value = "f32")]
     codec: String,
+    /// Where the in-process coordinator keeps its state: `embedded` (SQLite and a blob
+    /// directory), `postgres` (a throwaway PostgreSQL started here) or `postgres-s3` (and a
+    /// throwaway Garage for the blobs).
+    #[arg(long, default_value = "embedded")]
+    storage: String,
     /// Also write the figures, with every acknowledgement latency, as JSON to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -56,23 +62,45 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // The servers start before any thread, so the S3 settings can go into the environment.
+    let mut storage = Storage::default();
+    let (_postgres, _garage) = match args.storage.as_str() {
+        "embedded" => (None, None),
+        "postgres" | "postgres-s3" => {
+            let postgres = TestPostgres::start()?;
+            storage.database = Some(postgres.create_database("load")?);
+            let garage = if args.storage == "postgres-s3" {
+                let garage = TestGarage::start()?;
+                for (key, value) in garage.env() {
+                    std::env::set_var(key, value);
+                }
+                storage.blobs = Some(garage.url("load"));
+                Some(garage)
+            } else {
+                None
+            };
+            (Some(postgres), garage)
+        }
+        other => bail!("--storage is embedded, postgres or postgres-s3, not {other:?}"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, storage))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
     let local = match (args.coordinator, &args.fingerprint) {
         (Some(_), None) => bail!("--coordinator needs --fingerprint"),
         (Some(_), Some(_)) => None,
         (None, _) => Some(
-            LocalCoordinator::start_selecting(
+            LocalCoordinator::start_stored(
                 args.trainers,
                 args.per_round.unwrap_or(args.trainers),
                 args.rounds,
                 args.params,
                 &args.codec,
+                &storage,
             )
             .await?,
         ),
@@ -88,9 +116,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "{} synthetic trainers against {addr} ({})",
         args.trainers,
         if local.is_some() {
-            "in-process coordinator"
+            format!("in-process coordinator, {} storage", args.storage)
         } else {
-            "external coordinator"
+            "external coordinator".into()
         }
     );
     let report = run_trainers_from(addr, &fingerprint, args.first_index, args.trainers).await?;
@@ -146,6 +174,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("  rejected {reason}: {count}");
     }
     println!("total {:.2} s", report.total.as_secs_f64());
+    if let Some(local) = &local {
+        let bytes_in = local
+            .running
+            .metrics
+            .bytes_in
+            .load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "ingest {:.1} MB/s ({:.1} MB received)",
+            bytes_in as f64 / 1e6 / report.total.as_secs_f64(),
+            bytes_in as f64 / 1e6
+        );
+    }
     if let Some(path) = &args.json_out {
         let json = serde_json::json!({
             "trainers": args.trainers,
