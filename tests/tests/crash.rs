@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -65,6 +66,93 @@ async fn spawn_coordinator(
     (child, addr.unwrap(), fingerprint.unwrap())
 }
 
+/// Four synthetic trainers of one run. Trainer 0 holds its round-1 upload until `gate` opens;
+/// the others upload at once.
+struct Fleet {
+    gate: Arc<Gate>,
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<tributary_tests::synthetic::Report>>>,
+    received: mpsc::UnboundedReceiver<(tributary_shared::TrainerId, ServerMessage)>,
+    round_of_task: std::collections::BTreeMap<tributary_shared::TaskId, RoundId>,
+    /// Every acknowledged delta, and those of round 1.
+    acknowledged: BTreeSet<BlobHash>,
+    acknowledged_in_round_1: BTreeSet<BlobHash>,
+}
+
+impl Fleet {
+    fn start(
+        addr: SocketAddr,
+        fingerprint: &str,
+        first_seed: u64,
+        reconnect_for: Duration,
+    ) -> Self {
+        let gate = Gate::new(1);
+        let (events, received) = mpsc::unbounded_channel();
+        let mut handles = Vec::new();
+        for seed in 0..4u64 {
+            let mut options = options(addr, first_seed + seed, Fault::None, None);
+            options.reconnect_for = reconnect_for;
+            options.events = Some(events.clone());
+            if seed == 0 {
+                options.gate = Some(gate.clone());
+                options.hold_round = RoundId(1);
+            }
+            handles.push(spawn_trainer(fingerprint, options));
+        }
+        Self {
+            gate,
+            handles,
+            received,
+            round_of_task: Default::default(),
+            acknowledged: BTreeSet::new(),
+            acknowledged_in_round_1: BTreeSet::new(),
+        }
+    }
+
+    fn note(&mut self, message: ServerMessage) {
+        match message {
+            ServerMessage::Task(task) => {
+                self.round_of_task.insert(task.task, task.round);
+            }
+            ServerMessage::SubmissionAccepted { task, hash } => {
+                self.acknowledged.insert(hash);
+                if self.round_of_task.get(&task) == Some(&RoundId(1)) {
+                    self.acknowledged_in_round_1.insert(hash);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Waits for three acknowledgements in round 1 (tracked by task, from the trainers' events).
+    async fn three_acknowledged_in_round_1(&mut self) {
+        while self.acknowledged_in_round_1.len() < 3 {
+            let (_, message) = tokio::time::timeout(Duration::from_secs(60), self.received.recv())
+                .await
+                .expect("round 1 progresses")
+                .unwrap();
+            self.note(message);
+        }
+    }
+
+    /// Waits for every trainer to finish; returns their reports and notes the events since.
+    async fn finish(&mut self) -> Vec<tributary_tests::synthetic::Report> {
+        let mut reports = Vec::new();
+        for handle in self.handles.drain(..) {
+            let report = tokio::time::timeout(Duration::from_secs(120), handle)
+                .await
+                .expect("trainers finish in time")
+                .unwrap()
+                .expect("trainer ran to the end");
+            assert!(report.finished);
+            reports.push(report);
+        }
+        while let Ok((_, message)) = self.received.try_recv() {
+            self.note(message);
+        }
+        reports
+    }
+}
+
 /// Where the coordinator keeps its state: extra `serve` arguments and environment.
 #[derive(Default)]
 struct Storage {
@@ -95,41 +183,8 @@ async fn sigkill_mid_round(storage: Storage) {
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
 
-    // Trainer 0 holds its round-1 upload until the gate opens; the others upload at once.
-    let gate = Gate::new(1);
-    let (events, mut received) = mpsc::unbounded_channel();
-    let mut handles = Vec::new();
-    for seed in 0..4u64 {
-        let mut options = options(addr, 300 + seed, Fault::None, None);
-        options.reconnect_for = Duration::from_secs(60);
-        options.events = Some(events.clone());
-        if seed == 0 {
-            options.gate = Some(gate.clone());
-            options.hold_round = RoundId(1);
-        }
-        handles.push(spawn_trainer(&fingerprint, options));
-    }
-
-    // Await three acknowledgements in round 1 (tracked by task, from each trainer's events).
-    let mut round_of_task = std::collections::BTreeMap::new();
-    let mut acknowledged_in_round_1: BTreeSet<BlobHash> = BTreeSet::new();
-    while acknowledged_in_round_1.len() < 3 {
-        let (_, message) = tokio::time::timeout(Duration::from_secs(60), received.recv())
-            .await
-            .expect("round 1 progresses")
-            .unwrap();
-        match message {
-            ServerMessage::Task(task) => {
-                round_of_task.insert(task.task, task.round);
-            }
-            ServerMessage::SubmissionAccepted { task, hash }
-                if round_of_task.get(&task) == Some(&RoundId(1)) =>
-            {
-                acknowledged_in_round_1.insert(hash);
-            }
-            _ => {}
-        }
-    }
+    let mut fleet = Fleet::start(addr, &fingerprint, 300, Duration::from_secs(60));
+    fleet.three_acknowledged_in_round_1().await;
 
     eprintln!("three acks after {:?}", started.elapsed());
     // Kill it mid-round: three deltas acknowledged, one outstanding.
@@ -150,20 +205,14 @@ async fn sigkill_mid_round(storage: Storage) {
 
     eprintln!("restarted after {:?}", started.elapsed());
     // Let the held trainer go: it reconnects, gets its task again and completes the round.
-    gate.arrive();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(90), handle)
-            .await
-            .expect("trainers finish in time")
-            .unwrap()
-            .expect("trainer ran to the end");
-        eprintln!("trainer done after {:?}", started.elapsed());
-        assert!(report.finished);
+    fleet.gate.arrive();
+    for report in fleet.finish().await {
         assert!(
             report.connections >= 2,
             "every trainer reconnected after the crash"
         );
     }
+    eprintln!("trainers done after {:?}", started.elapsed());
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
@@ -183,7 +232,7 @@ async fn sigkill_mid_round(storage: Storage) {
     let round1: BTreeSet<BlobHash> = ledger[1].1.accepted.iter().map(|a| a.hash).collect();
     assert_eq!(round1.len(), 4);
     assert!(
-        acknowledged_in_round_1.is_subset(&round1),
+        fleet.acknowledged_in_round_1.is_subset(&round1),
         "an acknowledged delta is missing from round 1"
     );
     let output = std::process::Command::new(BINARY)
@@ -265,53 +314,14 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
     std::fs::write(&experiment, experiment_toml("outage", 3, 4096, 4, 4, 4, 4)).unwrap();
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
-    let gate = Gate::new(1);
-    let (events, mut received) = mpsc::unbounded_channel();
-    let mut handles = Vec::new();
-    for seed in 0..4u64 {
-        let mut options = options(addr, 400 + seed, Fault::None, None);
-        options.reconnect_for = Duration::from_secs(90);
-        options.events = Some(events.clone());
-        if seed == 0 {
-            options.gate = Some(gate.clone());
-            options.hold_round = RoundId(1);
-        }
-        handles.push(spawn_trainer(&fingerprint, options));
-    }
-    let mut round_of_task = std::collections::BTreeMap::new();
-    let mut acknowledged: BTreeSet<BlobHash> = BTreeSet::new();
-    let mut acknowledged_in_round_1 = 0;
-    while acknowledged_in_round_1 < 3 {
-        let (_, message) = tokio::time::timeout(Duration::from_secs(60), received.recv())
-            .await
-            .expect("round 1 progresses")
-            .unwrap();
-        match message {
-            ServerMessage::Task(task) => {
-                round_of_task.insert(task.task, task.round);
-            }
-            ServerMessage::SubmissionAccepted { task, hash } => {
-                acknowledged.insert(hash);
-                if round_of_task.get(&task) == Some(&RoundId(1)) {
-                    acknowledged_in_round_1 += 1;
-                }
-            }
-            _ => {}
-        }
-    }
+    let mut fleet = Fleet::start(addr, &fingerprint, 400, Duration::from_secs(90));
+    fleet.three_acknowledged_in_round_1().await;
     outage.stop();
-    gate.arrive();
+    fleet.gate.arrive();
     tokio::time::sleep(Duration::from_secs(10)).await;
     outage.start();
     let back = std::time::Instant::now();
-    for handle in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("trainers finish once the store is back")
-            .unwrap()
-            .expect("trainer ran to the end");
-        assert!(report.finished);
-    }
+    fleet.finish().await;
     eprintln!("finished {:?} after the store came back", back.elapsed());
     let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap();
     let noticed = match outage {
@@ -319,12 +329,6 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
         Outage::Objects(_) => "cannot close the round",
     };
     assert!(log.contains(noticed), "the outage went unnoticed:\n{log}");
-    // Acknowledgements that arrived after the outage count too.
-    while let Ok((_, message)) = received.try_recv() {
-        if let ServerMessage::SubmissionAccepted { hash, .. } = message {
-            acknowledged.insert(hash);
-        }
-    }
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     let db = tributary_coordinator::store::db::Db::open_read_only_in(&data_dir).unwrap();
@@ -336,7 +340,7 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
         .collect();
     assert!(ledger.iter().all(|(_, entry)| entry.accepted.len() == 4));
     assert!(
-        acknowledged.is_subset(&accepted),
+        fleet.acknowledged.is_subset(&accepted),
         "an acknowledged delta is missing from the ledger"
     );
     let output = std::process::Command::new(BINARY)
