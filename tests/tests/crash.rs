@@ -235,15 +235,21 @@ async fn sigkill_mid_round(storage: Storage) {
         fleet.acknowledged_in_round_1.is_subset(&round1),
         "an acknowledged delta is missing from round 1"
     );
+    let stdout = verify(&data_dir, &storage);
+    assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
+}
+
+/// Runs `verify` on the data directory; returns what it printed once it passed.
+fn verify(data_dir: &Path, storage: &Storage) -> String {
     let output = std::process::Command::new(BINARY)
         .args(["verify", "--data-dir"])
-        .arg(&data_dir)
+        .arg(data_dir)
         .envs(storage.env.iter().cloned())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "verify failed: {stdout}");
-    assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
+    stdout
 }
 
 /// A store the coordinator depends on, taken away and brought back.
@@ -343,12 +349,5 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
         fleet.acknowledged.is_subset(&accepted),
         "an acknowledged delta is missing from the ledger"
     );
-    let output = std::process::Command::new(BINARY)
-        .args(["verify", "--data-dir"])
-        .arg(&data_dir)
-        .envs(storage.env.iter().cloned())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "verify failed: {stdout}");
+    verify(&data_dir, &storage);
 }
