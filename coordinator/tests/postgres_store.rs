@@ -198,6 +198,34 @@ fn a_connection_lost_inside_a_batch_fails_the_batch_and_the_store_reconnects() {
 }
 
 #[test]
+fn text_from_strangers_is_stored_even_with_a_nul() {
+    let server = TestPostgres::start().unwrap();
+    let mut db = Db::open_at(&postgres(&server, "nul")).unwrap();
+    create(&mut db);
+    db.begin_batch().unwrap();
+    db.record_trainer(TrainerId([1; 32]), "evil\0agent", 1)
+        .unwrap();
+    db.record_rejection(
+        &experiment(),
+        RoundId(0),
+        &RejectedSubmission {
+            trainer: None,
+            hash: None,
+            reason: RejectReason::Malformed,
+            detail: "bad \0 frame".into(),
+        },
+        2,
+    )
+    .unwrap();
+    db.commit_batch().unwrap();
+    assert_eq!(db.status(&experiment()).unwrap().trainers, 1);
+    assert_eq!(
+        db.rejections(&experiment(), RoundId(0)).unwrap()[0].detail,
+        "bad \u{fffd} frame"
+    );
+}
+
+#[test]
 fn a_read_only_session_refuses_writes() {
     let server = TestPostgres::start().unwrap();
     let location = postgres(&server, "readonly");

@@ -12,6 +12,8 @@
 //!   aborted by rolling it back *without* an error. This session remembers the error and fails
 //!   the `COMMIT` instead. A connection lost inside a transaction fails every statement until
 //!   the store rolls back; it is never silently reopened mid-transaction.
+//! - **Any text a stranger sends is storable:** a NUL, which PostgreSQL's text refuses, is
+//!   stored as U+FFFD.
 //! - **Bounded waits:** a statement that gets no answer in [`STATEMENT_TIMEOUT`] fails and the
 //!   connection is dropped, so a stalled server cannot hang the coordinator.
 
@@ -347,6 +349,11 @@ impl ToSql for Value {
             Value::Int(value) if *ty == Type::FLOAT8 => (*value as f64).to_sql(ty, out),
             Value::Int(value) => value.to_sql(ty, out),
             Value::Real(value) => value.to_sql(ty, out),
+            // PostgreSQL text cannot hold NUL, which SQLite's can, and text such as a trainer's
+            // agent string comes from strangers: one NUL must not fail the hub's batch.
+            Value::Text(value) if value.contains('\0') => {
+                value.replace('\0', "\u{fffd}").to_sql(ty, out)
+            }
             Value::Text(value) => value.to_sql(ty, out),
             Value::Bytes(value) => value.to_sql(ty, out),
         }
