@@ -245,10 +245,7 @@ impl BlobStore {
     /// in object storage.
     pub fn path(&self, hash: &BlobHash) -> Option<PathBuf> {
         match &self.backend {
-            Backend::Dir(root) => {
-                let hex = hash.to_hex();
-                Some(root.join(&hex[..2]).join(hex))
-            }
+            Backend::Dir(root) => Some(dir_path(root, hash)),
             Backend::Objects(_) => None,
         }
     }

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::test_postgres::free_port;
+
 /// The bucket every test server has.
 pub const BUCKET: &str = "tributary";
 
@@ -47,12 +49,6 @@ fn binary() -> io::Result<PathBuf> {
             "Garage is not installed: `cargo install garage --locked` (or set TRIBUTARY_GARAGE)",
         )
         })
-}
-
-fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn random_hex(bytes: usize) -> String {

@@ -111,7 +111,8 @@ fn remove_abandoned() {
     }
 }
 
-fn free_port() -> io::Result<u16> {
+/// A loopback port free at the time of asking (the test servers' ports).
+pub(crate) fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
