@@ -192,6 +192,10 @@ struct ServeArgs {
     /// Write the bound address and fingerprint as JSON to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// With the metadata in PostgreSQL, nodes sharing it elect a leader through a lease: a
+    /// standby node takes over once the leader's lease has gone unrenewed this long.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    lease_seconds: f64,
 }
 
 /// Parses the command line and runs it; the binary's whole `main`.
@@ -202,6 +206,8 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs redirected to files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -315,7 +321,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         ..defaults
     };
+    if !(0.5..=600.0).contains(&args.lease_seconds) {
+        anyhow::bail!("--lease-seconds must be between 0.5 and 600");
+    }
     let options = ServeOptions {
+        lease: crate::lease::LeaseTiming::for_duration(std::time::Duration::from_secs_f64(
+            args.lease_seconds,
+        )),
         data_dir: args.data_dir,
         listen: args.listen,
         experiment,
@@ -329,11 +341,36 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(serve_once(
+        options,
+        &args.ready_file,
+        args.exit_when_finished,
+    ));
+    match served {
+        // A node that lost the lease exits, so nothing of its state outlives its leadership;
+        // its supervisor starts it again, and it comes back as a standby node.
+        Err(error) if error.is::<crate::lease::LostLeadership>() => {
+            tracing::error!("this node lost the leader lease; exiting (restart it to stand by)");
+            Ok(ExitCode::from(LOST_LEADERSHIP_EXIT))
+        }
+        other => other.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// `serve`'s exit status after losing the leader lease (`EX_TEMPFAIL`: start it again).
+pub const LOST_LEADERSHIP_EXIT: u8 = 75;
+
+/// Serves until stopped, finished, or (in a cluster) no longer the leader.
+async fn serve_once(
+    options: ServeOptions,
+    ready_file: &Option<PathBuf>,
+    exit_when_finished: bool,
+) -> anyhow::Result<()> {
+    {
         let running = service::start(options).await?;
         println!("listening on {}", running.addr);
         println!("certificate sha-256 fingerprint: {}", running.fingerprint);
-        if let Some(path) = &args.ready_file {
+        if let Some(path) = ready_file {
             let ready = serde_json::json!({
                 "addr": running.addr.to_string(),
                 "fingerprint": running.fingerprint,
@@ -345,7 +382,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             std::fs::rename(&temp, path)?;
         }
         let mut progress = running.progress.clone();
-        let exit_when_finished = args.exit_when_finished;
         let stop = async move {
             let finished = async {
                 if exit_when_finished {
@@ -372,8 +408,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         };
         running.wait(stop).await
-    })?;
-    Ok(ExitCode::SUCCESS)
+    }
 }
 
 fn run_verify(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {

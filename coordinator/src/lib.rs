@@ -4,6 +4,7 @@
 //! - [`net`]: the QUIC driver: the hub task that owns the engine, connection tasks, TLS.
 //! - [`store`]: SQLite metadata and the content-addressed blob directory.
 //! - [`derive`]: aggregation of a round from its stored inputs, shared by `serve` and `verify`.
+//! - [`lease`]: which node of a cluster leads (pure).
 //! - [`verify`], [`settings`], [`metrics`], [`http`], [`service`].
 //!
 //! The coordinator never links burn: adapters are named f32 tensors ([`tributary_shared::Delta`]).
@@ -17,6 +18,8 @@ pub mod durable;
 pub mod engine;
 pub mod evaluation;
 pub mod http;
+pub mod leadership;
+pub mod lease;
 pub mod metrics;
 pub mod net;
 pub mod operator;

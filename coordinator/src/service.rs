@@ -61,6 +61,9 @@ pub struct ServeOptions {
     pub base_model: Option<PathBuf>,
     /// Connection-level limits.
     pub limits: ServerLimits,
+    /// The leader lease's timing, when the metadata is in PostgreSQL (where several nodes may
+    /// share it; with SQLite the data directory's lock already keeps one writer).
+    pub lease: crate::lease::LeaseTiming,
 }
 
 /// Limits on what peers may use. Each limit that turns a peer away is counted in `/metrics`
@@ -128,6 +131,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     hub: JoinHandle<anyhow::Result<()>>,
     endpoint: quinn::Endpoint,
+    /// The leader lease, when several nodes share the database.
+    leadership: Option<crate::leadership::Leadership>,
     /// Held while serving: no second `serve` on the same data directory.
     _lock: crate::durable::DataDirLock,
 }
@@ -140,15 +145,36 @@ impl Running {
             .close(quinn::VarInt::from_u32(0), b"shutting down");
         let result = self.hub.await.context("the hub task panicked")?;
         self.endpoint.wait_idle().await;
+        // The hub has written its last batch: a standby node may take over at once.
+        if let Some(leadership) = self.leadership {
+            leadership.release().await;
+        }
         result
     }
 
-    /// Waits until the hub ends on its own (a storage failure) or `stop` resolves.
+    /// Waits until the hub ends on its own (a storage failure), this node loses the leader
+    /// lease ([`crate::lease::LostLeadership`]), or `stop` resolves.
     pub async fn wait(mut self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let lost = async {
+            match self.leadership.as_mut() {
+                Some(leadership) => {
+                    let _ = leadership.lost.wait_for(|lost| *lost).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             result = &mut self.hub => {
                 self.endpoint.close(quinn::VarInt::from_u32(0), b"coordinator stopped");
                 result.context("the hub task panicked")?
+            }
+            _ = lost => {
+                // Stop at once: another node may lead already, and this one's writes are
+                // fenced off anyway.
+                let _ = self.shutdown.send(true);
+                self.endpoint.close(quinn::VarInt::from_u32(0), b"no longer the leader");
+                let _ = (&mut self.hub).await;
+                Err(anyhow::Error::new(crate::lease::LostLeadership))
             }
             _ = stop => self.shutdown().await,
         }
@@ -170,8 +196,39 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let lock = crate::durable::lock_data_dir(&options.data_dir)?;
     let blobs = BlobStore::open_in(&options.data_dir).context("cannot open the blob store")?;
     let location = crate::store::db::location_of(&options.data_dir)?;
+    let identity = match &options.tls {
+        TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
+        TlsSource::Files { cert, key } => tls::load_pem(cert, key)?,
+    };
+    let server_config = tls::server_config(&identity, &options.limits.transport)?;
+    let endpoint = bind_endpoint(&options.data_dir, server_config, options.listen)?;
+    let addr = endpoint.local_addr()?;
+    // Several nodes may share a PostgreSQL database: only the lease holder runs the
+    // experiment. Until this node holds it, trainers are refused (they try the next node).
+    let leadership = match &location {
+        crate::store::db::Location::Postgres(_) => {
+            let node = crate::leadership::node_id(&options.data_dir)?;
+            tracing::info!(node, %addr, "waiting for the leader lease");
+            let (lease_db, holder) = crate::leadership::acquire(
+                &location,
+                &node,
+                &addr.to_string(),
+                options.lease,
+                &endpoint,
+            )
+            .await?;
+            Some(crate::leadership::Leadership::keep(lease_db, node, holder))
+        }
+        crate::store::db::Location::Sqlite(_) => None,
+    };
     let mut db = Db::open_at(&location)
         .with_context(|| format!("cannot open the database at {location}"))?;
+    // Every batch this node commits checks that it still holds the lease.
+    db.set_fence(
+        leadership
+            .as_ref()
+            .map(|leadership| leadership.fence.clone()),
+    );
     let served_model = match options.base_model.clone() {
         Some(path) => {
             let blobs = blobs.clone();
@@ -232,10 +289,6 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         engine_config.base_model_hash = Some(hash);
         tracing::info!(model = %path.display(), %hash, bytes, "serving the base model");
     }
-    let identity = match &options.tls {
-        TlsSource::SelfSigned { names } => tls::load_or_create(&options.data_dir, names)?,
-        TlsSource::Files { cert, key } => tls::load_pem(cert, key)?,
-    };
     let mut certificate = [0u8; 32];
     hex::decode_to_slice(&identity.fingerprint, &mut certificate)
         .context("the certificate fingerprint is 32 bytes of hex")?;
@@ -250,9 +303,6 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         coordinator: tributary_shared::CertificateHash(certificate),
         config_hash: BlobHash::of(stored.config_json.as_bytes()),
     });
-    let server_config = tls::server_config(&identity, &options.limits.transport)?;
-    let endpoint = bind_endpoint(&options.data_dir, server_config, options.listen)?;
-    let addr = endpoint.local_addr()?;
 
     let metrics = Arc::new(Metrics::default());
     metrics
@@ -350,6 +400,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         shutdown,
         hub,
         endpoint,
+        leadership,
         _lock: lock,
     })
 }

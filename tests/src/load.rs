@@ -104,6 +104,7 @@ impl LocalCoordinator {
             base_model: None,
             // The coordinator's defaults: trainers come from many loopback addresses, as
             // they would from many machines.
+            lease: Default::default(),
             limits: ServerLimits::default(),
         })
         .await?;
@@ -182,13 +183,14 @@ pub async fn run_trainers(
     fingerprint: &str,
     trainers: u32,
 ) -> anyhow::Result<LoadReport> {
-    run_trainers_from(addr, fingerprint, 0, trainers).await
+    run_trainers_from(&[addr], fingerprint, 0, trainers).await
 }
 
 /// [`run_trainers`] with trainers `first..first + trainers` (several load generator processes
-/// share one coordinator by taking disjoint ranges: identities and addresses follow the index).
+/// share one coordinator by taking disjoint ranges: identities and addresses follow the index),
+/// each knowing every node of `coordinators`.
 pub async fn run_trainers_from(
-    addr: SocketAddr,
+    coordinators: &[SocketAddr],
     fingerprint: &str,
     first: u32,
     trainers: u32,
@@ -206,7 +208,7 @@ pub async fn run_trainers_from(
         secret[..4].copy_from_slice(&index.to_le_bytes());
         secret[31] = 0x7b;
         let options = SyntheticOptions {
-            addr,
+            coordinators: coordinators.to_vec(),
             identity: Identity::from_secret(secret),
             fault: Fault::None,
             enrollment_token: None,

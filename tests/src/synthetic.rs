@@ -142,8 +142,8 @@ impl Gate {
 /// How to run one synthetic trainer.
 #[derive(Debug, Clone)]
 pub struct SyntheticOptions {
-    /// Coordinator address.
-    pub addr: SocketAddr,
+    /// Every coordinator node's address, tried in turn.
+    pub coordinators: Vec<SocketAddr>,
     /// Its identity.
     pub identity: Identity,
     /// Its misbehaviour.
@@ -248,12 +248,15 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
     if trainer.options.fault == Fault::None {
         trainer.fault_pending = false;
     }
+    let mut nodes =
+        tributary_trainer::net::failover::Coordinators::new(trainer.options.coordinators.clone())
+            .ok_or_else(|| anyhow::anyhow!("no coordinator address"))?;
     let mut last_connected = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
         let session = Session::connect(
             &endpoint,
-            trainer.options.addr,
+            nodes.current(),
             &trainer.options.identity,
             trainer.options.enrollment_token.clone(),
         )
@@ -264,11 +267,14 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
                 if last_connected.elapsed() > trainer.options.reconnect_for {
                     return Err(anyhow::Error::new(error).context("gave up reconnecting"));
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                if nodes.failed() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
                 continue;
             }
         };
+        nodes.connected();
         trainer.report.connections += 1;
         trainer
             .report
@@ -290,6 +296,7 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
             Ok(false) => {}
             Err(error) => tracing::debug!(%error, "session ended"),
         }
+        nodes.failed();
     }
 }
 

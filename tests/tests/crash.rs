@@ -1,5 +1,6 @@
 //! A coordinator process killed with SIGKILL mid-round restarts into a consistent state and the
-//! round completes with every acknowledged delta.
+//! round completes with every acknowledged delta; in a three-node cluster on PostgreSQL and S3,
+//! another node takes over from a killed leader; a store away for 10 s loses nothing.
 
 mod common;
 
@@ -80,7 +81,7 @@ struct Fleet {
 
 impl Fleet {
     fn start(
-        addr: SocketAddr,
+        coordinators: &[SocketAddr],
         fingerprint: &str,
         first_seed: u64,
         reconnect_for: Duration,
@@ -89,7 +90,8 @@ impl Fleet {
         let (events, received) = mpsc::unbounded_channel();
         let mut handles = Vec::new();
         for seed in 0..4u64 {
-            let mut options = options(addr, first_seed + seed, Fault::None, None);
+            let mut options = options(coordinators[0], first_seed + seed, Fault::None, None);
+            options.coordinators = coordinators.to_vec();
             options.reconnect_for = reconnect_for;
             options.events = Some(events.clone());
             if seed == 0 {
@@ -183,7 +185,7 @@ async fn sigkill_mid_round(storage: Storage) {
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
 
-    let mut fleet = Fleet::start(addr, &fingerprint, 300, Duration::from_secs(60));
+    let mut fleet = Fleet::start(&[addr], &fingerprint, 300, Duration::from_secs(60));
     fleet.three_acknowledged_in_round_1().await;
 
     eprintln!("three acks after {:?}", started.elapsed());
@@ -320,7 +322,7 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
     std::fs::write(&experiment, experiment_toml("outage", 3, 4096, 4, 4, 4, 4)).unwrap();
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
-    let mut fleet = Fleet::start(addr, &fingerprint, 400, Duration::from_secs(90));
+    let mut fleet = Fleet::start(&[addr], &fingerprint, 400, Duration::from_secs(90));
     fleet.three_acknowledged_in_round_1().await;
     outage.stop();
     fleet.gate.arrive();
@@ -350,4 +352,268 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
         "an acknowledged delta is missing from the ledger"
     );
     verify(&data_dir, &storage);
+}
+
+/// A coordinator node of a cluster, run as a process; its output lines (stdout and the log)
+/// arrive on `lines` and are also appended to `DATA_DIR.log`.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+    data_dir: std::path::PathBuf,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Node {
+    async fn spawn(
+        dir: &Path,
+        name: &str,
+        experiment: &Path,
+        storage: &Storage,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let data_dir = dir.join(name);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child = Command::new(BINARY)
+            .args(["serve", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--listen", &addr.to_string(), "--lease-seconds", "2"])
+            .arg("--experiment")
+            .arg(experiment)
+            .args(&storage.args)
+            .envs(storage.env.iter().cloned())
+            .envs(
+                env.iter()
+                    .map(|(key, value)| (key.to_string(), value.to_string())),
+            )
+            .env("RUST_LOG", "info,quinn=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("coordinator binary starts");
+        let (sender, lines) = mpsc::unbounded_channel();
+        let log = data_dir.with_extension("log");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for reader in [
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+            Box::new(stderr),
+        ] {
+            let (sender, log) = (sender.clone(), log.clone());
+            tokio::spawn(async move {
+                use std::io::Write as _;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap();
+                let mut reader = BufReader::new(reader).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    let _ = writeln!(file, "{line}");
+                    let _ = sender.send(line);
+                }
+            });
+        }
+        Self {
+            child,
+            addr,
+            data_dir,
+            lines,
+        }
+    }
+
+    /// Waits for a line containing every one of `parts`; returns it.
+    async fn wait_for(&mut self, parts: &[&str], within: Duration) -> String {
+        tokio::time::timeout(within, async {
+            loop {
+                let line = self
+                    .lines
+                    .recv()
+                    .await
+                    .expect("the node's output stays open");
+                if parts.iter().all(|part| line.contains(part)) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no line with {parts:?} within {within:?}"))
+    }
+
+    async fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+        let status = self.child.wait().await.unwrap();
+        assert!(!status.success());
+    }
+}
+
+/// Gives `to` the cluster's identity from `from`: the TLS certificate (trainers pin it and
+/// sign for it), the ledger key (it signs every entry) and the operator key.
+fn copy_identity(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("tls")).unwrap();
+    for file in ["tls/cert.pem", "tls/key.pem", "ledger.key", "operator.key"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+/// Where a cluster's failover is triggered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KillLeader {
+    /// Three deltas of round 1 acknowledged, one outstanding.
+    MidRound,
+    /// Every delta of round 1 in, the round's aggregation under way.
+    MidAggregation,
+    /// Not killed: frozen (SIGSTOP) mid-round for three lease durations, then let go. It
+    /// must find itself deposed and step down, and none of its writes after the takeover
+    /// may land (the fencing token).
+    Frozen,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_mid_round_is_replaced_and_loses_nothing() {
+    leader_killed(KillLeader::MidRound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_aggregation_is_replaced_and_loses_nothing() {
+    leader_killed(KillLeader::MidAggregation).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_replaced_and_steps_down_when_it_wakes() {
+    leader_killed(KillLeader::Frozen).await;
+}
+
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("the node runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Three nodes on one PostgreSQL database and one bucket; four trainers that know all three
+/// addresses. The leader is killed with SIGKILL; another node must take over within seconds,
+/// and the run must finish with every acknowledged delta in the ledger and verify.
+async fn leader_killed(when: KillLeader) {
+    let name = match when {
+        KillLeader::MidRound => "failover_round",
+        KillLeader::MidAggregation => "failover_aggregation",
+        KillLeader::Frozen => "failover_frozen",
+    };
+    let (_postgres, _objects, storage) = external_storage(name);
+    let dir = tempfile::tempdir().unwrap();
+    let experiment = dir.path().join("failover.toml");
+    std::fs::write(&experiment, experiment_toml(name, 3, 4096, 4, 4, 4, 4)).unwrap();
+    // The first leader holds each aggregation for a while, so the kill lands inside one.
+    let hold: &[(&str, &str)] = match when {
+        KillLeader::MidRound | KillLeader::Frozen => &[],
+        KillLeader::MidAggregation => &[("TRIBUTARY_FAULT_DERIVE_DELAY_MS", "3000")],
+    };
+    let mut a = Node::spawn(dir.path(), "a", &experiment, &storage, hold).await;
+    let fingerprint = a
+        .wait_for(
+            &["certificate sha-256 fingerprint: "],
+            Duration::from_secs(60),
+        )
+        .await
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    for standby in ["b", "c"] {
+        copy_identity(&a.data_dir, &dir.path().join(standby));
+    }
+    let mut b = Node::spawn(dir.path(), "b", &experiment, &storage, &[]).await;
+    let mut c = Node::spawn(dir.path(), "c", &experiment, &storage, &[]).await;
+    for node in [&mut b, &mut c] {
+        node.wait_for(&["standby: another node leads"], Duration::from_secs(30))
+            .await;
+    }
+
+    let nodes = [a.addr, b.addr, c.addr];
+    let mut fleet = Fleet::start(&nodes, &fingerprint, 500, Duration::from_secs(60));
+    fleet.three_acknowledged_in_round_1().await;
+    if when == KillLeader::MidAggregation {
+        fleet.gate.arrive();
+        a.wait_for(&["closing round", "round=1"], Duration::from_secs(60))
+            .await;
+    }
+    if when == KillLeader::Frozen {
+        signal(&a.child, "-STOP");
+    } else {
+        a.kill().await;
+    }
+    let killed = std::time::Instant::now();
+    let leader_is_b = tokio::select! {
+        _ = b.wait_for(&["listening on"], Duration::from_secs(30)) => true,
+        _ = c.wait_for(&["listening on"], Duration::from_secs(30)) => false,
+    };
+    let takeover = killed.elapsed();
+    eprintln!(
+        "{when:?}: node {} took over {takeover:?} after the leader was killed (lease 2 s)",
+        if leader_is_b { "b" } else { "c" }
+    );
+    assert!(
+        takeover < Duration::from_secs(15),
+        "took over after {takeover:?}"
+    );
+    if when == KillLeader::Frozen {
+        tokio::time::sleep(Duration::from_secs(6).saturating_sub(killed.elapsed())).await;
+        signal(&a.child, "-CONT");
+        a.wait_for(&["lost the leader lease; exiting"], Duration::from_secs(20))
+            .await;
+        let status = tokio::time::timeout(Duration::from_secs(20), a.child.wait())
+            .await
+            .expect("a deposed leader exits")
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(75),
+            "EX_TEMPFAIL: restart it to stand by"
+        );
+    }
+    if when != KillLeader::MidAggregation {
+        fleet.gate.arrive();
+    }
+    for report in fleet.finish().await {
+        assert!(
+            report.connections >= 2,
+            "every trainer moved to the new leader"
+        );
+    }
+    let (leader, standby) = if leader_is_b {
+        (&mut b, &mut c)
+    } else {
+        (&mut c, &mut b)
+    };
+    // The other standby node never led.
+    while let Ok(line) = standby.lines.try_recv() {
+        assert!(!line.contains("listening on"), "two leaders: {line}");
+    }
+    let data_dir = leader.data_dir.clone();
+    leader.kill().await;
+    standby.kill().await;
+
+    let db = tributary_coordinator::store::db::Db::open_read_only_in(&data_dir).unwrap();
+    let ledger = db.ledger(&ExperimentId(name.into())).unwrap();
+    assert_eq!(ledger.len(), 3, "all rounds closed");
+    assert!(ledger.iter().all(|(_, entry)| entry.accepted.len() == 4));
+    let accepted: BTreeSet<BlobHash> = ledger
+        .iter()
+        .flat_map(|(_, entry)| entry.accepted.iter().map(|a| a.hash))
+        .collect();
+    assert!(
+        fleet.acknowledged.is_subset(&accepted),
+        "an acknowledged delta is missing from the ledger"
+    );
+    assert_eq!(fleet.acknowledged_in_round_1.len(), 4);
+    let stdout = verify(&data_dir, &storage);
+    assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
 }

@@ -149,6 +149,7 @@ async fn a_public_http_address_needs_an_explicit_flag() {
             names: vec!["localhost".into()],
         },
         base_model: None,
+        lease: Default::default(),
         limits: ServerLimits::default(),
     })
     .await

@@ -80,6 +80,7 @@ async fn a_served_model_must_match_the_pinned_hash() {
             names: vec!["localhost".into()],
         },
         base_model: Some(served),
+        lease: Default::default(),
         limits: ServerLimits::default(),
     })
     .await

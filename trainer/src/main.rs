@@ -186,7 +186,8 @@ struct EvalArgs {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    /// The coordinator's QUIC address, e.g. `203.0.113.5:7433`.
+    /// The coordinator's QUIC address, e.g. `203.0.113.5:7433`; for a cluster, every node's,
+    /// comma-separated (`a:7433,b:7433,c:7433`): the trainer moves to the next when one fails.
     addr: String,
     /// SHA-256 fingerprint of the coordinator's certificate (the operator publishes it).
     #[arg(long, conflicts_with = "ca")]
@@ -698,10 +699,8 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         (None, Some(ca)) => ServerTrust::CaFile(ca.clone()),
         _ => bail!("pass --fingerprint HEX or --ca FILE to say which coordinator to trust"),
     };
-    let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&args.addr)
-        .with_context(|| format!("cannot resolve {}", args.addr))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", args.addr))?;
+    let coordinators =
+        tributary_trainer::net::failover::parse(&args.addr).map_err(anyhow::Error::msg)?;
     let identity = load_identity(args.identity.clone())?;
     eprintln!("trainer {}", identity.id());
     // A missing file is not an error here: a coordinator that serves the base model hands it
@@ -721,7 +720,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     let (device, name) = device::select(args.model.backend)?;
     eprintln!("device: {name}");
     let options = JoinOptions {
-        addr,
+        coordinators,
         identity,
         enrollment_token: args.token.clone(),
         model,

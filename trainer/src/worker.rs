@@ -32,8 +32,9 @@ use crate::train::{self, TrainSettings};
 /// How one trainer joins.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// Coordinator address.
-    pub addr: SocketAddr,
+    /// Every coordinator node's address (a cluster's; one for a single coordinator), tried in
+    /// turn.
+    pub coordinators: Vec<SocketAddr>,
     /// The trainer's key.
     pub identity: Identity,
     /// Enrollment token, when the coordinator asks for one.
@@ -154,12 +155,14 @@ pub async fn run(
         finish_by: None,
         report: JoinReport::default(),
     };
+    let mut nodes = crate::net::failover::Coordinators::new(worker.options.coordinators.clone())
+        .ok_or_else(|| WorkerError::GaveUp("no coordinator address".into()))?;
     let mut last_connected = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = Session::connect(
             &endpoint,
-            worker.options.addr,
+            nodes.current(),
             &worker.options.identity,
             worker.options.enrollment_token.clone(),
         )
@@ -173,12 +176,15 @@ pub async fn run(
                 if last_connected.elapsed() > worker.options.reconnect_for {
                     return Err(WorkerError::GaveUp(error.to_string()));
                 }
-                tracing::debug!(%error, ?backoff, "connect failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::debug!(%error, node = %nodes.current(), ?backoff, "connect failed");
+                if nodes.failed() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
                 continue;
             }
         };
+        nodes.connected();
         worker.report.connections += 1;
         worker.coordinator = session.coordinator;
         backoff = Duration::from_millis(100);
@@ -195,6 +201,8 @@ pub async fn run(
             Err(WorkerError::Net(error)) => tracing::warn!(%error, "connection lost; reconnecting"),
             Err(error) => return Err(error),
         }
+        // The node may be gone (a cluster's leader that died): the next one is tried first.
+        nodes.failed();
     }
 }
 

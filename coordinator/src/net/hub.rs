@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -254,6 +254,31 @@ pub struct Hub {
     /// After a failed batch: when to reload the state from the database and take commands
     /// again.
     storage_retry_at: Option<Instant>,
+    /// Another node took the leader lease: this hub's writes are fenced off, and it stops.
+    deposed: bool,
+}
+
+/// Whether `error` says that this node no longer holds the leader lease.
+pub fn is_fenced(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::store::db::DbError>(),
+            Some(crate::store::db::DbError::Fenced { .. })
+        )
+    })
+}
+
+/// Fault injection for the failover tests: `TRIBUTARY_FAULT_DERIVE_DELAY_MS` holds every
+/// aggregation that long before it starts, so a test can kill a node mid-aggregation. Unset
+/// in any real deployment.
+fn fault_injection_delay() {
+    let delay = std::env::var("TRIBUTARY_FAULT_DERIVE_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        tracing::warn!(ms, "fault injection: aggregation held");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 /// Sleeps until `at`, or forever without one.
@@ -319,6 +344,7 @@ impl Hub {
             generation: 0,
             storage_failures: 0,
             storage_retry_at: None,
+            deposed: false,
             admission: Admission::new(
                 tributary_shared::config::AdmissionMode::Open,
                 vec![],
@@ -364,6 +390,9 @@ impl Hub {
             self.storage_failed(now, &error);
         }
         loop {
+            if self.deposed {
+                return Err(anyhow::Error::new(crate::lease::LostLeadership));
+            }
             // After a failed batch, nothing is taken in until the state is reloaded.
             let storage_retry_at = self.storage_retry_at;
             let healthy = storage_retry_at.is_none();
@@ -426,6 +455,16 @@ impl Hub {
     /// could rely on). After a pause that doubles with each consecutive failure, the hub
     /// reloads its state from the database, as a restart would, keeping its connections.
     fn storage_failed(&mut self, now: Instant, error: &anyhow::Error) {
+        if is_fenced(error) {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "another node leads now; this node's batch was rolled back and it stops"
+            );
+            let _ = self.db.rollback_batch();
+            self.inline_bodies.clear();
+            self.deposed = true;
+            return;
+        }
         let wait = MIN_STORAGE_RETRY
             .saturating_mul(1 << self.storage_failures.min(10))
             .min(MAX_STORAGE_RETRY);
@@ -680,7 +719,11 @@ impl Hub {
             Command::Derived { round, result, .. } => match result {
                 Ok(derived) => {
                     if let Err(error) = self.commit(now, *derived) {
-                        self.retry_derive(now, round, format!("{error:#}"));
+                        if is_fenced(&error) {
+                            self.storage_failed(now, &error);
+                        } else {
+                            self.retry_derive(now, round, format!("{error:#}"));
+                        }
                     }
                 }
                 Err(DeriveFailure::Unreadable(unreadable)) => {
@@ -981,6 +1024,7 @@ impl Hub {
         let signer = self.signer.clone();
         let generation = self.generation;
         tokio::task::spawn_blocking(move || {
+            fault_injection_delay();
             // A panic while aggregating must come back as an error, not leave the round
             // closing forever.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

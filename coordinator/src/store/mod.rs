@@ -10,6 +10,7 @@
 pub mod blobs;
 pub mod db;
 pub mod gc;
+pub mod leases;
 pub mod objects;
 pub mod postgres;
 mod sql;

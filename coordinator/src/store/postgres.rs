@@ -195,10 +195,11 @@ impl Session {
                 tracing::warn!(%error, "the PostgreSQL connection closed");
             }
         });
+        // Notices ("relation already exists, skipping") are not worth a log line each start.
         let settings = if self.read_only {
-            "SET default_transaction_read_only = on"
+            "SET default_transaction_read_only = on; SET client_min_messages = warning"
         } else {
-            "SET synchronous_commit = on"
+            "SET synchronous_commit = on; SET client_min_messages = warning"
         };
         client.batch_execute(settings).await?;
         self.client = Some(client);

@@ -18,9 +18,10 @@ use tributary_tests::load::{quantile, run_trainers_from, summarize, LocalCoordin
     about = "Load-test a Tributary coordinator with synthetic trainers"
 )]
 struct Args {
-    /// A running coordinator (needs --fingerprint). Without it, one is started in-process.
-    #[arg(long)]
-    coordinator: Option<SocketAddr>,
+    /// A running coordinator (needs --fingerprint), or every node of a cluster, comma-separated.
+    /// Without it, one is started in-process.
+    #[arg(long, value_delimiter = ',')]
+    coordinator: Vec<SocketAddr>,
     /// The coordinator's certificate fingerprint.
     #[arg(long)]
     fingerprint: Option<String>,
@@ -90,10 +91,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
-    let local = match (args.coordinator, &args.fingerprint) {
-        (Some(_), None) => bail!("--coordinator needs --fingerprint"),
-        (Some(_), Some(_)) => None,
-        (None, _) => Some(
+    let local = match (args.coordinator.is_empty(), &args.fingerprint) {
+        (false, None) => bail!("--coordinator needs --fingerprint"),
+        (false, Some(_)) => None,
+        (true, _) => Some(
             LocalCoordinator::start_stored(
                 args.trainers,
                 args.per_round.unwrap_or(args.trainers),
@@ -105,13 +106,18 @@ async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
             .await?,
         ),
     };
-    let (addr, fingerprint) = match &local {
-        Some(local) => (local.running.addr, local.running.fingerprint.clone()),
+    let (nodes, fingerprint) = match &local {
+        Some(local) => (vec![local.running.addr], local.running.fingerprint.clone()),
         None => (
-            args.coordinator.expect("checked above"),
+            args.coordinator.clone(),
             args.fingerprint.clone().expect("checked above"),
         ),
     };
+    let addr = nodes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     println!(
         "{} synthetic trainers against {addr} ({})",
         args.trainers,
@@ -121,7 +127,7 @@ async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
             "external coordinator".into()
         }
     );
-    let report = run_trainers_from(addr, &fingerprint, args.first_index, args.trainers).await?;
+    let report = run_trainers_from(&nodes, &fingerprint, args.first_index, args.trainers).await?;
     println!("rounds closed: {}", report.rounds_closed);
     if let Some(connect_all) = report.connect_all {
         println!(

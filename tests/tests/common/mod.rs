@@ -107,6 +107,7 @@ pub async fn start_serving(
             names: vec!["localhost".into()],
         },
         base_model,
+        lease: Default::default(),
         limits: ServerLimits::default(),
     })
     .await
@@ -126,7 +127,7 @@ pub fn options(
     gate: Option<Arc<Gate>>,
 ) -> SyntheticOptions {
     SyntheticOptions {
-        addr,
+        coordinators: vec![addr],
         identity: identity(seed),
         fault,
         enrollment_token: None,
@@ -325,7 +326,7 @@ pub fn spawn_trainer_on(
     use std::sync::atomic::AtomicU64;
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
     let options = tributary_trainer::worker::JoinOptions {
-        addr: running.addr,
+        coordinators: vec![running.addr],
         identity: identity(seed),
         enrollment_token: None,
         model: model.to_owned(),

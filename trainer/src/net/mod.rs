@@ -1,7 +1,8 @@
-//! The trainer's side of the wire: TLS trust ([`tls`]) and an authenticated protocol session
-//! ([`client`]).
+//! The trainer's side of the wire: TLS trust ([`tls`]), an authenticated protocol session
+//! ([`client`]) and the choice of coordinator node ([`failover`]).
 
 pub mod client;
+pub mod failover;
 pub mod tls;
 
 use tributary_shared::frame::FrameError;

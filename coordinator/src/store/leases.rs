@@ -1,0 +1,125 @@
+//! The leader lease's row (`leases`) and the fence every leader batch checks. What the record
+//! means and when to touch it is [`crate::lease`]'s business; this is only its storage.
+
+use crate::lease::LeaseRecord;
+use crate::store::db::{Db, DbError};
+use crate::store::sql::{values, Connection};
+
+/// The lease that picks the node running the round engine.
+pub const LEADER: &str = "leader";
+
+/// The lease table. Not part of the versioned experiment schema: it holds coordination
+/// state, not experiment data, and is created (if missing) under the schema's lock.
+pub(crate) const LEASE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    beat INTEGER NOT NULL,
+    address TEXT NOT NULL
+);
+";
+
+/// A lease the writer must still hold for its batches to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The lease's name.
+    pub name: String,
+    /// The holding node.
+    pub holder: String,
+    /// The token it was taken with.
+    pub token: i64,
+}
+
+impl Fence {
+    /// Checks, inside the open transaction, that the lease is still held with this token.
+    /// The statement locks the lease row until the transaction ends, so a takeover (which
+    /// updates that row) waits for this commit and cannot slip in between check and commit.
+    pub(crate) fn check(&self, conn: &Connection) -> Result<(), DbError> {
+        let held = conn.execute(
+            "UPDATE leases SET beat = beat WHERE name = $1 AND holder = $2 AND token = $3",
+            values![self.name.as_str(), self.holder.as_str(), self.token],
+        )?;
+        if held == 1 {
+            Ok(())
+        } else {
+            Err(DbError::Fenced { token: self.token })
+        }
+    }
+}
+
+impl Db {
+    /// Reads the lease `name`.
+    pub fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, DbError> {
+        let row = self.conn().query_opt(
+            "SELECT holder, token, beat, address FROM leases WHERE name = $1",
+            values![name],
+        )?;
+        row.map(|row| {
+            Ok(LeaseRecord {
+                holder: row.text(0)?,
+                token: row.int(1)?,
+                beat: row.int(2)?,
+                address: row.text(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Takes the lease `name` for `holder` if it is still exactly `seen` (`None`: there is no
+    /// record yet). Returns the new fencing token, or `None` when another node changed the
+    /// record first.
+    pub fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        address: &str,
+        seen: Option<&LeaseRecord>,
+    ) -> Result<Option<i64>, DbError> {
+        match seen {
+            None => {
+                let inserted = self.conn().execute(
+                    "INSERT INTO leases (name, holder, token, beat, address) \
+                     VALUES ($1, $2, 1, 0, $3) ON CONFLICT (name) DO NOTHING",
+                    values![name, holder, address],
+                )?;
+                Ok((inserted == 1).then_some(1))
+            }
+            Some(seen) => {
+                let updated = self.conn().execute(
+                    "UPDATE leases SET holder = $2, token = token + 1, beat = 0, address = $3 \
+                     WHERE name = $1 AND holder = $4 AND token = $5 AND beat = $6",
+                    values![
+                        name,
+                        holder,
+                        address,
+                        seen.holder.as_str(),
+                        seen.token,
+                        seen.beat
+                    ],
+                )?;
+                Ok((updated == 1).then_some(seen.token + 1))
+            }
+        }
+    }
+
+    /// Renews the lease; `false` when it is no longer held with `token`.
+    pub fn renew_lease(&self, name: &str, holder: &str, token: i64) -> Result<bool, DbError> {
+        let updated = self.conn().execute(
+            "UPDATE leases SET beat = beat + 1 WHERE name = $1 AND holder = $2 AND token = $3",
+            values![name, holder, token],
+        )?;
+        Ok(updated == 1)
+    }
+
+    /// Lets the lease go, so a standby node takes it at once; `false` when it was no longer
+    /// held with `token`.
+    pub fn release_lease(&self, name: &str, holder: &str, token: i64) -> Result<bool, DbError> {
+        let updated = self.conn().execute(
+            "UPDATE leases SET holder = '', beat = beat + 1 \
+             WHERE name = $1 AND holder = $2 AND token = $3",
+            values![name, holder, token],
+        )?;
+        Ok(updated == 1)
+    }
+}
