@@ -94,7 +94,12 @@ struct AppState {
     /// Issue time of the last order taken (replay protection). Held until the order is queued
     /// for the hub, so that concurrent orders reach it in the order they were taken.
     last_order_ms: Arc<tokio::sync::Mutex<u64>>,
+    /// Read-only database sessions for the hub pages.
+    reads: Arc<crate::store::read_pool::ReadPool>,
 }
+
+/// Database sessions the hub pages share.
+const READ_SESSIONS: usize = 4;
 
 /// Binds `addr` and serves until `shutdown` resolves; returns the bound address.
 pub async fn spawn(
@@ -133,6 +138,10 @@ pub async fn spawn(
                 &context.data_dir,
             ))),
             peft: Arc::default(),
+            reads: Arc::new(crate::store::read_pool::ReadPool::new(
+                crate::store::db::location_of(&context.data_dir)?,
+                READ_SESSIONS,
+            )),
             context: context.clone(),
         });
     tokio::spawn(serve(listener, app, limits, context.metrics, shutdown));
@@ -249,6 +258,20 @@ async fn throttle(
 
 type HubResponse = Result<axum::response::Response, (StatusCode, String)>;
 
+/// Runs a read on one of the shared database sessions (with the data directory at hand) off
+/// the async threads.
+async fn read_db<T: Send + 'static>(
+    state: &AppState,
+    read: impl FnOnce(&crate::store::db::Db, &std::path::Path) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, (StatusCode, String)> {
+    let dir = state.context.data_dir.clone();
+    state
+        .reads
+        .read(move |db| read(db, &dir))
+        .await
+        .map_err(|e: anyhow::Error| (StatusCode::NOT_FOUND, format!("{e:#}")))
+}
+
 /// Runs a blocking read of the data directory off the async threads.
 async fn read_data<T: Send + 'static>(
     state: &AppState,
@@ -262,8 +285,7 @@ async fn read_data<T: Send + 'static>(
 }
 
 async fn hub_experiments(State(state): State<AppState>) -> HubResponse {
-    let list = read_data(&state, |dir| {
-        let db = crate::store::db::Db::open_read_only_in(dir)?;
+    let list = read_db(&state, |db, _| {
         Ok(db
             .experiments()?
             .into_iter()
@@ -293,11 +315,10 @@ type RowReader =
 
 /// Every experiment's rows, each tagged with its experiment's id, as a JSON list.
 async fn rows_per_experiment(state: &AppState, rows: RowReader) -> HubResponse {
-    let list = read_data(state, move |dir| {
-        let db = crate::store::db::Db::open_read_only_in(dir)?;
+    let list = read_db(state, move |db, _| {
         let mut out = Vec::new();
         for experiment in db.experiments()? {
-            for mut row in rows(&db, &experiment.id)? {
+            for mut row in rows(db, &experiment.id)? {
                 row.insert("experiment".into(), experiment.id.0.clone().into());
                 out.push(serde_json::Value::Object(row));
             }
@@ -364,8 +385,7 @@ async fn hub_blob(
         .map(str::to_owned);
     // Some(exists) when the blob may not be served to this request; absent blobs stay 404s.
     let blobs = state.context.blobs.clone();
-    let refused = read_data(&state, move |dir| {
-        let db = crate::store::db::Db::open_read_only_in(dir)?;
+    let refused = read_db(&state, move |db, dir| {
         if db.blob_visibility(&hash)? == crate::store::db::Visibility::Public
             || bearer.is_some_and(|token| crate::auditors::is_auditor(dir, &token))
         {

@@ -269,3 +269,68 @@ fn a_data_directory_stays_bound_to_its_database() {
     drop(Db::open(&used.path().join("tributary.db")).unwrap());
     assert!(bind_data_dir(used.path(), &pg).is_err());
 }
+
+/// The hub pages' shared sessions: 32 concurrent reads use at most the pool's 4 server
+/// connections, and each sees the committed data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_page_reads_share_a_few_sessions() {
+    use std::sync::Arc;
+    use tributary_coordinator::store::read_pool::ReadPool;
+    let server = TestPostgres::start().unwrap();
+    let location = postgres(&server, "pool");
+    let mut db = Db::open_at(&location).unwrap();
+    create(&mut db);
+    let pool = Arc::new(ReadPool::new(location, 4));
+    let reads: Vec<_> = (0..32)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.read(|db| {
+                    // Hold the session a moment, so the reads overlap.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    db.experiments()
+                        .map(|list| list.len())
+                        .map_err(anyhow::Error::from)
+                })
+                .await
+            })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.unwrap().unwrap(), 1);
+    }
+    let sessions = pool.idle();
+    assert!((1..=4).contains(&sessions), "{sessions} sessions opened");
+}
+
+/// TLS to a server that requires it: the session verifies the server against the CA given,
+/// and a server whose certificate no trusted CA signed is refused.
+#[test]
+fn tls_sessions_verify_the_server() {
+    let server = TestPostgres::start_with_tls().unwrap();
+    let url = server.create_database("tls").unwrap();
+    assert!(url.contains("sslmode=verify-full"), "{url}");
+    let mut db = Db::open_at(&Location::Postgres(url)).unwrap();
+    create(&mut db);
+    assert_eq!(db.experiments().unwrap().len(), 1);
+
+    // The server rejects plain TCP, so the session above was TLS.
+    let plain = Db::open_at(&Location::Postgres(server.plain_url("tls"))).unwrap_err();
+    assert!(plain.to_string().contains("no encryption"), "{plain}");
+    // Without the CA, the system's roots do not vouch for this server.
+    let base = server.plain_url("tls");
+    let unverified =
+        Db::open_at(&Location::Postgres(format!("{base}&sslmode=require"))).unwrap_err();
+    assert!(
+        unverified.to_string().contains("certificate"),
+        "{unverified}"
+    );
+    // Another CA does not either.
+    let other = TestPostgres::start_with_tls().unwrap();
+    let wrong_ca = format!(
+        "{base}&sslmode=verify-full&sslrootcert={}",
+        other.ca_file().display()
+    );
+    let refused = Db::open_at(&Location::Postgres(wrong_ca)).unwrap_err();
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+}

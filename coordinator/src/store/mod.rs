@@ -13,6 +13,8 @@ pub mod gc;
 pub mod leases;
 pub mod objects;
 pub mod postgres;
+mod postgres_tls;
+pub mod read_pool;
 mod sql;
 pub mod test_garage;
 pub mod test_postgres;

@@ -14,6 +14,7 @@
 //!   the store rolls back; it is never silently reopened mid-transaction.
 //! - **Any text a stranger sends is storable:** a NUL, which PostgreSQL's text refuses, is
 //!   stored as U+FFFD.
+//! - **Authenticated server over TLS** when the URL asks for it ([`super::postgres_tls`]).
 //! - **Bounded waits:** a statement that gets no answer in [`STATEMENT_TIMEOUT`] fails and the
 //!   connection is dropped, so a stalled server cannot hang the coordinator.
 
@@ -82,20 +83,19 @@ impl PgConnection {
     /// Connects to `url` (a `postgres://` connection string; the password may also come from
     /// `PGPASSWORD`). A read-only session refuses every write.
     pub(crate) fn connect(url: &str, read_only: bool) -> Result<Self, DbError> {
-        let mut config: Config = url
+        let split = super::postgres_tls::split_url(url)?;
+        let tls = match split.tls {
+            true => Some(super::postgres_tls::connector(split.root_cert.as_deref())?),
+            false => None,
+        };
+        let mut config: Config = split
+            .url
             .parse()
             .map_err(|error| DbError::Config(format!("{}: {error}", redacted(url))))?;
         if config.get_password().is_none() {
             if let Ok(password) = std::env::var("PGPASSWORD") {
                 config.password(password);
             }
-        }
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(DbError::Config(
-                "sslmode=require: this build speaks to PostgreSQL without TLS; reach the server \
-                 over a private network or a tunnel, and drop sslmode"
-                    .into(),
-            ));
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -117,7 +117,7 @@ impl PgConnection {
                         return;
                     }
                 };
-                runtime.block_on(serve(config, read_only, receiver, ready));
+                runtime.block_on(serve(config, tls, read_only, receiver, ready));
             })
             .map_err(|error| DbError::Config(format!("cannot start a thread: {error}")))?;
         connected.recv().map_err(|_| DbError::Lost)??;
@@ -154,12 +154,14 @@ impl PgConnection {
 /// The connection thread's loop.
 async fn serve(
     config: Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     read_only: bool,
     mut requests: mpsc::UnboundedReceiver<Request>,
     ready: std_mpsc::SyncSender<Result<(), DbError>>,
 ) {
     let mut session = Session {
         config,
+        tls,
         read_only,
         client: None,
         statements: HashMap::new(),
@@ -177,8 +179,21 @@ async fn serve(
     }
 }
 
+/// Drives a connection until it closes.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(error) = connection.await {
+        tracing::warn!(%error, "the PostgreSQL connection closed");
+    }
+}
+
 struct Session {
     config: Config,
+    /// TLS with the server's certificate verified, when the URL asks for it.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     read_only: bool,
     client: Option<Client>,
     statements: HashMap<String, Statement>,
@@ -189,12 +204,18 @@ struct Session {
 
 impl Session {
     async fn connect(&mut self) -> Result<(), DbError> {
-        let (client, connection) = self.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "the PostgreSQL connection closed");
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                tokio::spawn(drive(connection));
+                client
             }
-        });
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(drive(connection));
+                client
+            }
+        };
         // Notices ("relation already exists, skipping") are not worth a log line each start.
         let settings = if self.read_only {
             "SET default_transaction_read_only = on; SET client_min_messages = warning"

@@ -19,6 +19,8 @@ pub struct TestPostgres {
     bin: PathBuf,
     user: Option<(u32, u32)>,
     server: Option<Child>,
+    /// Sessions must use TLS ([`TestPostgres::start_with_tls`]).
+    tls: bool,
 }
 
 /// The directory holding `initdb` and `postgres`.
@@ -139,6 +141,7 @@ impl TestPostgres {
             bin: bin.clone(),
             user,
             server: None,
+            tls: false,
         };
         let data = this.dir.join("data");
         let output = command(&bin.join("initdb"), user)
@@ -164,6 +167,51 @@ impl TestPostgres {
         Ok(this)
     }
 
+    /// Like [`TestPostgres::start`], with TLS required: a certificate for 127.0.0.1 and
+    /// `localhost` signed by a fresh CA, whose PEM is at [`TestPostgres::ca_file`]; plain TCP
+    /// sessions are rejected (`pg_hba.conf`), and [`TestPostgres::url`] asks for TLS.
+    pub fn start_with_tls() -> io::Result<Self> {
+        let mut this = Self::start()?;
+        this.stop();
+        let ca_key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(io::Error::other)?;
+        let server_key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
+        let server = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .and_then(|params| params.signed_by(&server_key, &ca))
+            .map_err(io::Error::other)?;
+        std::fs::write(this.ca_file(), ca.pem())?;
+        let data = this.dir.join("data");
+        std::fs::write(data.join("server.crt"), server.pem())?;
+        crate::durable::write_atomically(
+            &data.join("server.key"),
+            server_key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )?;
+        if let Some((uid, gid)) = this.user {
+            for file in ["server.crt", "server.key", "pg_hba.conf"] {
+                std::os::unix::fs::chown(data.join(file), Some(uid), Some(gid))?;
+            }
+        }
+        this.tls = true;
+        this.start_again()?;
+        Ok(this)
+    }
+
+    /// The CA certificate (PEM) of a server started with TLS.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     /// Starts the server again after [`TestPostgres::stop`], on the same port and data.
     pub fn start_again(&mut self) -> io::Result<()> {
         let log = std::fs::OpenOptions::new()
@@ -184,6 +232,7 @@ impl TestPostgres {
                     &format!("unix_socket_directories={}", self.dir.display()),
                 ])
                 .args(["-c", "max_connections=200"])
+                .args(["-c", if self.tls { "ssl=on" } else { "ssl=off" }])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -244,8 +293,21 @@ impl TestPostgres {
         self.port
     }
 
-    /// A connection string for `database` (which [`TestPostgres::create_database`] makes).
+    /// A connection string for `database` (which [`TestPostgres::create_database`] makes);
+    /// with TLS verifying the server against [`TestPostgres::ca_file`] when it requires TLS.
     pub fn url(&self, database: &str) -> String {
+        let plain = self.plain_url(database);
+        match self.tls {
+            true => format!(
+                "{plain}&sslmode=verify-full&sslrootcert={}",
+                self.ca_file().display()
+            ),
+            false => plain,
+        }
+    }
+
+    /// A connection string for `database` over plain TCP.
+    pub fn plain_url(&self, database: &str) -> String {
         format!(
             "postgres://tributary@127.0.0.1:{}/{database}?connect_timeout=10",
             self.port
