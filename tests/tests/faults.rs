@@ -13,11 +13,21 @@ use tributary_tests::synthetic::{Fault, Gate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_trainers_five_rounds_with_seven_faults() {
+    seven_faults(Deployment::Embedded).await;
+}
+
+/// The same run on PostgreSQL and S3-compatible storage, with two standby nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_trainers_five_rounds_with_seven_faults_on_a_three_node_cluster() {
+    seven_faults(Deployment::Cluster).await;
+}
+
+async fn seven_faults(deployment: Deployment) {
     let dir = tempfile::tempdir().unwrap();
     // 20 tasks a round; a round closes at 14 accepted deltas, so the 13 honest trainers plus the
     // replaying one (whose first upload is honest) close round 0 only after every fault.
     let config = parse(&experiment_toml("faults", 5, 1000, 14, 20, 10, 20));
-    let running = start(dir.path(), Some(config), vec![]).await;
+    let running = start_on(deployment, dir.path(), Some(config)).await;
     let gate = Gate::new(Fault::ALL_FAULTS.len());
     let mut handles = Vec::new();
     for (index, fault) in Fault::ALL_FAULTS.iter().enumerate() {
@@ -73,8 +83,7 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
     running.shutdown().await.unwrap();
 
     // The ledger holds every fault in round 0, and everything re-derives.
-    let db = tributary_coordinator::store::db::Db::open_read_only(&dir.path().join("tributary.db"))
-        .unwrap();
+    let db = tributary_coordinator::store::db::Db::open_read_only_in(dir.path()).unwrap();
     let ledger = db
         .ledger(&tributary_shared::ExperimentId("faults".into()))
         .unwrap();
@@ -95,15 +104,25 @@ async fn twenty_trainers_five_rounds_with_seven_faults() {
     // name round 2.
     let victim = ledger[2].1.accepted[0].hash;
     drop(db);
-    let raw = rusqlite::Connection::open(dir.path().join("tributary.db")).unwrap();
-    let changed = raw
-        .execute(
-            "UPDATE inline_blobs SET data = x'00' WHERE hash = ?1",
-            [&victim.0[..]],
-        )
-        .unwrap();
-    assert_eq!(changed, 1, "the delta is stored inline");
-    drop(raw);
+    match deployment {
+        Deployment::Embedded => {
+            let raw = rusqlite::Connection::open(dir.path().join("tributary.db")).unwrap();
+            let changed = raw
+                .execute(
+                    "UPDATE inline_blobs SET data = x'00' WHERE hash = ?1",
+                    [&victim.0[..]],
+                )
+                .unwrap();
+            assert_eq!(changed, 1, "the delta is stored inline");
+        }
+        Deployment::Cluster => cluster_sql(
+            dir.path(),
+            &format!(
+                "UPDATE inline_blobs SET data = '\\x00'::bytea WHERE hash = '\\x{}'::bytea",
+                victim.to_hex()
+            ),
+        ),
+    }
     let error = verify_data_dir(dir.path()).expect_err("verify notices the tampering");
     assert_eq!(error.round, Some(RoundId(2)), "{error}");
 }

@@ -20,12 +20,22 @@ use tributary_trainer::worker::FULL_DUTY;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_burn_trainers_learn_together() {
+    learn_together(Deployment::Embedded).await;
+}
+
+/// The same run on PostgreSQL and S3-compatible storage, with two standby nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_burn_trainers_learn_together_on_a_three_node_cluster() {
+    learn_together(Deployment::Cluster).await;
+}
+
+async fn learn_together(deployment: Deployment) {
     let dir = tempfile::tempdir().unwrap();
     let model_path = dir.path().join("tiny.gguf");
     tiny::write_gguf(&model_path, 11).unwrap();
     let config = parse(include_str!("../../experiments/ci-tiny.toml"));
     let data_dir = dir.path().join("coordinator");
-    let running = start(&data_dir, Some(config), vec![]).await;
+    let running = start_on(deployment, &data_dir, Some(config)).await;
 
     let handles: Vec<_> = (0..3)
         .map(|seed| {

@@ -32,6 +32,16 @@ fn now_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttle_pause_and_resume_reach_the_fleet() {
+    pause_and_resume(Deployment::Embedded).await;
+}
+
+/// The same on PostgreSQL and S3-compatible storage, with two standby nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttle_pause_and_resume_reach_the_fleet_of_a_three_node_cluster() {
+    pause_and_resume(Deployment::Cluster).await;
+}
+
+async fn pause_and_resume(deployment: Deployment) {
     let dir = tempfile::tempdir().unwrap();
     let model_path = dir.path().join("tiny.gguf");
     tiny::write_gguf(&model_path, 11).unwrap();
@@ -42,7 +52,7 @@ async fn throttle_pause_and_resume_reach_the_fleet() {
         .replace("quorum = 3", "quorum = 2")
         .replace("min_trainers = 3", "min_trainers = 2");
     let data_dir = dir.path().join("coordinator");
-    let running = start(&data_dir, Some(parse(&toml)), vec![]).await;
+    let running = start_on(deployment, &data_dir, Some(parse(&toml))).await;
     let http = running.http_addr.unwrap();
 
     let busy: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();

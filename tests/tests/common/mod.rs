@@ -1,6 +1,7 @@
 //! Shared set-up for the end-to-end tests.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +68,75 @@ pub fn parse(toml: &str) -> ExperimentConfig {
         .expect("test experiment is valid")
 }
 
+/// Where an in-process coordinator keeps its state, and how many nodes serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// One node, SQLite and a blob folder in its data directory.
+    Embedded,
+    /// PostgreSQL and Garage (real servers, started once per test binary) shared by three
+    /// nodes: the returned one leads, two more stand by on their own data directories and
+    /// ports, and trainers made by this module know all three addresses.
+    Cluster,
+}
+
+/// The test binary's PostgreSQL and Garage, for [`Deployment::Cluster`].
+struct Stores {
+    postgres: tributary_coordinator::store::test_postgres::TestPostgres,
+    garage: tributary_coordinator::store::test_garage::TestGarage,
+    clusters: std::sync::atomic::AtomicU32,
+}
+
+fn stores() -> &'static Stores {
+    static STORES: std::sync::OnceLock<Stores> = std::sync::OnceLock::new();
+    STORES.get_or_init(|| {
+        let garage =
+            tributary_coordinator::store::test_garage::TestGarage::start().expect("Garage starts");
+        // Every node of every cluster in this binary reads its object-store settings from the
+        // process environment, as `serve` does.
+        for (key, value) in garage.env() {
+            std::env::set_var(key, value);
+        }
+        Stores {
+            postgres: tributary_coordinator::store::test_postgres::TestPostgres::start()
+                .expect("PostgreSQL starts"),
+            garage,
+            clusters: Default::default(),
+        }
+    })
+}
+
+/// The standby nodes' addresses of each cluster, by its leader's address.
+fn standbys() -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<SocketAddr>>> {
+    static STANDBYS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<SocketAddr>>>,
+    > = std::sync::OnceLock::new();
+    STANDBYS.get_or_init(Default::default)
+}
+
+/// Every node address a trainer of the coordinator at `addr` should know.
+pub fn nodes_of(addr: SocketAddr) -> Vec<SocketAddr> {
+    let mut nodes = vec![addr];
+    if let Some(more) = standbys().lock().unwrap().get(&addr) {
+        nodes.extend(more);
+    }
+    nodes
+}
+
+/// The PostgreSQL database name a cluster node's data directory points at.
+pub fn cluster_database(data_dir: &Path) -> String {
+    let url = std::fs::read_to_string(data_dir.join("database.url")).unwrap();
+    let path = url.trim().rsplit('/').next().unwrap();
+    path.split('?').next().unwrap().to_owned()
+}
+
+/// Runs SQL in a cluster's database (as the superuser), e.g. to tamper with it.
+pub fn cluster_sql(data_dir: &Path, sql: &str) {
+    stores()
+        .postgres
+        .run_sql(&cluster_database(data_dir), sql)
+        .unwrap();
+}
+
 /// Starts an in-process coordinator on an ephemeral loopback port.
 pub async fn start(
     data_dir: &Path,
@@ -74,6 +144,75 @@ pub async fn start(
     tokens: Vec<String>,
 ) -> Running {
     start_serving(data_dir, config, tokens, None).await
+}
+
+/// [`start`] as `deployment`.
+pub async fn start_on(
+    deployment: Deployment,
+    data_dir: &Path,
+    config: Option<ExperimentConfig>,
+) -> Running {
+    match deployment {
+        Deployment::Embedded => start(data_dir, config, vec![]).await,
+        Deployment::Cluster => start_cluster(data_dir, config).await,
+    }
+}
+
+/// Three nodes on the binary's PostgreSQL and Garage: the first leads (it is returned), the
+/// other two stand by on data directories beside `data_dir`, with the cluster's identity.
+async fn start_cluster(data_dir: &Path, config: Option<ExperimentConfig>) -> Running {
+    use tributary_coordinator::store::{blobs::bind_blobs, db};
+    let stores = stores();
+    let n = stores
+        .clusters
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("cluster_{}_{n}", std::process::id());
+    let url = stores.postgres.create_database(&name).unwrap();
+    let standby_dirs: Vec<_> = (1..=2)
+        .map(|i| data_dir.with_extension(format!("standby{i}")))
+        .collect();
+    for dir in std::iter::once(data_dir).chain(standby_dirs.iter().map(|d| d.as_path())) {
+        std::fs::create_dir_all(dir).unwrap();
+        db::bind_data_dir(dir, &db::Location::Postgres(url.clone())).unwrap();
+        bind_blobs(dir, &stores.garage.url(&name)).unwrap();
+    }
+    let leader = start(data_dir, config.clone(), vec![]).await;
+    let mut addrs = Vec::new();
+    for dir in standby_dirs {
+        std::fs::create_dir_all(dir.join("tls")).unwrap();
+        for file in ["tls/cert.pem", "tls/key.pem", "ledger.key", "operator.key"] {
+            std::fs::copy(data_dir.join(file), dir.join(file)).unwrap();
+        }
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        addrs.push(addr);
+        let options = ServeOptions {
+            data_dir: dir,
+            listen: addr,
+            experiment: config.clone(),
+            http: None,
+            http_public: false,
+            tls: TlsSource::SelfSigned {
+                names: vec!["localhost".into()],
+            },
+            base_model: None,
+            lease: Default::default(),
+            limits: ServerLimits::default(),
+        };
+        // Stands by until the leader is gone, then leads until the test ends.
+        tokio::spawn(async move {
+            match service::start(options).await {
+                Ok(running) => {
+                    let _ = running.wait(std::future::pending()).await;
+                }
+                Err(error) => eprintln!("standby node failed: {error:#}"),
+            }
+        });
+    }
+    standbys().lock().unwrap().insert(leader.addr, addrs);
+    leader
 }
 
 /// [`start`], also serving `base_model` to trainers by hash.
@@ -127,7 +266,7 @@ pub fn options(
     gate: Option<Arc<Gate>>,
 ) -> SyntheticOptions {
     SyntheticOptions {
-        coordinators: vec![addr],
+        coordinators: nodes_of(addr),
         identity: identity(seed),
         fault,
         enrollment_token: None,
@@ -326,7 +465,7 @@ pub fn spawn_trainer_on(
     use std::sync::atomic::AtomicU64;
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(running.fingerprint.clone())).unwrap();
     let options = tributary_trainer::worker::JoinOptions {
-        coordinators: vec![running.addr],
+        coordinators: nodes_of(running.addr),
         identity: identity(seed),
         enrollment_token: None,
         model: model.to_owned(),
