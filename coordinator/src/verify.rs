@@ -321,6 +321,9 @@ fn verify_experiment(
     // Disputes recorded so far and not yet settled: (round, counted, counted trainer, replica,
     // replica trainer).
     let mut open_disputes = Vec::new();
+    // Rounds too large for memory spill to the system's temporary folder (verify may run on a
+    // read-only copy of a data directory).
+    let scratch = crate::derive::Scratch::in_dir(std::env::temp_dir());
     // Trainers flagged by referees in the entries so far: their later deltas must be barred.
     let mut flagged = std::collections::BTreeSet::new();
     // Every counted delta so far, with its round and trainer; and the deltas loss-checked.
@@ -397,6 +400,7 @@ fn verify_experiment(
                 flagged: &flagged,
             },
             &state,
+            &scratch,
         )
         .map_err(|e| fail(round, e.to_string()))?;
         flagged.extend(recorded.flagged());

@@ -129,3 +129,35 @@ fn a_data_directory_stays_bound_to_its_bucket() {
         .unwrap();
     assert!(bind_blobs(used.path(), "s3://one/prefix").is_err());
 }
+
+/// A round's deltas fetched together: every answer in the order asked, each checked against
+/// its hash, a missing one `NotFound` in its place; and faster than one by one.
+#[test]
+fn many_blobs_are_fetched_at_once_in_order() {
+    let server = TestGarage::start().unwrap();
+    let blobs = store(&server, "many");
+    let stored: Vec<BlobHash> = (0..64u32)
+        .map(|i| blobs.put(format!("delta number {i}").as_bytes()).unwrap())
+        .collect();
+    let missing = BlobHash::of(b"never stored");
+    let mut asked = stored.clone();
+    asked.insert(10, missing);
+    let started = Instant::now();
+    let answers = blobs.get_many(&asked);
+    let together = started.elapsed();
+    assert_eq!(answers.len(), asked.len());
+    for (hash, answer) in asked.iter().zip(&answers) {
+        match answer {
+            Ok(bytes) => assert_eq!(BlobHash::of(bytes), *hash),
+            Err(BlobError::NotFound { hash: gone }) => assert_eq!(*gone, missing),
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert!(matches!(answers[10], Err(BlobError::NotFound { .. })));
+    let started = Instant::now();
+    for hash in &stored {
+        blobs.get(hash).unwrap();
+    }
+    let one_by_one = started.elapsed();
+    eprintln!("64 blobs: {together:?} together, {one_by_one:?} one by one");
+}

@@ -1268,6 +1268,7 @@ fn derive_and_store(
             flagged: &close.flagged,
         },
         state,
+        &crate::derive::Scratch::in_dir(data_dir),
     )
     .map_err(|error| match error {
         DeriveError::Unreadable { deltas } => DeriveFailure::Unreadable(deltas),

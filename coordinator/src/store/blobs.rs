@@ -403,6 +403,24 @@ impl BlobStore {
     }
 }
 
+impl BlobStore {
+    /// [`BlobStore::get`] for each of `hashes`, in order: from object storage, several
+    /// requests at once.
+    pub fn get_many(&self, hashes: &[BlobHash]) -> Vec<Result<Vec<u8>, BlobError>> {
+        match &self.backend {
+            Backend::Objects(objects) => hashes
+                .iter()
+                .zip(objects.get_many(hashes, PARALLEL_GETS))
+                .map(|(hash, got)| got.and_then(|bytes| check_content(hash, bytes)))
+                .collect(),
+            Backend::Dir(_) => hashes.iter().map(|hash| self.get(hash)).collect(),
+        }
+    }
+}
+
+/// Object-store reads in flight at once in [`BlobStore::get_many`].
+const PARALLEL_GETS: usize = 16;
+
 fn dir_path(root: &Path, hash: &BlobHash) -> PathBuf {
     let hex = hash.to_hex();
     root.join(&hex[..2]).join(hex)

@@ -33,11 +33,20 @@ pub const INLINE_BLOB_MAX: usize = 64 * 1024;
 pub trait BlobSource {
     /// The blob's bytes, checked against `hash`.
     fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobError>;
+
+    /// [`BlobSource::get`] for each of `hashes`, in order (a source may fetch them at once).
+    fn get_many(&self, hashes: &[BlobHash]) -> Vec<Result<Vec<u8>, BlobError>> {
+        hashes.iter().map(|hash| self.get(hash)).collect()
+    }
 }
 
 impl BlobSource for BlobStore {
     fn get(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobError> {
         BlobStore::get(self, hash)
+    }
+
+    fn get_many(&self, hashes: &[BlobHash]) -> Vec<Result<Vec<u8>, BlobError>> {
+        BlobStore::get_many(self, hashes)
     }
 }
 
@@ -80,5 +89,18 @@ impl BlobSource for StoredBlobs {
             })?
             .ok_or(BlobError::NotFound { hash: *hash })?;
         blobs::check_content(hash, bytes)
+    }
+
+    fn get_many(&self, hashes: &[BlobHash]) -> Vec<Result<Vec<u8>, BlobError>> {
+        // Files (or objects) first, all at once; the small deltas kept as rows after.
+        self.files
+            .get_many(hashes)
+            .into_iter()
+            .zip(hashes)
+            .map(|(found, hash)| match found {
+                Err(BlobError::NotFound { .. }) => self.get(hash),
+                other => other,
+            })
+            .collect()
     }
 }

@@ -184,6 +184,57 @@ impl ObjectBlobs {
         }
     }
 
+    /// The bytes stored under each of `hashes`, unverified, in order; up to `concurrency`
+    /// requests in flight at once (an object store answers each request in tens of
+    /// milliseconds, so fetching a round's deltas one by one would take most of its close).
+    pub fn get_many(
+        &self,
+        hashes: &[BlobHash],
+        concurrency: usize,
+    ) -> Vec<Result<Vec<u8>, BlobError>> {
+        use futures_util::stream::{self, StreamExt as _};
+        let names: Vec<ObjectPath> = hashes.iter().map(|hash| self.name(hash)).collect();
+        let store = self.store.clone();
+        let answers = self.wait(async move {
+            stream::iter(names)
+                .map(|name| {
+                    let store = store.clone();
+                    async move {
+                        let found = store.get(&name).await?;
+                        found.bytes().await
+                    }
+                })
+                .buffered(concurrency.max(1))
+                .collect::<Vec<_>>()
+                .await
+        });
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(error) => {
+                return hashes
+                    .iter()
+                    .map(|_| {
+                        Err(BlobError::Remote {
+                            url: self.url.clone(),
+                            detail: error.to_string(),
+                        })
+                    })
+                    .collect()
+            }
+        };
+        hashes
+            .iter()
+            .zip(answers)
+            .map(|(hash, answer)| match answer {
+                Ok(bytes) => Ok(bytes.to_vec()),
+                Err(object_store::Error::NotFound { .. }) => {
+                    Err(BlobError::NotFound { hash: *hash })
+                }
+                Err(error) => Err(self.error(error)),
+            })
+            .collect()
+    }
+
     /// The stored length under `hash`, if anything is stored there.
     pub fn len(&self, hash: &BlobHash) -> Result<Option<u64>, BlobError> {
         let (store, name) = (self.store.clone(), self.name(hash));

@@ -180,6 +180,12 @@ async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
         println!("  rejected {reason}: {count}");
     }
     println!("total {:.2} s", report.total.as_secs_f64());
+    // Measured at the trainers, so a cluster and a single node compare alike.
+    println!(
+        "deltas uploaded {:.1} MB, {:.2} MB/s over the run",
+        report.bytes_up as f64 / 1e6,
+        report.bytes_up as f64 / 1e6 / report.total.as_secs_f64()
+    );
     if let Some(local) = &local {
         let bytes_in = local
             .running

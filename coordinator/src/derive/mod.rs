@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use tributary_shared::aggregate::{
-    aggregate, screen, AggregateError, Contribution, OptimizerState,
+    aggregate_rows, AggregateError, Aggregated, OptimizerState, Summary,
 };
 use tributary_shared::codec::{self, Codec, CodecError};
 use tributary_shared::config::ExperimentConfig;
@@ -18,12 +18,17 @@ use tributary_shared::ledger::{
     AcceptedDelta, BarredDelta, LossCheck, RefereeCheck, ReplicaCheck, RoundVerification,
 };
 use tributary_shared::loss_check::{judge, LossAnswer, LossOutcome};
-use tributary_shared::replica::{compare, referee};
-use tributary_shared::{BlobHash, Delta};
+use tributary_shared::replica::{compare, referee, Tolerance};
+use tributary_shared::{BlobHash, Delta, Layout};
 use tributary_shared::{RoundId, TrainerId};
 
 use crate::store::blobs::BlobError;
 use crate::store::BlobSource;
+
+mod spill;
+
+pub use spill::Scratch;
+use spill::{Spill, SpillRows};
 
 /// A round's inputs could not be loaded or combined.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,20 @@ pub enum DeriveError {
     Unreadable {
         /// Each delta and what is wrong with it.
         deltas: Vec<(BlobHash, String)>,
+    },
+    /// An accepted delta does not have the adapter's layout.
+    #[error("delta {hash} does not have the adapter's layout: {source}")]
+    Layout {
+        /// Which delta.
+        hash: BlobHash,
+        /// What differs.
+        source: tributary_shared::DeltaError,
+    },
+    /// The scratch space a round's deltas are spilled to failed.
+    #[error("scratch space for the round's deltas: {source}")]
+    Scratch {
+        /// The i/o error.
+        source: std::io::Error,
     },
     /// The optimizer state blob is malformed.
     #[error("optimizer state blob {hash} is malformed: {detail}")]
@@ -132,26 +151,41 @@ pub type Refereed = (RefereeInput, Delta, Delta, Delta);
 /// (disputed round, counted hash, referee task).
 pub fn settle_disputes(config: &ExperimentConfig, refereed: &[Refereed]) -> Vec<RefereeCheck> {
     let tolerance = config.verification().tolerance();
-    let mut sorted: Vec<&Refereed> = refereed.iter().collect();
-    sorted.sort_by_key(|(input, ..)| (input.round, input.counted, input.referee.task));
-    sorted
-        .into_iter()
+    let mut checks: Vec<RefereeCheck> = refereed
+        .iter()
         .map(|(input, by_referee, counted, replica)| {
-            let (to_counted, to_replica, outcome) =
-                referee(&tolerance, by_referee, counted, replica);
-            RefereeCheck {
-                round: input.round,
-                counted: input.counted,
-                counted_trainer: input.counted_trainer,
-                replica: input.replica,
-                replica_trainer: input.replica_trainer,
-                referee: input.referee.clone(),
-                distance_to_counted: to_counted.distance,
-                distance_to_replica: to_replica.distance,
-                outcome,
-            }
+            referee_check(&tolerance, input, by_referee, counted, replica)
         })
-        .collect()
+        .collect();
+    sort_referee_checks(&mut checks);
+    checks
+}
+
+/// The order referee decisions are recorded in: (disputed round, counted hash, referee task).
+fn sort_referee_checks(checks: &mut [RefereeCheck]) {
+    checks.sort_by_key(|check| (check.round, check.counted, check.referee.task));
+}
+
+/// One dispute settled: the referee's delta against the counted and the replica delta.
+fn referee_check(
+    tolerance: &Tolerance,
+    input: &RefereeInput,
+    by_referee: &Delta,
+    counted: &Delta,
+    replica: &Delta,
+) -> RefereeCheck {
+    let (to_counted, to_replica, outcome) = referee(tolerance, by_referee, counted, replica);
+    RefereeCheck {
+        round: input.round,
+        counted: input.counted,
+        counted_trainer: input.counted_trainer,
+        replica: input.replica,
+        replica_trainer: input.replica_trainer,
+        referee: input.referee.clone(),
+        distance_to_counted: to_counted.distance,
+        distance_to_replica: to_replica.distance,
+        outcome,
+    }
 }
 
 /// Encodes an adapter or aggregate canonically (lossless f32): its hash is its id.
@@ -188,22 +222,38 @@ pub fn check_replicas(
             let (_, first) = deltas
                 .iter()
                 .find(|(accepted, _)| accepted.hash == *counted)?;
-            let comparison = compare(first, delta);
-            Some(ReplicaCheck {
-                counted: *counted,
-                replica: replica.clone(),
-                distance: comparison.distance,
-                cosine: comparison.cosine,
-                verdict: tolerance.verdict(&comparison),
-            })
+            Some(replica_check(&tolerance, *counted, replica, first, delta))
         })
         .collect();
+    verification_with(checks)
+}
+
+/// A verification record holding only `checks`.
+fn verification_with(checks: Vec<ReplicaCheck>) -> RoundVerification {
     RoundVerification {
         screening: Vec::new(),
         checks,
         referees: Vec::new(),
         barred: Vec::new(),
         loss_checks: Vec::new(),
+    }
+}
+
+/// One replicated task's check: its counted delta `first` against the replica's `second`.
+fn replica_check(
+    tolerance: &Tolerance,
+    counted: BlobHash,
+    replica: &AcceptedDelta,
+    first: &Delta,
+    second: &Delta,
+) -> ReplicaCheck {
+    let comparison = compare(first, second);
+    ReplicaCheck {
+        counted,
+        replica: replica.clone(),
+        distance: comparison.distance,
+        cosine: comparison.cosine,
+        verdict: tolerance.verdict(&comparison),
     }
 }
 
@@ -237,10 +287,7 @@ impl From<&LossCheck> for LossCheckInput {
 
 /// Judges each loss check, in the order of (round, delta); one that fails on a delta among
 /// `deltas` (this round's) withholds it.
-pub fn judge_loss_checks(
-    inputs: &[LossCheckInput],
-    deltas: &[(AcceptedDelta, Delta)],
-) -> Vec<LossCheck> {
+pub fn judge_loss_checks(inputs: &[LossCheckInput], deltas: &[AcceptedDelta]) -> Vec<LossCheck> {
     let mut sorted: Vec<&LossCheckInput> = inputs.iter().collect();
     sorted.sort_by_key(|input| (input.round, input.delta));
     sorted
@@ -250,9 +297,7 @@ pub fn judge_loss_checks(
             answers.sort_by_key(|answer| answer.evaluator);
             let (improvement, outcome) = judge(&answers, input.wanted);
             let withheld = outcome == LossOutcome::NotLowered
-                && deltas
-                    .iter()
-                    .any(|(accepted, _)| accepted.hash == input.delta);
+                && deltas.iter().any(|accepted| accepted.hash == input.delta);
             LossCheck {
                 round: input.round,
                 delta: input.delta,
@@ -272,7 +317,7 @@ pub fn judge_loss_checks(
 /// to that.
 fn bar_flagged(
     verification: &mut RoundVerification,
-    deltas: &[(AcceptedDelta, Delta)],
+    deltas: &[AcceptedDelta],
     flagged: &BTreeSet<TrainerId>,
 ) {
     let flagged: BTreeSet<TrainerId> = flagged
@@ -283,7 +328,6 @@ fn bar_flagged(
     let disputed: BTreeSet<BlobHash> = verification.withheld().collect();
     let mut barred: Vec<BarredDelta> = deltas
         .iter()
-        .map(|(accepted, _)| accepted)
         .filter(|accepted| {
             flagged.contains(&accepted.trainer) && !disputed.contains(&accepted.hash)
         })
@@ -321,27 +365,117 @@ pub fn derive_round(
 ) -> Result<Derived, DeriveError> {
     let mut verification = check_replicas(config, deltas, checks.replicas);
     verification.referees = settle_disputes(config, checks.refereed);
-    verification.loss_checks = judge_loss_checks(checks.loss_checks, deltas);
-    bar_flagged(
-        &mut verification,
-        deltas,
+    let mut sorted: Vec<&(AcceptedDelta, Delta)> = deltas.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| a.hash.cmp(&b.hash).then(a.weight.cmp(&b.weight)));
+    let scratch = Scratch {
+        in_memory: usize::MAX,
+        ..Scratch::in_dir(std::env::temp_dir())
+    };
+    let mut loaded = Loaded::new(adapter_before.layout(), sorted.len(), &scratch)?;
+    for (accepted, delta) in sorted {
+        loaded.push(accepted, delta)?;
+    }
+    finish(
+        config,
+        adapter_before,
+        loaded,
+        verification,
+        checks.loss_checks,
         checks.flagged.unwrap_or(&BTreeSet::new()),
-    );
-    let withheld: BTreeSet<BlobHash> = verification.withheld().collect();
-    let contributions: Vec<Contribution<'_>> = deltas
-        .iter()
-        .filter(|(accepted, _)| !withheld.contains(&accepted.hash))
-        .map(|(accepted, delta)| Contribution {
-            hash: accepted.hash,
-            weight: accepted.weight as f64,
-            delta,
+        state,
+        scratch.slab,
+    )
+}
+
+/// A round's accepted deltas, loaded in hash order: what each trainer signed, what aggregation
+/// needs to know of each delta, and their values, spilled.
+struct Loaded {
+    layout: Layout,
+    accepted: Vec<AcceptedDelta>,
+    summaries: Vec<Summary>,
+    spill: Spill,
+}
+
+impl Loaded {
+    fn new(layout: Layout, expected: usize, scratch: &Scratch) -> Result<Self, DeriveError> {
+        let spill = Spill::new(layout.element_count(), expected, scratch)
+            .map_err(|source| DeriveError::Scratch { source })?;
+        Ok(Self {
+            layout,
+            accepted: Vec::with_capacity(expected),
+            summaries: Vec::with_capacity(expected),
+            spill,
         })
+    }
+
+    /// Adds the next delta (in hash order): checked against the adapter's layout, summarised,
+    /// spilled.
+    fn push(&mut self, accepted: &AcceptedDelta, delta: &Delta) -> Result<(), DeriveError> {
+        delta
+            .check_layout(&self.layout)
+            .map_err(|source| DeriveError::Layout {
+                hash: accepted.hash,
+                source,
+            })?;
+        self.summaries
+            .push(Summary::of(accepted.hash, accepted.weight as f64, delta)?);
+        self.spill
+            .push(delta)
+            .map_err(|source| DeriveError::Scratch { source })?;
+        self.accepted.push(accepted.clone());
+        Ok(())
+    }
+
+    /// The loaded delta with this hash, read back.
+    fn delta(&mut self, hash: &BlobHash) -> Result<Option<Delta>, DeriveError> {
+        // In hash order: a binary search.
+        let Ok(row) = self.accepted.binary_search_by(|a| a.hash.cmp(hash)) else {
+            return Ok(None);
+        };
+        self.spill
+            .delta(row, &self.layout)
+            .map(Some)
+            .map_err(|source| DeriveError::Scratch { source })
+    }
+}
+
+/// Judges the loss checks, bars flagged trainers' deltas, aggregates the rest slab by slab and
+/// takes the server step.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    config: &ExperimentConfig,
+    adapter_before: &Delta,
+    loaded: Loaded,
+    mut verification: RoundVerification,
+    loss_checks: &[LossCheckInput],
+    flagged: &BTreeSet<TrainerId>,
+    state: &OptimizerState,
+    slab: usize,
+) -> Result<Derived, DeriveError> {
+    let Loaded {
+        layout,
+        accepted,
+        summaries,
+        mut spill,
+    } = loaded;
+    verification.loss_checks = judge_loss_checks(loss_checks, &accepted);
+    bar_flagged(&mut verification, &accepted, flagged);
+    let withheld: BTreeSet<BlobHash> = verification.withheld().collect();
+    let rows: Vec<usize> = (0..accepted.len())
+        .filter(|&row| !withheld.contains(&accepted[row].hash))
         .collect();
-    let aggregated = if contributions.is_empty() && !deltas.is_empty() {
+    let aggregated = if rows.is_empty() && !accepted.is_empty() {
         Delta::zeros(&adapter_before.layout()).expect("the adapter's layout is valid")
     } else {
-        verification.screening = screen(&config.aggregation(), &contributions)?;
-        aggregate(&config.aggregation(), &contributions)?
+        let kept: Vec<Summary> = rows.iter().map(|&row| summaries[row].clone()).collect();
+        let mut reader = SpillRows {
+            spill: &mut spill,
+            rows,
+        };
+        let Aggregated { delta, screening } =
+            aggregate_rows(&config.aggregation(), &layout, &kept, &mut reader, slab)?;
+        verification.screening = screening;
+        delta
     };
     let mut adapter_after = adapter_before.clone();
     let mut state = state.clone();
@@ -377,12 +511,20 @@ pub struct RoundInputs<'a> {
     pub flagged: &'a BTreeSet<TrainerId>,
 }
 
-/// Loads a round's inputs from the blob store and derives it.
+/// Loads a round's inputs from the blob store and derives it, with the result
+/// [`derive_round`] gives for the same deltas in memory.
+///
+/// The accepted deltas stream from the store once, in hash order, a batch at a time: each is
+/// decoded, checked, summarised and spilled (`scratch`), and aggregation then reads them back a
+/// slab of coordinates at a time. Replicas and referees are compared one dispute at a time.
+/// Memory holds one batch of encoded deltas, a few decoded ones and one slab, however many
+/// trainers the round had.
 pub fn derive_from_store(
     config: &ExperimentConfig,
     blobs: &dyn BlobSource,
     inputs: RoundInputs<'_>,
     state: &OptimizerState,
+    scratch: &Scratch,
 ) -> Result<Derived, DeriveError> {
     let RoundInputs {
         adapter_before,
@@ -397,79 +539,144 @@ pub fn derive_from_store(
         .layout()
         .map(|layout| layout.element_count())
         .unwrap_or(usize::MAX);
+    let tolerance = config.verification().tolerance();
     let adapter = load_delta(blobs, adapter_before, max_elements)?;
     let mut unreadable = Vec::new();
-    let deltas = load_all(blobs, accepted, max_elements, &mut unreadable)?;
-    let replica_deltas = load_all(
-        blobs,
-        replicas.iter().map(|(_, replica)| replica),
-        max_elements,
-        &mut unreadable,
-    )?;
-    let referee_deltas = load_all(
-        blobs,
-        referees.iter().map(|input| &input.referee),
-        max_elements,
-        &mut unreadable,
-    )?;
-    // The disputed deltas were stored in earlier rounds; one that is gone leaves its dispute
-    // unsettled rather than stopping the round.
-    let mut refereed = Vec::new();
-    for (input, (_, by_referee)) in referees.iter().zip(referee_deltas) {
-        let counted = load_delta(blobs, &input.counted, max_elements);
-        let replica = load_delta(blobs, &input.replica, max_elements);
-        match (counted, replica) {
-            (Ok(counted), Ok(replica)) => {
-                refereed.push((input.clone(), by_referee, counted, replica))
-            }
-            (Err(error @ DeriveError::Blob(BlobError::Io { .. })), _)
-            | (_, Err(error @ DeriveError::Blob(BlobError::Io { .. }))) => return Err(error),
-            _ => {}
-        }
+    let mut sorted: Vec<&AcceptedDelta> = accepted.iter().collect();
+    sorted.sort_by(|a, b| a.hash.cmp(&b.hash).then(a.weight.cmp(&b.weight)));
+    let mut loaded = Loaded::new(adapter.layout(), sorted.len(), scratch)?;
+    if loaded.spill.on_disk() {
+        tracing::info!(
+            deltas = sorted.len(),
+            values = adapter.element_count(),
+            "the round's deltas exceed the in-memory limit: spilling them to a scratch file"
+        );
     }
+    for_each_loaded(
+        blobs,
+        &sorted,
+        max_elements,
+        &mut unreadable,
+        |_, item, delta| loaded.push(item, &delta),
+    )?;
+    // Replicas, in the order of the counted delta's hash: each compared as it arrives.
+    let mut ordered: Vec<&(BlobHash, AcceptedDelta)> = replicas.iter().collect();
+    ordered.sort_by_key(|(counted, replica)| (*counted, replica.task));
+    let mut checks = Vec::new();
+    let replica_list: Vec<&AcceptedDelta> = ordered.iter().map(|(_, replica)| replica).collect();
+    for_each_loaded(
+        blobs,
+        &replica_list,
+        max_elements,
+        &mut unreadable,
+        |index, replica, delta| {
+            let counted = ordered[index].0;
+            if let Some(first) = loaded.delta(&counted)? {
+                checks.push(replica_check(&tolerance, counted, replica, &first, &delta));
+            }
+            Ok(())
+        },
+    )?;
+    let mut verification = verification_with(checks);
+    // Referees: the three deltas of one dispute at a time. The disputed deltas were stored in
+    // earlier rounds; one that is gone leaves its dispute unsettled rather than stopping the
+    // round.
+    for_each_loaded(
+        blobs,
+        &referees
+            .iter()
+            .map(|input| &input.referee)
+            .collect::<Vec<_>>(),
+        max_elements,
+        &mut unreadable,
+        |index, _, by_referee| {
+            let input = &referees[index];
+            let counted = load_delta(blobs, &input.counted, max_elements);
+            let replica = load_delta(blobs, &input.replica, max_elements);
+            match (counted, replica) {
+                (Ok(counted), Ok(replica)) => verification.referees.push(referee_check(
+                    &tolerance,
+                    input,
+                    &by_referee,
+                    &counted,
+                    &replica,
+                )),
+                (Err(error @ DeriveError::Blob(BlobError::Io { .. })), _)
+                | (_, Err(error @ DeriveError::Blob(BlobError::Io { .. }))) => return Err(error),
+                _ => {}
+            }
+            Ok(())
+        },
+    )?;
+    sort_referee_checks(&mut verification.referees);
     if !unreadable.is_empty() {
         return Err(DeriveError::Unreadable { deltas: unreadable });
     }
-    let replicas: Vec<Replica> = replicas
-        .iter()
-        .zip(replica_deltas)
-        .map(|((counted, _), (replica, delta))| (*counted, replica, delta))
-        .collect();
-    derive_round(
+    finish(
         config,
         &adapter,
-        &deltas,
-        Checks {
-            replicas: &replicas,
-            refereed: &refereed,
-            loss_checks,
-            flagged: Some(flagged),
-        },
+        loaded,
+        verification,
+        loss_checks,
+        flagged,
         state,
+        scratch.slab,
     )
 }
 
-/// Loads each delta; those gone or damaged for good are added to `unreadable` and left out, any
-/// other error is one that may pass (i/o).
-fn load_all<'a>(
+/// Loads each delta in order and hands it to `each`; those gone or damaged for good are added
+/// to `unreadable` and left out, any other error is one that may pass (i/o). Deltas are fetched
+/// a batch at a time (an object store serves a batch concurrently), at most [`FETCH_BATCH`] of
+/// them and [`FETCH_BATCH_BYTES`] of encoded bytes, and decoded one at a time.
+fn for_each_loaded(
     blobs: &dyn BlobSource,
-    items: impl IntoIterator<Item = &'a AcceptedDelta>,
+    items: &[&AcceptedDelta],
     max_elements: usize,
     unreadable: &mut Vec<(BlobHash, String)>,
-) -> Result<Vec<(AcceptedDelta, Delta)>, DeriveError> {
-    let mut deltas = Vec::new();
-    for item in items {
-        match load_delta(blobs, &item.hash, max_elements) {
-            Ok(delta) => deltas.push((item.clone(), delta)),
-            Err(
-                error @ (DeriveError::Blob(BlobError::NotFound { .. } | BlobError::Corrupt { .. })
-                | DeriveError::Decode { .. }),
-            ) => unreadable.push((item.hash, error.to_string())),
-            Err(error) => return Err(error),
+    mut each: impl FnMut(usize, &AcceptedDelta, Delta) -> Result<(), DeriveError>,
+) -> Result<(), DeriveError> {
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut take = 0;
+        let mut bytes = 0u64;
+        while take < rest.len() && take < FETCH_BATCH {
+            bytes = bytes.saturating_add(rest[take].byte_len);
+            if take > 0 && bytes > FETCH_BATCH_BYTES {
+                break;
+            }
+            take += 1;
+        }
+        let (batch, after) = rest.split_at(take);
+        let first = items.len() - rest.len();
+        rest = after;
+        let hashes: Vec<BlobHash> = batch.iter().map(|item| item.hash).collect();
+        for (offset, (item, fetched)) in batch.iter().zip(blobs.get_many(&hashes)).enumerate() {
+            let loaded = fetched.map_err(DeriveError::from).and_then(|bytes| {
+                codec::decode(&bytes, max_elements).map_err(|source| DeriveError::Decode {
+                    hash: item.hash,
+                    source,
+                })
+            });
+            match loaded {
+                Ok(delta) => each(first + offset, item, delta)?,
+                Err(
+                    error @ (DeriveError::Blob(
+                        BlobError::NotFound { .. } | BlobError::Corrupt { .. },
+                    )
+                    | DeriveError::Decode { .. }),
+                ) => unreadable.push((item.hash, error.to_string())),
+                Err(error) => return Err(error),
+            }
         }
     }
-    Ok(deltas)
+    Ok(())
 }
+
+/// Most deltas fetched together by [`for_each_loaded`].
+const FETCH_BATCH: usize = 64;
+
+/// Most encoded bytes fetched together by [`for_each_loaded`] (one delta at least).
+const FETCH_BATCH_BYTES: u64 = 64 << 20;
 
 fn describe(deltas: &[(BlobHash, String)]) -> String {
     deltas
@@ -605,7 +812,7 @@ mod barring {
     /// deltas from trainers 1 to 4.
     fn round_of_four() -> (ExperimentConfig, Delta, Vec<(AcceptedDelta, Delta)>) {
         let mut config: ExperimentConfig = crate::settings::load_experiment_str(
-            include_str!("../../experiments/ci-tiny.toml"),
+            include_str!("../../../experiments/ci-tiny.toml"),
             "ci-tiny",
             Default::default(),
             &[],
@@ -738,5 +945,209 @@ mod barring {
             .collect();
         let plain = derive_round(&config, &before, &kept, Checks::default(), &state).unwrap();
         assert_eq!(derived.aggregate, plain.aggregate);
+    }
+}
+
+#[cfg(test)]
+mod streaming {
+    use super::*;
+    use crate::store::blobs::BlobStore;
+    use tributary_shared::config::{AdapterSpec, ExperimentConfig};
+    use tributary_shared::{NamedTensor, TaskId};
+
+    const PARAMS: usize = 40;
+
+    fn delta(seed: u32, sign: f32) -> Delta {
+        let values = |offset: u32, len: usize| -> Vec<f32> {
+            (0..len as u32)
+                .map(|i| {
+                    let x = (seed * 7919 + (i + offset) * 104_729) % 1000;
+                    sign * (0.5 + x as f32 / 1000.0)
+                })
+                .collect()
+        };
+        Delta::new(vec![
+            NamedTensor::new("w", vec![PARAMS - 10], values(0, PARAMS - 10)).unwrap(),
+            NamedTensor::new("v", vec![10], values(500, 10)).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    fn accepted(bytes: &[u8], n: u32) -> AcceptedDelta {
+        AcceptedDelta {
+            hash: BlobHash::of(bytes),
+            trainer: TrainerId([n as u8; 32]),
+            weight: u64::from(n % 5 + 1),
+            claimed_samples: 1,
+            reported_train_loss: 1.0,
+            byte_len: bytes.len() as u64,
+            task: TaskId(u64::from(n)),
+            reported_steps: 1,
+            reported_tokens: 1,
+            reported_train_ms: 1,
+            signature: Vec::new(),
+        }
+    }
+
+    /// The robust default, on the synthetic layout of [`delta`].
+    fn config() -> ExperimentConfig {
+        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
+            include_str!("../../../experiments/ci-tiny.toml"),
+            "ci-tiny",
+            Default::default(),
+            &[],
+        )
+        .unwrap()
+        .pinned();
+        config.adapter = AdapterSpec::Synthetic {
+            params: PARAMS as u64,
+            tensors: 2,
+        };
+        config
+    }
+
+    /// A round streamed from the store, spilled to a scratch file and aggregated a few
+    /// coordinates at a time, derives the bits the same deltas give in memory: aggregate,
+    /// adapter, state, screening, replica checks (one agreeing, one a sign flip) and referees.
+    #[test]
+    fn a_round_streamed_from_the_store_derives_the_bits_of_the_round_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch_dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let config = config();
+        let put = |delta: &Delta, n: u32| {
+            let bytes = codec::encode_to_vec(delta, Codec::Int8 { block: 8 }).unwrap();
+            blobs.put(&bytes).unwrap();
+            // What the store path decodes, for the in-memory path.
+            let decoded = codec::decode(&bytes, PARAMS).unwrap();
+            (accepted(&bytes, n), decoded)
+        };
+        let before = delta(999, 0.1);
+        let before_hash = blobs.put(&encode_exact(&before)).unwrap();
+        // Eleven honest deltas and two liars (a sign flip and a large one).
+        let mut deltas: Vec<(AcceptedDelta, Delta)> =
+            (0..11).map(|n| put(&delta(n, 1.0), n)).collect();
+        deltas.push(put(&delta(11, -1.0), 11));
+        deltas.push(put(&delta(12, 40.0), 12));
+        deltas.sort_by_key(|(a, _)| a.hash);
+        // Replicas: one agreeing with its counted delta, one not.
+        let agreeing = put(&delta(3, 1.0), 20);
+        let flipped = put(&delta(5, -1.0), 21);
+        let counted = |n: u8| deltas.iter().find(|(a, _)| a.trainer.0[0] == n).unwrap();
+        let replicas = vec![
+            (counted(3).0.hash, agreeing.0.clone(), agreeing.1.clone()),
+            (counted(5).0.hash, flipped.0.clone(), flipped.1.clone()),
+        ];
+        // A referee settling an earlier dispute between deltas 1 and 2, siding with 1.
+        let referee = put(&delta(1, 1.0), 30);
+        let input = RefereeInput {
+            round: RoundId(0),
+            counted: counted(1).0.hash,
+            counted_trainer: counted(1).0.trainer,
+            replica: counted(2).0.hash,
+            replica_trainer: counted(2).0.trainer,
+            referee: referee.0.clone(),
+        };
+        let refereed = vec![(
+            input.clone(),
+            referee.1.clone(),
+            counted(1).1.clone(),
+            counted(2).1.clone(),
+        )];
+        let state = OptimizerState::default();
+        let nobody = BTreeSet::new();
+        let in_memory = derive_round(
+            &config,
+            &before,
+            &deltas,
+            Checks {
+                replicas: &replicas,
+                refereed: &refereed,
+                loss_checks: &[],
+                flagged: Some(&nobody),
+            },
+            &state,
+        )
+        .unwrap();
+        assert_eq!(in_memory.verification.checks.len(), 2);
+        // Delta 5 (its replica disagrees) and delta 2 (its trainer lost the dispute here).
+        assert_eq!(in_memory.verification.withheld().count(), 2);
+        assert!(in_memory.verification.screening.iter().any(|s| !s.kept));
+        let accepted: Vec<AcceptedDelta> = deltas.iter().map(|(a, _)| a.clone()).collect();
+        let replica_inputs: Vec<(BlobHash, AcceptedDelta)> = replicas
+            .iter()
+            .map(|(counted, replica, _)| (*counted, replica.clone()))
+            .collect();
+        for (in_memory_bytes, slab_bytes) in [(usize::MAX, 64 << 20), (0, 3 * 13 * 4), (0, 1)] {
+            let scratch = Scratch {
+                dir: scratch_dir.path().to_path_buf(),
+                in_memory: in_memory_bytes,
+                slab: slab_bytes,
+            };
+            let streamed = derive_from_store(
+                &config,
+                &blobs,
+                RoundInputs {
+                    adapter_before: &before_hash,
+                    accepted: &accepted,
+                    replicas: &replica_inputs,
+                    referees: std::slice::from_ref(&input),
+                    loss_checks: &[],
+                    flagged: &nobody,
+                },
+                &state,
+                &scratch,
+            )
+            .unwrap();
+            assert_eq!(
+                encode_exact(&streamed.aggregate),
+                encode_exact(&in_memory.aggregate)
+            );
+            assert_eq!(
+                encode_exact(&streamed.adapter_after),
+                encode_exact(&in_memory.adapter_after)
+            );
+            assert_eq!(streamed.verification, in_memory.verification);
+            assert_eq!(streamed.state, in_memory.state);
+        }
+        assert_eq!(std::fs::read_dir(scratch_dir.path()).unwrap().count(), 0);
+    }
+
+    /// A delta gone from the store is reported unreadable with the others, whatever the batch.
+    #[test]
+    fn missing_deltas_are_reported_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let config = config();
+        let before = delta(999, 0.1);
+        let before_hash = blobs.put(&encode_exact(&before)).unwrap();
+        let mut accepted_deltas = Vec::new();
+        for n in 0..70 {
+            let bytes = codec::encode_to_vec(&delta(n, 1.0), Codec::F32).unwrap();
+            if n % 30 != 7 {
+                blobs.put(&bytes).unwrap();
+            }
+            accepted_deltas.push(accepted(&bytes, n));
+        }
+        accepted_deltas.sort_by_key(|a| a.hash);
+        let error = derive_from_store(
+            &config,
+            &blobs,
+            RoundInputs {
+                adapter_before: &before_hash,
+                accepted: &accepted_deltas,
+                replicas: &[],
+                referees: &[],
+                loss_checks: &[],
+                flagged: &BTreeSet::new(),
+            },
+            &OptimizerState::default(),
+            &Scratch::in_dir(dir.path()),
+        )
+        .unwrap_err();
+        match error {
+            DeriveError::Unreadable { deltas } => assert_eq!(deltas.len(), 3),
+            other => panic!("{other}"),
+        }
     }
 }

@@ -49,12 +49,15 @@
 //! ```
 
 use std::cmp::Ordering;
-use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{Delta, DeltaError, Layout};
 use crate::ids::BlobHash;
+
+mod slabs;
+
+pub use slabs::{aggregate_rows, copy_flat, Aggregated, DeltaRows, Rows, Summary};
 
 /// One accepted client update.
 #[derive(Clone, Copy, Debug)]
@@ -212,69 +215,35 @@ pub fn aggregate(
     config: &AggregationConfig,
     contributions: &[Contribution<'_>],
 ) -> Result<Delta, AggregateError> {
+    in_memory(config, contributions, false).map(|aggregated| aggregated.delta)
+}
+
+/// Bytes of values one slab takes when contributions in memory are aggregated: the rules copy
+/// one slab of every contribution at a time.
+const IN_MEMORY_SLAB_BUDGET: usize = 32 << 20;
+
+/// [`aggregate`] and, with `screening`, [`screen`], through [`aggregate_rows`]'s code.
+fn in_memory(
+    config: &AggregationConfig,
+    contributions: &[Contribution<'_>],
+    screening: bool,
+) -> Result<Aggregated, AggregateError> {
     config.validate()?;
     let sorted = sorted_and_checked(contributions)?;
-    let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
-    let (sorted, scales) = match config.min_agreement {
-        Some(fraction) => {
-            let (_, kept) = agreement(&sorted, &scales, fraction);
-            sorted
-                .into_iter()
-                .zip(scales)
-                .zip(kept)
-                .filter(|(_, kept)| *kept)
-                .map(|(pair, _)| pair)
-                .unzip()
-        }
-        None => (sorted, scales),
-    };
+    let summaries = sorted
+        .iter()
+        .map(|c| Summary::of(c.hash, c.weight, c.delta))
+        .collect::<Result<Vec<_>, _>>()?;
     let layout = sorted[0].delta.layout();
-    let mut output = Delta::zeros(&layout).expect("the layout of a valid delta is valid");
-    let n_contributions = sorted.len();
-    let rule = match config.rule {
-        AggregationRule::Robust {
-            trim_fraction,
-            min_contributions,
-        } if n_contributions >= min_contributions as usize => {
-            AggregationRule::TrimmedMean { trim_fraction }
-        }
-        AggregationRule::Robust { .. } => AggregationRule::FedAvg,
-        rule => rule,
-    };
-    let all_finite = match rule {
-        AggregationRule::Robust { .. } => unreachable!("resolved above"),
-        AggregationRule::FedAvg => {
-            let mut total_weight = 0.0f64;
-            for contribution in &sorted {
-                total_weight += contribution.weight;
-            }
-            let coefficients: Vec<f64> = sorted
-                .iter()
-                .zip(&scales)
-                .map(|(contribution, &scale)| (contribution.weight / total_weight) * scale)
-                .collect();
-            weighted_sum(&sorted, &coefficients, &mut output)
-        }
-        AggregationRule::TrimmedMean { trim_fraction } => {
-            // `trim_fraction < 0.5` keeps at least one value.
-            let n_trimmed = (trim_fraction * n_contributions as f64).floor() as usize;
-            mean_of_ranks(
-                &sorted,
-                &scales,
-                n_trimmed..n_contributions - n_trimmed,
-                &mut output,
-            )
-        }
-        AggregationRule::Median => {
-            // The middle rank, or the two middle ranks of an even count.
-            let kept = (n_contributions - 1) / 2..n_contributions / 2 + 1;
-            mean_of_ranks(&sorted, &scales, kept, &mut output)
-        }
-    };
-    if !all_finite {
-        return Err(first_non_finite(&sorted));
-    }
-    Ok(output)
+    let mut rows = DeltaRows::new(sorted.iter().map(|c| c.delta).collect());
+    slabs::aggregate_slabs(
+        config,
+        &layout,
+        &summaries,
+        &mut rows,
+        IN_MEMORY_SLAB_BUDGET,
+        screening,
+    )
 }
 
 /// A server-side optimizer applying the aggregated delta to the adapter.
@@ -508,6 +477,24 @@ pub enum AggregateError {
         /// The bad value and the allowed range.
         detail: String,
     },
+    /// Summaries handed to [`aggregate_rows`] out of aggregation order.
+    #[error("contribution {hash} is out of aggregation order (ascending hash, then weight)")]
+    Unsorted {
+        /// The first contribution out of order.
+        hash: BlobHash,
+    },
+    /// A contribution's values could not be read back ([`Rows::read`]).
+    #[error("cannot read contribution {hash}: {detail}")]
+    Read {
+        /// The contribution.
+        hash: BlobHash,
+        /// Why.
+        detail: String,
+    },
+    /// Finite contributions gave a non-finite result (it cannot happen: the coefficients are a
+    /// convex combination and the scales at most 1).
+    #[error("the aggregate is not finite")]
+    NonFiniteResult,
     /// The aggregated delta or a stored optimizer moment does not have the adapter's layout.
     #[error("{what} does not match the adapter's layout: {source}")]
     StateMismatch {
@@ -518,14 +505,8 @@ pub enum AggregateError {
     },
 }
 
-/// Coordinates summed together in [`weighted_sum`]: one 64-byte cache line of each input.
-const LANES: usize = 16;
-
 /// Partial sums in [`clipping_norm`].
 const NORM_LANES: usize = 8;
-
-/// Coordinates sorted together in [`mean_of_ranks`].
-const RANK_BLOCK: usize = 64;
 
 fn invalid(key: &'static str, detail: String) -> AggregateError {
     AggregateError::InvalidConfig { key, detail }
@@ -636,37 +617,6 @@ fn compare_values(left: &[f32], right: &[f32]) -> Ordering {
     left.len().cmp(&right.len())
 }
 
-/// The clipping scale of each contribution, in sorted order (all 1 without clipping).
-fn clip_scales(
-    clip_norm: Option<f64>,
-    clip_to_median: Option<f64>,
-    sorted: &[&Contribution<'_>],
-) -> Result<Vec<f64>, AggregateError> {
-    if clip_norm.is_none() && clip_to_median.is_none() {
-        return Ok(vec![1.0; sorted.len()]);
-    }
-    let norms = sorted
-        .iter()
-        .map(|contribution| {
-            let norm = clipping_norm(contribution.delta);
-            if norm.is_finite() {
-                Ok(norm)
-            } else {
-                Err(first_non_finite(std::slice::from_ref(contribution)))
-            }
-        })
-        .collect::<Result<Vec<f64>, AggregateError>>()?;
-    let median_bound = clip_to_median.map(|multiple| multiple * median(&norms));
-    let bound = match (clip_norm, median_bound) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b).expect("one bound is set"),
-    };
-    Ok(norms
-        .iter()
-        .map(|&norm| if norm > bound { bound / norm } else { 1.0 })
-        .collect())
-}
-
 /// What screening found for one contribution: the numbers aggregation decided on, recorded in
 /// the round's ledger entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -700,130 +650,7 @@ pub fn screen(
     config: &AggregationConfig,
     contributions: &[Contribution<'_>],
 ) -> Result<Vec<Screening>, AggregateError> {
-    config.validate()?;
-    let sorted = sorted_and_checked(contributions)?;
-    let scales = clip_scales(config.clip_norm, config.clip_to_median, &sorted)?;
-    let norms: Vec<f64> = sorted.iter().map(|c| clipping_norm(c.delta)).collect();
-    let (similarities, kept) = match config.min_agreement {
-        Some(fraction) => {
-            let (similarities, kept) = agreement(&sorted, &scales, fraction);
-            (
-                similarities.map(|s| s.into_iter().map(Some).collect()),
-                kept,
-            )
-        }
-        None => (
-            agreement(&sorted, &scales, 1.0)
-                .0
-                .map(|s| s.into_iter().map(Some).collect()),
-            vec![true; sorted.len()],
-        ),
-    };
-    let similarities: Vec<Option<f64>> = similarities.unwrap_or(vec![None; sorted.len()]);
-    // Per tensor: each contribution's norm, and the round's median of it.
-    let tensor_norms: Vec<Vec<f64>> = sorted
-        .iter()
-        .map(|c| {
-            c.delta
-                .tensors()
-                .iter()
-                .map(|t| {
-                    t.values()
-                        .iter()
-                        .map(|&v| f64::from(v) * f64::from(v))
-                        .sum::<f64>()
-                        .sqrt()
-                })
-                .collect()
-        })
-        .collect();
-    let n_tensors = tensor_norms.first().map_or(0, Vec::len);
-    let medians: Vec<f64> = (0..n_tensors)
-        .map(|t| {
-            median(
-                &tensor_norms
-                    .iter()
-                    .map(|norms| norms[t])
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    Ok(sorted
-        .iter()
-        .enumerate()
-        .map(|(i, contribution)| Screening {
-            hash: contribution.hash,
-            norm: norms[i],
-            scale: scales[i],
-            cosine: similarities[i],
-            max_tensor_ratio: tensor_norms[i]
-                .iter()
-                .zip(&medians)
-                .map(|(&norm, &median)| match (norm > 0.0, median > 0.0) {
-                    (false, _) => 0.0,
-                    (true, true) => norm / median,
-                    (true, false) => f64::MAX,
-                })
-                .fold(0.0, f64::max),
-            kept: kept[i],
-        })
-        .collect())
-}
-
-/// Each contribution's cosine similarity with the majority's direction and whether it agrees
-/// with it, in sorted order: with `n ≥ 3`, the coordinate-wise median `m` of the scaled
-/// contributions is taken as the median rule takes it; each contribution's cosine similarity is
-/// `dot(scale_i * x_i, m) / (norm(scale_i * x_i) * norm(m))`, with the dot product and the norms
-/// summed in f64 over tensors in name order and values in index order (0 for a zero vector);
-/// those below `fraction × median(similarities)` disagree. All agree when `n < 3` (no
-/// similarities then), when `m` is zero or when the median similarity is not positive (no
-/// direction to agree with).
-fn agreement(
-    sorted: &[&Contribution<'_>],
-    scales: &[f64],
-    fraction: f64,
-) -> (Option<Vec<f64>>, Vec<bool>) {
-    let n = sorted.len();
-    if n < 3 {
-        return (None, vec![true; n]);
-    }
-    let mut center = Delta::zeros(&sorted[0].delta.layout()).expect("a valid layout");
-    // Non-finite inputs are reported by the rule that follows.
-    let _ = mean_of_ranks(sorted, scales, (n - 1) / 2..n / 2 + 1, &mut center);
-    let dot_and_norms = |contribution: &Contribution<'_>, scale: f64| {
-        let (mut dot, mut own, mut other) = (0.0f64, 0.0f64, 0.0f64);
-        for (mine, theirs) in contribution.delta.tensors().iter().zip(center.tensors()) {
-            for (&x, &m) in mine.values().iter().zip(theirs.values()) {
-                let (x, m) = (f64::from(x) * scale, f64::from(m));
-                dot += x * m;
-                own += x * x;
-                other += m * m;
-            }
-        }
-        (dot, own.sqrt(), other.sqrt())
-    };
-    let similarities: Vec<f64> = sorted
-        .iter()
-        .zip(scales)
-        .map(|(contribution, &scale)| {
-            let (dot, own, other) = dot_and_norms(contribution, scale);
-            if own > 0.0 && other > 0.0 && dot.is_finite() {
-                dot / (own * other)
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let typical = median(&similarities);
-    if typical.is_nan() || typical <= 0.0 {
-        return (Some(similarities), vec![true; n]);
-    }
-    let threshold = fraction * typical;
-    let kept = similarities
-        .iter()
-        .map(|&similarity| similarity >= threshold)
-        .collect();
-    (Some(similarities), kept)
+    in_memory(config, contributions, true).map(|aggregated| aggregated.screening)
 }
 
 /// The median of `values` (not empty): the middle one in ascending `total_cmp` order, or the
@@ -866,146 +693,6 @@ fn clipping_norm(delta: &Delta) -> f64 {
         total += tensor_total;
     }
     total.sqrt()
-}
-
-/// The error for the first contribution (in the given order) holding a non-finite value.
-///
-/// Called only once a non-finite result was seen. Finite inputs always give finite results: the
-/// coefficients are a convex combination (up to rounding) and the scales are at most 1, so the
-/// magnitude of a result never exceeds the largest input's by more than rounding, and the cast to
-/// f32 rounds to the nearest value rather than overflowing.
-fn first_non_finite(sorted: &[&Contribution<'_>]) -> AggregateError {
-    sorted
-        .iter()
-        .find_map(|contribution| {
-            contribution
-                .delta
-                .check_finite()
-                .err()
-                .map(|source| AggregateError::NonFinite {
-                    hash: contribution.hash,
-                    source,
-                })
-        })
-        .expect("a non-finite result comes from a non-finite input")
-}
-
-/// Writes `sum_i coefficients[i] * x_i` into `output`, accumulating in f64 in sorted order per
-/// coordinate; returns whether every result is finite.
-///
-/// Coordinates are taken [`LANES`] at a time with the sums held in registers while every
-/// contribution's matching cache line streams through; each coordinate's sum is still
-/// `((0 + c_0 * x_0) + c_1 * x_1) + ...`.
-fn weighted_sum(sorted: &[&Contribution<'_>], coefficients: &[f64], output: &mut Delta) -> bool {
-    let mut all_finite = true;
-    for (tensor_index, output_tensor) in output.tensors_mut().enumerate() {
-        let inputs: Vec<&[f32]> = sorted
-            .iter()
-            .map(|contribution| contribution.delta.tensors()[tensor_index].values())
-            .collect();
-        let output_values = output_tensor.values_mut();
-        let n_full = output_values.len() / LANES * LANES;
-        let (full, tail) = output_values.split_at_mut(n_full);
-        for (chunk_index, output_chunk) in full.chunks_exact_mut(LANES).enumerate() {
-            let start = chunk_index * LANES;
-            let mut sums = [0.0f64; LANES];
-            for (input, &coefficient) in inputs.iter().zip(coefficients) {
-                let input_chunk: &[f32; LANES] = input[start..start + LANES]
-                    .try_into()
-                    .expect("layouts were checked");
-                for (sum, &value) in sums.iter_mut().zip(input_chunk) {
-                    *sum += coefficient * f64::from(value);
-                }
-            }
-            let mut chunk_finite = true;
-            for (out, &sum) in output_chunk.iter_mut().zip(&sums) {
-                *out = sum as f32;
-                chunk_finite &= sum.is_finite();
-            }
-            all_finite &= chunk_finite;
-        }
-        for (offset, out) in tail.iter_mut().enumerate() {
-            let coordinate = n_full + offset;
-            let mut sum = 0.0f64;
-            for (input, &coefficient) in inputs.iter().zip(coefficients) {
-                sum += coefficient * f64::from(input[coordinate]);
-            }
-            *out = sum as f32;
-            all_finite &= sum.is_finite();
-        }
-    }
-    all_finite
-}
-
-/// For each coordinate: sorts the values `x_i * scales[i] + 0` (f64, ascending) and writes the
-/// mean of the ranks in `kept` as f32, summing `((0 + v_lo) + v_lo+1) + ...` from the lowest kept
-/// rank up and dividing by their count; returns whether every value is finite.
-///
-/// Adding 0 turns a negative zero into a positive one, so among finite values equal means
-/// identical and the sorted column is unique. Coordinates go [`RANK_BLOCK`] at a time: row `i` of
-/// the block holds contribution `i`'s values, and a sorting network ([`merge_exchange_network`])
-/// sorts every column at once with branch-free min and max, which the compiler vectorises.
-fn mean_of_ranks(
-    sorted: &[&Contribution<'_>],
-    scales: &[f64],
-    kept: Range<usize>,
-    output: &mut Delta,
-) -> bool {
-    let n_rows = sorted.len();
-    let network = merge_exchange_network(n_rows);
-    let mut rows = vec![0.0f64; n_rows * RANK_BLOCK];
-    let mut sums = [0.0f64; RANK_BLOCK];
-    let count = kept.len() as f64;
-    let mut all_finite = true;
-    for (tensor_index, output_tensor) in output.tensors_mut().enumerate() {
-        let inputs: Vec<&[f32]> = sorted
-            .iter()
-            .map(|contribution| contribution.delta.tensors()[tensor_index].values())
-            .collect();
-        for (block_index, output_block) in output_tensor
-            .values_mut()
-            .chunks_mut(RANK_BLOCK)
-            .enumerate()
-        {
-            let start = block_index * RANK_BLOCK;
-            let len = output_block.len();
-            let mut block_finite = true;
-            for ((row, input), &scale) in rows.chunks_exact_mut(RANK_BLOCK).zip(&inputs).zip(scales)
-            {
-                for (slot, &value) in row[..len].iter_mut().zip(&input[start..start + len]) {
-                    let value = f64::from(value) * scale + 0.0;
-                    block_finite &= value.is_finite();
-                    *slot = value;
-                }
-            }
-            all_finite &= block_finite;
-            for &(low, high) in &network {
-                let (head, tail) = rows.split_at_mut(high * RANK_BLOCK);
-                let low_row = &mut head[low * RANK_BLOCK..low * RANK_BLOCK + len];
-                let high_row = &mut tail[..len];
-                for (low_value, high_value) in low_row.iter_mut().zip(high_row.iter_mut()) {
-                    let (a, b) = (*low_value, *high_value);
-                    *low_value = a.min(b);
-                    *high_value = a.max(b);
-                }
-            }
-            let sums = &mut sums[..len];
-            sums.fill(0.0);
-            for row in rows
-                .chunks_exact(RANK_BLOCK)
-                .skip(kept.start)
-                .take(kept.len())
-            {
-                for (sum, &value) in sums.iter_mut().zip(&row[..len]) {
-                    *sum += value;
-                }
-            }
-            for (out, &sum) in output_block.iter_mut().zip(sums.iter()) {
-                *out = (sum / count) as f32;
-            }
-        }
-    }
-    all_finite
 }
 
 /// Batcher's merge-exchange sorting network for `n` inputs (Knuth, TAOCP vol. 3, 5.2.2,
@@ -1568,6 +1255,56 @@ mod tests {
         .unwrap()
     }
 
+    /// Rows that remember the widest read.
+    struct CountingRows<'a> {
+        inner: DeltaRows<'a>,
+        widest: usize,
+    }
+
+    impl Rows for CountingRows<'_> {
+        fn read(&mut self, index: usize, start: usize, out: &mut [f32]) -> Result<(), String> {
+            self.widest = self.widest.max(out.len());
+            self.inner.read(index, start, out)
+        }
+    }
+
+    #[test]
+    fn rows_out_of_order_and_failed_reads_are_errors() {
+        let (a, b) = (delta(&[1.0, 2.0]), delta(&[3.0, 4.0]));
+        let (low, high) = (BlobHash([1; 32]), BlobHash([2; 32]));
+        let summaries = vec![
+            Summary::of(high, 1.0, &a).unwrap(),
+            Summary::of(low, 1.0, &b).unwrap(),
+        ];
+        let mut rows = DeltaRows::new(vec![&a, &b]);
+        let config = AggregationConfig::default();
+        assert_eq!(
+            aggregate_rows(&config, &a.layout(), &summaries, &mut rows, 64),
+            Err(AggregateError::Unsorted { hash: low })
+        );
+        let summaries: Vec<Summary> = summaries.into_iter().rev().collect();
+        let mut short = DeltaRows::new(vec![&b]);
+        assert!(matches!(
+            aggregate_rows(&config, &a.layout(), &summaries, &mut short, 64),
+            Err(AggregateError::Read { hash, .. }) if hash == high
+        ));
+        let nan = delta(&[f32::NAN, 0.0]);
+        assert!(matches!(
+            Summary::of(low, 1.0, &nan),
+            Err(AggregateError::NonFinite { hash, .. }) if hash == low
+        ));
+    }
+
+    #[test]
+    fn copy_flat_crosses_tensors_and_refuses_to_run_past_the_end() {
+        let delta = two_tensor_delta(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        // Name order: "a" (the first two values), then "b".
+        let mut out = [0.0f32; 3];
+        copy_flat(&delta, 1, &mut out).unwrap();
+        assert_eq!(out, [2.0, 3.0, 4.0]);
+        assert!(copy_flat(&delta, 3, &mut out).is_err());
+    }
+
     fn rule_strategy() -> impl Strategy<Value = AggregationConfig> {
         let rule = prop_oneof![
             Just(FED_AVG),
@@ -1741,6 +1478,42 @@ mod tests {
             let actual = aggregate(&config, &shuffled).unwrap();
             prop_assert_eq!(expected.layout(), actual.layout());
             prop_assert_eq!(bits(&expected), bits(&actual));
+        }
+
+        #[test]
+        fn slabs_of_any_size_give_the_bits_of_the_whole(
+            inputs in contributions_strategy(),
+            config in rule_strategy(),
+            fraction in prop::option::of(0.1f64..1.0),
+            slab in 1usize..12,
+        ) {
+            let config = AggregationConfig { min_agreement: fraction, ..config };
+            let deltas: Vec<Delta> = inputs.iter().map(|(_, _, values)| two_tensor_delta(values)).collect();
+            let contributions: Vec<Contribution<'_>> = inputs
+                .iter()
+                .zip(&deltas)
+                .map(|((hash_byte, weight, _), delta)| Contribution {
+                    hash: BlobHash([*hash_byte; 32]),
+                    weight: *weight,
+                    delta,
+                })
+                .collect();
+            let whole = aggregate(&config, &contributions).unwrap();
+            let screened = screen(&config, &contributions).unwrap();
+            let sorted = sorted_and_checked(&contributions).unwrap();
+            let summaries: Vec<Summary> = sorted
+                .iter()
+                .map(|c| Summary::of(c.hash, c.weight, c.delta).unwrap())
+                .collect();
+            let mut rows = CountingRows {
+                inner: DeltaRows::new(sorted.iter().map(|c| c.delta).collect()),
+                widest: 0,
+            };
+            let budget = slab * contributions.len() * 4;
+            let slabbed = aggregate_rows(&config, &whole.layout(), &summaries, &mut rows, budget).unwrap();
+            prop_assert_eq!(bits(&slabbed.delta), bits(&whole));
+            prop_assert_eq!(&slabbed.screening, &screened);
+            prop_assert!(rows.widest <= slab, "read {} coordinates at once, budget {}", rows.widest, slab);
         }
 
         #[test]
