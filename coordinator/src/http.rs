@@ -81,6 +81,8 @@ pub struct HttpContext {
     pub limits: HttpLimits,
     /// The blobs (a directory or object storage).
     pub blobs: crate::store::blobs::BlobStore,
+    /// The issue time of the last operator order taken (orders not newer are replays).
+    pub last_order_ms: u64,
 }
 
 /// A PEFT folder and the ledger head it was built at.
@@ -134,9 +136,7 @@ pub async fn spawn(
             limits.concurrent_requests.max(1),
         ))
         .with_state(AppState {
-            last_order_ms: Arc::new(tokio::sync::Mutex::new(crate::operator::load_last_order(
-                &context.data_dir,
-            ))),
+            last_order_ms: Arc::new(tokio::sync::Mutex::new(context.last_order_ms)),
             peft: Arc::default(),
             reads: Arc::new(crate::store::read_pool::ReadPool::new(
                 crate::store::db::location_of(&context.data_dir)?,
@@ -230,13 +230,11 @@ async fn throttle(
             return (StatusCode::FORBIDDEN, Json(body));
         }
         *last = order.issued_ms;
-        if let Err(error) = crate::operator::store_last_order(&state.context.data_dir, *last) {
-            tracing::error!(%error, "cannot record the last operator order");
-            let body = serde_json::json!({ "error": "cannot record the order durably" });
-            return (StatusCode::INTERNAL_SERVER_ERROR, Json(body));
-        }
+        // The hub records the order in the database (where a node taking over the lead finds
+        // it) and answers once that is durable.
         let command = Command::Throttle {
             duty_ppm: order.duty_ppm,
+            issued_ms: order.issued_ms,
             reply,
         };
         if state.context.commands.send(command).await.is_err() {
@@ -245,10 +243,17 @@ async fn throttle(
         }
     }
     match told.await {
-        Ok(trainers) => (
+        Ok(Ok(trainers)) => (
             StatusCode::OK,
             Json(serde_json::json!({ "duty_ppm": order.duty_ppm, "trainers": trainers })),
         ),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "throttle order not taken");
+            (
+                StatusCode::CONFLICT,
+                Json(serde_json::json!({ "error": error })),
+            )
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "error": "the coordinator is stopping" })),

@@ -133,7 +133,22 @@ impl ThrottleOrder {
     }
 }
 
-/// The fleet duty kept in `DATA_DIR/fleet-duty` so a restart keeps the pause on.
+/// The last throttle order a coordinator took: the one recorded in the database, or, for a
+/// data directory from before orders were kept there, the duty and order time its files hold.
+pub fn last_order(
+    db: &crate::store::db::Db,
+    data_dir: &Path,
+) -> Result<crate::store::fleet::FleetOrder, crate::store::db::DbError> {
+    Ok(db
+        .fleet_order()?
+        .unwrap_or_else(|| crate::store::fleet::FleetOrder {
+            duty_ppm: load_duty(data_dir),
+            issued_ms: load_last_order(data_dir),
+        }))
+}
+
+/// The fleet duty kept in `DATA_DIR/fleet-duty` by coordinators before orders were kept in the
+/// database.
 pub fn load_duty(data_dir: &Path) -> u32 {
     std::fs::read_to_string(data_dir.join("fleet-duty"))
         .ok()
@@ -141,27 +156,13 @@ pub fn load_duty(data_dir: &Path) -> u32 {
         .map_or(FULL_DUTY_PPM, |duty: u32| duty.min(FULL_DUTY_PPM))
 }
 
-/// The issue time of the last order taken, kept in `DATA_DIR/operator-last-order` so an order
-/// captured before a restart cannot be replayed after it.
+/// The issue time of the last order taken, kept in `DATA_DIR/operator-last-order` by
+/// coordinators before orders were kept in the database.
 pub fn load_last_order(data_dir: &Path) -> u64 {
     std::fs::read_to_string(data_dir.join("operator-last-order"))
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Durably records the issue time of the last order taken.
-pub fn store_last_order(data_dir: &Path, issued_ms: u64) -> std::io::Result<()> {
-    write_durably(data_dir, "operator-last-order", &issued_ms.to_string())
-}
-
-fn write_durably(data_dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    crate::durable::write_atomically(&data_dir.join(name), format!("{text}\n").as_bytes(), false)
-}
-
-/// Durably records the fleet duty.
-pub fn store_duty(data_dir: &Path, duty_ppm: u32) -> std::io::Result<()> {
-    write_durably(data_dir, "fleet-duty", &duty_ppm.to_string())
 }
 
 #[cfg(test)]
@@ -208,14 +209,23 @@ mod tests {
     }
 
     #[test]
-    fn the_duty_survives_a_restart() {
+    fn the_last_order_comes_from_the_database_or_else_the_old_files() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load_duty(dir.path()), FULL_DUTY_PPM);
-        store_duty(dir.path(), 0).unwrap();
-        assert_eq!(load_duty(dir.path()), 0);
-        assert_eq!(load_last_order(dir.path()), 0);
-        store_last_order(dir.path(), 42).unwrap();
-        assert_eq!(load_last_order(dir.path()), 42);
+        let mut db = crate::store::db::Db::open_in(dir.path()).unwrap();
+        let order = |duty_ppm, issued_ms| crate::store::fleet::FleetOrder {
+            duty_ppm,
+            issued_ms,
+        };
+        assert_eq!(
+            last_order(&db, dir.path()).unwrap(),
+            order(FULL_DUTY_PPM, 0)
+        );
+        // A data directory from before orders were kept in the database.
+        std::fs::write(dir.path().join("fleet-duty"), "0\n").unwrap();
+        std::fs::write(dir.path().join("operator-last-order"), "42\n").unwrap();
+        assert_eq!(last_order(&db, dir.path()).unwrap(), order(0, 42));
+        db.record_fleet_order(order(50_000, 43)).unwrap();
+        assert_eq!(last_order(&db, dir.path()).unwrap(), order(50_000, 43));
         let key = load_or_create(dir.path()).unwrap();
         assert_eq!(load_or_create(dir.path()).unwrap().id(), key.id());
     }

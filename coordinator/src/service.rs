@@ -308,10 +308,9 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     metrics
         .current_round
         .store(engine.round().0, std::sync::atomic::Ordering::Relaxed);
-    Metrics::set(
-        &metrics.fleet_duty_ppm,
-        u64::from(crate::operator::load_duty(&options.data_dir)),
-    );
+    let last_order = crate::operator::last_order(&db, &options.data_dir)
+        .context("cannot read the operator's last order")?;
+    Metrics::set(&metrics.fleet_duty_ppm, u64::from(last_order.duty_ppm));
     let operator = crate::operator::load_or_create(&options.data_dir)
         .context("cannot read or create the operator key")?;
     // Bounded: a flood from peers slows them down (back-pressure) instead of growing memory.
@@ -382,6 +381,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                     data_dir: options.data_dir.clone(),
                     limits: options.limits.http.clone(),
                     blobs: blobs.clone(),
+                    last_order_ms: last_order.issued_ms,
                 },
                 wait_for(shutdown_rx),
             )

@@ -142,6 +142,41 @@ async fn pause_and_resume(deployment: Deployment) {
     eprintln!("fleet compute paused: {paused:.4}");
     assert!(paused < full * 0.02, "paused {paused} vs full {full}");
 
+    // In a cluster, the pause outlives its leader: the node taking over applies it to the
+    // trainers that fail over to it, and takes the next order.
+    let (running, http) = match deployment {
+        Deployment::Embedded => (Some(running), http),
+        Deployment::Cluster => {
+            let standbys = standby_http_of(running.addr);
+            running.shutdown().await.unwrap();
+            let (http, status) = tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    for &http in &standbys {
+                        // Nothing listens there until that node leads.
+                        if let Ok(Ok(status)) = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            try_http_get(http, "/status"),
+                        )
+                        .await
+                        {
+                            if status.contains("\"trainers_obeying\":2") {
+                                return (http, status);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+            .await
+            .expect("a standby node leads and both trainers obey it within 60 s");
+            assert!(status.contains("\"fleet_duty_ppm\":0"), "{status}");
+            let paused = compute_rate(&busy, Duration::from_secs(2)).await;
+            eprintln!("fleet compute paused, after the leader changed: {paused:.4}");
+            assert!(paused < full * 0.02, "paused {paused} vs full {full}");
+            (None, http)
+        }
+    };
+
     // Resume: compute comes back.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let response = http_post_json(http, "/admin/throttle", &order(1_000_000)).await;
@@ -159,5 +194,7 @@ async fn pause_and_resume(deployment: Deployment) {
     for handle in handles {
         handle.abort();
     }
-    running.shutdown().await.unwrap();
+    if let Some(running) = running {
+        running.shutdown().await.unwrap();
+    }
 }

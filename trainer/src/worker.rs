@@ -133,6 +133,9 @@ const MAX_UPLOAD_RETRY: Duration = Duration::from_secs(60);
 /// Full duty (compute all the time), in millionths.
 pub const FULL_DUTY: u64 = 1_000_000;
 
+/// How long a connection and its handshake may take before the next node is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs until the experiment finishes or reconnecting fails for `reconnect_for`.
 pub async fn run(
     endpoint: quinn::Endpoint,
@@ -160,13 +163,23 @@ pub async fn run(
     let mut last_connected = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let session = Session::connect(
-            &endpoint,
-            nodes.current(),
-            &worker.options.identity,
-            worker.options.enrollment_token.clone(),
+        // A node that does not answer (gone, or cut off) costs a few seconds, not QUIC's idle
+        // timeout, when another node may be serving.
+        let session = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Session::connect(
+                &endpoint,
+                nodes.current(),
+                &worker.options.identity,
+                worker.options.enrollment_token.clone(),
+            ),
         )
-        .await;
+        .await
+        .unwrap_or_else(|_| {
+            Err(NetError::Protocol(format!(
+                "no answer within {CONNECT_TIMEOUT:?}"
+            )))
+        });
         let mut session = match session {
             Ok(session) => session,
             Err(NetError::Refused { reason, detail }) => {
@@ -174,6 +187,7 @@ pub async fn run(
             }
             Err(error) => {
                 if last_connected.elapsed() > worker.options.reconnect_for {
+                    tracing::warn!(%error, node = %nodes.current(), "giving up reconnecting");
                     return Err(WorkerError::GaveUp(error.to_string()));
                 }
                 tracing::debug!(%error, node = %nodes.current(), ?backoff, "connect failed");

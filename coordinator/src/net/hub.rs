@@ -114,12 +114,15 @@ pub enum Command {
         /// Where to read it, if it is downloadable.
         reply: oneshot::Sender<Option<Download>>,
     },
-    /// The operator set the fleet's duty cycle; replies with the trainers told.
+    /// The operator set the fleet's duty cycle; replies, once the order is durable, with the
+    /// trainers told, or why it was not taken.
     Throttle {
         /// Allowed duty cycle, in millionths.
         duty_ppm: u32,
+        /// When the operator issued the order.
+        issued_ms: u64,
         /// How many connected trainers were told.
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<Result<usize, String>>,
     },
     /// The aggregation worker finished.
     Derived {
@@ -237,6 +240,8 @@ pub struct Hub {
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
     /// The fleet's allowed duty cycle (the pause button), in millionths.
     fleet_duty: u32,
+    /// Operator orders recorded in the open batch, answered once it commits.
+    throttled: Vec<oneshot::Sender<Result<usize, String>>>,
     /// The base model file served by hash, and its length.
     base_model: Option<(BlobHash, u64)>,
     /// A round whose aggregation failed for a reason that may pass, and when to try again.
@@ -321,6 +326,13 @@ impl Hub {
         commands: mpsc::Sender<Command>,
         data_dir: std::path::PathBuf,
     ) -> Self {
+        let fleet_duty = crate::operator::last_order(&db, &data_dir).map_or_else(
+            |error| {
+                tracing::error!(%error, "cannot read the operator's last order; full duty");
+                tributary_shared::wire::FULL_DUTY_PPM
+            },
+            |order| order.duty_ppm,
+        );
         Self {
             config,
             engine,
@@ -334,7 +346,8 @@ impl Hub {
             commands,
             rounds_closed,
             current_adapter: None,
-            fleet_duty: crate::operator::load_duty(&data_dir),
+            fleet_duty,
+            throttled: Vec::new(),
             data_dir,
             inline_bodies: HashMap::new(),
             base_model: None,
@@ -462,6 +475,7 @@ impl Hub {
             );
             let _ = self.db.rollback_batch();
             self.inline_bodies.clear();
+            self.throttled.clear();
             self.deposed = true;
             return;
         }
@@ -478,6 +492,7 @@ impl Hub {
             tracing::error!(%error, "cannot roll the batch back");
         }
         self.inline_bodies.clear();
+        self.throttled.clear();
         self.storage_retry_at = Some(now + wait);
     }
 
@@ -510,6 +525,11 @@ impl Hub {
         }
         self.derive_retry = None;
         self.derive_failures = 0;
+        // An order of a failed batch was not taken: its operator hears so (the reply is
+        // dropped), and the duty is the recorded one.
+        self.throttled.clear();
+        self.fleet_duty = crate::operator::last_order(&self.db, &self.data_dir)?.duty_ppm;
+        Metrics::set(&self.metrics.fleet_duty_ppm, u64::from(self.fleet_duty));
         self.metrics
             .current_round
             .store(self.engine.round().0, std::sync::atomic::Ordering::Relaxed);
@@ -630,26 +650,30 @@ impl Hub {
                     }
                 }
             },
-            Command::Throttle { duty_ppm, reply } => {
-                let duty_ppm = duty_ppm.min(tributary_shared::wire::FULL_DUTY_PPM);
-                if let Err(error) = crate::operator::store_duty(&self.data_dir, duty_ppm) {
-                    tracing::error!(%error, "cannot record the fleet duty; it holds until restart");
-                }
-                self.fleet_duty = duty_ppm;
-                let mut told = 0;
-                for entry in self.registry.values_mut() {
-                    entry.applied_duty = None;
-                    if entry.outbox.send(ServerMessage::Throttle { duty_ppm }) {
-                        told += 1;
+            Command::Throttle {
+                duty_ppm,
+                issued_ms,
+                reply,
+            } => {
+                let order = crate::store::fleet::FleetOrder {
+                    duty_ppm: duty_ppm.min(tributary_shared::wire::FULL_DUTY_PPM),
+                    issued_ms,
+                };
+                // Recorded in this wake-up's batch: trainers and the operator hear of it once
+                // it is durable, and a node that takes over the lead applies it.
+                match self.db.record_fleet_order(order) {
+                    Ok(true) => {
+                        self.fleet_duty = order.duty_ppm;
+                        self.throttled.push(reply);
+                    }
+                    Ok(false) => {
+                        let _ = reply.send(Err("a newer order was taken already".into()));
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot record the operator's order");
+                        let _ = reply.send(Err("cannot record the order durably".into()));
                     }
                 }
-                tracing::info!(
-                    duty_ppm,
-                    trainers = told,
-                    "fleet duty changed by the operator"
-                );
-                Metrics::set(&self.metrics.fleet_duty_ppm, u64::from(duty_ppm));
-                let _ = reply.send(told);
             }
             Command::Header {
                 trainer,
@@ -926,6 +950,7 @@ impl Hub {
             self.inline_bodies.clear();
             // Watchers see the new state no later than trainers hear of it.
             self.publish_progress();
+            self.announce_duty();
             for (trainer, message) in outgoing {
                 if let Some(registered) = self.registry.get(&trainer) {
                     registered.outbox.send(message);
@@ -953,6 +978,31 @@ impl Hub {
             }
         }
         Ok(())
+    }
+
+    /// Tells every trainer the fleet duty of the operator orders this batch made durable, and
+    /// the operator how many were told.
+    fn announce_duty(&mut self) {
+        if self.throttled.is_empty() {
+            return;
+        }
+        let duty_ppm = self.fleet_duty;
+        let mut told = 0;
+        for entry in self.registry.values_mut() {
+            entry.applied_duty = None;
+            if entry.outbox.send(ServerMessage::Throttle { duty_ppm }) {
+                told += 1;
+            }
+        }
+        tracing::info!(
+            duty_ppm,
+            trainers = told,
+            "fleet duty changed by the operator"
+        );
+        Metrics::set(&self.metrics.fleet_duty_ppm, u64::from(duty_ppm));
+        for reply in self.throttled.drain(..) {
+            let _ = reply.send(Ok(told));
+        }
     }
 
     /// Commits the open batch. The commit waits for an fsync, so on a multi-threaded runtime

@@ -542,7 +542,7 @@ impl Db {
 
     /// Runs `writes` all or nothing: in a transaction of its own, or under a savepoint of the
     /// open batch.
-    fn atomically<T>(
+    pub(crate) fn atomically<T>(
         &mut self,
         writes: impl FnOnce(&Connection) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
@@ -1667,6 +1667,7 @@ fn migrate_sqlite(conn: &Connection) -> Result<(), DbError> {
     }
     conn.batch(SCHEMA)?;
     conn.batch(crate::store::leases::LEASE_SCHEMA)?;
+    conn.batch(crate::store::fleet::FLEET_SCHEMA)?;
     conn.batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
 }
 
@@ -1702,6 +1703,7 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
             None => {
                 conn.batch(&postgres_schema())?;
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
                 conn.execute(
                     "INSERT INTO tributary_schema (version) VALUES ($1)",
                     values![SCHEMA_VERSION],
@@ -1711,6 +1713,7 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
                 // Coordination state, not versioned with the experiment schema: added to
                 // databases made before it existed.
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
             }
             Some(row) => {
                 return Err(DbError::Corrupt(format!(

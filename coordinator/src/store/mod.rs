@@ -9,6 +9,7 @@
 
 pub mod blobs;
 pub mod db;
+pub mod fleet;
 pub mod gc;
 pub mod leases;
 pub mod objects;

@@ -113,6 +113,26 @@ fn standbys() -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr,
     STANDBYS.get_or_init(Default::default)
 }
 
+/// The HTTP addresses the standby nodes of each cluster serve on once they lead, by its
+/// leader's address.
+fn standby_http(
+) -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<SocketAddr>>> {
+    static HTTP: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<SocketAddr>>>,
+    > = std::sync::OnceLock::new();
+    HTTP.get_or_init(Default::default)
+}
+
+/// Where the standby nodes of the cluster led from `addr` serve HTTP once one of them leads.
+pub fn standby_http_of(addr: SocketAddr) -> Vec<SocketAddr> {
+    standby_http()
+        .lock()
+        .unwrap()
+        .get(&addr)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// Every node address a trainer of the coordinator at `addr` should know.
 pub fn nodes_of(addr: SocketAddr) -> Vec<SocketAddr> {
     let mut nodes = vec![addr];
@@ -178,6 +198,7 @@ async fn start_cluster(data_dir: &Path, config: Option<ExperimentConfig>) -> Run
     }
     let leader = start(data_dir, config.clone(), vec![]).await;
     let mut addrs = Vec::new();
+    let mut https = Vec::new();
     for dir in standby_dirs {
         std::fs::create_dir_all(dir.join("tls")).unwrap();
         for file in ["tls/cert.pem", "tls/key.pem", "ledger.key", "operator.key"] {
@@ -188,11 +209,16 @@ async fn start_cluster(data_dir: &Path, config: Option<ExperimentConfig>) -> Run
             .local_addr()
             .unwrap();
         addrs.push(addr);
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        https.push(http);
         let options = ServeOptions {
             data_dir: dir,
             listen: addr,
             experiment: config.clone(),
-            http: None,
+            http: Some(http),
             http_public: false,
             tls: TlsSource::SelfSigned {
                 names: vec!["localhost".into()],
@@ -212,6 +238,7 @@ async fn start_cluster(data_dir: &Path, config: Option<ExperimentConfig>) -> Run
         });
     }
     standbys().lock().unwrap().insert(leader.addr, addrs);
+    standby_http().lock().unwrap().insert(leader.addr, https);
     leader
 }
 
@@ -302,15 +329,19 @@ pub fn spawn_trainer(
 
 /// Fetches a page from the coordinator's HTTP listener (plain HTTP/1.0 over loopback TCP).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    try_http_get(addr, path).await.unwrap()
+}
+
+/// [`http_get`], or the error when nothing answers.
+pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+        .await?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
 }
 
 /// Posts a JSON body to the coordinator's HTTP listener; returns the whole response.
