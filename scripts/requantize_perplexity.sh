@@ -2,8 +2,9 @@
 # What re-quantizing SmolLM2-135M to K-quants costs: held-out loss and perplexity on the
 # Shakespeare clients of the model as shipped (Q4_1, read as f32), and of copies re-quantized
 # to Q6_K and Q4_K by `tributary-trainer requantize` (matrices whose rows are whole 256-value
-# super-blocks take the K-quant; SmolLM2's width of 576 is not one, so those take Q8_0, as
-# llama.cpp does), in one run on this machine.
+# super-blocks take the K-quant; SmolLM2's width of 576 is not one, so those take llama.cpp's
+# fallback: Q8_0 under Q6_K, Q5_0 under Q4_K), in one run on this machine. The reference is the
+# file as shipped, dequantized to f32: the package ships no f32 weights.
 #
 #   scripts/requantize_perplexity.sh [--sequences N]
 set -euo pipefail

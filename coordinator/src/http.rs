@@ -256,7 +256,9 @@ async fn throttle(
         }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "error": "the coordinator is stopping" })),
+            Json(
+                serde_json::json!({ "error": "the order was not recorded (a storage failure or a shutdown); send a new one" }),
+            ),
         ),
     }
 }

@@ -395,13 +395,20 @@ impl<'a> Reader<'a> {
 }
 
 /// A copy of `file` with its weight matrices re-quantized to `target` (a K-quant), as llama.cpp
-/// would: matrices whose rows (`dims[0]`) are whole super-blocks take `target`, other matrices
-/// whose rows are whole 32-value blocks take `Q8_0`, and everything else (norms, odd shapes)
-/// keeps its type and bytes. Metadata is copied. For measuring what a quantization costs.
+/// would: matrices whose rows (`dims[0]`) are whole super-blocks take `target`; other matrices
+/// whose rows are whole 32-value blocks take llama.cpp's fallback for `target` (`Q5_0` for
+/// `Q4_K`, `Q8_0` for `Q6_K`); everything else (norms, odd shapes) keeps its type and bytes.
+/// Metadata is copied. For measuring what a quantization costs.
 pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufError> {
-    let quantize: fn(&[f32]) -> Vec<u8> = match target {
-        TensorType::Q4_K => crate::quant::quantize_q4_k,
-        TensorType::Q6_K => crate::quant::quantize_q6_k,
+    /// A quantizer: f32 values to blocks.
+    type Quantizer = fn(&[f32]) -> Vec<u8>;
+    let (quantize, fallback, quantize_fallback): (Quantizer, TensorType, Quantizer) = match target {
+        TensorType::Q4_K => (
+            crate::quant::quantize_q4_k,
+            TensorType::Q5_0,
+            crate::quant::quantize_q5_0,
+        ),
+        TensorType::Q6_K => (crate::quant::quantize_q6_k, TensorType::Q8_0, quantize_q8_0),
         other => {
             return Err(GgufError::Corrupt {
                 offset: 0,
@@ -422,11 +429,8 @@ pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufErr
         let matrix = info.dims.len() >= 2;
         let (kind, data) = if matrix && row.is_multiple_of(crate::quant::QK_K) {
             (target, quantize(&file.dequantize(&info.name)?))
-        } else if matrix && row.is_multiple_of(32) && kind != TensorType::Q8_0 {
-            (
-                TensorType::Q8_0,
-                quantize_q8_0(&file.dequantize(&info.name)?),
-            )
+        } else if matrix && row.is_multiple_of(32) && kind != fallback {
+            (fallback, quantize_fallback(&file.dequantize(&info.name)?))
         } else {
             (
                 kind,
@@ -614,14 +618,22 @@ mod tests {
             .tensor_f32("narrow", vec![32, 2], &values[..64])
             .tensor_f32("norm", vec![32], &values[..32]);
         let file = Gguf::parse(writer.to_bytes()).unwrap();
-        for target in [TensorType::Q4_K, TensorType::Q6_K] {
+        // llama.cpp's fallbacks for rows that are not whole super-blocks.
+        for (target, fallback) in [
+            (TensorType::Q4_K, TensorType::Q5_0),
+            (TensorType::Q6_K, TensorType::Q8_0),
+        ] {
             let again = Gguf::parse(requantize(&file, target).unwrap().to_bytes()).unwrap();
             assert_eq!(again.get_str("general.architecture").unwrap(), "llama");
             let kinds: Vec<_> = again.tensors.iter().map(|t| t.kind).collect();
-            assert_eq!(
-                kinds,
-                vec![Ok(target), Ok(TensorType::Q8_0), Ok(TensorType::F32)]
-            );
+            assert_eq!(kinds, vec![Ok(target), Ok(fallback), Ok(TensorType::F32)]);
+            let narrow = again.dequantize("narrow").unwrap();
+            let worst = narrow
+                .iter()
+                .zip(&values[..64])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 0.01, "{fallback}: {worst}");
             let wide = again.dequantize("wide").unwrap();
             let worst = wide
                 .iter()

@@ -415,6 +415,41 @@ pub fn quantize_q6_k(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Quantizes f32 values to `Q5_0` blocks of 32 as llama.cpp's reference quantizer does: the
+/// value of largest magnitude `max` (with its sign) sets `d = max / -16`; each value becomes
+/// `min(31, trunc(x / d + 16.5))`, its low four bits in the nibbles (value `i` and `i + 16` share
+/// a byte) and its fifth bit in bit `i` of the `u32`. A trailing partial block is padded with
+/// zeros.
+pub fn quantize_q5_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len().div_ceil(32) * 22);
+    for chunk in values.chunks(32) {
+        let mut block = [0f32; 32];
+        block[..chunk.len()].copy_from_slice(chunk);
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in &block {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+        let mut high = 0u32;
+        let mut nibbles = [0u8; 16];
+        for j in 0..16 {
+            let (low, upper) = (q(block[j]), q(block[j + 16]));
+            nibbles[j] = (low & 0x0f) | ((upper & 0x0f) << 4);
+            high |= u32::from((low & 0x10) >> 4) << j;
+            high |= u32::from((upper & 0x10) >> 4) << (j + 16);
+        }
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&high.to_le_bytes());
+        out.extend_from_slice(&nibbles);
+    }
+    out
+}
+
 /// Quantizes `values` (a whole number of 256-value super-blocks) to `Q4_K`: each 32-value
 /// sub-block spans its minimum (at most 0) to its maximum in 15 steps, and the sub-block scales
 /// and minima are 6-bit integers against the super-block's f16 `d` and `dmin`; values are
@@ -518,11 +553,17 @@ mod tests {
         assert!(e6 < 0.03, "Q6_K error {e6}");
         assert!(e4 < 0.12, "Q4_K error {e4}");
         assert!(e6 < e4 / 2.0, "Q6_K is finer: {e6} against {e4}");
+        let q5 = quantize_q5_0(&values);
+        assert_eq!(q5.len(), TensorType::Q5_0.byte_len(values.len()).unwrap());
+        let e5 = round_trip_error(TensorType::Q5_0, &values, &q5);
+        eprintln!("relative RMS error: Q5_0 {e5:.4}");
+        assert!(e5 < 0.08 && e5 < e4, "Q5_0 error {e5} (Q4_K {e4})");
         // Zeros stay zeros.
         let zeros = vec![0f32; QK_K];
         for (kind, bytes) in [
             (TensorType::Q6_K, quantize_q6_k(&zeros)),
             (TensorType::Q4_K, quantize_q4_k(&zeros)),
+            (TensorType::Q5_0, quantize_q5_0(&zeros)),
         ] {
             assert!(dequantize(kind, &bytes, QK_K).iter().all(|v| *v == 0.0));
         }
@@ -548,6 +589,37 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[derive(serde::Deserialize)]
+    struct QuantFixtures {
+        cases: Vec<QuantCase>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct QuantCase {
+        #[serde(rename = "type")]
+        kind: String,
+        values_f32_le_hex: String,
+        blocks_hex: String,
+    }
+
+    #[test]
+    fn quantization_matches_the_gguf_reference_byte_for_byte() {
+        let fixtures: QuantFixtures =
+            serde_json::from_str(include_str!("../tests/fixtures/gguf_quant.json")).unwrap();
+        assert_eq!(fixtures.cases.len(), 1);
+        for case in fixtures.cases {
+            let values: Vec<f32> = unhex(&case.values_f32_le_hex)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let quantize = match case.kind.as_str() {
+                "Q5_0" => quantize_q5_0,
+                other => panic!("no quantizer for {other}"),
+            };
+            assert_eq!(quantize(&values), unhex(&case.blocks_hex), "{}", case.kind);
+        }
     }
 
     #[test]

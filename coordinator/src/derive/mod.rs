@@ -786,10 +786,25 @@ mod tests {
     }
 }
 
+/// ci-tiny's pinned configuration (the robust default) on a synthetic adapter.
+#[cfg(test)]
+fn ci_tiny_synthetic(params: u64, tensors: u32) -> ExperimentConfig {
+    let mut config: ExperimentConfig = crate::settings::load_experiment_str(
+        include_str!("../../../experiments/ci-tiny.toml"),
+        "ci-tiny",
+        Default::default(),
+        &[],
+    )
+    .expect("ci-tiny loads")
+    .pinned();
+    config.adapter = tributary_shared::config::AdapterSpec::Synthetic { params, tensors };
+    config
+}
+
 #[cfg(test)]
 mod barring {
     use super::*;
-    use tributary_shared::config::{AdapterSpec, ExperimentConfig};
+    use tributary_shared::config::ExperimentConfig;
     use tributary_shared::{NamedTensor, TaskId};
 
     fn accepted(n: u8) -> AcceptedDelta {
@@ -811,18 +826,7 @@ mod barring {
     /// ci-tiny's pinned configuration on a two-value adapter, a zero start adapter, and four
     /// deltas from trainers 1 to 4.
     fn round_of_four() -> (ExperimentConfig, Delta, Vec<(AcceptedDelta, Delta)>) {
-        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
-            include_str!("../../../experiments/ci-tiny.toml"),
-            "ci-tiny",
-            Default::default(),
-            &[],
-        )
-        .unwrap()
-        .pinned();
-        config.adapter = AdapterSpec::Synthetic {
-            params: 2,
-            tensors: 1,
-        };
+        let config = ci_tiny_synthetic(2, 1);
         let deltas = (1..=4u8)
             .map(|n| (accepted(n), delta([f32::from(n), 1.0])))
             .collect();
@@ -952,7 +956,7 @@ mod barring {
 mod streaming {
     use super::*;
     use crate::store::blobs::BlobStore;
-    use tributary_shared::config::{AdapterSpec, ExperimentConfig};
+    use tributary_shared::config::ExperimentConfig;
     use tributary_shared::{NamedTensor, TaskId};
 
     const PARAMS: usize = 40;
@@ -991,19 +995,7 @@ mod streaming {
 
     /// The robust default, on the synthetic layout of [`delta`].
     fn config() -> ExperimentConfig {
-        let mut config: ExperimentConfig = crate::settings::load_experiment_str(
-            include_str!("../../../experiments/ci-tiny.toml"),
-            "ci-tiny",
-            Default::default(),
-            &[],
-        )
-        .unwrap()
-        .pinned();
-        config.adapter = AdapterSpec::Synthetic {
-            params: PARAMS as u64,
-            tensors: 2,
-        };
-        config
+        super::ci_tiny_synthetic(PARAMS as u64, 2)
     }
 
     /// A round streamed from the store, spilled to a scratch file and aggregated a few

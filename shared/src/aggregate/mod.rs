@@ -1246,6 +1246,22 @@ mod tests {
         })
     }
 
+    /// The contributions of `inputs` (hash byte, weight, values), over their `deltas`.
+    fn contributions_of<'d>(
+        inputs: &[(u8, f64, Vec<f32>)],
+        deltas: &'d [Delta],
+    ) -> Vec<Contribution<'d>> {
+        inputs
+            .iter()
+            .zip(deltas)
+            .map(|((hash_byte, weight, _), delta)| Contribution {
+                hash: BlobHash([*hash_byte; 32]),
+                weight: *weight,
+                delta,
+            })
+            .collect()
+    }
+
     fn two_tensor_delta(values: &[f32]) -> Delta {
         let split = values.len() - 3;
         Delta::new(vec![
@@ -1464,15 +1480,7 @@ mod tests {
             config in rule_strategy(),
         ) {
             let deltas: Vec<Delta> = inputs.iter().map(|(_, _, values)| two_tensor_delta(values)).collect();
-            let contributions: Vec<Contribution<'_>> = inputs
-                .iter()
-                .zip(&deltas)
-                .map(|((hash_byte, weight, _), delta)| Contribution {
-                    hash: BlobHash([*hash_byte; 32]),
-                    weight: *weight,
-                    delta,
-                })
-                .collect();
+            let contributions = contributions_of(&inputs, &deltas);
             let shuffled: Vec<Contribution<'_>> = order.iter().map(|&index| contributions[index]).collect();
             let expected = aggregate(&config, &contributions).unwrap();
             let actual = aggregate(&config, &shuffled).unwrap();
@@ -1489,15 +1497,7 @@ mod tests {
         ) {
             let config = AggregationConfig { min_agreement: fraction, ..config };
             let deltas: Vec<Delta> = inputs.iter().map(|(_, _, values)| two_tensor_delta(values)).collect();
-            let contributions: Vec<Contribution<'_>> = inputs
-                .iter()
-                .zip(&deltas)
-                .map(|((hash_byte, weight, _), delta)| Contribution {
-                    hash: BlobHash([*hash_byte; 32]),
-                    weight: *weight,
-                    delta,
-                })
-                .collect();
+            let contributions = contributions_of(&inputs, &deltas);
             let whole = aggregate(&config, &contributions).unwrap();
             let screened = screen(&config, &contributions).unwrap();
             let sorted = sorted_and_checked(&contributions).unwrap();
@@ -1525,15 +1525,7 @@ mod tests {
             fraction in 0.1f64..1.0,
         ) {
             let deltas: Vec<Delta> = inputs.iter().map(|(_, _, values)| two_tensor_delta(values)).collect();
-            let contributions: Vec<Contribution<'_>> = inputs
-                .iter()
-                .zip(&deltas)
-                .map(|((hash_byte, weight, _), delta)| Contribution {
-                    hash: BlobHash([*hash_byte; 32]),
-                    weight: *weight,
-                    delta,
-                })
-                .collect();
+            let contributions = contributions_of(&inputs, &deltas);
             let filtered = AggregationConfig {
                 min_agreement: Some(fraction),
                 ..AggregationConfig::default()
