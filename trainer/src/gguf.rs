@@ -398,23 +398,33 @@ impl<'a> Reader<'a> {
 /// would: matrices whose rows (`dims[0]`) are whole super-blocks take `target`; other matrices
 /// whose rows are whole 32-value blocks take llama.cpp's fallback for `target` (`Q5_0` for
 /// `Q4_K`, `Q8_0` for `Q6_K`); everything else (norms, odd shapes) keeps its type and bytes.
-/// Metadata is copied. For measuring what a quantization costs.
+/// The output matrix (`output.weight`, or `token_embd.weight` when the embedding is tied to
+/// it) takes `Q6_K` (fallback `Q8_0`) whatever `target` is, as llama.cpp gives it under every
+/// K-quant. Metadata is copied. For measuring what a quantization costs.
 pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufError> {
-    /// A quantizer: f32 values to blocks.
-    type Quantizer = fn(&[f32]) -> Vec<u8>;
-    let (quantize, fallback, quantize_fallback): (Quantizer, TensorType, Quantizer) = match target {
-        TensorType::Q4_K => (
-            crate::quant::quantize_q4_k,
-            TensorType::Q5_0,
-            crate::quant::quantize_q5_0,
-        ),
-        TensorType::Q6_K => (crate::quant::quantize_q6_k, TensorType::Q8_0, quantize_q8_0),
-        other => {
-            return Err(GgufError::Corrupt {
-                offset: 0,
-                detail: format!("re-quantizing to {other} is not implemented (Q4_K, Q6_K)"),
-            })
-        }
+    let plan = |kind: TensorType| match kind {
+        TensorType::Q4_K => Ok(QuantPlan {
+            kind,
+            quantize: crate::quant::quantize_q4_k,
+            fallback: TensorType::Q5_0,
+            quantize_fallback: crate::quant::quantize_q5_0,
+        }),
+        TensorType::Q6_K => Ok(QuantPlan {
+            kind,
+            quantize: crate::quant::quantize_q6_k,
+            fallback: TensorType::Q8_0,
+            quantize_fallback: quantize_q8_0,
+        }),
+        other => Err(GgufError::Corrupt {
+            offset: 0,
+            detail: format!("re-quantizing to {other} is not implemented (Q4_K, Q6_K)"),
+        }),
+    };
+    let (weights, output) = (plan(target)?, plan(TensorType::Q6_K)?);
+    let output_name = if file.tensors.iter().any(|t| t.name == "output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
     };
     let mut writer = GgufWriter::new();
     for (key, value) in &file.metadata {
@@ -427,10 +437,18 @@ pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufErr
         })?;
         let row = info.dims.first().copied().unwrap_or(0);
         let matrix = info.dims.len() >= 2;
+        let plan = if info.name == output_name {
+            &output
+        } else {
+            &weights
+        };
         let (kind, data) = if matrix && row.is_multiple_of(crate::quant::QK_K) {
-            (target, quantize(&file.dequantize(&info.name)?))
-        } else if matrix && row.is_multiple_of(32) && kind != fallback {
-            (fallback, quantize_fallback(&file.dequantize(&info.name)?))
+            (plan.kind, (plan.quantize)(&file.dequantize(&info.name)?))
+        } else if matrix && row.is_multiple_of(32) && kind != plan.fallback {
+            (
+                plan.fallback,
+                (plan.quantize_fallback)(&file.dequantize(&info.name)?),
+            )
         } else {
             (
                 kind,
@@ -440,6 +458,15 @@ pub fn requantize(file: &Gguf, target: TensorType) -> Result<GgufWriter, GgufErr
         writer.tensor_bytes(&info.name, info.dims.clone(), kind, data);
     }
     Ok(writer)
+}
+
+/// How one class of matrices is re-quantized: a K-quant, and llama.cpp's fallback for rows
+/// that are not whole super-blocks.
+struct QuantPlan {
+    kind: TensorType,
+    quantize: fn(&[f32]) -> Vec<u8>,
+    fallback: TensorType,
+    quantize_fallback: fn(&[f32]) -> Vec<u8>,
 }
 
 /// Writes GGUF files for tests: integers as u64/i64, floats as f64, data aligned to 32 bytes.
@@ -616,7 +643,8 @@ mod tests {
             .metadata("general.architecture", Value::String("llama".into()))
             .tensor_f32("wide", vec![256, 4], &values)
             .tensor_f32("narrow", vec![32, 2], &values[..64])
-            .tensor_f32("norm", vec![32], &values[..32]);
+            .tensor_f32("norm", vec![32], &values[..32])
+            .tensor_f32("token_embd.weight", vec![32, 4], &values[..128]);
         let file = Gguf::parse(writer.to_bytes()).unwrap();
         // llama.cpp's fallbacks for rows that are not whole super-blocks.
         for (target, fallback) in [
@@ -626,7 +654,16 @@ mod tests {
             let again = Gguf::parse(requantize(&file, target).unwrap().to_bytes()).unwrap();
             assert_eq!(again.get_str("general.architecture").unwrap(), "llama");
             let kinds: Vec<_> = again.tensors.iter().map(|t| t.kind).collect();
-            assert_eq!(kinds, vec![Ok(target), Ok(fallback), Ok(TensorType::F32)]);
+            // The tied embedding is the output matrix: Q6_K's fallback whatever the target.
+            assert_eq!(
+                kinds,
+                vec![
+                    Ok(target),
+                    Ok(fallback),
+                    Ok(TensorType::F32),
+                    Ok(TensorType::Q8_0)
+                ]
+            );
             let narrow = again.dequantize("narrow").unwrap();
             let worst = narrow
                 .iter()
