@@ -328,6 +328,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         progress_tx,
         commands.clone(),
         options.data_dir.clone(),
+        last_order.duty_ppm,
     )
     .serving_base_model(served_model)
     .admitting(admission)

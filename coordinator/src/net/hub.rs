@@ -312,7 +312,8 @@ pub(crate) fn load_chain(
 }
 
 impl Hub {
-    /// Assembles a hub. `commands` is the sender side of the channel [`Hub::run`] reads.
+    /// Assembles a hub. `commands` is the sender side of the channel [`Hub::run`] reads;
+    /// `fleet_duty` is the duty of the operator's last order taken.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<ExperimentConfig>,
@@ -325,14 +326,8 @@ impl Hub {
         progress: watch::Sender<Progress>,
         commands: mpsc::Sender<Command>,
         data_dir: std::path::PathBuf,
+        fleet_duty: u32,
     ) -> Self {
-        let fleet_duty = crate::operator::last_order(&db, &data_dir).map_or_else(
-            |error| {
-                tracing::error!(%error, "cannot read the operator's last order; full duty");
-                tributary_shared::wire::FULL_DUTY_PPM
-            },
-            |order| order.duty_ppm,
-        );
         Self {
             config,
             engine,
