@@ -13,11 +13,13 @@ float64:
 * a LoRA adapter on all seven projections, saved by `peft` in its own layout, and the logits with
   it applied.
 
-Each model is written as a Hugging Face folder (config.json + model.safetensors) and, for the
-families llama.cpp stores under their own architecture name, as a GGUF file laid out as
-llama.cpp's converter lays it out (Llama's query/key rows permuted to interleaved rotary pairs,
-Llama 3's scaling as a `rope_freqs.weight` divisor per frequency), written with the `gguf`
-package's own tensor and key names.
+Each model is written as a Hugging Face folder (config.json + model.safetensors) and as a GGUF
+file laid out as llama.cpp's converter lays it out (Llama's query/key rows permuted to interleaved
+rotary pairs, Llama 3's scaling as a `rope_freqs.weight` divisor per frequency), written with the
+`gguf` package's own tensor and key names. llama.cpp converts `MistralForCausalLM` as
+`general.architecture = llama` and writes no sliding window, so its runtime attends to the whole
+context; for Mistral the script also records transformers' logits with the window switched off,
+which is what that file computes.
 
 Usage:
     python scripts/reference_architectures.py [--out DIR]
@@ -163,7 +165,14 @@ def write_gguf(name, model, path):
     """The model as llama.cpp's converter writes it, in f32."""
     import gguf
 
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[name]
+    # Mistral goes through llama.cpp's Llama converter: same name, same permutation, no window.
+    llama_layout = name in ("llama", "mistral")
+    arch = {
+        "llama": gguf.MODEL_ARCH.LLAMA,
+        "mistral": gguf.MODEL_ARCH.LLAMA,
+        "qwen2": gguf.MODEL_ARCH.QWEN2,
+        "qwen3": gguf.MODEL_ARCH.QWEN3,
+    }[name]
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch_name)
@@ -224,9 +233,9 @@ def write_gguf(name, model, path):
             _, _, layer, rest = hf_name.split(".", 3)
             kind, suffix = leaf[rest]
             gguf_name = names[kind].format(bid=int(layer)) + "." + suffix
-            if name == "llama" and rest.startswith("self_attn.q_proj"):
+            if llama_layout and rest.startswith("self_attn.q_proj"):
                 data = interleave(data, config.num_attention_heads)
-            elif name == "llama" and rest.startswith("self_attn.k_proj"):
+            elif llama_layout and rest.startswith("self_attn.k_proj"):
                 data = interleave(data, config.num_key_value_heads)
         writer.add_tensor(gguf_name, data)
     if scaling == "llama3":
@@ -272,8 +281,14 @@ def build(name, config, out):
     (folder / "adapter" / "README.md").unlink(missing_ok=True)
     lora_logits = logits_of(copy.deepcopy(adapted).double(), ids)
 
-    if name in ("llama", "qwen2", "qwen3"):
-        write_gguf(name, model, out / f"{name}.gguf")
+    write_gguf(name, model, out / f"{name}.gguf")
+    full_attention_logits = None
+    if getattr(config, "sliding_window", None) is not None:
+        whole = copy.deepcopy(reference)
+        whole.config.sliding_window = None
+        full_attention_logits = logits_of(whole, ids)
+        # The window must matter at these lengths, or the fixture tests nothing.
+        assert (full_attention_logits - logits).abs().max().item() > 0.1
 
     summary = {
         "transformers": transformers.__version__,
@@ -289,6 +304,9 @@ def build(name, config, out):
         "min_margin": margins(logits).min().item(),
         "lora_min_margin": margins(lora_logits).min().item(),
         "attention_peak": peak,
+        "full_attention_logits": None
+        if full_attention_logits is None
+        else [round(v, 9) for v in full_attention_logits.flatten().tolist()],
         "lora_change": (lora_logits - logits).abs().max().item(),
         "logit_scale": logits.abs().max().item(),
     }

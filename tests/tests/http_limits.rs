@@ -121,11 +121,14 @@ async fn blobs_stream_whole_and_a_corrupt_file_is_never_served_as_whole() {
         .unwrap();
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response).await;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    assert!(
-        response.len() - (split + 4) < bytes.len(),
-        "a corrupt blob was sent whole"
-    );
+    // hyper writes the header with the first body bytes, so a body that fails before anything
+    // was flushed closes the connection with no header at all: also not served whole.
+    if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        assert!(
+            response.len() - (split + 4) < bytes.len(),
+            "a corrupt blob was sent whole"
+        );
+    }
 
     // Unknown hashes and non-hashes are refused.
     let (status, _) = http_get_bytes(http, &format!("/hub/adapters/{}", BlobHash::of(b"x"))).await;

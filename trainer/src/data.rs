@@ -375,6 +375,41 @@ fn read_folder(dir: &Path) -> Result<Vec<Document>, DataError> {
     Ok(docs)
 }
 
+/// A rendered conversation's token ids and, for each, whether it carries loss.
+///
+/// The whole rendering is tokenized at once, so the ids are the ones the model sees at
+/// inference (transformers' `apply_chat_template(tokenize=True)`); tokenizing its pieces one by
+/// one could split words differently where a piece ends. A token carries loss when it covers a
+/// byte of an assistant reply (a token straddling the boundary counts, as in transformers'
+/// assistant-token mask); a token covering no byte of its own goes with the byte it stands at.
+fn conversation_tokens(
+    tokenizer: &TextTokenizer,
+    segments: &[crate::chat::Segment],
+) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+    let mut text = String::new();
+    let mut replies = Vec::new();
+    for segment in segments {
+        if segment.trained {
+            replies.push(text.len()..text.len() + segment.text.len());
+        }
+        text.push_str(&segment.text);
+    }
+    let trained = |bytes: &std::ops::Range<usize>| {
+        replies.iter().any(|reply| {
+            if bytes.is_empty() {
+                reply.contains(&bytes.start)
+            } else {
+                bytes.start < reply.end && reply.start < bytes.end
+            }
+        })
+    };
+    Ok(tokenizer
+        .encode_with_offsets(&text)?
+        .into_iter()
+        .map(|(id, bytes)| (id, trained(&bytes)))
+        .unzip())
+}
+
 /// Token sequences of `seq_len + 1` tokens (inputs and their next-token targets).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedData {
@@ -448,10 +483,12 @@ impl PackedData {
                         chat = Some(tokenizer.chat_template().map_err(fail)?);
                     }
                     let template = chat.as_ref().expect("set just above");
-                    for segment in template.segments(messages).map_err(fail)? {
-                        stream.extend(tokenizer.encode(&segment.text)?);
-                        trained.resize(stream.len(), segment.trained);
-                    }
+                    let (ids, mask) = conversation_tokens(
+                        tokenizer,
+                        &template.segments(messages).map_err(fail)?,
+                    )?;
+                    stream.extend(ids);
+                    trained.extend(mask);
                 }
             }
         }

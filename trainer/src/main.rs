@@ -61,9 +61,10 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
-    /// Re-quantize a GGUF model's weight matrices to a K-quant (rows of whole 256-value
-    /// super-blocks; other matrices to Q8_0, the rest kept), to measure what the quantization
-    /// costs (see scripts/requantize_perplexity.sh).
+    /// Re-quantize a GGUF model's weight matrices to a K-quant by llama.cpp's rules (matrices
+    /// whose rows are not whole 256-value super-blocks take its fallback, Q5_0 under Q4_K and
+    /// Q8_0 under Q6_K; the output matrix takes Q6_K; norms are kept), to measure what the
+    /// quantization costs (see scripts/requantize_perplexity.sh).
     Requantize {
         /// The .gguf file to read.
         #[arg(long)]

@@ -10,6 +10,7 @@
 //!   merges are ordered by the score of the piece they make, as SentencePiece merges.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -314,6 +315,62 @@ impl TextTokenizer {
         })
     }
 
+    /// Reads a Hugging Face folder's tokenizer: `tokenizer.json`, the chat template
+    /// ([`TextTokenizer::read_chat_template`]) and the BOS/EOS tokens `tokenizer_config.json`
+    /// names (a string, `{"content": …}`, or `null` for none; by the usual names when the file
+    /// or the key is absent). A named token that `tokenizer.json` lacks is an error.
+    pub fn from_folder(dir: &Path) -> Result<Self, TokenizerError> {
+        let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"))?;
+        if let Some((path, config)) = Self::read_tokenizer_config(dir)? {
+            for (key, slot) in [
+                ("bos_token", &mut tokenizer.bos),
+                ("eos_token", &mut tokenizer.eos),
+            ] {
+                let named = match config.get(key) {
+                    None => continue,
+                    Some(serde_json::Value::Null) => None,
+                    Some(value) => Some(
+                        value
+                            .as_str()
+                            .or_else(|| value.get("content").and_then(|c| c.as_str()))
+                            .ok_or_else(|| {
+                                TokenizerError::Unsupported(format!(
+                                    "{}: {key} is neither a string nor {{\"content\": …}}",
+                                    path.display()
+                                ))
+                            })?,
+                    ),
+                };
+                *slot = named
+                    .map(|text| {
+                        tokenizer.inner.token_to_id(text).ok_or_else(|| {
+                            TokenizerError::Unsupported(format!(
+                                "{}: {key} {text:?} is not a token of tokenizer.json",
+                                path.display()
+                            ))
+                        })
+                    })
+                    .transpose()?;
+            }
+        }
+        tokenizer.chat_template = Self::read_chat_template(dir)?;
+        Ok(tokenizer)
+    }
+
+    /// `tokenizer_config.json` of a Hugging Face folder, parsed, with its path; `None` when the
+    /// folder has none.
+    fn read_tokenizer_config(
+        dir: &Path,
+    ) -> Result<Option<(std::path::PathBuf, serde_json::Value)>, TokenizerError> {
+        let path = dir.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let parsed = serde_json::from_str(&text)
+            .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", path.display())))?;
+        Ok(Some((path, parsed)))
+    }
+
     /// Reads the chat template of a Hugging Face folder: `chat_template.jinja`, or
     /// `chat_template` in `tokenizer_config.json` (a string, or a list of named templates of
     /// which `default` is taken). `None` when the folder has none.
@@ -324,12 +381,9 @@ impl TextTokenizer {
                 .map(Some)
                 .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", jinja.display())));
         }
-        let config = dir.join("tokenizer_config.json");
-        let Ok(text) = std::fs::read_to_string(&config) else {
+        let Some((_, parsed)) = Self::read_tokenizer_config(dir)? else {
             return Ok(None);
         };
-        let parsed: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", config.display())))?;
         Ok(match parsed.get("chat_template") {
             Some(serde_json::Value::String(template)) => Some(template.clone()),
             Some(serde_json::Value::Array(named)) => named
@@ -363,6 +417,31 @@ impl TextTokenizer {
         self.inner
             .encode(text, false)
             .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Library(e.to_string()))
+    }
+
+    /// Token ids of `text` (no special tokens added), each with the byte range of `text` it
+    /// came from (`start == end` for a token that covers no byte of its own).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<Vec<(u32, Range<usize>)>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Library(e.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, end))| (id, start..end))
+            .collect())
+    }
+
+    /// The text of `ids` with special tokens written out (as a chat template prints them).
+    pub fn decode_with_special_tokens(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, false)
             .map_err(|e| TokenizerError::Library(e.to_string()))
     }
 

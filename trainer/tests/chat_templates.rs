@@ -75,3 +75,94 @@ fn smollm2_template_segments_rebuild_the_rendering() {
         assert_eq!(trained, replies, "{segments:?}");
     }
 }
+
+#[test]
+fn a_hugging_face_folder_brings_its_template_and_special_tokens_from_tokenizer_config() {
+    use std::path::Path;
+    use tributary_trainer::tokenizer::TextTokenizer;
+
+    let fixture: Fixture =
+        serde_json::from_str(include_str!("fixtures/chat_templates.json")).unwrap();
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers");
+    let folder = |tokenizer: &str, config: serde_json::Value| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            tokenizers.join(tokenizer),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        dir
+    };
+    // Every case of `name`, rendered through the folder's tokenizer, as transformers rendered it.
+    let renders_as_transformers = |tokenizer: &TextTokenizer, name: &str| {
+        let template = tokenizer.chat_template().unwrap();
+        let mut cases = 0;
+        for case in fixture.cases.iter().filter(|case| case.template == name) {
+            let messages = &fixture.conversations[case.conversation];
+            let got = template
+                .render(messages, case.add_generation_prompt)
+                .unwrap();
+            assert_eq!(Some(got), case.text.clone(), "{name}");
+            cases += 1;
+        }
+        assert!(cases >= 4, "{name}");
+    };
+
+    // Qwen2's shape: the template as a string, no BOS token at all.
+    let qwen = folder(
+        "qwen2.tokenizer.json",
+        serde_json::json!({
+            "bos_token": null,
+            "eos_token": "<|im_end|>",
+            "chat_template": fixture.templates["chatml_tools"].source,
+        }),
+    );
+    let tokenizer = TextTokenizer::from_folder(qwen.path()).unwrap();
+    assert_eq!(
+        tokenizer.bos, None,
+        "named null, even though <|im_start|> exists"
+    );
+    assert_eq!(
+        tokenizer.eos.and_then(|id| tokenizer.token(id)).as_deref(),
+        Some("<|im_end|>")
+    );
+    renders_as_transformers(&tokenizer, "chatml_tools");
+
+    // Llama 3's shape: named templates (the `default` one is taken), BOS as an added-token
+    // object that the template prints.
+    let llama = folder(
+        "llama-bpe.tokenizer.json",
+        serde_json::json!({
+            "bos_token": {"content": "<|begin_of_text|>", "lstrip": false, "special": true},
+            "eos_token": "<|end_of_text|>",
+            "chat_template": [
+                {"name": "tool_use", "template": "{{ raise_exception('not the default') }}"},
+                {"name": "default", "template": fixture.templates["headers"].source},
+            ],
+        }),
+    );
+    let tokenizer = TextTokenizer::from_folder(llama.path()).unwrap();
+    renders_as_transformers(&tokenizer, "headers");
+    // `chat_template.jinja`, which newer transformers writes, comes first.
+    std::fs::write(
+        llama.path().join("chat_template.jinja"),
+        &fixture.templates["smollm2"].source,
+    )
+    .unwrap();
+    let tokenizer = TextTokenizer::from_folder(llama.path()).unwrap();
+    assert_eq!(
+        tokenizer.chat_template.as_deref(),
+        Some(fixture.templates["smollm2"].source.as_str())
+    );
+
+    // A special token the vocabulary lacks is an error naming it, not a silent guess.
+    let wrong = folder(
+        "llama-bpe.tokenizer.json",
+        serde_json::json!({"eos_token": "<|eot_id|>"}),
+    );
+    let error = TextTokenizer::from_folder(wrong.path())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("eos_token \"<|eot_id|>\""), "{error}");
+}

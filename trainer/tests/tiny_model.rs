@@ -420,38 +420,57 @@ fn instruction_tuning_trains_only_the_assistant_tokens_and_lowers_their_loss() {
     let data = PackedData::pack(&train_docs, &f.tokenizer, 32, f.tokenizer.eos).unwrap();
     assert_eq!(data.masks.len(), data.sequences.len());
 
-    // The targets that carry loss are exactly the assistant replies with their end of turn,
-    // in order: each reply is tokenized as the template renders it.
-    let mut expected = Vec::new();
+    // The token stream is each conversation's whole rendering tokenized at once (what the model
+    // sees at inference), and the targets that carry loss, read back as text, are exactly the
+    // assistant replies with their end of turn, in order.
+    let template = f.tokenizer.chat_template().unwrap();
+    let mut stream = Vec::new();
+    let mut replies = Vec::new();
     for doc in &train_docs {
         let Document::Chat { messages, .. } = doc else {
             unreachable!()
         };
+        let rendered = template.render(messages, false).unwrap();
+        stream.extend(f.tokenizer.encode(&rendered).unwrap());
         for message in messages.iter().filter(|m| m.role == "assistant") {
-            let turn = format!("{}<|im_end|>\n", message.content);
-            expected.extend(f.tokenizer.encode(&turn).unwrap());
+            replies.push(format!("{}<|im_end|>\n", message.content));
         }
     }
-    let trained: Vec<u32> = data
+    // Consecutive sequences overlap by one token, so their targets in order are the stream
+    // from its second token.
+    let targets: Vec<(u32, bool)> = data
         .sequences
         .iter()
         .zip(&data.masks)
-        .flat_map(|(sequence, mask)| {
-            sequence[1..]
-                .iter()
-                .zip(mask)
-                .filter(|(_, on)| **on)
-                .map(|(token, _)| *token)
-        })
+        .flat_map(|(sequence, mask)| sequence[1..].iter().copied().zip(mask.iter().copied()))
         .collect();
-    // Packing drops the stream's last partial sequence, so the trained ids are a prefix.
+    let ids: Vec<u32> = targets.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids[..], stream[1..=ids.len()]);
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut previous = false;
+    for &(id, on) in &targets {
+        match (on, previous) {
+            (true, true) => runs.last_mut().unwrap().push(id),
+            (true, false) => runs.push(vec![id]),
+            _ => {}
+        }
+        previous = on;
+    }
+    // Packing drops the stream's last partial sequence, which may cut the last run short.
+    let last = runs.pop().unwrap();
+    let texts: Vec<String> = runs
+        .iter()
+        .map(|run| f.tokenizer.decode_with_special_tokens(run).unwrap())
+        .collect();
     assert!(
-        trained.len() * 10 >= expected.len() * 8,
+        texts.len() * 10 >= replies.len() * 8,
         "{} of {}",
-        trained.len(),
-        expected.len()
+        texts.len(),
+        replies.len()
     );
-    assert_eq!(trained[..], expected[..trained.len()]);
+    assert_eq!(texts[..], replies[..texts.len()]);
+    let last = f.tokenizer.decode_with_special_tokens(&last).unwrap();
+    assert!(replies[texts.len()].starts_with(&last), "{last:?}");
     let prompt_tokens = data.sequences.len() * data.seq_len - data.target_tokens();
     assert!(
         prompt_tokens > data.target_tokens(),

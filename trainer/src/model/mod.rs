@@ -162,10 +162,7 @@ pub fn load(
     let tokenizer_error = |e: crate::tokenizer::TokenizerError| ModelError::Format(e.to_string());
     if path.is_dir() {
         let checkpoint = checkpoint::HfCheckpoint::open(path)?;
-        let mut tokenizer =
-            TextTokenizer::from_file(&path.join("tokenizer.json")).map_err(tokenizer_error)?;
-        tokenizer.chat_template =
-            TextTokenizer::read_chat_template(path).map_err(tokenizer_error)?;
+        let tokenizer = TextTokenizer::from_folder(path).map_err(tokenizer_error)?;
         Ok(LoadedModel {
             model: Llama::load(&checkpoint, device, max_positions)?,
             tokenizer,
