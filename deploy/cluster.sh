@@ -73,15 +73,18 @@ echo "PostgreSQL: ${DATABASE%%\?*}"
 echo "S3 (Garage): $AWS_ENDPOINT, $BLOBS"
 
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_tcp_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # One node: serve in a loop, as a supervisor would (a node that loses the lease exits with 75
 # and comes back as a standby node).
+# Every node serves HTTP on its own fixed port: the hub pages while it stands by, everything
+# once it leads.
 node() {
-    local name=$1 port=$2
+    local name=$1 port=$2 http=$3
     while true; do
         "$bin/tributary-coordinator" serve --data-dir "$out/$name" --listen "127.0.0.1:$port" \
             --database "$DATABASE" --blobs "$BLOBS" --experiment "$experiment" \
-            --http "127.0.0.1:0" --ready-file "$out/$name.ready" --lease-seconds 2 \
+            --http "127.0.0.1:$http" --ready-file "$out/$name.ready" --lease-seconds 2 \
             >>"$out/$name.out" 2>>"$out/$name.log" && break
         status=$?
         [ -f "$out/$name.stop" ] && break
@@ -91,7 +94,8 @@ node() {
 }
 
 ports=($(free_port) $(free_port) $(free_port))
-node a "${ports[0]}" &
+http_ports=($(free_tcp_port) $(free_tcp_port) $(free_tcp_port))
+node a "${ports[0]}" "${http_ports[0]}" &
 pids+=($!)
 for _ in $(seq 1 600); do [ -s "$out/a.ready" ] && break; sleep 0.1; done
 [ -s "$out/a.ready" ] || { cat "$out/a.log" >&2; exit 1; }
@@ -104,14 +108,16 @@ for name in b c; do
     cp "$out/a/tls/cert.pem" "$out/a/tls/key.pem" "$out/$name/tls/"
     cp "$out/a/ledger.key" "$out/a/operator.key" "$out/$name/"
 done
-node b "${ports[1]}" &
+node b "${ports[1]}" "${http_ports[1]}" &
 pids+=($!)
-node c "${ports[2]}" &
+node c "${ports[2]}" "${http_ports[2]}" &
 pids+=($!)
 addrs="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
 echo "nodes: a (leader) 127.0.0.1:${ports[0]}, b 127.0.0.1:${ports[1]}, c 127.0.0.1:${ports[2]}"
 echo "certificate fingerprint: $fingerprint"
-echo "logs: $out/{a,b,c}.log; hub and metrics of the leader: http://$(field "$out/a.ready" http)/status"
+https="127.0.0.1:${http_ports[0]},127.0.0.1:${http_ports[1]},127.0.0.1:${http_ports[2]}"
+echo "logs: $out/{a,b,c}.log; status and hub of each node: http://127.0.0.1:${http_ports[0]}/status (a), :${http_ports[1]} (b), :${http_ports[2]} (c)"
+echo "pause the fleet: $bin/tributary-coordinator pause --http $https --data-dir $out/a"
 
 if [ "$synthetic" = 1 ]; then
     "$bin/tributary-loadgen" --coordinator "$addrs" --fingerprint "$fingerprint" \

@@ -118,7 +118,9 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct OperatorArgs {
-    /// The coordinator's HTTP address (its `serve --http`).
+    /// The coordinator's HTTP address (its `serve --http`); for a cluster, every node's,
+    /// comma-separated: the order goes to each in turn until the leader takes it (standby
+    /// nodes refuse it with 503, unrecorded).
     #[arg(long, env = "TRIBUTARY_HTTP")]
     http: String,
     /// The data directory holding `operator.key` (or pass --operator-key).
@@ -505,7 +507,6 @@ fn run_status(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
 
 /// Signs a throttle order with the operator key and posts it to the coordinator.
 fn run_throttle(duty_ppm: u32, args: &OperatorArgs) -> anyhow::Result<ExitCode> {
-    use std::io::{Read as _, Write as _};
     let key_path = match (&args.operator_key, &args.data_dir) {
         (Some(path), _) => path.clone(),
         (None, Some(dir)) => dir.join(crate::operator::KEY_FILE),
@@ -518,12 +519,40 @@ fn run_throttle(duty_ppm: u32, args: &OperatorArgs) -> anyhow::Result<ExitCode> 
     let issued_ms = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
     let order = crate::operator::ThrottleOrder::sign(&operator, duty_ppm, issued_ms);
     let body = serde_json::to_string(&order)?;
-    let host = args
-        .http
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let mut stream = std::net::TcpStream::connect(&host)
+    let mut passed = Vec::new();
+    for host in args.http.split(',').map(|host| {
+        host.trim()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string()
+    }) {
+        let response = match post_order(&host, &body) {
+            Ok(response) => response,
+            Err(error) => {
+                passed.push(format!("{host}: {error:#}"));
+                continue;
+            }
+        };
+        let first = response.lines().next().unwrap_or("no response").to_owned();
+        let answer = response.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+        if response.starts_with("HTTP/1.1 200") {
+            println!("{answer}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        // A standby node leaves orders to the leader: try the next address.
+        if response.starts_with("HTTP/1.1 503") && answer.contains("stands by") {
+            passed.push(format!("{host}: stands by"));
+            continue;
+        }
+        anyhow::bail!("the coordinator at {host} refused: {first} {answer}")
+    }
+    anyhow::bail!("no node took the order ({})", passed.join("; "))
+}
+
+/// Posts a signed order to `/admin/throttle` at `host`; the whole HTTP response.
+fn post_order(host: &str, body: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(host)
         .with_context(|| format!("cannot reach the coordinator at {host}"))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     write!(
@@ -534,13 +563,5 @@ fn run_throttle(duty_ppm: u32, args: &OperatorArgs) -> anyhow::Result<ExitCode> 
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let status_ok = response.starts_with("HTTP/1.1 200");
-    let answer = response.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    if status_ok {
-        println!("{answer}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        let first = response.lines().next().unwrap_or("no response");
-        anyhow::bail!("the coordinator refused: {first} {answer}")
-    }
+    Ok(response)
 }

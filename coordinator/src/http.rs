@@ -64,15 +64,30 @@ impl Default for HttpLimits {
     }
 }
 
+/// Which part a node plays, as far as its HTTP listener is concerned.
+#[derive(Clone)]
+pub enum Role {
+    /// The node runs the experiment: `/status` is its hub's progress, and operator orders go
+    /// to its hub.
+    Leader {
+        /// Round progress.
+        progress: watch::Receiver<Progress>,
+        /// The hub's command queue (for operator orders).
+        commands: mpsc::Sender<Command>,
+    },
+    /// A standby node of a cluster: the hub pages and `/metrics` are served from the shared
+    /// database and blobs, `/status` names the leader, and operator orders are refused with
+    /// 503 (only the leader takes them, in its fenced batch).
+    Standby,
+}
+
 /// What the HTTP handlers reach.
 #[derive(Clone)]
 pub struct HttpContext {
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// Round progress.
-    pub progress: watch::Receiver<Progress>,
-    /// The hub's command queue (for operator orders).
-    pub commands: mpsc::Sender<Command>,
+    /// Leader or standby.
+    pub role: Role,
     /// The operator's public key.
     pub operator: TrainerId,
     /// The data directory (read-only access for the hub pages).
@@ -103,12 +118,13 @@ struct AppState {
 /// Database sessions the hub pages share.
 const READ_SESSIONS: usize = 4;
 
-/// Binds `addr` and serves until `shutdown` resolves; returns the bound address.
+/// Binds `addr` and serves until `shutdown` resolves; returns the bound address and the accept
+/// loop's task, which ends (its listener closed) once `shutdown` resolved.
 pub async fn spawn(
     addr: SocketAddr,
     context: HttpContext,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for http"))?;
@@ -144,9 +160,12 @@ pub async fn spawn(
             )),
             context: context.clone(),
         });
-    tokio::spawn(serve(listener, app, limits, context.metrics, shutdown));
-    tracing::info!(addr = %bound, "http listening");
-    Ok(bound)
+    let task = tokio::spawn(serve(listener, app, limits, context.metrics, shutdown));
+    match context.role {
+        Role::Leader { .. } => tracing::info!(addr = %bound, "http listening"),
+        Role::Standby => tracing::info!(addr = %bound, "http listening (standby: hub pages only)"),
+    }
+    Ok((bound, task))
 }
 
 /// The accept loop: connection limits, then HTTP/1.1 with a header-read timeout per connection.
@@ -211,8 +230,34 @@ async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn status_page(State(state): State<AppState>) -> Json<Progress> {
-    Json(state.context.progress.borrow().clone())
+/// The leader whose lease the database holds, as `{"node", "address"}` (`null` when none).
+async fn leader_of(state: &AppState) -> Result<serde_json::Value, (StatusCode, String)> {
+    let lease = read_db(state, |db, _| Ok(db.lease(crate::store::leases::LEADER)?)).await?;
+    Ok(match lease {
+        Some(lease) if !lease.holder.is_empty() => {
+            serde_json::json!({ "node": lease.holder, "address": lease.address })
+        }
+        _ => serde_json::Value::Null,
+    })
+}
+
+/// The leader's round progress with `"role": "leader"`; on a standby node, `"role": "standby"`
+/// and the leader the database names.
+async fn status_page(State(state): State<AppState>) -> HubResponse {
+    let status = match &state.context.role {
+        Role::Leader { progress, .. } => {
+            let mut status = serde_json::to_value(progress.borrow().clone())
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            if let Some(fields) = status.as_object_mut() {
+                fields.insert("role".into(), "leader".into());
+            }
+            status
+        }
+        Role::Standby => {
+            serde_json::json!({ "role": "standby", "leader": leader_of(&state).await? })
+        }
+    };
+    Ok(Json(status).into_response())
 }
 
 /// Takes a signed throttle order and passes it to the hub, which tells every trainer.
@@ -220,6 +265,17 @@ async fn throttle(
     State(state): State<AppState>,
     Json(order): Json<ThrottleOrder>,
 ) -> (StatusCode, Json<serde_json::Value>) {
+    let commands = match &state.context.role {
+        Role::Leader { commands, .. } => commands.clone(),
+        Role::Standby => {
+            let leader = leader_of(&state).await.unwrap_or(serde_json::Value::Null);
+            let body = serde_json::json!({
+                "error": "this node stands by: send operator orders to the leader",
+                "leader": leader,
+            });
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        }
+    };
     let now = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
     let (reply, told) = oneshot::channel();
     {
@@ -237,7 +293,7 @@ async fn throttle(
             issued_ms: order.issued_ms,
             reply,
         };
-        if state.context.commands.send(command).await.is_err() {
+        if commands.send(command).await.is_err() {
             let body = serde_json::json!({ "error": "the coordinator is stopping" });
             return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
         }
@@ -534,9 +590,15 @@ async fn hub_latest(
         .into_response())
 }
 
-/// The PEFT folder of the latest adapter, built once per ledger head.
+/// The PEFT folder of the latest adapter, built once per ledger head (on a standby node, which
+/// does not follow the head, at every request).
 async fn latest_folder(state: &AppState) -> Result<Arc<PeftFolder>, (StatusCode, String)> {
-    let head = state.context.progress.borrow().ledger_head;
+    let Role::Leader { progress, .. } = &state.context.role else {
+        return Ok(Arc::new(
+            read_data(state, |dir| crate::publish::build(dir, None)).await?,
+        ));
+    };
+    let head = progress.borrow().ledger_head;
     let mut cache = state.peft.lock().await;
     if let Some((built_at, folder)) = cache.as_ref() {
         if *built_at == head {

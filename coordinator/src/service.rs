@@ -203,20 +203,54 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let server_config = tls::server_config(&identity, &options.limits.transport)?;
     let endpoint = bind_endpoint(&options.data_dir, server_config, options.listen)?;
     let addr = endpoint.local_addr()?;
+    let metrics = Arc::new(Metrics::default());
+    let operator = crate::operator::load_or_create(&options.data_dir)
+        .context("cannot read or create the operator key")?;
+    let http_context = |role| crate::http::HttpContext {
+        metrics: metrics.clone(),
+        role,
+        operator: operator.id(),
+        data_dir: options.data_dir.clone(),
+        limits: options.limits.http.clone(),
+        blobs: blobs.clone(),
+        last_order_ms: 0,
+    };
+    let mut http_at = options.http;
     // Several nodes may share a PostgreSQL database: only the lease holder runs the
-    // experiment. Until this node holds it, trainers are refused (they try the next node).
+    // experiment. Until this node holds it, trainers are refused (they try the next node),
+    // and its HTTP listener serves the hub pages from the shared stores, then hands its
+    // address over to the leader's listener.
     let leadership = match &location {
         crate::store::db::Location::Postgres(_) => {
             let node = crate::leadership::node_id(&options.data_dir)?;
+            let standby_http = match options.http {
+                Some(http) => {
+                    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                    let stopped = async {
+                        let _ = stopped.await;
+                    };
+                    let (bound, task) =
+                        crate::http::spawn(http, http_context(crate::http::Role::Standby), stopped)
+                            .await?;
+                    http_at = Some(bound);
+                    Some((stop, task))
+                }
+                None => None,
+            };
             tracing::info!(node, %addr, "waiting for the leader lease");
-            let (lease_db, holder) = crate::leadership::acquire(
+            let acquired = crate::leadership::acquire(
                 &location,
                 &node,
                 &addr.to_string(),
                 options.lease,
                 &endpoint,
             )
-            .await?;
+            .await;
+            if let Some((stop, task)) = standby_http {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            let (lease_db, holder) = acquired?;
             Some(crate::leadership::Leadership::keep(lease_db, node, holder))
         }
         crate::store::db::Location::Sqlite(_) => None,
@@ -304,15 +338,12 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         config_hash: BlobHash::of(stored.config_json.as_bytes()),
     });
 
-    let metrics = Arc::new(Metrics::default());
     metrics
         .current_round
         .store(engine.round().0, std::sync::atomic::Ordering::Relaxed);
     let last_order = crate::operator::last_order(&db, &options.data_dir)
         .context("cannot read the operator's last order")?;
     Metrics::set(&metrics.fleet_duty_ppm, u64::from(last_order.duty_ppm));
-    let operator = crate::operator::load_or_create(&options.data_dir)
-        .context("cannot read or create the operator key")?;
     // Bounded: a flood from peers slows them down (back-pressure) instead of growing memory.
     let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
     let (progress_tx, progress) = watch::channel(Progress::default());
@@ -370,24 +401,22 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         wait_for(shutdown_rx.clone()),
     ));
 
-    let http_addr = match options.http {
-        Some(http) => Some(
-            crate::http::spawn(
-                http,
-                crate::http::HttpContext {
-                    metrics: metrics.clone(),
-                    progress: progress.clone(),
-                    commands: http_commands,
-                    operator: operator.id(),
-                    data_dir: options.data_dir.clone(),
-                    limits: options.limits.http.clone(),
-                    blobs: blobs.clone(),
-                    last_order_ms: last_order.issued_ms,
-                },
-                wait_for(shutdown_rx),
+    let http_addr = match http_at {
+        Some(http) => {
+            let role = crate::http::Role::Leader {
+                progress: progress.clone(),
+                commands: http_commands,
+            };
+            let context = crate::http::HttpContext {
+                last_order_ms: last_order.issued_ms,
+                ..http_context(role)
+            };
+            Some(
+                crate::http::spawn(http, context, wait_for(shutdown_rx))
+                    .await?
+                    .0,
             )
-            .await?,
-        ),
+        }
         None => None,
     };
     tracing::info!(%addr, fingerprint = %identity.fingerprint, "coordinator listening");

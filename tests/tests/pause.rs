@@ -148,11 +148,33 @@ async fn pause_and_resume(deployment: Deployment) {
         Deployment::Embedded => (Some(running), http),
         Deployment::Cluster => {
             let standbys = standby_http_of(running.addr);
+            // Meanwhile the standby nodes serve the hub pages from the shared database and
+            // blobs, name the leader, and leave operator orders to it.
+            let body = |response: String| {
+                let at = response.find("\r\n\r\n").map_or(0, |at| at + 4);
+                response[at..].to_owned()
+            };
+            let experiments = body(http_get(http, "/hub/experiments").await);
+            assert!(experiments.contains("initial_adapter"), "{experiments}");
+            for &standby in &standbys {
+                let status = http_get(standby, "/status").await;
+                assert!(status.contains("\"role\":\"standby\""), "{status}");
+                assert!(status.contains(&running.addr.to_string()), "{status}");
+                assert_eq!(
+                    body(http_get(standby, "/hub/experiments").await),
+                    experiments
+                );
+                let refused = http_post_json(standby, "/admin/throttle", &order(1_000_000)).await;
+                assert!(
+                    refused.contains("503") && refused.contains("stands by"),
+                    "{refused}"
+                );
+            }
             running.shutdown().await.unwrap();
             let (http, status) = tokio::time::timeout(Duration::from_secs(60), async {
                 loop {
                     for &http in &standbys {
-                        // Nothing listens there until that node leads.
+                        // A standby's status has no trainers until that node leads.
                         if let Ok(Ok(status)) = tokio::time::timeout(
                             Duration::from_secs(2),
                             try_http_get(http, "/status"),

@@ -377,11 +377,11 @@ fn read_folder(dir: &Path) -> Result<Vec<Document>, DataError> {
 
 /// A rendered conversation's token ids and, for each, whether it carries loss.
 ///
-/// The whole rendering is tokenized at once, so the ids are the ones the model sees at
-/// inference (transformers' `apply_chat_template(tokenize=True)`); tokenizing its pieces one by
-/// one could split words differently where a piece ends. A token carries loss when it covers a
-/// byte of an assistant reply (a token straddling the boundary counts, as in transformers'
-/// assistant-token mask); a token covering no byte of its own goes with the byte it stands at.
+/// The whole rendering is tokenized at once, so the ids are those of the conversation's text
+/// (transformers' `apply_chat_template(tokenize=True)`); tokenizing its pieces one by one could
+/// split words differently where a piece ends. A token carries loss when it covers a byte of an
+/// assistant reply (a token straddling the boundary counts, as in transformers' assistant-token
+/// mask); an empty range, which no tokenizer here gives, goes with the byte it stands at.
 fn conversation_tokens(
     tokenizer: &TextTokenizer,
     segments: &[crate::chat::Segment],
@@ -869,6 +869,41 @@ mod tests {
             error.to_string().contains("no dataset \"other\""),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_token_straddling_prompt_and_reply_carries_loss_and_the_ids_are_the_whole_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::tiny::write_gguf(&path, 1).unwrap();
+        let tokenizer = TextTokenizer::from_gguf(&crate::gguf::Gguf::open(&path).unwrap()).unwrap();
+        // The prompt ends in " t" and the reply starts with "he": the tiny vocabulary merges
+        // " the" into one token, which straddles the boundary.
+        let template = crate::chat::ChatTemplate::new(
+            "{% for m in messages %}{{ m.content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let messages = [
+            crate::chat::Message {
+                role: "user".into(),
+                content: "say t".into(),
+            },
+            crate::chat::Message {
+                role: "assistant".into(),
+                content: "he end".into(),
+            },
+        ];
+        let (ids, mask) =
+            conversation_tokens(&tokenizer, &template.segments(&messages).unwrap()).unwrap();
+        assert_eq!(ids, tokenizer.encode("say the end").unwrap());
+        let the = tokenizer.encode(" the").unwrap();
+        assert_eq!(the.len(), 1, "the tiny vocabulary merges \" the\"");
+        let at = ids.iter().position(|id| *id == the[0]).unwrap();
+        assert_eq!(at, 3, "{ids:?}");
+        let expected: Vec<bool> = (0..ids.len()).map(|i| i >= at).collect();
+        assert_eq!(mask, expected);
     }
 
     #[test]

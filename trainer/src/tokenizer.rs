@@ -86,6 +86,26 @@ fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, TokenizerError> {
     }
 }
 
+/// A JSON file of a Hugging Face folder, parsed, with its path; `None` when there is no such
+/// file (one that cannot be read or parsed is an error).
+fn read_json(
+    path: &Path,
+) -> Result<Option<(std::path::PathBuf, serde_json::Value)>, TokenizerError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(TokenizerError::Unsupported(format!(
+                "{}: {error}",
+                path.display()
+            )))
+        }
+    };
+    let parsed = serde_json::from_str(&text)
+        .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", path.display())))?;
+    Ok(Some((path.to_owned(), parsed)))
+}
+
 fn library(error: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Library(error.to_string())
 }
@@ -303,9 +323,18 @@ impl TextTokenizer {
     }
 
     /// Reads a Hugging Face `tokenizer.json`; `bos`/`eos` are looked up by the usual names.
+    /// Its post-processor, truncation and padding are dropped: this tokenizer adds no special
+    /// tokens (the chat template prints them), a document is never cut or padded, and offsets
+    /// stay untrimmed (a `ByteLevel` post-processor with `trim_offsets` would give a token of
+    /// spaces an empty range, and the chat mask would misplace it).
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner =
+        let mut inner =
             Tokenizer::from_file(path).map_err(|e| TokenizerError::Library(e.to_string()))?;
+        inner
+            .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+            .with_padding(None)
+            .with_truncation(None)
+            .map_err(library)?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         Ok(Self {
             bos: find(&["<|im_start|>", "<s>", "<|begin_of_text|>", "<|endoftext|>"]),
@@ -316,59 +345,54 @@ impl TextTokenizer {
     }
 
     /// Reads a Hugging Face folder's tokenizer: `tokenizer.json`, the chat template
-    /// ([`TextTokenizer::read_chat_template`]) and the BOS/EOS tokens `tokenizer_config.json`
-    /// names (a string, `{"content": …}`, or `null` for none; by the usual names when the file
-    /// or the key is absent). A named token that `tokenizer.json` lacks is an error.
+    /// ([`TextTokenizer::read_chat_template`]) and the BOS/EOS tokens that
+    /// `tokenizer_config.json`, else `special_tokens_map.json`, names (a string,
+    /// `{"content": …}`, or `null` for none; by the usual names when neither names one). A
+    /// named token that `tokenizer.json` lacks is an error.
     pub fn from_folder(dir: &Path) -> Result<Self, TokenizerError> {
         let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"))?;
-        if let Some((path, config)) = Self::read_tokenizer_config(dir)? {
-            for (key, slot) in [
-                ("bos_token", &mut tokenizer.bos),
-                ("eos_token", &mut tokenizer.eos),
-            ] {
-                let named = match config.get(key) {
-                    None => continue,
-                    Some(serde_json::Value::Null) => None,
-                    Some(value) => Some(
-                        value
-                            .as_str()
-                            .or_else(|| value.get("content").and_then(|c| c.as_str()))
-                            .ok_or_else(|| {
-                                TokenizerError::Unsupported(format!(
-                                    "{}: {key} is neither a string nor {{\"content\": …}}",
-                                    path.display()
-                                ))
-                            })?,
-                    ),
-                };
-                *slot = named
-                    .map(|text| {
-                        tokenizer.inner.token_to_id(text).ok_or_else(|| {
+        let configs = [
+            read_json(&dir.join("tokenizer_config.json"))?,
+            read_json(&dir.join("special_tokens_map.json"))?,
+        ];
+        for (key, slot) in [
+            ("bos_token", &mut tokenizer.bos),
+            ("eos_token", &mut tokenizer.eos),
+        ] {
+            let Some((path, value)) = configs
+                .iter()
+                .flatten()
+                .find_map(|(path, config)| Some((path, config.get(key)?)))
+            else {
+                continue;
+            };
+            let named = match value {
+                serde_json::Value::Null => None,
+                value => Some(
+                    value
+                        .as_str()
+                        .or_else(|| value.get("content").and_then(|c| c.as_str()))
+                        .ok_or_else(|| {
                             TokenizerError::Unsupported(format!(
-                                "{}: {key} {text:?} is not a token of tokenizer.json",
+                                "{}: {key} is neither a string nor {{\"content\": …}}",
                                 path.display()
                             ))
-                        })
+                        })?,
+                ),
+            };
+            *slot = named
+                .map(|text| {
+                    tokenizer.inner.token_to_id(text).ok_or_else(|| {
+                        TokenizerError::Unsupported(format!(
+                            "{}: {key} {text:?} is not a token of tokenizer.json",
+                            path.display()
+                        ))
                     })
-                    .transpose()?;
-            }
+                })
+                .transpose()?;
         }
         tokenizer.chat_template = Self::read_chat_template(dir)?;
         Ok(tokenizer)
-    }
-
-    /// `tokenizer_config.json` of a Hugging Face folder, parsed, with its path; `None` when the
-    /// folder has none.
-    fn read_tokenizer_config(
-        dir: &Path,
-    ) -> Result<Option<(std::path::PathBuf, serde_json::Value)>, TokenizerError> {
-        let path = dir.join("tokenizer_config.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(None);
-        };
-        let parsed = serde_json::from_str(&text)
-            .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", path.display())))?;
-        Ok(Some((path, parsed)))
     }
 
     /// Reads the chat template of a Hugging Face folder: `chat_template.jinja`, or
@@ -381,7 +405,7 @@ impl TextTokenizer {
                 .map(Some)
                 .map_err(|e| TokenizerError::Unsupported(format!("{}: {e}", jinja.display())));
         }
-        let Some((_, parsed)) = Self::read_tokenizer_config(dir)? else {
+        let Some((_, parsed)) = read_json(&dir.join("tokenizer_config.json"))? else {
             return Ok(None);
         };
         Ok(match parsed.get("chat_template") {
@@ -421,7 +445,7 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text` (no special tokens added), each with the byte range of `text` it
-    /// came from (`start == end` for a token that covers no byte of its own).
+    /// came from (never empty: no post-processor trims it, see [`TextTokenizer::from_file`]).
     pub fn encode_with_offsets(
         &self,
         text: &str,

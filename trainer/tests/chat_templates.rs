@@ -156,6 +156,23 @@ fn a_hugging_face_folder_brings_its_template_and_special_tokens_from_tokenizer_c
         Some(fixture.templates["smollm2"].source.as_str())
     );
 
+    // Older folders name their special tokens in special_tokens_map.json only.
+    let mapped = folder(
+        "qwen2.tokenizer.json",
+        serde_json::json!({"chat_template": fixture.templates["chatml_tools"].source}),
+    );
+    std::fs::write(
+        mapped.path().join("special_tokens_map.json"),
+        serde_json::json!({"eos_token": {"content": "<|im_end|>"}, "bos_token": null}).to_string(),
+    )
+    .unwrap();
+    let tokenizer = TextTokenizer::from_folder(mapped.path()).unwrap();
+    assert_eq!(tokenizer.bos, None);
+    assert_eq!(
+        tokenizer.eos.and_then(|id| tokenizer.token(id)).as_deref(),
+        Some("<|im_end|>")
+    );
+
     // A special token the vocabulary lacks is an error naming it, not a silent guess.
     let wrong = folder(
         "llama-bpe.tokenizer.json",

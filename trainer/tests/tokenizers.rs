@@ -110,3 +110,43 @@ fn an_unknown_pre_tokenizer_is_refused_by_name() {
     let error = TextTokenizer::from_gguf(&file).unwrap_err().to_string();
     assert!(error.contains("\"deepseek-coder\""), "{error}");
 }
+
+#[test]
+fn a_tokenizer_json_post_processor_truncation_and_padding_are_dropped() {
+    // A GPT-2-style tokenizer.json often carries a ByteLevel post-processor that trims offsets,
+    // and some keep truncation or padding: none may cut a document, pad it, or move the chat
+    // mask's offsets.
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama-bpe.tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    json["truncation"] = serde_json::json!({
+        "direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0
+    });
+    json["padding"] = serde_json::json!({
+        "strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "!"
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let plain = TextTokenizer::from_file(&fixtures().join("llama-bpe.tokenizer.json")).unwrap();
+    let configured = TextTokenizer::from_file(&path).unwrap();
+    let text = "a   spaced   text\n\nwith more than four tokens";
+    let ids = configured.encode(text).unwrap();
+    assert_eq!(ids, plain.encode(text).unwrap());
+    assert!(ids.len() > 4 && ids.len() < 64, "{ids:?}");
+    let offsets = configured.encode_with_offsets(text).unwrap();
+    assert!(
+        offsets.iter().all(|(_, bytes)| !bytes.is_empty()),
+        "{offsets:?}"
+    );
+    let covered: String = offsets
+        .iter()
+        .map(|(_, bytes)| &text[bytes.clone()])
+        .collect();
+    assert_eq!(covered, text, "the ranges tile the text");
+}
