@@ -5,11 +5,14 @@
 # experiment to the end, and checks the ledger with `verify`.
 #
 #   deploy/cluster.sh [--synthetic] [--trainers N] [--experiment FILE] [--out DIR] [--kill-leader SECONDS]
+#                     [--leader-uploads]
 #
 # --synthetic: synthetic trainers (tributary-loadgen, experiments/synthetic.toml, 20 trainers):
 #   seconds, no model. Otherwise real `tributary-trainer join` processes on the quickstart's
 #   SmolLM2 experiment (CPU-only trainer unless TRIBUTARY_GPU=1).
 # --kill-leader S: SIGKILL the leading node S seconds in, to watch another one take over.
+# --leader-uploads: synthetic trainers send every delta to the leader, as before uploads were
+#   spread over the nodes (for comparison; real trainers always spread them).
 # Needs PostgreSQL (initdb) and Garage (`cargo install garage --locked`); `.ci/run` shows how.
 set -euo pipefail
 
@@ -19,6 +22,7 @@ synthetic=0
 trainers=
 experiment=
 kill_leader=
+spread=(--spread-uploads)
 while [ $# -gt 0 ]; do
     case "$1" in
         --synthetic) synthetic=1; shift ;;
@@ -26,7 +30,8 @@ while [ $# -gt 0 ]; do
         --experiment) experiment=$(realpath "$2"); shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --kill-leader) kill_leader="$2"; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --leader-uploads) spread=(); shift ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -121,7 +126,8 @@ echo "pause the fleet: $bin/tributary-coordinator pause --http $https --data-dir
 
 if [ "$synthetic" = 1 ]; then
     "$bin/tributary-loadgen" --coordinator "$addrs" --fingerprint "$fingerprint" \
-        --trainers "$trainers" >"$out/trainers.out" 2>"$out/trainers.log" &
+        --trainers "$trainers" ${spread[@]+"${spread[@]}"} >"$out/trainers.out" \
+        2>"$out/trainers.log" &
     trainer_pids=($!)
 else
     threads=$(( $(nproc) / trainers )); [ "$threads" -ge 1 ] || threads=1
@@ -149,6 +155,15 @@ if [ -n "$kill_leader" ]; then
 fi
 for pid in "${trainer_pids[@]}"; do wait "$pid" || true; done
 echo "trainers done"
+# CPU seconds each node's process has used (user + system), for the per-node cost of a run.
+ticks=$(getconf CLK_TCK)
+for name in a b c; do
+    pid=$(pgrep -f -- "--data-dir $out/$name " | head -1 || true)
+    if [ -n "$pid" ] && [ -r "/proc/$pid/stat" ]; then
+        awk -v t="$ticks" -v n="$name" '{ printf "cpu %s %.1f s\n", n, ($14 + $15) / t }' \
+            "/proc/$pid/stat" | tee -a "$out/cpu.txt"
+    fi
+done
 # Any node's data directory points at the shared database and bucket.
 "$bin/tributary-coordinator" verify --data-dir "$out/b"
 "$bin/tributary-coordinator" status --data-dir "$out/b" >"$out/status.json"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The same synthetic fleet against three deployments, one after the other on this machine:
+# The same synthetic fleet against four deployments, one after the other on this machine:
 # one node with SQLite and a blob folder, one node with PostgreSQL and Garage (S3), and a
-# three-node cluster on PostgreSQL and Garage (`deploy/cluster.sh`). Prints each run's figures
-# and a table: per-round wall time, delta MB/s (at the trainers), acknowledgement latency, lost.
+# three-node cluster on PostgreSQL and Garage (`deploy/cluster.sh`), first with every delta
+# sent to the leader, then with uploads spread over the nodes. Prints each run's figures and a
+# table: per-round wall time, delta MB/s (at the trainers), acknowledgement latency, lost, and
+# for the clusters the CPU seconds each node used.
 #
 #   scripts/load_cluster.sh [TRAINERS] [PER_ROUND] [ROUNDS] [PARAMS]    (default 10000 1000 3 100000)
 #
@@ -46,10 +48,15 @@ gather_timeout_secs = 600
 [training]
 codec = { kind = "int8", block = 64 }
 TOML
-echo "== three nodes, postgres-s3" >&2
-deploy/cluster.sh --synthetic --trainers "$trainers" --experiment "$work/cluster.toml" \
-    --out "$work/cluster" >&2
-cp "$work/cluster/trainers.out" "$work/cluster.out"
+for mode in leader spread; do
+    echo "== three nodes, postgres-s3, uploads to the $mode" >&2
+    flag=()
+    [ "$mode" = leader ] && flag=(--leader-uploads)
+    deploy/cluster.sh --synthetic --trainers "$trainers" --experiment "$work/cluster.toml" \
+        --out "$work/cluster-$mode" ${flag[@]+"${flag[@]}"} >&2
+    cp "$work/cluster-$mode/trainers.out" "$work/cluster-$mode.out"
+    cp "$work/cluster-$mode/cpu.txt" "$work/cluster-$mode.cpu" 2>/dev/null || true
+done
 
 python3 - "$work" <<'PY'
 import re, sys
@@ -59,11 +66,18 @@ def figures(name):
     get = lambda pattern: (re.search(pattern, text) or [None, "?"])[1]
     return (get(r"median ([0-9.]+) s"), get(r"MB, ([0-9.]+) MB/s"),
             get(r"p50 ([0-9.]+) ms"), get(r"p99 ([0-9.]+) ms"), get(r"lost ([0-9]+)"))
-print("| deployment | per-round wall time | deltas MB/s | ack p50 / p99 | lost |")
-print("|---|---|---|---|---|")
+def cpu(name):
+    try:
+        lines = open(f"{work}/{name}.cpu").read().split("\n")
+    except OSError:
+        return ""
+    return ", ".join(f"{l.split()[1]} {l.split()[2]} s" for l in lines if l.startswith("cpu "))
+print("| deployment | per-round wall time | deltas MB/s | ack p50 / p99 | lost | node CPU (a leads) |")
+print("|---|---|---|---|---|---|")
 for name, label in [("embedded", "one node, SQLite + blob folder"),
                     ("postgres-s3", "one node, PostgreSQL + Garage"),
-                    ("cluster", "three nodes, PostgreSQL + Garage")]:
+                    ("cluster-leader", "three nodes, every delta to the leader"),
+                    ("cluster-spread", "three nodes, deltas spread over the nodes")]:
     median, rate, p50, p99, lost = figures(name)
-    print(f"| {label} | {median} s | {rate} | {p50} ms / {p99} ms | {lost} |")
+    print(f"| {label} | {median} s | {rate} | {p50} ms / {p99} ms | {lost} | {cpu(name)} |")
 PY

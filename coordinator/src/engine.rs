@@ -1091,6 +1091,36 @@ impl Engine {
         }
     }
 
+    /// An upload a standby node of the cluster received and checked (signature, bytes, layout,
+    /// finiteness): with `body_refusal` `None` its body is stored durably, otherwise it failed
+    /// that check. Decided on as an upload received here, so acceptance, lateness, replays and
+    /// the refusal's consequences (recorded, the task given up, a replacement sent) are this
+    /// engine's calls; the trainer hears the outcome on its control connection. Returns the
+    /// ticket when the upload goes on to be persisted.
+    pub fn handle_staged_upload(
+        &mut self,
+        now: Instant,
+        upload: &UploadHeader,
+        body_refusal: Option<Refusal>,
+    ) -> Option<UploadTicket> {
+        let (trainer, task, hash) = (
+            upload.header.trainer,
+            upload.header.task,
+            upload.header.hash,
+        );
+        match self.handle_submission_header(now, trainer, upload) {
+            Ok(ticket) => {
+                let passed = body_refusal.is_none();
+                self.handle_upload_finished(now, &ticket, body_refusal.map_or(Ok(()), Err));
+                passed.then_some(ticket)
+            }
+            Err(refusal) => {
+                self.send_rejection(trainer, task, Some(hash), &refusal);
+                None
+            }
+        }
+    }
+
     /// The driver could not start receiving a ticketed upload now (too many in progress): the
     /// task goes back to working and its trainer is told to send it again after `retry_after`.
     /// Back-pressure is not a refusal: nothing is recorded against the trainer.
@@ -3043,6 +3073,70 @@ mod tests {
             participants.len()
         );
         assert!(harness.rejections.is_empty());
+    }
+
+    #[test]
+    fn a_staged_upload_is_decided_as_one_received_here() {
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b, c) = (tasked[0], tasked[1], tasked[2]);
+        // Staged with its body stored: persisted, then acknowledged on the control session.
+        let task_a = harness.open_task(a).unwrap();
+        let upload_a = harness.header(a, &task_a, b"delta a");
+        let now = harness.now;
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload_a, None)
+            .is_some());
+        harness.drain();
+        assert_eq!(harness.accepted_acks(a), 1);
+        // Staged as refused (its body failed the standby's checks): recorded with that reason,
+        // told to the trainer, the task given up and a replacement sent out.
+        let task_b = harness.open_task(b).unwrap();
+        let upload_b = harness.header(b, &task_b, b"bad");
+        let refusal = Refusal::new(RejectReason::HashMismatch, "bytes hash to something else");
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload_b, Some(refusal))
+            .is_none());
+        harness.drain();
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::HashMismatch
+        );
+        assert!(harness.inbox[&harness.id(b)].iter().any(|m| matches!(
+            m,
+            ServerMessage::SubmissionRejected {
+                reason: RejectReason::HashMismatch,
+                ..
+            }
+        )));
+        assert!(harness.open_task(b).is_none());
+        assert_eq!(harness.tasked().len(), 5, "the refused task was replaced");
+        // The same upload staged again (a second node, a replay): refused as a replay and
+        // told to the trainer; the accepted one stands.
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload_a, None)
+            .is_none());
+        harness.drain();
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::Replay
+        );
+        assert_eq!(harness.accepted_acks(a), 1);
+        // Another trainer's task staged under its own key: the header checks still apply.
+        let upload = harness.header(c, &task_a, b"delta c");
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload, None)
+            .is_none());
+        harness.drain();
+        assert_eq!(
+            harness.rejections.last().unwrap().reason,
+            RejectReason::NotSelected
+        );
     }
 
     #[test]

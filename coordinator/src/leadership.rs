@@ -47,15 +47,14 @@ async fn on_db<T: Send + 'static>(
     .context("a database call panicked")
 }
 
-/// Waits until this node holds the leader lease; meanwhile every trainer that connects to
-/// `endpoint` is refused at once (it tries the next address it knows). Returns a connection
-/// for the lease keeper and the lease as held.
+/// Waits until this node holds the leader lease (meanwhile the caller serves the node's
+/// endpoint as a standby: `net::relay`). Returns a connection for the lease keeper and the
+/// lease as held.
 pub async fn acquire(
     location: &Location,
     node: &str,
     address: &str,
     timing: LeaseTiming,
-    endpoint: &quinn::Endpoint,
 ) -> anyhow::Result<(Db, Holder)> {
     let mut db = Db::open_at(location).context("cannot open the database for the lease")?;
     let mut watcher = Watcher::new(node, timing);
@@ -110,22 +109,7 @@ pub async fn acquire(
                 }
             },
         };
-        refuse_until(endpoint, wait_until).await;
-    }
-}
-
-/// Refuses every incoming connection until `at`.
-async fn refuse_until(endpoint: &quinn::Endpoint, at: Instant) {
-    let deadline = tokio::time::sleep_until(at.into());
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming.refuse(),
-                None => return,
-            },
-        }
+        tokio::time::sleep_until(wait_until.into()).await;
     }
 }
 

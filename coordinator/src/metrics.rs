@@ -52,6 +52,10 @@ pub struct Metrics {
     pub uploads_waiting: AtomicU64,
     /// Uploads told to come back later (back-pressure, not refusals).
     pub uploads_deferred: AtomicU64,
+    /// Uploads this node staged for the leader (a standby node of a cluster).
+    pub uploads_staged: AtomicU64,
+    /// Staged uploads this node, leading, took from the database and decided on.
+    pub uploads_unstaged: AtomicU64,
     /// Connections still in the handshake (before their hello is checked).
     pub handshakes_in_flight: AtomicU64,
     /// Round aggregations or commits that failed and were scheduled again.
@@ -266,6 +270,20 @@ impl Metrics {
             "Uploads told to retry later because the coordinator was busy.",
             "counter",
             load(&self.uploads_deferred),
+        );
+        gauge(
+            &mut out,
+            "tributary_uploads_staged_total",
+            "Uploads this standby node checked and staged for the leader.",
+            "counter",
+            load(&self.uploads_staged),
+        );
+        gauge(
+            &mut out,
+            "tributary_uploads_unstaged_total",
+            "Uploads staged by standby nodes that this leader decided on.",
+            "counter",
+            load(&self.uploads_unstaged),
         );
         gauge(
             &mut out,

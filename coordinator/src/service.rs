@@ -9,7 +9,9 @@ use anyhow::{bail, Context as _};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tributary_shared::config::ExperimentConfig;
-use tributary_shared::{BlobHash, ExperimentId};
+use tributary_shared::{BlobHash, ExperimentId, TaskId};
+
+use crate::net::hub::Command;
 
 use crate::derive::encode_exact;
 use crate::engine::{Engine, EngineConfig};
@@ -237,15 +239,48 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                 }
                 None => None,
             };
+            // Meanwhile trainers' uploads are checked and staged for the leader here; control
+            // sessions are sent on to the leader.
+            let (relay_tx, relay) = watch::channel(None);
+            let (stop_standby, standby_stopped) = watch::channel(false);
+            let relay_inputs = RelayInputs {
+                experiment: options
+                    .experiment
+                    .as_ref()
+                    .map(|config| config.experiment.name.clone()),
+                location: location.clone(),
+                node: node.clone(),
+                fingerprint: identity.fingerprint.clone(),
+                blobs: blobs.clone(),
+                metrics: metrics.clone(),
+                limits: options.limits.clone(),
+            };
+            tokio::spawn(find_relay(
+                relay_inputs,
+                relay_tx,
+                wait_for(standby_stopped.clone()),
+            ));
+            let standby = tokio::spawn(accept_loop(
+                endpoint.clone(),
+                metrics.clone(),
+                AcceptLimits::of(&options.limits),
+                wait_for(standby_stopped),
+                move |incoming, _id, handshake| {
+                    let relay = relay.borrow().clone();
+                    async move {
+                        match relay {
+                            Some(relay) => crate::net::relay::run(relay, incoming, handshake).await,
+                            None => incoming.refuse(),
+                        }
+                    }
+                },
+            ));
             tracing::info!(node, %addr, "waiting for the leader lease");
-            let acquired = crate::leadership::acquire(
-                &location,
-                &node,
-                &addr.to_string(),
-                options.lease,
-                &endpoint,
-            )
-            .await;
+            let acquired =
+                crate::leadership::acquire(&location, &node, &addr.to_string(), options.lease)
+                    .await;
+            let _ = stop_standby.send(true);
+            let _ = standby.await;
             if let Some((stop, task)) = standby_http {
                 let _ = stop.send(());
                 let _ = task.await;
@@ -390,15 +425,20 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         experiment: experiment.clone(),
         server_certificate: certificate,
     });
+    if let crate::store::db::Location::Postgres(_) = &location {
+        tokio::spawn(feed_staged_uploads(
+            location.clone(),
+            experiment.clone(),
+            context.commands.clone(),
+            wait_for(shutdown_rx.clone()),
+        ));
+    }
     tokio::spawn(accept_loop(
         endpoint.clone(),
-        context,
-        AcceptLimits {
-            per_address: options.limits.connections_per_address,
-            max_handshakes: options.limits.max_handshakes,
-            retry_above: options.limits.retry_above_handshakes,
-        },
+        metrics.clone(),
+        AcceptLimits::of(&options.limits),
         wait_for(shutdown_rx.clone()),
+        move |incoming, id, handshake| connection::run(context.clone(), incoming, id, handshake),
     ));
 
     let http_addr = match http_at {
@@ -582,14 +622,179 @@ struct AcceptLimits {
     retry_above: usize,
 }
 
-pub use crate::net::address_quota::address_key;
+impl AcceptLimits {
+    fn of(limits: &ServerLimits) -> Self {
+        Self {
+            per_address: limits.connections_per_address,
+            max_handshakes: limits.max_handshakes,
+            retry_above: limits.retry_above_handshakes,
+        }
+    }
+}
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    context: Arc<ConnectionContext>,
-    limits: AcceptLimits,
+/// What a standby node reads its relay's setup from.
+struct RelayInputs {
+    /// The experiment `--experiment` names (else the latest unfinished one).
+    experiment: Option<String>,
+    location: crate::store::db::Location,
+    node: String,
+    /// The cluster certificate's SHA-256, as hex.
+    fingerprint: String,
+    blobs: BlobStore,
+    metrics: Arc<Metrics>,
+    limits: ServerLimits,
+}
+
+/// Sets up the standby node's relay (`net::relay`) once the database holds the experiment the
+/// leader runs, trying again every 2 s until then; meanwhile every connection is refused.
+async fn find_relay(
+    inputs: RelayInputs,
+    found: watch::Sender<Option<Arc<crate::net::relay::RelayContext>>>,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    let inputs = Arc::new(inputs);
+    let mut warned = false;
+    loop {
+        let attempt = inputs.clone();
+        let relay = tokio::task::spawn_blocking(move || standby_relay(&attempt)).await;
+        match relay {
+            Ok(Ok(Some(relay))) => {
+                let _ = found.send(Some(relay));
+                return;
+            }
+            Ok(Ok(None)) if !warned => {
+                tracing::info!("standby: no experiment in the database yet; refusing trainers");
+                warned = true;
+            }
+            Ok(Err(error)) if !warned => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "standby: cannot stage uploads yet"
+                );
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// What a standby node needs to stage uploads for the leader: the experiment as stored by the
+/// leader, with its instance id and the cluster's certificate. `None` while the database holds
+/// no such experiment yet.
+fn standby_relay(
+    inputs: &RelayInputs,
+) -> anyhow::Result<Option<Arc<crate::net::relay::RelayContext>>> {
+    let db = Db::open_at(&inputs.location).context("cannot open the database for the relay")?;
+    let stored = db.experiments()?;
+    let found = match &inputs.experiment {
+        Some(name) => stored.iter().find(|e| &e.id.0 == name),
+        None => stored.iter().rev().find(|e| !e.finished),
+    };
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let config: ExperimentConfig = serde_json::from_str(&found.config_json)
+        .with_context(|| format!("stored configuration of {} does not parse", found.id))?;
+    let mut engine_config = EngineConfig::from_experiment(&config)?;
+    let mut certificate = [0u8; 32];
+    hex::decode_to_slice(&inputs.fingerprint, &mut certificate)
+        .context("the certificate fingerprint is 32 bytes of hex")?;
+    engine_config.experiment_uid = found.uid;
+    engine_config.coordinator = tributary_shared::CertificateHash(certificate);
+    tracing::info!(experiment = %found.id, "standby: staging uploads for the leader");
+    let limits = &inputs.limits;
+    Ok(Some(Arc::new(crate::net::relay::RelayContext {
+        node: inputs.node.clone(),
+        config: engine_config,
+        db: Arc::new(std::sync::Mutex::new(db)),
+        blobs: inputs.blobs.clone(),
+        metrics: inputs.metrics.clone(),
+        limits: limits.connection.clone(),
+        transport: limits.transport.clone(),
+        uploads: Arc::new(UploadQueue::new(
+            limits.uploads.clone(),
+            inputs.metrics.clone(),
+        )),
+        server_certificate: certificate,
+    })))
+}
+
+/// Hands the uploads standby nodes staged to the hub, reading the database every
+/// [`crate::net::relay::INGEST_EVERY`]. A row is handed over again while it is still there a
+/// second later (the batch deciding on it failed, or has not committed yet); the hub decides
+/// once per engine generation.
+async fn feed_staged_uploads(
+    location: crate::store::db::Location,
+    experiment: ExperimentId,
+    commands: mpsc::Sender<Command>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+    tokio::pin!(shutdown);
+    let reads = Arc::new(crate::store::read_pool::ReadPool::new(location, 1));
+    let mut handed: std::collections::HashMap<(TaskId, BlobHash), std::time::Instant> =
+        Default::default();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(crate::net::relay::INGEST_EVERY) => {}
+        }
+        let id = experiment.clone();
+        let staged = reads
+            .read(move |db| db.staged_uploads(&id).map_err(anyhow::Error::from))
+            .await;
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot read the staged uploads"
+                );
+                continue;
+            }
+        };
+        let now = std::time::Instant::now();
+        let key = |staged: &crate::store::staged::StagedUpload| {
+            (staged.upload.header.task, staged.upload.header.hash)
+        };
+        let present: std::collections::HashSet<_> = staged.iter().map(key).collect();
+        handed.retain(|key, _| present.contains(key));
+        for upload in staged {
+            let key = key(&upload);
+            if handed
+                .get(&key)
+                .is_some_and(|at| now.saturating_duration_since(*at) < AGAIN_AFTER)
+            {
+                continue;
+            }
+            handed.insert(key, now);
+            if commands
+                .send(Command::Staged(Box::new(upload)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+pub use crate::net::address_quota::address_key;
+
+async fn accept_loop<F>(
+    endpoint: quinn::Endpoint,
+    metrics: Arc<Metrics>,
+    limits: AcceptLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+    serve: impl Fn(quinn::Incoming, u64, HandshakeGuard) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     tokio::pin!(shutdown);
     let quota = AddressQuota::new(limits.per_address);
     let mut next_id = 0u64;
@@ -601,15 +806,14 @@ async fn accept_loop(
                 None => return,
             },
         };
-        let in_flight = context
-            .metrics
+        let in_flight = metrics
             .handshakes_in_flight
             .load(std::sync::atomic::Ordering::Relaxed) as usize;
         // Under load, make the peer prove its address before it costs a handshake or counts
         // against an address's quota.
         if in_flight >= limits.retry_above && !incoming.remote_address_validated() {
             if incoming.may_retry() {
-                context.metrics.count_limit("address_validation_retry");
+                metrics.count_limit("address_validation_retry");
                 let _ = incoming.retry();
             } else {
                 incoming.ignore();
@@ -617,7 +821,7 @@ async fn accept_loop(
             continue;
         }
         if in_flight >= limits.max_handshakes {
-            context.metrics.count_limit("handshakes_in_flight");
+            metrics.count_limit("handshakes_in_flight");
             incoming.refuse();
             continue;
         }
@@ -626,15 +830,15 @@ async fn accept_loop(
                 address = %address_key(incoming.remote_address().ip()),
                 "connection refused: too many from this address"
             );
-            context.metrics.count_limit("connections_per_address");
+            metrics.count_limit("connections_per_address");
             incoming.refuse();
             continue;
         };
         next_id += 1;
-        let (context, id) = (context.clone(), next_id);
-        let handshake = HandshakeGuard::new(context.metrics.clone());
+        let handshake = HandshakeGuard::new(metrics.clone());
+        let served = serve(incoming, next_id, handshake);
         tokio::spawn(async move {
-            connection::run(context, incoming, id, handshake).await;
+            served.await;
             drop(slot);
         });
     }

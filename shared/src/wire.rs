@@ -21,7 +21,7 @@ use crate::ids::{
 };
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The TLS ALPN token for this protocol version.
 pub const ALPN: &[u8] = b"tributary/1";
 
@@ -115,6 +115,15 @@ pub enum ServerMessage {
         /// Wait at least this long before sending it again, in milliseconds.
         retry_after_ms: u32,
     },
+    /// A standby node checked the upload (signature, hash, decoding, layout) and stored it
+    /// durably for the leader, which decides on it and answers on the trainer's control
+    /// connection ([`ServerMessage::SubmissionAccepted`] or a rejection).
+    UploadStaged {
+        /// Which task.
+        task: TaskId,
+        /// The delta's hash.
+        hash: BlobHash,
+    },
 }
 
 /// A duty cycle of 100 %, in millionths.
@@ -135,6 +144,9 @@ pub enum ClientMessage {
         enrollment_token: Option<String>,
         /// Free-form agent string, e.g. `tributary-trainer/0.1 (wgpu, RTX 3060)`.
         agent: String,
+        /// The connection carries uploads only (to a standby node of a cluster, which checks
+        /// and stages them for the leader); the control session stays with the leader.
+        uploads_only: bool,
     },
     /// The trainer starts working on the task.
     TaskAccepted {
@@ -430,17 +442,20 @@ pub enum RejectReason {
     Interrupted,
     /// The coordinator failed to store the submission (its fault, not the trainer's).
     Internal,
+    /// This node of a cluster does not take this kind of connection: a standby node takes
+    /// uploads only, and the leader takes uploads on the control connection.
+    WrongNode,
 }
 
 impl RejectReason {
     /// True for the coordinator's own failures (busy, storage): the delta was not at fault, its
     /// task stays open, and the trainer sends it again.
     pub fn is_coordinator_fault(self) -> bool {
-        matches!(self, Self::RateLimited | Self::Internal)
+        matches!(self, Self::RateLimited | Self::Internal | Self::WrongNode)
     }
 
     /// Every reason, for metric labels.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::ProtocolVersion,
         Self::BadSignature,
         Self::UnknownTrainer,
@@ -457,6 +472,7 @@ impl RejectReason {
         Self::RateLimited,
         Self::Interrupted,
         Self::Internal,
+        Self::WrongNode,
     ];
 
     /// A stable snake_case name.
@@ -478,6 +494,7 @@ impl RejectReason {
             Self::RateLimited => "rate_limited",
             Self::Interrupted => "interrupted",
             Self::Internal => "internal",
+            Self::WrongNode => "wrong_node",
         }
     }
 
@@ -565,6 +582,10 @@ mod tests {
                 task: TaskId(3),
                 hash: BlobHash::of(b"delta"),
                 retry_after_ms: 1_500,
+            },
+            ServerMessage::UploadStaged {
+                task: TaskId(3),
+                hash: BlobHash::of(b"delta"),
             },
         ];
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);

@@ -183,17 +183,19 @@ pub async fn run_trainers(
     fingerprint: &str,
     trainers: u32,
 ) -> anyhow::Result<LoadReport> {
-    run_trainers_from(&[addr], fingerprint, 0, trainers).await
+    run_trainers_from(&[addr], fingerprint, 0, trainers, false).await
 }
 
 /// [`run_trainers`] with trainers `first..first + trainers` (several load generator processes
 /// share one coordinator by taking disjoint ranges: identities and addresses follow the index),
-/// each knowing every node of `coordinators`.
+/// each knowing every node of `coordinators`, and sending each delta to the node its task id
+/// picks when `spread_uploads`.
 pub async fn run_trainers_from(
     coordinators: &[SocketAddr],
     fingerprint: &str,
     first: u32,
     trainers: u32,
+    spread_uploads: bool,
 ) -> anyhow::Result<LoadReport> {
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -221,6 +223,7 @@ pub async fn run_trainers_from(
             descend: false,
             evaluate: false,
             leak: None,
+            spread_uploads,
         };
         handles.push(tokio::spawn(synthetic::run(endpoint, options)));
     }

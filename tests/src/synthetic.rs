@@ -169,6 +169,10 @@ pub struct SyntheticOptions {
     /// Where honest trainers leave their latest accepted delta body and a [`Fault::Copier`]
     /// takes it (a published delta, or a colluder's).
     pub leak: Option<Arc<std::sync::Mutex<Option<Vec<u8>>>>>,
+    /// Send each delta to the node `coordinators[task % n]` (a standby node stages it for the
+    /// leader), falling back to the control connection when that node is the one in use or
+    /// does not take it.
+    pub spread_uploads: bool,
 }
 
 /// The synthetic learning problem: the mean squared distance from an adapter to a fixed target
@@ -203,6 +207,8 @@ pub fn target_value(name: &str, index: usize) -> f32 {
 pub struct Report {
     /// Uploads acknowledged.
     pub accepted: u64,
+    /// Uploads a standby node staged for the leader.
+    pub staged: u64,
     /// Refusals received.
     pub rejected: Vec<(RejectReason, String)>,
     /// Tasks received.
@@ -239,6 +245,9 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         last_upload: None,
         upload_done: Arc::default(),
         rng: SplitMix64(0),
+        endpoint: endpoint.clone(),
+        control_node: None,
+        staged: Arc::default(),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
         trainer.options.identity.id().0[..8]
@@ -289,7 +298,9 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
                 gate.arrive();
             }
         }
+        trainer.control_node = Some(nodes.current());
         let outcome = trainer.serve(&mut session).await;
+        trainer.report.staged = trainer.staged.load(std::sync::atomic::Ordering::Relaxed);
         last_connected = Instant::now();
         match outcome {
             Ok(true) => return Ok(trainer.report),
@@ -309,6 +320,11 @@ struct Trainer {
     /// When the coordinator had every byte of the latest upload.
     upload_done: Arc<std::sync::Mutex<Option<Instant>>>,
     rng: SplitMix64,
+    endpoint: quinn::Endpoint,
+    /// The node of the control session.
+    control_node: Option<SocketAddr>,
+    /// Uploads a standby node staged.
+    staged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Trainer {
@@ -418,6 +434,7 @@ impl Trainer {
                 | ServerMessage::Welcome { .. }
                 | ServerMessage::Challenge { .. }
                 | ServerMessage::Refused { .. }
+                | ServerMessage::UploadStaged { .. }
                 | ServerMessage::Throttle { .. } => {}
             }
         }
@@ -540,19 +557,59 @@ impl Trainer {
         Ok(())
     }
 
+    /// The node that takes `upload` when uploads are spread and it is not the control node.
+    fn upload_node(&self, upload: &UploadHeader) -> Option<SocketAddr> {
+        let control = self.control_node.filter(|_| self.options.spread_uploads)?;
+        tributary_trainer::net::failover::upload_node(
+            &self.options.coordinators,
+            upload.header.task,
+            control,
+        )
+    }
+
     /// Uploads on its own task and notes when the coordinator had every byte.
     fn spawn_upload(&self, session: &Session, header: UploadHeader, body: Vec<u8>) {
         let uploader = session.uploader();
         let done = self.upload_done.clone();
         *done.lock().expect("never poisoned") = None;
+        let relay = self.upload_node(&header).map(|node| {
+            (
+                self.endpoint.clone(),
+                node,
+                self.options.identity.clone(),
+                self.options.events.clone(),
+                self.staged.clone(),
+            )
+        });
         tokio::spawn(async move {
+            if let Some((endpoint, node, identity, events, staged)) = relay {
+                match crate::client::upload_to_standby(&endpoint, node, &identity, &header, &body)
+                    .await
+                {
+                    Ok(message) => {
+                        let taken = matches!(message, ServerMessage::UploadStaged { .. });
+                        let theirs = matches!(&message, ServerMessage::SubmissionRejected { reason, .. }
+                            if !reason.is_coordinator_fault());
+                        if let Some(events) = &events {
+                            let _ = events.send((identity.id(), message));
+                        }
+                        if taken {
+                            staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            *done.lock().expect("never poisoned") = Some(Instant::now());
+                        }
+                        if taken || theirs {
+                            return;
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, %node, "upload node unavailable"),
+                }
+            }
             match uploader.upload(&header, &body, None).await {
                 Ok(()) => *done.lock().expect("never poisoned") = Some(Instant::now()),
                 Err(error) => tracing::debug!(%error, "upload stream ended early"),
             }
         });
     }
-
     /// What an attacking trainer sends instead of its honest `delta` from `adapter`.
     fn attack(&mut self, fault: Fault, adapter: &Delta, delta: &Delta) -> anyhow::Result<Delta> {
         let mut lie = delta.clone();

@@ -14,8 +14,8 @@ use tributary_shared::codec::{self, CodecError, ErrorFeedback};
 use tributary_shared::delta::Delta;
 use tributary_shared::identity::Identity;
 use tributary_shared::wire::{
-    ClientMessage, DataAssignment, EvalSpec, ServerMessage, SubmissionHeader, TaskSpec,
-    TrainMetrics, TrainingPlan, UploadHeader,
+    ClientMessage, DataAssignment, EvalSpec, RejectReason, ServerMessage, SubmissionHeader,
+    TaskSpec, TrainMetrics, TrainingPlan, UploadHeader,
 };
 use tributary_shared::{BlobHash, TaskId};
 
@@ -157,6 +157,8 @@ pub async fn run(
         previous_start: None,
         finish_by: None,
         report: JoinReport::default(),
+        endpoint: endpoint.clone(),
+        control_node: None,
     };
     let mut nodes = crate::net::failover::Coordinators::new(worker.options.coordinators.clone())
         .ok_or_else(|| WorkerError::GaveUp("no coordinator address".into()))?;
@@ -182,7 +184,8 @@ pub async fn run(
         });
         let mut session = match session {
             Ok(session) => session,
-            Err(NetError::Refused { reason, detail }) => {
+            // A standby node of a cluster sends control sessions on to the leader.
+            Err(NetError::Refused { reason, detail }) if reason != RejectReason::WrongNode => {
                 return Err(NetError::Refused { reason, detail }.into())
             }
             Err(error) => {
@@ -201,6 +204,7 @@ pub async fn run(
         nodes.connected();
         worker.report.connections += 1;
         worker.coordinator = session.coordinator;
+        worker.control_node = Some(nodes.current());
         backoff = Duration::from_millis(100);
         tracing::info!(trainer = %session.trainer, experiment = %session.experiment.0, "connected");
         let outcome = worker.serve(&mut session).await;
@@ -246,6 +250,10 @@ struct Worker {
     /// reported, or at this time (its deadline) without it.
     finish_by: Option<Instant>,
     report: JoinReport,
+    /// For uploads-only sessions to a cluster's standby nodes.
+    endpoint: quinn::Endpoint,
+    /// The node of the control session (the leader, in a cluster).
+    control_node: Option<std::net::SocketAddr>,
 }
 
 /// What runs on blocking threads: at most one training and one evaluation.
@@ -559,6 +567,7 @@ impl Worker {
                 return Ok(true);
             }
             ServerMessage::UploadStarted { .. }
+            | ServerMessage::UploadStaged { .. }
             | ServerMessage::Welcome { .. }
             | ServerMessage::Challenge { .. }
             | ServerMessage::Refused { .. } => {}
@@ -567,7 +576,11 @@ impl Worker {
     }
 
     /// Sends the pending upload on its own task, so control messages are read meanwhile (the
-    /// coordinator may hold it in its queue). Its outcome arrives as a control message.
+    /// coordinator may hold it in its queue). Its outcome arrives as a control message. In a
+    /// cluster, the node the task id picks takes it (a standby node stages it for the leader,
+    /// which answers on the control session); when that node is not reached or does not stage
+    /// it, the upload goes on the control connection, where the leader's answer is the final
+    /// one.
     fn send_pending(&mut self, session: &Session) {
         let Some((task, header, body)) = self.pending.clone() else {
             return;
@@ -575,7 +588,29 @@ impl Worker {
         self.upload_retry = None;
         self.upload_attempts += 1;
         let uploader = session.uploader();
+        let standby = self.control_node.and_then(|control| {
+            crate::net::failover::upload_node(&self.options.coordinators, task, control)
+        });
+        let (endpoint, identity) = (self.endpoint.clone(), self.options.identity.clone());
         tokio::spawn(async move {
+            if let Some(node) = standby {
+                let sent = crate::net::client::upload_to_standby(
+                    &endpoint, node, &identity, &header, &body,
+                )
+                .await;
+                match sent {
+                    Ok(ServerMessage::UploadStaged { .. }) => {
+                        tracing::debug!(task = task.0, %node, "upload staged by a standby node");
+                        return;
+                    }
+                    Ok(other) => {
+                        tracing::info!(task = task.0, %node, answer = ?other, "a standby node did not stage the upload; sending it to the leader")
+                    }
+                    Err(error) => {
+                        tracing::info!(task = task.0, %node, %error, "a standby node is not reachable; sending the upload to the leader")
+                    }
+                }
+            }
             if let Err(error) = uploader.upload(&header, &body, None).await {
                 tracing::debug!(task = task.0, %error, "upload stream ended early");
             }

@@ -150,7 +150,7 @@ impl Drop for HandshakeGuard {
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
-enum ConnectionError {
+pub(crate) enum ConnectionError {
     #[error("handshake timed out")]
     Timeout,
     #[error("connection: {0}")]
@@ -235,10 +235,15 @@ async fn serve_connection(
     })??
     .ok_or(ConnectionError::Ended)?;
     let address = crate::service::address_key(connection.remote_address().ip());
-    let admitted = match check_hello(context, &nonce, hello) {
-        Ok((trainer, agent, token)) => admit(context, trainer, token, address)
+    let admitted = match check_hello(&context.server_certificate, &nonce, hello) {
+        // Uploads-only connections are for a cluster's standby nodes (`net::relay`).
+        Ok(hello) if hello.uploads_only => Err(Refusal::new(
+            RejectReason::WrongNode,
+            "this node leads: upload on the control connection",
+        )),
+        Ok(hello) => admit(context, hello.trainer, hello.token, address)
             .await
-            .map(|()| (trainer, agent)),
+            .map(|()| (hello.trainer, hello.agent)),
         Err(refusal) => Err(refusal),
     };
     let (trainer, agent) = match admitted {
@@ -379,19 +384,32 @@ async fn admit(
     }
 }
 
-/// Checks the hello's form and signature; returns the trainer, its agent string and the
-/// enrollment token it presented.
-fn check_hello(
-    context: &ConnectionContext,
+/// A hello whose form and signature are checked.
+#[derive(Debug)]
+pub(crate) struct CheckedHello {
+    /// The trainer's key, proven by the signature.
+    pub trainer: TrainerId,
+    /// Its agent string, cut to 200 characters.
+    pub agent: String,
+    /// The enrollment token it presented, cut to 256 characters.
+    pub token: Option<String>,
+    /// Whether the connection is for uploads only (see `net::relay`).
+    pub uploads_only: bool,
+}
+
+/// Checks the hello's form and signature (over `nonce` and our certificate).
+pub(crate) fn check_hello(
+    server_certificate: &[u8; 32],
     nonce: &[u8; 32],
     hello: ClientMessage,
-) -> Result<(TrainerId, String, Option<String>), Refusal> {
+) -> Result<CheckedHello, Refusal> {
     let ClientMessage::Hello {
         protocol_version,
         trainer,
         signature,
         enrollment_token,
         agent,
+        uploads_only,
     } = hello
     else {
         return Err(Refusal::new(
@@ -405,11 +423,14 @@ fn check_hello(
             format!("protocol {protocol_version} is not supported; this coordinator speaks {PROTOCOL_VERSION}"),
         ));
     }
-    verify_hello(&trainer, nonce, &context.server_certificate, &signature)
+    verify_hello(&trainer, nonce, server_certificate, &signature)
         .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()))?;
-    let agent: String = agent.chars().take(200).collect();
-    let token = enrollment_token.map(|token| token.chars().take(256).collect());
-    Ok((trainer, agent, token))
+    Ok(CheckedHello {
+        trainer,
+        agent: agent.chars().take(200).collect(),
+        token: enrollment_token.map(|token| token.chars().take(256).collect()),
+        uploads_only,
+    })
 }
 
 async fn receive_upload(
@@ -505,7 +526,15 @@ async fn receive_upload(
         }
     };
     outbox.send(ServerMessage::UploadStarted { task, hash });
-    let result = receive_body(&context, &ticket, &mut stream, decoder.take_rest()).await;
+    let result = receive_body(
+        &context.blobs,
+        &context.metrics,
+        context.limits.stream_idle_timeout,
+        &ticket,
+        &mut stream,
+        decoder.take_rest(),
+    )
+    .await;
     if result.is_err() {
         let _ = stream.stop(quinn::VarInt::from_u32(1));
     }
@@ -518,8 +547,10 @@ async fn receive_upload(
 /// Receives and checks an upload body: length, hash, decoding, layout, finiteness. A large body
 /// is then made durable as a blob file; a small one is returned for the hub to store in the
 /// database with its submission.
-async fn receive_body(
-    context: &ConnectionContext,
+pub(crate) async fn receive_body(
+    blobs: &BlobStore,
+    metrics: &Metrics,
+    idle_timeout: Duration,
     ticket: &UploadTicket,
     stream: &mut RecvStream,
     already: Vec<u8>,
@@ -543,7 +574,7 @@ async fn receive_body(
     let allowed = Duration::from_secs(30) + Duration::from_secs(expected / (64 * 1024));
     let receive_until = tokio::time::Instant::now() + allowed;
     loop {
-        let idle_until = tokio::time::Instant::now() + context.limits.stream_idle_timeout;
+        let idle_until = tokio::time::Instant::now() + idle_timeout;
         let chunk = tokio::time::timeout_at(
             idle_until.min(receive_until),
             stream.read_chunk(64 * 1024, true),
@@ -551,7 +582,7 @@ async fn receive_body(
         .await;
         match chunk {
             Ok(Ok(Some(chunk))) => {
-                Metrics::add(&context.metrics.bytes_in, chunk.bytes.len() as u64);
+                Metrics::add(&metrics.bytes_in, chunk.bytes.len() as u64);
                 take(&chunk.bytes, &mut body)?;
             }
             Ok(Ok(None)) => break,
@@ -595,7 +626,7 @@ async fn receive_body(
     }
     let layout = ticket.layout.clone();
     let ticket_limit = ticket.max_abs_value;
-    let blobs = context.blobs.clone();
+    let blobs = blobs.clone();
     tokio::task::spawn_blocking(move || {
         // Bound the decoded size (a tiny top-k payload can describe a huge tensor) loosely
         // enough that a wrong shape is reported as one, not as a decoding failure.
@@ -764,7 +795,7 @@ async fn report_violation(
 }
 
 /// Writes one frame.
-async fn write_message<T: Serialize>(
+pub(crate) async fn write_message<T: Serialize>(
     send: &mut SendStream,
     message: &T,
     max_frame: usize,
@@ -777,7 +808,7 @@ async fn write_message<T: Serialize>(
 
 /// Reads the next frame; `None` at a clean end of stream. Cancel-safe: bytes already read stay
 /// in `decoder`.
-async fn read_message<T: DeserializeOwned>(
+pub(crate) async fn read_message<T: DeserializeOwned>(
     recv: &mut RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<T>, ConnectionError> {

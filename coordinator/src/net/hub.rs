@@ -33,6 +33,8 @@ const MAX_COMMANDS_PER_WAKE: usize = 1024;
 /// A message from a connection task (or the aggregation worker) to the hub.
 #[derive(Debug)]
 pub enum Command {
+    /// An upload a standby node staged, read from the database (see `net::relay`).
+    Staged(Box<crate::store::staged::StagedUpload>),
     /// A trainer completed the handshake.
     Joined {
         /// Who.
@@ -238,6 +240,10 @@ pub struct Hub {
     current_adapter: Option<(BlobHash, Arc<Vec<u8>>)>,
     /// Small verified bodies waiting for their `PersistSubmission` in this wake-up.
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
+    /// Staged uploads decided on by this engine generation (the ingest task may hand one over
+    /// again before the batch deleting it commits; a reload forgets them, since a failed batch
+    /// left their rows to decide again).
+    staged_seen: std::collections::HashSet<(TaskId, BlobHash)>,
     /// The fleet's allowed duty cycle (the pause button), in millionths.
     fleet_duty: u32,
     /// Operator orders recorded in the open batch, answered once it commits.
@@ -345,6 +351,7 @@ impl Hub {
             throttled: Vec::new(),
             data_dir,
             inline_bodies: HashMap::new(),
+            staged_seen: Default::default(),
             base_model: None,
             derive_retry: None,
             derive_failures: 0,
@@ -512,6 +519,7 @@ impl Hub {
         }
         self.engine = engine;
         self.generation += 1;
+        self.staged_seen.clear();
         self.ledger_head = head;
         self.rounds_closed = rounds_closed;
         self.optimizer_state = optimizer_state;
@@ -685,6 +693,37 @@ impl Hub {
                     }
                 });
                 self.engine.handle_upload_finished(now, &ticket, result);
+            }
+            Command::Staged(staged) => {
+                let (experiment, task, hash) = (
+                    self.engine.experiment().clone(),
+                    staged.upload.header.task,
+                    staged.upload.header.hash,
+                );
+                if !self.staged_seen.insert((task, hash)) {
+                    return;
+                }
+                // The row goes with the decision, in this wake-up's batch: a failed batch
+                // leaves it for the next read, a committed one never decides twice.
+                if let Err(error) = self.db.unstage_upload(&experiment, task) {
+                    tracing::error!(%error, %task, "cannot take a staged upload");
+                    return;
+                }
+                Metrics::add(&self.metrics.uploads_unstaged, 1);
+                let inline = staged.body.is_some();
+                if let Some(body) = staged.body {
+                    self.inline_bodies.insert(hash, body);
+                }
+                let refusal = staged
+                    .refusal
+                    .map(|(reason, detail)| Refusal::new(reason, detail));
+                let taken = self
+                    .engine
+                    .handle_staged_upload(now, &staged.upload, refusal);
+                tracing::debug!(%task, hash = %hash.short(), node = %staged.node, taken = taken.is_some(), "staged upload decided");
+                if taken.is_none() && inline {
+                    self.inline_bodies.remove(&hash);
+                }
             }
             Command::UploadDeferred {
                 ticket,

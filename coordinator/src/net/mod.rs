@@ -3,5 +3,6 @@
 pub mod address_quota;
 pub mod connection;
 pub mod hub;
+pub mod relay;
 pub mod tls;
 pub mod upload_queue;

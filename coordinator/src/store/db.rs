@@ -1668,6 +1668,7 @@ fn migrate_sqlite(conn: &Connection) -> Result<(), DbError> {
     conn.batch(SCHEMA)?;
     conn.batch(crate::store::leases::LEASE_SCHEMA)?;
     conn.batch(crate::store::fleet::FLEET_SCHEMA)?;
+    conn.batch(crate::store::staged::STAGED_SCHEMA)?;
     conn.batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
 }
 
@@ -1704,6 +1705,7 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
                 conn.batch(&postgres_schema())?;
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
                 conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::staged::STAGED_SCHEMA))?;
                 conn.execute(
                     "INSERT INTO tributary_schema (version) VALUES ($1)",
                     values![SCHEMA_VERSION],
@@ -1714,6 +1716,7 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
                 // databases made before it existed.
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
                 conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::staged::STAGED_SCHEMA))?;
             }
             Some(row) => {
                 return Err(DbError::Corrupt(format!(

@@ -17,6 +17,7 @@ pub mod postgres;
 mod postgres_tls;
 pub mod read_pool;
 mod sql;
+pub mod staged;
 pub mod test_garage;
 pub mod test_postgres;
 

@@ -130,6 +130,15 @@ impl Row {
         }
     }
 
+    /// A nullable text column.
+    pub(crate) fn opt_text(&self, index: usize) -> Result<Option<String>, DbError> {
+        match self.column(index)? {
+            Value::Null => Ok(None),
+            Value::Text(value) => Ok(Some(value.clone())),
+            _ => Err(self.mismatch(index, "text")),
+        }
+    }
+
     /// A bytes column.
     pub(crate) fn bytes(&self, index: usize) -> Result<Vec<u8>, DbError> {
         self.opt_bytes(index)?

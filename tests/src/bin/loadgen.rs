@@ -49,6 +49,10 @@ struct Args {
     /// throwaway Garage for the blobs).
     #[arg(long, default_value = "embedded")]
     storage: String,
+    /// Send each delta to the node of `--coordinator` its task id picks (a cluster's standby
+    /// nodes stage uploads for the leader), instead of on the control connection.
+    #[arg(long)]
+    spread_uploads: bool,
     /// Also write the figures, with every acknowledgement latency, as JSON to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -127,7 +131,14 @@ async fn run(args: Args, storage: Storage) -> anyhow::Result<()> {
             "external coordinator".into()
         }
     );
-    let report = run_trainers_from(&nodes, &fingerprint, args.first_index, args.trainers).await?;
+    let report = run_trainers_from(
+        &nodes,
+        &fingerprint,
+        args.first_index,
+        args.trainers,
+        args.spread_uploads,
+    )
+    .await?;
     println!("rounds closed: {}", report.rounds_closed);
     if let Some(connect_all) = report.connect_all {
         println!(

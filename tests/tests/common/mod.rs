@@ -305,6 +305,7 @@ pub fn options(
         descend: false,
         evaluate: false,
         leak: None,
+        spread_uploads: false,
     }
 }
 

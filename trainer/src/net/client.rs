@@ -39,6 +39,27 @@ impl Session {
         identity: &Identity,
         enrollment_token: Option<String>,
     ) -> Result<Self, NetError> {
+        Self::handshake(endpoint, addr, identity, enrollment_token, false).await
+    }
+
+    /// Connects for uploads only: to a standby node of a cluster, which checks and stages
+    /// uploads for the leader and answers [`ServerMessage::UploadStaged`] on this session's
+    /// control stream. The leader's answer still comes on the control session.
+    pub async fn connect_for_uploads(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        identity: &Identity,
+    ) -> Result<Self, NetError> {
+        Self::handshake(endpoint, addr, identity, None, true).await
+    }
+
+    async fn handshake(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        identity: &Identity,
+        enrollment_token: Option<String>,
+        uploads_only: bool,
+    ) -> Result<Self, NetError> {
         let connection = endpoint.connect(addr, "localhost")?.await?;
         // The coordinator opens the control stream and speaks first.
         let (mut control_send, mut control_recv) = connection.accept_bi().await?;
@@ -67,6 +88,7 @@ impl Session {
             signature: identity.sign_hello(&nonce, &server_certificate),
             enrollment_token,
             agent: format!("tributary-trainer/{}", env!("CARGO_PKG_VERSION")),
+            uploads_only,
         };
         write_frame(&mut control_send, &hello).await?;
         let answer: ServerMessage = read_frame(&mut control_recv, &mut decoder)
@@ -174,6 +196,33 @@ impl Session {
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
     }
+}
+
+/// Sends `header` and `body` to the standby node at `node` of a cluster on an uploads-only
+/// session and returns its answer: [`ServerMessage::UploadStaged`] (the leader decides and
+/// answers on the control session) or a rejection. Waits at most 10 s for the connection and
+/// 30 s for the answer after the body.
+pub async fn upload_to_standby(
+    endpoint: &quinn::Endpoint,
+    node: SocketAddr,
+    identity: &Identity,
+    header: &UploadHeader,
+    body: &[u8],
+) -> Result<ServerMessage, NetError> {
+    let no_answer = |what: &str| NetError::Protocol(format!("{node}: no answer {what}"));
+    let mut session = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Session::connect_for_uploads(endpoint, node, identity),
+    )
+    .await
+    .map_err(|_| no_answer("to the connection"))??;
+    session.upload(header, body, None).await?;
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), session.next_message())
+        .await
+        .map_err(|_| no_answer("to the upload"))??
+        .ok_or_else(|| no_answer("before the session closed"))?;
+    session.close();
+    Ok(answer)
 }
 
 /// Uploads on a session's connection; see [`Session::uploader`].

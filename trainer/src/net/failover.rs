@@ -46,6 +46,22 @@ impl Coordinators {
     }
 }
 
+/// The node that takes the upload of `task` in a cluster: uploads are spread over every node
+/// by task id (a standby node stages them for the leader). `None` when that node is `control`
+/// (the leader the trainer is connected to: it uploads on its control connection) or there is
+/// only one node.
+pub fn upload_node(
+    nodes: &[SocketAddr],
+    task: tributary_shared::TaskId,
+    control: SocketAddr,
+) -> Option<SocketAddr> {
+    if nodes.len() < 2 {
+        return None;
+    }
+    let node = nodes[(task.0 % nodes.len() as u64) as usize];
+    (node != control).then_some(node)
+}
+
 /// Parses `host:port[,host:port…]`, resolving names.
 pub fn parse(list: &str) -> Result<Vec<SocketAddr>, String> {
     let mut addrs = Vec::new();
@@ -93,6 +109,16 @@ mod tests {
         assert!(nodes.failed());
         assert!(nodes.failed());
         assert_eq!(nodes.current().port(), 7);
+    }
+
+    #[test]
+    fn uploads_spread_by_task_and_stay_on_the_control_connection_for_its_node() {
+        use tributary_shared::TaskId;
+        let nodes = parse("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").unwrap();
+        assert_eq!(upload_node(&nodes, TaskId(4), nodes[0]), Some(nodes[1]));
+        assert_eq!(upload_node(&nodes, TaskId(5), nodes[0]), Some(nodes[2]));
+        assert_eq!(upload_node(&nodes, TaskId(6), nodes[0]), None);
+        assert_eq!(upload_node(&nodes[..1], TaskId(5), nodes[0]), None);
     }
 
     #[test]
