@@ -2181,6 +2181,14 @@ impl Engine {
         upload: &UploadHeader,
     ) -> Result<UploadTicket, Refusal> {
         let header = &upload.header;
+        // A trainer excluded by its referees has no connection here, but a cluster's standby
+        // nodes stage uploads for it all the same.
+        if self.excluded.contains(&connection_trainer) {
+            return Err(Refusal::new(
+                RejectReason::NotSelected,
+                "this trainer was excluded from the experiment",
+            ));
+        }
         if header.trainer != connection_trainer {
             return Err(Refusal::new(
                 RejectReason::UnknownTrainer,

@@ -255,11 +255,30 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                 metrics: metrics.clone(),
                 limits: options.limits.clone(),
             };
-            tokio::spawn(find_relay(
-                relay_inputs,
-                relay_tx,
-                wait_for(standby_stopped.clone()),
-            ));
+            // Usually the leader made the experiment already: the relay is ready before the
+            // first connection is accepted.
+            let ready = match standby_relay(&relay_inputs) {
+                Ok(ready) => ready,
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "standby: cannot stage uploads yet"
+                    );
+                    None
+                }
+            };
+            match ready {
+                Some(relay) => {
+                    let _ = relay_tx.send(Some(relay));
+                }
+                None => {
+                    tokio::spawn(find_relay(
+                        relay_inputs,
+                        relay_tx,
+                        wait_for(standby_stopped.clone()),
+                    ));
+                }
+            }
             let standby = tokio::spawn(accept_loop(
                 endpoint.clone(),
                 metrics.clone(),

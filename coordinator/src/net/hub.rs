@@ -240,10 +240,6 @@ pub struct Hub {
     current_adapter: Option<(BlobHash, Arc<Vec<u8>>)>,
     /// Small verified bodies waiting for their `PersistSubmission` in this wake-up.
     inline_bodies: HashMap<BlobHash, Vec<u8>>,
-    /// Staged uploads decided on by this engine generation (the ingest task may hand one over
-    /// again before the batch deleting it commits; a reload forgets them, since a failed batch
-    /// left their rows to decide again).
-    staged_seen: std::collections::HashSet<(TaskId, BlobHash)>,
     /// The fleet's allowed duty cycle (the pause button), in millionths.
     fleet_duty: u32,
     /// Operator orders recorded in the open batch, answered once it commits.
@@ -351,7 +347,6 @@ impl Hub {
             throttled: Vec::new(),
             data_dir,
             inline_bodies: HashMap::new(),
-            staged_seen: Default::default(),
             base_model: None,
             derive_retry: None,
             derive_failures: 0,
@@ -519,7 +514,6 @@ impl Hub {
         }
         self.engine = engine;
         self.generation += 1;
-        self.staged_seen.clear();
         self.ledger_head = head;
         self.rounds_closed = rounds_closed;
         self.optimizer_state = optimizer_state;
@@ -700,19 +694,23 @@ impl Hub {
                     staged.upload.header.task,
                     staged.upload.header.hash,
                 );
-                if !self.staged_seen.insert((task, hash)) {
-                    return;
-                }
-                // The row goes with the decision, in this wake-up's batch: a failed batch
-                // leaves it for the next read, a committed one never decides twice.
-                if let Err(error) = self.db.unstage_upload(&experiment, task) {
-                    tracing::error!(%error, %task, "cannot take a staged upload");
-                    return;
+                // The row goes with the decision, in this wake-up's batch, and only the
+                // hand-over that deletes it decides: one already decided (earlier in this batch,
+                // or committed) deletes nothing, and a failed batch leaves the row to be read
+                // and decided again.
+                match self.db.unstage_upload(&experiment, task, hash) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(error) => {
+                        tracing::error!(%error, %task, "cannot take a staged upload");
+                        return;
+                    }
                 }
                 Metrics::add(&self.metrics.uploads_unstaged, 1);
-                let inline = staged.body.is_some();
+                // Kept until the batch ends whatever the decision: another upload of the same
+                // bytes in this batch may need it.
                 if let Some(body) = staged.body {
-                    self.inline_bodies.insert(hash, body);
+                    self.inline_bodies.entry(hash).or_insert(body);
                 }
                 let refusal = staged
                     .refusal
@@ -721,9 +719,6 @@ impl Hub {
                     .engine
                     .handle_staged_upload(now, &staged.upload, refusal);
                 tracing::debug!(%task, hash = %hash.short(), node = %staged.node, taken = taken.is_some(), "staged upload decided");
-                if taken.is_none() && inline {
-                    self.inline_bodies.remove(&hash);
-                }
             }
             Command::UploadDeferred {
                 ticket,

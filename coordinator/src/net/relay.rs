@@ -220,11 +220,19 @@ async fn stage_upload(
         }
     };
     let (task, hash) = (upload.header.task, upload.header.hash);
-    let message = match check_header(&context, trainer, &upload).await {
-        // Refused before the task is known to be this trainer's own open one: answered here,
-        // counted, never staged (a stranger must not hold another trainer's task).
+    // The signature first: it costs no database query.
+    let signed = verify_submission(&upload)
+        .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()));
+    let checked = match signed {
+        Ok(()) => check_header(&context, trainer, &upload).await,
+        Err(refusal) => Err(refusal),
+    };
+    let message = match checked {
+        // Refused before the upload is known to be signed by this trainer for its own open
+        // task: answered here, counted, never staged (a stranger must not hold another
+        // trainer's task). The trainer sends it to the leader, which records the refusal.
         Err(refusal) => refuse_here(&context, trainer, &mut stream, refusal, task, hash),
-        Ok(ticket) => match check_body(&context, &upload, &ticket, &mut stream, decoder).await {
+        Ok(ticket) => match check_body(&context, &ticket, &mut stream, decoder).await {
             // Our own failure (busy, storage): the task stays open, the trainer sends it again.
             Err(refusal) if refusal.is_coordinator_fault() => {
                 refuse_here(&context, trainer, &mut stream, refusal, task, hash)
@@ -282,17 +290,14 @@ fn refuse_here(
     refusal.message(task, Some(hash))
 }
 
-/// The signature and the body (length, hash, decoding, layout, finiteness, values); a body
-/// that passes is stored in the blob store, or returned when small enough for the database.
+/// The body (length, hash, decoding, layout, finiteness, values); a body that passes is
+/// stored in the blob store, or returned when small enough for the database.
 async fn check_body(
     context: &RelayContext,
-    upload: &UploadHeader,
     ticket: &UploadTicket,
     stream: &mut RecvStream,
     mut decoder: FrameDecoder,
 ) -> Result<Option<Vec<u8>>, Refusal> {
-    verify_submission(upload)
-        .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()))?;
     let buffered = ticket
         .byte_len
         .min(u64::from(context.transport.stream_receive_window));

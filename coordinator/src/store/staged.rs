@@ -184,19 +184,34 @@ impl Db {
             .collect()
     }
 
-    /// Deletes the staged upload of `task` (in the open batch, with the decision on it).
+    /// Deletes the staged upload of `task` with `hash` (in the open batch, with the decision on
+    /// it); whether there was one to delete.
     pub fn unstage_upload(
         &mut self,
         experiment: &ExperimentId,
         task: TaskId,
-    ) -> Result<(), DbError> {
+        hash: tributary_shared::BlobHash,
+    ) -> Result<bool, DbError> {
         let task = to_i64(task.0, "task")?;
         self.atomically(|conn| {
-            conn.execute(
+            let staged = conn.query(
+                "SELECT signed_header FROM staged_uploads WHERE experiment = $1 AND task = $2",
+                values![&experiment.0, task],
+            )?;
+            let matches = staged.iter().any(|row| {
+                row.bytes(0)
+                    .ok()
+                    .and_then(|bytes| from_payload::<UploadHeader>(&bytes).ok())
+                    .is_some_and(|upload| upload.header.hash == hash)
+            });
+            if !matches {
+                return Ok(false);
+            }
+            let deleted = conn.execute(
                 "DELETE FROM staged_uploads WHERE experiment = $1 AND task = $2",
                 values![&experiment.0, task],
             )?;
-            Ok(())
+            Ok(deleted == 1)
         })
     }
 }
@@ -284,7 +299,15 @@ mod tests {
             .unwrap()
             .is_empty());
 
-        db.unstage_upload(&id, TaskId(1)).unwrap();
+        let one = passed.upload.header.hash;
+        assert!(!db
+            .unstage_upload(&id, TaskId(1), BlobHash([0; 32]))
+            .unwrap());
+        assert!(db.unstage_upload(&id, TaskId(1), one).unwrap());
+        assert!(
+            !db.unstage_upload(&id, TaskId(1), one).unwrap(),
+            "decided once"
+        );
         assert_eq!(db.staged_uploads(&id).unwrap(), vec![refused]);
         assert_eq!(standing(db, 1, &alice, 0), TaskStanding::Open);
         db.conn()
