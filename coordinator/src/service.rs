@@ -377,9 +377,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         engine_config.base_model_hash = Some(hash);
         tracing::info!(model = %path.display(), %hash, bytes, "serving the base model");
     }
-    let mut certificate = [0u8; 32];
-    hex::decode_to_slice(&identity.fingerprint, &mut certificate)
-        .context("the certificate fingerprint is 32 bytes of hex")?;
+    let certificate = certificate_of(&identity.fingerprint)?;
     // Submissions are signed for this experiment instance and this coordinator.
     engine_config.experiment_uid = stored.uid;
     engine_config.coordinator = tributary_shared::CertificateHash(certificate);
@@ -651,6 +649,14 @@ impl AcceptLimits {
     }
 }
 
+/// The certificate's SHA-256 from its hex fingerprint (what hellos and submissions sign).
+fn certificate_of(fingerprint: &str) -> anyhow::Result<[u8; 32]> {
+    let mut certificate = [0u8; 32];
+    hex::decode_to_slice(fingerprint, &mut certificate)
+        .context("the certificate fingerprint is 32 bytes of hex")?;
+    Ok(certificate)
+}
+
 /// What a standby node reads its relay's setup from.
 struct RelayInputs {
     /// The experiment `--experiment` names (else the latest unfinished one).
@@ -720,9 +726,7 @@ fn standby_relay(
     let config: ExperimentConfig = serde_json::from_str(&found.config_json)
         .with_context(|| format!("stored configuration of {} does not parse", found.id))?;
     let mut engine_config = EngineConfig::from_experiment(&config)?;
-    let mut certificate = [0u8; 32];
-    hex::decode_to_slice(&inputs.fingerprint, &mut certificate)
-        .context("the certificate fingerprint is 32 bytes of hex")?;
+    let certificate = certificate_of(&inputs.fingerprint)?;
     engine_config.experiment_uid = found.uid;
     engine_config.coordinator = tributary_shared::CertificateHash(certificate);
     tracing::info!(experiment = %found.id, "standby: staging uploads for the leader");

@@ -53,16 +53,7 @@ async fn standby_nodes_stage_uploads_and_the_leader_decides_on_them() {
         handles.push((fault, spawn_trainer(&running.fingerprint, options)));
     }
     drop(events);
-    let mut reports = Vec::new();
-    for (fault, handle) in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap_or_else(|error| panic!("trainer ({fault:?}) failed: {error:#}"));
-        assert!(report.finished, "{fault:?} saw the experiment finish");
-        reports.push((fault, report));
-    }
+    let reports = fault_reports(handles, Duration::from_secs(120)).await;
     let staged: u64 = reports.iter().map(|(_, r)| r.staged).sum();
     let accepted: u64 = reports.iter().map(|(_, r)| r.accepted).sum();
     eprintln!("{staged} of {accepted} accepted deltas went through a standby node");

@@ -38,16 +38,7 @@ async fn seven_faults(deployment: Deployment) {
         let options = options(running.addr, 200 + index, Fault::None, Some(gate.clone()));
         handles.push((Fault::None, spawn_trainer(&running.fingerprint, options)));
     }
-    let mut reports = Vec::new();
-    for (fault, handle) in handles {
-        let report = tokio::time::timeout(Duration::from_secs(120), handle)
-            .await
-            .expect("trainer finished in time")
-            .unwrap()
-            .unwrap_or_else(|error| panic!("trainer with fault {fault:?} failed: {error:#}"));
-        assert!(report.finished, "{fault:?} saw the experiment finish");
-        reports.push((fault, report));
-    }
+    let reports = fault_reports(handles, Duration::from_secs(120)).await;
     let mut watch = running.progress.clone();
     let progress = tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|p| p.finished))
         .await

@@ -252,14 +252,7 @@ async fn serve_connection(
             Metrics::add(&context.metrics.handshakes_refused, 1);
             tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "handshake refused");
             let reason = refusal.reason;
-            let message = ServerMessage::Refused {
-                reason,
-                detail: refusal.detail,
-            };
-            write_message(&mut send, &message, limits.max_frame).await?;
-            let _ = send.finish();
-            // Give the refusal a moment to reach the peer before the close overtakes it.
-            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            send_refusal(&mut send, refusal, limits.max_frame).await?;
             return Err(ConnectionError::Refused(reason));
         }
     };
@@ -356,6 +349,23 @@ async fn serve_connection(
         .await;
     writer.abort();
     result
+}
+
+/// Answers a refused hello with [`ServerMessage::Refused`] and ends the control stream, giving
+/// the message a moment to reach the peer before the caller's close overtakes it.
+pub(crate) async fn send_refusal(
+    send: &mut SendStream,
+    refusal: Refusal,
+    max_frame: usize,
+) -> Result<(), ConnectionError> {
+    let message = ServerMessage::Refused {
+        reason: refusal.reason,
+        detail: refusal.detail,
+    };
+    write_message(send, &message, max_frame).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    Ok(())
 }
 
 /// Asks the hub whether the experiment's admission rules let `trainer` in from `address`.

@@ -22,7 +22,8 @@ use tributary_shared::{TaskId, TrainerId};
 use crate::engine::{EngineConfig, Refusal, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::connection::{
-    check_hello, read_message, receive_body, write_message, ConnectionLimits, HandshakeGuard,
+    check_hello, read_message, receive_body, send_refusal, write_message, ConnectionLimits,
+    HandshakeGuard,
 };
 use crate::net::tls::TransportLimits;
 use crate::net::upload_queue::UploadQueue;
@@ -136,14 +137,7 @@ async fn serve(
         Err(refusal) => {
             Metrics::add(&context.metrics.handshakes_refused, 1);
             let reason = refusal.reason;
-            let message = ServerMessage::Refused {
-                reason,
-                detail: refusal.detail,
-            };
-            let _ = write_message(&mut send, &message, limits.max_frame).await;
-            let _ = send.finish();
-            // Give the refusal a moment to reach the peer before the close overtakes it.
-            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            let _ = send_refusal(&mut send, refusal, limits.max_frame).await;
             return Err(format!("refused: {reason}"));
         }
     };

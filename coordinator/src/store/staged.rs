@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS staged_uploads (
     experiment TEXT NOT NULL,
     task INTEGER NOT NULL,
     round INTEGER NOT NULL,
+    hash BLOB NOT NULL,
     signed_header BLOB NOT NULL,
     body BLOB,
     refusal_reason TEXT,
@@ -132,14 +133,15 @@ impl Db {
         );
         self.atomically(|conn| {
             let inserted = conn.execute(
-                "INSERT INTO staged_uploads (experiment, task, round, signed_header, body,
+                "INSERT INTO staged_uploads (experiment, task, round, hash, signed_header, body,
                  refusal_reason, refusal_detail, node, staged_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (experiment, task) DO NOTHING",
                 values![
                     &header.experiment.0,
                     task,
                     round,
+                    &header.hash.0,
                     &signed[..],
                     staged.body.as_deref(),
                     staged.refusal.as_ref().map(|(reason, _)| reason.as_str()),
@@ -194,22 +196,9 @@ impl Db {
     ) -> Result<bool, DbError> {
         let task = to_i64(task.0, "task")?;
         self.atomically(|conn| {
-            let staged = conn.query(
-                "SELECT signed_header FROM staged_uploads WHERE experiment = $1 AND task = $2",
-                values![&experiment.0, task],
-            )?;
-            let matches = staged.iter().any(|row| {
-                row.bytes(0)
-                    .ok()
-                    .and_then(|bytes| from_payload::<UploadHeader>(&bytes).ok())
-                    .is_some_and(|upload| upload.header.hash == hash)
-            });
-            if !matches {
-                return Ok(false);
-            }
             let deleted = conn.execute(
-                "DELETE FROM staged_uploads WHERE experiment = $1 AND task = $2",
-                values![&experiment.0, task],
+                "DELETE FROM staged_uploads WHERE experiment = $1 AND task = $2 AND hash = $3",
+                values![&experiment.0, task, &hash.0],
             )?;
             Ok(deleted == 1)
         })

@@ -398,15 +398,28 @@ pub async fn synthetic_reports(
     handles: Vec<JoinHandle<anyhow::Result<Report>>>,
     limit: Duration,
 ) -> Vec<Report> {
+    let labelled = handles.into_iter().map(|h| (Fault::None, h)).collect();
+    fault_reports(labelled, limit)
+        .await
+        .into_iter()
+        .map(|(_, report)| report)
+        .collect()
+}
+
+/// [`synthetic_reports`] for trainers each labelled with its fault (named when one fails).
+pub async fn fault_reports(
+    handles: Vec<(Fault, JoinHandle<anyhow::Result<Report>>)>,
+    limit: Duration,
+) -> Vec<(Fault, Report)> {
     let mut reports = Vec::new();
-    for handle in handles {
+    for (fault, handle) in handles {
         let report = tokio::time::timeout(limit, handle)
             .await
             .expect("trainer finished in time")
             .expect("trainer task did not panic")
-            .expect("trainer ran without error");
-        assert!(report.finished);
-        reports.push(report);
+            .unwrap_or_else(|error| panic!("trainer with fault {fault:?} failed: {error:#}"));
+        assert!(report.finished, "{fault:?} saw the experiment finish");
+        reports.push((fault, report));
     }
     reports
 }
