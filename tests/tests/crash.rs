@@ -127,7 +127,12 @@ impl Fleet {
 
     /// Waits for three acknowledgements in round 1 (tracked by task, from the trainers' events).
     async fn three_acknowledged_in_round_1(&mut self) {
-        while self.acknowledged_in_round_1.len() < 3 {
+        self.acknowledged_in_round_1_at_least(3).await;
+    }
+
+    /// Waits until `count` deltas of round 1 are acknowledged to their trainers.
+    async fn acknowledged_in_round_1_at_least(&mut self, count: usize) {
+        while self.acknowledged_in_round_1.len() < count {
             let (_, message) = tokio::time::timeout(Duration::from_secs(60), self.received.recv())
                 .await
                 .expect("round 1 progresses")
@@ -542,6 +547,10 @@ async fn leader_killed(when: KillLeader) {
     fleet.three_acknowledged_in_round_1().await;
     if when == KillLeader::MidAggregation {
         fleet.gate.arrive();
+        // The round closes once its fourth delta is committed; its acknowledgement goes out
+        // after the commit and may trail the log line, and a kill before it reaches the trainer
+        // would lose it (the trainer's re-sent upload is then a replay).
+        fleet.acknowledged_in_round_1_at_least(4).await;
         a.wait_for(&["closing round", "round=1"], Duration::from_secs(60))
             .await;
     }
