@@ -425,6 +425,33 @@ impl Dispute {
 /// Times a dispute is handed to a referee before it is given up (left unsettled).
 pub const MAX_REFEREE_ATTEMPTS: u32 = 3;
 
+/// What the engine makes of an upload's header ([`Engine::handle_submission_header`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HeaderDecision {
+    /// Receive and check the body, then call [`Engine::handle_upload_finished`].
+    Receive(UploadTicket),
+    /// Refused and recorded; the driver sends the refusal and drops the body.
+    Refused(Refusal),
+    /// The trainer sent again the upload this round already has from it for the same task (the
+    /// same signed header and bytes, accepted, being stored or being received), as after a
+    /// lost acknowledgement or a reconnection. Nothing is recorded against it: the engine answers it itself (the
+    /// acknowledgement again, or "try later" while the first copy is in flight) and the
+    /// driver drops the body.
+    Repeat,
+}
+
+#[cfg(test)]
+impl HeaderDecision {
+    /// The ticket or the refusal, a repeat reading as an (unrecorded) replay: tests' shorthand.
+    fn ticket(self) -> Result<UploadTicket, Refusal> {
+        match self {
+            HeaderDecision::Receive(ticket) => Ok(ticket),
+            HeaderDecision::Refused(refusal) => Err(refusal),
+            HeaderDecision::Repeat => Err(Refusal::new(RejectReason::Replay, "a repeat")),
+        }
+    }
+}
+
 /// Permission to receive an upload's body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UploadTicket {
@@ -486,6 +513,8 @@ impl Refusal {
 
 /// Longest refusal detail kept, in characters.
 pub const MAX_DETAIL_CHARS: usize = 200;
+/// How long a trainer repeating an upload still in flight is told to wait, in milliseconds.
+pub const REPEAT_RETRY_MS: u32 = 1_000;
 /// Refusals recorded (in the ledger and the database) per round; later ones are only counted.
 pub const MAX_RECORDED_REFUSALS_PER_ROUND: usize = 256;
 /// Refusals recorded per trainer per round; later ones are only counted.
@@ -962,22 +991,24 @@ impl Engine {
 
     // ---- inputs: submissions ----
 
-    /// A trainer (authenticated as `connection_trainer`) announced an upload. `Ok` means the
-    /// driver should receive and check the body, then call [`Engine::handle_upload_finished`].
-    /// A refusal is already recorded; the driver only sends it to the trainer.
+    /// A trainer (authenticated as `connection_trainer`) announced an upload: see
+    /// [`HeaderDecision`]. A refusal is already recorded; the driver only sends it.
     pub fn handle_submission_header(
         &mut self,
         now: Instant,
         connection_trainer: TrainerId,
         upload: &UploadHeader,
-    ) -> Result<UploadTicket, Refusal> {
+    ) -> HeaderDecision {
+        if self.answer_repeat(connection_trainer, upload) {
+            return HeaderDecision::Repeat;
+        }
         match self.check_header(connection_trainer, upload) {
             Ok(ticket) => {
                 if let Some(state) = self.tasks.get_mut(&ticket.task) {
                     state.header = Some(upload.clone());
                 }
                 self.set_status(ticket.task, TaskStatus::Uploading(ticket.hash));
-                Ok(ticket)
+                HeaderDecision::Receive(ticket)
             }
             Err(refusal) => {
                 self.reject(
@@ -998,9 +1029,54 @@ impl Engine {
                     self.top_up(now);
                     self.close_when_complete(now);
                 }
-                Err(refusal)
+                HeaderDecision::Refused(refusal)
             }
         }
+    }
+
+    /// Answers `upload` when it repeats what this round has from its trainer for its task (see
+    /// [`HeaderDecision::Repeat`]); whether it did.
+    fn answer_repeat(&mut self, connection_trainer: TrainerId, upload: &UploadHeader) -> bool {
+        let header = &upload.header;
+        if header.trainer != connection_trainer
+            || header.round != self.round
+            || header.experiment_uid != self.config.experiment_uid
+            || header.coordinator != self.config.coordinator
+        {
+            return false;
+        }
+        let Some(state) = self.tasks.get(&header.task) else {
+            return false;
+        };
+        // The very upload (its signed header too, where this engine still has it; one taken
+        // over from the database has only its hash): other claims on the same bytes are a
+        // second submission, not a repeat.
+        if state.trainer != connection_trainer
+            || state.header.as_ref().is_some_and(|sent| sent != upload)
+        {
+            return false;
+        }
+        let message = match state.status {
+            TaskStatus::Accepted(hash) if hash == header.hash => {
+                ServerMessage::SubmissionAccepted {
+                    task: header.task,
+                    hash,
+                }
+            }
+            // The acknowledgement goes out once the store has it.
+            TaskStatus::Persisting(hash) if hash == header.hash => return true,
+            TaskStatus::Uploading(hash) if hash == header.hash => ServerMessage::UploadDeferred {
+                task: header.task,
+                hash,
+                retry_after_ms: REPEAT_RETRY_MS,
+            },
+            _ => return false,
+        };
+        self.actions.push_back(Action::Send {
+            trainer: connection_trainer,
+            message,
+        });
+        true
     }
 
     /// The driver finished receiving an upload it had a ticket for: `Ok` when the bytes were
@@ -1109,15 +1185,16 @@ impl Engine {
             upload.header.hash,
         );
         match self.handle_submission_header(now, trainer, upload) {
-            Ok(ticket) => {
+            HeaderDecision::Receive(ticket) => {
                 let passed = body_refusal.is_none();
                 self.handle_upload_finished(now, &ticket, body_refusal.map_or(Ok(()), Err));
                 passed.then_some(ticket)
             }
-            Err(refusal) => {
+            HeaderDecision::Refused(refusal) => {
                 self.send_rejection(trainer, task, Some(hash), &refusal);
                 None
             }
+            HeaderDecision::Repeat => None,
         }
     }
 
@@ -2690,6 +2767,7 @@ mod tests {
             let ticket = self
                 .engine
                 .handle_submission_header(self.now, self.id(index), upload)
+                .ticket()
                 .unwrap();
             self.engine
                 .handle_upload_finished(self.now, &ticket, Err(refusal));
@@ -2703,7 +2781,8 @@ mod tests {
             let upload = self.header(index, &task, body.as_bytes());
             let ticket = self
                 .engine
-                .handle_submission_header(self.now, self.id(index), &upload)?;
+                .handle_submission_header(self.now, self.id(index), &upload)
+                .ticket()?;
             self.drain();
             self.engine
                 .handle_upload_finished(self.now, &ticket, Ok(()));
@@ -2717,7 +2796,8 @@ mod tests {
             let upload = self.header(index, &task, body);
             let ticket = self
                 .engine
-                .handle_submission_header(self.now, self.id(index), &upload)?;
+                .handle_submission_header(self.now, self.id(index), &upload)
+                .ticket()?;
             self.drain();
             self.engine
                 .handle_upload_finished(self.now, &ticket, Ok(()));
@@ -3122,18 +3202,27 @@ mod tests {
         )));
         assert!(harness.open_task(b).is_none());
         assert_eq!(harness.tasked().len(), 5, "the refused task was replaced");
-        // The same upload staged again (a second node, a replay): refused as a replay and
-        // told to the trainer; the accepted one stands.
+        // The same upload staged again (sent twice, through two nodes): a repeat, answered
+        // with the acknowledgement again and recorded against nobody.
+        let recorded = harness.rejections.len();
         assert!(harness
             .engine
             .handle_staged_upload(now, &upload_a, None)
+            .is_none());
+        harness.drain();
+        assert_eq!(harness.rejections.len(), recorded);
+        assert_eq!(harness.accepted_acks(a), 2);
+        // Other bytes for the accepted task: a replay, refused and recorded.
+        let other = harness.header(a, &task_a, b"delta a, again");
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &other, None)
             .is_none());
         harness.drain();
         assert_eq!(
             harness.rejections.last().unwrap().reason,
             RejectReason::Replay
         );
-        assert_eq!(harness.accepted_acks(a), 1);
         // Another trainer's task staged under its own key: the header checks still apply.
         let upload = harness.header(c, &task_a, b"delta c");
         assert!(harness
@@ -3145,6 +3234,71 @@ mod tests {
             harness.rejections.last().unwrap().reason,
             RejectReason::NotSelected
         );
+    }
+
+    #[test]
+    fn a_repeated_upload_is_answered_not_refused() {
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b) = (tasked[0], tasked[1]);
+        let task = harness.open_task(a).unwrap();
+        let upload = harness.header(a, &task, b"delta a");
+        let now = harness.now;
+        let ticket = harness
+            .engine
+            .handle_submission_header(now, harness.id(a), &upload)
+            .ticket()
+            .unwrap();
+        // Sent again while the first copy is still arriving (a reconnection): told to wait.
+        assert_eq!(
+            harness
+                .engine
+                .handle_submission_header(now, harness.id(a), &upload),
+            HeaderDecision::Repeat
+        );
+        harness.drain();
+        assert!(harness.inbox[&harness.id(a)].iter().any(|m| matches!(
+            m,
+            ServerMessage::UploadDeferred { retry_after_ms, .. } if *retry_after_ms == REPEAT_RETRY_MS
+        )));
+        harness.engine.handle_upload_finished(now, &ticket, Ok(()));
+        harness.drain();
+        assert_eq!(harness.accepted_acks(a), 1);
+        // Sent again once accepted (the acknowledgement was lost): acknowledged again.
+        assert_eq!(
+            harness
+                .engine
+                .handle_submission_header(now, harness.id(a), &upload),
+            HeaderDecision::Repeat
+        );
+        harness.drain();
+        assert_eq!(harness.accepted_acks(a), 2);
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
+        // The same signed upload from another trainer's connection is no repeat.
+        let refused = harness
+            .engine
+            .handle_submission_header(now, harness.id(b), &upload)
+            .ticket()
+            .unwrap_err();
+        assert_eq!(refused.reason, RejectReason::UnknownTrainer);
+        // The same bytes under other claims, or other bytes, for the accepted task: replays.
+        let mut claims = upload.header.clone();
+        claims.sample_count += 1;
+        let resigned = harness.trainers[a].sign_submission(claims).unwrap();
+        let refused = harness
+            .engine
+            .handle_submission_header(now, harness.id(a), &resigned)
+            .ticket()
+            .unwrap_err();
+        assert_eq!(refused.reason, RejectReason::Replay);
+        let other = harness.header(a, &task, b"delta a, changed");
+        let refused = harness
+            .engine
+            .handle_submission_header(now, harness.id(a), &other)
+            .ticket()
+            .unwrap_err();
+        assert_eq!(refused.reason, RejectReason::Replay);
     }
 
     #[test]
@@ -3162,7 +3316,8 @@ mod tests {
                 let id = harness.id(index);
                 let result = harness
                     .engine
-                    .handle_submission_header(harness.now, id, &upload);
+                    .handle_submission_header(harness.now, id, &upload)
+                    .ticket();
                 let refusal = result.expect_err("refused");
                 assert_eq!(refusal.reason, reason);
                 // The driver sends a header's refusal.
@@ -3278,6 +3433,7 @@ mod tests {
         let ticket = harness
             .engine
             .handle_submission_header(harness.now, harness.id(b), &upload)
+            .ticket()
             .unwrap();
         harness
             .engine
@@ -3463,6 +3619,7 @@ mod tests {
             let ticket = harness
                 .engine
                 .handle_submission_header(harness.now, harness.id(index), &upload)
+                .ticket()
                 .unwrap();
             harness
                 .engine
@@ -3561,6 +3718,7 @@ mod tests {
             let refused = harness
                 .engine
                 .handle_submission_header(harness.now, harness.id(0), &upload)
+                .ticket()
                 .unwrap_err();
             assert_eq!(refused.reason, RejectReason::Stale, "{}", refused.detail);
         }
@@ -4003,6 +4161,7 @@ mod tests {
         let ticket = harness
             .engine
             .handle_submission_header(harness.now, harness.id(slow), &upload)
+            .ticket()
             .unwrap();
         harness.submit(tasked[0]).unwrap();
         harness.submit(tasked[1]).unwrap();
@@ -4031,6 +4190,7 @@ mod tests {
                 harness
                     .engine
                     .handle_submission_header(harness.now, id, &upload)
+                    .ticket()
                     .unwrap(),
             );
         }
@@ -4066,6 +4226,7 @@ mod tests {
             assert!(harness
                 .engine
                 .handle_submission_header(harness.now, id, &upload)
+                .ticket()
                 .is_err());
             while let Some(action) = harness.engine.poll_action() {
                 if let Action::RecordRejection { recorded, .. } = action {
@@ -4096,6 +4257,7 @@ mod tests {
         let refusal = harness
             .engine
             .handle_submission_header(harness.now, id, &upload)
+            .ticket()
             .unwrap_err();
         assert_eq!(refusal.reason, RejectReason::Malformed);
         // That ended the task; the other trainer's upload claims a NaN loss.
@@ -4108,6 +4270,7 @@ mod tests {
         let refusal = harness
             .engine
             .handle_submission_header(harness.now, id, &upload)
+            .ticket()
             .unwrap_err();
         assert_eq!(refusal.reason, RejectReason::Malformed);
     }
@@ -4143,6 +4306,7 @@ mod tests {
         let ticket = harness
             .engine
             .handle_submission_header(harness.now, id, &upload)
+            .ticket()
             .unwrap();
         harness.engine.handle_upload_finished(
             harness.now,
@@ -4154,6 +4318,7 @@ mod tests {
         let ticket = harness
             .engine
             .handle_submission_header(harness.now, id, &upload)
+            .ticket()
             .unwrap();
         harness
             .engine
@@ -4265,6 +4430,51 @@ mod tests {
         assert_eq!(harness.closes[0].round, RoundId(3));
         assert_eq!(harness.closes[0].accepted.len(), 2);
         assert_eq!(harness.engine.round(), RoundId(4));
+    }
+
+    #[test]
+    fn a_resumed_round_acknowledges_a_repeat_of_what_it_took_over() {
+        // The leader that accepted the delta died before its acknowledgement went out; the
+        // trainer sends the same upload to the one that resumed the round.
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
+        let body = b"accepted before the takeover";
+        let header = SubmissionHeader {
+            experiment: harness.engine.config.experiment.clone(),
+            experiment_uid: harness.engine.config.experiment_uid,
+            coordinator: harness.engine.config.coordinator,
+            round: RoundId(0),
+            task: TaskId(4),
+            trainer: harness.id(0),
+            hash: BlobHash::of(body),
+            byte_len: body.len() as u64,
+            sample_count: 10,
+            metrics: TrainMetrics::default(),
+        };
+        let upload = harness.trainers[0].sign_submission(header).unwrap();
+        let accepted = AcceptedDelta::from_upload(&upload, harness.engine.config.task_budget);
+        let resume = ResumeState {
+            round: RoundId(0),
+            adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+            tasks: vec![(TaskId(4), harness.id(0)), (TaskId(5), harness.id(1))],
+            accepted: vec![(TaskId(4), accepted)],
+            next_task: TaskId(6),
+            ..ResumeState::default()
+        };
+        harness.engine = Engine::new(harness.engine.config.clone(), resume);
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(0));
+        harness.drain();
+        let now = harness.now;
+        assert_eq!(
+            harness
+                .engine
+                .handle_submission_header(now, harness.id(0), &upload),
+            HeaderDecision::Repeat
+        );
+        harness.drain();
+        assert_eq!(harness.accepted_acks(0), 1);
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
     }
 
     #[test]

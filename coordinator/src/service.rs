@@ -257,7 +257,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
             };
             // Usually the leader made the experiment already: the relay is ready before the
             // first connection is accepted.
-            let ready = match standby_relay(&relay_inputs) {
+            let ready = match initial_relay(&relay_inputs) {
                 Ok(ready) => ready,
                 Err(error) => {
                     tracing::warn!(
@@ -267,18 +267,13 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
                     None
                 }
             };
-            match ready {
-                Some(relay) => {
-                    let _ = relay_tx.send(Some(relay));
-                }
-                None => {
-                    tokio::spawn(find_relay(
-                        relay_inputs,
-                        relay_tx,
-                        wait_for(standby_stopped.clone()),
-                    ));
-                }
-            }
+            let _ = relay_tx.send(ready);
+            // Follows the leader: a new leader, or the next experiment, changes the relay.
+            tokio::spawn(follow_leader_experiment(
+                relay_inputs,
+                relay_tx,
+                wait_for(standby_stopped.clone()),
+            ));
             let standby = tokio::spawn(accept_loop(
                 endpoint.clone(),
                 metrics.clone(),
@@ -341,6 +336,11 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     .context("cannot read or create the ledger key")?;
     let config = resolve_experiment(&mut db, &blobs, requested.as_ref(), &ledger_key)?;
     let experiment = ExperimentId(config.experiment.name.clone());
+    if leadership.is_some() {
+        // Standby nodes stage uploads for the experiment the leader runs.
+        db.record_led_experiment(crate::store::leases::LEADER, &experiment.0)
+            .context("cannot record which experiment this leader runs")?;
+    }
     let stored = db
         .experiment(&experiment)?
         .context("the experiment was just resolved")?;
@@ -670,59 +670,103 @@ struct RelayInputs {
     limits: ServerLimits,
 }
 
-/// Sets up the standby node's relay (`net::relay`) once the database holds the experiment the
-/// leader runs, trying again every 2 s until then; meanwhile every connection is refused.
-async fn find_relay(
+/// Keeps the standby node's relay (`net::relay`) on the experiment the leader runs: every 2 s
+/// it reads which one that is and sets the relay up again when it changed (a new leader, the
+/// next experiment). Until the database holds one, every connection is refused.
+async fn follow_leader_experiment(
     inputs: RelayInputs,
-    found: watch::Sender<Option<Arc<crate::net::relay::RelayContext>>>,
+    relay: watch::Sender<Option<Arc<crate::net::relay::RelayContext>>>,
     stopped: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stopped);
     let inputs = Arc::new(inputs);
     let mut warned = false;
+    // One connection for the reads, opened again after an error.
+    let mut reader: Option<Db> = None;
     loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+        let current = relay.borrow().as_ref().map(|context| {
+            (
+                context.config.experiment.clone(),
+                context.config.experiment_uid,
+            )
+        });
         let attempt = inputs.clone();
-        let relay = tokio::task::spawn_blocking(move || standby_relay(&attempt)).await;
-        match relay {
-            Ok(Ok(Some(relay))) => {
-                let _ = found.send(Some(relay));
-                return;
-            }
-            Ok(Ok(None)) if !warned => {
-                tracing::info!("standby: no experiment in the database yet; refusing trainers");
-                warned = true;
+        let held = reader.take();
+        let checked = tokio::task::spawn_blocking(move || {
+            let db = match held {
+                Some(db) => db,
+                None => Db::open_at(&attempt.location)
+                    .context("cannot open the database for the relay")?,
+            };
+            let changed = match relay_experiment(&db, &attempt)? {
+                Some(found) if Some((found.id.clone(), found.uid)) != current => {
+                    let relay_db = Db::open_at(&attempt.location)
+                        .context("cannot open the database for the relay")?;
+                    Some(standby_relay(&attempt, relay_db, &found)?)
+                }
+                _ => None,
+            };
+            Ok::<_, anyhow::Error>((db, changed))
+        })
+        .await;
+        match checked {
+            Ok(Ok((db, changed))) => {
+                reader = Some(db);
+                if let Some(context) = changed {
+                    let _ = relay.send(Some(context));
+                }
+                warned = false;
             }
             Ok(Err(error)) if !warned => {
                 tracing::warn!(
                     error = format!("{error:#}"),
-                    "standby: cannot stage uploads yet"
+                    "standby: cannot follow the leader's experiment"
                 );
                 warned = true;
             }
             _ => {}
         }
-        tokio::select! {
-            _ = &mut stopped => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-        }
     }
 }
 
-/// What a standby node needs to stage uploads for the leader: the experiment as stored by the
-/// leader, with its instance id and the cluster's certificate. `None` while the database holds
-/// no such experiment yet.
-fn standby_relay(
+/// The experiment a standby node stages uploads for: the one the leader says it runs, else the
+/// one `--experiment` names, else the latest unfinished one; `None` while there is none.
+fn relay_experiment(
+    db: &Db,
+    inputs: &RelayInputs,
+) -> anyhow::Result<Option<crate::store::db::StoredExperiment>> {
+    let stored = db.experiments()?;
+    let led = db.led_experiment(crate::store::leases::LEADER)?;
+    let found = match led.as_ref().or(inputs.experiment.as_ref()) {
+        Some(name) => stored.into_iter().find(|e| &e.id.0 == name),
+        None => stored.into_iter().rev().find(|e| !e.finished),
+    };
+    Ok(found)
+}
+
+/// The standby's relay when the database already holds the leader's experiment (see
+/// [`relay_experiment`]); `None` while it does not.
+fn initial_relay(
     inputs: &RelayInputs,
 ) -> anyhow::Result<Option<Arc<crate::net::relay::RelayContext>>> {
     let db = Db::open_at(&inputs.location).context("cannot open the database for the relay")?;
-    let stored = db.experiments()?;
-    let found = match &inputs.experiment {
-        Some(name) => stored.iter().find(|e| &e.id.0 == name),
-        None => stored.iter().rev().find(|e| !e.finished),
-    };
-    let Some(found) = found else {
-        return Ok(None);
-    };
+    match relay_experiment(&db, inputs)? {
+        Some(found) => standby_relay(inputs, db, &found).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// What a standby node needs to stage uploads for the leader's experiment `found`: its
+/// configuration with its instance id and the cluster's certificate.
+fn standby_relay(
+    inputs: &RelayInputs,
+    db: Db,
+    found: &crate::store::db::StoredExperiment,
+) -> anyhow::Result<Arc<crate::net::relay::RelayContext>> {
     let config: ExperimentConfig = serde_json::from_str(&found.config_json)
         .with_context(|| format!("stored configuration of {} does not parse", found.id))?;
     let mut engine_config = EngineConfig::from_experiment(&config)?;
@@ -731,7 +775,7 @@ fn standby_relay(
     engine_config.coordinator = tributary_shared::CertificateHash(certificate);
     tracing::info!(experiment = %found.id, "standby: staging uploads for the leader");
     let limits = &inputs.limits;
-    Ok(Some(Arc::new(crate::net::relay::RelayContext {
+    Ok(Arc::new(crate::net::relay::RelayContext {
         node: inputs.node.clone(),
         config: engine_config,
         db: Arc::new(std::sync::Mutex::new(db)),
@@ -744,7 +788,7 @@ fn standby_relay(
             inputs.metrics.clone(),
         )),
         server_certificate: certificate,
-    })))
+    }))
 }
 
 /// Hands the uploads standby nodes staged to the hub, reading the database every
@@ -768,11 +812,11 @@ async fn feed_staged_uploads(
             _ = tokio::time::sleep(crate::net::relay::INGEST_EVERY) => {}
         }
         let id = experiment.clone();
-        let staged = reads
-            .read(move |db| db.staged_uploads(&id).map_err(anyhow::Error::from))
+        let keys = reads
+            .read(move |db| db.staged_keys(&id).map_err(anyhow::Error::from))
             .await;
-        let staged = match staged {
-            Ok(staged) => staged,
+        let keys = match keys {
+            Ok(keys) => keys,
             Err(error) => {
                 tracing::warn!(
                     error = format!("{error:#}"),
@@ -782,25 +826,34 @@ async fn feed_staged_uploads(
             }
         };
         let now = std::time::Instant::now();
-        let key = |staged: &crate::store::staged::StagedUpload| {
-            (staged.upload.header.task, staged.upload.header.hash)
-        };
-        let present: std::collections::HashSet<_> = staged.iter().map(key).collect();
+        let present: std::collections::HashSet<_> = keys.iter().copied().collect();
         handed.retain(|key, _| present.contains(key));
-        for upload in staged {
-            let key = key(&upload);
+        for (task, hash) in keys {
             if handed
-                .get(&key)
+                .get(&(task, hash))
                 .is_some_and(|at| now.saturating_duration_since(*at) < AGAIN_AFTER)
             {
                 continue;
             }
-            handed.insert(key, now);
-            if commands
-                .send(Command::Staged(Box::new(upload)))
-                .await
-                .is_err()
-            {
+            let id = experiment.clone();
+            let row = reads
+                .read(move |db| {
+                    db.staged_upload(&id, task, hash)
+                        .map_err(anyhow::Error::from)
+                })
+                .await;
+            let command = match row {
+                Ok(Some(Ok(upload))) => Command::Staged(Box::new(upload)),
+                Ok(Some(Err(reason))) => Command::StagedUnreadable { task, hash, reason },
+                // Decided since the keys were read.
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "cannot read a staged upload");
+                    break;
+                }
+            };
+            handed.insert((task, hash), now);
+            if commands.send(command).await.is_err() {
                 return;
             }
         }

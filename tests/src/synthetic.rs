@@ -39,7 +39,7 @@ pub enum Fault {
     WrongShape,
     /// Send more bytes than announced.
     Oversized,
-    /// After an accepted upload, send the same one again.
+    /// After an accepted upload, send its bytes again for the same task under new claims.
     Replay,
     /// Sign the submission with a key the connection did not authenticate as.
     UnknownKey,
@@ -357,10 +357,16 @@ impl Trainer {
                         .ack_latencies
                         .push(done.map_or(Duration::ZERO, |done| done.elapsed()));
                     if self.fault_pending && self.options.fault == Fault::Replay {
-                        if let Some((header, body)) = self.last_upload.clone() {
+                        // The accepted bytes again under new claims (more samples, for more
+                        // weight): a second submission for the task. Sent unchanged it would be
+                        // a repeat, answered with the acknowledgement again.
+                        if let Some((upload, body)) = self.last_upload.clone() {
                             self.fault_pending = false;
                             self.report.uploads += 1;
-                            let _ = session.upload(&header, &body, None).await;
+                            let mut claims = upload.header;
+                            claims.sample_count += 1;
+                            let replay = self.options.identity.sign_submission(claims)?;
+                            let _ = session.upload(&replay, &body, None).await;
                         }
                     }
                 }

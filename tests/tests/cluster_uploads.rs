@@ -132,3 +132,127 @@ async fn standby_nodes_stage_uploads_and_the_leader_decides_on_them() {
     drop(db);
     finish_and_verify(running, &data_dir).await;
 }
+
+/// A standby takes at most one body for a task: once the leader decided the task's staged
+/// upload, another upload for it is refused before its body is read, and a trainer that keeps
+/// sending refusable uploads loses its uploads-only connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_one_body_per_task() {
+    use tributary_shared::wire::{ClientMessage, SubmissionHeader, TrainMetrics};
+    use tributary_shared::{BlobHash, CertificateHash};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("leader");
+    let config = parse(&experiment_toml("claims", 1, 1000, 1, 1, 1, 1));
+    let running = start_on(Deployment::Cluster, &data_dir, Some(config)).await;
+    let (standby, standby_http) = (nodes_of(running.addr)[1], standby_http_of(running.addr)[0]);
+    let mallory = identity(40);
+    let endpoint = endpoint_for(&running.fingerprint, 40);
+    let mut control = Session::connect(&endpoint, running.addr, &mallory, None)
+        .await
+        .unwrap();
+    let task = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(ServerMessage::Task(task)) = control.next_message().await.unwrap() {
+                break task;
+            }
+        }
+    })
+    .await
+    .expect("a task");
+    control
+        .send(&ClientMessage::TaskAccepted { task: task.task })
+        .await
+        .unwrap();
+    let mut certificate = [0u8; 32];
+    hex::decode_to_slice(&running.fingerprint, &mut certificate).unwrap();
+    let signed = |body: &[u8]| {
+        mallory
+            .sign_submission(SubmissionHeader {
+                experiment: task.experiment.clone(),
+                experiment_uid: task.experiment_uid,
+                coordinator: CertificateHash(certificate),
+                round: task.round,
+                task: task.task,
+                trainer: mallory.id(),
+                hash: BlobHash::of(body),
+                byte_len: body.len() as u64,
+                sample_count: 1,
+                metrics: TrainMetrics::default(),
+            })
+            .unwrap()
+    };
+    let bytes_in = || async {
+        http_get(standby_http, "/metrics")
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix("tributary_bytes_in_total "))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut uploads = Session::connect_for_uploads(&endpoint, standby, &mallory)
+        .await
+        .unwrap();
+
+    // Bytes that are no delta: the standby takes them, stages them as refused, and the leader
+    // records the refusal and tells the trainer on its control session.
+    let junk = vec![7u8; 600];
+    uploads.upload(&signed(&junk), &junk, None).await.unwrap();
+    assert!(matches!(
+        answer(&mut uploads).await.unwrap(),
+        Some(ServerMessage::UploadStaged { .. })
+    ));
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(ServerMessage::SubmissionRejected { reason, .. }) =
+                control.next_message().await.unwrap()
+            {
+                break reason;
+            }
+        }
+    })
+    .await
+    .expect("the leader decides");
+    assert!(!refused.is_coordinator_fault(), "{refused}");
+    let taken = bytes_in().await;
+    assert!(taken >= junk.len() as u64, "{taken}");
+
+    // Other bytes for the decided task: refused before the body is read, again and again,
+    // until the standby closes the connection.
+    let (mut closed, mut refused_here) = (false, 0);
+    for attempt in 0..tributary_coordinator::net::relay::MAX_STRIKES + 1 {
+        let other = vec![attempt as u8; 600];
+        if uploads.upload(&signed(&other), &other, None).await.is_err() {
+            closed = true;
+            break;
+        }
+        match answer(&mut uploads).await {
+            Ok(Some(ServerMessage::SubmissionRejected { reason, .. })) => {
+                assert_eq!(reason, RejectReason::Replay);
+                refused_here += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        closed,
+        "the standby kept a connection refused again and again"
+    );
+    assert!(
+        (1..tributary_coordinator::net::relay::MAX_STRIKES).contains(&refused_here),
+        "{refused_here}"
+    );
+    assert_eq!(bytes_in().await, taken, "a refused upload's body was read");
+    running.shutdown().await.unwrap();
+}
+
+/// The next message on `session`, within 30 s.
+async fn answer(session: &mut Session) -> Result<Option<ServerMessage>, NetError> {
+    tokio::time::timeout(Duration::from_secs(30), session.next_message())
+        .await
+        .expect("an answer")
+}

@@ -130,6 +130,14 @@ const MIN_UPLOAD_RETRY: Duration = Duration::from_millis(250);
 /// Longest wait before an upload is sent again.
 const MAX_UPLOAD_RETRY: Duration = Duration::from_secs(60);
 
+/// How long an upload of `len` bytes waits for its answer before it is sent again (an
+/// acknowledgement lost, a standby's staged copy the leader could not read): longer than the
+/// coordinator allows the body to take, so a slow upload is not sent twice. The coordinator
+/// answers a repeat of what it has without counting it against the trainer.
+fn answer_wait(len: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_secs(len as u64 / (64 * 1024))
+}
+
 /// Full duty (compute all the time), in millionths.
 pub const FULL_DUTY: u64 = 1_000_000;
 
@@ -487,8 +495,9 @@ impl Worker {
                     .await?;
             }
             ServerMessage::SubmissionAccepted { task, .. } => {
-                self.report.accepted += 1;
+                // Counted once: a repeated upload is acknowledged again.
                 if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                    self.report.accepted += 1;
                     self.pending = None;
                     self.upload_retry = None;
                 }
@@ -530,6 +539,12 @@ impl Worker {
                 }
             }
             ServerMessage::TaskCancelled { task, detail } => {
+                // An upload still unanswered for it will never be counted: not sent again.
+                if self.pending.as_ref().is_some_and(|(id, _, _)| *id == task) {
+                    tracing::info!(task = task.0, %detail, "task cancelled; its upload is dropped");
+                    self.pending = None;
+                    self.upload_retry = None;
+                }
                 if running.as_ref().is_some_and(|r| r.task.task == task) {
                     tracing::info!(task = task.0, %detail, "task cancelled; training stopped");
                     // Dropping the running task stops its thread; nothing is uploaded.
@@ -585,7 +600,8 @@ impl Worker {
         let Some((task, header, body)) = self.pending.clone() else {
             return;
         };
-        self.upload_retry = None;
+        // Sent again when no answer comes; any answer replaces this.
+        self.schedule_upload_retry(answer_wait(body.len()));
         self.upload_attempts += 1;
         let uploader = session.uploader();
         let standby = self.control_node.and_then(|control| {

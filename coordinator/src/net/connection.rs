@@ -19,7 +19,7 @@ use tributary_shared::wire::{
 };
 use tributary_shared::{BlobHash, ExperimentId, TaskId, TrainerId};
 
-use crate::engine::{Refusal, UploadTicket};
+use crate::engine::{HeaderDecision, Refusal, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::hub::{Command, Download};
 use crate::net::tls::TransportLimits;
@@ -36,6 +36,12 @@ const MIN_DOWNLOAD_RATE: u64 = 128 * 1024;
 /// How long a download of `len` bytes may take.
 fn download_deadline(len: u64) -> Duration {
     DOWNLOAD_DEADLINE.max(Duration::from_secs(len / MIN_DOWNLOAD_RATE))
+}
+
+/// How long receiving a body of `len` bytes may take, however slowly its bytes trickle in:
+/// at worst 64 KiB/s after 30 s.
+pub(crate) fn body_allowance(len: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_secs(len / (64 * 1024))
 }
 
 /// Limits a connection task enforces.
@@ -496,9 +502,14 @@ async fn receive_upload(
         })
         .await;
     let ticket = match decision.await {
-        Ok(Ok(ticket)) => ticket,
-        Ok(Err(refusal)) => {
+        Ok(HeaderDecision::Receive(ticket)) => ticket,
+        Ok(HeaderDecision::Refused(refusal)) => {
             outbox.send(refusal.message(task, Some(hash)));
+            let _ = stream.stop(quinn::VarInt::from_u32(1));
+            return;
+        }
+        // The engine answers a repeat itself.
+        Ok(HeaderDecision::Repeat) => {
             let _ = stream.stop(quinn::VarInt::from_u32(1));
             return;
         }
@@ -579,9 +590,10 @@ pub(crate) async fn receive_body(
         body.extend_from_slice(chunk);
         Ok(())
     };
+    // Bytes that came with the header's frame count as received too.
+    Metrics::add(&metrics.bytes_in, already.len() as u64);
     take(&already, &mut body)?;
-    // However slowly the bytes trickle in, receiving ends: at worst 64 KiB/s after 30 s.
-    let allowed = Duration::from_secs(30) + Duration::from_secs(expected / (64 * 1024));
+    let allowed = body_allowance(expected);
     let receive_until = tokio::time::Instant::now() + allowed;
     loop {
         let idle_until = tokio::time::Instant::now() + idle_timeout;

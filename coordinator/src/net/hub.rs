@@ -19,7 +19,7 @@ use crate::admission::Admission;
 use crate::derive::{
     derive_from_store, encode_exact, encode_state, DeriveError, Derived, RoundInputs,
 };
-use crate::engine::{Action, Engine, Phase, Refusal, RoundClose, UploadTicket};
+use crate::engine::{Action, Engine, HeaderDecision, Phase, Refusal, RoundClose, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::connection::Outbox;
 use crate::store::blobs::BlobStore;
@@ -35,6 +35,15 @@ const MAX_COMMANDS_PER_WAKE: usize = 1024;
 pub enum Command {
     /// An upload a standby node staged, read from the database (see `net::relay`).
     Staged(Box<crate::store::staged::StagedUpload>),
+    /// A staged upload whose row cannot be read back (`reason`): decided as lost.
+    StagedUnreadable {
+        /// Its task.
+        task: TaskId,
+        /// Its hash.
+        hash: BlobHash,
+        /// What is wrong with the row.
+        reason: String,
+    },
     /// A trainer completed the handshake.
     Joined {
         /// Who.
@@ -81,7 +90,7 @@ pub enum Command {
         /// The header.
         upload: Box<UploadHeader>,
         /// The decision.
-        reply: oneshot::Sender<Result<UploadTicket, Refusal>>,
+        reply: oneshot::Sender<HeaderDecision>,
     },
     /// An upload body was received and checked.
     UploadDone {
@@ -689,16 +698,17 @@ impl Hub {
                 self.engine.handle_upload_finished(now, &ticket, result);
             }
             Command::Staged(staged) => {
-                let (experiment, task, hash) = (
+                let (experiment, task, round, hash) = (
                     self.engine.experiment().clone(),
                     staged.upload.header.task,
+                    staged.upload.header.round,
                     staged.upload.header.hash,
                 );
                 // The row goes with the decision, in this wake-up's batch, and only the
                 // hand-over that deletes it decides: one already decided (earlier in this batch,
                 // or committed) deletes nothing, and a failed batch leaves the row to be read
                 // and decided again.
-                match self.db.unstage_upload(&experiment, task, hash) {
+                match self.db.unstage_upload(&experiment, task, round, hash) {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(error) => {
@@ -719,6 +729,29 @@ impl Hub {
                     .engine
                     .handle_staged_upload(now, &staged.upload, refusal);
                 tracing::debug!(%task, hash = %hash.short(), node = %staged.node, taken = taken.is_some(), "staged upload decided");
+            }
+            Command::StagedUnreadable { task, hash, reason } => {
+                let (experiment, round) = (self.engine.experiment().clone(), self.engine.round());
+                match self.db.unstage_upload(&experiment, task, round, hash) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(error) => {
+                        tracing::error!(%error, %task, "cannot take a staged upload");
+                        return;
+                    }
+                }
+                Metrics::add(&self.metrics.uploads_unstaged, 1);
+                tracing::error!(%task, hash = %hash.short(), %reason, "a staged upload cannot be read back");
+                // Whose it was is unreadable too: the refusal names no trainer, and the
+                // trainer, unanswered, sends its upload again to the leader.
+                self.engine.handle_protocol_violation(
+                    None,
+                    Some(hash),
+                    Refusal::new(
+                        RejectReason::Internal,
+                        format!("a staged upload for task {task} could not be read back: {reason}"),
+                    ),
+                );
             }
             Command::UploadDeferred {
                 ticket,

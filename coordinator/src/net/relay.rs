@@ -9,6 +9,7 @@
 //! leader. Every limit of the leader's connections applies here too: handshake time, frame
 //! sizes, the upload queue, stream idle time and the body's deadline.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,14 +23,14 @@ use tributary_shared::{TaskId, TrainerId};
 use crate::engine::{EngineConfig, Refusal, UploadTicket};
 use crate::metrics::Metrics;
 use crate::net::connection::{
-    check_hello, read_message, receive_body, send_refusal, write_message, ConnectionLimits,
-    HandshakeGuard,
+    body_allowance, check_hello, read_message, receive_body, send_refusal, write_message,
+    ConnectionLimits, HandshakeGuard,
 };
 use crate::net::tls::TransportLimits;
 use crate::net::upload_queue::UploadQueue;
 use crate::store::blobs::BlobStore;
 use crate::store::db::{Db, DbError};
-use crate::store::staged::{StagedUpload, TaskStanding};
+use crate::store::staged::{Claim, StagedUpload, TaskStanding};
 
 /// What a standby node's relay shares across connections.
 pub struct RelayContext {
@@ -164,6 +165,7 @@ async fn serve(
             }
         }
     });
+    let strikes = Arc::new(AtomicU32::new(0));
     // The trainer sends nothing on the control stream here; it ends the session by closing.
     let result = loop {
         tokio::select! {
@@ -176,7 +178,8 @@ async fn serve(
             }
             stream = connection.accept_uni() => match stream {
                 Ok(stream) => {
-                    tokio::spawn(stage_upload(context.clone(), trainer, stream, outbox.clone()));
+                    let peer = Peer { trainer, connection: connection.clone(), strikes: strikes.clone() };
+                    tokio::spawn(stage_upload(context.clone(), peer, stream, outbox.clone()));
                 }
                 Err(error) => break Err(error.to_string()),
             },
@@ -186,13 +189,21 @@ async fn serve(
     result
 }
 
+/// The trainer on an uploads-only connection, and the refusals its uploads got here.
+struct Peer {
+    trainer: TrainerId,
+    connection: quinn::Connection,
+    strikes: Arc<AtomicU32>,
+}
+
 /// Receives, checks and stages one upload; answers on `outbox`.
 async fn stage_upload(
     context: Arc<RelayContext>,
-    trainer: TrainerId,
+    peer: Peer,
     mut stream: RecvStream,
     outbox: mpsc::Sender<ServerMessage>,
 ) {
+    let trainer = peer.trainer;
     let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let header = tokio::time::timeout(
         context.limits.handshake_timeout,
@@ -203,9 +214,9 @@ async fn stage_upload(
         Ok(Ok(Some(upload))) => upload,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
-            let _ = stream.stop(quinn::VarInt::from_u32(1));
             let refusal = Refusal::new(RejectReason::Malformed, format!("upload header: {error}"));
-            let _ = outbox.try_send(refusal.message(TaskId(0), None));
+            let message = refuse_here(&context, &peer, &mut stream, refusal, TaskId(0), None);
+            let _ = outbox.try_send(message);
             return;
         }
         Err(_) => {
@@ -225,11 +236,14 @@ async fn stage_upload(
         // Refused before the upload is known to be signed by this trainer for its own open
         // task: answered here, counted, never staged (a stranger must not hold another
         // trainer's task). The trainer sends it to the leader, which records the refusal.
-        Err(refusal) => refuse_here(&context, trainer, &mut stream, refusal, task, hash),
-        Ok(ticket) => match check_body(&context, &ticket, &mut stream, decoder).await {
-            // Our own failure (busy, storage): the task stays open, the trainer sends it again.
-            Err(refusal) if refusal.is_coordinator_fault() => {
-                refuse_here(&context, trainer, &mut stream, refusal, task, hash)
+        Err(refusal) => refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash)),
+        Ok(ticket) => match claim_and_check_body(&context, &ticket, &mut stream, decoder).await {
+            // Refused before taking the body, or our own failure (busy, storage) while taking
+            // it: the task stays open and the trainer sends the upload again.
+            Err(refusal)
+                if refusal.is_coordinator_fault() || refusal.reason == RejectReason::Replay =>
+            {
+                refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
             }
             checked => {
                 let (body, refusal) = match checked {
@@ -257,10 +271,11 @@ async fn stage_upload(
                             RejectReason::Replay,
                             format!("an upload for task {task} is staged already"),
                         );
-                        refuse_here(&context, trainer, &mut stream, refusal, task, hash)
+                        refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
                     }
                     Err(refusal) => {
-                        refuse_here(&context, trainer, &mut stream, refusal, task, hash)
+                        release_claim(&context, task, hash).await;
+                        refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
                     }
                 }
             }
@@ -269,19 +284,84 @@ async fn stage_upload(
     let _ = outbox.try_send(message);
 }
 
-/// A refusal this node answers itself (the leader never sees the upload): counted and logged.
+/// A refusal this node answers itself: counted and logged, not recorded. The leader never sees
+/// this upload, so there is no decision to record: a trainer that wants its delta counted sends
+/// it to the leader, whose decision is recorded in the ledger. A connection whose uploads are
+/// refused [`MAX_STRIKES`] times for what they carry is closed.
 fn refuse_here(
     context: &RelayContext,
-    trainer: TrainerId,
+    peer: &Peer,
     stream: &mut RecvStream,
     refusal: Refusal,
     task: TaskId,
-    hash: tributary_shared::BlobHash,
+    hash: Option<tributary_shared::BlobHash>,
 ) -> ServerMessage {
     let _ = stream.stop(quinn::VarInt::from_u32(1));
     context.metrics.count_rejection(refusal.reason);
+    let trainer = peer.trainer;
     tracing::info!(%trainer, %task, reason = %refusal.reason, detail = %refusal.detail, "upload not staged");
-    refusal.message(task, Some(hash))
+    if !refusal.is_coordinator_fault()
+        && peer.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_STRIKES
+    {
+        context.metrics.count_limit("relay_refusals");
+        tracing::info!(%trainer, "closing an uploads-only connection after repeated refusals");
+        peer.connection
+            .close(quinn::VarInt::from_u32(3), b"too many refused uploads");
+    }
+    refusal.message(task, hash)
+}
+
+/// Claims the task's upload ([`Db::claim_upload`]) and takes the body ([`check_body`]); a
+/// claim not taken is refused (busy while another node receives one, a replay once decided),
+/// and our own failure to take the body gives the claim up.
+async fn claim_and_check_body(
+    context: &RelayContext,
+    ticket: &UploadTicket,
+    stream: &mut RecvStream,
+    decoder: FrameDecoder,
+) -> Result<Option<Vec<u8>>, Refusal> {
+    let now = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
+    let lifetime = body_allowance(ticket.byte_len) + CLAIM_MARGIN;
+    let expires = now.saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
+    let (experiment, node) = (context.config.experiment.clone(), context.node.clone());
+    let (task, round, hash) = (ticket.task, ticket.round, ticket.hash);
+    let claim = on_db(context, move |db| {
+        db.claim_upload(&experiment, task, round, hash, &node, now, expires)
+    })
+    .await?;
+    match claim {
+        Claim::Taken => {}
+        Claim::Receiving => {
+            return Err(Refusal::new(
+                RejectReason::RateLimited,
+                format!("an upload for task {task} is being received; try again later"),
+            ))
+        }
+        Claim::Decided => {
+            return Err(Refusal::new(
+                RejectReason::Replay,
+                format!("an upload for task {task} was decided already"),
+            ))
+        }
+    }
+    let checked = check_body(context, ticket, stream, decoder).await;
+    if matches!(&checked, Err(refusal) if refusal.is_coordinator_fault()) {
+        release_claim(context, task, hash).await;
+    }
+    checked
+}
+
+/// Gives up this node's claim on `task` (logged when the database refuses: the claim then
+/// expires by itself).
+async fn release_claim(context: &RelayContext, task: TaskId, hash: tributary_shared::BlobHash) {
+    let (experiment, node) = (context.config.experiment.clone(), context.node.clone());
+    let released = on_db(context, move |db| {
+        db.release_claim(&experiment, task, hash, &node)
+    })
+    .await;
+    if let Err(refusal) = released {
+        tracing::warn!(%task, detail = %refusal.detail, "cannot give up a claim; it will expire");
+    }
 }
 
 /// The body (length, hash, decoding, layout, finiteness, values); a body that passes is
@@ -414,6 +494,14 @@ async fn check_header(
         max_abs_value: config.max_abs_value,
     })
 }
+
+/// Refused uploads (for what they carry, not for this node's state) after which an
+/// uploads-only connection is closed. An honest trainer sends one upload per task.
+pub const MAX_STRIKES: u32 = 8;
+
+/// How long a claim outlives the longest its body may take to arrive: the wait for a slot in
+/// the upload queue and the database's writes.
+const CLAIM_MARGIN: Duration = Duration::from_secs(60);
 
 /// How long the leader waits between reads of the staged uploads.
 pub const INGEST_EVERY: Duration = Duration::from_millis(100);

@@ -1198,6 +1198,8 @@ impl Db {
             "SELECT hash FROM replicas",
             "SELECT hash FROM referees",
             "SELECT hash FROM adapters",
+            // Bodies a standby stored for the leader, however long the leader takes.
+            "SELECT hash FROM staged_uploads",
         ] {
             for row in self.conn.query(query, values![])? {
                 out.insert(hash_from(&row.bytes(0)?)?);
@@ -1381,6 +1383,11 @@ impl Db {
             )?;
             conn.execute(
                 "UPDATE rounds SET closed = 1 WHERE experiment = $1 AND round = $2",
+                values![&id.0, round],
+            )?;
+            // A closed round's tasks take no upload: their claims have nothing left to guard.
+            conn.execute(
+                "DELETE FROM upload_claims WHERE experiment = $1 AND round <= $2",
                 values![&id.0, round],
             )?;
             conn.execute(
@@ -1667,8 +1674,10 @@ fn migrate_sqlite(conn: &Connection) -> Result<(), DbError> {
     }
     conn.batch(SCHEMA)?;
     conn.batch(crate::store::leases::LEASE_SCHEMA)?;
+    conn.batch(crate::store::leases::LED_EXPERIMENT_SCHEMA)?;
     conn.batch(crate::store::fleet::FLEET_SCHEMA)?;
     conn.batch(crate::store::staged::STAGED_SCHEMA)?;
+    conn.batch(crate::store::staged::CLAIMS_SCHEMA)?;
     conn.batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
 }
 
@@ -1704,8 +1713,12 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
             None => {
                 conn.batch(&postgres_schema())?;
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
+                conn.batch(&to_postgres_types(
+                    crate::store::leases::LED_EXPERIMENT_SCHEMA,
+                ))?;
                 conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
                 conn.batch(&to_postgres_types(crate::store::staged::STAGED_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::staged::CLAIMS_SCHEMA))?;
                 conn.execute(
                     "INSERT INTO tributary_schema (version) VALUES ($1)",
                     values![SCHEMA_VERSION],
@@ -1715,8 +1728,12 @@ fn create_postgres_schema(conn: &Connection) -> Result<(), DbError> {
                 // Coordination state, not versioned with the experiment schema: added to
                 // databases made before it existed.
                 conn.batch(&to_postgres_types(crate::store::leases::LEASE_SCHEMA))?;
+                conn.batch(&to_postgres_types(
+                    crate::store::leases::LED_EXPERIMENT_SCHEMA,
+                ))?;
                 conn.batch(&to_postgres_types(crate::store::fleet::FLEET_SCHEMA))?;
                 conn.batch(&to_postgres_types(crate::store::staged::STAGED_SCHEMA))?;
+                conn.batch(&to_postgres_types(crate::store::staged::CLAIMS_SCHEMA))?;
             }
             Some(row) => {
                 return Err(DbError::Corrupt(format!(

@@ -20,6 +20,15 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 ";
 
+/// Which experiment each lease's holder runs: standby nodes stage uploads for that one. Beside
+/// the lease rather than in it, so databases made before it existed need no migration.
+pub(crate) const LED_EXPERIMENT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS led_experiments (
+    lease TEXT PRIMARY KEY,
+    experiment TEXT NOT NULL
+);
+";
+
 /// A lease the writer must still hold for its batches to commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
@@ -112,6 +121,30 @@ impl Db {
         Ok(updated == 1)
     }
 
+    /// Records that the holder of lease `name` runs `experiment` (committed on its own, and
+    /// only while this node holds the lease when a fence is set).
+    pub fn record_led_experiment(&mut self, name: &str, experiment: &str) -> Result<(), DbError> {
+        self.atomically(|conn| {
+            conn.execute(
+                "INSERT INTO led_experiments (lease, experiment) VALUES ($1, $2)
+                 ON CONFLICT (lease) DO UPDATE SET experiment = excluded.experiment",
+                values![name, experiment],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The experiment the holder of lease `name` last said it runs.
+    pub fn led_experiment(&self, name: &str) -> Result<Option<String>, DbError> {
+        self.conn()
+            .query_opt(
+                "SELECT experiment FROM led_experiments WHERE lease = $1",
+                values![name],
+            )?
+            .map(|row| row.text(0))
+            .transpose()
+    }
+
     /// Lets the lease go, so a standby node takes it at once; `false` when it was no longer
     /// held with `token`.
     pub fn release_lease(&self, name: &str, holder: &str, token: i64) -> Result<bool, DbError> {
@@ -121,5 +154,36 @@ impl Db {
             values![name, holder, token],
         )?;
         Ok(updated == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::db::Location;
+
+    fn records_the_led_experiment(db: &mut Db) {
+        assert_eq!(db.led_experiment(LEADER).unwrap(), None);
+        db.record_led_experiment(LEADER, "first").unwrap();
+        assert_eq!(db.led_experiment(LEADER).unwrap().as_deref(), Some("first"));
+        db.record_led_experiment(LEADER, "second").unwrap();
+        assert_eq!(
+            db.led_experiment(LEADER).unwrap().as_deref(),
+            Some("second")
+        );
+        assert_eq!(db.led_experiment("another lease").unwrap(), None);
+    }
+
+    #[test]
+    fn the_led_experiment_in_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        records_the_led_experiment(&mut Db::open(&dir.path().join("tributary.db")).unwrap());
+    }
+
+    #[test]
+    fn the_led_experiment_in_postgres() {
+        let server = crate::store::test_postgres::TestPostgres::start().unwrap();
+        let url = server.create_database("led").unwrap();
+        records_the_led_experiment(&mut Db::open_at(&Location::Postgres(url)).unwrap());
     }
 }

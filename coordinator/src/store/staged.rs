@@ -36,6 +36,34 @@ CREATE TABLE IF NOT EXISTS staged_uploads (
 );
 ";
 
+/// Claims on tasks' uploads, taken by a standby before it takes a body (see [`Db::claim_upload`]):
+/// while one node receives a task's body no other node takes one, and once the leader decided a
+/// staged upload the claim stays, decided, until the round closes, so a trainer cannot make the
+/// standbys take body after body for one task.
+pub(crate) const CLAIMS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS upload_claims (
+    experiment TEXT NOT NULL,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    node TEXT NOT NULL,
+    decided INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (experiment, task)
+);
+";
+
+/// Whether a node may take a task's upload body ([`Db::claim_upload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed by the caller: it may take the body.
+    Taken,
+    /// Another upload of the task is being received (its claim has not expired).
+    Receiving,
+    /// An upload of the task was decided by the leader in this round.
+    Decided,
+}
+
 /// An upload a standby node checked and stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StagedUpload {
@@ -154,52 +182,168 @@ impl Db {
         })
     }
 
-    /// The uploads staged for `experiment`, oldest first.
-    pub fn staged_uploads(&self, experiment: &ExperimentId) -> Result<Vec<StagedUpload>, DbError> {
-        self.conn()
-            .query(
-                "SELECT signed_header, body, node, refusal_reason, refusal_detail
-                 FROM staged_uploads WHERE experiment = $1 ORDER BY staged_ms, task",
-                values![&experiment.0],
-            )?
-            .iter()
-            .map(|row| {
-                let upload = from_payload(&row.bytes(0)?).map_err(|error| {
-                    DbError::Corrupt(format!("a staged upload's header: {error}"))
-                })?;
-                let refusal = match row.opt_text(3)? {
-                    Some(name) => Some((
-                        RejectReason::from_name(&name).ok_or_else(|| {
-                            DbError::Corrupt(format!("unknown refusal reason {name:?}"))
-                        })?,
-                        row.opt_text(4)?.unwrap_or_default(),
-                    )),
-                    None => None,
-                };
-                Ok(StagedUpload {
-                    upload,
-                    body: row.opt_bytes(1)?,
-                    refusal,
-                    node: row.text(2)?,
-                })
+    /// Claims `task`'s upload (of `hash`, in `round`) for `node` until `expires_ms`: taken
+    /// when nobody holds the task, or when the last claim is undecided and expired at `now_ms`
+    /// (a node that died while receiving). Committed on its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn claim_upload(
+        &mut self,
+        experiment: &ExperimentId,
+        task: TaskId,
+        round: RoundId,
+        hash: tributary_shared::BlobHash,
+        node: &str,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<Claim, DbError> {
+        let (task, round) = (to_i64(task.0, "task")?, to_i64(round.0, "round")?);
+        let (now_ms, expires_ms) = (to_i64(now_ms, "time")?, to_i64(expires_ms, "time")?);
+        self.atomically(|conn| {
+            let claimed = conn.execute(
+                "INSERT INTO upload_claims (experiment, task, round, hash, node, decided, expires_ms)
+                 VALUES ($1, $2, $3, $4, $5, 0, $6)
+                 ON CONFLICT (experiment, task) DO UPDATE
+                 SET round = excluded.round, hash = excluded.hash, node = excluded.node,
+                     expires_ms = excluded.expires_ms
+                 WHERE upload_claims.decided = 0 AND upload_claims.expires_ms < $7",
+                values![&experiment.0, task, round, &hash.0, node, expires_ms, now_ms],
+            )?;
+            if claimed == 1 {
+                return Ok(Claim::Taken);
+            }
+            let decided = conn
+                .query_opt(
+                    "SELECT decided FROM upload_claims WHERE experiment = $1 AND task = $2",
+                    values![&experiment.0, task],
+                )?
+                .map(|row| row.int(0))
+                .transpose()?;
+            Ok(match decided {
+                Some(0) => Claim::Receiving,
+                Some(_) => Claim::Decided,
+                // Removed in between (its round closed): the caller's header check said open.
+                None => Claim::Receiving,
             })
-            .collect()
+        })
     }
 
-    /// Deletes the staged upload of `task` with `hash` (in the open batch, with the decision on
-    /// it); whether there was one to delete.
-    pub fn unstage_upload(
+    /// Gives up `node`'s undecided claim on `task` for `hash` (its own failure: the trainer
+    /// may send the upload again). Committed on its own.
+    pub fn release_claim(
         &mut self,
         experiment: &ExperimentId,
         task: TaskId,
         hash: tributary_shared::BlobHash,
-    ) -> Result<bool, DbError> {
+        node: &str,
+    ) -> Result<(), DbError> {
         let task = to_i64(task.0, "task")?;
+        self.atomically(|conn| {
+            conn.execute(
+                "DELETE FROM upload_claims WHERE experiment = $1 AND task = $2 AND hash = $3
+                 AND node = $4 AND decided = 0",
+                values![&experiment.0, task, &hash.0, node],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The keys (task, hash) of the uploads staged for `experiment`, oldest first.
+    pub fn staged_keys(
+        &self,
+        experiment: &ExperimentId,
+    ) -> Result<Vec<(TaskId, tributary_shared::BlobHash)>, DbError> {
+        self.conn()
+            .query(
+                "SELECT task, hash FROM staged_uploads WHERE experiment = $1
+                 ORDER BY staged_ms, task",
+                values![&experiment.0],
+            )?
+            .iter()
+            .map(|row| {
+                let task = u64::try_from(row.int(0)?)
+                    .map_err(|_| DbError::Corrupt("a negative staged task".into()))?;
+                let hash = row.bytes(1)?;
+                let hash = <[u8; 32]>::try_from(hash.as_slice())
+                    .map_err(|_| DbError::Corrupt("a staged hash is not 32 bytes".into()))?;
+                Ok((TaskId(task), tributary_shared::BlobHash(hash)))
+            })
+            .collect()
+    }
+
+    /// The upload staged for `task` with `hash`: `None` when there is none (decided since),
+    /// `Some(Err)` when its row cannot be read back (the reason), for the leader to decide as
+    /// lost.
+    pub fn staged_upload(
+        &self,
+        experiment: &ExperimentId,
+        task: TaskId,
+        hash: tributary_shared::BlobHash,
+    ) -> Result<Option<Result<StagedUpload, String>>, DbError> {
+        let row = self.conn().query_opt(
+            "SELECT signed_header, body, node, refusal_reason, refusal_detail
+             FROM staged_uploads WHERE experiment = $1 AND task = $2 AND hash = $3",
+            values![&experiment.0, to_i64(task.0, "task")?, &hash.0],
+        )?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let upload: UploadHeader = match from_payload(&row.bytes(0)?) {
+            Ok(upload) => upload,
+            Err(error) => return Ok(Some(Err(format!("its header: {error}")))),
+        };
+        if upload.header.task != task || upload.header.hash != hash {
+            return Ok(Some(Err("its header names another task or hash".into())));
+        }
+        let refusal = match row.opt_text(3)? {
+            Some(name) => match RejectReason::from_name(&name) {
+                Some(reason) => Some((reason, row.opt_text(4)?.unwrap_or_default())),
+                None => return Ok(Some(Err(format!("unknown refusal reason {name:?}")))),
+            },
+            None => None,
+        };
+        Ok(Some(Ok(StagedUpload {
+            upload,
+            body: row.opt_bytes(1)?,
+            refusal,
+            node: row.text(2)?,
+        })))
+    }
+
+    /// The uploads staged for `experiment`, oldest first (rows that cannot be read back are
+    /// left out).
+    pub fn staged_uploads(&self, experiment: &ExperimentId) -> Result<Vec<StagedUpload>, DbError> {
+        let mut out = Vec::new();
+        for (task, hash) in self.staged_keys(experiment)? {
+            if let Some(Ok(staged)) = self.staged_upload(experiment, task, hash)? {
+                out.push(staged);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the staged upload of `task` (in `round`) with `hash` and leaves the task's claim
+    /// decided (in the open batch, with the decision on it); whether there was one to delete.
+    pub fn unstage_upload(
+        &mut self,
+        experiment: &ExperimentId,
+        task: TaskId,
+        round: RoundId,
+        hash: tributary_shared::BlobHash,
+    ) -> Result<bool, DbError> {
+        let (task, round) = (to_i64(task.0, "task")?, to_i64(round.0, "round")?);
         self.atomically(|conn| {
             let deleted = conn.execute(
                 "DELETE FROM staged_uploads WHERE experiment = $1 AND task = $2 AND hash = $3",
                 values![&experiment.0, task, &hash.0],
             )?;
+            if deleted == 1 {
+                conn.execute(
+                    "INSERT INTO upload_claims (experiment, task, round, hash, node, decided,
+                     expires_ms) VALUES ($1, $2, $3, $4, '', 1, 0)
+                     ON CONFLICT (experiment, task) DO UPDATE SET decided = 1",
+                    values![&experiment.0, task, round, &hash.0],
+                )?;
+            }
             Ok(deleted == 1)
         })
     }
@@ -288,17 +432,81 @@ mod tests {
             .unwrap()
             .is_empty());
 
+        assert_eq!(
+            db.staged_keys(&id).unwrap(),
+            vec![
+                (TaskId(1), passed.upload.header.hash),
+                (TaskId(2), refused.upload.header.hash)
+            ]
+        );
+        // A row that does not decode is reported as such, not as an error of the whole read.
+        let garbled = StagedUpload {
+            upload: upload(&alice, 4, b"four"),
+            body: None,
+            refusal: None,
+            node: "b".into(),
+        };
+        assert!(db.stage_upload(&garbled, 13).unwrap());
+        db.conn()
+            .execute(
+                "UPDATE staged_uploads SET signed_header = $1 WHERE task = 4",
+                values![&b"not a header"[..]],
+            )
+            .unwrap();
+        let four = garbled.upload.header.hash;
+        assert!(matches!(
+            db.staged_upload(&id, TaskId(4), four).unwrap(),
+            Some(Err(_))
+        ));
+        assert_eq!(db.staged_uploads(&id).unwrap().len(), 2);
+        assert!(db.unstage_upload(&id, TaskId(4), RoundId(0), four).unwrap());
+        assert!(db.staged_upload(&id, TaskId(4), four).unwrap().is_none());
+
         let one = passed.upload.header.hash;
         assert!(!db
-            .unstage_upload(&id, TaskId(1), BlobHash([0; 32]))
+            .unstage_upload(&id, TaskId(1), RoundId(0), BlobHash([0; 32]))
             .unwrap());
-        assert!(db.unstage_upload(&id, TaskId(1), one).unwrap());
+        assert!(db.unstage_upload(&id, TaskId(1), RoundId(0), one).unwrap());
         assert!(
-            !db.unstage_upload(&id, TaskId(1), one).unwrap(),
+            !db.unstage_upload(&id, TaskId(1), RoundId(0), one).unwrap(),
             "decided once"
         );
         assert_eq!(db.staged_uploads(&id).unwrap(), vec![refused]);
         assert_eq!(standing(db, 1, &alice, 0), TaskStanding::Open);
+
+        // Claims: one receiver per task; a dead receiver's claim expires; a decided upload's
+        // claim never does (until its round closes); a node's own failure releases it.
+        let claim = |db: &mut Db, task: u64, hash: u8, node: &str, now: u64| {
+            db.claim_upload(
+                &id,
+                TaskId(task),
+                RoundId(0),
+                BlobHash([hash; 32]),
+                node,
+                now,
+                now + 100,
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            claim(db, 1, 1, "b", 0),
+            Claim::Decided,
+            "task 1 was decided"
+        );
+        assert_eq!(claim(db, 1, 1, "b", 1_000), Claim::Decided, "for good");
+        assert_eq!(claim(db, 3, 1, "b", 0), Claim::Taken);
+        assert_eq!(claim(db, 3, 2, "c", 50), Claim::Receiving);
+        assert_eq!(claim(db, 3, 2, "c", 101), Claim::Taken, "b's claim expired");
+        db.release_claim(&id, TaskId(3), BlobHash([1; 32]), "b")
+            .unwrap();
+        assert_eq!(
+            claim(db, 3, 1, "b", 102),
+            Claim::Receiving,
+            "not b's any more"
+        );
+        db.release_claim(&id, TaskId(3), BlobHash([2; 32]), "c")
+            .unwrap();
+        assert_eq!(claim(db, 3, 1, "b", 102), Claim::Taken, "released");
         db.conn()
             .execute(
                 "UPDATE rounds SET closed = 1 WHERE experiment = $1",

@@ -89,16 +89,28 @@ struct Stores {
 fn stores() -> &'static Stores {
     static STORES: std::sync::OnceLock<Stores> = std::sync::OnceLock::new();
     STORES.get_or_init(|| {
-        let garage =
-            tributary_coordinator::store::test_garage::TestGarage::start().expect("Garage starts");
+        // The servers die with the thread that started them (`setpriv --pdeathsig`), and a
+        // test's thread ends with its test: start them on a thread that lives as long as the
+        // binary, or the first cluster test to end would stop them under the others.
+        let (started, servers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let garage = tributary_coordinator::store::test_garage::TestGarage::start()
+                .expect("Garage starts");
+            let postgres = tributary_coordinator::store::test_postgres::TestPostgres::start()
+                .expect("PostgreSQL starts");
+            let _ = started.send((postgres, garage));
+            loop {
+                std::thread::park();
+            }
+        });
+        let (postgres, garage) = servers.recv().expect("the test servers start");
         // Every node of every cluster in this binary reads its object-store settings from the
         // process environment, as `serve` does.
         for (key, value) in garage.env() {
             std::env::set_var(key, value);
         }
         Stores {
-            postgres: tributary_coordinator::store::test_postgres::TestPostgres::start()
-                .expect("PostgreSQL starts"),
+            postgres,
             garage,
             clusters: Default::default(),
         }
