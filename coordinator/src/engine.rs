@@ -513,8 +513,9 @@ impl Refusal {
 
 /// Longest refusal detail kept, in characters.
 pub const MAX_DETAIL_CHARS: usize = 200;
-/// How long a trainer repeating an upload still in flight is told to wait, in milliseconds.
-pub const REPEAT_RETRY_MS: u32 = 1_000;
+/// How long a trainer repeating an upload still in flight is told to wait, in milliseconds:
+/// long enough that a slow first copy is not chased by a copy a second.
+pub const REPEAT_RETRY_MS: u32 = 30_000;
 /// Refusals recorded (in the ledger and the database) per round; later ones are only counted.
 pub const MAX_RECORDED_REFUSALS_PER_ROUND: usize = 256;
 /// Refusals recorded per trainer per round; later ones are only counted.

@@ -788,6 +788,7 @@ fn standby_relay(
             inputs.metrics.clone(),
         )),
         server_certificate: certificate,
+        strikes: Default::default(),
     }))
 }
 

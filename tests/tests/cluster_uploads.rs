@@ -135,7 +135,7 @@ async fn standby_nodes_stage_uploads_and_the_leader_decides_on_them() {
 
 /// A standby takes at most one body for a task: once the leader decided the task's staged
 /// upload, another upload for it is refused before its body is read, and a trainer that keeps
-/// sending refusable uploads loses its uploads-only connection.
+/// sending refusable uploads is refused at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_one_body_per_task() {
     use tributary_shared::wire::{ClientMessage, SubmissionHeader, TrainMetrics};
@@ -217,35 +217,27 @@ async fn a_standby_takes_one_body_per_task() {
     let taken = bytes_in().await;
     assert!(taken >= junk.len() as u64, "{taken}");
 
-    // Other bytes for the decided task: refused before the body is read, again and again,
-    // until the standby closes the connection.
-    let (mut closed, mut refused_here) = (false, 0);
+    // Other bytes for the decided task: refused before the body is read. Each refusal here is
+    // a strike (the junk was the leader's to refuse, so none); after `MAX_STRIKES` the trainer
+    // is refused at once, as busy, on this connection and at the hello of a new one.
     for attempt in 0..tributary_coordinator::net::relay::MAX_STRIKES + 1 {
         let other = vec![attempt as u8; 600];
-        if uploads.upload(&signed(&other), &other, None).await.is_err() {
-            closed = true;
-            break;
-        }
-        match answer(&mut uploads).await {
-            Ok(Some(ServerMessage::SubmissionRejected { reason, .. })) => {
-                assert_eq!(reason, RejectReason::Replay);
-                refused_here += 1;
-            }
-            Ok(other) => panic!("{other:?}"),
-            Err(_) => {
-                closed = true;
-                break;
-            }
-        }
+        uploads.upload(&signed(&other), &other, None).await.unwrap();
+        let reason = match answer(&mut uploads).await.unwrap() {
+            Some(ServerMessage::SubmissionRejected { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        let expected = if attempt < tributary_coordinator::net::relay::MAX_STRIKES {
+            RejectReason::Replay
+        } else {
+            RejectReason::RateLimited
+        };
+        assert_eq!(reason, expected, "upload {attempt}");
     }
-    assert!(
-        closed,
-        "the standby kept a connection refused again and again"
-    );
-    assert!(
-        (1..tributary_coordinator::net::relay::MAX_STRIKES).contains(&refused_here),
-        "{refused_here}"
-    );
+    match Session::connect_for_uploads(&endpoint, standby, &mallory).await {
+        Err(NetError::Refused { reason, .. }) => assert_eq!(reason, RejectReason::RateLimited),
+        other => panic!("a trainer out of strikes was let in: {other:?}"),
+    }
     assert_eq!(bytes_in().await, taken, "a refused upload's body was read");
     running.shutdown().await.unwrap();
 }

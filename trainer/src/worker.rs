@@ -130,12 +130,22 @@ const MIN_UPLOAD_RETRY: Duration = Duration::from_millis(250);
 /// Longest wait before an upload is sent again.
 const MAX_UPLOAD_RETRY: Duration = Duration::from_secs(60);
 
-/// How long an upload of `len` bytes waits for its answer before it is sent again (an
-/// acknowledgement lost, a standby's staged copy the leader could not read): longer than the
-/// coordinator allows the body to take, so a slow upload is not sent twice. The coordinator
-/// answers a repeat of what it has without counting it against the trainer.
+/// How long an upload of `len` bytes, once sent, waits for its answer before it is sent again
+/// (an acknowledgement lost, a standby's staged copy the leader could not read): longer than
+/// the coordinator's queue wait plus the time it allows the body. While a send is still under
+/// way nothing is sent again. The coordinator answers a repeat of what it has without counting
+/// it against the trainer.
 fn answer_wait(len: usize) -> Duration {
     Duration::from_secs(120) + Duration::from_secs(len as u64 / (64 * 1024))
+}
+
+/// Clears the "send under way" flag when a send task ends, however it ends.
+struct SendDone(Arc<AtomicBool>);
+
+impl Drop for SendDone {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Full duty (compute all the time), in millionths.
@@ -160,6 +170,7 @@ pub async fn run(
         coordinator: tributary_shared::CertificateHash::default(),
         upload_retry: None,
         upload_attempts: 0,
+        sending: Arc::new(AtomicBool::new(false)),
         jobs: Jobs::default(),
         eval_queue: VecDeque::new(),
         previous_start: None,
@@ -248,6 +259,8 @@ struct Worker {
     upload_retry: Option<Instant>,
     /// Times the pending upload was sent.
     upload_attempts: u32,
+    /// True while a send of the pending upload is under way.
+    sending: Arc<AtomicBool>,
     /// Work in progress (it survives a reconnect).
     jobs: Jobs,
     /// Evaluation tasks received while another was running.
@@ -422,9 +435,16 @@ impl Worker {
                 }
                 _ = or_pending(self.upload_retry.map(|at| tokio::time::sleep_until(at.into()))),
                     if self.upload_retry.is_some() => {
-                    tracing::info!("sending the deferred upload again");
                     self.upload_retry = None;
-                    self.send_pending(session);
+                    if self.sending.load(Ordering::Relaxed) {
+                        // The last send is still under way: its answer may yet come.
+                        if let Some((_, _, body)) = &self.pending {
+                            self.schedule_upload_retry(answer_wait(body.len()));
+                        }
+                    } else {
+                        tracing::info!("sending the unanswered upload again");
+                        self.send_pending(session);
+                    }
                 }
             }
         }
@@ -558,6 +578,15 @@ impl Worker {
                 self.eval_queue.retain(|spec| spec.task != task);
             }
             ServerMessage::RoundClosed { round, adapter } => {
+                // Its round is over: an upload still unanswered was not counted and cannot be.
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(_, header, _)| header.header.round <= round)
+                {
+                    self.pending = None;
+                    self.upload_retry = None;
+                }
                 tracing::info!(round = round.0, %adapter, "round closed");
             }
             ServerMessage::Evaluate(spec) => {
@@ -608,7 +637,10 @@ impl Worker {
             crate::net::failover::upload_node(&self.options.coordinators, task, control)
         });
         let (endpoint, identity) = (self.endpoint.clone(), self.options.identity.clone());
+        let sending = self.sending.clone();
+        sending.store(true, Ordering::Relaxed);
         tokio::spawn(async move {
+            let _done = SendDone(sending);
             if let Some(node) = standby {
                 let sent = crate::net::client::upload_to_standby(
                     &endpoint, node, &identity, &header, &body,
@@ -633,7 +665,7 @@ impl Worker {
         });
     }
 
-    /// Sends the pending upload again after `wait`.
+    /// Sends the pending upload again after `wait` (re-armed while a send is under way).
     fn schedule_upload_retry(&mut self, wait: Duration) {
         self.upload_retry = Some(Instant::now() + wait);
     }

@@ -9,9 +9,8 @@
 //! leader. Every limit of the leader's connections applies here too: handshake time, frame
 //! sizes, the upload queue, stream idle time and the body's deadline.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::RecvStream;
 use tokio::sync::mpsc;
@@ -52,6 +51,42 @@ pub struct RelayContext {
     pub uploads: Arc<UploadQueue>,
     /// SHA-256 of the cluster's certificate, which hellos and submissions sign.
     pub server_certificate: [u8; 32],
+    /// Refused uploads per trainer.
+    pub strikes: Strikes,
+}
+
+/// Uploads this node refused per trainer for what they carried, over a window of
+/// [`STRIKE_WINDOW`]: a trainer with [`MAX_STRIKES`] is refused at once, without a database
+/// query or a body, until the window passes (it can still send to the leader, which decides
+/// and records). Counted per trainer, not per connection, since a connection is cheap to make
+/// again.
+#[derive(Debug, Default)]
+pub struct Strikes {
+    by_trainer: Mutex<std::collections::HashMap<TrainerId, (u32, Instant)>>,
+}
+
+impl Strikes {
+    /// Counts one refusal of `trainer` at `now`.
+    pub fn strike(&self, trainer: TrainerId, now: Instant) {
+        let mut by_trainer = self.by_trainer.lock().unwrap_or_else(|p| p.into_inner());
+        if by_trainer.len() >= MAX_STRUCK_TRAINERS {
+            by_trainer
+                .retain(|_, (_, since)| now.saturating_duration_since(*since) < STRIKE_WINDOW);
+        }
+        let entry = by_trainer.entry(trainer).or_insert((0, now));
+        if now.saturating_duration_since(entry.1) >= STRIKE_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
+
+    /// Whether `trainer` has used up its refusals at `now`.
+    pub fn struck_out(&self, trainer: TrainerId, now: Instant) -> bool {
+        let by_trainer = self.by_trainer.lock().unwrap_or_else(|p| p.into_inner());
+        by_trainer.get(&trainer).is_some_and(|(count, since)| {
+            *count >= MAX_STRIKES && now.saturating_duration_since(*since) < STRIKE_WINDOW
+        })
+    }
 }
 
 impl std::fmt::Debug for RelayContext {
@@ -133,6 +168,14 @@ async fn serve(
         )),
         Err(refusal) => Err(refusal),
     };
+    let checked = checked.and_then(|hello| {
+        if context.strikes.struck_out(hello.trainer, Instant::now()) {
+            context.metrics.count_limit("relay_strikes");
+            Err(struck_out())
+        } else {
+            Ok(hello)
+        }
+    });
     let hello = match checked {
         Ok(hello) => hello,
         Err(refusal) => {
@@ -165,7 +208,6 @@ async fn serve(
             }
         }
     });
-    let strikes = Arc::new(AtomicU32::new(0));
     // The trainer sends nothing on the control stream here; it ends the session by closing.
     let result = loop {
         tokio::select! {
@@ -178,8 +220,7 @@ async fn serve(
             }
             stream = connection.accept_uni() => match stream {
                 Ok(stream) => {
-                    let peer = Peer { trainer, connection: connection.clone(), strikes: strikes.clone() };
-                    tokio::spawn(stage_upload(context.clone(), peer, stream, outbox.clone()));
+                    tokio::spawn(stage_upload(context.clone(), trainer, stream, outbox.clone()));
                 }
                 Err(error) => break Err(error.to_string()),
             },
@@ -189,21 +230,13 @@ async fn serve(
     result
 }
 
-/// The trainer on an uploads-only connection, and the refusals its uploads got here.
-struct Peer {
-    trainer: TrainerId,
-    connection: quinn::Connection,
-    strikes: Arc<AtomicU32>,
-}
-
 /// Receives, checks and stages one upload; answers on `outbox`.
 async fn stage_upload(
     context: Arc<RelayContext>,
-    peer: Peer,
+    trainer: TrainerId,
     mut stream: RecvStream,
     outbox: mpsc::Sender<ServerMessage>,
 ) {
-    let trainer = peer.trainer;
     let mut decoder = FrameDecoder::new(context.limits.max_client_frame);
     let header = tokio::time::timeout(
         context.limits.handshake_timeout,
@@ -215,7 +248,7 @@ async fn stage_upload(
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             let refusal = Refusal::new(RejectReason::Malformed, format!("upload header: {error}"));
-            let message = refuse_here(&context, &peer, &mut stream, refusal, TaskId(0), None);
+            let message = refuse_here(&context, trainer, &mut stream, refusal, TaskId(0), None);
             let _ = outbox.try_send(message);
             return;
         }
@@ -225,6 +258,19 @@ async fn stage_upload(
         }
     };
     let (task, hash) = (upload.header.task, upload.header.hash);
+    if context.strikes.struck_out(trainer, Instant::now()) {
+        context.metrics.count_limit("relay_strikes");
+        let message = refuse_here(
+            &context,
+            trainer,
+            &mut stream,
+            struck_out(),
+            task,
+            Some(hash),
+        );
+        let _ = outbox.try_send(message);
+        return;
+    }
     // The signature first: it costs no database query.
     let signed = verify_submission(&upload)
         .map_err(|error| Refusal::new(RejectReason::BadSignature, error.to_string()));
@@ -235,15 +281,15 @@ async fn stage_upload(
     let message = match checked {
         // Refused before the upload is known to be signed by this trainer for its own open
         // task: answered here, counted, never staged (a stranger must not hold another
-        // trainer's task). The trainer sends it to the leader, which records the refusal.
-        Err(refusal) => refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash)),
+        // trainer's task). The trainer may send it to the leader, which decides and records.
+        Err(refusal) => refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash)),
         Ok(ticket) => match claim_and_check_body(&context, &ticket, &mut stream, decoder).await {
-            // Refused before taking the body, or our own failure (busy, storage) while taking
-            // it: the task stays open and the trainer sends the upload again.
+            // Refused before taking the body (the task's claim is another node's, or decided),
+            // or our own failure (busy, storage) while taking it: answered here, not staged.
             Err(refusal)
                 if refusal.is_coordinator_fault() || refusal.reason == RejectReason::Replay =>
             {
-                refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
+                refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash))
             }
             checked => {
                 let (body, refusal) = match checked {
@@ -271,11 +317,11 @@ async fn stage_upload(
                             RejectReason::Replay,
                             format!("an upload for task {task} is staged already"),
                         );
-                        refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
+                        refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash))
                     }
+                    // The claim stays until it expires; the trainer sends to the leader meanwhile.
                     Err(refusal) => {
-                        release_claim(&context, task, hash).await;
-                        refuse_here(&context, &peer, &mut stream, refusal, task, Some(hash))
+                        refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash))
                     }
                 }
             }
@@ -286,11 +332,11 @@ async fn stage_upload(
 
 /// A refusal this node answers itself: counted and logged, not recorded. The leader never sees
 /// this upload, so there is no decision to record: a trainer that wants its delta counted sends
-/// it to the leader, whose decision is recorded in the ledger. A connection whose uploads are
-/// refused [`MAX_STRIKES`] times for what they carry is closed.
+/// it to the leader, whose decision is recorded in the ledger. A refusal that is not this
+/// node's own failure is a strike against the trainer ([`Strikes`]).
 fn refuse_here(
     context: &RelayContext,
-    peer: &Peer,
+    trainer: TrainerId,
     stream: &mut RecvStream,
     refusal: Refusal,
     task: TaskId,
@@ -298,17 +344,20 @@ fn refuse_here(
 ) -> ServerMessage {
     let _ = stream.stop(quinn::VarInt::from_u32(1));
     context.metrics.count_rejection(refusal.reason);
-    let trainer = peer.trainer;
     tracing::info!(%trainer, %task, reason = %refusal.reason, detail = %refusal.detail, "upload not staged");
-    if !refusal.is_coordinator_fault()
-        && peer.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_STRIKES
-    {
-        context.metrics.count_limit("relay_refusals");
-        tracing::info!(%trainer, "closing an uploads-only connection after repeated refusals");
-        peer.connection
-            .close(quinn::VarInt::from_u32(3), b"too many refused uploads");
+    if !refusal.is_coordinator_fault() {
+        context.strikes.strike(trainer, Instant::now());
     }
     refusal.message(task, hash)
+}
+
+/// The refusal of a trainer out of strikes: busy, as far as it is concerned, so an honest one
+/// sends to the leader.
+fn struck_out() -> Refusal {
+    Refusal::new(
+        RejectReason::RateLimited,
+        "too many uploads refused here; send to the leader or try again later",
+    )
 }
 
 /// Claims the task's upload ([`Db::claim_upload`]) and takes the body ([`check_body`]); a
@@ -321,7 +370,7 @@ async fn claim_and_check_body(
     decoder: FrameDecoder,
 ) -> Result<Option<Vec<u8>>, Refusal> {
     let now = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
-    let lifetime = body_allowance(ticket.byte_len) + CLAIM_MARGIN;
+    let lifetime = context.uploads.max_wait() + body_allowance(ticket.byte_len) + CLAIM_MARGIN;
     let expires = now.saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
     let (experiment, node) = (context.config.experiment.clone(), context.node.clone());
     let (task, round, hash) = (ticket.task, ticket.round, ticket.hash);
@@ -346,17 +395,22 @@ async fn claim_and_check_body(
     }
     let checked = check_body(context, ticket, stream, decoder).await;
     if matches!(&checked, Err(refusal) if refusal.is_coordinator_fault()) {
-        release_claim(context, task, hash).await;
+        release_claim(context, task, hash, expires).await;
     }
     checked
 }
 
-/// Gives up this node's claim on `task` (logged when the database refuses: the claim then
-/// expires by itself).
-async fn release_claim(context: &RelayContext, task: TaskId, hash: tributary_shared::BlobHash) {
+/// Gives up this node's claim on `task` (the one that expires at `expires`; logged when the
+/// database refuses: the claim then expires by itself).
+async fn release_claim(
+    context: &RelayContext,
+    task: TaskId,
+    hash: tributary_shared::BlobHash,
+    expires: u64,
+) {
     let (experiment, node) = (context.config.experiment.clone(), context.node.clone());
     let released = on_db(context, move |db| {
-        db.release_claim(&experiment, task, hash, &node)
+        db.release_claim(&experiment, task, hash, &node, expires)
     })
     .await;
     if let Err(refusal) = released {
@@ -495,12 +549,20 @@ async fn check_header(
     })
 }
 
-/// Refused uploads (for what they carry, not for this node's state) after which an
-/// uploads-only connection is closed. An honest trainer sends one upload per task.
+/// Refused uploads (not for this node's own failures) after which a trainer's uploads are
+/// refused here at once for the rest of [`STRIKE_WINDOW`]. An honest trainer sends one upload
+/// per task; a repeat after a lost answer may be refused here once.
 pub const MAX_STRIKES: u32 = 8;
 
-/// How long a claim outlives the longest its body may take to arrive: the wait for a slot in
-/// the upload queue and the database's writes.
+/// How long a trainer's strikes count.
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Trainers with strikes above which the expired ones are forgotten.
+const MAX_STRUCK_TRAINERS: usize = 65_536;
+
+/// How long a claim outlives the wait for a slot in the upload queue plus the longest its body
+/// may take to arrive: decoding, the blob store's and the database's writes, and the nodes'
+/// clocks disagreeing (the claim's expiry is the claimant's clock, read by others).
 const CLAIM_MARGIN: Duration = Duration::from_secs(60);
 
 /// How long the leader waits between reads of the staged uploads.

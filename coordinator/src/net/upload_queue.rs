@@ -93,6 +93,11 @@ impl UploadQueue {
         }
     }
 
+    /// The longest an upload waits for a slot.
+    pub fn max_wait(&self) -> Duration {
+        self.limits.max_wait
+    }
+
     /// Uploads waiting now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)

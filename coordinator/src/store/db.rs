@@ -1187,7 +1187,8 @@ impl Db {
 
     /// Every blob the database refers to, in every experiment: initial adapters, each round's
     /// starting adapter, ledger entries' adapters, aggregates, optimizer states and accepted
-    /// deltas, the open round's accepted deltas, recorded adapters, and pinned base models.
+    /// deltas, the open round's accepted deltas, recorded adapters, bodies staged by standby
+    /// nodes for the leader, and pinned base models.
     /// The blob collector keeps exactly these (and whatever is too young to judge).
     pub fn referenced_blobs(&self) -> Result<std::collections::BTreeSet<BlobHash>, DbError> {
         let mut out = std::collections::BTreeSet::new();

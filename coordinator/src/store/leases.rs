@@ -121,14 +121,24 @@ impl Db {
         Ok(updated == 1)
     }
 
-    /// Records that the holder of lease `name` runs `experiment` (committed on its own, and
-    /// only while this node holds the lease when a fence is set).
+    /// Records that the holder of lease `name` runs `experiment`, and drops the uploads staged
+    /// for other experiments with their claims: no leader will read them, and their bodies
+    /// would stay collection roots (committed on its own, and only while this node holds the
+    /// lease when a fence is set).
     pub fn record_led_experiment(&mut self, name: &str, experiment: &str) -> Result<(), DbError> {
         self.atomically(|conn| {
             conn.execute(
                 "INSERT INTO led_experiments (lease, experiment) VALUES ($1, $2)
                  ON CONFLICT (lease) DO UPDATE SET experiment = excluded.experiment",
                 values![name, experiment],
+            )?;
+            conn.execute(
+                "DELETE FROM staged_uploads WHERE experiment <> $1",
+                values![experiment],
+            )?;
+            conn.execute(
+                "DELETE FROM upload_claims WHERE experiment <> $1",
+                values![experiment],
             )?;
             Ok(())
         })
@@ -163,14 +173,46 @@ mod tests {
     use crate::store::db::Location;
 
     fn records_the_led_experiment(db: &mut Db) {
+        let staged = |db: &Db, experiment: &str| {
+            let count = |table: &str| {
+                db.conn()
+                    .query_one(
+                        &format!("SELECT COUNT(*) FROM {table} WHERE experiment = $1"),
+                        values![experiment],
+                    )
+                    .unwrap()
+                    .int(0)
+                    .unwrap()
+            };
+            (count("staged_uploads"), count("upload_claims"))
+        };
+        for (experiment, task) in [("first", 1i64), ("second", 2)] {
+            db.conn()
+                .execute(
+                    "INSERT INTO staged_uploads (experiment, task, round, hash, signed_header,
+                     node, staged_ms) VALUES ($1, $2, 0, $3, $3, 'b', 0)",
+                    values![experiment, task, &[7u8; 32][..]],
+                )
+                .unwrap();
+            db.conn()
+                .execute(
+                    "INSERT INTO upload_claims (experiment, task, round, hash, node, decided,
+                     expires_ms) VALUES ($1, $2, 0, $3, 'b', 0, 0)",
+                    values![experiment, task, &[7u8; 32][..]],
+                )
+                .unwrap();
+        }
         assert_eq!(db.led_experiment(LEADER).unwrap(), None);
         db.record_led_experiment(LEADER, "first").unwrap();
         assert_eq!(db.led_experiment(LEADER).unwrap().as_deref(), Some("first"));
+        assert_eq!(staged(db, "first"), (1, 1), "its own are kept");
+        assert_eq!(staged(db, "second"), (0, 0), "no leader reads the others");
         db.record_led_experiment(LEADER, "second").unwrap();
         assert_eq!(
             db.led_experiment(LEADER).unwrap().as_deref(),
             Some("second")
         );
+        assert_eq!(staged(db, "first"), (0, 0));
         assert_eq!(db.led_experiment("another lease").unwrap(), None);
     }
 

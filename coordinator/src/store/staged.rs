@@ -227,21 +227,23 @@ impl Db {
         })
     }
 
-    /// Gives up `node`'s undecided claim on `task` for `hash` (its own failure: the trainer
-    /// may send the upload again). Committed on its own.
+    /// Gives up `node`'s undecided claim on `task` for `hash`, the one that expires at
+    /// `expires_ms` (its own failure: the trainer may send the upload again). Committed on its
+    /// own.
     pub fn release_claim(
         &mut self,
         experiment: &ExperimentId,
         task: TaskId,
         hash: tributary_shared::BlobHash,
         node: &str,
+        expires_ms: u64,
     ) -> Result<(), DbError> {
-        let task = to_i64(task.0, "task")?;
+        let (task, expires_ms) = (to_i64(task.0, "task")?, to_i64(expires_ms, "time")?);
         self.atomically(|conn| {
             conn.execute(
                 "DELETE FROM upload_claims WHERE experiment = $1 AND task = $2 AND hash = $3
-                 AND node = $4 AND decided = 0",
-                values![&experiment.0, task, &hash.0, node],
+                 AND node = $4 AND expires_ms = $5 AND decided = 0",
+                values![&experiment.0, task, &hash.0, node, expires_ms],
             )?;
             Ok(())
         })
@@ -259,14 +261,20 @@ impl Db {
                 values![&experiment.0],
             )?
             .iter()
-            .map(|row| {
-                let task = u64::try_from(row.int(0)?)
-                    .map_err(|_| DbError::Corrupt("a negative staged task".into()))?;
-                let hash = row.bytes(1)?;
-                let hash = <[u8; 32]>::try_from(hash.as_slice())
-                    .map_err(|_| DbError::Corrupt("a staged hash is not 32 bytes".into()))?;
-                Ok((TaskId(task), tributary_shared::BlobHash(hash)))
+            .filter_map(|row| {
+                // A key that cannot be read cannot be decided by key either: left for the
+                // operator, and it does not hold up the others.
+                let key = (|| {
+                    let task = u64::try_from(row.int(0)?)
+                        .map_err(|_| DbError::Corrupt("a negative staged task".into()))?;
+                    let hash = <[u8; 32]>::try_from(row.bytes(1)?.as_slice())
+                        .map_err(|_| DbError::Corrupt("a staged hash is not 32 bytes".into()))?;
+                    Ok::<_, DbError>((TaskId(task), tributary_shared::BlobHash(hash)))
+                })();
+                key.map_err(|error| tracing::error!(%error, "a staged upload's key is unreadable"))
+                    .ok()
             })
+            .map(Ok)
             .collect()
     }
 
@@ -287,26 +295,32 @@ impl Db {
         let Some(row) = row else {
             return Ok(None);
         };
-        let upload: UploadHeader = match from_payload(&row.bytes(0)?) {
-            Ok(upload) => upload,
-            Err(error) => return Ok(Some(Err(format!("its header: {error}")))),
-        };
-        if upload.header.task != task || upload.header.hash != hash {
-            return Ok(Some(Err("its header names another task or hash".into())));
-        }
-        let refusal = match row.opt_text(3)? {
-            Some(name) => match RejectReason::from_name(&name) {
-                Some(reason) => Some((reason, row.opt_text(4)?.unwrap_or_default())),
-                None => return Ok(Some(Err(format!("unknown refusal reason {name:?}")))),
-            },
-            None => None,
-        };
-        Ok(Some(Ok(StagedUpload {
-            upload,
-            body: row.opt_bytes(1)?,
-            refusal,
-            node: row.text(2)?,
-        })))
+        // Whatever is wrong with the row is its own problem, not the read's.
+        let staged = (|| {
+            let upload: UploadHeader = from_payload(&row.bytes(0)?)
+                .map_err(|error| DbError::Corrupt(format!("its header: {error}")))?;
+            if upload.header.task != task || upload.header.hash != hash {
+                return Err(DbError::Corrupt(
+                    "its header names another task or hash".into(),
+                ));
+            }
+            let refusal = match row.opt_text(3)? {
+                Some(name) => Some((
+                    RejectReason::from_name(&name).ok_or_else(|| {
+                        DbError::Corrupt(format!("unknown refusal reason {name:?}"))
+                    })?,
+                    row.opt_text(4)?.unwrap_or_default(),
+                )),
+                None => None,
+            };
+            Ok(StagedUpload {
+                upload,
+                body: row.opt_bytes(1)?,
+                refusal,
+                node: row.text(2)?,
+            })
+        })();
+        Ok(Some(staged.map_err(|error| error.to_string())))
     }
 
     /// The uploads staged for `experiment`, oldest first (rows that cannot be read back are
@@ -497,14 +511,21 @@ mod tests {
         assert_eq!(claim(db, 3, 1, "b", 0), Claim::Taken);
         assert_eq!(claim(db, 3, 2, "c", 50), Claim::Receiving);
         assert_eq!(claim(db, 3, 2, "c", 101), Claim::Taken, "b's claim expired");
-        db.release_claim(&id, TaskId(3), BlobHash([1; 32]), "b")
+        db.release_claim(&id, TaskId(3), BlobHash([1; 32]), "b", 100)
             .unwrap();
         assert_eq!(
             claim(db, 3, 1, "b", 102),
             Claim::Receiving,
             "not b's any more"
         );
-        db.release_claim(&id, TaskId(3), BlobHash([2; 32]), "c")
+        db.release_claim(&id, TaskId(3), BlobHash([2; 32]), "c", 200)
+            .unwrap();
+        assert_eq!(
+            claim(db, 3, 1, "b", 102),
+            Claim::Receiving,
+            "another claim of c's"
+        );
+        db.release_claim(&id, TaskId(3), BlobHash([2; 32]), "c", 201)
             .unwrap();
         assert_eq!(claim(db, 3, 1, "b", 102), Claim::Taken, "released");
         db.conn()
