@@ -698,25 +698,11 @@ impl Hub {
                 self.engine.handle_upload_finished(now, &ticket, result);
             }
             Command::Staged(staged) => {
-                let (experiment, task, round, hash) = (
-                    self.engine.experiment().clone(),
-                    staged.upload.header.task,
-                    staged.upload.header.round,
-                    staged.upload.header.hash,
-                );
-                // The row goes with the decision, in this wake-up's batch, and only the
-                // hand-over that deletes it decides: one already decided (earlier in this batch,
-                // or committed) deletes nothing, and a failed batch leaves the row to be read
-                // and decided again.
-                match self.db.unstage_upload(&experiment, task, round, hash) {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(error) => {
-                        tracing::error!(%error, %task, "cannot take a staged upload");
-                        return;
-                    }
+                let header = &staged.upload.header;
+                let (task, hash) = (header.task, header.hash);
+                if !self.take_staged(task, header.round, hash) {
+                    return;
                 }
-                Metrics::add(&self.metrics.uploads_unstaged, 1);
                 // Kept until the batch ends whatever the decision: another upload of the same
                 // bytes in this batch may need it.
                 if let Some(body) = staged.body {
@@ -731,16 +717,9 @@ impl Hub {
                 tracing::debug!(%task, hash = %hash.short(), node = %staged.node, taken = taken.is_some(), "staged upload decided");
             }
             Command::StagedUnreadable { task, hash, reason } => {
-                let (experiment, round) = (self.engine.experiment().clone(), self.engine.round());
-                match self.db.unstage_upload(&experiment, task, round, hash) {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(error) => {
-                        tracing::error!(%error, %task, "cannot take a staged upload");
-                        return;
-                    }
+                if !self.take_staged(task, self.engine.round(), hash) {
+                    return;
                 }
-                Metrics::add(&self.metrics.uploads_unstaged, 1);
                 tracing::error!(%task, hash = %hash.short(), %reason, "a staged upload cannot be read back");
                 // Whose it was is unreadable too: the refusal names no trainer, and the
                 // trainer, unanswered, sends its upload again to the leader.
@@ -825,6 +804,25 @@ impl Hub {
                 }
                 Err(DeriveFailure::Transient(detail)) => self.retry_derive(now, round, detail),
             },
+        }
+    }
+
+    /// Takes a staged upload off the table, and marks its task's claim decided, in this
+    /// wake-up's batch: whether this hand-over decides it. Only the hand-over whose delete
+    /// removes the row decides, so one already decided (earlier in this batch, or committed)
+    /// is not decided again, and a failed batch leaves the row to be read and decided again.
+    fn take_staged(&mut self, task: TaskId, round: RoundId, hash: BlobHash) -> bool {
+        let experiment = self.engine.experiment().clone();
+        match self.db.unstage_upload(&experiment, task, round, hash) {
+            Ok(true) => {
+                Metrics::add(&self.metrics.uploads_unstaged, 1);
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                tracing::error!(%error, %task, "cannot take a staged upload");
+                false
+            }
         }
     }
 
