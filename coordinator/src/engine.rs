@@ -912,6 +912,22 @@ impl Engine {
             return;
         }
         self.set_connected(trainer, true);
+        // A delta of this round counted while the trainer was away (its acknowledgement went
+        // to a closed connection, or a standby staged it meanwhile) is acknowledged again, so
+        // the trainer stops waiting for the answer.
+        let counted =
+            self.task_of
+                .get(&trainer)
+                .and_then(|task| match self.tasks.get(task)?.status {
+                    TaskStatus::Accepted(hash) => Some((*task, hash)),
+                    _ => None,
+                });
+        if let Some((task, hash)) = counted {
+            self.actions.push_back(Action::Send {
+                trainer,
+                message: ServerMessage::SubmissionAccepted { task, hash },
+            });
+        }
         // Evaluations first: even after the last round, a trainer that joins may still score
         // the final adapter before it hears that the experiment is over. One still assigned to
         // it (its old connection was replaced before it was seen to leave) is sent again: the
@@ -3303,6 +3319,35 @@ mod tests {
     }
 
     #[test]
+    fn a_trainer_back_from_a_disconnection_hears_its_delta_was_counted() {
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
+        harness.join_all();
+        let tasked = harness.tasked();
+        let (a, b) = (tasked[0], tasked[1]);
+        harness.submit(a).unwrap();
+        assert_eq!(harness.accepted_acks(a), 1);
+        harness
+            .engine
+            .handle_trainer_left(harness.now, harness.id(a));
+        harness.drain();
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(a));
+        harness.drain();
+        assert_eq!(harness.accepted_acks(a), 2, "acknowledged again");
+        // One whose task is still open hears nothing of the kind.
+        harness
+            .engine
+            .handle_trainer_left(harness.now, harness.id(b));
+        harness.drain();
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(b));
+        harness.drain();
+        assert_eq!(harness.accepted_acks(b), 0);
+    }
+
+    #[test]
     fn every_bad_submission_is_refused_with_its_reason() {
         // Spare trainers: each refusal of a trainer's own upload ends its task, and a
         // replacement goes out.
@@ -4466,6 +4511,7 @@ mod tests {
             .engine
             .handle_trainer_joined(harness.now, harness.id(0));
         harness.drain();
+        assert_eq!(harness.accepted_acks(0), 1, "told when it joins");
         let now = harness.now;
         assert_eq!(
             harness
@@ -4474,7 +4520,11 @@ mod tests {
             HeaderDecision::Repeat
         );
         harness.drain();
-        assert_eq!(harness.accepted_acks(0), 1);
+        assert_eq!(
+            harness.accepted_acks(0),
+            2,
+            "and when it sends the upload again"
+        );
         assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
     }
 

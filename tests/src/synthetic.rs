@@ -248,6 +248,7 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         endpoint: endpoint.clone(),
         control_node: None,
         staged: Arc::default(),
+        acknowledged: Default::default(),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
         trainer.options.identity.id().0[..8]
@@ -325,6 +326,8 @@ struct Trainer {
     control_node: Option<SocketAddr>,
     /// Uploads a standby node staged.
     staged: Arc<std::sync::atomic::AtomicU64>,
+    /// Tasks whose delta was acknowledged (a trainer that reconnects hears it again).
+    acknowledged: std::collections::HashSet<tributary_shared::TaskId>,
 }
 
 impl Trainer {
@@ -342,7 +345,10 @@ impl Trainer {
                         .await?;
                     self.do_task(session, &task).await?;
                 }
-                ServerMessage::SubmissionAccepted { .. } => {
+                ServerMessage::SubmissionAccepted { task, .. } => {
+                    if !self.acknowledged.insert(task) {
+                        continue; // said again after a reconnection
+                    }
                     self.report.accepted += 1;
                     // An accepted delta is what a copier could get hold of (published, or from
                     // a colluder).
