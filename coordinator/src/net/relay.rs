@@ -286,12 +286,9 @@ async fn stage_upload(
         Ok(ticket) => match claim_and_check_body(&context, &ticket, &mut stream, decoder).await {
             // Refused before taking the body (the task's claim is another node's, or decided),
             // or our own failure (busy, storage) while taking it: answered here, not staged.
-            Err(refusal)
-                if refusal.is_coordinator_fault() || refusal.reason == RejectReason::Replay =>
-            {
-                refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash))
-            }
-            checked => {
+            Err(refusal) => refuse_here(&context, trainer, &mut stream, refusal, task, Some(hash)),
+            // The body's outcome, passed or refused, is staged for the leader to decide.
+            Ok(checked) => {
                 let (body, refusal) = match checked {
                     Ok(body) => (body, None),
                     Err(refusal) => {
@@ -360,15 +357,16 @@ fn struck_out() -> Refusal {
     )
 }
 
-/// Claims the task's upload ([`Db::claim_upload`]) and takes the body ([`check_body`]); a
-/// claim not taken is refused (busy while another node receives one, a replay once decided),
-/// and our own failure to take the body gives the claim up.
+/// Claims the task's upload ([`Db::claim_upload`]) and takes the body ([`check_body`]). `Ok`
+/// is the body's outcome, passed or refused, to be staged. `Err` is answered here and not
+/// staged: a claim not taken (busy while another node receives one, a replay once decided),
+/// or our own failure to take the body, which gives the claim up.
 async fn claim_and_check_body(
     context: &RelayContext,
     ticket: &UploadTicket,
     stream: &mut RecvStream,
     decoder: FrameDecoder,
-) -> Result<Option<Vec<u8>>, Refusal> {
+) -> Result<Result<Option<Vec<u8>>, Refusal>, Refusal> {
     let now = u64::try_from(crate::net::hub::now_ms()).unwrap_or(0);
     let lifetime = context.uploads.max_wait() + body_allowance(ticket.byte_len) + CLAIM_MARGIN;
     let expires = now.saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
@@ -393,11 +391,13 @@ async fn claim_and_check_body(
             ))
         }
     }
-    let checked = check_body(context, ticket, stream, decoder).await;
-    if matches!(&checked, Err(refusal) if refusal.is_coordinator_fault()) {
-        release_claim(context, task, hash, expires).await;
+    match check_body(context, ticket, stream, decoder).await {
+        Err(refusal) if refusal.is_coordinator_fault() => {
+            release_claim(context, task, hash, expires).await;
+            Err(refusal)
+        }
+        checked => Ok(checked),
     }
-    checked
 }
 
 /// Gives up this node's claim on `task` (the one that expires at `expires`; logged when the
