@@ -1110,6 +1110,18 @@ impl Engine {
             .get_mut(&ticket.task)
             .filter(|state| state.status == TaskStatus::Uploading(ticket.hash));
         let Some(state) = state else {
+            // Another copy of this very upload (staged by a standby) completed the task while
+            // these bytes arrived: nothing to decide, whatever became of them.
+            let completed_by_another_copy = ticket.round == self.round
+                && self.tasks.get(&ticket.task).is_some_and(|state| {
+                    state.trainer == ticket.trainer
+                        && matches!(state.status,
+                            TaskStatus::Persisting(hash) | TaskStatus::Accepted(hash)
+                                if hash == ticket.hash)
+                });
+            if completed_by_another_copy {
+                return;
+            }
             // The round moved on while the bytes arrived: still a refusal to record and report.
             let refusal = result.err().unwrap_or_else(|| {
                 Refusal::new(RejectReason::Late, "the round closed during the upload")
@@ -1201,6 +1213,19 @@ impl Engine {
             upload.header.task,
             upload.header.hash,
         );
+        // The same upload may still be arriving here directly (the trainer sent it to both
+        // nodes, or again after a timeout): the checked, stored copy completes it, so a direct
+        // copy that then breaks off cannot cost the trainer its task.
+        if body_refusal.is_none() {
+            if let Some(ticket) = self.arriving_copy_of(upload) {
+                self.handle_upload_finished(now, &ticket, Ok(()));
+                let persisting = self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|state| state.status == TaskStatus::Persisting(hash));
+                return persisting.then_some(ticket);
+            }
+        }
         match self.handle_submission_header(now, trainer, upload) {
             HeaderDecision::Receive(ticket) => {
                 let passed = body_refusal.is_none();
@@ -1213,6 +1238,26 @@ impl Engine {
             }
             HeaderDecision::Repeat => None,
         }
+    }
+
+    /// The ticket of `upload` when this very upload (the same signed header) is still arriving
+    /// here for its task.
+    fn arriving_copy_of(&self, upload: &UploadHeader) -> Option<UploadTicket> {
+        let header = &upload.header;
+        let state = self.tasks.get(&header.task)?;
+        let arriving = header.round == self.round
+            && state.trainer == header.trainer
+            && state.status == TaskStatus::Uploading(header.hash)
+            && state.header.as_ref() == Some(upload);
+        arriving.then(|| UploadTicket {
+            trainer: header.trainer,
+            round: self.round,
+            task: header.task,
+            hash: header.hash,
+            byte_len: header.byte_len,
+            layout: self.config.layout.clone(),
+            max_abs_value: self.config.max_abs_value,
+        })
     }
 
     /// The driver could not start receiving a ticketed upload now (too many in progress): the
@@ -3251,6 +3296,59 @@ mod tests {
             harness.rejections.last().unwrap().reason,
             RejectReason::NotSelected
         );
+    }
+
+    #[test]
+    fn a_staged_copy_completes_an_upload_still_arriving_directly() {
+        let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
+        harness.join_all();
+        let a = harness.tasked()[0];
+        let task = harness.open_task(a).unwrap();
+        let upload = harness.header(a, &task, b"delta a");
+        let now = harness.now;
+        let direct = harness
+            .engine
+            .handle_submission_header(now, harness.id(a), &upload)
+            .ticket()
+            .unwrap();
+        // A standby staged the same upload, checked and stored, while the direct copy is
+        // still arriving: the staged copy is taken and acknowledged.
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload, None)
+            .is_some());
+        harness.drain();
+        assert_eq!(harness.accepted_acks(a), 1);
+        // The direct copy then breaks off: nothing is recorded and the task stays counted.
+        let truncated = Refusal::new(RejectReason::Interrupted, "the stream ended early");
+        harness
+            .engine
+            .handle_upload_finished(now, &direct, Err(truncated));
+        harness.drain();
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
+        assert_eq!(harness.accepted_acks(a), 1);
+        assert!(!harness.inbox[&harness.id(a)]
+            .iter()
+            .any(|m| matches!(m, ServerMessage::SubmissionRejected { .. })));
+
+        // A staged copy that failed the standby's checks leaves a direct copy to decide.
+        let b = harness.tasked()[1];
+        let task = harness.open_task(b).unwrap();
+        let upload = harness.header(b, &task, b"delta b");
+        let direct = harness
+            .engine
+            .handle_submission_header(now, harness.id(b), &upload)
+            .ticket()
+            .unwrap();
+        let refusal = Refusal::new(RejectReason::LengthMismatch, "the stream ended early");
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload, Some(refusal))
+            .is_none());
+        harness.engine.handle_upload_finished(now, &direct, Ok(()));
+        harness.drain();
+        assert_eq!(harness.accepted_acks(b), 1);
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
     }
 
     #[test]
