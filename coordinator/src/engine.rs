@@ -1213,6 +1213,12 @@ impl Engine {
             upload.header.task,
             upload.header.hash,
         );
+        // A node that took over a round with tasks out collects again at its first input, and
+        // a staged upload (sent while the last leader was gone) may come before any trainer is
+        // back: it would otherwise be refused as late and its honest trainer lose the task.
+        if self.phase == Phase::Gathering && !self.tasks.is_empty() {
+            self.try_start(now, false);
+        }
         // The same upload may still be arriving here directly (the trainer sent it to both
         // nodes, or again after a timeout): the checked, stored copy completes it, so a direct
         // copy that then breaks off cannot cost the trainer its task.
@@ -4574,6 +4580,49 @@ mod tests {
         assert_eq!(harness.closes[0].round, RoundId(3));
         assert_eq!(harness.closes[0].accepted.len(), 2);
         assert_eq!(harness.engine.round(), RoundId(4));
+    }
+
+    #[test]
+    fn a_resumed_round_takes_a_staged_upload_before_any_trainer_is_back() {
+        // A standby staged the delta while no node led; the node that took over reads it
+        // before any trainer has reconnected.
+        let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
+        let body = b"staged during the takeover";
+        let header = SubmissionHeader {
+            experiment: harness.engine.config.experiment.clone(),
+            experiment_uid: harness.engine.config.experiment_uid,
+            coordinator: harness.engine.config.coordinator,
+            round: RoundId(0),
+            task: TaskId(4),
+            trainer: harness.id(0),
+            hash: BlobHash::of(body),
+            byte_len: body.len() as u64,
+            sample_count: 10,
+            metrics: TrainMetrics::default(),
+        };
+        let upload = harness.trainers[0].sign_submission(header).unwrap();
+        let resume = ResumeState {
+            round: RoundId(0),
+            adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+            tasks: vec![(TaskId(4), harness.id(0)), (TaskId(5), harness.id(1))],
+            next_task: TaskId(6),
+            ..ResumeState::default()
+        };
+        harness.engine = Engine::new(harness.engine.config.clone(), resume);
+        let now = harness.now;
+        assert!(harness
+            .engine
+            .handle_staged_upload(now, &upload, None)
+            .is_some());
+        harness.drain();
+        assert!(harness.rejections.is_empty(), "{:?}", harness.rejections);
+        assert_eq!(harness.engine.phase(), Phase::Collecting);
+        // Its trainer, back, hears that the delta was counted.
+        harness
+            .engine
+            .handle_trainer_joined(harness.now, harness.id(0));
+        harness.drain();
+        assert!(harness.accepted_acks(0) >= 1);
     }
 
     #[test]

@@ -224,6 +224,7 @@ pub async fn run_trainers_from(
             evaluate: false,
             leak: None,
             spread_uploads,
+            upload_node: None,
         };
         handles.push(tokio::spawn(synthetic::run(endpoint, options)));
     }

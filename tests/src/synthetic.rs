@@ -173,6 +173,9 @@ pub struct SyntheticOptions {
     /// leader), falling back to the control connection when that node is the one in use or
     /// does not take it.
     pub spread_uploads: bool,
+    /// Send every delta to this node instead (a standby stages it), unless it is the control
+    /// node; falls back as `spread_uploads` does.
+    pub upload_node: Option<SocketAddr>,
 }
 
 /// The synthetic learning problem: the mean squared distance from an adapter to a fixed target
@@ -571,7 +574,13 @@ impl Trainer {
 
     /// The node that takes `upload` when uploads are spread and it is not the control node.
     fn upload_node(&self, upload: &UploadHeader) -> Option<SocketAddr> {
-        let control = self.control_node.filter(|_| self.options.spread_uploads)?;
+        let control = self.control_node?;
+        if let Some(node) = self.options.upload_node {
+            return (node != control).then_some(node);
+        }
+        if !self.options.spread_uploads {
+            return None;
+        }
         tributary_trainer::net::failover::upload_node(
             &self.options.coordinators,
             upload.header.task,

@@ -67,8 +67,8 @@ async fn spawn_coordinator(
     (child, addr.unwrap(), fingerprint.unwrap())
 }
 
-/// Four synthetic trainers of one run. Trainer 0 holds its round-1 upload until `gate` opens;
-/// the others upload at once.
+/// Four synthetic trainers of one run. Trainer 0 holds its round-1 upload until `gate` opens
+/// (and sends it to `held_upload_node` when given); the others upload at once.
 struct Fleet {
     gate: Arc<Gate>,
     handles: Vec<tokio::task::JoinHandle<anyhow::Result<tributary_tests::synthetic::Report>>>,
@@ -77,6 +77,8 @@ struct Fleet {
     /// Every acknowledged delta, and those of round 1.
     acknowledged: BTreeSet<BlobHash>,
     acknowledged_in_round_1: BTreeSet<BlobHash>,
+    /// Deltas of round 1 a standby staged.
+    staged_in_round_1: BTreeSet<BlobHash>,
 }
 
 impl Fleet {
@@ -85,6 +87,7 @@ impl Fleet {
         fingerprint: &str,
         first_seed: u64,
         reconnect_for: Duration,
+        held_upload_node: Option<SocketAddr>,
     ) -> Self {
         let gate = Gate::new(1);
         let (events, received) = mpsc::unbounded_channel();
@@ -97,6 +100,7 @@ impl Fleet {
             if seed == 0 {
                 options.gate = Some(gate.clone());
                 options.hold_round = RoundId(1);
+                options.upload_node = held_upload_node;
             }
             handles.push(spawn_trainer(fingerprint, options));
         }
@@ -107,6 +111,7 @@ impl Fleet {
             round_of_task: Default::default(),
             acknowledged: BTreeSet::new(),
             acknowledged_in_round_1: BTreeSet::new(),
+            staged_in_round_1: BTreeSet::new(),
         }
     }
 
@@ -121,7 +126,26 @@ impl Fleet {
                     self.acknowledged_in_round_1.insert(hash);
                 }
             }
+            ServerMessage::UploadStaged { task, hash } => {
+                if self.round_of_task.get(&task) == Some(&RoundId(1)) {
+                    self.staged_in_round_1.insert(hash);
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// Waits until a standby staged a delta of round 1.
+    async fn staged_in_round_1(&mut self) -> BlobHash {
+        loop {
+            if let Some(hash) = self.staged_in_round_1.first() {
+                return *hash;
+            }
+            let (_, message) = tokio::time::timeout(Duration::from_secs(60), self.received.recv())
+                .await
+                .expect("a standby stages the held delta")
+                .unwrap();
+            self.note(message);
         }
     }
 
@@ -190,7 +214,7 @@ async fn sigkill_mid_round(storage: Storage) {
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
 
-    let mut fleet = Fleet::start(&[addr], &fingerprint, 300, Duration::from_secs(60));
+    let mut fleet = Fleet::start(&[addr], &fingerprint, 300, Duration::from_secs(60), None);
     fleet.three_acknowledged_in_round_1().await;
 
     eprintln!("three acks after {:?}", started.elapsed());
@@ -327,7 +351,7 @@ async fn store_away_mid_round(storage: Storage, mut outage: Outage<'_>) {
     std::fs::write(&experiment, experiment_toml("outage", 3, 4096, 4, 4, 4, 4)).unwrap();
     let (mut child, addr, fingerprint) =
         spawn_coordinator(&data_dir, &experiment, "127.0.0.1:0", &storage).await;
-    let mut fleet = Fleet::start(&[addr], &fingerprint, 400, Duration::from_secs(90));
+    let mut fleet = Fleet::start(&[addr], &fingerprint, 400, Duration::from_secs(90), None);
     fleet.three_acknowledged_in_round_1().await;
     outage.stop();
     fleet.gate.arrive();
@@ -475,7 +499,8 @@ enum KillLeader {
     MidAggregation,
     /// Not killed: frozen (SIGSTOP) mid-round for three lease durations, then let go. It
     /// must find itself deposed and step down, and none of its writes after the takeover
-    /// may land (the fencing token).
+    /// may land (the fencing token). While it is frozen, the round's last delta goes to a
+    /// standby, which stages it: the new leader must take it over from the staged row.
     Frozen,
 }
 
@@ -543,7 +568,14 @@ async fn leader_killed(when: KillLeader) {
     }
 
     let nodes = [a.addr, b.addr, c.addr];
-    let mut fleet = Fleet::start(&nodes, &fingerprint, 500, Duration::from_secs(60));
+    let held_upload_node = (when == KillLeader::Frozen).then_some(c.addr);
+    let mut fleet = Fleet::start(
+        &nodes,
+        &fingerprint,
+        500,
+        Duration::from_secs(60),
+        held_upload_node,
+    );
     fleet.three_acknowledged_in_round_1().await;
     if when == KillLeader::MidAggregation {
         fleet.gate.arrive();
@@ -554,12 +586,15 @@ async fn leader_killed(when: KillLeader) {
         a.wait_for(&["closing round", "round=1"], Duration::from_secs(60))
             .await;
     }
+    let killed = std::time::Instant::now();
+    let mut staged = None;
     if when == KillLeader::Frozen {
         signal(&a.child, "-STOP");
+        fleet.gate.arrive();
+        staged = Some(fleet.staged_in_round_1().await);
     } else {
         a.kill().await;
     }
-    let killed = std::time::Instant::now();
     let leader_is_b = tokio::select! {
         _ = b.wait_for(&["listening on"], Duration::from_secs(30)) => true,
         _ = c.wait_for(&["listening on"], Duration::from_secs(30)) => false,
@@ -588,7 +623,7 @@ async fn leader_killed(when: KillLeader) {
             "EX_TEMPFAIL: restart it to stand by"
         );
     }
-    if when != KillLeader::MidAggregation {
+    if when == KillLeader::MidRound {
         fleet.gate.arrive();
     }
     for report in fleet.finish().await {
@@ -622,7 +657,25 @@ async fn leader_killed(when: KillLeader) {
         fleet.acknowledged.is_subset(&accepted),
         "an acknowledged delta is missing from the ledger"
     );
-    assert_eq!(fleet.acknowledged_in_round_1.len(), 4);
+    match staged {
+        // Staged while the old leader was frozen and decided by the new one from the staged
+        // row. The round may close on it before its trainer is back to hear so.
+        Some(hash) => {
+            let round_1 = ledger
+                .iter()
+                .find(|(_, entry)| entry.round == RoundId(1))
+                .expect("round 1 closed");
+            assert!(
+                round_1.1.accepted.iter().any(|delta| delta.hash == hash),
+                "the staged delta is not in round 1"
+            );
+            assert!(db
+                .staged_uploads(&ExperimentId(name.into()))
+                .unwrap()
+                .is_empty());
+        }
+        None => assert_eq!(fleet.acknowledged_in_round_1.len(), 4),
+    }
     let stdout = verify(&data_dir, &storage);
     assert!(stdout.contains("3 rounds re-derived"), "{stdout}");
 }

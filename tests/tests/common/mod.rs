@@ -318,6 +318,7 @@ pub fn options(
         evaluate: false,
         leak: None,
         spread_uploads: false,
+        upload_node: None,
     }
 }
 
