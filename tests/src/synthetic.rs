@@ -251,6 +251,7 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         endpoint: endpoint.clone(),
         control_node: None,
         staged: Arc::default(),
+        standby: crate::client::StandbySessions::default(),
         acknowledged: Default::default(),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
@@ -329,6 +330,8 @@ struct Trainer {
     control_node: Option<SocketAddr>,
     /// Uploads a standby node staged.
     staged: Arc<std::sync::atomic::AtomicU64>,
+    /// Uploads-only sessions to standby nodes, kept open between uploads.
+    standby: crate::client::StandbySessions,
     /// Tasks whose delta was acknowledged (a trainer that reconnects hears it again).
     acknowledged: std::collections::HashSet<tributary_shared::TaskId>,
 }
@@ -600,11 +603,13 @@ impl Trainer {
                 self.options.identity.clone(),
                 self.options.events.clone(),
                 self.staged.clone(),
+                self.standby.clone(),
             )
         });
         tokio::spawn(async move {
-            if let Some((endpoint, node, identity, events, staged)) = relay {
-                match crate::client::upload_to_standby(&endpoint, node, &identity, &header, &body)
+            if let Some((endpoint, node, identity, events, staged, sessions)) = relay {
+                match sessions
+                    .upload(&endpoint, node, &identity, &header, &body)
                     .await
                 {
                     Ok(message) => {

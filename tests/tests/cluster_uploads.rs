@@ -18,7 +18,7 @@ use tributary_trainer::net::NetError;
 async fn standby_nodes_stage_uploads_and_the_leader_decides_on_them() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("leader");
-    let config = parse(&experiment_toml("spread", 3, 1000, 5, 5, 5, 5));
+    let config = parse(&experiment_toml("spread", 6, 1000, 5, 5, 5, 5));
     let running = start_on(Deployment::Cluster, &data_dir, Some(config)).await;
     let nodes = nodes_of(running.addr);
     assert_eq!(nodes.len(), 3);
@@ -107,16 +107,21 @@ async fn standby_nodes_stage_uploads_and_the_leader_decides_on_them() {
             .and_then(|value| value.trim().parse().ok())
             .unwrap_or(0)
     };
-    let mut staged_by_standbys = 0;
+    let (mut staged_by_standbys, mut sessions_on_standbys) = (0, 0);
     for http in standby_http_of(running.addr) {
-        staged_by_standbys += metric(
-            &http_get(http, "/metrics").await,
-            "tributary_uploads_staged_total",
-        );
+        let page = http_get(http, "/metrics").await;
+        staged_by_standbys += metric(&page, "tributary_uploads_staged_total");
+        sessions_on_standbys += metric(&page, "tributary_handshakes_total");
     }
     assert!(
         staged_by_standbys >= staged_uploads.len() as u64,
         "{staged_by_standbys}"
+    );
+    // A trainer keeps its uploads-only session to a standby open between uploads: at most
+    // one each per standby, however many deltas went through.
+    assert!(
+        sessions_on_standbys <= 5 * 2 && staged_by_standbys > sessions_on_standbys,
+        "{sessions_on_standbys} sessions for {staged_by_standbys} staged uploads"
     );
     let leader_page = http_get(running.http_addr.unwrap(), "/metrics").await;
     assert_eq!(

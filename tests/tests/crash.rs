@@ -126,10 +126,10 @@ impl Fleet {
                     self.acknowledged_in_round_1.insert(hash);
                 }
             }
-            ServerMessage::UploadStaged { task, hash } => {
-                if self.round_of_task.get(&task) == Some(&RoundId(1)) {
-                    self.staged_in_round_1.insert(hash);
-                }
+            ServerMessage::UploadStaged { task, hash }
+                if self.round_of_task.get(&task) == Some(&RoundId(1)) =>
+            {
+                self.staged_in_round_1.insert(hash);
             }
             _ => {}
         }

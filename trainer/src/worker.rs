@@ -177,6 +177,7 @@ pub async fn run(
         finish_by: None,
         report: JoinReport::default(),
         endpoint: endpoint.clone(),
+        standby: crate::net::client::StandbySessions::default(),
         control_node: None,
     };
     let mut nodes = crate::net::failover::Coordinators::new(worker.options.coordinators.clone())
@@ -273,6 +274,8 @@ struct Worker {
     report: JoinReport,
     /// For uploads-only sessions to a cluster's standby nodes.
     endpoint: quinn::Endpoint,
+    /// Uploads-only sessions to standby nodes, kept open between uploads.
+    standby: crate::net::client::StandbySessions,
     /// The node of the control session (the leader, in a cluster).
     control_node: Option<std::net::SocketAddr>,
 }
@@ -637,15 +640,15 @@ impl Worker {
             crate::net::failover::upload_node(&self.options.coordinators, task, control)
         });
         let (endpoint, identity) = (self.endpoint.clone(), self.options.identity.clone());
+        let sessions = self.standby.clone();
         let sending = self.sending.clone();
         sending.store(true, Ordering::Relaxed);
         tokio::spawn(async move {
             let _done = SendDone(sending);
             if let Some(node) = standby {
-                let sent = crate::net::client::upload_to_standby(
-                    &endpoint, node, &identity, &header, &body,
-                )
-                .await;
+                let sent = sessions
+                    .upload(&endpoint, node, &identity, &header, &body)
+                    .await;
                 match sent {
                     Ok(ServerMessage::UploadStaged { .. }) => {
                         tracing::debug!(task = task.0, %node, "upload staged by a standby node");

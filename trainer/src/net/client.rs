@@ -12,7 +12,7 @@ use tributary_shared::identity::Identity;
 use tributary_shared::wire::{
     ClientMessage, DownloadRequest, DownloadResponse, ServerMessage, UploadHeader, PROTOCOL_VERSION,
 };
-use tributary_shared::{BlobHash, CertificateHash, ExperimentId, TrainerId};
+use tributary_shared::{BlobHash, CertificateHash, ExperimentId, TaskId, TrainerId};
 
 use super::NetError;
 
@@ -198,31 +198,95 @@ impl Session {
     }
 }
 
-/// Sends `header` and `body` to the standby node at `node` of a cluster on an uploads-only
-/// session and returns its answer: [`ServerMessage::UploadStaged`] (the leader decides and
-/// answers on the control session) or a rejection. Waits at most 10 s for the connection and
-/// 30 s for the answer after the body.
-pub async fn upload_to_standby(
-    endpoint: &quinn::Endpoint,
-    node: SocketAddr,
-    identity: &Identity,
-    header: &UploadHeader,
-    body: &[u8],
-) -> Result<ServerMessage, NetError> {
-    let no_answer = |what: &str| NetError::Protocol(format!("{node}: no answer {what}"));
-    let mut session = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        Session::connect_for_uploads(endpoint, node, identity),
-    )
-    .await
-    .map_err(|_| no_answer("to the connection"))??;
-    session.upload(header, body, None).await?;
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), session.next_message())
-        .await
-        .map_err(|_| no_answer("to the upload"))??
-        .ok_or_else(|| no_answer("before the session closed"))?;
-    session.close();
-    Ok(answer)
+/// A standby session unused this long is closed rather than reused: between tasks of a real
+/// length it would only hold a connection on the node.
+const STANDBY_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One trainer's uploads-only sessions to a cluster's standby nodes, at most one per node,
+/// kept open between uploads that follow closely (a QUIC and TLS handshake per upload costs a
+/// standby more than a small delta's body). Uploads through it go one at a time.
+#[derive(Debug, Clone, Default)]
+pub struct StandbySessions {
+    open: std::sync::Arc<
+        tokio::sync::Mutex<std::collections::HashMap<SocketAddr, (Session, tokio::time::Instant)>>,
+    >,
+}
+
+impl StandbySessions {
+    /// Sends `header` and `body` to the standby node at `node` and returns its answer:
+    /// [`ServerMessage::UploadStaged`] (the leader decides and answers on the control session)
+    /// or a rejection. Reuses the open session to `node` or opens one (waiting at most 10 s);
+    /// waits at most 30 s for the answer after the body. A session that failed is closed.
+    pub async fn upload(
+        &self,
+        endpoint: &quinn::Endpoint,
+        node: SocketAddr,
+        identity: &Identity,
+        header: &UploadHeader,
+        body: &[u8],
+    ) -> Result<ServerMessage, NetError> {
+        let mut open = self.open.lock().await;
+        open.retain(|_, (session, used)| {
+            let alive = used.elapsed() < STANDBY_SESSION_IDLE
+                && session.connection.close_reason().is_none();
+            if !alive {
+                session.close();
+            }
+            alive
+        });
+        let no_answer = |what: &str| NetError::Protocol(format!("{node}: no answer {what}"));
+        let mut session = match open.remove(&node) {
+            Some((session, _)) => session,
+            None => tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                Session::connect_for_uploads(endpoint, node, identity),
+            )
+            .await
+            .map_err(|_| no_answer("to the connection"))??,
+        };
+        let answer = async {
+            session.upload(header, body, None).await?;
+            tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                loop {
+                    match session.next_message().await? {
+                        Some(message) if answers(&message, header) => return Ok(message),
+                        // An answer to an earlier upload that was given up on.
+                        Some(_) => {}
+                        None => return Err(no_answer("before the session closed")),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| no_answer("to the upload"))?
+        }
+        .await;
+        match answer {
+            Ok(message) => {
+                open.insert(node, (session, tokio::time::Instant::now()));
+                Ok(message)
+            }
+            Err(error) => {
+                session.close();
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Whether `message`, on an uploads-only session, answers the upload of `header`.
+fn answers(message: &ServerMessage, header: &UploadHeader) -> bool {
+    let ours = |task: TaskId, hash: Option<BlobHash>| {
+        task == header.header.task && hash.is_none_or(|hash| hash == header.header.hash)
+    };
+    match message {
+        ServerMessage::UploadStaged { task, hash }
+        | ServerMessage::UploadDeferred { task, hash, .. } => ours(*task, Some(*hash)),
+        // An unreadable header is answered with task 0 and no hash.
+        ServerMessage::SubmissionRejected { task, hash, .. } => {
+            ours(*task, *hash) || (task.0 == 0 && hash.is_none())
+        }
+        _ => false,
+    }
 }
 
 /// Uploads on a session's connection; see [`Session::uploader`].
