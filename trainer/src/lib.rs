@@ -5,7 +5,8 @@
 //! - [`tokenizer`] builds the model's tokenizer; [`data`] and [`shakespeare`] turn text into
 //!   token sequences (the latter splits the plays into the federated benchmark's clients).
 //! - [`lora`] holds adapters and converts them to the shared crate's delta (PEFT layout);
-//!   [`optim`] and [`train`] fine-tune and evaluate them; [`device`] picks GPU or CPU.
+//!   [`optim`] and [`train`] fine-tune and evaluate them ([`loss`]: the chunked LM-head loss);
+//!   [`device`] picks GPU or CPU.
 //!
 //! The trainer never depends on the coordinator; both share `tributary-shared`.
 
@@ -18,6 +19,7 @@ pub mod device;
 pub mod gguf;
 pub mod idle;
 pub mod lora;
+pub mod loss;
 pub mod model;
 pub mod net;
 pub mod optim;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, Batches, PackedData};
 use crate::lora::LoraAdapter;
+use crate::loss::{lm_head_loss, lm_head_loss_value};
 use crate::model::{AdapterTensors, Llama};
 use crate::optim::{AdamW, OptimSettings};
 
@@ -102,13 +103,27 @@ fn batch_tensors(model: &Llama, batch: &[&[u32]]) -> (Tensor<2, Int>, Tensor<1, 
     )
 }
 
-/// The batch's loss: every target's when it has no masks, else only the counted ones'.
-fn loss_of(model: &Llama, adapter: Option<&AdapterTensors>, batch: &Batch<'_>) -> Tensor<1> {
+/// The batch's loss: every target's when it has no masks, else only the counted ones'. With
+/// `with_gradient` it carries its gradient with respect to the adapter ([`lm_head_loss`]).
+fn loss_of(
+    model: &Llama,
+    adapter: Option<&AdapterTensors>,
+    batch: &Batch<'_>,
+    with_gradient: bool,
+) -> Tensor<1> {
+    let loss = if with_gradient {
+        lm_head_loss
+    } else {
+        lm_head_loss_value
+    };
     let (inputs, targets) = batch_tensors(model, &batch.sequences);
     let hidden = model.hidden_states(inputs, adapter, None);
-    let logits = model.lm_head(hidden);
+    let head = model.lm_head_weight();
     match &batch.masks {
-        None => lm_loss(logits, targets),
+        None => {
+            let n = hidden.dims()[0];
+            loss(hidden, head, targets, None, n)
+        }
         Some(masks) => {
             let weights: Vec<f32> = masks
                 .iter()
@@ -116,7 +131,7 @@ fn loss_of(model: &Llama, adapter: Option<&AdapterTensors>, batch: &Batch<'_>) -
                 .collect();
             let n = weights.len();
             let weights = Tensor::from_data(TensorData::new(weights, [n]), model.device());
-            masked_lm_loss(logits, targets, weights, batch.target_tokens())
+            loss(hidden, head, targets, Some(weights), batch.target_tokens())
         }
     }
 }
@@ -172,7 +187,7 @@ pub fn train_until(
                 .collect();
             let dropout_seed = settings.seed ^ (step << 20) ^ micro_step as u64 ^ 0x6472_6f70;
             let tensors = adapter.with_leaves(&leaves, dropout, dropout_seed);
-            let loss = loss_of(model, Some(&tensors), &batch);
+            let loss = loss_of(model, Some(&tensors), &batch, true);
             let gradients = loss.backward();
             loss_sum += f64::from(loss.detach().into_scalar::<f32>());
             let micro: Vec<Tensor<2>> = leaves
@@ -238,7 +253,7 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..take).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = data.batch(chunk);
-        let loss: f32 = loss_of(model, tensors.as_ref(), &batch).into_scalar();
+        let loss: f32 = loss_of(model, tensors.as_ref(), &batch, false).into_scalar();
         let n = batch.target_tokens() as u64;
         total += f64::from(loss) * n as f64;
         tokens += n;

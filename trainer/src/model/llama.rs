@@ -365,6 +365,11 @@ impl Llama {
         hidden.matmul(self.lm_head.clone())
     }
 
+    /// The LM head's weight `[hidden, vocab]`.
+    pub fn lm_head_weight(&self) -> &Tensor<2> {
+        &self.lm_head
+    }
+
     /// The final normalised hidden states `[batch * len, hidden]`.
     pub fn hidden_states(
         &self,
