@@ -17,7 +17,7 @@ pub const CHUNK_BYTES: usize = 128 << 20;
 
 /// Rows of logits computed at once: as many as [`CHUNK_BYTES`] holds, and at least 64. Each
 /// chunk's matrix products pack the whole LM head again, so few large chunks beat many small
-/// ones (measured on SmolLM2 at 512 rows: 64-row chunks cost 30 % more a step than one chunk,
+/// ones (measured on SmolLM2 at 512 rows: 64-row chunks cost about a third more a step than one chunk,
 /// 256-row chunks a few per cent); SmolLM2's 512 tokens a step fit in one chunk, a
 /// 152,000-word vocabulary takes 220 rows at a time.
 fn chunk_rows(head: &Tensor<2>) -> usize {
