@@ -85,7 +85,9 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr`. Returns the new parameters and the gradients' global
-    /// norm before clipping.
+    /// norm before clipping. The norm and the clipping factor stay on the device; the norm is
+    /// read back once, after the whole update is queued (one host sync a step on a GPU, not
+    /// one per tensor).
     pub fn step(
         &mut self,
         params: Vec<Tensor<2>>,
@@ -93,20 +95,24 @@ impl AdamW {
         lr: f64,
     ) -> (Vec<Tensor<2>>, f64) {
         let norm = global_norm(&grads);
-        let clip = match self.settings.max_grad_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
+        // min(1, max / (norm + 1e-6)): exactly 1 (no change to the gradient) below the limit.
+        let clip = self.settings.max_grad_norm.map(|max| {
+            norm.clone()
+                .add_scalar(1e-6)
+                .recip()
+                .mul_scalar(max)
+                .clamp_max(1.0)
+                .reshape([1, 1])
+        });
         self.steps += 1;
         let s = &self.settings;
         let bias1 = 1.0 - s.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - s.beta2.powi(self.steps as i32);
         let mut out = Vec::with_capacity(params.len());
         for (index, (param, grad)) in params.into_iter().zip(grads).enumerate() {
-            let grad = if clip < 1.0 {
-                grad.mul_scalar(clip)
-            } else {
-                grad
+            let grad = match &clip {
+                Some(clip) => grad * clip.clone(),
+                None => grad,
             };
             let m = self.first[index].clone().mul_scalar(s.beta1)
                 + grad.clone().mul_scalar(1.0 - s.beta1);
@@ -123,23 +129,79 @@ impl AdamW {
             self.first[index] = m;
             self.second[index] = v;
         }
-        (out, norm)
+        let norm: f32 = norm.into_scalar();
+        (out, f64::from(norm))
     }
 }
 
-/// The L2 norm of all tensors together.
-pub fn global_norm(tensors: &[Tensor<2>]) -> f64 {
-    let mut total = 0.0f64;
-    for tensor in tensors {
-        let sum: f32 = tensor.clone().square().sum().into_scalar();
-        total += f64::from(sum);
-    }
-    total.sqrt()
+/// The L2 norm `[1]` of all `tensors` together (at least one), on their device.
+pub fn global_norm(tensors: &[Tensor<2>]) -> Tensor<1> {
+    let squares: Vec<Tensor<1>> = tensors.iter().map(|t| t.clone().square().sum()).collect();
+    Tensor::cat(squares, 0).sum().sqrt()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn matrix(values: &[f32], shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(values.to_vec(), shape), &Device::flex())
+    }
+
+    fn read(tensor: &Tensor<2>) -> Vec<f32> {
+        tensor.clone().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn the_global_norm_spans_every_tensor() {
+        let tensors = [
+            matrix(&[3.0, 0.0], [1, 2]),
+            matrix(&[0.0, 4.0, 12.0, 0.0], [2, 2]),
+        ];
+        let norm: f32 = global_norm(&tensors).into_scalar();
+        assert!((norm - 13.0).abs() < 1e-5, "{norm}");
+    }
+
+    #[test]
+    fn gradients_over_the_limit_are_scaled_to_it_and_those_under_are_untouched() {
+        // Adam's update does not change when every gradient is scaled alike, so clipping shows
+        // when the norm changes between steps: first norm `first`, then 0.5.
+        let run = |max_grad_norm: Option<f64>, first: f32| {
+            let settings = OptimSettings {
+                lr: 0.1,
+                max_grad_norm,
+                ..OptimSettings::default()
+            };
+            let params = vec![matrix(&[0.0, 0.0], [1, 2])];
+            let mut adam = AdamW::new(settings, &params);
+            let (params, norm) = adam.step(
+                params,
+                vec![matrix(&[0.6 * first, 0.8 * first], [1, 2])],
+                0.1,
+            );
+            let (params, _) = adam.step(params, vec![matrix(&[0.4, 0.3], [1, 2])], 0.1);
+            (read(&params[0]), norm)
+        };
+        let (clipped, norm) = run(Some(1.0), 5.0);
+        assert!(
+            (norm - 5.0).abs() < 1e-5,
+            "the norm before clipping: {norm}"
+        );
+        // Norm 5 is scaled to norm 1 (less 1e-6); norm 0.5 is left alone.
+        let (unit, _) = run(None, 1.0 / (1.0 + 1e-6));
+        for (a, b) in clipped.iter().zip(&unit) {
+            assert!((a - b).abs() < 1e-6, "{clipped:?} vs {unit:?}");
+        }
+        let (unclipped, _) = run(None, 5.0);
+        assert!(
+            clipped
+                .iter()
+                .zip(&unclipped)
+                .any(|(a, b)| (a - b).abs() > 1e-4),
+            "{clipped:?} vs {unclipped:?}"
+        );
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {

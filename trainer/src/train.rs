@@ -176,7 +176,9 @@ pub fn train_until(
         let started = Instant::now();
         let params = adapter.trainable();
         let mut grads: Option<Vec<Tensor<2>>> = None;
-        let mut loss_sum = 0.0;
+        // Read back once the step's work is queued, not after each backward pass (a host sync
+        // on a GPU).
+        let mut losses = Vec::with_capacity(accum);
         let mut tokens = 0u64;
         for micro_step in 0..accum {
             let batch = batches.next_batch(settings.batch_size.max(1));
@@ -189,7 +191,7 @@ pub fn train_until(
             let tensors = adapter.with_leaves(&leaves, dropout, dropout_seed);
             let loss = loss_of(model, Some(&tensors), &batch, true);
             let gradients = loss.backward();
-            loss_sum += f64::from(loss.detach().into_scalar::<f32>());
+            losses.push(loss.detach());
             let micro: Vec<Tensor<2>> = leaves
                 .iter()
                 .map(|leaf| {
@@ -210,6 +212,10 @@ pub fn train_until(
         let lr = settings.optim.lr_at(step, settings.steps);
         let (updated, grad_norm) = optimizer.step(params, grads, lr);
         adapter.set_trainable(updated);
+        let loss_sum: f64 = losses
+            .into_iter()
+            .map(|loss| f64::from(loss.into_scalar::<f32>()))
+            .sum();
         let report = StepReport {
             step: step + 1,
             loss: loss_sum / accum as f64,
