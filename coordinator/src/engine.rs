@@ -2829,6 +2829,40 @@ mod tests {
                 .unwrap()
         }
 
+        /// Trainer 0's signed upload of `body` for task 4 of round 0 (see
+        /// [`Harness::take_over_round_0`]).
+        fn task_4_upload(&self, body: &[u8]) -> UploadHeader {
+            let config = &self.engine.config;
+            self.trainers[0]
+                .sign_submission(SubmissionHeader {
+                    experiment: config.experiment.clone(),
+                    experiment_uid: config.experiment_uid,
+                    coordinator: config.coordinator,
+                    round: RoundId(0),
+                    task: TaskId(4),
+                    trainer: self.id(0),
+                    hash: BlobHash::of(body),
+                    byte_len: body.len() as u64,
+                    sample_count: 10,
+                    metrics: TrainMetrics::default(),
+                })
+                .unwrap()
+        }
+
+        /// Replaces the engine with one that took over round 0 from the database: tasks 4
+        /// (trainer 0) and 5 (trainer 1) out, `accepted` counted, no trainer connected.
+        fn take_over_round_0(&mut self, accepted: Vec<(TaskId, AcceptedDelta)>) {
+            let resume = ResumeState {
+                round: RoundId(0),
+                adapter: Some((BlobHash::of(b"adapter-0"), 100)),
+                tasks: vec![(TaskId(4), self.id(0)), (TaskId(5), self.id(1))],
+                accepted,
+                next_task: TaskId(6),
+                ..ResumeState::default()
+            };
+            self.engine = Engine::new(self.engine.config.clone(), resume);
+        }
+
         /// Runs an upload whose header the engine admits but whose byte-level checks (or
         /// signature) fail in the driver with `refusal`.
         fn fail_upload(&mut self, index: usize, upload: &UploadHeader, refusal: Refusal) {
@@ -4587,28 +4621,8 @@ mod tests {
         // A standby staged the delta while no node led; the node that took over reads it
         // before any trainer has reconnected.
         let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
-        let body = b"staged during the takeover";
-        let header = SubmissionHeader {
-            experiment: harness.engine.config.experiment.clone(),
-            experiment_uid: harness.engine.config.experiment_uid,
-            coordinator: harness.engine.config.coordinator,
-            round: RoundId(0),
-            task: TaskId(4),
-            trainer: harness.id(0),
-            hash: BlobHash::of(body),
-            byte_len: body.len() as u64,
-            sample_count: 10,
-            metrics: TrainMetrics::default(),
-        };
-        let upload = harness.trainers[0].sign_submission(header).unwrap();
-        let resume = ResumeState {
-            round: RoundId(0),
-            adapter: Some((BlobHash::of(b"adapter-0"), 100)),
-            tasks: vec![(TaskId(4), harness.id(0)), (TaskId(5), harness.id(1))],
-            next_task: TaskId(6),
-            ..ResumeState::default()
-        };
-        harness.engine = Engine::new(harness.engine.config.clone(), resume);
+        let upload = harness.task_4_upload(b"staged during the takeover");
+        harness.take_over_round_0(Vec::new());
         let now = harness.now;
         assert!(harness
             .engine
@@ -4630,30 +4644,9 @@ mod tests {
         // The leader that accepted the delta died before its acknowledgement went out; the
         // trainer sends the same upload to the one that resumed the round.
         let mut harness = Harness::new(config(2, 2, 2, 2, 1), 3);
-        let body = b"accepted before the takeover";
-        let header = SubmissionHeader {
-            experiment: harness.engine.config.experiment.clone(),
-            experiment_uid: harness.engine.config.experiment_uid,
-            coordinator: harness.engine.config.coordinator,
-            round: RoundId(0),
-            task: TaskId(4),
-            trainer: harness.id(0),
-            hash: BlobHash::of(body),
-            byte_len: body.len() as u64,
-            sample_count: 10,
-            metrics: TrainMetrics::default(),
-        };
-        let upload = harness.trainers[0].sign_submission(header).unwrap();
+        let upload = harness.task_4_upload(b"accepted before the takeover");
         let accepted = AcceptedDelta::from_upload(&upload, harness.engine.config.task_budget);
-        let resume = ResumeState {
-            round: RoundId(0),
-            adapter: Some((BlobHash::of(b"adapter-0"), 100)),
-            tasks: vec![(TaskId(4), harness.id(0)), (TaskId(5), harness.id(1))],
-            accepted: vec![(TaskId(4), accepted)],
-            next_task: TaskId(6),
-            ..ResumeState::default()
-        };
-        harness.engine = Engine::new(harness.engine.config.clone(), resume);
+        harness.take_over_round_0(vec![(TaskId(4), accepted)]);
         harness
             .engine
             .handle_trainer_joined(harness.now, harness.id(0));
