@@ -2829,6 +2829,18 @@ mod tests {
                 .unwrap()
         }
 
+        /// Trainer `index`'s signed upload of `body` for its open task, admitted and arriving.
+        fn start_upload(&mut self, index: usize, body: &[u8]) -> (UploadHeader, UploadTicket) {
+            let task = self.open_task(index).unwrap();
+            let upload = self.header(index, &task, body);
+            let ticket = self
+                .engine
+                .handle_submission_header(self.now, self.id(index), &upload)
+                .ticket()
+                .unwrap();
+            (upload, ticket)
+        }
+
         /// Trainer 0's signed upload of `body` for task 4 of round 0 (see
         /// [`Harness::take_over_round_0`]).
         fn task_4_upload(&self, body: &[u8]) -> UploadHeader {
@@ -3343,14 +3355,8 @@ mod tests {
         let mut harness = Harness::new(config(3, 5, 2, 5, 3), 9);
         harness.join_all();
         let a = harness.tasked()[0];
-        let task = harness.open_task(a).unwrap();
-        let upload = harness.header(a, &task, b"delta a");
+        let (upload, direct) = harness.start_upload(a, b"delta a");
         let now = harness.now;
-        let direct = harness
-            .engine
-            .handle_submission_header(now, harness.id(a), &upload)
-            .ticket()
-            .unwrap();
         // A standby staged the same upload, checked and stored, while the direct copy is
         // still arriving: the staged copy is taken and acknowledged.
         assert!(harness
@@ -3373,13 +3379,7 @@ mod tests {
 
         // A staged copy that failed the standby's checks leaves a direct copy to decide.
         let b = harness.tasked()[1];
-        let task = harness.open_task(b).unwrap();
-        let upload = harness.header(b, &task, b"delta b");
-        let direct = harness
-            .engine
-            .handle_submission_header(now, harness.id(b), &upload)
-            .ticket()
-            .unwrap();
+        let (upload, direct) = harness.start_upload(b, b"delta b");
         let refusal = Refusal::new(RejectReason::LengthMismatch, "the stream ended early");
         assert!(harness
             .engine
@@ -3398,13 +3398,8 @@ mod tests {
         let tasked = harness.tasked();
         let (a, b) = (tasked[0], tasked[1]);
         let task = harness.open_task(a).unwrap();
-        let upload = harness.header(a, &task, b"delta a");
+        let (upload, ticket) = harness.start_upload(a, b"delta a");
         let now = harness.now;
-        let ticket = harness
-            .engine
-            .handle_submission_header(now, harness.id(a), &upload)
-            .ticket()
-            .unwrap();
         // Sent again while the first copy is still arriving (a reconnection): told to wait.
         assert_eq!(
             harness
