@@ -1255,15 +1255,24 @@ impl Engine {
             && state.trainer == header.trainer
             && state.status == TaskStatus::Uploading(header.hash)
             && state.header.as_ref() == Some(upload);
-        arriving.then(|| UploadTicket {
-            trainer: header.trainer,
+        arriving.then(|| self.ticket(header.trainer, header))
+    }
+
+    /// The ticket to receive the body `header` announces from `trainer` in the open round.
+    fn ticket(
+        &self,
+        trainer: TrainerId,
+        header: &tributary_shared::wire::SubmissionHeader,
+    ) -> UploadTicket {
+        UploadTicket {
+            trainer,
             round: self.round,
             task: header.task,
             hash: header.hash,
             byte_len: header.byte_len,
             layout: self.config.layout.clone(),
             max_abs_value: self.config.max_abs_value,
-        })
+        }
     }
 
     /// The driver could not start receiving a ticketed upload now (too many in progress): the
@@ -2440,15 +2449,7 @@ impl Engine {
                 "train_loss must be a finite number",
             ));
         }
-        Ok(UploadTicket {
-            trainer: connection_trainer,
-            round: self.round,
-            task: header.task,
-            hash: header.hash,
-            byte_len: header.byte_len,
-            layout: self.config.layout.clone(),
-            max_abs_value: self.config.max_abs_value,
-        })
+        Ok(self.ticket(connection_trainer, header))
     }
 
     fn reject(&mut self, trainer: Option<TrainerId>, hash: Option<BlobHash>, refusal: Refusal) {
