@@ -240,6 +240,7 @@ pub struct Report {
 
 /// Runs until the experiment finishes, or reconnecting fails for `reconnect_for`.
 pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow::Result<Report> {
+    let standby = crate::client::StandbySessions::new(endpoint.clone(), options.identity.clone());
     let mut trainer = Trainer {
         options,
         report: Report::default(),
@@ -248,10 +249,9 @@ pub async fn run(endpoint: quinn::Endpoint, options: SyntheticOptions) -> anyhow
         last_upload: None,
         upload_done: Arc::default(),
         rng: SplitMix64(0),
-        endpoint: endpoint.clone(),
         control_node: None,
         staged: Arc::default(),
-        standby: crate::client::StandbySessions::default(),
+        standby,
         acknowledged: Default::default(),
     };
     trainer.rng = SplitMix64(u64::from_le_bytes(
@@ -325,7 +325,6 @@ struct Trainer {
     /// When the coordinator had every byte of the latest upload.
     upload_done: Arc<std::sync::Mutex<Option<Instant>>>,
     rng: SplitMix64,
-    endpoint: quinn::Endpoint,
     /// The node of the control session.
     control_node: Option<SocketAddr>,
     /// Uploads a standby node staged.
@@ -598,26 +597,21 @@ impl Trainer {
         *done.lock().expect("never poisoned") = None;
         let relay = self.upload_node(&header).map(|node| {
             (
-                self.endpoint.clone(),
                 node,
-                self.options.identity.clone(),
                 self.options.events.clone(),
                 self.staged.clone(),
                 self.standby.clone(),
             )
         });
         tokio::spawn(async move {
-            if let Some((endpoint, node, identity, events, staged, sessions)) = relay {
-                match sessions
-                    .upload(&endpoint, node, &identity, &header, &body)
-                    .await
-                {
+            if let Some((node, events, staged, sessions)) = relay {
+                match sessions.upload(node, &header, &body).await {
                     Ok(message) => {
                         let taken = matches!(message, ServerMessage::UploadStaged { .. });
                         let theirs = matches!(&message, ServerMessage::SubmissionRejected { reason, .. }
                             if !reason.is_coordinator_fault());
                         if let Some(events) = &events {
-                            let _ = events.send((identity.id(), message));
+                            let _ = events.send((sessions.trainer(), message));
                         }
                         if taken {
                             staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -160,6 +160,8 @@ pub async fn run(
     options: JoinOptions,
     device: Device,
 ) -> Result<JoinReport, WorkerError> {
+    let standby =
+        crate::net::client::StandbySessions::new(endpoint.clone(), options.identity.clone());
     let mut worker = Worker {
         options,
         device,
@@ -176,8 +178,7 @@ pub async fn run(
         previous_start: None,
         finish_by: None,
         report: JoinReport::default(),
-        endpoint: endpoint.clone(),
-        standby: crate::net::client::StandbySessions::default(),
+        standby,
         control_node: None,
     };
     let mut nodes = crate::net::failover::Coordinators::new(worker.options.coordinators.clone())
@@ -272,8 +273,6 @@ struct Worker {
     /// reported, or at this time (its deadline) without it.
     finish_by: Option<Instant>,
     report: JoinReport,
-    /// For uploads-only sessions to a cluster's standby nodes.
-    endpoint: quinn::Endpoint,
     /// Uploads-only sessions to standby nodes, kept open between uploads.
     standby: crate::net::client::StandbySessions,
     /// The node of the control session (the leader, in a cluster).
@@ -639,16 +638,13 @@ impl Worker {
         let standby = self.control_node.and_then(|control| {
             crate::net::failover::upload_node(&self.options.coordinators, task, control)
         });
-        let (endpoint, identity) = (self.endpoint.clone(), self.options.identity.clone());
         let sessions = self.standby.clone();
         let sending = self.sending.clone();
         sending.store(true, Ordering::Relaxed);
         tokio::spawn(async move {
             let _done = SendDone(sending);
             if let Some(node) = standby {
-                let sent = sessions
-                    .upload(&endpoint, node, &identity, &header, &body)
-                    .await;
+                let sent = sessions.upload(node, &header, &body).await;
                 match sent {
                     Ok(ServerMessage::UploadStaged { .. }) => {
                         tracing::debug!(task = task.0, %node, "upload staged by a standby node");

@@ -205,23 +205,37 @@ const STANDBY_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs
 /// One trainer's uploads-only sessions to a cluster's standby nodes, at most one per node,
 /// kept open between uploads that follow closely (a QUIC and TLS handshake per upload costs a
 /// standby more than a small delta's body). Uploads through it go one at a time.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StandbySessions {
+    endpoint: quinn::Endpoint,
+    identity: Identity,
     open: std::sync::Arc<
         tokio::sync::Mutex<std::collections::HashMap<SocketAddr, (Session, tokio::time::Instant)>>,
     >,
 }
 
 impl StandbySessions {
+    /// No session open yet; they will be opened from `endpoint`, authenticated as `identity`.
+    pub fn new(endpoint: quinn::Endpoint, identity: Identity) -> Self {
+        Self {
+            endpoint,
+            identity,
+            open: Default::default(),
+        }
+    }
+
+    /// The trainer these sessions authenticate as.
+    pub fn trainer(&self) -> TrainerId {
+        self.identity.id()
+    }
+
     /// Sends `header` and `body` to the standby node at `node` and returns its answer:
     /// [`ServerMessage::UploadStaged`] (the leader decides and answers on the control session)
     /// or a rejection. Reuses the open session to `node` or opens one (waiting at most 10 s);
     /// waits at most 30 s for the answer after the body. A session that failed is closed.
     pub async fn upload(
         &self,
-        endpoint: &quinn::Endpoint,
         node: SocketAddr,
-        identity: &Identity,
         header: &UploadHeader,
         body: &[u8],
     ) -> Result<ServerMessage, NetError> {
@@ -239,7 +253,7 @@ impl StandbySessions {
             Some((session, _)) => session,
             None => tokio::time::timeout(
                 std::time::Duration::from_secs(10),
-                Session::connect_for_uploads(endpoint, node, identity),
+                Session::connect_for_uploads(&self.endpoint, node, &self.identity),
             )
             .await
             .map_err(|_| no_answer("to the connection"))??,
