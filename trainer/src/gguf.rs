@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use half::f16;
 
@@ -148,7 +149,9 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, Value>,
     /// Tensors, in file order.
     pub tensors: Vec<TensorInfo>,
-    bytes: Vec<u8>,
+    /// The whole file, shared with the base weights kept in their blocks
+    /// ([`crate::model::QuantizedMatrix`]), so they cost no copy.
+    bytes: Arc<Vec<u8>>,
 }
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -248,7 +251,7 @@ impl Gguf {
             version,
             metadata,
             tensors: infos,
-            bytes,
+            bytes: Arc::new(bytes),
         })
     }
 
@@ -300,6 +303,11 @@ impl Gguf {
         })?;
         let data = &self.bytes[info.offset..info.offset + info.byte_len];
         Ok(dequantize(kind, data, info.element_count()))
+    }
+
+    /// The whole file's bytes (a tensor's data lies at its [`TensorInfo::offset`]).
+    pub fn shared_bytes(&self) -> &Arc<Vec<u8>> {
+        &self.bytes
     }
 }
 

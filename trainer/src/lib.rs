@@ -24,6 +24,7 @@ pub mod model;
 pub mod net;
 pub mod optim;
 pub mod quant;
+pub mod recompute;
 pub mod robustness;
 pub mod shakespeare;
 pub mod study;

@@ -96,6 +96,35 @@ struct ModelArgs {
     /// Where to compute: auto (GPU if one works, else CPU), gpu or cpu.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// How to hold the base model's large weights: dense (f32, fastest), blocks (the GGUF
+    /// file's quantized blocks, dequantized per use: memory follows the file's size, as in
+    /// QLoRA), or auto (blocks when the weights as f32 would pass 2 GiB). Results are the same
+    /// bits either way.
+    #[arg(long, value_enum, default_value_t = BaseWeights::Auto)]
+    base_weights: BaseWeights,
+    /// Keep only each decoder layer's input during training and recompute its activations in
+    /// the backward pass (gradient checkpointing): about a third more compute, a fraction of
+    /// the memory. Results are the same bits either way.
+    #[arg(long)]
+    recompute_layers: bool,
+}
+
+/// `--base-weights`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BaseWeights {
+    Auto,
+    Dense,
+    Blocks,
+}
+
+impl BaseWeights {
+    fn storage(self) -> Option<model::BaseStorage> {
+        match self {
+            Self::Auto => None,
+            Self::Dense => Some(model::BaseStorage::Dense),
+            Self::Blocks => Some(model::BaseStorage::Blocks),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -439,14 +468,15 @@ fn open_model(args: &ModelArgs, max_positions: usize) -> anyhow::Result<LoadedMo
     let (device, name) = device::select(args.backend)?;
     eprintln!("device: {name}");
     let started = Instant::now();
-    let loaded = model::load(&path, &device, max_positions)
+    let loaded = model::load_as(&path, &device, max_positions, args.base_weights.storage())
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     eprintln!(
-        "model: {} ({} layers, width {}, vocab {}) loaded in {:.1} s",
+        "model: {} ({} layers, width {}, vocab {}; base weights {} MiB) loaded in {:.1} s",
         loaded.description,
         loaded.model.config().num_layers,
         loaded.model.config().hidden_size,
         loaded.model.config().vocab_size,
+        loaded.model.base_bytes() >> 20,
         started.elapsed().as_secs_f64()
     );
     Ok(loaded)
@@ -525,6 +555,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
             ..OptimSettings::default()
         },
+        recompute_layers: args.model.recompute_layers,
     };
     // Held-out loss of the adapter as it stands, printed and kept for metrics.json.
     let held_out = |adapter: &LoraAdapter, when: &str| {
@@ -739,6 +770,8 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         busy_us: Arc::new(AtomicU64::new(0)),
         status_line: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         cheat: args.cheat,
+        base_storage: args.model.base_weights.storage(),
+        recompute_layers: args.model.recompute_layers,
     };
     let in_use = options.machine_in_use.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -945,6 +978,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let settings = TrainSettings {
         steps: args.warmup + args.steps,
         batch_size: args.batch,
+        recompute_layers: args.model.recompute_layers,
         ..TrainSettings::default()
     };
     let reports = train::train(model, &mut adapter, &data, &settings, |r| {

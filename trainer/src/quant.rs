@@ -178,6 +178,12 @@ pub fn dequantize(kind: TensorType, data: &[u8], elements: usize) -> Vec<f32> {
         "data must hold exactly the tensor"
     );
     let mut out = Vec::with_capacity(elements);
+    dequantize_into(kind, data, &mut out);
+    out
+}
+
+/// Appends the values of `data`, whole blocks of type `kind`, to `out`.
+pub fn dequantize_into(kind: TensorType, data: &[u8], out: &mut Vec<f32>) {
     let (_, block_bytes) = kind.block();
     let blocks = data.chunks_exact(block_bytes);
     match kind {
@@ -186,19 +192,18 @@ pub fn dequantize(kind: TensorType, data: &[u8], elements: usize) -> Vec<f32> {
         TensorType::BF16 => out.extend(
             blocks.map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
         ),
-        TensorType::Q4_0 => blocks.for_each(|b| q4_0(b, &mut out)),
-        TensorType::Q4_1 => blocks.for_each(|b| q4_1(b, &mut out)),
-        TensorType::Q5_0 => blocks.for_each(|b| q5_0(b, &mut out)),
-        TensorType::Q5_1 => blocks.for_each(|b| q5_1(b, &mut out)),
-        TensorType::Q8_0 => blocks.for_each(|b| q8_0(b, &mut out)),
-        TensorType::Q2_K => blocks.for_each(|b| q2_k(b, &mut out)),
-        TensorType::Q3_K => blocks.for_each(|b| q3_k(b, &mut out)),
-        TensorType::Q4_K => blocks.for_each(|b| q4_k(b, &mut out)),
-        TensorType::Q5_K => blocks.for_each(|b| q5_k(b, &mut out)),
-        TensorType::Q6_K => blocks.for_each(|b| q6_k(b, &mut out)),
-        TensorType::Q8_K => blocks.for_each(|b| q8_k(b, &mut out)),
+        TensorType::Q4_0 => blocks.for_each(|b| q4_0(b, out)),
+        TensorType::Q4_1 => blocks.for_each(|b| q4_1(b, out)),
+        TensorType::Q5_0 => blocks.for_each(|b| q5_0(b, out)),
+        TensorType::Q5_1 => blocks.for_each(|b| q5_1(b, out)),
+        TensorType::Q8_0 => blocks.for_each(|b| q8_0(b, out)),
+        TensorType::Q2_K => blocks.for_each(|b| q2_k(b, out)),
+        TensorType::Q3_K => blocks.for_each(|b| q3_k(b, out)),
+        TensorType::Q4_K => blocks.for_each(|b| q4_k(b, out)),
+        TensorType::Q5_K => blocks.for_each(|b| q5_k(b, out)),
+        TensorType::Q6_K => blocks.for_each(|b| q6_k(b, out)),
+        TensorType::Q8_K => blocks.for_each(|b| q8_k(b, out)),
     }
-    out
 }
 
 /// The f16 at the start of `bytes`, as f32.

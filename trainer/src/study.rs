@@ -234,6 +234,7 @@ impl StudySettings {
                 min_lr_ratio: 1.0,
                 ..OptimSettings::default()
             },
+            recompute_layers: false,
         }
     }
 }

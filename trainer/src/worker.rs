@@ -65,6 +65,10 @@ pub struct JoinOptions {
     /// Red-team only: do every task differently than asked while claiming it was done
     /// ([`crate::attack::Cheat`]), to test the coordinator's checks. `None` for volunteers.
     pub cheat: Option<crate::attack::Cheat>,
+    /// How the base model's large weights are held (`None`: by size, [`model::load_as`]).
+    pub base_storage: Option<model::BaseStorage>,
+    /// Recompute each layer's activations in the backward pass (gradient checkpointing).
+    pub recompute_layers: bool,
 }
 
 /// What a trainer did.
@@ -891,7 +895,12 @@ impl Worker {
                 return Ok(model.clone());
             }
         }
-        let loaded = Arc::new(model::load(path, &self.device, positions)?);
+        let loaded = Arc::new(model::load_as(
+            path,
+            &self.device,
+            positions,
+            self.options.base_storage,
+        )?);
         self.model = Some((path.to_owned(), loaded.clone()));
         Ok(loaded)
     }
@@ -942,6 +951,7 @@ impl Worker {
                 min_lr_ratio: 1.0,
                 ..OptimSettings::default()
             },
+            recompute_layers: false,
         };
         let duty = self.options.duty.clone();
         let in_use = self.options.machine_in_use.clone();

@@ -93,6 +93,7 @@ fn wgpu_forward_and_training_match_the_cpu() {
             warmup_steps: 2,
             ..OptimSettings::default()
         },
+        recompute_layers: false,
     };
     let initial = LoraAdapter::init(&lora, on_cpu.config(), 1, &cpu)
         .unwrap()

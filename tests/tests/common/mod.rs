@@ -538,6 +538,8 @@ pub fn spawn_trainer_on(
         busy_us: busy,
         status_line: false,
         cheat,
+        base_storage: None,
+        recompute_layers: false,
     };
     tokio::spawn(tributary_trainer::worker::run(endpoint, options, device))
 }

@@ -16,7 +16,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::gguf::Gguf;
 
-use super::{LlamaConfig, ModelError};
+use super::{LlamaConfig, ModelError, QuantizedMatrix};
+use crate::quant::TensorType;
 
 /// A weight on the host: row-major values and their shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +37,12 @@ pub trait Checkpoint {
     fn load(&self, name: &str) -> Result<HostTensor, ModelError>;
     /// A stable description of the weights (file name and size), for model cards.
     fn describe(&self) -> String;
+    /// The matrix named `name` in its file's quantized blocks (Hugging Face row order), when the
+    /// file keeps it in a type other than f32; `None` when it has no such form.
+    fn blocks(&self, name: &str) -> Result<Option<QuantizedMatrix>, ModelError> {
+        let _ = name;
+        Ok(None)
+    }
 }
 
 /// Opens a `.gguf` file or a Hugging Face model folder.
@@ -182,6 +189,24 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     reorder_rows(values, heads, cols, false)
 }
 
+/// For each Hugging Face row of a query or key projection with `rows` rows in `heads` heads,
+/// the GGUF row that holds it (the row order [`unpermute_rows`] applies).
+pub fn hf_row_sources(rows: usize, heads: usize) -> Vec<u32> {
+    let head_dim = rows / heads.max(1);
+    let half = head_dim / 2;
+    let mut sources: Vec<u32> = (0..rows as u32).collect();
+    for head in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let gguf = head * head_dim + 2 * i + j;
+                let hf = head * head_dim + j * half + i;
+                sources[hf] = gguf as u32;
+            }
+        }
+    }
+    sources
+}
+
 fn reorder_rows(values: &[f32], heads: usize, cols: usize, to_hf: bool) -> Vec<f32> {
     let rows = values.len() / cols.max(1);
     let head_dim = rows / heads.max(1);
@@ -224,6 +249,40 @@ impl Checkpoint for GgufCheckpoint {
             values
         };
         Ok(HostTensor { shape, values })
+    }
+
+    fn blocks(&self, name: &str) -> Result<Option<QuantizedMatrix>, ModelError> {
+        let gguf = gguf_name(name).ok_or_else(|| ModelError::MissingWeight(name.to_string()))?;
+        let info = self
+            .file
+            .tensor(&gguf)
+            .map_err(|_| ModelError::MissingWeight(format!("{name} ({gguf})")))?;
+        let kind = match info.kind {
+            Ok(TensorType::F32) | Err(_) => return Ok(None),
+            Ok(kind) => kind,
+        };
+        let &[cols, rows] = info.dims.as_slice() else {
+            return Ok(None);
+        };
+        let matrix = QuantizedMatrix::new(
+            self.file.shared_bytes().clone(),
+            info.offset,
+            kind,
+            rows,
+            cols,
+        )?;
+        let permuted = self.config.architecture.gguf_permutes_qk();
+        let heads = if permuted && name.contains("self_attn.q_proj.") {
+            Some(self.config.num_heads)
+        } else if permuted && name.contains("self_attn.k_proj.") {
+            Some(self.config.num_kv_heads)
+        } else {
+            None
+        };
+        Ok(Some(match heads {
+            Some(heads) => matrix.with_row_sources(hf_row_sources(rows, heads)),
+            None => matrix,
+        }))
     }
 
     fn describe(&self) -> String {

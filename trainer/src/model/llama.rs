@@ -5,7 +5,10 @@
 //!
 //! The base weights are plain (non-autodiff) tensors: autodiff treats them as constants, so they
 //! get no gradients and no optimizer state. LoRA factors come in per call through
-//! [`AdapterTensors`], which is how training makes only them autodiff leaves.
+//! [`AdapterTensors`], which is how training makes only them autodiff leaves. The large base
+//! weights (projections, token embeddings, output head) are either dense on the device or kept
+//! in the file's quantized blocks and dequantized per use ([`BaseStorage`], [`FrozenWeight`]);
+//! both give the same bits.
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -14,18 +17,43 @@ use std::cell::RefCell;
 use burn::tensor::{activation, Bool, Device, Int, Tensor, TensorData};
 use tributary_shared::config::SplitMix64;
 
+use std::sync::Arc;
+
+use super::blocks::QuantizedMatrix;
 use super::checkpoint::{Checkpoint, HostTensor};
+use super::frozen::FrozenWeight;
 use super::{transpose, LlamaConfig, ModelError, Target};
+
+/// How the base model's large weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseStorage {
+    /// Dense f32 on the device: fastest, 4 bytes a weight.
+    #[default]
+    Dense,
+    /// In the file's quantized blocks (GGUF types other than f32), dequantized per use: memory
+    /// follows the file's size (QLoRA). Weights a file stores as f32 stay dense.
+    Blocks,
+}
+
+/// The token embeddings `[vocab, hidden]`.
+// A tensor handle is large (a dispatch enum); a model holds a few dozen of these.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum Embeddings {
+    Dense(Tensor<2>),
+    Blocks(Arc<QuantizedMatrix>),
+}
 
 /// The frozen base model on a device.
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embed: Tensor<2>,
+    embed: Embeddings,
     layers: Vec<Layer>,
     norm: Tensor<1>,
     /// `[hidden, vocab]`.
-    lm_head: Tensor<2>,
+    lm_head: FrozenWeight,
     rope: Rope,
     device: Device,
 }
@@ -34,14 +62,14 @@ pub struct Llama {
 struct Layer {
     attn_norm: Tensor<1>,
     /// Projections stored `[in, out]`, so a projection is `x @ w`.
-    q: Tensor<2>,
-    k: Tensor<2>,
-    v: Tensor<2>,
-    o: Tensor<2>,
+    q: FrozenWeight,
+    k: FrozenWeight,
+    v: FrozenWeight,
+    o: FrozenWeight,
     ffn_norm: Tensor<1>,
-    gate: Tensor<2>,
-    up: Tensor<2>,
-    down: Tensor<2>,
+    gate: FrozenWeight,
+    up: FrozenWeight,
+    down: FrozenWeight,
     /// Per-target biases ([`Target::index`]; only q, k, v and o ever have one).
     biases: [Option<Tensor<1>>; 7],
     /// Per-head RMSNorm weights of queries and keys (`[head_dim]`, Qwen3).
@@ -150,21 +178,57 @@ fn upload<const D: usize>(host: HostTensor, device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(host.values, host.shape), device)
 }
 
-/// Loads `name`, checks it is `[out, in]`, and uploads it transposed to `[in, out]`.
+/// `name`'s blocks when `storage` keeps blocks and the checkpoint has them for `name`, checked
+/// to be `[out, in]` and to hold only finite values.
+fn load_blocks(
+    checkpoint: &dyn Checkpoint,
+    name: &str,
+    out: usize,
+    inp: usize,
+    storage: BaseStorage,
+) -> Result<Option<Arc<QuantizedMatrix>>, ModelError> {
+    if storage != BaseStorage::Blocks {
+        return Ok(None);
+    }
+    let Some(blocks) = checkpoint.blocks(name)? else {
+        return Ok(None);
+    };
+    if blocks.dims() != (out, inp) {
+        let (rows, cols) = blocks.dims();
+        return Err(ModelError::Shape {
+            name: name.to_string(),
+            expected: vec![out, inp],
+            found: vec![rows, cols],
+        });
+    }
+    if !blocks.all_finite() {
+        return Err(ModelError::Format(format!(
+            "{name} holds NaN or infinite values"
+        )));
+    }
+    Ok(Some(Arc::new(blocks)))
+}
+
+/// Loads `name`, checks it is `[out, in]`, and keeps it as `storage` says: in blocks, or
+/// uploaded transposed to `[in, out]`.
 fn load_projection(
     checkpoint: &dyn Checkpoint,
     name: &str,
     out: usize,
     inp: usize,
     device: &Device,
-) -> Result<Tensor<2>, ModelError> {
+    storage: BaseStorage,
+) -> Result<FrozenWeight, ModelError> {
+    if let Some(blocks) = load_blocks(checkpoint, name, out, inp, storage)? {
+        return Ok(FrozenWeight::Blocks(blocks));
+    }
     let host = checkpoint.load(name)?;
     expect_shape(name, &host, &[out, inp])?;
     let values = transpose(&host.values, out, inp);
-    Ok(Tensor::from_data(
+    Ok(FrozenWeight::Dense(Tensor::from_data(
         TensorData::new(values, [inp, out]),
         device,
-    ))
+    )))
 }
 
 fn expect_shape(name: &str, host: &HostTensor, shape: &[usize]) -> Result<(), ModelError> {
@@ -195,12 +259,22 @@ fn load_vector(
 }
 
 impl Llama {
-    /// Loads every weight from `checkpoint` onto `device`, one tensor at a time. `max_positions`
-    /// bounds the rotary tables (the longest sequence this instance will see).
+    /// Loads every weight from `checkpoint` onto `device`, one tensor at a time, dense.
+    /// `max_positions` bounds the rotary tables (the longest sequence this instance will see).
     pub fn load(
         checkpoint: &dyn Checkpoint,
         device: &Device,
         max_positions: usize,
+    ) -> Result<Self, ModelError> {
+        Self::load_as(checkpoint, device, max_positions, BaseStorage::Dense)
+    }
+
+    /// [`Llama::load`], holding the large weights as `storage` says.
+    pub fn load_as(
+        checkpoint: &dyn Checkpoint,
+        device: &Device,
+        max_positions: usize,
+        storage: BaseStorage,
     ) -> Result<Self, ModelError> {
         let config = checkpoint.config().clone();
         config.validate()?;
@@ -223,22 +297,36 @@ impl Llama {
             config.intermediate_size,
             config.vocab_size,
         );
-        let embed_host = checkpoint.load("model.embed_tokens.weight")?;
-        expect_shape("model.embed_tokens.weight", &embed_host, &[vocab, d])?;
-        let lm_head_values = if config.tie_word_embeddings {
-            transpose(&embed_host.values, vocab, d)
-        } else {
-            let head = checkpoint.load("lm_head.weight")?;
-            expect_shape("lm_head.weight", &head, &[vocab, d])?;
-            transpose(&head.values, vocab, d)
+        let embed_name = "model.embed_tokens.weight";
+        let (embed, lm_head) = match load_blocks(checkpoint, embed_name, vocab, d, storage)? {
+            Some(blocks) => {
+                let head = if config.tie_word_embeddings {
+                    FrozenWeight::Blocks(blocks.clone())
+                } else {
+                    load_projection(checkpoint, "lm_head.weight", vocab, d, device, storage)?
+                };
+                (Embeddings::Blocks(blocks), head)
+            }
+            None => {
+                let host = checkpoint.load(embed_name)?;
+                expect_shape(embed_name, &host, &[vocab, d])?;
+                let head = if config.tie_word_embeddings {
+                    let values = transpose(&host.values, vocab, d);
+                    FrozenWeight::Dense(Tensor::from_data(
+                        TensorData::new(values, [d, vocab]),
+                        device,
+                    ))
+                } else {
+                    load_projection(checkpoint, "lm_head.weight", vocab, d, device, storage)?
+                };
+                (Embeddings::Dense(upload(host, device)), head)
+            }
         };
-        let lm_head = Tensor::from_data(TensorData::new(lm_head_values, [d, vocab]), device);
-        let embed = upload(embed_host, device);
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let name = |leaf: &str| format!("model.layers.{i}.{leaf}.weight");
             let proj = |leaf: &str, out: usize, inp: usize| {
-                load_projection(checkpoint, &name(leaf), out, inp, device)
+                load_projection(checkpoint, &name(leaf), out, inp, device, storage)
             };
             let mut biases: [Option<Tensor<1>>; 7] = Default::default();
             for (target, on) in [
@@ -319,7 +407,15 @@ impl Llama {
                 .try_to_vec::<f32>()
                 .unwrap_or_default()
         };
-        let mut out = vec![read2(&self.embed), read2(&self.lm_head), read1(&self.norm)];
+        let embed = match &self.embed {
+            Embeddings::Dense(w) => read2(w),
+            Embeddings::Blocks(blocks) => {
+                let rows: Vec<usize> = (0..blocks.dims().0).collect();
+                blocks.dequantize_rows(&rows)
+            }
+        };
+        let dense = |w: &FrozenWeight| read2(&w.to_dense(&self.device));
+        let mut out = vec![embed, dense(&self.lm_head), read1(&self.norm)];
         for layer in &self.layers {
             out.push(read1(&layer.attn_norm));
             out.push(read1(&layer.ffn_norm));
@@ -340,7 +436,7 @@ impl Llama {
                 &layer.up,
                 &layer.down,
             ] {
-                out.push(read2(w));
+                out.push(dense(w));
             }
         }
         out
@@ -362,12 +458,48 @@ impl Llama {
 
     /// Logits `[n, vocab]` of final hidden states `[n, hidden]`.
     pub fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2> {
-        hidden.matmul(self.lm_head.clone())
+        self.lm_head.project(hidden)
     }
 
-    /// The LM head's weight `[hidden, vocab]`.
-    pub fn lm_head_weight(&self) -> &Tensor<2> {
-        &self.lm_head
+    /// The LM head's weight `[hidden, vocab]`, dense (a transient copy when the base is kept
+    /// in blocks).
+    pub fn lm_head_weight(&self) -> Tensor<2> {
+        self.lm_head.to_dense(&self.device)
+    }
+
+    /// Bytes the base model's weights hold, wherever they are kept.
+    pub fn base_bytes(&self) -> usize {
+        let vector = |t: &Tensor<1>| t.dims()[0] * std::mem::size_of::<f32>();
+        let embed = match &self.embed {
+            Embeddings::Dense(w) => w.shape().num_elements() * std::mem::size_of::<f32>(),
+            Embeddings::Blocks(blocks) => blocks.byte_len(),
+        };
+        let tied = matches!(
+            (&self.embed, &self.lm_head),
+            (Embeddings::Blocks(_), FrozenWeight::Blocks(_))
+        ) && self.config.tie_word_embeddings;
+        let head = if tied { 0 } else { self.lm_head.byte_len() };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|layer| {
+                [
+                    &layer.q,
+                    &layer.k,
+                    &layer.v,
+                    &layer.o,
+                    &layer.gate,
+                    &layer.up,
+                    &layer.down,
+                ]
+                .iter()
+                .map(|w| w.byte_len())
+                .sum::<usize>()
+                    + vector(&layer.attn_norm)
+                    + vector(&layer.ffn_norm)
+            })
+            .sum();
+        embed + head + layers + vector(&self.norm)
     }
 
     /// The final normalised hidden states `[batch * len, hidden]`.
@@ -388,24 +520,77 @@ impl Llama {
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.layers.len(), None);
         }
-        let ids = tokens.reshape([batch * len]);
-        let mut x = self.embed.clone().select(0, ids);
-        for (index, layer) in self.layers.iter().enumerate() {
-            let lora = adapter.map(|a| (a, &a.pairs[index]));
+        let mut x = self.embed(tokens.reshape([batch * len]));
+        for index in 0..self.layers.len() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            let normed = rms_norm(x.clone(), &layer.attn_norm, self.config.rms_norm_eps);
-            let attn = self.attention(layer, normed, lora, slot, batch, len, start);
-            x = x + attn;
-            let normed = rms_norm(x.clone(), &layer.ffn_norm, self.config.rms_norm_eps);
-            let gate = project(normed.clone(), &layer.gate, None, lora, Target::Gate);
-            let up = project(normed, &layer.up, None, lora, Target::Up);
-            let act = activation::silu(gate) * up;
-            x = x + project(act, &layer.down, None, lora, Target::Down);
+            x = self.decoder_layer(index, x, adapter, slot, batch, len, start);
         }
         if let Some(cache) = cache {
             cache.seen = start + len;
         }
+        self.final_norm(x)
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The last layer's output `[n, hidden]`, normalised: what the LM head reads.
+    pub fn final_norm(&self, x: Tensor<2>) -> Tensor<2> {
         rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Decoder layer `index` on `x` (`[batch * len, hidden]`, positions from `start`), with the
+    /// adapter's pairs of that layer, and the layer's slot of a KV cache when generating.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decoder_layer(
+        &self,
+        index: usize,
+        x: Tensor<2>,
+        adapter: Option<&AdapterTensors>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        batch: usize,
+        len: usize,
+        start: usize,
+    ) -> Tensor<2> {
+        let layer = &self.layers[index];
+        let lora = adapter.map(|a| (a, &a.pairs[index]));
+        let normed = rms_norm(x.clone(), &layer.attn_norm, self.config.rms_norm_eps);
+        let attn = self.attention(layer, normed, lora, cache, batch, len, start);
+        let x = x + attn;
+        let normed = rms_norm(x.clone(), &layer.ffn_norm, self.config.rms_norm_eps);
+        let gate = project(normed.clone(), &layer.gate, None, lora, Target::Gate);
+        let up = project(normed, &layer.up, None, lora, Target::Up);
+        let act = activation::silu(gate) * up;
+        x + project(act, &layer.down, None, lora, Target::Down)
+    }
+
+    /// The embeddings `[n, hidden]` of `ids` (`[n]`).
+    pub fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        match &self.embed {
+            Embeddings::Dense(w) => w.clone().select(0, ids),
+            Embeddings::Blocks(blocks) => {
+                let (vocab, d) = blocks.dims();
+                let ids: Vec<usize> = ids
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|id| usize::try_from(id).unwrap_or(usize::MAX).min(vocab))
+                    .collect();
+                assert!(
+                    ids.iter().all(|id| *id < vocab),
+                    "token id past the vocabulary of {vocab}"
+                );
+                let n = ids.len();
+                Tensor::from_data(
+                    TensorData::new(blocks.dequantize_rows(&ids), [n, d]),
+                    &self.device.clone().inner(),
+                )
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -513,12 +698,12 @@ fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
 /// `x @ w + bias`, plus the LoRA branch for `target` when the adapter has one.
 fn project(
     x: Tensor<2>,
-    w: &Tensor<2>,
+    w: &FrozenWeight,
     bias: Option<&Tensor<1>>,
     lora: Option<(&AdapterTensors, &[Option<LoraPair>; 7])>,
     target: Target,
 ) -> Tensor<2> {
-    let base = x.clone().matmul(w.clone());
+    let base = w.project(x.clone());
     let base = match bias {
         Some(bias) => {
             let out = bias.dims()[0];

@@ -1,12 +1,16 @@
 //! The base model: its shape ([`LlamaConfig`]), its weights ([`checkpoint`]) and the decoder
 //! itself ([`Llama`]).
 
+pub mod blocks;
 pub mod checkpoint;
 mod config;
+pub mod frozen;
 mod llama;
 
+pub use blocks::QuantizedMatrix;
 pub use config::{Architecture, LlamaConfig, RopeScaling};
-pub use llama::{AdapterTensors, KvCache, Llama, LoraPair};
+pub use frozen::FrozenWeight;
+pub use llama::{AdapterTensors, BaseStorage, KvCache, Llama, LoraPair};
 
 use crate::gguf::GgufError;
 
@@ -152,11 +156,27 @@ pub struct LoadedModel {
 }
 
 /// Loads a `.gguf` file (tokenizer from its metadata) or a Hugging Face folder (tokenizer from
-/// `tokenizer.json`) onto `device`, with rotary tables for `max_positions` positions.
+/// `tokenizer.json`) onto `device`, with rotary tables for `max_positions` positions, its large
+/// weights dense.
 pub fn load(
     path: &std::path::Path,
     device: &burn::tensor::Device,
     max_positions: usize,
+) -> Result<LoadedModel, ModelError> {
+    load_as(path, device, max_positions, Some(BaseStorage::Dense))
+}
+
+/// Dense f32 base weights past this many bytes are kept in blocks instead when the storage is
+/// left to [`load_as`]: small models stay dense and fastest, a 1B model's 4.7 GB of f32 do not.
+pub const AUTO_BLOCKS_ABOVE: usize = 2 << 30;
+
+/// [`load`], holding the large weights as `storage` says; `None` picks blocks for a GGUF file
+/// whose weights as f32 would pass [`AUTO_BLOCKS_ABOVE`], dense otherwise.
+pub fn load_as(
+    path: &std::path::Path,
+    device: &burn::tensor::Device,
+    max_positions: usize,
+    storage: Option<BaseStorage>,
 ) -> Result<LoadedModel, ModelError> {
     use crate::tokenizer::TextTokenizer;
     let tokenizer_error = |e: crate::tokenizer::TokenizerError| ModelError::Format(e.to_string());
@@ -171,8 +191,21 @@ pub fn load(
     } else {
         let checkpoint = checkpoint::GgufCheckpoint::open(path)?;
         let tokenizer = TextTokenizer::from_gguf(checkpoint.gguf()).map_err(tokenizer_error)?;
+        let storage = storage.unwrap_or_else(|| {
+            let elements: usize = checkpoint
+                .gguf()
+                .tensors
+                .iter()
+                .map(|t| t.element_count())
+                .sum();
+            if elements.saturating_mul(std::mem::size_of::<f32>()) > AUTO_BLOCKS_ABOVE {
+                BaseStorage::Blocks
+            } else {
+                BaseStorage::Dense
+            }
+        });
         Ok(LoadedModel {
-            model: Llama::load(&checkpoint, device, max_positions)?,
+            model: Llama::load_as(&checkpoint, device, max_positions, storage)?,
             tokenizer,
             description: checkpoint::Checkpoint::describe(&checkpoint),
         })

@@ -1,0 +1,209 @@
+//! A frozen base weight, held densely or in its file's blocks, and the projection `x · w`.
+//!
+//! A weight in blocks is dequantized for each use into a transient f32 matrix. Where `x` is
+//! tracked by autodiff, burn's own matmul would keep that f32 matrix alive until the backward
+//! pass (it saves its right operand whenever the left one is tracked), which would undo the
+//! memory saving; [`project`] therefore records its own operation, [`DequantizedMatmul`],
+//! whose state is the shared blocks and whose backward pass dequantizes them again to compute
+//! the input's gradient (a frozen weight needs none of its own). Its forward and backward run
+//! the very kernels burn's matmul runs on the same operands, so a base in blocks gives the bits
+//! a dense base gives.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, DispatchAutodiffContext, Flex, TensorMetadata};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::blocks::QuantizedMatrix;
+
+/// A frozen projection weight, applied as `x · w` with `w` `[in, out]`.
+// A tensor handle is large (a dispatch enum); a model holds a few dozen of these.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// Values on the device, `[in, out]`.
+    Dense(Tensor<2>),
+    /// Blocks on the host, `[out, in]` as the file stores them; dequantized per use.
+    Blocks(Arc<QuantizedMatrix>),
+}
+
+impl FrozenWeight {
+    /// The weight as a dense `[in, out]` tensor on `device` (a transient copy for one in blocks).
+    pub fn to_dense(&self, device: &Device) -> Tensor<2> {
+        match self {
+            Self::Dense(w) => w.clone(),
+            Self::Blocks(blocks) => dense_of(blocks, device),
+        }
+    }
+
+    /// `x · w` for `x` `[n, in]`.
+    pub fn project(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Dense(w) => x.matmul(w.clone()),
+            Self::Blocks(blocks) => project(x, blocks),
+        }
+    }
+
+    /// Bytes this weight holds (on the device when dense, on the host in blocks).
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.shape().num_elements() * std::mem::size_of::<f32>(),
+            Self::Blocks(blocks) => blocks.byte_len(),
+        }
+    }
+}
+
+fn transposed_data(blocks: &QuantizedMatrix) -> TensorData {
+    let (rows, cols) = blocks.dims();
+    TensorData::new(blocks.dequantize_transposed(), [cols, rows])
+}
+
+/// The dense `[in, out]` weight as a plain (untracked) tensor on `device`.
+fn dense_of(blocks: &QuantizedMatrix, device: &Device) -> Tensor<2> {
+    Tensor::from_data(transposed_data(blocks), &device.clone().inner())
+}
+
+/// `x · w` for a weight in blocks; see the module's documentation.
+pub fn project(x: Tensor<2>, blocks: &Arc<QuantizedMatrix>) -> Tensor<2> {
+    let dispatch = x.into_dispatch();
+    let tracked = matches!(dispatch.autodiff, DispatchAutodiffContext::Enabled(_));
+    let x = Tensor::<2>::from_dispatch(dispatch);
+    if tracked {
+        if let Ok(primitive) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
+            let out = record::<Flex>(primitive, blocks.clone());
+            return Tensor::from_primitive::<Autodiff<Flex>>(out);
+        }
+        #[cfg(feature = "wgpu")]
+        if let Ok(primitive) = x
+            .clone()
+            .try_into_primitive::<Autodiff<burn::backend::Cube>>()
+        {
+            let out = record::<burn::backend::Cube>(primitive, blocks.clone());
+            return Tensor::from_primitive::<Autodiff<burn::backend::Cube>>(out);
+        }
+        // Another backend or checkpointing strategy: correct, but the graph keeps the
+        // dequantized weight until the backward pass.
+        tracing::debug!("projection through burn's matmul: no dequantizing op for this backend");
+    }
+    let device = x.device();
+    x.matmul(dense_of(blocks, &device))
+}
+
+/// Projections recorded by [`record`] (tests check the op they meant to test ran).
+#[cfg(test)]
+static RECORDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Records `x · w` on `B`'s autodiff graph with the blocks as the backward pass's state.
+fn record<B: Backend>(
+    x: FloatTensor<Autodiff<B>>,
+    blocks: Arc<QuantizedMatrix>,
+) -> FloatTensor<Autodiff<B>> {
+    #[cfg(test)]
+    RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let device = x.primitive().device();
+    let (x, node) = x.into_parts();
+    let w = B::float_from_data(transposed_data(&blocks), &device);
+    let out = B::float_matmul(x, w);
+    match DequantizedMatmul
+        .prepare::<NoCheckpointing>([node])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(Dequantize { blocks, device }, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// The backward pass of `x · w` for a weight in blocks: `dx = dy · wᵀ`, with `w` dequantized
+/// again.
+#[derive(Debug)]
+struct DequantizedMatmul;
+
+/// What [`DequantizedMatmul`] keeps for the backward pass: the blocks (shared, not copied).
+#[derive(Debug, Clone)]
+struct Dequantize<D> {
+    blocks: Arc<QuantizedMatrix>,
+    device: D,
+}
+
+impl<B: Backend> Backward<B, 1> for DequantizedMatmul {
+    type State = Dequantize<B::Device>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let Dequantize { blocks, device } = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            let w = B::float_from_data(transposed_data(&blocks), &device);
+            B::float_matmul(grad, B::float_transpose(w))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize_q5_0, TensorType};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = tributary_shared::config::SplitMix64(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn bits(t: Tensor<2>) -> Vec<u32> {
+        t.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    #[test]
+    fn blocks_project_with_the_bits_of_the_dense_weight_forward_and_backward() {
+        let device = Device::default();
+        let (out, inp, n) = (48, 64, 5);
+        let encoded = quantize_q5_0(&values(out * inp, 1));
+        let blocks = Arc::new(
+            QuantizedMatrix::new(Arc::new(encoded), 0, TensorType::Q5_0, out, inp).unwrap(),
+        );
+        let dense = FrozenWeight::Dense(dense_of(&blocks, &device));
+        let quantized = FrozenWeight::Blocks(blocks);
+        let x = Tensor::<2>::from_data(TensorData::new(values(n * inp, 2), [n, inp]), &device);
+        let a = Tensor::<2>::from_data(TensorData::new(values(inp * inp, 3), [inp, inp]), &device);
+        let upstream =
+            Tensor::<2>::from_data(TensorData::new(values(n * out, 4), [n, out]), &device);
+
+        // Untracked: a plain product.
+        assert_eq!(
+            bits(dense.project(x.clone())),
+            bits(quantized.project(x.clone()))
+        );
+
+        // Tracked through a trainable factor before the projection.
+        let run = |weight: &FrozenWeight| {
+            let leaf = a.clone().autodiff().require_grad();
+            let y = weight.project(x.clone().matmul(leaf.clone()));
+            let loss = (y.clone() * upstream.clone()).sum();
+            let grads = loss.backward();
+            (bits(y.detach().inner()), bits(leaf.grad(&grads).unwrap()))
+        };
+        let (dense_y, dense_grad) = run(&dense);
+        let recorded = RECORDED.load(std::sync::atomic::Ordering::Relaxed);
+        let (blocks_y, blocks_grad) = run(&quantized);
+        assert!(RECORDED.load(std::sync::atomic::Ordering::Relaxed) > recorded);
+        assert_eq!(dense_y, blocks_y);
+        assert_eq!(dense_grad, blocks_grad);
+        assert!(blocks_grad.iter().any(|b| *b != 0));
+    }
+}
