@@ -1000,6 +1000,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "median_step_s": median,
         "tokens_per_s": (args.seq * args.batch) as f64 / median,
         "peak_rss_mib": peak_rss_mib(),
+        "base_weights_mib": loaded.model.base_bytes() as f64 / f64::from(1u32 << 20),
+        "recompute_layers": args.model.recompute_layers,
         "final_loss": reports.last().map(|r| r.loss),
     });
     println!("{result}");

@@ -73,6 +73,7 @@ pub fn loss_and_gradients(
         saved.push((x.clone(), rng.clone()));
         let (out, _, _, next) = run_layer(index, x, rng);
         (x, rng) = (out.inner(), next);
+        sweep_dropped_graphs(model);
     }
 
     // The head: the loss and its gradient at the last layer's output.
@@ -106,4 +107,15 @@ pub fn loss_and_gradients(
         .map(|(grad, param)| grad.unwrap_or_else(|| param.zeros_like()))
         .collect();
     (loss, grads)
+}
+
+/// Frees the graphs no tensor refers to any more. burn's autodiff only sweeps them during a
+/// backward pass, so without this every layer's graph from the forward pass (with the
+/// activations it saved) would live until the head's backward pass: all of them at once, the
+/// memory this module exists to save. A backward pass through a one-element leaf does the sweep.
+fn sweep_dropped_graphs(model: &Llama) {
+    let probe = Tensor::<1>::zeros([1], model.device())
+        .autodiff()
+        .require_grad();
+    let _ = probe.sum().backward();
 }
