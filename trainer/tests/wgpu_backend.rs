@@ -148,3 +148,82 @@ fn wgpu_forward_and_training_match_the_cpu() {
         "a CPU and a GPU trainer would be near or past the replica tolerance: {comparison:?}"
     );
 }
+
+#[test]
+fn a_base_in_blocks_trains_on_wgpu_as_the_dense_base_on_the_cpu() {
+    if !enabled() {
+        return;
+    }
+    use tributary_trainer::model::{frozen, BaseStorage};
+    let (gpu, name) = device::select(BackendChoice::Gpu).expect("a working GPU device");
+    eprintln!("device: {name}");
+    let cpu = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny::write_gguf(&path, 11).unwrap();
+    let file = tributary_trainer::gguf::Gguf::open(&path).unwrap();
+    let quantized = dir.path().join("tiny-q.gguf");
+    let writer =
+        tributary_trainer::gguf::requantize(&file, tributary_trainer::gguf::TensorType::Q4_K)
+            .unwrap();
+    std::fs::write(&quantized, writer.to_bytes()).unwrap();
+    let checkpoint = GgufCheckpoint::open(&quantized).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(checkpoint.gguf()).unwrap();
+    let on_cpu = Llama::load_as(&checkpoint, &cpu, 256, BaseStorage::Dense).unwrap();
+    let on_gpu = Llama::load_as(&checkpoint, &gpu, 256, BaseStorage::Blocks).unwrap();
+    assert!(on_gpu.base_bytes() * 3 < on_cpu.base_bytes());
+
+    let data = PackedData::pack(
+        &[tiny::client_text(1, 60).into()],
+        &tokenizer,
+        32,
+        tokenizer.eos,
+    )
+    .unwrap();
+    let lora = LoraSettings {
+        rank: 4,
+        dropout: 0.1,
+        targets: vec![Target::Q, Target::V, Target::Down],
+        ..LoraSettings::default()
+    };
+    let run = |model: &Llama, device: &Device, recompute_layers: bool| {
+        let settings = TrainSettings {
+            steps: 4,
+            batch_size: 4,
+            grad_accum: 1,
+            seed: 5,
+            optim: OptimSettings {
+                lr: 1e-2,
+                warmup_steps: 1,
+                ..OptimSettings::default()
+            },
+            recompute_layers,
+        };
+        let mut adapter = LoraAdapter::init(&lora, model.config(), 2, device).unwrap();
+        let losses: Vec<f64> = train(model, &mut adapter, &data, &settings, |_| {})
+            .iter()
+            .map(|r| r.loss)
+            .collect();
+        (losses, adapter.to_delta())
+    };
+    let (cpu_losses, cpu_delta) = run(&on_cpu, &cpu, false);
+    let recorded = frozen::recorded_projections();
+    let (gpu_losses, gpu_delta) = run(&on_gpu, &gpu, true);
+    assert!(
+        frozen::recorded_projections() > recorded,
+        "the GPU's projections through blocks did not run as the dequantizing op"
+    );
+    eprintln!("losses cpu {cpu_losses:?}\nlosses gpu {gpu_losses:?}");
+    for (step, (a, b)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-3 * a.abs().max(1.0),
+            "step {step}: {a} vs {b}"
+        );
+    }
+    let mut worst = 0.0f32;
+    for (a, b) in cpu_delta.tensors().iter().zip(gpu_delta.tensors()) {
+        worst = worst.max(max_diff(a.values(), b.values()));
+    }
+    eprintln!("adapter after training: max |cpu - gpu| = {worst:e}");
+    assert!(worst < 1e-3, "adapters differ by {worst}");
+}

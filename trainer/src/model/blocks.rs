@@ -17,6 +17,13 @@ use super::ModelError;
 /// stay in cache while every weight row is visited.
 const COLUMNS_PER_TASK: usize = 256;
 
+/// Rows of one task of [`QuantizedMatrix::dequantize`].
+const ROWS_PER_TASK: usize = 64;
+
+/// Rows dequantized together before they are written out transposed: 16 f32 values, one
+/// cache line of each output row.
+const TILE_ROWS: usize = 16;
+
 /// A `[rows, cols]` matrix (rows are output features, as GGUF and Hugging Face store
 /// projections) held as the blocks of a file, each row a whole number of blocks.
 #[derive(Clone)]
@@ -142,6 +149,27 @@ impl QuantizedMatrix {
         out
     }
 
+    /// The whole matrix, dequantized: `[rows, cols]` row-major. Runs on rayon's threads.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let cols = self.cols;
+        let mut out = vec![0.0f32; self.rows * cols];
+        if out.is_empty() {
+            return out;
+        }
+        out.par_chunks_mut(cols * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let mut values = Vec::with_capacity(cols);
+                for (i, row) in chunk.chunks_mut(cols).enumerate() {
+                    values.clear();
+                    let span = self.row_span(task * ROWS_PER_TASK + i, 0, cols);
+                    dequantize_into(self.kind, span, &mut values);
+                    row.copy_from_slice(&values);
+                }
+            });
+        out
+    }
+
     /// The whole matrix, dequantized and transposed: `[cols, rows]` row-major, so `x · w` is a
     /// projection of `x` (`[n, cols]`). Runs on rayon's threads, each writing its own output rows.
     pub fn dequantize_transposed(&self) -> Vec<f32> {
@@ -155,12 +183,21 @@ impl QuantizedMatrix {
             .for_each(|(task, slab)| {
                 let start = task * COLUMNS_PER_TASK;
                 let end = (start + COLUMNS_PER_TASK).min(cols);
-                let mut values = Vec::with_capacity(end - start);
-                for row in 0..rows {
-                    values.clear();
-                    dequantize_into(self.kind, self.row_span(row, start, end), &mut values);
-                    for (column, value) in values.iter().enumerate() {
-                        slab[column * rows + row] = *value;
+                let width = end - start;
+                // A tile of rows is dequantized whole, then written out column by column: each
+                // output row receives a run of TILE_ROWS values (one cache line), not one.
+                let mut tile = Vec::with_capacity(TILE_ROWS * width);
+                for first in (0..rows).step_by(TILE_ROWS) {
+                    let last = (first + TILE_ROWS).min(rows);
+                    tile.clear();
+                    for row in first..last {
+                        dequantize_into(self.kind, self.row_span(row, start, end), &mut tile);
+                    }
+                    for column in 0..width {
+                        let run = &mut slab[column * rows + first..column * rows + last];
+                        for (i, value) in run.iter_mut().enumerate() {
+                            *value = tile[i * width + column];
+                        }
                     }
                 }
             });
@@ -205,6 +242,7 @@ mod tests {
             let matrix = QuantizedMatrix::new(stored(&encoded), 40, kind, rows, cols).unwrap();
             let dense = dequantize(kind, &encoded, rows * cols);
             let expected = transpose(&dense, rows, cols);
+            assert_eq!(matrix.dequantize(), dense);
             let got = matrix.dequantize_transposed();
             assert!(
                 got.iter()

@@ -94,16 +94,20 @@ pub fn project(x: Tensor<2>, blocks: &Arc<QuantizedMatrix>) -> Tensor<2> {
     x.matmul(dense_of(blocks, &device))
 }
 
-/// Projections recorded by [`record`] (tests check the op they meant to test ran).
-#[cfg(test)]
+/// Projections recorded by [`record`], in this process.
 static RECORDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many tracked projections through a weight in blocks ran as the dequantizing op (and not
+/// through burn's matmul, which keeps the dequantized weight in the graph): for tests.
+pub fn recorded_projections() -> usize {
+    RECORDED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Records `x · w` on `B`'s autodiff graph with the blocks as the backward pass's state.
 fn record<B: Backend>(
     x: FloatTensor<Autodiff<B>>,
     blocks: Arc<QuantizedMatrix>,
 ) -> FloatTensor<Autodiff<B>> {
-    #[cfg(test)]
     RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let device = x.primitive().device();
     let (x, node) = x.into_parts();
@@ -142,8 +146,11 @@ impl<B: Backend> Backward<B, 1> for DequantizedMatmul {
     ) {
         let Dequantize { blocks, device } = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            let w = B::float_from_data(transposed_data(&blocks), &device);
-            B::float_matmul(grad, B::float_transpose(w))
+            // `[out, in]` as stored: the transpose burn's matmul backward takes of the dense
+            // `[in, out]` weight, without transposing twice (gemm packs either the same way).
+            let (rows, cols) = blocks.dims();
+            let w = TensorData::new(blocks.dequantize(), [rows, cols]);
+            B::float_matmul(grad, B::float_from_data(w, &device))
         });
     }
 }
