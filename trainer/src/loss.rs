@@ -10,7 +10,7 @@
 //! is exactly zero, the same bits subtracted) and its gradient with respect to `hidden` is
 //! `grad`. The LM head is a frozen base weight, so it needs no gradient.
 
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Bytes of one chunk's logits (and of each buffer derived from them).
 pub const CHUNK_BYTES: usize = 128 << 20;
@@ -37,7 +37,8 @@ pub fn lm_head_loss(
     counted: usize,
 ) -> Tensor<1> {
     let rows = chunk_rows(head);
-    chunked(hidden, head, targets, weights, counted, rows, true)
+    let rows_by = RowKernel::for_device(head);
+    chunked(hidden, head, targets, weights, counted, rows, true, rows_by)
 }
 
 /// [`lm_head_loss`]'s value alone, for evaluation: no gradient is computed or carried.
@@ -49,9 +50,38 @@ pub fn lm_head_loss_value(
     counted: usize,
 ) -> Tensor<1> {
     let rows = chunk_rows(head);
-    chunked(hidden, head, targets, weights, counted, rows, false)
+    let rows_by = RowKernel::for_device(head);
+    chunked(
+        hidden, head, targets, weights, counted, rows, false, rows_by,
+    )
 }
 
+/// What computes each chunk's softmax, losses and `d loss / d logits` from its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKernel {
+    /// burn tensor operations (any backend; on the CPU backend, each one a single-threaded pass
+    /// over the whole chunk: eight of them, 100 MB each for SmolLM2's 512 rows).
+    Graph,
+    /// One loop per row on rayon's threads over the logits' host memory: two passes, in place
+    /// (the CPU backend, whose tensors live in host memory anyway).
+    Host,
+}
+
+impl RowKernel {
+    fn for_device(head: &Tensor<2>) -> Self {
+        if head
+            .clone()
+            .try_into_primitive::<burn::backend::Flex>()
+            .is_ok()
+        {
+            Self::Host
+        } else {
+            Self::Graph
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn chunked(
     hidden: Tensor<2>,
     head: &Tensor<2>,
@@ -60,18 +90,58 @@ fn chunked(
     counted: usize,
     chunk_rows: usize,
     with_gradient: bool,
+    rows_by: RowKernel,
 ) -> Tensor<1> {
     let [n, _] = hidden.dims();
+    let vocab = head.dims()[1];
+    let device = head.device();
     let scale = 1.0 / counted.max(1) as f64;
-    let fixed = hidden.clone().detach();
+    // Plain, not merely detached: the chunk's work pays no autodiff dispatch.
+    let fixed = hidden.clone().inner();
     let head_t = head.clone().transpose();
+    // The host kernel's inputs, read once: targets and each row's share of the loss.
+    let host = (rows_by == RowKernel::Host).then(|| {
+        let ids = host_values::<i64>(targets.clone().into_data().convert::<i64>());
+        let shares: Vec<f32> = match &weights {
+            Some(weights) => host_values::<f32>(weights.clone().into_data())
+                .into_iter()
+                .map(|w| w * scale as f32)
+                .collect(),
+            None => vec![scale as f32; n],
+        };
+        (ids, shares)
+    });
     let mut losses = Vec::with_capacity(n.div_ceil(chunk_rows));
+    let mut host_loss = 0.0f64;
     let mut grads = Vec::with_capacity(n.div_ceil(chunk_rows));
     let mut start = 0;
     while start < n {
         let rows = chunk_rows.min(n - start);
-        let picked = targets.clone().narrow(0, start, rows).reshape([rows, 1]);
         let logits = fixed.clone().narrow(0, start, rows).matmul(head.clone());
+        if let Some((ids, shares)) = &host {
+            let mut values = host_values::<f32>(logits.into_data());
+            let range = start..start + rows;
+            let nll = host_rows(
+                &mut values,
+                vocab,
+                &ids[range.clone()],
+                &shares[range.clone()],
+                with_gradient,
+            );
+            host_loss += nll
+                .iter()
+                .zip(&shares[range])
+                .map(|(nll, share)| f64::from(nll * share))
+                .sum::<f64>();
+            if with_gradient {
+                let dlogits =
+                    Tensor::<2>::from_data(TensorData::new(values, [rows, vocab]), &device);
+                grads.push(dlogits.matmul(head_t.clone()));
+            }
+            start += rows;
+            continue;
+        }
+        let picked = targets.clone().narrow(0, start, rows).reshape([rows, 1]);
         let max = logits.clone().max_dim(1);
         let exp = (logits.clone() - max.clone()).exp();
         let sum = exp.clone().sum_dim(1);
@@ -96,7 +166,11 @@ fn chunked(
         grads.push(dlogits.matmul(head_t.clone()));
         start += rows;
     }
-    let loss = Tensor::cat(losses, 0).sum();
+    let loss = if host.is_some() {
+        Tensor::<1>::from_data(TensorData::new(vec![host_loss as f32], [1]), &device)
+    } else {
+        Tensor::cat(losses, 0).sum()
+    };
     if !with_gradient {
         return loss;
     }
@@ -105,10 +179,62 @@ fn chunked(
     carrier.clone() - carrier.detach() + loss
 }
 
+/// A tensor's values on the host.
+///
+/// # Panics
+/// If they are not of type `E` (the callers convert first).
+fn host_values<E: burn::tensor::Element>(data: TensorData) -> Vec<E> {
+    data.try_into_vec::<E>()
+        .expect("values of the element type asked for")
+}
+
+/// Each row's negative log-likelihood of its target, for `logits` (`rows × vocab`, row-major);
+/// with `with_gradient`, `logits` is overwritten by `d loss / d logits` = `share · (softmax −
+/// one-hot(target))`. Rows run on rayon's threads; each row's arithmetic is fixed (sums in
+/// f64, in order), so the results are the same bits on any number of threads.
+///
+/// # Panics
+/// If a target is not a column.
+fn host_rows(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[i64],
+    shares: &[f32],
+    with_gradient: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets)
+        .zip(shares)
+        .map(|((row, &target), &share)| {
+            let target = usize::try_from(target)
+                .ok()
+                .filter(|t| *t < vocab)
+                .expect("target id within the vocabulary");
+            let picked = row[target];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            for value in row.iter_mut() {
+                *value = (*value - max).exp();
+                sum += f64::from(*value);
+            }
+            let sum = sum as f32;
+            if with_gradient {
+                for value in row.iter_mut() {
+                    *value = *value / sum * share;
+                }
+                row[target] -= share;
+            }
+            sum.ln() + max - picked
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::Device;
 
     use crate::train::{lm_loss, masked_lm_loss};
 
@@ -172,13 +298,15 @@ mod tests {
             [n, d],
             &device,
         );
-        let fused = loss_and_grad(
-            |h| chunked(h, &head, targets.clone(), None, n, 16, true),
-            &hidden,
-            [n, d],
-            &device,
-        );
-        close(fused, plain);
+        for kernel in [RowKernel::Graph, RowKernel::Host] {
+            let fused = loss_and_grad(
+                |h| chunked(h, &head, targets.clone(), None, n, 16, true, kernel),
+                &hidden,
+                [n, d],
+                &device,
+            );
+            close(fused, plain.clone());
+        }
         let plain = loss_and_grad(
             |h| {
                 masked_lm_loss(
@@ -192,23 +320,26 @@ mod tests {
             [n, d],
             &device,
         );
-        let fused = loss_and_grad(
-            |h| {
-                chunked(
-                    h,
-                    &head,
-                    targets.clone(),
-                    Some(weights.clone()),
-                    counted,
-                    16,
-                    true,
-                )
-            },
-            &hidden,
-            [n, d],
-            &device,
-        );
-        close(fused, plain);
+        for kernel in [RowKernel::Graph, RowKernel::Host] {
+            let fused = loss_and_grad(
+                |h| {
+                    chunked(
+                        h,
+                        &head,
+                        targets.clone(),
+                        Some(weights.clone()),
+                        counted,
+                        16,
+                        true,
+                        kernel,
+                    )
+                },
+                &hidden,
+                [n, d],
+                &device,
+            );
+            close(fused, plain.clone());
+        }
     }
 
     #[test]

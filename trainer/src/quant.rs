@@ -211,15 +211,6 @@ fn half(bytes: &[u8]) -> f32 {
     f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
 }
 
-/// Value `i` (0–31) of a 32-value block's 16 bytes of nibbles.
-fn nibble(quants: &[u8], i: usize) -> u8 {
-    if i < 16 {
-        quants[i] & 0x0F
-    } else {
-        quants[i - 16] >> 4
-    }
-}
-
 // The 32-value types fill a stack array with straight-line loops (which the compiler
 // vectorizes) and append it whole: several times faster than pushing value by value, the same
 // arithmetic, so the same bits.

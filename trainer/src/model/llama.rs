@@ -14,7 +14,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use std::cell::RefCell;
 
-use burn::tensor::{activation, Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use tributary_shared::config::SplitMix64;
 
 use std::sync::Arc;
@@ -562,7 +562,7 @@ impl Llama {
         let normed = rms_norm(x.clone(), &layer.ffn_norm, self.config.rms_norm_eps);
         let gate = project(normed.clone(), &layer.gate, None, lora, Target::Gate);
         let up = project(normed, &layer.up, None, lora, Target::Up);
-        let act = activation::silu(gate) * up;
+        let act = super::swiglu::swiglu(gate, up);
         x + project(act, &layer.down, None, lora, Target::Down)
     }
 

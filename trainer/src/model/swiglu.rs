@@ -1,0 +1,222 @@
+//! The MLP's gate, `silu(gate) ⊙ up`, as one operation with its own backward pass on the CPU
+//! backend.
+//!
+//! burn builds it from a sigmoid, two products and their backward passes: five single-threaded
+//! passes over `[tokens, intermediate]` forward, more backward, three saved tensors. Here it is
+//! one pass each way on rayon's threads, saving only its two inputs. Other backends (wgpu) keep
+//! burn's operations, which their own compilers fuse.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{activation, DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Elements of one task on rayon's threads.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// `silu(gate) ⊙ up`, for tensors of the same shape.
+pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    if let (Ok(g), Ok(u)) = (
+        gate.clone().try_into_primitive::<Flex>(),
+        up.clone().try_into_primitive::<Flex>(),
+    ) {
+        if let Some(out) = host_forward(&g, &u) {
+            return Tensor::from_primitive::<Flex>(out);
+        }
+    }
+    // One tracked input makes both autodiff tensors (the other a constant), as burn's operations
+    // would treat it.
+    let (gate, up) = if gate.is_autodiff() || up.is_autodiff() {
+        (gate.autodiff(), up.autodiff())
+    } else {
+        (gate, up)
+    };
+    if let (Ok(g), Ok(u)) = (
+        gate.clone().try_into_primitive::<Autodiff<Flex>>(),
+        up.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let (g, g_node) = g.into_parts();
+        let (u, u_node) = u.into_parts();
+        if let Some(out) = host_forward(&g, &u) {
+            #[cfg(test)]
+            RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let out = match SwiGluBackward
+                .prepare::<NoCheckpointing>([g_node, u_node])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((g, u), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            return Tensor::from_primitive::<Autodiff<Flex>>(out);
+        }
+    }
+    activation::silu(gate) * up
+}
+
+/// Tracked gates computed here (tests check their path ran).
+#[cfg(test)]
+static RECORDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The logistic sigmoid, as burn's flex backend computes it.
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Contiguous f32 values of `t`, if it has them.
+fn values(t: &FlexTensor) -> Option<&[f32]> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    t.as_slice::<f32>()
+}
+
+fn host_forward(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
+    let shape = gate.layout().shape().clone();
+    if *up.layout().shape() != shape {
+        return None;
+    }
+    let (g, u) = (values(gate)?, values(up)?);
+    let mut out = vec![0.0f32; g.len()];
+    out.par_chunks_mut(ELEMENTS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let start = task * ELEMENTS_PER_TASK;
+            let (g, u) = (&g[start..start + out.len()], &u[start..start + out.len()]);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    Some(FlexTensor::from_data(TensorData::new(out, shape)))
+}
+
+/// `d gate = dy ⊙ up ⊙ σ(g) (1 + g (1 − σ(g)))`, `d up = dy ⊙ silu(g)`.
+#[derive(Debug)]
+struct SwiGluBackward;
+
+impl Backward<Flex, 2> for SwiGluBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (gate, up) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let dy = if dy.is_contiguous() && dy.dtype() == DType::F32 {
+            dy
+        } else {
+            dy.to_contiguous()
+        };
+        let shape = gate.layout().shape().clone();
+        let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&dy)) else {
+            unreachable!("the forward pass checked both inputs; the gradient was made contiguous");
+        };
+        let [gate_node, up_node] = ops.parents;
+        let mut d_gate = vec![0.0f32; if gate_node.is_some() { g.len() } else { 0 }];
+        let mut d_up = vec![0.0f32; if up_node.is_some() { g.len() } else { 0 }];
+        let tasks = g.len().div_ceil(ELEMENTS_PER_TASK);
+        let mut gate_chunks: Vec<&mut [f32]> = d_gate.chunks_mut(ELEMENTS_PER_TASK).collect();
+        let mut up_chunks: Vec<&mut [f32]> = d_up.chunks_mut(ELEMENTS_PER_TASK).collect();
+        gate_chunks.resize_with(tasks, Default::default);
+        up_chunks.resize_with(tasks, Default::default);
+        gate_chunks
+            .into_par_iter()
+            .zip(up_chunks)
+            .enumerate()
+            .for_each(|(task, (d_gate, d_up))| {
+                let start = task * ELEMENTS_PER_TASK;
+                let end = (start + ELEMENTS_PER_TASK).min(g.len());
+                for i in start..end {
+                    let (g, u, dy) = (g[i], u[i], dy[i]);
+                    let s = sigmoid(g);
+                    if !d_up.is_empty() {
+                        d_up[i - start] = dy * (g * s);
+                    }
+                    if !d_gate.is_empty() {
+                        d_gate[i - start] = dy * u * s * (1.0 + g * (1.0 - s));
+                    }
+                }
+            });
+        if let Some(node) = gate_node {
+            let grad = FlexTensor::from_data(TensorData::new(d_gate, shape.clone()));
+            grads.register::<Flex>(node.id, grad);
+        }
+        if let Some(node) = up_node {
+            let grad = FlexTensor::from_data(TensorData::new(d_up, shape));
+            grads.register::<Flex>(node.id, grad);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = tributary_shared::config::SplitMix64(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() % 8001) as f32 / 1000.0 - 4.0)
+            .collect()
+    }
+
+    fn host(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * scale, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_fused_gate_and_its_gradients_match_burns_operations() {
+        let device = Device::flex();
+        // Past one task's elements, with a partial last task.
+        let shape = [37, 901];
+        let n = shape[0] * shape[1];
+        let tensor =
+            |seed| Tensor::<2>::from_data(TensorData::new(values(n, seed), shape), &device);
+        let (gate, up, upstream) = (tensor(1), tensor(2), tensor(3));
+
+        close(
+            &host(swiglu(gate.clone(), up.clone())),
+            &host(activation::silu(gate.clone()) * up.clone()),
+        );
+
+        let run = |f: &dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<2>, track_up: bool| {
+            let g = gate.clone().autodiff().require_grad();
+            let u = if track_up {
+                up.clone().autodiff().require_grad()
+            } else {
+                up.clone()
+            };
+            let out = f(g.clone(), u.clone());
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let d_up = track_up.then(|| host(u.grad(&grads).unwrap()));
+            (host(out.inner()), host(g.grad(&grads).unwrap()), d_up)
+        };
+        for track_up in [true, false] {
+            let recorded = RECORDED.load(std::sync::atomic::Ordering::Relaxed);
+            let fused = run(&|g, u| swiglu(g, u), track_up);
+            assert!(RECORDED.load(std::sync::atomic::Ordering::Relaxed) > recorded);
+            let plain = run(&|g, u| activation::silu(g) * u, track_up);
+            close(&fused.0, &plain.0);
+            close(&fused.1, &plain.1);
+            assert_eq!(fused.2.is_some(), plain.2.is_some());
+            if let (Some(a), Some(b)) = (&fused.2, &plain.2) {
+                close(a, b);
+            }
+        }
+    }
+}
