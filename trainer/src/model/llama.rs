@@ -22,6 +22,7 @@ use std::sync::Arc;
 use super::blocks::QuantizedMatrix;
 use super::checkpoint::{Checkpoint, HostTensor};
 use super::frozen::FrozenWeight;
+use super::norm::rms_norm;
 use super::{transpose, LlamaConfig, ModelError, Target};
 
 /// How the base model's large weights are held.
@@ -687,12 +688,6 @@ fn causal_mask(
     Tensor::<2, Bool>::from_data(TensorData::new(values, [len, total]), device)
         .reshape([1, 1, len, total])
         .expand([batch, heads, len, total])
-}
-
-fn rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
-    let [_, d] = x.dims();
-    let scale = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
-    x * scale * weight.clone().reshape([1, d])
 }
 
 /// `x @ w + bias`, plus the LoRA branch for `target` when the adapter has one.

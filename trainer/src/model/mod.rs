@@ -6,6 +6,7 @@ pub mod checkpoint;
 mod config;
 pub mod frozen;
 mod llama;
+pub mod norm;
 pub mod swiglu;
 
 pub use blocks::QuantizedMatrix;
