@@ -136,10 +136,11 @@ fn head_loss(
         lm_head_loss_value
     };
     let head = model.lm_head_weight();
+    let head_rows = model.lm_head_rows();
     match &batch.masks {
         None => {
             let n = hidden.dims()[0];
-            loss(hidden, &head, targets, None, n)
+            loss(hidden, &head, head_rows.as_ref(), targets, None, n)
         }
         Some(masks) => {
             let weights: Vec<f32> = masks
@@ -148,7 +149,14 @@ fn head_loss(
                 .collect();
             let n = weights.len();
             let weights = Tensor::from_data(TensorData::new(weights, [n]), model.device());
-            loss(hidden, &head, targets, Some(weights), batch.target_tokens())
+            loss(
+                hidden,
+                &head,
+                head_rows.as_ref(),
+                targets,
+                Some(weights),
+                batch.target_tokens(),
+            )
         }
     }
 }

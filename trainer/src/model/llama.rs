@@ -468,6 +468,15 @@ impl Llama {
         self.lm_head.to_dense(&self.device)
     }
 
+    /// The LM head's transpose `[vocab, hidden]`, contiguous, when the model holds it anyway:
+    /// the dense embedding matrix of a model whose head is tied to it.
+    pub fn lm_head_rows(&self) -> Option<Tensor<2>> {
+        match (&self.embed, self.config.tie_word_embeddings) {
+            (Embeddings::Dense(embed), true) => Some(embed.clone()),
+            _ => None,
+        }
+    }
+
     /// Bytes the base model's weights hold, wherever they are kept.
     pub fn base_bytes(&self) -> usize {
         let vector = |t: &Tensor<1>| t.dims()[0] * std::mem::size_of::<f32>();
