@@ -28,6 +28,8 @@ pub mod recompute;
 pub mod robustness;
 pub mod shakespeare;
 pub mod study;
+#[cfg(test)]
+mod test_values;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

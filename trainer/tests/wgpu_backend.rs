@@ -35,18 +35,28 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The GPU `device::select` picks (named on stderr) and the CPU.
+fn devices() -> (Device, Device) {
+    let (gpu, name) = device::select(BackendChoice::Gpu).expect("a working GPU device");
+    eprintln!("device: {name}");
+    (gpu, Device::flex())
+}
+
+/// The tiny model written to a fresh folder (kept alive by the returned guard).
+fn tiny_model() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny::write_gguf(&path, 11).unwrap();
+    (dir, path)
+}
+
 #[test]
 fn wgpu_forward_and_training_match_the_cpu() {
     if !enabled() {
         return;
     }
-    let (gpu, name) = device::select(BackendChoice::Gpu).expect("a working GPU device");
-    eprintln!("device: {name}");
-    let cpu = Device::flex();
-
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    tiny::write_gguf(&path, 11).unwrap();
+    let (gpu, cpu) = devices();
+    let (_dir, path) = tiny_model();
     let checkpoint = GgufCheckpoint::open(&path).unwrap();
     let tokenizer = TextTokenizer::from_gguf(checkpoint.gguf()).unwrap();
     let on_cpu = Llama::load(&checkpoint, &cpu, 256).unwrap();
@@ -155,12 +165,8 @@ fn a_base_in_blocks_trains_on_wgpu_as_the_dense_base_on_the_cpu() {
         return;
     }
     use tributary_trainer::model::{frozen, BaseStorage};
-    let (gpu, name) = device::select(BackendChoice::Gpu).expect("a working GPU device");
-    eprintln!("device: {name}");
-    let cpu = Device::flex();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    tiny::write_gguf(&path, 11).unwrap();
+    let (gpu, cpu) = devices();
+    let (dir, path) = tiny_model();
     let file = tributary_trainer::gguf::Gguf::open(&path).unwrap();
     let quantized = dir.path().join("tiny-q.gguf");
     let writer =

@@ -161,10 +161,7 @@ mod tests {
     use crate::quant::{quantize_q5_0, TensorType};
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = tributary_shared::config::SplitMix64(seed);
-        (0..n)
-            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
+        crate::test_values::uniform(n, seed, 1.0)
     }
 
     fn bits(t: Tensor<2>) -> Vec<u32> {

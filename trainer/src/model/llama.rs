@@ -78,6 +78,15 @@ struct Layer {
     k_norm: Option<Tensor<1>>,
 }
 
+impl Layer {
+    /// The seven projections, in [`Target::ALL`]'s order.
+    fn projections(&self) -> [&FrozenWeight; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+}
+
 /// One LoRA pair on the device: `a` is `[in, rank]`, `b` is `[rank, out]`.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
@@ -428,15 +437,7 @@ impl Llama {
             {
                 out.push(read1(vector));
             }
-            for w in [
-                &layer.q,
-                &layer.k,
-                &layer.v,
-                &layer.o,
-                &layer.gate,
-                &layer.up,
-                &layer.down,
-            ] {
+            for w in layer.projections() {
                 out.push(dense(w));
             }
         }
@@ -493,18 +494,11 @@ impl Llama {
             .layers
             .iter()
             .map(|layer| {
-                [
-                    &layer.q,
-                    &layer.k,
-                    &layer.v,
-                    &layer.o,
-                    &layer.gate,
-                    &layer.up,
-                    &layer.down,
-                ]
-                .iter()
-                .map(|w| w.byte_len())
-                .sum::<usize>()
+                layer
+                    .projections()
+                    .iter()
+                    .map(|w| w.byte_len())
+                    .sum::<usize>()
                     + vector(&layer.attn_norm)
                     + vector(&layer.ffn_norm)
             })

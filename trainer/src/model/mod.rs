@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod checkpoint;
 mod config;
+mod flex;
 pub mod frozen;
 mod llama;
 pub mod norm;

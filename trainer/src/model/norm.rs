@@ -12,8 +12,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::flex::{contiguous_f32, f32_values as values};
 use std::sync::Arc;
 
 /// RMSNorm of each row of `x` (`[n, d]`) with `weight` (`[d]`, no gradient).
@@ -62,14 +64,6 @@ pub fn graph_rms_norm(x: Tensor<2>, weight: &Tensor<1>, eps: f64) -> Tensor<2> {
     let [_, d] = x.dims();
     let scale = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
     x * scale * weight.clone().reshape([1, d])
-}
-
-/// Contiguous f32 values of `t`, if it has them.
-fn values(t: &FlexTensor) -> Option<&[f32]> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    t.as_slice::<f32>()
 }
 
 /// The normalised rows and each row's scale `1 / sqrt(mean(x²) + eps)`.
@@ -123,11 +117,7 @@ impl Backward<Flex, 1> for RmsNormBackward {
         let Some(parent) = parent else {
             return;
         };
-        let dy = if dy.is_contiguous() && dy.dtype() == DType::F32 {
-            dy
-        } else {
-            dy.to_contiguous()
-        };
+        let dy = contiguous_f32(dy);
         let shape = x.layout().shape().clone();
         let d = weight.len();
         let (Some(x), Some(dy)) = (values(&x), values(&dy)) else {
@@ -157,25 +147,15 @@ impl Backward<Flex, 1> for RmsNormBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::{assert_close, host, uniform};
     use burn::tensor::Device;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = tributary_shared::config::SplitMix64(seed);
-        (0..n)
-            .map(|_| (rng.next_u64() % 8001) as f32 / 1000.0 - 4.0)
-            .collect()
-    }
-
-    fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().try_to_vec::<f32>().unwrap()
+        uniform(n, seed, 4.0)
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0);
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= 2e-6 * scale, "{x} vs {y}");
-        }
+        assert_close(a, b, 2e-6);
     }
 
     #[test]

@@ -12,8 +12,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{activation, DType, Tensor, TensorData};
+use burn::tensor::{activation, Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::flex::{contiguous_f32, f32_values as values};
 
 /// Elements of one task on rayon's threads.
 const ELEMENTS_PER_TASK: usize = 1 << 14;
@@ -67,14 +69,6 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Contiguous f32 values of `t`, if it has them.
-fn values(t: &FlexTensor) -> Option<&[f32]> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    t.as_slice::<f32>()
-}
-
 fn host_forward(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
     let shape = gate.layout().shape().clone();
     if *up.layout().shape() != shape {
@@ -109,11 +103,7 @@ impl Backward<Flex, 2> for SwiGluBackward {
     ) {
         let (gate, up) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
-        let dy = if dy.is_contiguous() && dy.dtype() == DType::F32 {
-            dy
-        } else {
-            dy.to_contiguous()
-        };
+        let dy = contiguous_f32(dy);
         let shape = gate.layout().shape().clone();
         let (Some(g), Some(u), Some(dy)) = (values(&gate), values(&up), values(&dy)) else {
             unreachable!("the forward pass checked both inputs; the gradient was made contiguous");
@@ -158,25 +148,15 @@ impl Backward<Flex, 2> for SwiGluBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::{assert_close, host, uniform};
     use burn::tensor::Device;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = tributary_shared::config::SplitMix64(seed);
-        (0..n)
-            .map(|_| (rng.next_u64() % 8001) as f32 / 1000.0 - 4.0)
-            .collect()
-    }
-
-    fn host(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().try_to_vec::<f32>().unwrap()
+        uniform(n, seed, 4.0)
     }
 
     fn close(a: &[f32], b: &[f32]) {
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0);
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= 1e-6 * scale, "{x} vs {y}");
-        }
+        assert_close(a, b, 1e-6);
     }
 
     #[test]
