@@ -308,29 +308,29 @@ impl Llama {
             config.vocab_size,
         );
         let embed_name = "model.embed_tokens.weight";
-        let (embed, lm_head) = match load_blocks(checkpoint, embed_name, vocab, d, storage)? {
+        // The embeddings, and the head too when it is tied to them.
+        let tie = config.tie_word_embeddings;
+        let (embed, tied_head) = match load_blocks(checkpoint, embed_name, vocab, d, storage)? {
             Some(blocks) => {
-                let head = if config.tie_word_embeddings {
-                    FrozenWeight::Blocks(blocks.clone())
-                } else {
-                    load_projection(checkpoint, "lm_head.weight", vocab, d, device, storage)?
-                };
+                let head = tie.then(|| FrozenWeight::Blocks(blocks.clone()));
                 (Embeddings::Blocks(blocks), head)
             }
             None => {
                 let host = checkpoint.load(embed_name)?;
                 expect_shape(embed_name, &host, &[vocab, d])?;
-                let head = if config.tie_word_embeddings {
+                let head = tie.then(|| {
                     let values = transpose(&host.values, vocab, d);
                     FrozenWeight::Dense(Tensor::from_data(
                         TensorData::new(values, [d, vocab]),
                         device,
                     ))
-                } else {
-                    load_projection(checkpoint, "lm_head.weight", vocab, d, device, storage)?
-                };
+                });
                 (Embeddings::Dense(upload(host, device)), head)
             }
+        };
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None => load_projection(checkpoint, "lm_head.weight", vocab, d, device, storage)?,
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -419,10 +419,7 @@ impl Llama {
         };
         let embed = match &self.embed {
             Embeddings::Dense(w) => read2(w),
-            Embeddings::Blocks(blocks) => {
-                let rows: Vec<usize> = (0..blocks.dims().0).collect();
-                blocks.dequantize_rows(&rows)
-            }
+            Embeddings::Blocks(blocks) => blocks.dequantize(),
         };
         let dense = |w: &FrozenWeight| read2(&w.to_dense(&self.device));
         let mut out = vec![embed, dense(&self.lm_head), read1(&self.norm)];
