@@ -635,6 +635,16 @@ impl Llama {
             *slot = Some((k.clone(), v.clone()));
         }
         let total = k.dims()[2];
+        let window = self.config.sliding_window.filter(|window| *window < total);
+        let merge = |out: Tensor<4>| {
+            let merged = out.swap_dims(1, 2).reshape([batch * len, heads * head_dim]);
+            project(merged, &layer.o, bias(Target::O), lora, Target::O)
+        };
+        if window.is_none() && start == 0 && len > 1 && total == len {
+            if let Some(out) = super::attention::causal_attention(&q, &k, &v) {
+                return merge(out);
+            }
+        }
         let group = heads / kv_heads;
         let widen = |t: Tensor<4>| -> Tensor<4> {
             if group == 1 {
@@ -646,7 +656,6 @@ impl Llama {
             }
         };
         let (k, v) = (widen(k), widen(v));
-        let window = self.config.sliding_window.filter(|window| *window < total);
         let (mask, is_causal) = if window.is_some() || (start > 0 && len > 1) {
             (
                 Some(causal_mask(batch, heads, len, start, window, &self.device)),
@@ -660,9 +669,7 @@ impl Llama {
             softcap: None,
             is_causal,
         };
-        let out = attention(q, k, v, mask, None, options);
-        let merged = out.swap_dims(1, 2).reshape([batch * len, heads * head_dim]);
-        project(merged, &layer.o, bias(Target::O), lora, Target::O)
+        merge(attention(q, k, v, mask, None, options))
     }
 }
 

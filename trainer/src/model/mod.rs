@@ -1,6 +1,7 @@
 //! The base model: its shape ([`LlamaConfig`]), its weights ([`checkpoint`]) and the decoder
 //! itself ([`Llama`]).
 
+pub mod attention;
 pub mod blocks;
 pub mod checkpoint;
 mod config;
