@@ -23,6 +23,7 @@ pub mod loss;
 pub mod model;
 pub mod net;
 pub mod optim;
+pub mod probe;
 pub mod quant;
 pub mod recompute;
 pub mod robustness;
