@@ -115,6 +115,10 @@ enum BaseWeights {
     Auto,
     Dense,
     Blocks,
+    /// Blocks unpacked by tensor operations on the device even on the CPU: the GPU's path,
+    /// for measuring it where no GPU is at hand.
+    #[value(hide = true)]
+    DeviceBlocks,
 }
 
 impl BaseWeights {
@@ -123,6 +127,7 @@ impl BaseWeights {
             Self::Auto => None,
             Self::Dense => Some(model::BaseStorage::Dense),
             Self::Blocks => Some(model::BaseStorage::Blocks),
+            Self::DeviceBlocks => Some(model::BaseStorage::DeviceBlocks),
         }
     }
 }

@@ -238,7 +238,7 @@ fn q4_1(block: &[u8], out: &mut Vec<f32>) {
 }
 
 /// The 5-bit values of a `Q5_0`/`Q5_1` block whose fifth bits start at `high`.
-fn five_bits(block: &[u8], high: usize) -> [u8; 32] {
+pub(crate) fn five_bits(block: &[u8], high: usize) -> [u8; 32] {
     let bits = u32::from_le_bytes([
         block[high],
         block[high + 1],

@@ -569,6 +569,19 @@ fn a_base_kept_in_blocks_computes_the_bits_of_the_dense_base() {
     };
     let trained = run(&blocks);
     assert_eq!(run(&dense), trained);
+
+    // The GPU's path, blocks unpacked on the device by tensor operations, run on the CPU:
+    // the same weights, logits and adapter.
+    let on_device = Llama::load_as(&checkpoint, &device, 256, BaseStorage::DeviceBlocks).unwrap();
+    assert!(on_device.base_bytes() * 3 < dense.base_bytes());
+    assert!(dense.base_weights() == on_device.base_weights());
+    assert!(from_dense
+        .iter()
+        .zip(&logits(&on_device))
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let recorded = tributary_trainer::model::frozen::recorded_projections();
+    assert_eq!(run(&on_device), trained);
+    assert!(tributary_trainer::model::frozen::recorded_projections() > recorded);
     let untrained = LoraAdapter::init(&settings, blocks.config(), 9, &device)
         .unwrap()
         .to_delta();

@@ -119,6 +119,12 @@ impl QuantizedMatrix {
             .expect("checked when the matrix was made")
     }
 
+    /// The blocks of row `row` (in the matrix's order: a permuted row is read where it is
+    /// stored).
+    pub fn stored_row(&self, row: usize) -> &[u8] {
+        self.row_span(row, 0, self.cols)
+    }
+
     /// The stored bytes of row `row`'s columns `[start, end)` (block-aligned).
     fn row_span(&self, row: usize, start: usize, end: usize) -> &[u8] {
         let stored = self.sources.as_ref().map_or(row, |s| s[row] as usize);

@@ -16,10 +16,14 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, DispatchAutodiffContext, Flex, TensorMetadata};
+use burn::backend::{
+    Autodiff, Backend, DispatchAutodiffContext, DispatchKindConversion, DispatchTensor, Flex,
+    TensorMetadata,
+};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::blocks::QuantizedMatrix;
+use super::device_blocks::DeviceBlocks;
 
 /// A frozen projection weight, applied as `x · w` with `w` `[in, out]`.
 // A tensor handle is large (a dispatch enum); a model holds a few dozen of these.
@@ -30,6 +34,8 @@ pub enum FrozenWeight {
     Dense(Tensor<2>),
     /// Blocks on the host, `[out, in]` as the file stores them; dequantized per use.
     Blocks(Arc<QuantizedMatrix>),
+    /// Blocks on the device, `[out, in]`; dequantized there per use.
+    DeviceBlocks(Arc<DeviceBlocks>),
 }
 
 impl FrozenWeight {
@@ -38,6 +44,7 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => w.clone(),
             Self::Blocks(blocks) => dense_of(blocks, device),
+            Self::DeviceBlocks(blocks) => blocks.dequantize().transpose(),
         }
     }
 
@@ -46,6 +53,7 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => x.matmul(w.clone()),
             Self::Blocks(blocks) => project(x, blocks),
+            Self::DeviceBlocks(blocks) => project_on_device(x, blocks),
         }
     }
 
@@ -54,6 +62,7 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => w.shape().num_elements() * std::mem::size_of::<f32>(),
             Self::Blocks(blocks) => blocks.byte_len(),
+            Self::DeviceBlocks(blocks) => blocks.byte_len(),
         }
     }
 }
@@ -92,6 +101,90 @@ pub fn project(x: Tensor<2>, blocks: &Arc<QuantizedMatrix>) -> Tensor<2> {
     }
     let device = x.device();
     x.matmul(dense_of(blocks, &device))
+}
+
+/// `x · w` for a weight in blocks on the device: as [`project`], with the weight dequantized
+/// on the device (forward, and again in the backward pass) instead of on the host.
+pub fn project_on_device(x: Tensor<2>, blocks: &Arc<DeviceBlocks>) -> Tensor<2> {
+    let dispatch = x.into_dispatch();
+    let tracked = matches!(dispatch.autodiff, DispatchAutodiffContext::Enabled(_));
+    let x = Tensor::<2>::from_dispatch(dispatch);
+    if tracked {
+        if let Ok(primitive) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
+            if let Some(out) = record_on_device::<Flex>(primitive, blocks.clone()) {
+                return Tensor::from_primitive::<Autodiff<Flex>>(out);
+            }
+        }
+        #[cfg(feature = "wgpu")]
+        if let Ok(primitive) = x
+            .clone()
+            .try_into_primitive::<Autodiff<burn::backend::Cube>>()
+        {
+            if let Some(out) = record_on_device::<burn::backend::Cube>(primitive, blocks.clone()) {
+                return Tensor::from_primitive::<Autodiff<burn::backend::Cube>>(out);
+            }
+        }
+        tracing::debug!("projection through burn's matmul: no dequantizing op for this backend");
+    }
+    x.matmul(blocks.dequantize().transpose())
+}
+
+/// Records `x · w` on `B`'s autodiff graph with the device blocks as the backward pass's
+/// state; `None` when the blocks are not on `B`.
+fn record_on_device<B: Backend>(
+    x: FloatTensor<Autodiff<B>>,
+    blocks: Arc<DeviceBlocks>,
+) -> Option<FloatTensor<Autodiff<B>>>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    let w = blocks
+        .dequantize()
+        .transpose()
+        .try_into_primitive::<B>()
+        .ok()?;
+    RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (x, node) = x.into_parts();
+    let out = B::float_matmul(x, w);
+    Some(
+        match DeviceDequantizedMatmul
+            .prepare::<NoCheckpointing>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(blocks, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
+}
+
+/// The backward pass of `x · w` for a weight in device blocks: `dx = dy · wᵀ`, with `w`
+/// dequantized again on the device.
+#[derive(Debug)]
+struct DeviceDequantizedMatmul;
+
+impl<B: Backend> Backward<B, 1> for DeviceDequantizedMatmul
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    type State = Arc<DeviceBlocks>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let blocks = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            // `[out, in]` as dequantized: the transpose of the forward pass's weight.
+            let w = blocks
+                .dequantize()
+                .try_into_primitive::<B>()
+                .unwrap_or_else(|_| unreachable!("the forward pass found the blocks on B"));
+            B::float_matmul(grad, w)
+        });
+    }
 }
 
 /// Projections recorded by [`record`], in this process.

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use super::blocks::QuantizedMatrix;
 use super::checkpoint::{Checkpoint, HostTensor};
+use super::device_blocks::DeviceBlocks;
 use super::frozen::FrozenWeight;
 use super::norm::rms_norm;
 use super::{transpose, LlamaConfig, ModelError, Target};
@@ -33,8 +34,24 @@ pub enum BaseStorage {
     #[default]
     Dense,
     /// In the file's quantized blocks (GGUF types other than f32), dequantized per use: memory
-    /// follows the file's size (QLoRA). Weights a file stores as f32 stay dense.
+    /// follows the file's size (QLoRA). Weights a file stores as f32 stay dense. On the CPU the
+    /// blocks stay on the host; on a GPU the 32-value types (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
+    /// `Q8_0`) are uploaded and dequantized there, the others on the host.
     Blocks,
+    /// As [`BaseStorage::Blocks`], with the blocks of the 32-value types on the device whatever
+    /// it is (the CPU included: for tests of the GPU's path).
+    DeviceBlocks,
+}
+
+impl BaseStorage {
+    /// Whether blocks are kept on `device` (where their type allows).
+    fn blocks_on_device(self, device: &Device) -> bool {
+        match self {
+            Self::Dense => false,
+            Self::Blocks => crate::device::backend_name(device) != "burn flex",
+            Self::DeviceBlocks => true,
+        }
+    }
 }
 
 /// The token embeddings `[vocab, hidden]`.
@@ -44,6 +61,7 @@ pub enum BaseStorage {
 enum Embeddings {
     Dense(Tensor<2>),
     Blocks(Arc<QuantizedMatrix>),
+    DeviceBlocks(Arc<DeviceBlocks>),
 }
 
 /// The frozen base model on a device.
@@ -197,7 +215,7 @@ fn load_blocks(
     inp: usize,
     storage: BaseStorage,
 ) -> Result<Option<Arc<QuantizedMatrix>>, ModelError> {
-    if storage != BaseStorage::Blocks {
+    if storage == BaseStorage::Dense {
         return Ok(None);
     }
     let Some(blocks) = checkpoint.blocks(name)? else {
@@ -230,7 +248,7 @@ fn load_projection(
     storage: BaseStorage,
 ) -> Result<FrozenWeight, ModelError> {
     if let Some(blocks) = load_blocks(checkpoint, name, out, inp, storage)? {
-        return Ok(FrozenWeight::Blocks(blocks));
+        return Ok(frozen_blocks(blocks, device, storage));
     }
     let host = checkpoint.load(name)?;
     expect_shape(name, &host, &[out, inp])?;
@@ -239,6 +257,20 @@ fn load_projection(
         TensorData::new(values, [inp, out]),
         device,
     )))
+}
+
+/// Blocks kept on `device` when `storage` says so and their type allows, else on the host.
+fn frozen_blocks(
+    blocks: Arc<QuantizedMatrix>,
+    device: &Device,
+    storage: BaseStorage,
+) -> FrozenWeight {
+    if storage.blocks_on_device(device) {
+        if let Some(on_device) = DeviceBlocks::upload(&blocks, device) {
+            return FrozenWeight::DeviceBlocks(Arc::new(on_device));
+        }
+    }
+    FrozenWeight::Blocks(blocks)
 }
 
 fn expect_shape(name: &str, host: &HostTensor, shape: &[usize]) -> Result<(), ModelError> {
@@ -311,10 +343,16 @@ impl Llama {
         // The embeddings, and the head too when it is tied to them.
         let tie = config.tie_word_embeddings;
         let (embed, tied_head) = match load_blocks(checkpoint, embed_name, vocab, d, storage)? {
-            Some(blocks) => {
-                let head = tie.then(|| FrozenWeight::Blocks(blocks.clone()));
-                (Embeddings::Blocks(blocks), head)
-            }
+            Some(blocks) => match frozen_blocks(blocks.clone(), device, storage) {
+                FrozenWeight::DeviceBlocks(on_device) => {
+                    let head = tie.then(|| FrozenWeight::DeviceBlocks(on_device.clone()));
+                    (Embeddings::DeviceBlocks(on_device), head)
+                }
+                _ => {
+                    let head = tie.then(|| FrozenWeight::Blocks(blocks.clone()));
+                    (Embeddings::Blocks(blocks), head)
+                }
+            },
             None => {
                 let host = checkpoint.load(embed_name)?;
                 expect_shape(embed_name, &host, &[vocab, d])?;
@@ -420,6 +458,7 @@ impl Llama {
         let embed = match &self.embed {
             Embeddings::Dense(w) => read2(w),
             Embeddings::Blocks(blocks) => blocks.dequantize(),
+            Embeddings::DeviceBlocks(blocks) => read2(&blocks.dequantize()),
         };
         let dense = |w: &FrozenWeight| read2(&w.to_dense(&self.device));
         let mut out = vec![embed, dense(&self.lm_head), read1(&self.norm)];
@@ -481,10 +520,12 @@ impl Llama {
         let embed = match &self.embed {
             Embeddings::Dense(w) => w.shape().num_elements() * std::mem::size_of::<f32>(),
             Embeddings::Blocks(blocks) => blocks.byte_len(),
+            Embeddings::DeviceBlocks(blocks) => blocks.byte_len(),
         };
         let tied = matches!(
             (&self.embed, &self.lm_head),
             (Embeddings::Blocks(_), FrozenWeight::Blocks(_))
+                | (Embeddings::DeviceBlocks(_), FrozenWeight::DeviceBlocks(_))
         ) && self.config.tie_word_embeddings;
         let head = if tied { 0 } else { self.lm_head.byte_len() };
         let layers: usize = self
@@ -571,6 +612,7 @@ impl Llama {
     pub fn embed(&self, ids: Tensor<1, Int>) -> Tensor<2> {
         match &self.embed {
             Embeddings::Dense(w) => w.clone().select(0, ids),
+            Embeddings::DeviceBlocks(blocks) => blocks.dequantize_rows(ids),
             Embeddings::Blocks(blocks) => {
                 let (vocab, d) = blocks.dims();
                 let ids: Vec<usize> = ids

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod blocks;
 pub mod checkpoint;
 mod config;
+pub mod device_blocks;
 mod flex;
 pub mod frozen;
 mod llama;
