@@ -34,4 +34,5 @@ mod test_values;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;
+pub mod vmath;
 pub mod worker;

@@ -165,16 +165,17 @@ impl Geometry {
 
 /// Row `scores` of a query at `position` in place: `softmax(scale · scores)` over the keys at
 /// or before it, zero after it.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
 fn causal_softmax(scores: &mut [f32], position: usize, scale: f32) {
     let (seen, unseen) = scores.split_at_mut(position + 1);
-    let max = seen
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-    let mut sum = 0.0f32;
     for s in seen.iter_mut() {
-        *s = (*s * scale - max).exp();
-        sum += *s;
+        *s *= scale;
     }
+    let max = crate::vmath::max(seen);
+    for s in seen.iter_mut() {
+        *s = crate::vmath::exp(*s - max);
+    }
+    let sum = crate::vmath::sum_f64(seen) as f32;
     let inverse = 1.0 / sum;
     seen.iter_mut().for_each(|s| *s *= inverse);
     unseen.fill(0.0);

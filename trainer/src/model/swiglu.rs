@@ -64,9 +64,30 @@ pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
 #[cfg(test)]
 static RECORDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The logistic sigmoid, as burn's flex backend computes it.
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+use crate::vmath::sigmoid;
+
+/// `out = silu(g) ⊙ u` over one task's elements.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
+fn forward_chunk(out: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+/// The gradients of one task's elements; an empty output is not wanted.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2"))]
+fn backward_chunk(d_gate: &mut [f32], d_up: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    if !d_up.is_empty() {
+        for ((d, &g), &dy) in d_up.iter_mut().zip(g).zip(dy) {
+            *d = dy * (g * sigmoid(g));
+        }
+    }
+    if !d_gate.is_empty() {
+        for (((d, &g), &u), &dy) in d_gate.iter_mut().zip(g).zip(u).zip(dy) {
+            let s = sigmoid(g);
+            *d = dy * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
 }
 
 fn host_forward(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
@@ -81,9 +102,7 @@ fn host_forward(gate: &FlexTensor, up: &FlexTensor) -> Option<FlexTensor> {
         .for_each(|(task, out)| {
             let start = task * ELEMENTS_PER_TASK;
             let (g, u) = (&g[start..start + out.len()], &u[start..start + out.len()]);
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
+            forward_chunk(out, g, u);
         });
     Some(FlexTensor::from_data(TensorData::new(out, shape)))
 }
@@ -123,16 +142,14 @@ impl Backward<Flex, 2> for SwiGluBackward {
             .for_each(|(task, (d_gate, d_up))| {
                 let start = task * ELEMENTS_PER_TASK;
                 let end = (start + ELEMENTS_PER_TASK).min(g.len());
-                for i in start..end {
-                    let (g, u, dy) = (g[i], u[i], dy[i]);
-                    let s = sigmoid(g);
-                    if !d_up.is_empty() {
-                        d_up[i - start] = dy * (g * s);
-                    }
-                    if !d_gate.is_empty() {
-                        d_gate[i - start] = dy * u * s * (1.0 + g * (1.0 - s));
-                    }
-                }
+                let range = start..end;
+                backward_chunk(
+                    d_gate,
+                    d_up,
+                    &g[range.clone()],
+                    &u[range.clone()],
+                    &dy[range],
+                );
             });
         if let Some(node) = gate_node {
             let grad = FlexTensor::from_data(TensorData::new(d_gate, shape.clone()));
