@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--gguf", default=os.environ.get("TRIBUTARY_GGUF", str(DEFAULT_GGUF)))
     ap.add_argument("--texts", default=os.environ.get("TRIBUTARY_SHAKESPEARE_TEXTS", str(DEFAULT_TEXTS)))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, or cuda for an NVIDIA GPU")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     ap.add_argument("--seq", type=int, default=128)
@@ -91,6 +92,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.config.use_cache = False
+    device = torch.device(args.device)
+    model.to(device)
     load_s = time.perf_counter() - t0
     load_peak = peak_rss_mib()
     log(f"loaded {gguf.name} in {load_s:.1f}s, peak RSS so far {load_peak:.0f} MiB")
@@ -119,15 +122,22 @@ def main():
         rows, used = packed_batches(tok, Path(args.texts).expanduser(), n, args.batch, args.seq)
         batches = [torch.tensor(b, dtype=torch.long) for b in rows]
         data = f"shakespeare packed: {', '.join(used)}"
+    batches = [b.to(device) for b in batches]
     log(f"data: {data}")
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     times, loss = [], float("nan")
     for step, ids in enumerate(batches):
+        synchronize()
         t = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize()
         dt = time.perf_counter() - t
         loss = float(out.loss.detach())
         timed = step >= args.warmup
@@ -139,6 +149,7 @@ def main():
     result = {
         "framework": "pytorch+peft",
         "torch": torch.__version__,
+        "device": args.device,
         "threads": args.threads,
         "seq": args.seq,
         "batch": args.batch,
@@ -155,6 +166,9 @@ def main():
         "peft": peft.__version__,
         "data": "random" if args.random_tokens else "shakespeare",
     }
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(result), flush=True)
     return 0
 

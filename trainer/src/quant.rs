@@ -207,7 +207,7 @@ pub fn dequantize_into(kind: TensorType, data: &[u8], out: &mut Vec<f32>) {
 }
 
 /// The f16 at the start of `bytes`, as f32.
-fn half(bytes: &[u8]) -> f32 {
+pub(crate) fn half(bytes: &[u8]) -> f32 {
     f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
 }
 
@@ -320,7 +320,7 @@ fn q3_k(block: &[u8], out: &mut Vec<f32>) {
 }
 
 /// The eight 6-bit scales and minima of a `Q4_K`/`Q5_K` super-block.
-fn scales_and_minima(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scales_and_minima(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     let scale = std::array::from_fn(|j| {
         if j < 4 {
             packed[j] & 0x3F
@@ -352,7 +352,7 @@ fn k_with_minima(block: &[u8], value: impl Fn(usize) -> u8, out: &mut Vec<f32>) 
 
 /// Value `i` of 256 stored as 4-bit nibbles in 128 bytes: chunks of 64 values, the low nibbles
 /// of 32 bytes and then their high nibbles.
-fn k_nibble(quants: &[u8], i: usize) -> u8 {
+pub(crate) fn k_nibble(quants: &[u8], i: usize) -> u8 {
     let (chunk, upper, j) = (i / 64, (i % 64) / 32, i % 32);
     (quants[chunk * 32 + j] >> (4 * upper)) & 0x0F
 }

@@ -3,21 +3,20 @@
 //! A weight in [`QuantizedMatrix`] lives on the host; on the CPU backend each use dequantizes
 //! it on rayon's threads. On a GPU that would mean dequantizing the whole model on the host
 //! and sending it over the bus twice a step (forward, backward): for a 7B base, 28 GB of f32
-//! each way. Here the 32-value block types (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`) are uploaded
-//! once as packed integer codes (eight 4-bit or four 8-bit codes to an `i32` word) with one f32
-//! scale (and minimum) per block, and each use unpacks them with a handful of element-wise
-//! tensor operations on the device, which burn's fusion compiles into few kernels. The
-//! arithmetic is the host's, operation for operation (`(q + c) · d + m`), so the values are the
-//! host's too (a GPU may contract `· d + m` into one rounding for the types with a minimum).
-//! Other types (the K-quants) stay on the host path.
+//! each way. Here the weights are uploaded once as packed integer codes (eight 4-bit or four
+//! 8-bit codes to an `i32` word) with one f32 scale (and minimum) per group of 32 or 16 values,
+//! computed on the host as the host's dequantization computes them, and each use unpacks them
+//! with a handful of element-wise tensor operations on the device, which burn's fusion compiles
+//! into few kernels. Every type the models use is covered: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
+//! `Q8_0`, and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (llama.cpp's `Q4_K_M` and `Q5_K_M` mixes);
+//! others (`Q2_K`, `Q3_K`) stay on the host path. The arithmetic is the host's, operation for
+//! operation (`(q + c) · d + m`), so the values are the host's too (a GPU may contract
+//! `· d + m` into one rounding for the types with a minimum).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::blocks::QuantizedMatrix;
 use crate::quant::TensorType;
-
-/// Values in one block of the types kept here.
-const BLOCK: usize = 32;
 
 /// How one block type's codes become values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,24 +27,30 @@ struct Format {
     signed: bool,
     /// Added to each code before the scale (`Q4_0`: −8, `Q5_0`: −16).
     offset: f32,
-    /// Whether each block has a minimum added after the scale.
+    /// Whether each group has a minimum added after the scale.
     minimum: bool,
+    /// Values sharing one scale (and minimum).
+    group: usize,
 }
 
 impl Format {
     fn of(kind: TensorType) -> Option<Self> {
-        let format = |bits, signed, offset, minimum| Format {
+        let format = |bits, signed, offset, minimum, group| Format {
             bits,
             signed,
             offset,
             minimum,
+            group,
         };
         Some(match kind {
-            TensorType::Q4_0 => format(4, false, -8.0, false),
-            TensorType::Q4_1 => format(4, false, 0.0, true),
-            TensorType::Q5_0 => format(8, false, -16.0, false),
-            TensorType::Q5_1 => format(8, false, 0.0, true),
-            TensorType::Q8_0 => format(8, true, 0.0, false),
+            TensorType::Q4_0 => format(4, false, -8.0, false, 32),
+            TensorType::Q4_1 => format(4, false, 0.0, true, 32),
+            TensorType::Q5_0 => format(8, false, -16.0, false, 32),
+            TensorType::Q5_1 => format(8, false, 0.0, true, 32),
+            TensorType::Q8_0 => format(8, true, 0.0, false, 32),
+            TensorType::Q4_K => format(4, false, 0.0, true, 32),
+            TensorType::Q5_K => format(8, false, 0.0, true, 32),
+            TensorType::Q6_K => format(8, false, -32.0, false, 16),
             _ => return None,
         })
     }
@@ -55,7 +60,7 @@ impl Format {
     }
 }
 
-/// A `[rows, cols]` matrix's blocks on a device: codes packed into words, scales per block.
+/// A `[rows, cols]` matrix's blocks on a device: codes packed into words, scales per group.
 #[derive(Debug, Clone)]
 pub struct DeviceBlocks {
     rows: usize,
@@ -63,10 +68,12 @@ pub struct DeviceBlocks {
     format: Format,
     /// `[rows, cols / codes_per_word, 1]`.
     words: Tensor<3, Int>,
-    /// `[rows, cols / 32, 1]`.
+    /// `[rows, cols / group, 1]`.
     scales: Tensor<3>,
-    /// `[rows, cols / 32, 1]`, for the types with a minimum.
+    /// `[rows, cols / group, 1]`, for the types with a minimum.
     minimums: Option<Tensor<3>>,
+    /// `[1, 1, codes_per_word]`: where each code sits in its word (uploaded once).
+    shifts: Tensor<3, Int>,
 }
 
 impl DeviceBlocks {
@@ -75,31 +82,28 @@ impl DeviceBlocks {
     pub fn upload(matrix: &QuantizedMatrix, device: &Device) -> Option<Self> {
         let format = Format::of(matrix.kind())?;
         let (rows, cols) = matrix.dims();
-        let blocks = cols / BLOCK;
+        let groups = cols / format.group;
         let per_word = format.codes_per_word();
         let mut words: Vec<i32> = Vec::with_capacity(rows * cols / per_word);
-        let mut scales = Vec::with_capacity(rows * blocks);
-        let mut minimums = Vec::with_capacity(if format.minimum { rows * blocks } else { 0 });
+        let mut scales = Vec::with_capacity(rows * groups);
+        let mut minimums = Vec::with_capacity(rows * groups);
         let (_, block_bytes) = matrix.kind().block();
-        let mut codes = [0u8; BLOCK];
+        let mut codes = Vec::with_capacity(cols);
         for row in 0..rows {
+            codes.clear();
             for block in matrix.stored_row(row).chunks_exact(block_bytes) {
-                let (d, m) = block_codes(matrix.kind(), block, &mut codes);
-                scales.push(d);
-                if format.minimum {
-                    minimums.push(m);
-                }
-                for word in codes.chunks_exact(per_word) {
-                    let packed = word
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |w, (i, &c)| w | u32::from(c) << (i * format.bits));
-                    words.push(packed as i32);
-                }
+                decode(matrix.kind(), block, &mut codes, &mut scales, &mut minimums);
+            }
+            for word in codes.chunks_exact(per_word) {
+                let packed = word
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |w, (i, &c)| w | u32::from(c) << (i * format.bits));
+                words.push(packed as i32);
             }
         }
         let float = |values: Vec<f32>| {
-            Tensor::<3>::from_data(TensorData::new(values, [rows, blocks, 1]), device)
+            Tensor::<3>::from_data(TensorData::new(values, [rows, groups, 1]), device)
         };
         Some(Self {
             rows,
@@ -108,6 +112,13 @@ impl DeviceBlocks {
             words: Tensor::from_data(TensorData::new(words, [rows, cols / per_word, 1]), device),
             scales: float(scales),
             minimums: format.minimum.then(|| float(minimums)),
+            shifts: Tensor::from_data(
+                TensorData::new(
+                    (0..per_word).map(|i| (i * format.bits) as i32).collect(),
+                    [1, 1, per_word],
+                ),
+                device,
+            ),
         })
     }
 
@@ -118,15 +129,16 @@ impl DeviceBlocks {
 
     /// Bytes held on the device (codes as 32-bit words, f32 scales and minimums).
     pub fn byte_len(&self) -> usize {
-        let per_block = if self.format.minimum { 8 } else { 4 };
+        let per_group = if self.format.minimum { 8 } else { 4 };
         self.rows * self.cols / self.format.codes_per_word() * 4
-            + self.rows * self.cols / BLOCK * per_block
+            + self.rows * self.cols / self.format.group * per_group
     }
 
     /// The whole matrix, `[rows, cols]`, dequantized on the device.
     pub fn dequantize(&self) -> Tensor<2> {
         let values = dequantize_words(
             self.format,
+            self.shifts.clone(),
             self.words.clone(),
             self.scales.clone(),
             self.minimums.clone(),
@@ -140,6 +152,7 @@ impl DeviceBlocks {
         let n = ids.dims()[0];
         let values = dequantize_words(
             self.format,
+            self.shifts.clone(),
             self.words.clone().select(0, ids.clone()),
             self.scales.clone().select(0, ids.clone()),
             self.minimums.clone().map(|m| m.select(0, ids)),
@@ -148,19 +161,17 @@ impl DeviceBlocks {
     }
 }
 
-/// Values `[rows, blocks, 32]` of packed `words` (`[rows, words, 1]`).
+/// Values `[rows, groups, group]` of packed `words` (`[rows, words, 1]`).
 fn dequantize_words(
     format: Format,
+    shifts: Tensor<3, Int>,
     words: Tensor<3, Int>,
     scales: Tensor<3>,
     minimums: Option<Tensor<3>>,
 ) -> Tensor<3> {
     let [rows, count, _] = words.dims();
     let per_word = format.codes_per_word();
-    let device = words.device();
-    let shifts: Vec<i32> = (0..per_word).map(|i| (i * format.bits) as i32).collect();
-    let shifts = Tensor::<3, Int>::from_data(TensorData::new(shifts, [1, 1, per_word]), &device)
-        .expand([rows, count, per_word]);
+    let shifts = shifts.expand([rows, count, per_word]);
     let mask = (1i32 << format.bits) - 1;
     let codes = words
         .expand([rows, count, per_word])
@@ -172,42 +183,78 @@ fn dequantize_words(
     } else {
         codes
     };
-    let blocks = rows * count * per_word / BLOCK;
-    let mut values = codes.float().reshape([rows, blocks / rows.max(1), BLOCK]);
+    let group = format.group;
+    let groups = count * per_word / group;
+    let mut values = codes.float().reshape([rows, groups, group]);
     if format.offset != 0.0 {
         values = values.add_scalar(format.offset);
     }
-    let values = values * scales.expand([rows, blocks / rows.max(1), BLOCK]);
+    let values = values * scales.expand([rows, groups, group]);
     match minimums {
-        Some(m) => values + m.expand([rows, blocks / rows.max(1), BLOCK]),
+        Some(m) => values + m.expand([rows, groups, group]),
         None => values,
     }
 }
 
-/// The 32 codes of `block` (as the host's dequantization reads them, before the offset) and
-/// its scale and minimum (0 where it has none).
-fn block_codes(kind: TensorType, block: &[u8], codes: &mut [u8; BLOCK]) -> (f32, f32) {
-    let half = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
+/// Appends `block`'s codes (as the host's dequantization reads them, before the offset), its
+/// groups' scales and, for the types with one, minimums, each computed as the host computes it.
+fn decode(
+    kind: TensorType,
+    block: &[u8],
+    codes: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+    minimums: &mut Vec<f32>,
+) {
+    use crate::quant::{half, k_nibble, scales_and_minima, QK_K};
     match kind {
         TensorType::Q4_0 | TensorType::Q4_1 => {
             let start = if kind == TensorType::Q4_0 { 2 } else { 4 };
-            for (i, &byte) in block[start..start + 16].iter().enumerate() {
-                codes[i] = byte & 0x0F;
-                codes[i + 16] = byte >> 4;
-            }
+            let nibbles = &block[start..start + 16];
+            codes.extend(nibbles.iter().map(|b| b & 0x0F));
+            codes.extend(nibbles.iter().map(|b| b >> 4));
         }
         TensorType::Q5_0 | TensorType::Q5_1 => {
             let start = if kind == TensorType::Q5_0 { 2 } else { 4 };
-            *codes = crate::quant::five_bits(block, start);
+            codes.extend(crate::quant::five_bits(block, start));
         }
-        TensorType::Q8_0 => codes.copy_from_slice(&block[2..34]),
-        _ => unreachable!("Format::of admits only the 32-value types"),
+        TensorType::Q8_0 => codes.extend_from_slice(&block[2..34]),
+        TensorType::Q4_K | TensorType::Q5_K => {
+            let (d, dmin) = (half(block), half(&block[2..]));
+            let (scale, minimum) = scales_and_minima(&block[4..16]);
+            for (&scale, &minimum) in scale.iter().zip(&minimum) {
+                scales.push(d * f32::from(scale));
+                // `q · dl − ml` on the host: `q · dl + (−ml)` is the same operation.
+                minimums.push(-(dmin * f32::from(minimum)));
+            }
+            if kind == TensorType::Q4_K {
+                codes.extend((0..QK_K).map(|i| k_nibble(&block[16..144], i)));
+            } else {
+                let (high, quants) = (&block[16..48], &block[48..176]);
+                codes.extend(
+                    (0..QK_K)
+                        .map(|i| k_nibble(quants, i) | (((high[i % 32] >> (i / 32)) & 1) << 4)),
+                );
+            }
+            return;
+        }
+        TensorType::Q6_K => {
+            let (low, high, group_scales) = (&block[..128], &block[128..192], &block[192..208]);
+            let d = half(&block[208..]);
+            scales.extend(group_scales.iter().map(|&s| d * f32::from(s as i8)));
+            codes.extend((0..QK_K).map(|i| {
+                let (h, within) = (i / 128, i % 128);
+                let nibble = (low[h * 64 + within % 64] >> (4 * (within / 64))) & 0x0F;
+                let top = (high[h * 32 + within % 32] >> (2 * (within / 32))) & 3;
+                nibble | (top << 4)
+            }));
+            return;
+        }
+        _ => unreachable!("Format::of admits only these types"),
     }
-    let minimum = match kind {
-        TensorType::Q4_1 | TensorType::Q5_1 => half(2),
-        _ => 0.0,
-    };
-    (half(0), minimum)
+    scales.push(half(block));
+    if matches!(kind, TensorType::Q4_1 | TensorType::Q5_1) {
+        minimums.push(half(&block[2..]));
+    }
 }
 
 #[cfg(test)]
@@ -251,7 +298,7 @@ mod tests {
             TensorType::Q5_1,
             TensorType::Q8_0,
         ] {
-            let bytes = random_blocks(kind, rows * cols / BLOCK, 9);
+            let bytes = random_blocks(kind, rows * cols / 32, 9);
             let matrix = QuantizedMatrix::new(Arc::new(bytes), 0, kind, rows, cols)
                 .unwrap()
                 .with_row_sources(vec![3, 0, 5, 1, 4, 2]);
@@ -269,9 +316,25 @@ mod tests {
     }
 
     #[test]
-    fn k_quants_stay_on_the_host() {
-        assert!(Format::of(TensorType::Q4_K).is_none());
-        assert!(Format::of(TensorType::Q6_K).is_none());
-        assert_eq!(Format::of(TensorType::Q4_0).map(|f| f.bits), Some(4));
+    fn k_quants_dequantize_to_the_hosts_bits_and_the_rest_stay_on_the_host() {
+        use crate::quant::{quantize_q4_k, quantize_q6_k};
+        let device = Device::flex();
+        let (rows, cols) = (3, 512);
+        let values = crate::test_values::uniform(rows * cols, 4, 2.0);
+        for (kind, bytes) in [
+            (TensorType::Q4_K, quantize_q4_k(&values)),
+            (TensorType::Q6_K, quantize_q6_k(&values)),
+            (
+                TensorType::Q5_K,
+                random_blocks(TensorType::Q5_K, rows * cols / 256, 2),
+            ),
+        ] {
+            let matrix = QuantizedMatrix::new(Arc::new(bytes), 0, kind, rows, cols).unwrap();
+            let expected: Vec<u32> = matrix.dequantize().iter().map(|v| v.to_bits()).collect();
+            let on_device = DeviceBlocks::upload(&matrix, &device).unwrap();
+            assert_eq!(bits(on_device.dequantize()), expected, "{kind}");
+        }
+        assert!(Format::of(TensorType::Q2_K).is_none());
+        assert!(Format::of(TensorType::Q3_K).is_none());
     }
 }

@@ -35,10 +35,10 @@ pub enum BaseStorage {
     Dense,
     /// In the file's quantized blocks (GGUF types other than f32), dequantized per use: memory
     /// follows the file's size (QLoRA). Weights a file stores as f32 stay dense. On the CPU the
-    /// blocks stay on the host; on a GPU the 32-value types (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`,
-    /// `Q8_0`) are uploaded and dequantized there, the others on the host.
+    /// blocks stay on the host; on a GPU the types [`DeviceBlocks`] takes are uploaded and
+    /// dequantized there, the others on the host.
     Blocks,
-    /// As [`BaseStorage::Blocks`], with the blocks of the 32-value types on the device whatever
+    /// As [`BaseStorage::Blocks`], with the blocks [`DeviceBlocks`] takes on the device whatever
     /// it is (the CPU included: for tests of the GPU's path).
     DeviceBlocks,
 }
