@@ -6,9 +6,10 @@
 //! step. [`exp`] is branch-free arithmetic (Cody–Waite range reduction, a degree-6 polynomial,
 //! the power of two built from its bits), so a loop over it compiles to SIMD code. Rust never
 //! fuses a multiply and an add on its own, so each lane computes exactly what the scalar code
-//! computes: the same bits on a CPU with AVX-512, with AVX2 or with neither, which
-//! re-executing a task to verify it relies on. Reductions are written with a fixed number of
-//! accumulators for the same reason (a compiler does not reorder float sums by itself).
+//! computes: the same bits on a CPU with AVX-512, with AVX2 or with neither, so these loops add
+//! no difference between machines (the gemm kernels burn picks per instruction set may).
+//! Reductions are written with a fixed number of accumulators for the same reason (a compiler
+//! does not reorder float sums by itself).
 
 /// `e^x` within 2 ulp of the exact value for `x` in `[-87.3, 88]`; the ends of that range
 /// below and above it (so `e^x` never becomes 0, a subnormal or infinite); NaN for NaN.

@@ -33,7 +33,7 @@ const ROWS_PER_TASK: usize = 64;
 pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
     let [batch, heads, len, head_dim] = q.dims();
     let [_, kv_heads, _, _] = k.dims();
-    if kv_heads == 0 || heads % kv_heads != 0 || k.dims() != v.dims() {
+    if kv_heads == 0 || len == 0 || heads % kv_heads != 0 || k.dims() != v.dims() {
         return None;
     }
     let shape = Geometry {
